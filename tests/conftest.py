@@ -31,9 +31,9 @@ def qemu_img() -> Callable[..., subprocess.CompletedProcess[str]]:
             [exe, *map(str, args)], capture_output=True, text=True, check=False, timeout=300
         )
         if check and proc.returncode != 0:
-            raise AssertionError(
-                f"qemu-img {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
-            )
+            cmd = " ".join(map(str, args))
+            out = proc.stdout + proc.stderr
+            raise AssertionError(f"qemu-img {cmd} failed ({proc.returncode}):\n{out}")
         return proc
 
     return run
