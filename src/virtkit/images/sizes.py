@@ -76,7 +76,8 @@ def parse_size(value: object, *, field: str = "size") -> int:
                 field=field,
                 value=value,
             )
-        return numerator // denominator
+        result: int = numerator // denominator
+        return result
     return int(number) * scale
 
 
