@@ -30,7 +30,7 @@ from virtkit.images.base import (
     SnapshotInfo,
 )
 from virtkit.images.convert import commit, convert, measure, rebase
-from virtkit.images.sizes import parse_size
+from virtkit.units import parse_size
 
 __all__ = [
     "CheckProblem",
