@@ -13,8 +13,40 @@ from virtkit.errors import (
     UnsupportedFeatureError,
     VirtkitError,
 )
+from virtkit.model import (
+    AllocationPolicy,
+    CdRom,
+    CloudInit,
+    CpuTopology,
+    Disk,
+    HostResources,
+    HypervisorType,
+    Machine,
+    Nic,
+    PortForward,
+    Serial,
+    Snapshot,
+    SnapshotKind,
+    State,
+)
 
 __all__ = [
+    # the object model
+    "AllocationPolicy",
+    "CdRom",
+    "CloudInit",
+    "CpuTopology",
+    "Disk",
+    "HostResources",
+    "HypervisorType",
+    "Machine",
+    "Nic",
+    "PortForward",
+    "Serial",
+    "Snapshot",
+    "SnapshotKind",
+    "State",
+    # errors
     "BackendError",
     "BackendUnavailable",
     "ConfigError",

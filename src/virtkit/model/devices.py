@@ -1,0 +1,285 @@
+"""Devices a machine has: disks, CD-ROMs, network cards, the serial console.
+
+Values only; nothing here touches a file. Paths are strings: a relative path
+names a file under the guest folder's ``disks/`` directory (so a VM's folder
+can be moved), an absolute one a file anywhere the caller allows.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+import attrs
+
+from virtkit.errors import ConfigError
+from virtkit.model._validate import (
+    instance_of,
+    int_range,
+    one_of,
+    optional_str,
+    plain_str,
+    tuple_of,
+)
+from virtkit.units import parse_size
+
+__all__ = [
+    "DISK_BUSES",
+    "CdRom",
+    "CloudInit",
+    "Disk",
+    "Nic",
+    "PortForward",
+    "Serial",
+    "generate_mac",
+]
+
+DISK_BUSES = ("virtio", "ide", "sata", "scsi")
+DISK_FORMATS = ("qcow2", "raw")
+CACHE_MODES = ("writeback", "none", "writethrough", "directsync", "unsafe")
+DISCARD_MODES = ("ignore", "unmap")
+NIC_MODELS = ("virtio", "e1000", "rtl8139")
+NETWORKS = ("user", "tap", "none")
+TARGET_RE = re.compile(r"^[a-z][a-z0-9]{1,15}$")
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_RAW_SUFFIXES = (".raw", ".img", ".iso", ".bin")
+
+
+def generate_mac() -> str:
+    """A random unicast, locally administered MAC in QEMU's 52:54:00 range."""
+    tail = random.SystemRandom().getrandbits(24)
+    return "52:54:00:" + ":".join(f"{(tail >> s) & 0xFF:02x}" for s in (16, 8, 0))
+
+
+def _format_from_path(path: object) -> str:
+    return "raw" if isinstance(path, str) and path.lower().endswith(_RAW_SUFFIXES) else "qcow2"
+
+
+def _convert_size(value: Any) -> int | None:
+    return None if value is None else parse_size(value, field="size")
+
+
+def _convert_forwards(value: Any) -> tuple[PortForward, ...]:
+    return tuple_of(PortForward, "forwards")(value)
+
+
+def _target(_inst: Any, attribute: Any, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not TARGET_RE.match(value)):
+        raise ConfigError(
+            f"'{attribute.name}' must be a device name like 'vda' or 'sdb': a lowercase letter "
+            f"then 1-15 lowercase letters or digits (got {value!r})",
+            field=attribute.name,
+            value=value,
+        )
+
+
+@attrs.frozen
+class Disk:
+    """A disk image attached to a machine.
+
+    Args:
+        path: the image file; relative paths live under the guest's ``disks/``.
+        format: ``"qcow2"`` or ``"raw"``; inferred from the suffix when omitted
+            (``.raw``/``.img``/``.iso``/``.bin`` are raw).
+        size: virtual size used to create the image when it does not exist.
+        bus: ``"virtio"``, ``"ide"``, ``"sata"`` or ``"scsi"``.
+        target: the guest-visible name (``vda``); assigned by ``Machine``.
+        read_only: attach without write access (may be shared by guests).
+        cache: QEMU cache mode.
+        discard: ``"unmap"`` passes guest TRIM through to the image.
+        backing: backing file name for creation, stored as given.
+        backing_format: the backing file's format.
+    """
+
+    path: str = attrs.field(validator=plain_str)
+    format: str = attrs.field(validator=one_of(DISK_FORMATS))
+    size: int | None = attrs.field(default=None, converter=_convert_size)
+    bus: str = attrs.field(default="virtio", validator=one_of(DISK_BUSES))
+    target: str | None = attrs.field(default=None, validator=_target)
+    read_only: bool = attrs.field(default=False, validator=instance_of(bool))
+    cache: str = attrs.field(default="writeback", validator=one_of(CACHE_MODES))
+    discard: str = attrs.field(default="ignore", validator=one_of(DISCARD_MODES))
+    backing: str | None = attrs.field(default=None, validator=optional_str)
+    backing_format: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(one_of(DISK_FORMATS))
+    )
+
+    @format.default  # noqa: A003 - attrs decorator on the field
+    def _default_format(self) -> str:
+        return _format_from_path(self.path)
+
+    @size.validator
+    def _check_size(self, attribute: Any, value: int | None) -> None:
+        if value is not None and (value < 512 or value % 512):
+            raise ConfigError(
+                f"'size' must be a positive multiple of 512 bytes (got {value})",
+                field="size",
+                value=value,
+            )
+
+    @backing.validator
+    def _check_backing(self, attribute: Any, value: str | None) -> None:
+        if value is not None and self.format == "raw":
+            raise ConfigError(
+                "'backing' needs format 'qcow2'; raw images have no backing file",
+                field="backing",
+                value=value,
+            )
+
+
+@attrs.frozen
+class CdRom:
+    """A CD-ROM drive with an ISO image (e.g. a cloud-init seed).
+
+    Args:
+        path: the ISO file; relative paths live under the guest's ``disks/``.
+        bus: ``"ide"``, ``"sata"`` or ``"scsi"``.
+        target: the device name used in the boot order; assigned by ``Machine``.
+    """
+
+    path: str = attrs.field(validator=plain_str)
+    bus: str = attrs.field(default="ide", validator=one_of(("ide", "sata", "scsi")))
+    target: str | None = attrs.field(default=None, validator=_target)
+
+
+@attrs.frozen
+class PortForward:
+    """A host port forwarded to a guest port on a user-mode network."""
+
+    host_port: int = attrs.field(validator=int_range(1, 65535))
+    guest_port: int = attrs.field(validator=int_range(1, 65535))
+    protocol: str = attrs.field(default="tcp", validator=one_of(("tcp", "udp")))
+    host_addr: str = attrs.field(default="127.0.0.1")
+
+    @host_addr.validator
+    def _check_addr(self, attribute: Any, value: Any) -> None:
+        import ipaddress  # noqa: PLC0415 - only needed when validating
+
+        try:
+            ipaddress.ip_address(value)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"'host_addr' must be an IP address (got {value!r})", field="host_addr", value=value
+            ) from None
+
+
+def _normalise_mac(value: Any) -> Any:
+    return value.lower().replace("-", ":") if isinstance(value, str) else value
+
+
+@attrs.frozen
+class Nic:
+    """A network card.
+
+    Args:
+        model: ``"virtio"``, ``"e1000"`` or ``"rtl8139"``.
+        mac: unicast MAC; generated once (52:54:00:xx:xx:xx) and kept by save/load.
+        network: ``"user"`` (QEMU's NAT), ``"tap"`` (host interface) or ``"none"``.
+        tap: the host tap interface name, with ``network="tap"``.
+        forwards: host -> guest port forwards, with ``network="user"``.
+        name: device name used in the boot order; assigned by ``Machine`` (``net0``).
+    """
+
+    model: str = attrs.field(default="virtio", validator=one_of(NIC_MODELS))
+    mac: str = attrs.field(factory=generate_mac, converter=_normalise_mac)
+    network: str = attrs.field(default="user", validator=one_of(NETWORKS))
+    tap: str | None = attrs.field(default=None)
+    forwards: tuple[PortForward, ...] = attrs.field(default=(), converter=_convert_forwards)
+    name: str | None = attrs.field(default=None, validator=_target)
+
+    @mac.validator
+    def _check_mac(self, attribute: Any, value: Any) -> None:
+        if not isinstance(value, str) or not MAC_RE.match(value):
+            raise ConfigError(
+                f"'mac' must look like 52:54:00:12:34:56 (got {value!r})", field="mac", value=value
+            )
+        first = int(value[:2], 16)
+        if first & 1:
+            raise ConfigError(
+                f"'mac' must be a unicast address; the low bit of the first octet is set "
+                f"(got {value})",
+                field="mac",
+                value=value,
+            )
+        if value == "00:00:00:00:00:00":
+            raise ConfigError("'mac' must not be all zeroes", field="mac", value=value)
+
+    @tap.validator
+    def _check_tap(self, attribute: Any, value: Any) -> None:
+        if self.network == "tap":
+            if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9_.-]{1,15}$", value):
+                raise ConfigError(
+                    f"'tap' must name a host interface (1-15 of letters, digits, _ . -) "
+                    f"with network='tap' (got {value!r})",
+                    field="tap",
+                    value=value,
+                )
+        elif value is not None:
+            raise ConfigError(
+                f"'tap' is only allowed with network='tap' (network is {self.network!r})",
+                field="tap",
+                value=value,
+            )
+
+    @forwards.validator
+    def _check_forwards(self, attribute: Any, value: tuple[PortForward, ...]) -> None:
+        if value and self.network != "user":
+            raise ConfigError(
+                f"'forwards' need network='user' (network is {self.network!r})",
+                field="forwards",
+                value=value,
+            )
+        seen: set[tuple[str, str, int]] = set()
+        for fwd in value:
+            key = (fwd.protocol, fwd.host_addr, fwd.host_port)
+            if key in seen:
+                raise ConfigError(
+                    f"'forwards' uses host port {fwd.protocol}/{fwd.host_addr}:{fwd.host_port} "
+                    "twice",
+                    field="forwards",
+                    value=value,
+                )
+            seen.add(key)
+
+
+@attrs.frozen
+class Serial:
+    """The serial console (COM1).
+
+    Args:
+        enabled: attach a serial port at all.
+        log: a file name inside the guest folder that receives all console output.
+    """
+
+    enabled: bool = attrs.field(default=True, validator=instance_of(bool))
+    log: str | None = attrs.field(default=None, validator=optional_str)
+
+    @log.validator
+    def _check_log(self, attribute: Any, value: str | None) -> None:
+        if value is not None and (value.startswith("/") or ".." in value.split("/")):
+            raise ConfigError(
+                f"'log' must be a file name inside the guest folder (got {value!r})",
+                field="log",
+                value=value,
+            )
+
+
+@attrs.frozen
+class CloudInit:
+    """cloud-init NoCloud provisioning: attached to the guest as a seed ISO.
+
+    Args:
+        user_data: the user-data document (``#cloud-config`` YAML or a script).
+        meta_data: the meta-data document; generated from the machine's name
+            and uuid when omitted.
+        network_config: optional network-config document (v1 or v2 YAML).
+    """
+
+    user_data: str = attrs.field(validator=instance_of(str))
+    meta_data: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(instance_of(str))
+    )
+    network_config: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(instance_of(str))
+    )

@@ -1,0 +1,279 @@
+"""The machine definition: what a VM config file holds.
+
+A :class:`Machine` is a value: frozen, compared by value, changed with
+``attrs.evolve``. Placing it on a hypervisor makes a ``Guest``.
+"""
+
+from __future__ import annotations
+
+import string
+import uuid as _uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import attrs
+
+from virtkit.errors import ConfigError
+from virtkit.model._validate import (
+    dns_label,
+    instance_of,
+    int_range,
+    one_of,
+    tuple_of,
+)
+from virtkit.model.devices import CdRom, CloudInit, Disk, Nic, Serial
+from virtkit.units import parse_size
+
+__all__ = ["MAX_MEMORY", "MAX_VCPUS", "MIN_MEMORY", "CpuTopology", "Machine"]
+
+MIN_MEMORY = 1024**2  # 1 MiB: enough for a boot sector, as QEMU allows
+MAX_MEMORY = 16 * 1024**4  # 16 TiB: QEMU's x86 pc/q35 practical ceiling
+MAX_VCPUS = 288  # QEMU's maximum for q35 with x2apic
+FIRMWARES = ("bios", "uefi")
+MACHINE_TYPES = ("pc", "q35", "isapc", "microvm")
+ARCHES = ("x86_64", "i386")
+_LABEL_KEY_CHARS = set(string.ascii_letters + string.digits + "-_./")
+
+
+@attrs.frozen
+class CpuTopology:
+    """Virtual CPU layout: ``sockets * cores * threads`` vCPUs."""
+
+    sockets: int = attrs.field(default=1, validator=int_range(1, MAX_VCPUS))
+    cores: int = attrs.field(default=1, validator=int_range(1, MAX_VCPUS))
+    threads: int = attrs.field(default=1, validator=int_range(1, MAX_VCPUS))
+
+    def __attrs_post_init__(self) -> None:
+        if self.count > MAX_VCPUS:
+            raise ConfigError(
+                f"'cpus' topology gives {self.count} vCPUs; at most {MAX_VCPUS} are allowed",
+                field="cpus",
+                value=self,
+            )
+
+    @property
+    def count(self) -> int:
+        """Number of vCPUs."""
+        return self.sockets * self.cores * self.threads
+
+
+def _check_cpus(_inst: Any, attribute: Any, value: Any) -> None:
+    if isinstance(value, CpuTopology):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VCPUS:
+        raise ConfigError(
+            f"'cpus' must be a count from 1 to {MAX_VCPUS} or a CpuTopology (got {value!r})",
+            field="cpus",
+            value=value,
+        )
+
+
+def _convert_memory(value: Any) -> int:
+    return parse_size(value, field="memory")
+
+
+def _check_memory(_inst: Any, attribute: Any, value: int) -> None:
+    if not MIN_MEMORY <= value <= MAX_MEMORY:
+        raise ConfigError(
+            f"'memory' must be from 1 MiB to 16 TiB (got {value} bytes)",
+            field="memory",
+            value=value,
+        )
+
+
+def _convert_uuid(value: Any) -> _uuid.UUID:
+    if isinstance(value, _uuid.UUID):
+        return value
+    try:
+        return _uuid.UUID(str(value))
+    except ValueError:
+        raise ConfigError(
+            f"'uuid' must be a UUID like 6f1b...-... (got {value!r})", field="uuid", value=value
+        ) from None
+
+
+def _convert_labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"'labels' must be a dict of str to str (got {value!r})", field="labels")
+    for key, val in value.items():
+        if not isinstance(key, str) or not key or not set(key) <= _LABEL_KEY_CHARS:
+            raise ConfigError(
+                "'labels' keys must be non-empty strings of letters, digits, - _ . / "
+                f"(got {key!r})",
+                field=f"labels[{key!r}]",
+                value=key,
+            )
+        if not isinstance(val, str) or "\0" in val:
+            raise ConfigError(
+                f"'labels' values must be strings without NUL (got {val!r} for {key!r})",
+                field=f"labels[{key!r}]",
+                value=val,
+            )
+    return dict(sorted(value.items()))
+
+
+_BUS_PREFIX = {"virtio": "vd", "ide": "hd", "sata": "sd", "scsi": "sd"}
+
+T = TypeVar("T", Disk, CdRom, Nic)
+
+
+def _fill_names(
+    items: tuple[T, ...], attr: str, candidates: Callable[[T], Iterator[str]], field: str
+) -> tuple[T, ...]:
+    """Give each item whose ``attr`` is None the first unused candidate name."""
+    used = {getattr(item, attr) for item in items} - {None}
+    out = []
+    for item in items:
+        named = item
+        if getattr(item, attr) is None:
+            name = next((c for c in candidates(item) if c not in used), None)
+            if name is None:
+                raise ConfigError(f"'{field}' has too many devices to name", field=field)
+            used.add(name)
+            changes: dict[str, Any] = {attr: name}
+            named = attrs.evolve(item, **changes)
+        out.append(named)
+    return tuple(out)
+
+
+def _disk_names(disk: Disk) -> Iterator[str]:
+    prefix = _BUS_PREFIX[disk.bus]
+    return (f"{prefix}{c}" for c in string.ascii_lowercase)
+
+
+def _convert_disks(value: Any) -> tuple[Disk, ...]:
+    return _fill_names(tuple_of(Disk, "disks")(value), "target", _disk_names, "disks")
+
+
+def _convert_cdroms(value: Any) -> tuple[CdRom, ...]:
+    cdroms = tuple_of(CdRom, "cdroms")(value)
+    return _fill_names(cdroms, "target", lambda _: (f"cdrom{i}" for i in range(64)), "cdroms")
+
+
+def _convert_nics(value: Any) -> tuple[Nic, ...]:
+    nics = tuple_of(Nic, "nics")(value)
+    return _fill_names(nics, "name", lambda _: (f"net{i}" for i in range(64)), "nics")
+
+
+def _convert_boot(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ConfigError(
+            f"'boot' must be a list of device names like ['vda', 'cdrom0'] (got {value!r})",
+            field="boot",
+            value=value,
+        )
+    return tuple(value)
+
+
+@attrs.frozen
+class Machine:
+    """A virtual machine definition.
+
+    Args:
+        name: a DNS label (1-63 letters, digits, inner hyphens); names the
+            guest and its folder.
+        uuid: generated once when omitted; kept by save/load.
+        cpus: vCPU count, or a :class:`CpuTopology`.
+        memory: RAM, e.g. ``"1GiB"``, ``"512M"`` or bytes (1 MiB to 16 TiB).
+        firmware: ``"bios"`` (SeaBIOS) or ``"uefi"`` (OVMF).
+        machine_type: QEMU machine type: ``"pc"`` (i440FX, the default) or ``"q35"``.
+        arch: ``"x86_64"`` or ``"i386"``.
+        disks: attached disk images, in order; targets are assigned per bus.
+        cdroms: CD-ROM drives.
+        nics: network cards.
+        serial: the serial console.
+        boot: device names (disk targets, CD-ROM targets, NIC names) in boot
+            order; empty means the firmware's default (first disk).
+        cloud_init: NoCloud provisioning, attached as a seed ISO.
+        labels: free-form ``str -> str`` metadata.
+
+    Raises:
+        ConfigError: any field is invalid; the message names the field.
+    """
+
+    name: str = attrs.field(validator=dns_label)
+    uuid: _uuid.UUID = attrs.field(factory=_uuid.uuid4, converter=_convert_uuid)
+    cpus: int | CpuTopology = attrs.field(default=1, validator=_check_cpus)
+    memory: int = attrs.field(
+        default=256 * 1024**2, converter=_convert_memory, validator=_check_memory
+    )
+    firmware: str = attrs.field(default="bios", validator=one_of(FIRMWARES))
+    machine_type: str = attrs.field(default="pc", validator=one_of(MACHINE_TYPES))
+    arch: str = attrs.field(default="x86_64", validator=one_of(ARCHES))
+    disks: tuple[Disk, ...] = attrs.field(default=(), converter=_convert_disks)
+    cdroms: tuple[CdRom, ...] = attrs.field(default=(), converter=_convert_cdroms)
+    nics: tuple[Nic, ...] = attrs.field(default=(), converter=_convert_nics)
+    serial: Serial = attrs.field(factory=Serial, validator=instance_of(Serial))
+    boot: tuple[str, ...] = attrs.field(default=(), converter=_convert_boot)
+    cloud_init: CloudInit | None = attrs.field(
+        default=None, validator=attrs.validators.optional(instance_of(CloudInit))
+    )
+    labels: dict[str, str] = attrs.field(factory=dict, converter=_convert_labels, hash=False)
+
+    def __attrs_post_init__(self) -> None:
+        names: dict[str, str] = {}
+        devices = [
+            *((f"disks[{i}].target", str(d.target)) for i, d in enumerate(self.disks)),
+            *((f"cdroms[{i}].target", str(c.target)) for i, c in enumerate(self.cdroms)),
+            *((f"nics[{i}].name", str(n.name)) for i, n in enumerate(self.nics)),
+        ]
+        for field, dev in devices:
+            if dev in names:
+                raise ConfigError(
+                    f"'{field}' is {dev!r}, already used by {names[dev]}; device names "
+                    "must be unique",
+                    field=field,
+                    value=dev,
+                )
+            names[dev] = field
+        macs: dict[str, int] = {}
+        for i, nic in enumerate(self.nics):
+            if nic.mac in macs:
+                raise ConfigError(
+                    f"'nics[{i}].mac' {nic.mac} is already used by nics[{macs[nic.mac]}]",
+                    field=f"nics[{i}].mac",
+                    value=nic.mac,
+                )
+            macs[nic.mac] = i
+        for i, dev in enumerate(self.boot):
+            if not isinstance(dev, str) or dev not in names:
+                known = ", ".join(names) or "none"
+                raise ConfigError(
+                    f"'boot[{i}]' names {dev!r}, which is not a device of this machine "
+                    f"(devices: {known})",
+                    field=f"boot[{i}]",
+                    value=dev,
+                )
+        if len(set(self.boot)) != len(self.boot):
+            raise ConfigError(
+                f"'boot' lists a device twice ({list(self.boot)})", field="boot", value=self.boot
+            )
+        if self.arch == "i386" and self.memory > 4 * 1024**3:
+            raise ConfigError(
+                f"'memory' of an i386 machine must be at most 4 GiB (got {self.memory} bytes)",
+                field="memory",
+                value=self.memory,
+            )
+
+    @property
+    def vcpus(self) -> int:
+        """Number of virtual CPUs."""
+        return self.cpus.count if isinstance(self.cpus, CpuTopology) else self.cpus
+
+    @property
+    def topology(self) -> CpuTopology:
+        """The CPU topology (one socket of ``cpus`` cores when given as a count)."""
+        if isinstance(self.cpus, CpuTopology):
+            return self.cpus
+        return CpuTopology(sockets=1, cores=self.cpus, threads=1)
+
+    def device_names(self) -> tuple[str, ...]:
+        """Names usable in ``boot``: disk targets, CD-ROM targets, NIC names."""
+        return tuple(
+            str(x)
+            for x in (
+                *(d.target for d in self.disks),
+                *(c.target for c in self.cdroms),
+                *(n.name for n in self.nics),
+            )
+        )

@@ -1,0 +1,67 @@
+"""Snapshot records: what was captured, when, and the tree they form."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+import attrs
+
+from virtkit.errors import ConfigError
+from virtkit.model._validate import instance_of, optional_str
+from virtkit.model.enums import SnapshotKind, State
+
+__all__ = ["Snapshot"]
+
+
+def _snapshot_name(_inst: Any, attribute: Any, value: Any) -> None:
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= 128
+        or value.strip() != value
+        or any(c in value for c in "/\\\0\n\r")
+        or value in (".", "..")
+    ):
+        raise ConfigError(
+            f"'{attribute.name}' must be 1-128 characters without slashes, line breaks "
+            f"or surrounding spaces (got {value!r})",
+            field=attribute.name,
+            value=value,
+        )
+
+
+def _utc(value: Any) -> _dt.datetime:
+    if not isinstance(value, _dt.datetime):
+        raise ConfigError(
+            f"'created_at' must be a datetime (got {value!r})", field="created_at", value=value
+        )
+    if value.tzinfo is None:
+        return value.replace(tzinfo=_dt.UTC)
+    return value.astimezone(_dt.UTC)
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0)
+
+
+@attrs.frozen
+class Snapshot:
+    """A point-in-time capture of a guest.
+
+    Args:
+        name: unique per guest.
+        kind: ``SnapshotKind.DISK`` (disks only) or ``SnapshotKind.FULL``
+            (disks, RAM, CPU and devices).
+        state: the run state when taken; reverting restores it (a snapshot
+            taken while running reverts to running, as libvirt does).
+        created_at: when it was taken (UTC).
+        parent: the snapshot this one was taken on top of, if any.
+        description: free text.
+    """
+
+    name: str = attrs.field(validator=_snapshot_name)
+    kind: SnapshotKind = attrs.field(default=SnapshotKind.FULL, converter=SnapshotKind)
+    state: State = attrs.field(default=State.SHUTOFF, converter=State)
+    created_at: _dt.datetime = attrs.field(factory=_now, converter=_utc)
+    parent: str | None = attrs.field(default=None, validator=optional_str)
+    description: str = attrs.field(default="", validator=instance_of(str))
