@@ -8,10 +8,15 @@ storage underneath (crash after the N-th write, drop unflushed writes, ENOSPC).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from virtkit.errors import CorruptImageError, ImageError
+from virtkit.images import locking
 
 __all__ = ["FileStorage", "Storage"]
 
@@ -46,14 +51,53 @@ class Storage(Protocol):
         ...
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_fallocate_cache: list[Callable[[int, int, int, int], int] | None] = []
+
+
+def _fallocate_fn() -> Callable[[int, int, int, int], int] | None:
+    """libc ``fallocate`` through ctypes (os has no PUNCH_HOLE), or None."""
+    if not _fallocate_cache:
+        fn: Callable[[int, int, int, int], int] | None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            cfn = libc.fallocate
+            cfn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            cfn.restype = ctypes.c_int
+            fn = cfn
+        except (OSError, AttributeError):
+            fn = None
+        _fallocate_cache.append(fn)
+    return _fallocate_cache[0]
+
+
 class FileStorage:
-    """A :class:`Storage` on a real file, with ``os.pread``/``os.pwrite``."""
+    """A :class:`Storage` on a real file, with ``os.pread``/``os.pwrite``.
+
+    Opening takes QEMU-compatible image locks (see :mod:`virtkit.images.locking`)
+    unless ``lock=False``: a writable open holds the write permission and
+    refuses to share it; a read-only open refuses to share write unless
+    ``force_share`` (``qemu-img -U``).
+
+    Raises:
+        ImageError: the file cannot be opened (or exists, with ``create``).
+        ImageLockedError: another open holds a conflicting lock.
+        ConfigError: ``force_share`` with ``writable``.
+    """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, writable: bool, create: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool,
+        create: bool = False,
+        lock: bool = True,
+        force_share: bool = False,
     ) -> None:
         self.path = os.fspath(path)
         self.writable = writable
+        perm, shared = locking.permissions_for(writable=writable, force_share=force_share)
         flags = os.O_RDWR if writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT | os.O_EXCL
@@ -64,6 +108,16 @@ class FileStorage:
             raise ImageError("file already exists", path=self.path) from exc
         except OSError as exc:
             raise ImageError(f"cannot open: {exc.strerror}", path=self.path) from exc
+        self.locked = False
+        if lock:
+            try:
+                self.locked = locking.acquire(self.fd, self.path, perm=perm, shared=shared)
+            except BaseException:
+                os.close(self.fd)
+                self.fd = None
+                if create:
+                    os.unlink(self.path)
+                raise
 
     def _fd(self) -> int:
         if self.fd is None:
@@ -121,8 +175,68 @@ class FileStorage:
         except OSError as exc:
             raise ImageError(f"flush failed: {exc.strerror}", path=self.path) from exc
 
+    def allocated_bytes(self) -> int:
+        """Bytes the file occupies on disk (``st_blocks * 512``, as ``du``)."""
+        try:
+            return os.fstat(self._fd()).st_blocks * 512
+        except OSError as exc:
+            raise ImageError(f"stat failed: {exc.strerror}", path=self.path) from exc
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate ``[offset, offset+length)`` keeping the size; reads give zeroes.
+
+        Returns False, having done nothing, when the file system cannot punch
+        holes (the caller then writes zeroes).
+        """
+        fn = _fallocate_fn()
+        if fn is None or length <= 0:
+            return length <= 0
+        fd = self._fd()
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        while True:
+            if fn(fd, mode, offset, length) == 0:
+                return True
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise ImageError(
+                f"punching a hole failed: {os.strerror(err)}", path=self.path, offset=offset
+            )
+
+    def data_extents(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """Yield ``(start, length, is_data)`` runs over the range from SEEK_DATA/SEEK_HOLE.
+
+        Holes read as zeroes. Without SEEK_DATA support everything is data.
+        """
+        fd = self._fd()
+        end = offset + length
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to end of file
+                    yield pos, end - pos, False
+                    return
+                yield pos, end - pos, True
+                return
+            if data > pos:
+                hole_end = min(data, end)
+                yield pos, hole_end - pos, False
+                pos = hole_end
+                continue
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            data_end = min(max(hole, pos + 1), end)
+            yield pos, data_end - pos, True
+            pos = data_end
+
     def close(self) -> None:
-        """Close the descriptor. Idempotent."""
+        """Close the descriptor (dropping its locks). Idempotent."""
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
