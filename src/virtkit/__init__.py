@@ -1,5 +1,21 @@
-"""virtkit: virtual machines, hypervisors and disk images as typed objects."""
+"""virtkit: virtual machines, hypervisors and disk images as typed objects.
 
+Layout (imports point downwards only)::
+
+    virtkit.cli        the `virtkit` command, over the public API
+    virtkit.backends   Hypervisor implementations: "emulator" (unicorn), "qemu" (QMP)
+    virtkit.bundle     Machine <-> folder of files (machine.toml, disks/, snapshots/)
+    virtkit.provision  cloud-init NoCloud seed ISOs
+    virtkit.images     qcow2/raw disk image engine
+    virtkit.model      frozen attrs classes: Machine, Disk, Nic, Snapshot, ...
+    virtkit.errors     the exception hierarchy
+
+This module only re-exports the public names.
+"""
+
+from virtkit import images
+from virtkit.backends import Console, Guest, Hypervisor, connect
+from virtkit.bundle import load, save
 from virtkit.errors import (
     BackendError,
     BackendUnavailable,
@@ -31,6 +47,15 @@ from virtkit.model import (
 )
 
 __all__ = [
+    # entry points
+    "connect",
+    "load",
+    "save",
+    "images",
+    # backends
+    "Console",
+    "Guest",
+    "Hypervisor",
     # the object model
     "AllocationPolicy",
     "CdRom",

@@ -1,0 +1,591 @@
+"""What every backend shares: the ``Hypervisor`` and ``Guest`` base classes.
+
+The public operations (``start``, ``pause``, ``snapshot``...) are written once
+here: they check the lifecycle state machine, admission control and snapshot
+bookkeeping, then call a small hook a backend implements (``_do_start``...).
+Backends report what a guest does by itself through ``_notify_*``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar
+
+import attrs
+
+from virtkit import bundle
+from virtkit.backends.console import Console
+from virtkit.backends.lifecycle import Lifecycle
+from virtkit.errors import BackendError, ConfigError, ResourceError, StateError
+from virtkit.model import (
+    AllocationPolicy,
+    CdRom,
+    Disk,
+    HostResources,
+    HypervisorType,
+    Machine,
+    Snapshot,
+    SnapshotKind,
+    State,
+)
+
+__all__ = ["Guest", "Hypervisor"]
+
+_LIVE = (State.RUNNING, State.PAUSED)
+
+
+class Hypervisor(abc.ABC):
+    """A hypervisor: places machines on a host and enforces its allocation policy.
+
+    Args:
+        root: folder holding one folder per guest. Default: a private
+            temporary folder that :meth:`close` removes.
+        host: the capacity to admit guests against. Default: this host's
+            CPUs, RAM and free storage under ``root``.
+        policy: overcommit ratios and reserved memory.
+    """
+
+    #: the name ``virtkit.connect()`` knows this backend by.
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        host: HostResources | None = None,
+        policy: AllocationPolicy | None = None,
+    ) -> None:
+        if host is not None and not isinstance(host, HostResources):
+            raise ConfigError(f"'host' must be a HostResources (got {host!r})", field="host")
+        if policy is not None and not isinstance(policy, AllocationPolicy):
+            raise ConfigError(
+                f"'policy' must be an AllocationPolicy (got {policy!r})", field="policy"
+            )
+        self._owns_root = root is None
+        self.root = (
+            Path(tempfile.mkdtemp(prefix=f"virtkit-{self.name}-")) if root is None else Path(root)
+        )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create guest root {self.root}: {exc.strerror}", field="root"
+            ) from exc
+        self._capacity = host if host is not None else HostResources.detect(str(self.root))
+        self.policy = policy if policy is not None else AllocationPolicy()
+        self._guests: dict[str, Guest] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # -- what a backend provides ------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def kind(self) -> HypervisorType:
+        """Type 1 (bare-metal, e.g. KVM) or type 2 (hosted, e.g. TCG, the emulator)."""
+
+    @abc.abstractmethod
+    def _create_guest(self, machine: Machine, folder: Path) -> Guest:
+        """Make the backend's Guest for an admitted machine in its folder."""
+
+    @classmethod
+    def probe(cls, **options: object) -> None:
+        """Raise ``BackendUnavailable`` (with a hint) if the backend cannot run here."""
+        del options  # every option is acceptable unless a backend says otherwise
+
+    # -- resources --------------------------------------------------------------
+    @property
+    def host(self) -> HostResources:
+        """Host capacity and what guests hold: running guests' CPUs and memory,
+        defined guests' storage."""
+        with self._lock:
+            live = [g for g in self._guests.values() if g.state in _LIVE]
+            return attrs.evolve(
+                self._capacity,
+                allocated_cpus=sum(g.machine.vcpus for g in live),
+                allocated_memory=sum(g.machine.memory for g in live),
+                allocated_storage=sum(g.storage for g in self._guests.values()),
+            )
+
+    @property
+    def guests(self) -> tuple[Guest, ...]:
+        """Defined guests, in definition order."""
+        with self._lock:
+            return tuple(self._guests.values())
+
+    def guest(self, name: str) -> Guest:
+        """The defined guest called ``name``."""
+        with self._lock:
+            try:
+                return self._guests[name]
+            except KeyError:
+                raise ConfigError(f"no guest named {name!r} is defined", field="name") from None
+
+    def _memory_limit(self) -> int:
+        usable = max(self._capacity.memory - self.policy.reserved_memory, 0)
+        return int(usable * self.policy.memory_overcommit)
+
+    def _cpu_limit(self) -> int:
+        return int(self._capacity.cpus * self.policy.cpu_overcommit)
+
+    def _admit_define(self, machine: Machine, storage: int) -> None:
+        if machine.vcpus > self._cpu_limit():
+            raise ResourceError(
+                f"guest {machine.name!r} wants {machine.vcpus} vCPUs; the policy allows at most "
+                f"{self._cpu_limit()} ({self._capacity.cpus} host CPUs x "
+                f"{self.policy.cpu_overcommit} overcommit)",
+                resource="cpus",
+                requested=machine.vcpus,
+                available=self._cpu_limit(),
+            )
+        if machine.memory > self._memory_limit():
+            raise ResourceError(
+                f"guest {machine.name!r} wants {machine.memory} bytes of memory; the host can "
+                f"give at most {self._memory_limit()} (after reserving "
+                f"{self.policy.reserved_memory} for itself)",
+                resource="memory",
+                requested=machine.memory,
+                available=self._memory_limit(),
+            )
+        limit = int(self._capacity.storage * self.policy.storage_overcommit)
+        used = sum(g.storage for g in self._guests.values())
+        if used + storage > limit:
+            raise ResourceError(
+                f"guest {machine.name!r} needs {storage} bytes of disk; only {limit - used} of "
+                f"{limit} remain under the storage policy",
+                resource="storage",
+                requested=storage,
+                available=limit - used,
+            )
+
+    def _admit_start(self, guest: Guest) -> None:
+        """Refuse to start ``guest`` if running guests would exceed the policy."""
+        with self._lock:
+            live = [g for g in self._guests.values() if g.state in _LIVE and g is not guest]
+            cpus = sum(g.machine.vcpus for g in live) + guest.machine.vcpus
+            memory = sum(g.machine.memory for g in live) + guest.machine.memory
+            if cpus > self._cpu_limit():
+                raise ResourceError(
+                    f"starting {guest.name!r} would run {cpus} vCPUs; the policy allows "
+                    f"{self._cpu_limit()}",
+                    resource="cpus",
+                    requested=guest.machine.vcpus,
+                    available=self._cpu_limit() - (cpus - guest.machine.vcpus),
+                )
+            if memory > self._memory_limit():
+                raise ResourceError(
+                    f"starting {guest.name!r} would commit {memory} bytes of guest memory; "
+                    f"the policy allows {self._memory_limit()}",
+                    resource="memory",
+                    requested=guest.machine.memory,
+                    available=self._memory_limit() - (memory - guest.machine.memory),
+                )
+
+    def _check_isolation(self, machine: Machine, folder: Path) -> None:
+        """A disk may be attached to two guests only if both attach it read-only."""
+        mine = {
+            _real(bundle.resolve_disk(folder, d.path)): (i, d.read_only)
+            for i, d in enumerate(machine.disks)
+        }
+        for other in self._guests.values():
+            for disk in other.machine.disks:
+                path = _real(other.disk_path(disk))
+                if path in mine:
+                    index, read_only = mine[path]
+                    if not (read_only and disk.read_only):
+                        raise ResourceError(
+                            f"disk {path} ('disks[{index}]') is already attached to guest "
+                            f"{other.name!r}; an image can be shared only read-only by all",
+                            resource="disk",
+                        )
+
+    # -- definitions ------------------------------------------------------------
+    def define(self, machine: Machine, *, folder: str | os.PathLike[str] | None = None) -> Guest:
+        """Place ``machine`` on this hypervisor.
+
+        The guest's files live in ``folder`` (default ``root/<name>``): its
+        ``machine.toml``, ``disks/`` (missing images with a ``size`` are
+        created) and ``snapshots/``.
+
+        Raises:
+            ConfigError: a guest with that name exists, or the folder is unusable.
+            ResourceError: the policy cannot admit it, or a disk is in use by
+                another guest; nothing is created then.
+        """
+        if not isinstance(machine, Machine):
+            raise ConfigError(f"define() needs a Machine (got {type(machine).__name__})")
+        with self._lock:
+            if self._closed:
+                raise StateError("this hypervisor connection is closed", action="define")
+            if machine.name in self._guests:
+                raise ConfigError(
+                    f"a guest named {machine.name!r} is already defined; undefine it or "
+                    "choose another name",
+                    field="name",
+                    value=machine.name,
+                )
+            target = Path(folder) if folder is not None else self.root / machine.name
+            storage = sum(d.size or 0 for d in machine.disks)
+            self._admit_define(machine, storage)
+            self._check_isolation(machine, target)
+            bundle.save(machine, target)
+            try:
+                guest = self._create_guest(machine, target)
+            except BaseException:
+                if folder is None:
+                    shutil.rmtree(target, ignore_errors=True)
+                raise
+            guest.storage = storage
+            self._guests[machine.name] = guest
+            return guest
+
+    def undefine(self, guest: Guest) -> None:
+        """Forget a stopped guest. Its folder and files stay on disk.
+
+        Raises:
+            StateError: the guest is running or paused.
+        """
+        with self._lock:
+            if self._guests.get(guest.name) is not guest:
+                raise ConfigError(f"guest {guest.name!r} is not defined here", field="guest")
+            guest._lifecycle.check("undefine")
+            guest._release()
+            del self._guests[guest.name]
+
+    def close(self) -> None:
+        """Kill every running guest, forget them, and remove a private root."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            guests = list(self._guests.values())
+        for guest in guests:
+            if guest.state in (*_LIVE, State.CRASHED):
+                with contextlib.suppress(StateError, BackendError):
+                    guest.kill()
+            guest._release()
+        with self._lock:
+            self._guests.clear()
+        if self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Hypervisor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        count = len(self._guests)
+        return f"<{type(self).__name__} {self.name} root={str(self.root)!r} guests={count}>"
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+class Guest(abc.ABC):
+    """A machine placed on a hypervisor: the thing that runs.
+
+    Use it as a context manager to kill and undefine it on exit.
+    """
+
+    def __init__(self, hypervisor: Hypervisor, machine: Machine, folder: Path) -> None:
+        self.hypervisor = hypervisor
+        self.machine = machine
+        self.folder = Path(folder)
+        self.storage = 0
+        self._lifecycle = Lifecycle(machine.name)
+        log = self.folder / machine.serial.log if machine.serial.log else None
+        self.console = Console(log_path=log)
+        self._snapshots: dict[str, Snapshot] = {
+            s.name: s for s in bundle.load_snapshots(self.folder)
+        }
+        self._current: str | None = bundle.current_snapshot(self.folder)
+
+    # -- identity and state -----------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The machine's name."""
+        return self.machine.name
+
+    @property
+    def state(self) -> State:
+        """The current run state."""
+        return self._lifecycle.state
+
+    @property
+    def crash_reason(self) -> str | None:
+        """Why the guest is CRASHED (None otherwise)."""
+        return self._lifecycle.crash_reason
+
+    def disk_path(self, disk: Disk | CdRom) -> Path:
+        """Absolute path of an attached image (relative paths live in ``disks/``)."""
+        return bundle.resolve_disk(self.folder, disk.path)
+
+    def snapshot_dir(self, name: str) -> Path:
+        """A folder where a backend may keep a snapshot's saved state."""
+        return bundle.snapshot_dir(self.folder, name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.state.value}>"
+
+    # -- lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        """Power the guest on.
+
+        Raises:
+            StateError: it is already running or paused.
+            ResourceError: running it would exceed the host's allocation policy.
+            BackendError: the hypervisor failed to start it.
+        """
+        with self._lifecycle.operation("start"):
+            self.hypervisor._admit_start(self)
+            self.console.open()
+            try:
+                self._do_start()
+            except BaseException:
+                self.console.close("the guest failed to start")
+                raise
+            # a guest may power off before _do_start returns; only then keep SHUTOFF
+            self._lifecycle.notify(
+                State.RUNNING, only_from=frozenset({State.SHUTOFF, State.CRASHED})
+            )
+
+    def pause(self) -> None:
+        """Freeze the guest's CPUs."""
+        with self._lifecycle.operation("pause"):
+            self._do_pause()
+            self._lifecycle.notify(State.PAUSED, only_from=frozenset({State.RUNNING}))
+
+    def resume(self) -> None:
+        """Continue a paused guest."""
+        with self._lifecycle.operation("resume"):
+            self._do_resume()
+            self._lifecycle.notify(State.RUNNING, only_from=frozenset({State.PAUSED}))
+
+    def reset(self) -> None:
+        """Press the reset button (the run state is kept)."""
+        with self._lifecycle.operation("reset"):
+            self._do_reset()
+
+    def shutdown(self, timeout: float = 30) -> None:
+        """Press the ACPI power button and wait for the guest to power off.
+
+        Raises:
+            StateError: the guest is not running.
+            TimeoutError: the guest ignored the request for ``timeout`` seconds
+                (it keeps running; ``kill()`` stops it hard).
+        """
+        with self._lifecycle.operation("shutdown"):
+            self._do_shutdown(timeout)
+            self._stopped(State.SHUTOFF, "the guest was shut down")
+
+    def kill(self) -> None:
+        """Stop the guest at once, like pulling the plug."""
+        with self._lifecycle.operation("kill"):
+            self._do_kill()
+            self._stopped(State.SHUTOFF, "the guest was killed")
+
+    def wait(self, timeout: float | None = None) -> State:
+        """Wait until the guest stops by itself (powers off or crashes).
+
+        Returns the final state (``SHUTOFF`` or ``CRASHED``).
+
+        Raises:
+            TimeoutError: it still runs after ``timeout`` seconds.
+        """
+        return self._lifecycle.wait_for(
+            lambda s: s in (State.SHUTOFF, State.CRASHED), timeout, "power off"
+        )
+
+    # -- snapshots ----------------------------------------------------------------
+    @property
+    def snapshots(self) -> tuple[Snapshot, ...]:
+        """Snapshots of this guest, oldest first."""
+        return tuple(sorted(self._snapshots.values(), key=lambda s: s.created_at))
+
+    @property
+    def current_snapshot(self) -> Snapshot | None:
+        """The snapshot the guest was last taken at or reverted to."""
+        return self._snapshots.get(self._current) if self._current else None
+
+    def snapshot(self, name: str, *, memory: bool = True, description: str = "") -> Snapshot:
+        """Capture the guest.
+
+        Args:
+            name: unique among this guest's snapshots.
+            memory: capture RAM, CPU and device state too (a full snapshot;
+                the guest must be running or paused). ``False``: disks only.
+            description: free text kept with the snapshot.
+
+        Raises:
+            ConfigError: the name is taken or invalid.
+            StateError: a full snapshot of a guest that is not running.
+        """
+        with self._lifecycle.operation("snapshot"):
+            if name in self._snapshots:
+                raise ConfigError(
+                    f"guest {self.name!r} already has a snapshot named {name!r}",
+                    field="name",
+                    value=name,
+                )
+            state = self.state
+            if memory and state not in _LIVE:
+                raise StateError(
+                    f"a full snapshot (memory=True) needs a running or paused guest; "
+                    f"{self.name!r} is {state.value} (use memory=False for a disk snapshot)",
+                    state=state,
+                    action="snapshot",
+                )
+            snap = Snapshot(
+                name=name,
+                kind=SnapshotKind.FULL if memory else SnapshotKind.DISK,
+                state=state,
+                parent=self._current,
+                description=description,
+            )
+            self._do_snapshot(snap)
+            self._snapshots[name] = snap
+            self._current = name
+            self._persist_snapshots()
+            return snap
+
+    def revert(self, name: str) -> None:
+        """Go back to snapshot ``name``.
+
+        A full snapshot restores disks, memory and devices and the run state
+        it was taken in (running or paused). A disk snapshot restores the
+        disks and leaves the guest shut off. Console output is not rewound.
+        """
+        with self._lifecycle.operation("revert"):
+            snap = self._get_snapshot(name)
+            was_live = self.state in _LIVE
+            if snap.kind is SnapshotKind.FULL and not was_live:
+                self.hypervisor._admit_start(self)
+            self._do_revert(snap)
+            if snap.kind is SnapshotKind.FULL and snap.state in _LIVE:
+                self.console.open()
+                self._lifecycle.set(snap.state)
+            else:
+                self._stopped(State.SHUTOFF, "the guest was reverted to a disk snapshot")
+            self._current = name
+            self._persist_snapshots()
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete snapshot ``name``; its children are re-parented to its parent."""
+        with self._lifecycle.operation("delete_snapshot"):
+            snap = self._get_snapshot(name)
+            self._do_delete_snapshot(snap)
+            del self._snapshots[name]
+            for child_name, child in list(self._snapshots.items()):
+                if child.parent == name:
+                    self._snapshots[child_name] = attrs.evolve(child, parent=snap.parent)
+            if self._current == name:
+                self._current = snap.parent
+            self._persist_snapshots()
+            shutil.rmtree(bundle.snapshot_dir(self.folder, name, create=False), ignore_errors=True)
+
+    def _get_snapshot(self, name: str) -> Snapshot:
+        try:
+            return self._snapshots[name]
+        except KeyError:
+            known = ", ".join(self._snapshots) or "none"
+            raise ConfigError(
+                f"guest {self.name!r} has no snapshot named {name!r} (snapshots: {known})",
+                field="name",
+                value=name,
+            ) from None
+
+    def _persist_snapshots(self) -> None:
+        bundle.save_snapshots(self.folder, self.snapshots, current=self._current)
+
+    # -- notifications from backend threads ----------------------------------------
+    def _stopped(self, state: State, why: str, reason: str | None = None) -> None:
+        self._lifecycle.set(state, reason=reason)
+        self.console.close(why if reason is None else f"{why}: {reason}")
+
+    def _notify_poweroff(self) -> None:
+        """The guest powered itself off."""
+        if self._lifecycle.notify(State.SHUTOFF, only_from=frozenset(_LIVE)):
+            self.console.close("the guest powered off")
+
+    def _notify_crash(self, reason: str) -> None:
+        """The guest or its hypervisor failed."""
+        if self._lifecycle.notify(State.CRASHED, reason=reason, only_from=frozenset(_LIVE)):
+            self.console.close(f"the guest crashed: {reason}")
+
+    def _notify_paused(self) -> None:
+        """The guest was paused by something other than ``pause()``."""
+        self._lifecycle.notify(State.PAUSED, only_from=frozenset({State.RUNNING}))
+
+    def _notify_resumed(self) -> None:
+        """The guest was resumed by something other than ``resume()``."""
+        self._lifecycle.notify(State.RUNNING, only_from=frozenset({State.PAUSED}))
+
+    def _release(self) -> None:
+        """Free what the guest object holds (called by undefine/close)."""
+        self.console.release()
+
+    # -- hooks a backend implements -------------------------------------------------
+    @abc.abstractmethod
+    def _do_start(self) -> None:
+        """Boot the guest; return once it runs."""
+
+    @abc.abstractmethod
+    def _do_pause(self) -> None:
+        """Freeze the vCPUs."""
+
+    @abc.abstractmethod
+    def _do_resume(self) -> None:
+        """Continue the vCPUs."""
+
+    @abc.abstractmethod
+    def _do_reset(self) -> None:
+        """Hard-reset the machine (keeps running)."""
+
+    @abc.abstractmethod
+    def _do_shutdown(self, timeout: float) -> None:
+        """Press the ACPI power button; wait for power-off or raise TimeoutError."""
+
+    @abc.abstractmethod
+    def _do_kill(self) -> None:
+        """Stop at once and release the run-time resources."""
+
+    @abc.abstractmethod
+    def _do_snapshot(self, snap: Snapshot) -> None:
+        """Capture a disk-only or full snapshot (``snap.kind``)."""
+
+    @abc.abstractmethod
+    def _do_revert(self, snap: Snapshot) -> None:
+        """Restore ``snap``; for a disk snapshot also stop the guest if it runs."""
+
+    @abc.abstractmethod
+    def _do_delete_snapshot(self, snap: Snapshot) -> None:
+        """Free what ``snap`` holds."""
+
+    # -- context manager ------------------------------------------------------------
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.state in (*_LIVE, State.CRASHED):
+            self.kill()
+        if self.hypervisor._guests.get(self.name) is self:
+            self.hypervisor.undefine(self)

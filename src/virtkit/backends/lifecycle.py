@@ -1,0 +1,146 @@
+"""The guest lifecycle state machine shared by every backend.
+
+::
+
+    SHUTOFF --start--> RUNNING <--pause/resume--> PAUSED
+       ^                  |  \\                      |
+       |   shutdown/kill/ |   `--crash--> CRASHED <--'
+       `---- power-off ---'                |
+       ^---------------kill----------------'
+
+``Lifecycle`` only decides and records; it does no I/O. Public operations run
+under an operation lock (one at a time per guest); backends report what the
+guest does by itself (power-off, crash, pause) through ``notify_*`` from any
+thread, which never waits for that operation lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from virtkit.errors import StateError, TimeoutError
+from virtkit.model import State
+
+__all__ = ["ALLOWED", "Lifecycle"]
+
+_ALL = frozenset(State)
+_LIVE = frozenset({State.RUNNING, State.PAUSED})
+
+#: action -> states it may start from
+ALLOWED: dict[str, frozenset[State]] = {
+    "start": frozenset({State.SHUTOFF, State.CRASHED}),
+    "pause": frozenset({State.RUNNING}),
+    "resume": frozenset({State.PAUSED}),
+    "reset": _LIVE,
+    "shutdown": frozenset({State.RUNNING}),
+    "kill": _LIVE | {State.CRASHED},
+    "snapshot": _ALL,
+    "revert": _ALL,
+    "delete_snapshot": _ALL,
+    "undefine": frozenset({State.SHUTOFF, State.CRASHED}),
+}
+
+_WHY = {
+    State.SHUTOFF: "it is shut off",
+    State.RUNNING: "it is running",
+    State.PAUSED: "it is paused",
+    State.CRASHED: "it has crashed",
+}
+
+_HINT = {
+    "start": "kill() or wait() for it first",
+    "pause": "start() or resume() it first",
+    "resume": "pause() it first",
+    "reset": "start() it first",
+    "shutdown": "resume() it first, or kill() it",
+    "kill": "it is already stopped",
+    "undefine": "kill() or shutdown() it first",
+}
+
+
+class Lifecycle:
+    """Run state of one guest, its legal transitions, and waiting for changes."""
+
+    def __init__(self, name: str, state: State = State.SHUTOFF) -> None:
+        self.name = name
+        self._state = state
+        self.crash_reason: str | None = None
+        self._cond = threading.Condition()
+        self._op_lock = threading.RLock()
+        self._listeners: list[Callable[[State, State], None]] = []
+
+    @property
+    def state(self) -> State:
+        """The current state."""
+        with self._cond:
+            return self._state
+
+    def add_listener(self, callback: Callable[[State, State], None]) -> None:
+        """Call ``callback(old, new)`` after every change (outside the lock)."""
+        self._listeners.append(callback)
+
+    def check(self, action: str) -> None:
+        """Raise ``StateError`` unless ``action`` is legal now."""
+        with self._cond:
+            state = self._state
+        if state not in ALLOWED[action]:
+            hint = _HINT.get(action)
+            raise StateError(
+                f"cannot {action.replace('_', ' ')} guest {self.name!r}: {_WHY[state]}"
+                + (f" ({hint})" if hint else ""),
+                state=state,
+                action=action,
+            )
+
+    @contextmanager
+    def operation(self, action: str) -> Iterator[None]:
+        """Hold the operation lock and check ``action`` is legal; on exception
+        inside the block the state is left as the block left it."""
+        with self._op_lock:
+            self.check(action)
+            yield
+
+    def set(self, state: State, *, reason: str | None = None) -> None:
+        """Record a new state (``reason`` is kept for CRASHED)."""
+        with self._cond:
+            old = self._state
+            self._state = state
+            self.crash_reason = reason if state is State.CRASHED else None
+            self._cond.notify_all()
+        if old is not state:
+            for callback in list(self._listeners):
+                callback(old, state)
+
+    def notify(
+        self, state: State, *, reason: str | None = None, only_from: frozenset[State] = _ALL
+    ) -> bool:
+        """Record a change the guest made by itself, if the current state allows it.
+
+        Returns whether the state changed. A power-off reported after a kill
+        (already SHUTOFF) is ignored rather than an error.
+        """
+        with self._cond:
+            if self._state not in only_from or self._state is state:
+                return False
+        self.set(state, reason=reason)
+        return True
+
+    def wait_for(
+        self, predicate: Callable[[State], bool], timeout: float | None, what: str
+    ) -> State:
+        """Block until ``predicate(state)`` holds; raise ``TimeoutError`` after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._state):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"guest {self.name!r} did not {what} within {timeout} s "
+                        f"(state: {self._state.value})",
+                        timeout=timeout,
+                    )
+                self._cond.wait(remaining)
+            return self._state
