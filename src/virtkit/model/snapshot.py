@@ -40,6 +40,25 @@ def _utc(value: Any) -> _dt.datetime:
     return value.astimezone(_dt.UTC)
 
 
+def _kind(value: Any) -> SnapshotKind:
+    try:
+        return SnapshotKind(value)
+    except ValueError:
+        raise ConfigError(
+            f"'kind' must be 'disk' or 'full' (got {value!r})", field="kind", value=value
+        ) from None
+
+
+def _state(value: Any) -> State:
+    try:
+        return State(value)
+    except ValueError:
+        allowed = ", ".join(repr(s.value) for s in State)
+        raise ConfigError(
+            f"'state' must be one of {allowed} (got {value!r})", field="state", value=value
+        ) from None
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0)
 
@@ -60,8 +79,8 @@ class Snapshot:
     """
 
     name: str = attrs.field(validator=_snapshot_name)
-    kind: SnapshotKind = attrs.field(default=SnapshotKind.FULL, converter=SnapshotKind)
-    state: State = attrs.field(default=State.SHUTOFF, converter=State)
+    kind: SnapshotKind = attrs.field(default=SnapshotKind.FULL, converter=_kind)
+    state: State = attrs.field(default=State.SHUTOFF, converter=_state)
     created_at: _dt.datetime = attrs.field(factory=_now, converter=_utc)
     parent: str | None = attrs.field(default=None, validator=optional_str)
     description: str = attrs.field(default="", validator=instance_of(str))
