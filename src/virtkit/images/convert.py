@@ -1,17 +1,102 @@
 """Format-independent image tools: convert, measure, rebase, commit.
 
-Placeholder signatures; the implementation lands with the image engine issue.
+These work on any :class:`~virtkit.images.base.Image` (qcow2 or raw) through
+its public surface only (``read``/``write``/``block_status``...), and behave
+like their ``qemu-img`` namesakes:
+
+* :func:`convert` copies only what reads as non-zero (sparse output), can
+  write compressed qcow2 clusters, reports progress, and is atomic: it writes
+  a temporary file next to ``dst`` and renames it into place only when
+  complete, so a failure never leaves a half-written ``dst``.
+* :func:`measure` answers ``qemu-img measure --output=json``.
+* :func:`rebase` changes an overlay's backing file; in safe mode it first
+  copies into the overlay every range where the old and new backing differ.
+* :func:`commit` writes an overlay's own data into its backing file and then
+  empties the overlay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import secrets
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from virtkit.errors import UnsupportedFeatureError
+from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError, VirtkitError
+from virtkit.images.base import Extent, Image
+from virtkit.images.sizes import parse_size
+from virtkit.images.storage import FileStorage
 
 __all__ = ["commit", "convert", "measure", "rebase"]
+
+Progress = Callable[[int, int], None]
+
+#: Bytes moved per read/write call on the copy paths.
+CHUNK = 2 << 20
+#: Zero-detection granularity for raw targets (qemu-img convert's default -S 4k).
+RAW_GRANULE = 4096
+_ZERO_CHUNK = bytes(CHUNK)
+
+
+def _images() -> Any:
+    # virtkit.images imports this module, so the package is looked up at call time.
+    return sys.modules["virtkit.images"]
+
+
+def _open(
+    path: str | os.PathLike[str],
+    *,
+    writable: bool = False,
+    format: str | None = None,  # noqa: A002 - qemu-img's own word
+    allow_backing: tuple[str | os.PathLike[str], ...] = (),
+) -> Image:
+    opened: Image = _images().open(
+        path, writable=writable, format=format, allow_backing=allow_backing
+    )
+    return opened
+
+
+def _is_zero(data: bytes | memoryview) -> bool:
+    n = len(data)
+    if n <= CHUNK:
+        return data == _ZERO_CHUNK[:n] if n < CHUNK else data == _ZERO_CHUNK
+    return bytes(data) == bytes(n)
+
+
+def _nonzero_runs(data: bytes, granule: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, end)`` runs of ``data`` whose ``granule``-sized pieces are not all zero."""
+    if _is_zero(data):
+        return
+    zero = _ZERO_CHUNK[:granule] if granule <= CHUNK else bytes(granule)
+    run_start: int | None = None
+    n = len(data)
+    for pos in range(0, n, granule):
+        piece = data[pos : pos + granule]
+        if piece == zero or (len(piece) < granule and piece == zero[: len(piece)]):
+            if run_start is not None:
+                yield run_start, pos
+                run_start = None
+        elif run_start is None:
+            run_start = pos
+    if run_start is not None:
+        yield run_start, n
+
+
+def _chunks(start: int, end: int, align: int) -> Iterator[tuple[int, int]]:
+    """Split ``[start, end)`` into pieces of at most CHUNK bytes that end on ``align``."""
+    step = max(CHUNK // align, 1) * align
+    pos = start
+    while pos < end:
+        nxt = min((pos // step + 1) * step, end)
+        yield pos, nxt
+        pos = nxt
+
+
+def _temp_name(dst: str) -> str:
+    folder, name = os.path.split(os.path.abspath(dst))
+    return os.path.join(folder, f".{name}.virtkit-{secrets.token_hex(4)}.tmp")
 
 
 def convert(
@@ -19,23 +104,453 @@ def convert(
     dst: str | os.PathLike[str],
     format: str = "qcow2",  # noqa: A002 - qemu-img's own word
     compress: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    **options: Any,
+    progress: Progress | None = None,
+    *,
+    src_format: str | None = None,
+    allow_backing: tuple[str | os.PathLike[str], ...] = (),
+    **create_options: Any,
 ) -> None:
-    """Copy image ``src`` into a new image ``dst`` of ``format``."""
-    raise UnsupportedFeatureError("convert is not implemented yet", feature="convert")
+    """Copy image ``src`` (its whole backing chain flattened) into a new image ``dst``.
+
+    Ranges that read as zeroes are not written, so the output is sparse (qcow2:
+    unallocated clusters; raw: file holes). The copy is written to a hidden
+    temporary file in ``dst``'s directory and renamed over ``dst`` only once it
+    is complete and flushed; an existing ``dst`` is replaced, but not while
+    another process holds it (its lock is checked first).
+
+    Args:
+        src: the source image (qcow2 or raw; probed unless ``src_format``).
+        dst: the file to write.
+        format: ``"qcow2"`` or ``"raw"``.
+        compress: write compressed qcow2 clusters (``compression_type="zstd"``
+            in ``create_options`` for zstd, else zlib).
+        progress: called as ``progress(done_bytes, total_bytes)`` as the copy
+            advances, ending with ``(total, total)``.
+        src_format: the source format, when it must not be probed.
+        allow_backing: places the source's backing files may come from.
+        create_options: passed to :func:`virtkit.images.create` for ``dst``
+            (``cluster_size``, ``compat``, ``refcount_bits``, ``compression_type``...).
+
+    Raises:
+        ConfigError: ``compress`` with a raw target, or a bad create option.
+        ImageLockedError: ``dst`` (or ``src``) is held by another process.
+        ImageError: reading or writing failed; ``dst`` is left untouched.
+    """
+    images = _images()
+    if compress and format != "qcow2":
+        raise ConfigError("compress=True needs a qcow2 target", field="compress")
+    dst_path = os.fspath(dst)
+    src_img = _open(src, format=src_format, allow_backing=allow_backing)
+    guard: Any = None
+    tmp = _temp_name(dst_path)
+    out: Image | None = None
+    try:
+        if os.path.exists(dst_path):
+            if os.path.samefile(dst_path, src_img.path):
+                raise ConfigError(
+                    f"convert: destination {dst_path} is the source image", field="dst"
+                )
+            # Refuse to replace an image someone is using, as qemu-img would.
+            guard = FileStorage(dst_path, writable=True)
+        total = src_img.virtual_size
+        out = images.create(tmp, total, format=format, **create_options)
+        _copy(src_img, out, compress=compress, progress=progress)
+        out.close()
+        os.replace(tmp, dst_path)
+        out = None
+    except BaseException:
+        if out is not None:
+            with contextlib.suppress(VirtkitError):
+                out.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        src_img.close()
+        if guard is not None:
+            guard.close()
 
 
-def measure(src: str | os.PathLike[str], format: str = "qcow2", **options: Any) -> Any:  # noqa: A002
-    """How big converting ``src`` to ``format`` would be."""
-    raise UnsupportedFeatureError("measure is not implemented yet", feature="measure")
+def _copy(src: Image, out: Image, *, compress: bool, progress: Progress | None) -> None:
+    total = src.virtual_size
+    granule = out.cluster_size if out.format == "qcow2" else RAW_GRANULE
+    write_compressed = getattr(out, "write_compressed", None)
+    if compress and write_compressed is None:
+        raise UnsupportedFeatureError(
+            f"{out.format} images cannot store compressed clusters", feature="compression"
+        )
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    for extent in src.block_status(0, total, include_backing=True):
+        end = extent.start + extent.length
+        if extent.kind != "data":
+            done = end
+            if progress is not None:
+                progress(done, total)
+            continue
+        if write_compressed is not None and compress:
+            _copy_compressed(src, out, extent, write_compressed)
+            done = end
+            if progress is not None:
+                progress(done, total)
+            continue
+        for start, stop in _chunks(extent.start, end, granule):
+            data = src.read(start, stop - start)
+            for a, b in _nonzero_runs(data, granule):
+                out.write(start + a, data[a:b] if (a, b) != (0, len(data)) else data)
+            done = stop
+            if progress is not None:
+                progress(done, total)
+    if progress is not None and done != total:
+        progress(total, total)
+    out.flush()
 
 
-def rebase(image: str | os.PathLike[str], backing: str | None, **options: Any) -> None:
-    """Change an image's backing file."""
-    raise UnsupportedFeatureError("rebase is not implemented yet", feature="rebase")
+def _copy_compressed(
+    src: Image, out: Image, extent: Extent, write_compressed: Callable[[int, bytes], None]
+) -> None:
+    """Write each non-zero cluster touching ``extent`` compressed (whole clusters only)."""
+    cluster = out.cluster_size
+    size = out.virtual_size
+    first = extent.start // cluster * cluster
+    end = extent.start + extent.length
+    for start, stop in _chunks(first, min(-(-end // cluster) * cluster, size), cluster):
+        data = src.read(start, stop - start)
+        for pos in range(0, len(data), cluster):
+            piece = data[pos : pos + cluster]
+            if _is_zero(piece):
+                continue
+            if len(piece) == cluster:
+                write_compressed(start + pos, piece)
+            else:  # the short last cluster of a disk whose size is not cluster-aligned
+                out.write(start + pos, piece)
 
 
-def commit(image: str | os.PathLike[str], **options: Any) -> None:
-    """Write an overlay's data into its backing file."""
-    raise UnsupportedFeatureError("commit is not implemented yet", feature="commit")
+# -- measure --------------------------------------------------------------------------
+
+
+def _refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
+    """Bytes of refcount table + blocks needed to count ``clusters`` and themselves."""
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 // (1 << refcount_order)
+    table = blocks = 0
+    n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last:
+            return (blocks + table) * cluster_size
+
+
+def _qcow2_full_size(
+    virtual_size: int, cluster_size: int, refcount_order: int, extended_l2: bool
+) -> int:
+    """File size of a fully allocated qcow2 image: data plus all metadata."""
+    aligned = -(-virtual_size // cluster_size) * cluster_size
+    l2e = 16 if extended_l2 else 8
+    meta = cluster_size  # header
+    nl2e = aligned // cluster_size
+    per_l2 = cluster_size // l2e
+    nl2e = -(-nl2e // per_l2) * per_l2
+    meta += nl2e * l2e
+    nl1e = nl2e * l2e // cluster_size
+    per_l1 = cluster_size // 8
+    nl1e = -(-nl1e // per_l1) * per_l1
+    meta += nl1e * 8
+    meta += _refcount_metadata_size((meta + aligned) // cluster_size, cluster_size, refcount_order)
+    return meta + aligned
+
+
+def _data_bytes_by_cluster(img: Image, cluster: int) -> int:
+    """Bytes of whole ``cluster``-sized units touched by data, as qemu-img measure counts."""
+    required = 0
+    extents = list(img.block_status(0, img.virtual_size, include_backing=True))
+    idx = 0
+    offset = 0
+    size = img.virtual_size
+    while offset < size:
+        while extents[idx].start + extents[idx].length <= offset:
+            idx += 1
+        ext = extents[idx]
+        pnum = ext.start + ext.length - offset
+        if ext.kind == "data":
+            pnum = -(-(offset + pnum) // cluster) * cluster - offset
+            required += offset % cluster + pnum
+        offset += pnum
+    return required
+
+
+def measure(
+    src: str | os.PathLike[str] | None = None,
+    format: str = "qcow2",  # noqa: A002 - qemu-img's own word
+    *,
+    size: int | str | None = None,
+    src_format: str | None = None,
+    allow_backing: tuple[str | os.PathLike[str], ...] = (),
+    **options: Any,
+) -> dict[str, int]:
+    """How big converting ``src`` (or a new empty image of ``size``) to ``format`` would be.
+
+    Returns the fields of ``qemu-img measure --output=json``: ``required``
+    (bytes the converted file needs), ``fully-allocated`` (bytes if every
+    cluster were written) and, for a qcow2 v3 target from a qcow2 source,
+    ``bitmaps`` (bytes of persistent dirty bitmaps; virtkit copies none, so 0).
+
+    Args:
+        src: the source image, or None to measure a new image of ``size``.
+        format: target format.
+        size: virtual size when there is no source.
+        options: target qcow2 options: ``cluster_size``, ``refcount_bits``,
+            ``extended_l2``, ``compat``, ``preallocation``, ``backing``.
+
+    Raises:
+        ConfigError: neither or both of ``src`` and ``size``, or a bad option.
+    """
+    if (src is None) == (size is None):
+        raise ConfigError("measure needs exactly one of a source image or a size", field="size")
+    img: Image | None = None
+    if src is not None:
+        img = _open(src, format=src_format, allow_backing=allow_backing)
+    try:
+        return _measure(img, format, size, options)
+    finally:
+        if img is not None:
+            img.close()
+
+
+def _measure(
+    img: Image | None, fmt: str, size: int | str | None, options: dict[str, Any]
+) -> dict[str, int]:
+    virtual = img.virtual_size if img is not None else parse_size(size, field="size")
+    if fmt == "raw":
+        for name, value in options.items():
+            if value is not None and name != "preallocation":
+                raise ConfigError(f"raw images have no option {name!r}", field=name)
+        raw_size = virtual if img is not None else -(-virtual // 512) * 512
+        return {"required": raw_size, "fully-allocated": raw_size}
+    if fmt != "qcow2":
+        raise UnsupportedFeatureError(f"cannot measure for format {fmt!r}", feature=f"format {fmt}")
+    known = {"cluster_size", "refcount_bits", "extended_l2", "compat", "preallocation",
+             "backing", "backing_format", "lazy_refcounts", "compression_type"}  # fmt: skip
+    for name in options:
+        if name not in known:
+            raise ConfigError(f"qcow2 has no option {name!r}", field=name)
+    cluster = parse_size(options.get("cluster_size") or 65536, field="cluster_size")
+    if cluster < 512 or cluster > (2 << 20) or cluster & (cluster - 1):
+        raise ConfigError(
+            f"'cluster_size' must be a power of two from 512 to 2 MiB (got {cluster})",
+            field="cluster_size",
+        )
+    refcount_bits = int(options.get("refcount_bits") or 16)
+    if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
+        raise ConfigError(
+            f"'refcount_bits' must be a power of two up to 64 (got {refcount_bits})",
+            field="refcount_bits",
+        )
+    extended_l2 = bool(options.get("extended_l2"))
+    prealloc = options.get("preallocation") or "off"
+    compat = str(options.get("compat") or "1.1")
+    virtual_aligned = -(-virtual // cluster) * cluster
+    if img is None:
+        required = 0
+    elif options.get("backing"):
+        required = virtual_aligned
+    else:
+        required = _data_bytes_by_cluster(img, cluster)
+    if prealloc in ("falloc", "full"):
+        required = virtual_aligned
+    full = _qcow2_full_size(virtual_aligned, cluster, refcount_bits.bit_length() - 1, extended_l2)
+    result = {"required": full - virtual_aligned + required, "fully-allocated": full}
+    if img is not None and img.format == "qcow2" and compat not in ("0.10", "v2"):
+        result = {"bitmaps": 0, **result}
+    return result
+
+
+# -- rebase / commit ------------------------------------------------------------------
+
+
+def _set_backing(img: Image, backing: str | None, backing_format: str | None) -> None:
+    change = getattr(img, "set_backing_file", None)
+    if change is None:
+        raise UnsupportedFeatureError(
+            f"{img.format} images cannot change their backing file", feature="backing file"
+        )
+    change(backing, backing_format)
+
+
+def rebase(
+    image: str | os.PathLike[str],
+    backing: str | None,
+    backing_format: str | None = None,
+    unsafe: bool = False,
+    *,
+    allow_backing: tuple[str | os.PathLike[str], ...] = (),
+    progress: Progress | None = None,
+) -> None:
+    """Make ``backing`` the backing file of qcow2 overlay ``image`` (None: no backing).
+
+    In safe mode (the default, as ``qemu-img rebase``) every range the overlay
+    does not store itself and where the old chain and the new backing file
+    read differently is first copied into the overlay, so the guest-visible
+    contents do not change. ``unsafe=True`` only rewrites the header
+    (``qemu-img rebase -u``), for when the file was moved or renamed.
+
+    Args:
+        image: the overlay (qcow2).
+        backing: the new backing file name, stored as given and resolved
+            relative to the overlay's directory; None removes the backing file.
+        backing_format: the new backing file's format (probed when omitted,
+            as only the caller's own file is named here).
+        unsafe: skip the data comparison.
+
+    Raises:
+        UnsupportedFeatureError: ``image`` is not qcow2.
+        ImageError: the new backing file cannot be opened, or I/O failed.
+    """
+    images = _images()
+    path = os.fspath(image)
+    if unsafe:
+        with _open(path, writable=True, allow_backing=allow_backing) as img:
+            _set_backing(img, backing, backing_format)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    new_img: Image | None = None
+    if backing is not None:
+        new_path = backing if os.path.isabs(backing) else os.path.join(folder, backing)
+        fmt = backing_format or images.probe_format(new_path)
+        new_img = _open(new_path, format=fmt, allow_backing=allow_backing)
+        backing_format = fmt
+    try:
+        with _open(path, writable=True, allow_backing=allow_backing) as img:
+            if img.format != "qcow2":
+                raise UnsupportedFeatureError(
+                    "only qcow2 images have a backing file to rebase",
+                    feature="backing file",
+                    path=path,
+                )
+            _copy_differences(img, new_img, progress)
+            _set_backing(img, backing, backing_format)
+    finally:
+        if new_img is not None:
+            new_img.close()
+
+
+def _copy_differences(img: Image, new: Image | None, progress: Progress | None) -> None:
+    """Copy into ``img`` what its chain shows and ``new`` would show differently."""
+    total = img.virtual_size
+    cluster = img.cluster_size
+    new_size = new.virtual_size if new is not None else 0
+    for ext in list(img.block_status(0, total, include_backing=False)):
+        end = ext.start + ext.length
+        if ext.kind != "unallocated":
+            if progress is not None:
+                progress(end, total)
+            continue
+        for start, stop in _chunks(ext.start, end, cluster):
+            old = img.read(start, stop - start)
+            if new is not None and start < new_size:
+                theirs = new.read(start, min(stop, new_size) - start)
+                theirs += bytes(stop - start - len(theirs))
+            else:
+                theirs = bytes(stop - start)
+            if old != theirs:
+                for pos in range(0, len(old), cluster):
+                    a = old[pos : pos + cluster]
+                    if a != theirs[pos : pos + cluster]:
+                        img.write(start + pos, a)
+            if progress is not None:
+                progress(stop, total)
+
+
+def commit(
+    image: str | os.PathLike[str],
+    *,
+    drop: bool = False,
+    allow_backing: tuple[str | os.PathLike[str], ...] = (),
+    progress: Progress | None = None,
+) -> None:
+    """Write qcow2 overlay ``image``'s own data into its backing file, then empty it.
+
+    As ``qemu-img commit``: every range the overlay stores (data, or zeroes
+    written over backing data) is written into the backing file, which grows
+    if the overlay is larger; afterwards the overlay is emptied (it reads
+    through to the updated backing file), or with ``drop=True`` deleted.
+
+    Raises:
+        ImageError: the image has no backing file, or I/O failed.
+        ImageLockedError: the backing file is held by another process.
+    """
+    path = os.fspath(image)
+    with _open(path, allow_backing=allow_backing) as probe:
+        backing_name = probe.backing_file
+        info = probe.info()
+        extents = [
+            e for e in probe.block_status(0, probe.virtual_size, include_backing=False)
+            if e.kind != "unallocated"
+        ]  # fmt: skip
+        overlay_size = probe.virtual_size
+    if backing_name is None:
+        raise ImageError("cannot commit: the image has no backing file", path=path)
+    folder = os.path.dirname(os.path.abspath(path))
+    backing_path = (
+        backing_name if os.path.isabs(backing_name) else os.path.join(folder, backing_name)
+    )
+    backing_format = info.backing_format or None
+    total = sum(e.length for e in extents)
+    done = 0
+    # Copy in bounded batches: read a batch from the overlay (which holds the
+    # backing file open read-only), close it, then write the batch into the
+    # backing file opened writable. Both files stay locked against other
+    # processes by whichever of our opens is live.
+    batch_limit = 64 << 20
+    pending = list(_split(extents, batch_limit))
+    with _open(backing_path, writable=True, format=backing_format) as base:
+        if base.virtual_size < overlay_size:
+            base.resize(overlay_size)
+    for batch in pending:
+        blobs: list[tuple[Extent, bytes | None]] = []
+        with _open(path, allow_backing=allow_backing) as top:
+            for ext in batch:
+                blobs.append((ext, top.read(ext.start, ext.length) if ext.kind == "data" else None))
+        with _open(backing_path, writable=True, format=backing_format) as base:
+            for ext, data in blobs:
+                if data is None:
+                    base.write_zeroes(ext.start, ext.length)
+                else:
+                    base.write(ext.start, data)
+                done += ext.length
+                if progress is not None:
+                    progress(done, total)
+            base.flush()
+    if drop:
+        os.unlink(path)
+        return
+    with _open(path, writable=True, allow_backing=allow_backing) as top:
+        make_empty = getattr(top, "make_empty", None)
+        if make_empty is not None:
+            make_empty()
+        else:
+            top.discard(0, top.virtual_size)
+        top.flush()
+
+
+def _split(extents: list[Extent], limit: int) -> Iterator[list[Extent]]:
+    """Group extents (splitting big ones) into batches of at most ``limit`` bytes."""
+    batch: list[Extent] = []
+    size = 0
+    for ext in extents:
+        pos = ext.start
+        end = ext.start + ext.length
+        while pos < end:
+            n = min(end - pos, limit - size)
+            batch.append(Extent(pos, n, ext.kind))
+            size += n
+            pos += n
+            if size >= limit:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
