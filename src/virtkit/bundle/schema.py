@@ -149,28 +149,43 @@ def machine_to_dict(machine: Machine) -> dict[str, Any]:
     return {"format-version": FORMAT_VERSION, **body}
 
 
+def _leaves(exc: BaseException, path: str) -> list[tuple[str, BaseException]]:
+    """Flatten a cattrs error tree into (key path, leaf error) pairs."""
+    if isinstance(exc, (cattrs.ClassValidationError, cattrs.IterableValidationError)):
+        with_notes, without = exc.group_exceptions()
+        out: list[tuple[str, BaseException]] = []
+        for sub, note in with_notes:
+            if isinstance(note, cattrs.IterableValidationNote):
+                step = f"{path}[{note.index}]"
+            else:
+                step = f"{path}.{_kebab(str(note.name))}" if path else _kebab(str(note.name))
+            out += _leaves(sub, step)
+        for sub in without:
+            out += _leaves(sub, path)
+        return out
+    return [(path, exc)]
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, ConfigError):
+        return err.message
+    if isinstance(err, cattrs.ForbiddenExtraKeysError):
+        return f"unknown key(s) {', '.join(sorted(map(_kebab, err.extra_fields)))}"
+    if isinstance(err, KeyError):
+        return f"required key {_kebab(str(err.args[0]))!r} is missing"
+    return f"invalid value ({err})"
+
+
 def _describe(exc: BaseException, file: str) -> ConfigError:
-    """Turn a cattrs error tree into one ConfigError naming the key."""
-
-    def fmt(err: BaseException, _type: Any) -> str:
-        if isinstance(err, ConfigError):
-            return err.message
-        if isinstance(err, cattrs.ForbiddenExtraKeysError):
-            return f"unknown key(s) {', '.join(sorted(map(_kebab, err.extra_fields)))}"
-        if isinstance(err, KeyError):
-            return f"required key {_kebab(str(err.args[0]))!r} is missing"
-        return f"invalid value ({err})"
-
-    if isinstance(exc, cattrs.BaseValidationError):
-        messages = cattrs.transform_error(exc, format_exception=fmt)
-    elif isinstance(exc, ConfigError):
-        messages = [exc.message]
-    else:
-        messages = [fmt(exc, None)]
-    first = messages[0] if messages else str(exc)
-    key = first.rsplit(" @ ", 1)[1] if " @ " in first else None
-    text = "; ".join(messages)
-    return ConfigError(f"{text}", file=file, field=key.lstrip("$.") if key else None)
+    """Turn a cattrs error tree into one ConfigError naming the file and key."""
+    leaves = _leaves(exc, "")
+    path, first = leaves[0]
+    if isinstance(first, ConfigError) and first.field:
+        # raised by a model validator: its field is relative to the object at `path`
+        inner = _kebab(first.field)
+        path = f"{path}.{inner}" if path else inner
+    text = "; ".join(_message(err) for _, err in leaves)
+    return ConfigError(text, file=file, field=path or None)
 
 
 def machine_from_dict(doc: dict[str, Any], *, file: str) -> Machine:
