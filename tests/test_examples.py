@@ -31,7 +31,7 @@ class TestQuickstart:
         subprocess.run(
             [nasm, "-f", "bin", str(EXAMPLES / "quickstart_guest.asm"), "-o", str(out)], check=True
         )
-        assert _load_quickstart().BOOT_SECTOR == out.read_bytes()  # type: ignore[attr-defined]
+        assert out.read_bytes() == _load_quickstart().BOOT_SECTOR  # type: ignore[attr-defined]
 
     def test_runs(self, tmp_path: Path) -> None:
         """The quickstart boots its guest, snapshots, reverts, and leaves the VM folder."""
