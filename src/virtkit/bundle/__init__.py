@@ -200,7 +200,7 @@ def load(
 ) -> Machine:
     """Read the Machine stored in a VM folder.
 
-    Nothing is executed and no file outside ``folder`` (or the ``allow``ed
+    Nothing is executed and no file outside ``folder`` (or the allowed
     paths) is read or referenced: a disk, CD-ROM or backing path that leaves
     the folder, directly or through a symlink, is refused.
 
