@@ -1,0 +1,67 @@
+"""The `virtkit` command: thin over the public API, clear errors, honest exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import virtkit
+from virtkit.cli import main
+
+
+class TestImageCommands:
+    def test_create_info_check_raw(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """create, info --json and check work on a raw image."""
+        path = tmp_path / "d.raw"
+        assert main(["image", "create", str(path), "1M", "-f", "raw"]) == 0
+        assert main(["image", "info", "--json", str(path)]) == 0
+        out = capsys.readouterr().out
+        info = json.loads(out[out.index("{") :])
+        assert info["format"] == "raw"
+        assert info["virtual-size"] == 1024 * 1024
+        assert main(["image", "check", str(path)]) == 0
+        assert "No errors were found" in capsys.readouterr().out
+
+    def test_convert(self, tmp_path: Path) -> None:
+        """convert copies the guest-visible bytes."""
+        src = tmp_path / "a.raw"
+        with virtkit.images.create(src, "1MiB", "raw") as img:
+            img.write(4096, b"virtkit")
+        assert main(["image", "convert", str(src), str(tmp_path / "b.raw"), "-O", "raw"]) == 0
+        with virtkit.images.open(tmp_path / "b.raw") as img:
+            assert img.read(4096, 7) == b"virtkit"
+
+    def test_error_exit_code(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A virtkit error prints one line on stderr and exits 1."""
+        assert main(["image", "info", str(tmp_path / "missing.qcow2")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("virtkit: error: cannot open")
+        assert "missing.qcow2" in err
+
+    def test_usage_error(self) -> None:
+        """A bad command line exits 2, as argparse does."""
+        with pytest.raises(SystemExit) as info:
+            main(["image", "frobnicate"])
+        assert info.value.code == 2
+
+
+class TestVmCommands:
+    def test_show(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """vm show summarises a saved VM folder."""
+        m = virtkit.Machine(
+            name="web", cpus=2, memory="1GiB", disks=[virtkit.Disk(path="root.raw")]
+        )
+        virtkit.save(m, tmp_path)
+        assert main(["vm", "show", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "name: web" in out
+        assert "disk vda: root.raw (raw, virtio)" in out
+
+    def test_show_bad_folder(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """vm show on a folder without machine.toml fails with the file named."""
+        assert main(["vm", "show", str(tmp_path)]) == 1
+        assert "machine.toml is missing" in capsys.readouterr().err
