@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Image engine benchmark: virtkit side by side with qemu-img on the same files.
+
+Measures, in one run:
+
+* raw -> qcow2 convert of a 1 GiB half-allocated raw image;
+* qcow2 -> raw convert of the resulting image;
+* compressed convert (raw -> qcow2 with zlib compression);
+* 4 KiB random reads and writes on a qcow2 image through the virtkit API vs
+  the same offsets through ``qemu-io`` (commands fed on stdin, process start-up
+  subtracted).
+
+Each line prints the virtkit figure, the qemu-img/qemu-io figure and the ratio
+virtkit/qemu (time ratio: above 1 means virtkit is slower). It is a script,
+not a test; nothing asserts on time.
+
+Usage::
+
+    .venv/bin/python benchmarks/images.py [--size 1G] [--ops 20000] [--dir /var/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import virtkit.images
+from virtkit.images.sizes import format_size, parse_size
+
+MiB = 1 << 20
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _run(*argv: str | Path, stdin: bytes | None = None) -> None:
+    subprocess.run([str(a) for a in argv], input=stdin, check=True, capture_output=True)
+
+
+def make_source(path: Path, size: int) -> None:
+    """A raw image whose every other 1 MiB is filled with semi-compressible data."""
+    rng = random.Random(42)
+    words = [rng.randbytes(rng.randrange(3, 12)) for _ in range(512)]
+    with virtkit.images.create(path, size, format="raw") as img:
+        for i, pos in enumerate(range(0, size, 2 * MiB)):
+            rng.seed(i)
+            text = b" ".join(rng.choice(words) for _ in range(MiB // 6))
+            img.write(pos, (text + rng.randbytes(64 * 1024))[:MiB])
+
+
+def _report(name: str, ours: float, theirs: float, unit: str = "s") -> None:
+    ratio = ours / theirs if theirs else float("inf")
+    print(f"{name:<34} virtkit {ours:9.3f} {unit}   qemu {theirs:9.3f} {unit}   "
+          f"ratio {ratio:6.2f}")  # fmt: skip
+
+
+def bench_convert(work: Path, src: Path) -> None:
+    """The three convert figures."""
+    ours_q = work / "ours.qcow2"
+    theirs_q = work / "theirs.qcow2"
+    t_ours = _timed(lambda: virtkit.images.convert(src, ours_q, format="qcow2"))
+    t_theirs = _timed(
+        lambda: _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, theirs_q)
+    )
+    _report("convert raw -> qcow2", t_ours, t_theirs)
+    _run("qemu-img", "compare", src, ours_q)
+
+    ours_r = work / "ours.raw"
+    theirs_r = work / "theirs.raw"
+    t_ours = _timed(lambda: virtkit.images.convert(ours_q, ours_r, format="raw"))
+    t_theirs = _timed(
+        lambda: _run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", theirs_q, theirs_r)
+    )
+    _report("convert qcow2 -> raw", t_ours, t_theirs)
+    _run("qemu-img", "compare", src, ours_r)
+    for p in (ours_r, theirs_r):
+        p.unlink()
+
+    ours_c = work / "ours-c.qcow2"
+    theirs_c = work / "theirs-c.qcow2"
+    t_ours = _timed(lambda: virtkit.images.convert(src, ours_c, format="qcow2", compress=True))
+    t_theirs = _timed(
+        lambda: _run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", src, theirs_c)
+    )
+    _report("convert raw -> qcow2 compressed", t_ours, t_theirs)
+    print(f"{'  compressed sizes':<34} virtkit {format_size(os.path.getsize(ours_c)):>11}   "
+          f"qemu {format_size(os.path.getsize(theirs_c)):>11}")  # fmt: skip
+    _run("qemu-img", "compare", src, ours_c)
+    for p in (ours_c, theirs_c, theirs_q):
+        p.unlink()
+
+
+def bench_random_io(work: Path, image: Path, ops: int) -> None:
+    """4 KiB random reads and writes: virtkit API vs qemu-io on a copy of the same image."""
+    theirs = work / "io-theirs.qcow2"
+    shutil.copy(image, theirs)
+    with virtkit.images.open(image) as img:
+        size = img.virtual_size
+    rng = random.Random(7)
+    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(ops)]
+    block = rng.randbytes(4096)
+
+    def our_reads() -> None:
+        with virtkit.images.open(image) as img:
+            for off in offsets:
+                img.read(off, 4096)
+
+    def our_writes() -> None:
+        with virtkit.images.open(image, writable=True) as img:
+            for off in offsets:
+                img.write(off, block)
+
+    def qemu_io(cmd: str, writable: bool) -> float:
+        script = "".join(f"{cmd} {off} 4k\n" for off in offsets).encode()
+        argv: list[str | Path] = ["qemu-io", "-f", "qcow2"]
+        if not writable:
+            argv.append("-r")
+        base = _timed(lambda: _run(*argv, theirs, stdin=b""))
+        return _timed(lambda: _run(*argv, theirs, stdin=script)) - base
+
+    t_ours = _timed(our_reads)
+    t_theirs = qemu_io("read", writable=False)
+    _report(f"4k random reads ({ops} ops/s)", ops / t_ours, ops / t_theirs, "op/s")
+    t_ours = _timed(our_writes)
+    t_theirs = qemu_io("write", writable=True)
+    _report(f"4k random writes ({ops} ops/s)", ops / t_ours, ops / t_theirs, "op/s")
+    _run("qemu-img", "check", image)
+    theirs.unlink()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="virtkit vs qemu-img image benchmark")
+    parser.add_argument("--size", default="1G", help="virtual size of the source image")
+    parser.add_argument("--ops", type=int, default=20000, help="random 4 KiB operations")
+    parser.add_argument("--dir", default=None, help="where to put the scratch images")
+    args = parser.parse_args()
+    size = parse_size(args.size)
+    with tempfile.TemporaryDirectory(prefix="vk-bench-", dir=args.dir) as tmp:
+        work = Path(tmp)
+        src = work / "src.raw"
+        print(f"making a {format_size(size)} half-allocated raw image ...", flush=True)
+        make_source(src, size)
+        print(f"{'':<34} (time: lower is better; op/s: higher is better; ratio virtkit/qemu)")
+        bench_convert(work, src)
+        bench_random_io(work, work / "ours.qcow2", args.ops)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

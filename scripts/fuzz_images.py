@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""Structure-aware mutation fuzzing of the qcow2 reader.
+
+Seeds are valid images made by the real ``qemu-img`` (v2 and v3, compressed,
+with snapshots, extended L2, 1-bit refcounts, small clusters, a backing file).
+Each input is a seed with a few *structure-aware* mutations: a header field,
+an L1/L2/refcount table or block entry, a snapshot table field or a header
+extension field is set to an interesting value (0, all ones, 2^31, just past
+the end of the file, an unaligned neighbour, the offset of another table...),
+or a byte in the header cluster is flipped. Each input is then opened and
+exercised (info, snapshots, block_status, a full read, check) and must either
+work or raise a :class:`virtkit.VirtkitError` subclass, within a time and
+memory bound. Anything else (IndexError, struct.error, MemoryError, a hang) is
+a *failure*; distinct failures (by exception type and raising line) are
+counted and their inputs saved for regression tests.
+
+Usage::
+
+    .venv/bin/python scripts/fuzz_images.py --seconds 600 --out fuzz-out
+    .venv/bin/python scripts/fuzz_images.py --atheris      # libFuzzer-driven, if installed
+
+The short bounded variant runs in ``tests/images/test_malformed.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import virtkit
+import virtkit.images
+
+#: Header fields: (name, offset, struct code).
+HEADER_FIELDS: list[tuple[str, int, str]] = [
+    ("magic", 0, ">I"),
+    ("version", 4, ">I"),
+    ("backing_file_offset", 8, ">Q"),
+    ("backing_file_size", 16, ">I"),
+    ("cluster_bits", 20, ">I"),
+    ("size", 24, ">Q"),
+    ("crypt_method", 32, ">I"),
+    ("l1_size", 36, ">I"),
+    ("l1_table_offset", 40, ">Q"),
+    ("refcount_table_offset", 48, ">Q"),
+    ("refcount_table_clusters", 56, ">I"),
+    ("nb_snapshots", 60, ">I"),
+    ("snapshots_offset", 64, ">Q"),
+    ("incompatible_features", 72, ">Q"),
+    ("compatible_features", 80, ">Q"),
+    ("autoclear_features", 88, ">Q"),
+    ("refcount_order", 96, ">I"),
+    ("header_length", 100, ">I"),
+]
+
+#: Per-input limits.
+TIME_LIMIT_S = 20
+MEMORY_LIMIT = 96 << 20
+
+
+class Hang(Exception):
+    """An input took longer than the time limit."""
+
+
+@dataclass
+class Field:
+    """One mutable spot in an image: where, how wide, and what it means."""
+
+    name: str
+    offset: int
+    code: str  # struct code, e.g. ">Q"
+
+    @property
+    def width(self) -> int:
+        return struct.calcsize(self.code)
+
+
+@dataclass
+class Seed:
+    """A valid image and the map of its structures (parsed from trusted bytes)."""
+
+    name: str
+    data: bytes
+    fields: list[Field] = field(default_factory=list)
+    cluster_size: int = 65536
+    table_offsets: list[int] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)  # companions (backing files)
+
+
+def _u(data: bytes, off: int, code: str) -> int:
+    value: int = struct.unpack_from(code, data, off)[0]
+    return value
+
+
+def map_image(name: str, data: bytes) -> Seed:
+    """List every header field and table entry of a valid qcow2 image."""
+    seed = Seed(name, data)
+    seed.fields += [Field(n, o, c) for n, o, c in HEADER_FIELDS]
+    version = _u(data, 4, ">I")
+    cluster = 1 << _u(data, 20, ">I")
+    seed.cluster_size = cluster
+    l1_off, l1_size = _u(data, 40, ">Q"), _u(data, 36, ">I")
+    rt_off, rt_clusters = _u(data, 48, ">Q"), _u(data, 56, ">I")
+    sn_off, nb_sn = _u(data, 64, ">Q"), _u(data, 60, ">I")
+    seed.table_offsets = [0, l1_off, rt_off, sn_off]
+    ext_l2 = version >= 3 and bool(_u(data, 72, ">Q") & 0x10)
+    l2_entry = 16 if ext_l2 else 8
+    for i in range(l1_size):
+        seed.fields.append(Field(f"l1[{i}]", l1_off + 8 * i, ">Q"))
+        l2 = _u(data, l1_off + 8 * i, ">Q") & 0x00FFFFFFFFFFFE00
+        if l2:
+            seed.table_offsets.append(l2)
+            for j in range(cluster // l2_entry):
+                entry = _u(data, l2 + l2_entry * j, ">Q")
+                if entry:
+                    seed.fields.append(Field(f"l2@{l2:#x}[{j}]", l2 + l2_entry * j, ">Q"))
+                    if ext_l2:
+                        seed.fields.append(Field(f"l2bm@{l2:#x}[{j}]", l2 + l2_entry * j + 8, ">Q"))
+    for i in range(rt_clusters * cluster // 8):
+        block = _u(data, rt_off + 8 * i, ">Q")
+        if not block:
+            continue
+        seed.fields.append(Field(f"reftable[{i}]", rt_off + 8 * i, ">Q"))
+        seed.table_offsets.append(block)
+        for k in range(0, 64, 2):  # the first refcounts of each block
+            seed.fields.append(Field(f"refblock@{block:#x}+{k}", block + k, ">H"))
+    pos = sn_off
+    for s in range(nb_sn):
+        seed.fields += [
+            Field(f"snap{s}.l1_offset", pos, ">Q"),
+            Field(f"snap{s}.l1_size", pos + 8, ">I"),
+            Field(f"snap{s}.id_len", pos + 12, ">H"),
+            Field(f"snap{s}.name_len", pos + 14, ">H"),
+            Field(f"snap{s}.vm_state_size", pos + 32, ">I"),
+            Field(f"snap{s}.extra_size", pos + 36, ">I"),
+        ]
+        extra = _u(data, pos + 36, ">I")
+        id_len, name_len = _u(data, pos + 12, ">H"), _u(data, pos + 14, ">H")
+        if extra >= 16:
+            seed.fields.append(Field(f"snap{s}.disk_size", pos + 40 + 8, ">Q"))
+        size = 40 + extra + id_len + name_len
+        pos += size + (-size % 8)
+    if version >= 3:
+        hdr_len = _u(data, 100, ">I")
+        pos = hdr_len + (-hdr_len % 8)
+        for n in range(16):
+            if pos + 8 > cluster:
+                break
+            etype, elen = _u(data, pos, ">I"), _u(data, pos + 4, ">I")
+            seed.fields += [Field(f"ext{n}.type", pos, ">I"), Field(f"ext{n}.len", pos + 4, ">I")]
+            if etype == 0:
+                break
+            if etype == 0x23852875 and elen >= 24:  # bitmaps
+                seed.fields += [
+                    Field("bitmaps.nb", pos + 8, ">I"),
+                    Field("bitmaps.dir_size", pos + 16, ">Q"),
+                    Field("bitmaps.dir_offset", pos + 24, ">Q"),
+                ]
+            pos += 8 + elen + (-elen % 8)
+    return seed
+
+
+def interesting_values(seed: Seed, fld: Field, current: int) -> list[int]:
+    """Values likely to break a parser for ``fld``."""
+    bits = fld.width * 8
+    top = (1 << bits) - 1
+    size = len(seed.data)
+    cluster = seed.cluster_size
+    values = {0, 1, top, top >> 1, 1 << (bits - 1), current ^ 1, current + 1, current - 1,
+              current << 1, current >> 1, 0x7FFFFFFF, 1 << 31, 1 << 20, 0xFFFF}  # fmt: skip
+    if bits == 64:
+        flags = current & 0xC000000000000001
+        for off in (size, size + cluster, 1 << 40, cluster // 2, 512, *seed.table_offsets):
+            values.add(flags | off)
+            values.add(flags | (off & 0x00FFFFFFFFFFFE00))
+        values |= {1 << 62, 1 << 63, current | (1 << 62), current & ~(1 << 63),
+                   current | 1, 1 << 56}  # fmt: skip
+    return [v & top for v in values]
+
+
+def mutate(seed: Seed, rng: random.Random, count: int) -> tuple[bytes, list[str]]:
+    """Apply ``count`` structure-aware mutations; return the bytes and what was done."""
+    data = bytearray(seed.data)
+    notes: list[str] = []
+    for _ in range(count):
+        if rng.random() < 0.15:  # a raw byte in the header cluster
+            pos = rng.randrange(min(len(data), seed.cluster_size))
+            old = data[pos]
+            data[pos] = rng.choice([0, 0xFF, old ^ (1 << rng.randrange(8))])
+            notes.append(f"byte[{pos}] {old:#x}->{data[pos]:#x}")
+            continue
+        fld = rng.choice(seed.fields)
+        if fld.offset + fld.width > len(data):
+            continue
+        current = _u(bytes(data), fld.offset, fld.code)
+        value = rng.choice(interesting_values(seed, fld, current))
+        struct.pack_into(fld.code, data, fld.offset, value)
+        notes.append(f"{fld.name} {current:#x}->{value:#x}")
+    return bytes(data), notes
+
+
+def apply_field(data: bytes, seed: Seed, name: str, value: int) -> bytes:
+    """Set the named field of ``seed``'s map in ``data`` to ``value`` (for regression cases)."""
+    for fld in seed.fields:
+        if fld.name == name:
+            out = bytearray(data)
+            struct.pack_into(fld.code, out, fld.offset, value)
+            return bytes(out)
+    raise KeyError(name)
+
+
+# -- seeds ----------------------------------------------------------------------------
+
+
+def _run(*argv: str | Path) -> None:
+    subprocess.run([str(a) for a in argv], check=True, capture_output=True, timeout=120)
+
+
+def make_seeds(workdir: Path) -> dict[str, Seed]:
+    """Make the valid seed images with qemu-img / qemu-io and map them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    raw = workdir / "data.raw"
+    _run("qemu-img", "create", "-f", "raw", raw, "2M")
+    _run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 65536", "-c", "write -P 0x33 1M 5000",
+         "-c", "write -P 0x77 1900k 64k", raw)  # fmt: skip
+    specs: dict[str, list[str]] = {
+        "v3": ["-o", "compat=1.1"],
+        "v2": ["-o", "compat=0.10"],
+        "c4k_rc1": ["-o", "cluster_size=4096,refcount_bits=1"],
+        "c512": ["-o", "cluster_size=512"],
+        "extl2": ["-o", "extended_l2=on"],
+        "compressed": ["-c"],
+        "zstd": ["-c", "-o", "compression_type=zstd"],
+    }
+    seeds: dict[str, Seed] = {}
+    for name, opts in specs.items():
+        path = workdir / f"{name}.qcow2"
+        _run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, raw, path)
+        if name == "v3":
+            _run("qemu-img", "snapshot", "-c", "snap1", path)
+            _run("qemu-io", "-f", "qcow2", "-c", "write -z 0 65536", path)
+            _run("qemu-img", "bitmap", "--add", path, "bm0")
+        seeds[name] = map_image(name, path.read_bytes())
+    base = workdir / "base.raw"
+    shutil.copy(raw, base)
+    top = workdir / "overlay.qcow2"
+    _run("qemu-img", "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
+    _run("qemu-io", "-f", "qcow2", "-c", "write -P 0x44 64k 4k", top)
+    seed = map_image("overlay", top.read_bytes())
+    seed.files["base.raw"] = base.read_bytes()
+    seeds["overlay"] = seed
+    return seeds
+
+
+# -- running one input ----------------------------------------------------------------
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise Hang(f"input took longer than {TIME_LIMIT_S}s")
+
+
+def exercise(path: Path) -> str:
+    """Open and use ``path`` as a qcow2 image. Return "ok" or the VirtkitError class name.
+
+    Raises whatever non-virtkit exception the engine raised (a failure), or
+    :class:`Hang`, or MemoryError when the traced peak passes the memory bound.
+    """
+    try:
+        with virtkit.images.open(path, format="qcow2") as img:
+            img.info()
+            _ = img.snapshots
+            list(img.block_status())
+            step = 1 << 20
+            for pos in range(0, img.virtual_size, step):
+                img.read(pos, min(step, img.virtual_size - pos))
+            img.check()
+    except virtkit.VirtkitError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+def run_bounded(path: Path) -> str:
+    """:func:`exercise` under the time limit and a tracemalloc memory bound."""
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(TIME_LIMIT_S)
+    tracemalloc.start()
+    try:
+        outcome = exercise(path)
+        _, peak = tracemalloc.get_traced_memory()
+        if peak > MEMORY_LIMIT:
+            raise MemoryError(f"peak traced memory {peak} bytes > {MEMORY_LIMIT}")
+        return outcome
+    finally:
+        tracemalloc.stop()
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def failure_key(exc: BaseException) -> str:
+    """Identify a failure by exception type and the innermost virtkit frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "virtkit" in f.filename] or frames
+    where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
+    return f"{type(exc).__name__}@{where}"
+
+
+def write_input(folder: Path, seed: Seed, data: bytes) -> Path:
+    """Write an input image (and its seed's companion files) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in seed.files.items():
+        (folder / name).write_bytes(content)
+    path = folder / "input.qcow2"
+    path.write_bytes(data)
+    return path
+
+
+def iterate(seeds: dict[str, Seed], rng: random.Random) -> Iterator[tuple[Seed, bytes, list[str]]]:
+    """Endless stream of mutated inputs."""
+    names = sorted(seeds)
+    while True:
+        seed = seeds[rng.choice(names)]
+        data, notes = mutate(seed, rng, rng.choice([1, 1, 1, 2, 3]))
+        yield seed, data, notes
+
+
+def campaign(
+    seconds: float, out: Path, seed_value: int, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run random structure-aware mutations for ``seconds``; return the statistics."""
+    rng = random.Random(seed_value)
+    with tempfile.TemporaryDirectory(prefix="vk-fuzz-") as tmp:
+        seeds = make_seeds(Path(tmp) / "seeds")
+        stats: dict[str, Any] = {"inputs": 0, "outcomes": {}, "failures": {}}
+        deadline = time.monotonic() + seconds
+        for seed, data, notes in iterate(seeds, rng):
+            if time.monotonic() > deadline:
+                break
+            stats["inputs"] += 1
+            path = write_input(Path(tmp) / "cur", seed, data)
+            try:
+                outcome = run_bounded(path)
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                key = failure_key(exc)
+                outcome = "FAILURE"
+                if key not in stats["failures"]:
+                    stats["failures"][key] = {"seed": seed.name, "mutations": notes,
+                                              "error": repr(exc)[:300]}  # fmt: skip
+                    crash = out / f"crash-{len(stats['failures']):03d}"
+                    write_input(crash, seed, data)
+                    (crash / "what.json").write_text(json.dumps(stats["failures"][key], indent=2))
+                    log(f"new failure {key}: {seed.name} {notes}")
+            stats["outcomes"][outcome] = stats["outcomes"].get(outcome, 0) + 1
+        return stats
+
+
+def atheris_main(out: Path) -> None:
+    """Drive the same mutator from atheris/libFuzzer (bytes choose seed and mutations)."""
+    import atheris  # type: ignore[import-not-found]  # noqa: PLC0415 - optional extra
+
+    tmp = Path(tempfile.mkdtemp(prefix="vk-atheris-"))
+    seeds = make_seeds(tmp / "seeds")
+    names = sorted(seeds)
+
+    def one(buf: bytes) -> None:
+        rng = random.Random(buf)
+        seed = seeds[names[rng.randrange(len(names))]]
+        data, _ = mutate(seed, rng, 1 + rng.randrange(3))
+        run_bounded(write_input(tmp / "cur", seed, data))
+
+    atheris.Setup([sys.argv[0], f"-artifact_prefix={out}/"], one)
+    atheris.Fuzz()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--out", type=Path, default=Path("fuzz-out"))
+    parser.add_argument("--atheris", action="store_true", help="use atheris (pip install atheris)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.atheris:
+        atheris_main(args.out)
+        return 0
+    start = time.monotonic()
+    stats = campaign(args.seconds, args.out, args.seed)
+    elapsed = time.monotonic() - start
+    print(json.dumps({"seed": args.seed, "seconds": round(elapsed, 1), **stats}, indent=2))
+    print(f"{stats['inputs']} inputs, {len(stats['failures'])} distinct failures "
+          f"({stats['inputs'] / elapsed:.1f} inputs/s); crashers in {args.out}")  # fmt: skip
+    return 1 if stats["failures"] else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Model-based tests: random write/zero/discard/snapshot/revert sequences vs a bytearray.
+
+A Hypothesis rule-based state machine drives an image and a plain ``bytearray``
+model with the same operations; every read must agree, reopening must not
+change anything, and at the end ``qemu-img check`` must find the image clean
+and ``qemu-img convert -O raw`` must produce exactly the model's bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import virtkit
+import virtkit.images
+
+SIZE = 256 * 1024
+_SETTINGS = settings(
+    max_examples=12,
+    stateful_step_count=20,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+offsets = st.integers(0, SIZE - 1)
+lengths = st.one_of(st.integers(1, 5000), st.integers(1, 70000), st.sampled_from([512, 4096]))
+
+
+def _clip(offset: int, length: int) -> tuple[int, int]:
+    return offset, min(length, SIZE - offset)
+
+
+class ImageMachine(RuleBasedStateMachine):
+    """Drive one image and a bytearray model side by side."""
+
+    fmt = "qcow2"
+    create_options: dict[str, object] = {}  # noqa: RUF012 - overridden per subclass
+    has_snapshots = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="vk-model-"))
+        self.path = self.dir / f"disk.{self.fmt}"
+        self.img = virtkit.images.create(
+            self.path,
+            SIZE,
+            format=self.fmt,
+            **self.create_options,  # type: ignore[arg-type]
+        )
+        self.model = bytearray(SIZE)
+        self.snaps: dict[str, bytes] = {}
+        self.counter = 0
+        self.log: list[str] = []
+
+    @rule(offset=offsets, length=lengths, seed=st.integers(0, 255))
+    def write(self, offset: int, length: int, seed: int) -> None:
+        """Write pseudo-random bytes."""
+        offset, length = _clip(offset, length)
+        data = random.Random(seed).randbytes(length)
+        self.log.append(f"write({offset}, {length})")
+        self.img.write(offset, data)
+        self.model[offset : offset + length] = data
+
+    @rule(offset=offsets, length=lengths, unmap=st.booleans())
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """Zero a range (with or without unmapping)."""
+        offset, length = _clip(offset, length)
+        self.log.append(f"write_zeroes({offset}, {length}, unmap={unmap})")
+        self.img.write_zeroes(offset, length, unmap=unmap)
+        self.model[offset : offset + length] = bytes(length)
+
+    @rule(offset=offsets, length=lengths)
+    def discard(self, offset: int, length: int) -> None:
+        """Discard a range: with no backing file it must read as zeroes or keep its data."""
+        offset, length = _clip(offset, length)
+        self.log.append(f"discard({offset}, {length})")
+        self.img.discard(offset, length)
+        after = self.img.read(offset, length)
+        before = bytes(self.model[offset : offset + length])
+        # Partial clusters may be left alone (QEMU does the same); whole ones read zero.
+        for i in range(length):
+            if after[i] != before[i] and after[i] != 0:
+                raise AssertionError(f"discard made byte {offset + i} read {after[i]:#x}")
+        self.model[offset : offset + length] = after
+
+    @rule(offset=offsets, length=lengths)
+    def read(self, offset: int, length: int) -> None:
+        """A read returns the model's bytes."""
+        offset, length = _clip(offset, length)
+        assert self.img.read(offset, length) == bytes(self.model[offset : offset + length]), (
+            self.log
+        )
+
+    @rule()
+    def reopen(self) -> None:
+        """Closing and reopening keeps every byte."""
+        self.log.append("reopen()")
+        self.img.close()
+        self.img = virtkit.images.open(self.path, writable=True)
+
+    @precondition(lambda self: self.has_snapshots and len(self.snaps) < 4)
+    @rule()
+    def snapshot(self) -> None:
+        """Take an internal snapshot."""
+        self.counter += 1
+        name = f"s{self.counter}"
+        self.log.append(f"create_snapshot({name})")
+        self.img.create_snapshot(name)
+        self.snaps[name] = bytes(self.model)
+
+    @precondition(lambda self: bool(self.snaps))
+    @rule(data=st.data())
+    def revert(self, data: st.DataObject) -> None:
+        """Revert to a snapshot: the disk is what it was then."""
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.log.append(f"revert_snapshot({name})")
+        self.img.revert_snapshot(name)
+        self.model = bytearray(self.snaps[name])
+
+    @precondition(lambda self: bool(self.snaps))
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        """Delete a snapshot: the current disk is unchanged."""
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.log.append(f"delete_snapshot({name})")
+        self.img.delete_snapshot(name)
+        del self.snaps[name]
+
+    @invariant()
+    def snapshot_names(self) -> None:
+        """The image lists exactly the snapshots the model has."""
+        if self.has_snapshots:
+            assert sorted(s.name for s in self.img.snapshots) == sorted(self.snaps), self.log
+
+    def teardown(self) -> None:
+        """Whole-disk compare, then qemu-img check and a qemu-img raw export."""
+        try:
+            assert self.img.read(0, SIZE) == bytes(self.model), self.log
+            self.img.close()
+            if self.fmt == "qcow2":
+                check = subprocess.run(
+                    ["qemu-img", "check", str(self.path)],
+                    capture_output=True, text=True, timeout=120, check=False,
+                )  # fmt: skip
+                assert check.returncode == 0, f"{self.log}\n{check.stdout}{check.stderr}"
+                out = self.dir / "export.raw"
+                subprocess.run(
+                    ["qemu-img", "convert", "-O", "raw", str(self.path), str(out)],
+                    check=True, capture_output=True, timeout=120,
+                )  # fmt: skip
+                assert out.read_bytes() == bytes(self.model), self.log
+                for name, content in self.snaps.items():
+                    snap_out = self.dir / f"{name}.raw"
+                    subprocess.run(
+                        ["qemu-img", "convert", "-l", f"snapshot.name={name}", "-O", "raw",
+                         str(self.path), str(snap_out)],
+                        check=True, capture_output=True, timeout=120,
+                    )  # fmt: skip
+                    assert snap_out.read_bytes() == content, (name, self.log)
+        finally:
+            self.img.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Qcow2Machine(ImageMachine):
+    """qcow2 v3 with 4 KiB clusters (many clusters in a small disk)."""
+
+    create_options = {"cluster_size": 4096}  # noqa: RUF012
+
+
+class Qcow2V2Machine(ImageMachine):
+    """qcow2 v2 (compat 0.10: no zero flag) with 512-byte clusters."""
+
+    create_options = {"cluster_size": 512, "compat": "0.10"}  # noqa: RUF012
+
+
+class RawMachine(ImageMachine):
+    """raw: the same data rules, no snapshots."""
+
+    fmt = "raw"
+    has_snapshots = False
+
+
+TestRaw = RawMachine.TestCase
+TestRaw.settings = _SETTINGS
