@@ -476,81 +476,71 @@ def commit(
 
     As ``qemu-img commit``: every range the overlay stores (data, or zeroes
     written over backing data) is written into the backing file, which grows
-    if the overlay is larger; afterwards the overlay is emptied (it reads
-    through to the updated backing file), or with ``drop=True`` deleted.
+    if the overlay is larger; afterwards the overlay is emptied so it reads
+    through to the updated backing file (an overlay with internal snapshots
+    keeps its clusters, which now equal the backing file's), or with
+    ``drop=True`` deleted.
 
     Raises:
         ImageError: the image has no backing file, or I/O failed.
-        ImageLockedError: the backing file is held by another process.
+        ImageLockedError: the overlay or its backing file is held by another process.
     """
+    images = _images()
     path = os.fspath(image)
-    with _open(path, allow_backing=allow_backing) as probe:
-        backing_name = probe.backing_file
-        info = probe.info()
+    with _open(path, writable=True, allow_backing=allow_backing) as top:
+        backing_name = top.backing_file
+        if backing_name is None:
+            raise ImageError("cannot commit: the image has no backing file", path=path)
+        backing_format = getattr(top, "backing_format", None) or top.info().backing_format
+        folder = os.path.dirname(os.path.abspath(path))
+        backing_path = (
+            backing_name if os.path.isabs(backing_name) else os.path.join(folder, backing_name)
+        )
         extents = [
-            e for e in probe.block_status(0, probe.virtual_size, include_backing=False)
+            e for e in top.block_status(0, top.virtual_size, include_backing=False)
             if e.kind != "unallocated"
         ]  # fmt: skip
-        overlay_size = probe.virtual_size
-    if backing_name is None:
-        raise ImageError("cannot commit: the image has no backing file", path=path)
-    folder = os.path.dirname(os.path.abspath(path))
-    backing_path = (
-        backing_name if os.path.isabs(backing_name) else os.path.join(folder, backing_name)
-    )
-    backing_format = info.backing_format or None
-    total = sum(e.length for e in extents)
-    done = 0
-    # Copy in bounded batches: read a batch from the overlay (which holds the
-    # backing file open read-only), close it, then write the batch into the
-    # backing file opened writable. Both files stay locked against other
-    # processes by whichever of our opens is live.
-    batch_limit = 64 << 20
-    pending = list(_split(extents, batch_limit))
-    with _open(backing_path, writable=True, format=backing_format) as base:
-        if base.virtual_size < overlay_size:
-            base.resize(overlay_size)
-    for batch in pending:
-        blobs: list[tuple[Extent, bytes | None]] = []
-        with _open(path, allow_backing=allow_backing) as top:
-            for ext in batch:
-                blobs.append((ext, top.read(ext.start, ext.length) if ext.kind == "data" else None))
+        total = sum(e.length for e in extents)
+        done = 0
         with _open(backing_path, writable=True, format=backing_format) as base:
-            for ext, data in blobs:
-                if data is None:
+            if base.virtual_size < top.virtual_size:
+                base.resize(top.virtual_size)
+            for ext in extents:
+                if ext.kind == "zero":
                     base.write_zeroes(ext.start, ext.length)
+                    done += ext.length
                 else:
-                    base.write(ext.start, data)
-                done += ext.length
+                    for start, stop in _chunks(ext.start, ext.start + ext.length, CHUNK):
+                        base.write(start, top.read(start, stop - start))
+                        done += stop - start
+                        if progress is not None:
+                            progress(done, total)
                 if progress is not None:
                     progress(done, total)
             base.flush()
+        if drop:
+            pass
+        elif hasattr(top, "make_empty"):
+            top.make_empty()
+            top.flush()
+            return
+        elif not top.snapshots:
+            options = {"cluster_size": top.cluster_size, "backing": backing_name,
+                       "backing_format": backing_format}  # fmt: skip
+            compat = top.info().format_specific.get("compat")
+            if compat:
+                options["compat"] = compat
+            size = top.virtual_size
+        else:
+            return
     if drop:
         os.unlink(path)
         return
-    with _open(path, writable=True, allow_backing=allow_backing) as top:
-        make_empty = getattr(top, "make_empty", None)
-        if make_empty is not None:
-            make_empty()
-        else:
-            top.discard(0, top.virtual_size)
-        top.flush()
-
-
-def _split(extents: list[Extent], limit: int) -> Iterator[list[Extent]]:
-    """Group extents (splitting big ones) into batches of at most ``limit`` bytes."""
-    batch: list[Extent] = []
-    size = 0
-    for ext in extents:
-        pos = ext.start
-        end = ext.start + ext.length
-        while pos < end:
-            n = min(end - pos, limit - size)
-            batch.append(Extent(pos, n, ext.kind))
-            size += n
-            pos += n
-            if size >= limit:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+    # Empty the overlay by replacing it with a fresh one over the same backing file.
+    tmp = _temp_name(path)
+    try:
+        images.create(tmp, size, format="qcow2", **options).close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
