@@ -143,6 +143,15 @@ class TestLockBytes:
             )
         assert locking.probe(raw_image) == locking.LockHolders(held=0, unshared=0)
 
+    def test_lock_false_takes_nothing(self, raw_image: Path) -> None:
+        """FileStorage(lock=False) leaves the lock bytes alone (for callers that lock elsewhere)."""
+        storage = FileStorage(raw_image, writable=True, lock=False)
+        try:
+            assert not storage.locked
+            assert locking.probe(raw_image) == locking.LockHolders(held=0, unshared=0)
+        finally:
+            storage.close()
+
     def test_force_share_with_writable_refused(self, raw_image: Path) -> None:
         """force_share is for readers only, as in QEMU."""
         with pytest.raises(virtkit.ConfigError, match="force_share"):
