@@ -1,0 +1,347 @@
+"""Refcounts and cluster allocation for qcow2.
+
+The refcount table points at refcount blocks; each block holds one count per
+host cluster, ``refcount_bits`` wide (1 to 64). A cluster is free when its
+count is zero. Updates are written through to the file at once, so callers
+can keep QEMU's ordering rule: raise a count before anything references the
+cluster, lower it only after nothing does. A crash then leaks clusters but
+never lets two owners share one.
+
+New refcount blocks (and a bigger refcount table) are placed in a fresh area
+at the end of the file that the new blocks themselves describe, the way
+QEMU's ``qcow2_refcount_area`` does.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+from virtkit.errors import CorruptImageError, ImageError
+from virtkit.images.qcow2 import layout
+from virtkit.images.storage import Storage
+
+__all__ = ["Refcounts"]
+
+#: Refcount blocks kept decoded in memory (each one cluster).
+BLOCK_CACHE_BYTES = 32 * 1024 * 1024
+
+
+class Refcounts:
+    """The refcount structure of one image: lookups, updates, allocation.
+
+    Args:
+        storage: the image file.
+        cluster_bits: log2 of the cluster size.
+        refcount_order: log2 of the refcount width in bits.
+        table_offset: file offset of the refcount table.
+        table_clusters: its length in clusters.
+        set_table: called with (offset, clusters) after the table moved, to
+            rewrite the header fields.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        cluster_bits: int,
+        refcount_order: int,
+        table_offset: int,
+        table_clusters: int,
+        set_table: Callable[[int, int], None],
+    ) -> None:
+        self.st = storage
+        self.path = storage.path
+        self.cluster_bits = cluster_bits
+        self.cs = 1 << cluster_bits
+        self.bits = 1 << refcount_order
+        self.max = (1 << self.bits) - 1
+        self.per_block = self.cs * 8 // self.bits
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self._set_table = set_table
+        raw = storage.pread(table_offset, table_clusters * self.cs)
+        if len(raw) < table_clusters * self.cs:
+            raw += bytes(table_clusters * self.cs - len(raw))
+        self.table: array[int] = layout.decode_u64_table(raw)
+        self._cache: OrderedDict[int, array[int]] = OrderedDict()
+        self._cache_limit = max(2, BLOCK_CACHE_BYTES // max(self.cs, self.per_block))
+        self.free_hint = 0
+        #: Called after the set of refcount metadata clusters changed.
+        self.on_metadata_change: Callable[[], None] = lambda: None
+
+    # ---- lookups -----------------------------------------------------------------
+    def block_offset(self, index: int) -> int:
+        """File offset of refcount block ``index`` (0 when not allocated).
+
+        Raises:
+            CorruptImageError: the table entry is unaligned or past the file end.
+        """
+        if index >= len(self.table):
+            return 0
+        entry = self.table[index]
+        off = entry & layout.REFT_OFFSET_MASK
+        if not off:
+            return 0
+        if off & (self.cs - 1) or entry & 0x1FF:
+            raise CorruptImageError(
+                f"refcount table entry {index} ({entry:#x}) is not cluster aligned",
+                path=self.path,
+                offset=self.table_offset + index * 8,
+            )
+        if off + self.cs > self.st.size():
+            raise CorruptImageError(
+                f"refcount block {index} at {off:#x} lies past the end of the file",
+                path=self.path,
+                offset=self.table_offset + index * 8,
+            )
+        return off
+
+    def block(self, index: int) -> array[int] | None:
+        """The decoded refcount block ``index``, or None when not allocated."""
+        blk = self._cache.get(index)
+        if blk is not None:
+            self._cache.move_to_end(index)
+            return blk
+        off = self.block_offset(index)
+        if not off:
+            return None
+        raw = self.st.pread(off, self.cs)
+        if len(raw) != self.cs:
+            raise CorruptImageError(
+                f"refcount block {index} is truncated", path=self.path, offset=off
+            )
+        blk = layout.decode_refblock(raw, self.bits)
+        self._cache[index] = blk
+        if len(self._cache) > self._cache_limit:
+            self._cache.popitem(last=False)
+        return blk
+
+    def get(self, cluster: int) -> int:
+        """Refcount of host cluster ``cluster`` (0 when no block covers it)."""
+        t, i = divmod(cluster, self.per_block)
+        blk = self.block(t)
+        return 0 if blk is None else blk[i]
+
+    def metadata_clusters(self) -> set[int]:
+        """Cluster indices of the refcount table and every refcount block."""
+        first = self.table_offset >> self.cluster_bits
+        out = set(range(first, first + self.table_clusters))
+        for t in range(len(self.table)):
+            off = self.table[t] & layout.REFT_OFFSET_MASK
+            if off:
+                out.add(off >> self.cluster_bits)
+        return out
+
+    # ---- updates -----------------------------------------------------------------
+    def _write_block_range(self, t: int, blk: array[int], lo: int, hi: int) -> None:
+        """Write entries ``[lo, hi)`` of block ``t`` through to the file."""
+        if self.bits < 8:
+            per = 8 // self.bits
+            lo -= lo % per
+            hi += -hi % per
+        off = self.block_offset(t)
+        self.st.pwrite(off + lo * self.bits // 8, layout.encode_refblock(blk, self.bits, lo, hi))
+
+    def update(self, changes: Iterable[tuple[int, int]], *, absolute: bool = False) -> None:
+        """Add ``delta`` to (or with ``absolute`` set to it) each ``(cluster, delta)``.
+
+        Blocks are created as needed. Every change is checked before anything
+        is written, so an overflow or underflow changes nothing.
+
+        Raises:
+            CorruptImageError: a count would drop below zero.
+            ImageError: a count would exceed the refcount width.
+        """
+        by_block: dict[int, dict[int, int]] = {}
+        for cluster, delta in changes:
+            t, i = divmod(cluster, self.per_block)
+            slot = by_block.setdefault(t, {})
+            slot[i] = delta if absolute else slot.get(i, 0) + delta
+        needed = [
+            t
+            for t, items in by_block.items()
+            if self.block_offset(t) == 0 and any(v for v in items.values())
+        ]
+        if needed:
+            self.ensure_blocks(needed)
+        # validate everything first
+        plans: list[tuple[int, array[int], dict[int, int]]] = []
+        for t in sorted(by_block):
+            items = by_block[t]
+            blk = self.block(t)
+            if blk is None:
+                continue  # only zero/negative-free changes on a missing block
+            for i, d in items.items():
+                new = d if absolute else blk[i] + d
+                if new < 0:
+                    raise CorruptImageError(
+                        f"refcount of cluster {t * self.per_block + i} would drop below zero; "
+                        "run check(repair=True)",
+                        path=self.path,
+                        offset=(t * self.per_block + i) << self.cluster_bits,
+                    )
+                if new > self.max:
+                    raise ImageError(
+                        f"refcount of cluster {t * self.per_block + i} would overflow "
+                        f"{self.bits}-bit refcounts (too many snapshots share it)",
+                        path=self.path,
+                    )
+            plans.append((t, blk, items))
+        for t, blk, items in plans:
+            lo, hi = min(items), max(items) + 1
+            for i, d in items.items():
+                new = d if absolute else blk[i] + d
+                blk[i] = new
+                if new == 0:
+                    self.free_hint = min(self.free_hint, t * self.per_block + i)
+            self._write_block_range(t, blk, lo, hi)
+
+    def add_range(self, cluster: int, count: int, delta: int) -> None:
+        """Add ``delta`` to ``count`` consecutive clusters from ``cluster``."""
+        self.update((c, delta) for c in range(cluster, cluster + count))
+
+    # ---- allocation ----------------------------------------------------------------
+    def _find_free(self, n: int) -> int:
+        per = self.per_block
+        c = max(self.free_hint, 1)
+        run_start = c
+        run_len = 0
+        while run_len < n:
+            t, i = divmod(c, per)
+            blk = self.block(t)
+            if blk is None:
+                if run_len == 0:
+                    run_start = c
+                take = min(n - run_len, per - i)
+                run_len += take
+                c += take
+                continue
+            if run_len == 0:
+                try:
+                    i = blk.index(0, i)
+                except ValueError:
+                    c = (t + 1) * per
+                    continue
+                c = t * per + i
+                run_start = c
+            take = min(n - run_len, per - i)
+            window = blk[i : i + take]
+            if window.count(0) == take:
+                run_len += take
+                c += take
+            else:
+                run_len = 0
+                c = t * per + i + 1
+        return run_start
+
+    def allocate(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters (refcount 1); return the file offset."""
+        if n <= 0:
+            raise ImageError(f"cannot allocate {n} clusters", path=self.path)
+        while True:
+            start = self._find_free(n)
+            ranges = range(start // self.per_block, (start + n - 1) // self.per_block + 1)
+            missing = [t for t in ranges if self.block_offset(t) == 0]
+            if missing:
+                self.ensure_blocks(missing)
+                continue
+            self.add_range(start, n, 1)
+            self.free_hint = start + n
+            return start << self.cluster_bits
+
+    def free(self, offset: int, n: int = 1) -> None:
+        """Drop one reference from ``n`` clusters starting at file ``offset``."""
+        self.add_range(offset >> self.cluster_bits, n, -1)
+
+    # ---- refcount structure growth ----------------------------------------------------
+    def ensure_blocks(self, wanted: Iterable[int]) -> None:
+        """Create refcount blocks for the ranges ``wanted`` (and any they need).
+
+        New blocks, and a new refcount table when the old one is too short,
+        go to a fresh area at the end of the file. The header switches to a
+        new table only after the table and its blocks are on disk.
+        """
+        wanted = sorted(set(wanted))
+        per = self.per_block
+        cs = self.cs
+        s = -(-self.st.size() // cs)
+        while True:
+            old_n = len(self.table)
+            nb = 0
+            tc = 0
+            missing: list[int] = []
+            for _ in range(64):
+                area_end = s + nb + tc
+                cover = range(s // per, max(area_end - 1, s) // per + 1)
+                missing = sorted({t for t in (*wanted, *cover) if t >= old_n or not self.table[t]})
+                need_n = max(old_n, missing[-1] + 1 if missing else 0)
+                new_tc = 0
+                if need_n > old_n:
+                    need_n = max(need_n, old_n + old_n // 2)
+                    new_tc = -(-need_n * 8 // cs)
+                if len(missing) == nb and new_tc == tc:
+                    break
+                nb, tc = len(missing), new_tc
+            else:  # pragma: no cover - the loop converges in a few rounds
+                raise ImageError("cannot lay out refcount blocks", path=self.path)
+            area = range(s, s + nb + tc)
+            busy = [c for c in area if self._get_existing(c)]
+            if busy:
+                s = busy[-1] + 1
+                continue
+            break
+        if tc and tc * cs > layout.MAX_REFTABLE_BYTES:
+            raise ImageError(
+                "the refcount table would exceed QEMU's 8 MiB limit; the image is too large",
+                path=self.path,
+            )
+        new_blocks: dict[int, array[int]] = {}
+        for k, t in enumerate(missing):
+            new_blocks[t] = layout.new_refblock(per, self.bits)
+            del k
+        block_at = {t: (s + k) << self.cluster_bits for k, t in enumerate(missing)}
+        # refcounts of the area itself: in new blocks (in memory) or existing ones
+        existing_changes: list[tuple[int, int]] = []
+        for c in area:
+            t, i = divmod(c, per)
+            if t in new_blocks:
+                new_blocks[t][i] = 1
+            else:
+                existing_changes.append((c, 1))
+        if existing_changes:
+            self.update(existing_changes)
+        for t, blk in new_blocks.items():
+            self.st.pwrite(block_at[t], layout.encode_refblock(blk, self.bits))
+        if tc:
+            new_table = array("Q", self.table)
+            new_table.extend([0] * (tc * cs // 8 - len(new_table)))
+            for t, off in block_at.items():
+                new_table[t] = off
+            table_off = (s + nb) << self.cluster_bits
+            self.st.pwrite(table_off, layout.encode_u64_table(new_table))
+            self.st.flush()
+            old_off, old_clusters = self.table_offset, self.table_clusters
+            self._set_table(table_off, tc)
+            self.table = new_table
+            self.table_offset, self.table_clusters = table_off, tc
+            for t, blk in new_blocks.items():
+                self._cache[t] = blk
+            self.add_range(old_off >> self.cluster_bits, old_clusters, -1)
+        else:
+            for t, off in block_at.items():
+                self.st.pwrite(self.table_offset + t * 8, layout.encode_u64_table([off]))
+                self.table[t] = off
+                self._cache[t] = new_blocks[t]
+        self.on_metadata_change()
+
+    def _get_existing(self, cluster: int) -> int:
+        t, _i = divmod(cluster, self.per_block)
+        if t >= len(self.table) or not self.table[t]:
+            return 0
+        return self.get(cluster)
+
+    def drop_cache(self) -> None:
+        """Forget decoded blocks (after the file changed underneath)."""
+        self._cache.clear()

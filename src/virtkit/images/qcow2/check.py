@@ -1,0 +1,303 @@
+"""``qemu-img check`` for qcow2: rebuild refcounts from the metadata and compare.
+
+Every cluster the metadata references (header, L1 tables, L2 tables, data
+and compressed clusters, refcount table and blocks, snapshot table, bitmap
+directory and tables) is counted in memory; the counts are compared with the
+stored refcounts. As in QEMU, a stored count above the references is a leak,
+one below is a corruption; COPIED flags that disagree with the refcount are
+corruptions too. Every problem is collected, none stops the scan.
+``repair=True`` writes the rebuilt counts and flags back and checks again.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING
+
+import attrs
+
+from virtkit.errors import CorruptImageError
+from virtkit.images.base import CheckProblem, CheckResult
+from virtkit.images.qcow2 import layout, snapshots
+
+if TYPE_CHECKING:  # the image module imports this one lazily
+    from virtkit.images.qcow2.image import Qcow2Image
+
+__all__ = ["check"]
+
+
+@attrs.define
+class _Scan:
+    expected: array[int]
+    problems: list[CheckProblem] = attrs.field(factory=list)
+    leaks: int = 0
+    corruptions: int = 0
+    allocated: int = 0
+    mismatched: dict[int, int] = attrs.field(factory=dict)
+    bad_reftable: list[int] = attrs.field(factory=list)
+    copied_errors: int = 0
+
+    def corrupt(self, message: str, offset: int | None) -> None:
+        self.corruptions += 1
+        self.problems.append(CheckProblem("corruption", message, offset))
+
+
+def _scan(img: Qcow2Image) -> _Scan:
+    cs, cb = img.cs, img.cb
+    nclusters = -(-img.st.size() // cs)
+    scan = _Scan(expected=array("L", bytes(nclusters * array("L").itemsize)))
+    exp = scan.expected
+
+    def inc(off: int, nbytes: int, what: str) -> bool:
+        if nbytes <= 0:
+            return True
+        first, last = off >> cb, (off + nbytes - 1) >> cb
+        if last >= nclusters:
+            scan.corrupt(f"ERROR {what} at {off:#x} lies past the end of the file", off)
+            return False
+        for c in range(first, last + 1):
+            exp[c] += 1
+        return True
+
+    inc(0, cs, "header")
+    hdr = img.hdr
+    inc(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs, "refcount table")
+    for t in range(len(img.refs.table)):
+        entry = img.refs.table[t]
+        off = entry & layout.REFT_OFFSET_MASK
+        if not off:
+            continue
+        if off & (cs - 1) or entry & 0x1FF or (off >> cb) >= nclusters:
+            scan.corrupt(
+                f"ERROR refcount block {t} at {off:#x} is not cluster aligned or lies "
+                "outside the image",
+                hdr.refcount_table_offset + t * 8,
+            )
+            scan.bad_reftable.append(t)
+            continue
+        inc(off, cs, f"refcount block {t}")
+    if hdr.nb_snapshots:
+        inc(hdr.snapshots_offset, img.snap_table_bytes, "snapshot table")
+    _walk_l1(img, scan, inc, img.l1, hdr.l1_table_offset, active=True)
+    for sn in img.snaps:
+        if not sn.l1_size:
+            continue
+        if not inc(sn.l1_table_offset, sn.l1_size * 8, f"snapshot {sn.id} L1 table"):
+            continue
+        try:
+            l1 = snapshots.load_l1(img, sn)
+        except CorruptImageError as exc:
+            scan.corrupt(f"ERROR {exc.message}", exc.offset)
+            continue
+        _walk_l1(img, scan, inc, l1, sn.l1_table_offset, active=False)
+    if img.meta.bitmaps is not None and hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+        _walk_bitmaps(img, scan, inc)
+    _compare(img, scan)
+    return scan
+
+
+def _walk_l1(
+    img: Qcow2Image, scan: _Scan, inc: object, l1: array[int], l1_off: int, *, active: bool
+) -> None:
+    assert callable(inc)
+    cs, cb = img.cs, img.cb
+    step = img.mapper.step
+    if active:
+        inc(l1_off, len(l1) * 8, "L1 table")
+    for i, e in enumerate(l1):
+        off = e & layout.L1E_OFFSET_MASK
+        if not off:
+            continue
+        where = l1_off + i * 8
+        if off & (cs - 1):
+            scan.corrupt(f"ERROR L2 table offset {off:#x} (L1 index {i}) is unaligned", where)
+            continue
+        if not inc(off, cs, f"L2 table (L1 index {i})"):
+            continue
+        if active:
+            rc = img.refs.get(off >> cb)
+            if (rc == 1) != bool(e & layout.OFLAG_COPIED):
+                scan.copied_errors += 1
+                scan.corrupt(
+                    f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}",
+                    where,
+                )
+        try:
+            l2 = img.mapper.load_l2(off, where=where)
+        except CorruptImageError as exc:
+            scan.corrupt(f"ERROR {exc.message}", exc.offset)
+            continue
+        for idx in range(0, len(l2), step):
+            x = l2[idx]
+            if not x:
+                continue
+            ewhere = off + idx * 8
+            if x & layout.OFLAG_COMPRESSED:
+                if x & layout.OFLAG_COPIED:
+                    scan.corrupt(
+                        f"ERROR compressed cluster entry {x:x} has the COPIED flag set", ewhere
+                    )
+                    if active:
+                        scan.copied_errors += 1
+                host, nbytes = img.mapper.compressed_range(x)
+                if inc(host & ~511, (host & 511) + nbytes, "compressed cluster") and active:
+                    scan.allocated += 1
+                continue
+            host = x & layout.L2E_OFFSET_MASK
+            if not host:
+                continue
+            if host & (cs - 1):
+                scan.corrupt(
+                    f"ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted",
+                    ewhere,
+                )
+                continue
+            if not inc(host, cs, "data cluster"):
+                continue
+            if active:
+                scan.allocated += 1
+                rc = img.refs.get(host >> cb)
+                if (rc == 1) != bool(x & layout.OFLAG_COPIED):
+                    scan.copied_errors += 1
+                    scan.corrupt(
+                        f"ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}", ewhere
+                    )
+
+
+def _walk_bitmaps(img: Qcow2Image, scan: _Scan, inc: object) -> None:
+    assert callable(inc)
+    assert img.meta.bitmaps is not None
+    nb, dsize, doff = img.meta.bitmaps
+    if dsize > 64 * 1024 * 1024 or doff & (img.cs - 1):
+        scan.corrupt("ERROR bitmap directory is misplaced or too large", doff)
+        return
+    if not inc(doff, dsize, "bitmap directory"):
+        return
+    raw = img.st.pread(doff, dsize)
+    pos = 0
+    for _ in range(nb):
+        if pos + 24 > len(raw):
+            scan.corrupt("ERROR bitmap directory is truncated", doff + pos)
+            return
+        t_off = int.from_bytes(raw[pos : pos + 8], "big")
+        t_size = int.from_bytes(raw[pos + 8 : pos + 12], "big")
+        name_size = int.from_bytes(raw[pos + 18 : pos + 20], "big")
+        extra = int.from_bytes(raw[pos + 20 : pos + 24], "big")
+        pos += 24 + extra + name_size
+        pos += -pos % 8
+        if t_size * 8 > 64 * 1024 * 1024 or t_off & (img.cs - 1):
+            scan.corrupt("ERROR bitmap table is misplaced or too large", t_off)
+            continue
+        if not inc(t_off, t_size * 8, "bitmap table"):
+            continue
+        table = layout.decode_u64_table(img.st.pread(t_off, t_size * 8))
+        for e in table:
+            off = e & layout.L2E_OFFSET_MASK
+            if off:
+                inc(off, img.cs, "bitmap data")
+
+
+def _compare(img: Qcow2Image, scan: _Scan) -> None:
+    refs = img.refs
+    exp = scan.expected
+    per = refs.per_block
+    n = len(exp)
+    bad = set(scan.bad_reftable)
+    nblocks = max(len(refs.table), -(-n // per))
+    for t in range(nblocks):
+        lo = t * per
+        hi = min(n, lo + per)
+        blk = None
+        if t < len(refs.table) and t not in bad:
+            try:
+                blk = refs.block(t)
+            except CorruptImageError:
+                blk = None
+        if blk is None:
+            for c in range(lo, hi):
+                if exp[c]:
+                    _mismatch(scan, c, 0, exp[c], img.cs)
+            continue
+        if hi > lo:
+            stored = blk[: hi - lo]
+            try:
+                same = stored == array(stored.typecode, exp[lo:hi])
+            except OverflowError:
+                same = False
+            if not same:
+                for c in range(lo, hi):
+                    if blk[c - lo] != exp[c]:
+                        _mismatch(scan, c, blk[c - lo], exp[c], img.cs)
+        tail = blk[max(0, hi - lo) :]
+        if hi - lo < per and tail.count(0) != len(tail):
+            for i in range(max(0, hi - lo), per):
+                if blk[i]:
+                    _mismatch(scan, lo + i, blk[i], 0, img.cs)
+
+
+def _mismatch(scan: _Scan, cluster: int, stored: int, refs: int, cs: int) -> None:
+    scan.mismatched[cluster] = refs
+    if stored < refs:
+        scan.corrupt(f"ERROR cluster {cluster} refcount={stored} reference={refs}", cluster * cs)
+    else:
+        scan.leaks += 1
+        scan.problems.append(
+            CheckProblem(
+                "leak",
+                f"Leaked cluster {cluster} refcount={stored} reference={refs}",
+                cluster * cs,
+            )
+        )
+
+
+def _result(img: Qcow2Image, scan: _Scan, first: _Scan | None = None) -> CheckResult:
+    exp = scan.expected
+    highest = len(exp) - 1
+    while highest >= 0 and not exp[highest]:
+        highest -= 1
+    base = first or scan
+    return CheckResult(
+        leaks=base.leaks,
+        corruptions=base.corruptions,
+        errors=0,
+        leaks_fixed=max(0, base.leaks - scan.leaks) if first else 0,
+        corruptions_fixed=max(0, base.corruptions - scan.corruptions) if first else 0,
+        problems=tuple(base.problems),
+        image_end_offset=(highest + 1) * img.cs,
+        allocated_clusters=scan.allocated,
+        total_clusters=-(-img.hdr.size // img.cs),
+    )
+
+
+def check(img: Qcow2Image, *, repair: bool) -> CheckResult:
+    """Check ``img``; with ``repair`` fix leaks, refcount errors and COPIED flags."""
+    first = _scan(img)
+    if not repair or (not first.leaks and not first.corruptions):
+        if repair:
+            _clear_flags(img)
+        return _result(img, first)
+    scan = first
+    for _ in range(4):
+        for t in scan.bad_reftable:
+            img.refs.table[t] = 0
+            img.st.pwrite(img.hdr.refcount_table_offset + t * 8, bytes(8))
+        img.refs.drop_cache()
+        if scan.mismatched:
+            img.refs.update(sorted(scan.mismatched.items()), absolute=True)
+        img.mapper.drop_cache()
+        snapshots.fix_copied(img)
+        img.st.flush()
+        scan = _scan(img)
+        if not scan.leaks and not scan.corruptions:
+            break
+    if not scan.leaks and not scan.corruptions:
+        _clear_flags(img)
+    return _result(img, scan, first)
+
+
+def _clear_flags(img: Qcow2Image) -> None:
+    if img.v3 and img.hdr.incompatible_features & (layout.INCOMPAT_CORRUPT | layout.INCOMPAT_DIRTY):
+        img.hdr.incompatible_features &= ~(layout.INCOMPAT_CORRUPT | layout.INCOMPAT_DIRTY)
+        img.st.pwrite(layout.OFF_INCOMPAT, img.hdr.incompatible_features.to_bytes(8, "big"))
+        img.st.flush()
+    img._corrupt = False

@@ -1,0 +1,1046 @@
+"""The qcow2 access layer: reads and writes guest data through the mapping.
+
+:class:`Qcow2Image` owns one open image: its storage, validated metadata, the
+active L1 table, the :class:`~.mapping.Mapper` (where does offset X live) and
+the :class:`~.allocator.Refcounts`. Reads gather runs of clusters into large
+positional reads; writes keep QEMU's ordering (data, then the L2 entry, then
+the L1 entry; refcounts raised before a reference exists and lowered after it
+is gone), so a process dying mid-write may leak clusters but never corrupts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import struct
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ParamSpec, TypeVar
+
+import attrs
+
+from virtkit import images
+from virtkit.errors import (
+    ConfigError,
+    CorruptImageError,
+    ImageError,
+    UnsupportedFeatureError,
+    VirtkitError,
+)
+from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.qcow2 import chain, layout, metadata, snapshots
+from virtkit.images.qcow2 import check as checkmod
+from virtkit.images.qcow2.allocator import Refcounts
+from virtkit.images.qcow2.compress import compress, decompress
+from virtkit.images.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, Mapper
+from virtkit.images.sizes import parse_size
+from virtkit.images.storage import FileStorage, Storage
+
+__all__ = ["Qcow2Image"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Largest buffer a single internal zero-fill or copy step uses.
+CHUNK = 4 * 1024 * 1024
+
+
+def guarded(fn: Callable[P, R]) -> Callable[P, R]:
+    """Second safety net: low-level exceptions become CorruptImageError."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except VirtkitError:
+            raise
+        except (struct.error, IndexError, OverflowError, ValueError, MemoryError) as exc:
+            img = args[0]
+            path = getattr(img, "path", None)
+            raise CorruptImageError(
+                f"malformed image metadata ({type(exc).__name__}: {exc})", path=path
+            ) from exc
+
+    return wrapper
+
+
+class Qcow2Image(Image):
+    """An open qcow2 image (v2 or v3). Create with :func:`virtkit.images.open`."""
+
+    format = "qcow2"
+
+    def __init__(
+        self,
+        storage: Storage,
+        meta: metadata.Metadata,
+        *,
+        writable: bool,
+        allow_backing: Iterable[str | os.PathLike[str]] = (),
+        force_share: bool = False,
+    ) -> None:
+        self.st = storage
+        self.path = storage.path
+        self.meta = meta
+        self.hdr = meta.header
+        self._writable = writable
+        self._closed = False
+        self._allow = tuple(allow_backing)
+        self._force_share = force_share
+        self.cb = self.hdr.cluster_bits
+        self.cs = 1 << self.cb
+        self.v3 = self.hdr.version >= 3
+        self.extended = meta.extended_l2
+        self._corrupt = bool(self.hdr.incompatible_features & layout.INCOMPAT_CORRUPT)
+        self._autoclear_done = False
+        self._cfree = 0
+        self._meta_set: set[int] | None = None
+        self._cluster_cache: tuple[int, bytes] | None = None
+        self.backing: Image | None = None
+        self.data_st: Storage = storage
+        self._data_st_own: Storage | None = None
+        self.mapper = Mapper(
+            storage,
+            cluster_bits=self.cb,
+            extended_l2=self.extended,
+            zero_flag=self.v3,
+            file_size=storage.size,
+        )
+        self.l2_entries = self.mapper.l2_entries
+        self.l2_bits = self.mapper.l2_bits
+        self._load_l1()
+        self.refs = Refcounts(
+            storage,
+            cluster_bits=self.cb,
+            refcount_order=self.hdr.refcount_order,
+            table_offset=self.hdr.refcount_table_offset,
+            table_clusters=self.hdr.refcount_table_clusters,
+            set_table=self._set_reftable,
+        )
+        self.refs.on_metadata_change = self._meta_changed
+        self.snaps, self.snap_table_bytes = metadata.read_snapshot_table(storage, self.hdr)
+        try:
+            self._open_files()
+            if writable and self.hdr.incompatible_features & layout.INCOMPAT_DIRTY:
+                self._repair_dirty()
+        except BaseException:
+            self._close_children()
+            raise
+
+    # ---- opening ----
+    def _load_l1(self) -> None:
+        n = self.hdr.l1_size
+        raw = self.st.pread(self.hdr.l1_table_offset, n * 8) if n else b""
+        if len(raw) != n * 8:
+            raise CorruptImageError(
+                "L1 table is truncated", path=self.path, offset=self.hdr.l1_table_offset
+            )
+        self.l1 = layout.decode_u64_table(raw)
+        self.mapper.l1 = self.l1
+        self.mapper.l1_offset = self.hdr.l1_table_offset
+
+    def _open_files(self) -> None:
+        meta = self.meta
+        if meta.data_file is not None:
+            if self._writable:
+                raise UnsupportedFeatureError(
+                    "writing images with an external data file is not supported; open read-only",
+                    feature="external data file (write)",
+                    path=self.path,
+                )
+            real = chain.resolve(self.path, meta.data_file, self._allow, what="data file")
+            self._data_st_own = FileStorage(real, writable=False, force_share=True)
+            self.data_st = self._data_st_own
+        if meta.backing_file is not None:
+            real = chain.resolve(self.path, meta.backing_file, self._allow, what="backing file")
+            fmt = chain.backing_format(meta.backing_format, real, self.path)
+            chain.STACK.push(self.path)
+            try:
+                self.backing = images.open(
+                    real,
+                    writable=False,
+                    format=fmt,  # type: ignore[arg-type]
+                    allow_backing=self._allow,
+                    force_share=True,
+                )
+            finally:
+                chain.STACK.pop()
+
+    def _repair_dirty(self) -> None:
+
+        checkmod.check(self, repair=True)
+        self.hdr.incompatible_features &= ~layout.INCOMPAT_DIRTY
+        self._write_u64(layout.OFF_INCOMPAT, self.hdr.incompatible_features)
+        self.st.flush()
+
+    def _close_children(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+        if self._data_st_own is not None:
+            self._data_st_own.close()
+            self._data_st_own = None
+        self.st.close()
+
+    # ---- properties ----
+    @property
+    def virtual_size(self) -> int:
+        """Size of the virtual disk in bytes."""
+        return self.hdr.size
+
+    @property
+    def cluster_size(self) -> int:
+        """Cluster size in bytes."""
+        return self.cs
+
+    @property
+    def backing_file(self) -> str | None:
+        """The backing file name as stored in the image."""
+        return self.meta.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        """The recorded backing format (header extension), if any."""
+        return self.meta.backing_format
+
+    @property
+    def writable(self) -> bool:
+        """Whether the image was opened for writing."""
+        return self._writable
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` has been called."""
+        return self._closed
+
+    @property
+    def compression_type(self) -> str:
+        """``"zlib"`` or ``"zstd"``: the codec of compressed clusters."""
+        return layout.COMPRESSION_NAMES[self.hdr.compression_type]
+
+    @property
+    def corrupt(self) -> bool:
+        """Whether the image is marked corrupt (writes refused until repaired)."""
+        return self._corrupt
+
+    # ---- small helpers ----
+    def _live(self) -> None:
+        if self._closed:
+            raise ImageError("image is closed", path=self.path)
+
+    def _check_range(self, offset: int, length: int, action: str) -> None:
+        self._live()
+        if offset < 0 or length < 0 or offset + length > self.hdr.size:
+            raise ImageError(
+                f"cannot {action} {length} bytes at offset {offset}: outside the virtual disk "
+                f"(0..{self.hdr.size})",
+                path=self.path,
+            )
+
+    def _require_writable(self, action: str) -> None:
+        self._live()
+        if not self._writable:
+            raise ImageError(f"cannot {action}: image is open read-only", path=self.path)
+
+    def _write_u64(self, off: int, value: int) -> None:
+        self.st.pwrite(off, struct.pack(">Q", value))
+
+    def _set_reftable(self, offset: int, clusters: int) -> None:
+        self.st.pwrite(layout.OFF_REFTABLE, struct.pack(">QI", offset, clusters))
+        self.st.flush()
+        self.hdr.refcount_table_offset = offset
+        self.hdr.refcount_table_clusters = clusters
+
+    def _meta_changed(self) -> None:
+        self._meta_set = None
+
+    def metadata_clusters(self) -> set[int]:
+        """Host clusters holding metadata (header, tables, refcount blocks, L2 tables)."""
+        if self._meta_set is None:
+            cb = self.cb
+            out = {0}
+            out |= self.refs.metadata_clusters()
+            l1_first = self.hdr.l1_table_offset >> cb
+            out.update(range(l1_first, l1_first + -(-len(self.l1) * 8 // self.cs)))
+            for e in self.l1:
+                off = e & layout.L1E_OFFSET_MASK
+                if off:
+                    out.add(off >> cb)
+            if self.hdr.nb_snapshots:
+                s_first = self.hdr.snapshots_offset >> cb
+                out.update(range(s_first, s_first + -(-self.snap_table_bytes // self.cs)))
+            for sn in self.snaps:
+                first = sn.l1_table_offset >> cb
+                out.update(range(first, first + -(-sn.l1_size * 8 // self.cs)))
+            self._meta_set = out
+        return self._meta_set
+
+    def _check_overlap(self, host: int, count: int) -> None:
+        meta = self.metadata_clusters()
+        first = host >> self.cb
+        for c in range(first, first + count):
+            if c in meta:
+                self._mark_corrupt(
+                    f"writing guest data to host cluster {c} would overwrite image metadata",
+                    host,
+                )
+
+    def _mark_corrupt(self, message: str, offset: int | None = None) -> None:
+        """Set the corrupt flag (v3: on disk too) and raise CorruptImageError."""
+        self._corrupt = True
+        if self._writable and self.v3 and not self._closed:
+            self.hdr.incompatible_features |= layout.INCOMPAT_CORRUPT
+            try:
+                self._write_u64(layout.OFF_INCOMPAT, self.hdr.incompatible_features)
+                self.st.flush()
+            except ImageError:
+                pass
+        raise CorruptImageError(
+            message + "; the image is now marked corrupt, run check(repair=True)",
+            path=self.path,
+            offset=offset,
+        )
+
+    def _prepare_write(self) -> None:
+        if self._corrupt:
+            raise CorruptImageError(
+                "the image is marked corrupt; writes are refused until check(repair=True) fixes it",
+                path=self.path,
+            )
+        if not self._autoclear_done:
+            self._autoclear_done = True
+            if self.v3 and self.hdr.autoclear_features:
+                # we do not keep bitmaps (or raw data files) in sync: drop their claim
+                self.hdr.autoclear_features = 0
+                self._write_u64(layout.OFF_AUTOCLEAR, 0)
+                self.st.flush()
+
+    def _run_write(self, fn: Callable[[], None]) -> None:
+        """Run a write step; corruption found on the way sets the corrupt flag."""
+        try:
+            fn()
+        except CorruptImageError as exc:
+            if not self._corrupt:
+                with contextlib.suppress(CorruptImageError):
+                    self._mark_corrupt(str(exc.message), exc.offset)
+            raise
+
+    # ---- reading ----
+    @guarded
+    def read(self, offset: int, length: int) -> bytes:
+        """Return ``length`` guest bytes starting at ``offset``."""
+        self._check_range(offset, length, "read")
+        out = bytearray(length)
+        self.read_into(out, offset)
+        return bytes(out)
+
+    def read_into(self, out: bytearray, offset: int, mapper: Mapper | None = None) -> None:
+        """Fill ``out`` with guest bytes from ``offset`` (no range check; internal).
+
+        ``mapper`` reads through another L1 table (a snapshot's) instead.
+        """
+        length = len(out)
+        if not length:
+            return
+        cs = self.cs
+        for run in (mapper or self.mapper).runs(offset, length):
+            pos = run.guest - offset
+            if run.kind == DATA:
+                chunk = self.data_st.pread(run.host, run.length)
+                out[pos : pos + len(chunk)] = chunk
+            elif run.kind == COMPRESSED:
+                data = self._cluster_data(run.host)
+                in_off = run.guest & (cs - 1)
+                out[pos : pos + run.length] = data[in_off : in_off + run.length]
+            elif run.kind == UNALLOCATED and self.backing is not None:
+                bsize = self.backing.virtual_size
+                if run.guest < bsize:
+                    n = min(run.length, bsize - run.guest)
+                    out[pos : pos + n] = self.backing.read(run.guest, n)
+
+    def _cluster_data(self, entry: int) -> bytes:
+        cached = self._cluster_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        host, nbytes = self.mapper.compressed_range(entry)
+        if host < self.cs or host >= self.st.size():
+            raise CorruptImageError(
+                f"compressed cluster at {host:#x} lies outside the file",
+                path=self.path,
+                offset=host,
+            )
+        raw = self.st.pread(host, nbytes)
+        data = decompress(self.hdr.compression_type, raw, self.cs, path=self.path, offset=host)
+        self._cluster_cache = (entry, data)
+        return data
+
+    def _current(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.read_into(buf, offset)
+        return buf
+
+    # ---- L1/L2 for writing ------------------------------------------------------------------
+    def grow_l1(self, needed: int) -> None:
+        """Make the active L1 table hold at least ``needed`` entries."""
+        old_n = len(self.l1)
+        if needed <= old_n:
+            return
+        cap = layout.MAX_L1_BYTES // 8
+        if needed > cap:
+            raise ImageError(
+                f"the L1 table would need {needed} entries, over QEMU's limit of {cap}; use a "
+                "larger cluster size",
+                path=self.path,
+            )
+        new_n = min(cap, max(needed, old_n + old_n // 2))
+        clusters = -(-new_n * 8 // self.cs)
+        new_off = self.refs.allocate(clusters)
+        table = array("Q", self.l1)
+        table.extend([0] * (new_n - old_n))
+        self.st.pwrite(
+            new_off, layout.encode_u64_table(table) + bytes(clusters * self.cs - new_n * 8)
+        )
+        self.st.flush()
+        old_off = self.hdr.l1_table_offset
+        self.st.pwrite(layout.OFF_L1, struct.pack(">IQ", new_n, new_off))
+        self.st.flush()
+        self.hdr.l1_size, self.hdr.l1_table_offset = new_n, new_off
+        self.l1 = table
+        self.mapper.l1 = table
+        self.mapper.l1_offset = new_off
+        if old_n:
+            self.refs.free(old_off, -(-old_n * 8 // self.cs))
+        self._meta_changed()
+
+    def _set_l1_entry(self, index: int, value: int) -> None:
+        self.l1[index] = value
+        self.st.pwrite(self.hdr.l1_table_offset + index * 8, struct.pack(">Q", value))
+
+    def l2_for_write(self, l1i: int) -> tuple[int, array[int]]:
+        """The L2 table for L1 index ``l1i``, allocated or copied so it is ours alone."""
+        if l1i >= len(self.l1):
+            self.grow_l1(l1i + 1)
+        entry = self.l1[l1i]
+        off = entry & layout.L1E_OFFSET_MASK
+        if off and entry & layout.OFLAG_COPIED:
+            return off, self.mapper.load_l2(off, where=self.hdr.l1_table_offset + l1i * 8)
+        if off:
+            old = self.mapper.load_l2(off, where=self.hdr.l1_table_offset + l1i * 8)
+            table = array("Q", old)
+        else:
+            table = array("Q", bytes(self.cs))
+        new = self.refs.allocate(1)
+        self._check_overlap(new, 1)
+        self.st.pwrite(new, layout.encode_u64_table(table))
+        self.mapper.put_l2(new, table)
+        self._set_l1_entry(l1i, new | layout.OFLAG_COPIED)
+        self._meta_changed()
+        if off:
+            self.refs.free(off)
+        return new, table
+
+    def _write_l2(self, l2off: int, table: array[int], lo: int, hi: int) -> None:
+        """Write L2 entries ``[lo, hi)`` (entry indices) through to the file."""
+        step = self.mapper.step
+        self.st.pwrite(l2off + lo * 8 * step, layout.encode_u64_table(table[lo * step : hi * step]))
+
+    def release(self, entry: int) -> None:
+        """Drop the references an L2 entry held (after the entry is gone)."""
+        if entry & layout.OFLAG_COMPRESSED:
+            host, nbytes = self.mapper.compressed_range(entry)
+            first = (host & ~(layout.COMPRESSED_SECTOR - 1)) >> self.cb
+            last = (host + nbytes - 1) >> self.cb
+            self.refs.add_range(first, last - first + 1, -1)
+            self._cfree = 0
+            return
+        host = entry & layout.L2E_OFFSET_MASK
+        if host:
+            self.refs.free(host)
+            self._cfree = 0
+
+    def _release_all(self, entries: Iterable[int]) -> None:
+        changes: list[tuple[int, int]] = []
+        for entry in entries:
+            if entry & layout.OFLAG_COMPRESSED:
+                host, nbytes = self.mapper.compressed_range(entry)
+                first = (host & ~(layout.COMPRESSED_SECTOR - 1)) >> self.cb
+                last = (host + nbytes - 1) >> self.cb
+                changes.extend((c, -1) for c in range(first, last + 1))
+            else:
+                host = entry & layout.L2E_OFFSET_MASK
+                if host:
+                    changes.append((host >> self.cb, -1))
+        if changes:
+            self._cfree = 0
+            self.refs.update(changes)
+
+    # ---- writing ----
+    @guarded
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at guest ``offset`` (any size and alignment)."""
+        self._require_writable("write")
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv), "write")
+        if len(mv):
+            self._run_write(lambda: self.write_guest(offset, mv))
+
+    def write_guest(self, offset: int, mv: memoryview) -> None:
+        """Write without the range check (internal; VM state lives past the disk end)."""
+        self._prepare_write()
+        cs = self.cs
+        pos = 0
+        n = len(mv)
+        while pos < n:
+            g = offset + pos
+            if not g & (cs - 1) and n - pos >= cs:
+                ci = g >> self.cb
+                k = min((n - pos) // cs, self.l2_entries - (ci & (self.l2_entries - 1)))
+                self._write_full(ci, k, mv[pos : pos + k * cs])
+                pos += k * cs
+            else:
+                m = min(cs - (g & (cs - 1)), n - pos)
+                self._write_partial(g, mv[pos : pos + m])
+                pos += m
+
+    def _write_full(self, ci: int, k: int, mv: memoryview) -> None:
+        cs = self.cs
+        step = self.mapper.step
+        l2off, l2 = self.l2_for_write(ci >> self.l2_bits)
+        base = ci & (self.l2_entries - 1)
+        inplace: list[tuple[int, int]] = []
+        need: list[int] = []
+        for j in range(k):
+            idx = base + j
+            e = l2[idx * step]
+            if e & layout.OFLAG_COPIED and not e & layout.OFLAG_COMPRESSED:
+                host = self.mapper.data_host(e, l2off + idx * 8 * step)
+                if host:
+                    inplace.append((j, host))
+                    continue
+            need.append(j)
+        for j0, j1, host in _coalesce(inplace, cs):
+            self._check_overlap(host, j1 - j0)
+            self.st.pwrite(host, mv[j0 * cs : j1 * cs])
+        olds: list[int] = []
+        if need:
+            new_base = self.refs.allocate(len(need))
+            self._check_overlap(new_base, len(need))
+            planned = [(j, new_base + t * cs) for t, j in enumerate(need)]
+            for j0, j1, host in _coalesce(planned, cs):
+                self.st.pwrite(host, mv[j0 * cs : j1 * cs])
+            for j, host in planned:
+                idx = base + j
+                olds.append(l2[idx * step])
+                l2[idx * step] = host | layout.OFLAG_COPIED
+                if step == 2:
+                    l2[idx * 2 + 1] = layout.BITMAP_ALLOC_ALL
+        for j, host in inplace:
+            idx = base + j
+            if step == 2:
+                l2[idx * 2 + 1] = layout.BITMAP_ALLOC_ALL
+            else:
+                l2[idx] = host | layout.OFLAG_COPIED
+        self._write_l2(l2off, l2, base, base + k)
+        self._release_all(olds)
+
+    def _write_partial(self, g: int, mv: memoryview) -> None:
+        cs = self.cs
+        ci = g >> self.cb
+        in_off = g & (cs - 1)
+        n = len(mv)
+        l2off, l2 = self.l2_for_write(ci >> self.l2_bits)
+        idx = ci & (self.l2_entries - 1)
+        step = self.mapper.step
+        e = l2[idx * step]
+        compressed = bool(e & layout.OFLAG_COMPRESSED)
+        host = 0 if compressed else self.mapper.data_host(e, l2off + idx * 8 * step)
+        copied = bool(e & layout.OFLAG_COPIED) and host and not compressed
+        cluster_start = ci << self.cb
+        if step == 1:
+            if copied:
+                self._check_overlap(host, 1)
+                if not (self.v3 and e & layout.OFLAG_ZERO):
+                    self.st.pwrite(host + in_off, mv)
+                    return
+                buf = bytearray(cs)
+                buf[in_off : in_off + n] = mv
+                self.st.pwrite(host, buf)
+                l2[idx] = host | layout.OFLAG_COPIED
+                self._write_l2(l2off, l2, idx, idx + 1)
+                return
+            buf = self._current(cluster_start, cs)
+            buf[in_off : in_off + n] = mv
+            new = self.refs.allocate(1)
+            self._check_overlap(new, 1)
+            self.st.pwrite(new, buf)
+            l2[idx] = new | layout.OFLAG_COPIED
+            self._write_l2(l2off, l2, idx, idx + 1)
+            self._release_all([e])
+            return
+        sc = self.mapper.sc_size
+        a = in_off - in_off % sc
+        b = min(cs, -(-(in_off + n) // sc) * sc)
+        k0, k1 = a // sc, b // sc
+        units = ((1 << (k1 - k0)) - 1) << k0
+        bitmap = l2[idx * 2 + 1]
+        if copied:
+            self._check_overlap(host, 1)
+            if bitmap & units == units:
+                self.st.pwrite(host + in_off, mv)
+                return
+            buf = self._current(cluster_start + a, b - a)
+            buf[in_off - a : in_off - a + n] = mv
+            self.st.pwrite(host + a, buf)
+            l2[idx * 2 + 1] = (bitmap | units) & ~(units << 32)
+            self._write_l2(l2off, l2, idx, idx + 1)
+            return
+        if host or compressed:
+            buf = self._current(cluster_start, cs)
+            buf[in_off : in_off + n] = mv
+            new = self.refs.allocate(1)
+            self._check_overlap(new, 1)
+            self.st.pwrite(new, buf)
+            l2[idx * 2] = new | layout.OFLAG_COPIED
+            l2[idx * 2 + 1] = layout.BITMAP_ALLOC_ALL
+            self._write_l2(l2off, l2, idx, idx + 1)
+            self._release_all([e])
+            return
+        buf = self._current(cluster_start + a, b - a)
+        buf[in_off - a : in_off - a + n] = mv
+        new = self.refs.allocate(1)
+        self._check_overlap(new, 1)
+        self.st.pwrite(new + a, buf)
+        l2[idx * 2] = new | layout.OFLAG_COPIED
+        l2[idx * 2 + 1] = (bitmap & ~(units << 32) & ~0xFFFFFFFF) | units
+        self._write_l2(l2off, l2, idx, idx + 1)
+
+    @guarded
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write one whole cluster compressed (zlib or zstd, per the image).
+
+        ``offset`` must be cluster aligned and ``data`` one cluster long (or
+        reach exactly the end of the disk for the last, partial cluster). Data
+        that does not shrink is written uncompressed, as QEMU does.
+
+        Raises:
+            ImageError: misaligned, wrong length, or an external data file.
+        """
+        self._require_writable("write compressed data")
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, len(mv), "write")
+        cs = self.cs
+        if offset & (cs - 1) or not (
+            len(mv) == cs or (offset + len(mv) == self.hdr.size and len(mv) < cs)
+        ):
+            raise ImageError(
+                f"compressed writes take one whole aligned cluster ({cs} bytes) "
+                f"(got {len(mv)} bytes at {offset})",
+                path=self.path,
+            )
+        self._run_write(lambda: self._write_compressed(offset, bytes(mv)))
+
+    def _write_compressed(self, offset: int, data: bytes) -> None:
+        self._prepare_write()
+        cs = self.cs
+        padded = data + bytes(cs - len(data))
+        comp = compress(self.hdr.compression_type, padded)
+        if len(comp) >= cs:
+            self.write_guest(offset, memoryview(data))
+            return
+        ci = offset >> self.cb
+        l2off, l2 = self.l2_for_write(ci >> self.l2_bits)
+        idx = ci & (self.l2_entries - 1)
+        step = self.mapper.step
+        host = self._alloc_bytes(len(comp))
+        self.st.pwrite(host, comp)
+        nsec = ((host + len(comp) - 1) >> 9) - (host >> 9)
+        old = l2[idx * step]
+        l2[idx * step] = layout.OFLAG_COMPRESSED | (nsec << self.mapper.csize_shift) | host
+        if step == 2:
+            l2[idx * 2 + 1] = 0
+        self._write_l2(l2off, l2, idx, idx + 1)
+        self._release_all([old])
+
+    def _alloc_bytes(self, n: int) -> int:
+        cs = self.cs
+        cur = self._cfree
+        if cur and cur & (cs - 1):
+            cluster_end = (cur & ~(cs - 1)) + cs
+            if ((cur + n - 1) | 511) + 1 <= cluster_end and self.refs.get(cur >> self.cb) > 0:
+                self.refs.update([(cur >> self.cb, 1)])
+                self._cfree = cur + n
+                return cur
+        k = -(-n // cs)
+        host = self.refs.allocate(k)
+        self._check_overlap(host, k)
+        self._cfree = host + n
+        return host
+
+    # ---- zeroes and discard ----
+    @guarded
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make a range read as zeroes (zero flags for whole clusters on v3)."""
+        self._require_writable("write zeroes")
+        self._check_range(offset, length, "write zeroes")
+        if length:
+            self._run_write(lambda: self._zero_range(offset, length, discard=False))
+
+    @guarded
+    def discard(self, offset: int, length: int) -> None:
+        """Drop whole clusters in the range; partial clusters are left as they are.
+
+        On v3 images discarded clusters read as zeroes; on v2 images with a
+        backing file they read the backing file's data again (as QEMU does).
+        """
+        self._require_writable("discard")
+        self._check_range(offset, length, "discard")
+        if length:
+            self._run_write(lambda: self._zero_range(offset, length, discard=True))
+
+    def _zero_range(self, offset: int, length: int, *, discard: bool, full: bool = False) -> None:
+        self._prepare_write()
+        cs = self.cs
+        end = offset + length
+        first = -(-offset // cs) * cs
+        last = end - end % cs if end < self.hdr.size else -(-end // cs) * cs
+        if first >= last:
+            first = last = end
+        pieces = [(offset, min(first, end)), (max(last, first), end)]
+        if not discard:
+            for a, b in pieces:
+                if a < b:
+                    self._zero_partial(a, b - a)
+        pos = first
+        while pos < last:
+            ci = pos >> self.cb
+            k = min((last - pos) >> self.cb, self.l2_entries - (ci & (self.l2_entries - 1)))
+            if k == 0:  # last partial cluster at the end of the disk
+                k = 1
+            self._zero_clusters(ci, k, discard=discard, full=full)
+            pos += k * cs
+
+    def _zero_partial(self, offset: int, length: int) -> None:
+        for run in self.mapper.runs(offset, length):
+            if run.kind == ZERO or (run.kind == UNALLOCATED and self.backing is None):
+                continue
+            self.write_guest(run.guest, memoryview(bytes(run.length)))
+
+    def _zero_clusters(self, ci: int, k: int, *, discard: bool, full: bool) -> None:
+        step = self.mapper.step
+        l1i = ci >> self.l2_bits
+        backing = self.backing is not None and not full
+        if not self.v3 and backing and not discard:
+            for c in range(ci, ci + k, CHUNK // self.cs or 1):
+                n = min(CHUNK // self.cs or 1, ci + k - c)
+                self.write_guest(c << self.cb, memoryview(bytes(n * self.cs)))
+            return
+        _l2_off, l2 = self.mapper.l2_for(l1i)
+        if l2 is None and not backing:
+            return
+        if l2 is not None and not backing:
+            base = ci & (self.l2_entries - 1)
+            if not any(l2[(base + j) * step] for j in range(k)) and (
+                step == 1 or not any(l2[(base + j) * 2 + 1] for j in range(k))
+            ):
+                return
+        l2off, l2 = self.l2_for_write(l1i)
+        base = ci & (self.l2_entries - 1)
+        if backing and self.v3:
+            target = (0, layout.BITMAP_ZERO_ALL) if step == 2 else (layout.OFLAG_ZERO, 0)
+        else:
+            target = (0, 0)
+        olds: list[int] = []
+        for j in range(k):
+            idx = base + j
+            e = l2[idx * step]
+            if step == 2:
+                if (e, l2[idx * 2 + 1]) == target:
+                    continue
+                l2[idx * 2 + 1] = target[1]
+            elif e == target[0]:
+                continue
+            olds.append(e)
+            l2[idx * step] = target[0]
+        self._write_l2(l2off, l2, base, base + k)
+        self._release_all(olds)
+
+    # ---- block status ----
+    @guarded
+    def block_status(
+        self, offset: int = 0, length: int | None = None, *, include_backing: bool = True
+    ) -> Iterator[Extent]:
+        """Yield allocation extents for ``[offset, offset+length)`` (whole runs at a time)."""
+        if length is None:
+            length = max(0, self.hdr.size - offset)
+        self._check_range(offset, length, "query")
+        return _merge(self._status(offset, length, include_backing))
+
+    def _status(self, offset: int, length: int, include_backing: bool) -> Iterator[Extent]:
+        for run in self.mapper.runs(offset, length):
+            if run.kind in (DATA, COMPRESSED):
+                yield Extent(run.guest, run.length, "data")
+            elif run.kind == ZERO:
+                yield Extent(run.guest, run.length, "zero")
+            elif not include_backing:
+                yield Extent(run.guest, run.length, "unallocated")
+            elif self.backing is None:
+                yield Extent(run.guest, run.length, "zero")
+            else:
+                bsize = self.backing.virtual_size
+                end = run.guest + run.length
+                if run.guest < bsize:
+                    n = min(end, bsize) - run.guest
+                    for ext in self.backing.block_status(run.guest, n, include_backing=True):
+                        if ext.kind == "data":
+                            yield Extent(ext.start, ext.length, "data", from_backing=True)
+                        else:
+                            yield Extent(ext.start, ext.length, "zero")
+                if end > bsize:
+                    start = max(run.guest, bsize)
+                    yield Extent(start, end - start, "zero")
+
+    # ---- flush / resize ----
+    @guarded
+    def flush(self) -> None:
+        """fdatasync the image file."""
+        self._live()
+        if self._writable:
+            self.st.flush()
+
+    @guarded
+    def resize(self, size: int | str, *, shrink: bool = False) -> None:
+        """Change the virtual size.
+
+        Growing zeroes the new range where a longer backing file would
+        otherwise show through. Shrinking refuses to drop allocated data
+        unless ``shrink=True``; images with snapshots cannot shrink.
+
+        Raises:
+            ImageError: shrinking would drop data, or snapshots forbid it.
+            ConfigError: the size is not a multiple of 512.
+        """
+        self._require_writable("resize")
+        new = parse_size(size, field="size")
+        if new % 512:
+            raise ConfigError(f"'size' must be a multiple of 512 (got {new})", field="size")
+        old = self.hdr.size
+        if new == old:
+            return
+        if self.snaps and not self.v3:
+            raise ImageError("cannot resize a v2 image that has snapshots", path=self.path)
+        self._run_write(lambda: self._resize(old, new, shrink))
+
+    def _resize(self, old: int, new: int, shrink: bool) -> None:
+        self._prepare_write()
+        if new < old:
+            if self.snaps:
+                raise ImageError("cannot shrink an image with internal snapshots", path=self.path)
+            stored = [
+                e
+                for e in self.block_status(new, old - new, include_backing=False)
+                if e.kind == "data"
+            ]
+            if stored and not shrink:
+                raise ImageError(
+                    f"shrinking to {new} bytes would drop data stored at guest offset "
+                    f"{stored[0].start}; pass shrink=True to drop it",
+                    path=self.path,
+                )
+            self._zero_range(new, old - new, discard=True, full=True)
+            self._set_size(new)
+            return
+        self.grow_l1(self.meta.l1_entries_for(new))
+        self._set_size(new)
+        tail_end = min(new, -(-old // self.cs) * self.cs)
+        if tail_end > old:
+            self._zero_partial(old, tail_end - old)
+        if self.backing is not None and self.backing.virtual_size > old:
+            self._zero_range(old, min(new, self.backing.virtual_size) - old, discard=False)
+
+    def _set_size(self, size: int) -> None:
+        self.st.pwrite(layout.OFF_SIZE, struct.pack(">Q", size))
+        self.st.flush()
+        self.hdr.size = size
+
+    # ---- info / check ----
+    @guarded
+    def info(self) -> ImageInfo:
+        """What ``qemu-img info --output=json`` reports for this image."""
+        self._live()
+        alloc = getattr(self.st, "allocated_bytes", None)
+        actual = int(alloc()) if callable(alloc) else os.stat(self.path).st_blocks * 512
+        spec: dict[str, Any] = {"compat": "1.1" if self.v3 else "0.10"}
+        spec["compression-type"] = self.compression_type
+        if self.v3:
+            spec["lazy-refcounts"] = bool(
+                self.hdr.compatible_features & layout.COMPAT_LAZY_REFCOUNTS
+            )
+        spec["refcount-bits"] = 1 << self.hdr.refcount_order
+        if self.v3:
+            spec["corrupt"] = self._corrupt
+            spec["extended-l2"] = self.extended
+        if self.meta.data_file is not None:
+            spec["data-file"] = self.meta.data_file
+            spec["data-file-raw"] = bool(
+                self.hdr.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW
+            )
+        return ImageInfo(
+            filename=self.path,
+            format="qcow2",
+            virtual_size=self.hdr.size,
+            actual_size=actual,
+            cluster_size=self.cs,
+            backing_filename=self.meta.backing_file,
+            backing_format=self.meta.backing_format,
+            dirty_flag=bool(self.hdr.incompatible_features & layout.INCOMPAT_DIRTY),
+            snapshots=self.snapshots,
+            format_specific=spec,
+        )
+
+    @guarded
+    def check(self, repair: bool = False) -> CheckResult:
+        """Check refcounts and flags as ``qemu-img check`` does (``repair`` fixes them)."""
+        self._live()
+        if repair and not self._writable:
+            raise ImageError("check(repair=True) needs the image open writable", path=self.path)
+
+        return checkmod.check(self, repair=repair)
+
+    # ---- snapshots ----
+    @property
+    def snapshots(self) -> tuple[SnapshotInfo, ...]:
+        """Internal snapshots, in table order (oldest first)."""
+        return tuple(snapshots.snapinfo(s) for s in self.snaps)
+
+    @guarded
+    def create_snapshot(self, name: str, *, vm_state: bytes | None = None) -> SnapshotInfo:
+        """Take an internal snapshot (optionally with a VM state blob)."""
+        self._require_writable("create a snapshot")
+
+        out: list[SnapshotInfo] = []
+        self._run_write(lambda: out.append(snapshots.create(self, name, vm_state)))
+        return out[0]
+
+    @guarded
+    def revert_snapshot(self, name: str) -> None:
+        """Make the disk (and its size) what it was when snapshot ``name`` was taken."""
+        self._require_writable("revert to a snapshot")
+
+        self._run_write(lambda: snapshots.revert(self, name))
+
+    @guarded
+    def delete_snapshot(self, name: str) -> None:
+        """Delete snapshot ``name`` (name or id), freeing what only it used."""
+        self._require_writable("delete a snapshot")
+
+        self._run_write(lambda: snapshots.delete(self, name))
+
+    @guarded
+    def snapshot_vm_state(self, name: str) -> bytes:
+        """The VM state blob saved with snapshot ``name`` (empty if none)."""
+        self._live()
+
+        return snapshots.read_vm_state(self, name)
+
+    @guarded
+    def read_snapshot(self, name: str, offset: int, length: int) -> bytes:
+        """Read guest bytes as they were in snapshot ``name`` (read-only view)."""
+        self._live()
+
+        return snapshots.read(self, name, offset, length)
+
+    # ---- header rewrite ----
+    @guarded
+    def set_backing_file(self, name: str | None, backing_format: str | None = None) -> None:
+        """Record a new backing file name and format (the data is not touched: rebase -u).
+
+        Unknown header extensions are kept. The new backing file is not opened
+        until the image is reopened.
+
+        Raises:
+            ImageError: the name does not fit in the first cluster.
+        """
+        self._require_writable("change the backing file")
+        self._prepare_write()
+        exts = [
+            e
+            for e in self.meta.extensions
+            if e.type not in (layout.EXT_BACKING_FORMAT, layout.EXT_END)
+        ]
+        if name is not None and backing_format is not None:
+            exts.insert(0, layout.Extension(layout.EXT_BACKING_FORMAT, backing_format.encode()))
+        hdr = self.hdr
+        head = bytearray(layout.encode_header(hdr))
+        head += layout.encode_extensions(exts)
+        raw_name = name.encode() if name is not None else b""
+        if len(raw_name) > layout.MAX_BACKING_NAME:
+            raise ImageError("backing file name longer than 1023 bytes", path=self.path)
+        if len(head) + len(raw_name) > self.cs:
+            raise ImageError(
+                "header, extensions and backing name do not fit in one cluster", path=self.path
+            )
+        new_hdr = layout.Header(
+            **{f.name: getattr(hdr, f.name) for f in attrs.fields(layout.Header)}
+        )
+        new_hdr.backing_file_offset = len(head) if raw_name else 0
+        new_hdr.backing_file_size = len(raw_name)
+        head[: len(layout.encode_header(new_hdr))] = layout.encode_header(new_hdr)
+        head += raw_name
+        self.st.pwrite(0, bytes(head))
+        self.st.flush()
+        self.hdr = new_hdr
+        self.meta.header = new_hdr
+        self.meta.extensions = exts
+        self.meta.backing_file = name
+        self.meta.backing_format = backing_format if name is not None else None
+
+    # ---- close ----
+    def close(self) -> None:
+        """Flush and release the files (and the backing chain). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._writable:
+                self.st.flush()
+        finally:
+            self._close_children()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("rw" if self._writable else "ro")
+        return f"<Qcow2Image {self.path!r} {self.hdr.size} bytes v{self.hdr.version} {state}>"
+
+
+def _coalesce(items: list[tuple[int, int]], cs: int) -> Iterator[tuple[int, int, int]]:
+    """Group ``(index, host)`` pairs into ``(first, stop, host)`` contiguous runs."""
+    start = prev = host0 = -1
+    for j, host in items:
+        if start >= 0 and j == prev + 1 and host == host0 + (j - start) * cs:
+            prev = j
+            continue
+        if start >= 0:
+            yield start, prev + 1, host0
+        start = prev = j
+        host0 = host
+    if start >= 0:
+        yield start, prev + 1, host0
+
+
+def _merge(extents: Iterable[Extent]) -> Iterator[Extent]:
+    pend: Extent | None = None
+    for ext in extents:
+        if ext.length == 0:
+            continue
+        if (
+            pend is not None
+            and pend.kind == ext.kind
+            and pend.from_backing == ext.from_backing
+            and pend.start + pend.length == ext.start
+        ):
+            pend = Extent(pend.start, pend.length + ext.length, pend.kind, pend.from_backing)
+            continue
+        if pend is not None:
+            yield pend
+        pend = ext
+    if pend is not None:
+        yield pend
