@@ -1,0 +1,114 @@
+"""The coroutine twin of the Guest API, for orchestrating many guests at once.
+
+``await guest.aio.start()`` does what ``guest.start()`` does. The QMP,
+console and process I/O already run on the backend's private event loop;
+each coroutine here runs the state-checked operation on a worker thread
+(``asyncio.to_thread``) so the caller's loop never blocks, and many guests
+proceed concurrently::
+
+    await asyncio.gather(*(g.aio.start() for g in guests))
+    await asyncio.gather(*(g.aio.console.expect("login:") for g in guests))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import TYPE_CHECKING, Any
+
+from virtkit.model import Snapshot, State
+
+if TYPE_CHECKING:
+    from virtkit.backends.console import Pattern
+    from virtkit.backends.qemu.guest import QemuGuest
+
+__all__ = ["AsyncConsole", "AsyncQemuGuest"]
+
+
+class AsyncConsole:
+    """Coroutine twin of :class:`~virtkit.backends.console.Console`."""
+
+    def __init__(self, guest: QemuGuest) -> None:
+        self._guest = guest
+
+    async def expect(self, pattern: Pattern, timeout: float | None = 30.0) -> re.Match[Any]:
+        """Await ``pattern`` in the output (see ``Console.expect``)."""
+        return await asyncio.to_thread(self._guest.console.expect, pattern, timeout)
+
+    async def write(self, data: bytes | str) -> None:
+        """Send ``data`` to the guest's serial input."""
+        self._guest.console.write(data)
+
+    @property
+    def output(self) -> bytes:
+        """Everything the guest has printed so far."""
+        return self._guest.console.output
+
+
+class AsyncQemuGuest:
+    """The same operations as :class:`QemuGuest`, as coroutines.
+
+    Errors are the same virtkit errors the sync methods raise.
+    """
+
+    def __init__(self, guest: QemuGuest) -> None:
+        self.guest = guest
+        self.console = AsyncConsole(guest)
+
+    @property
+    def state(self) -> State:
+        """The guest's run state."""
+        return self.guest.state
+
+    async def start(self) -> None:
+        """Coroutine twin of ``Guest.start``."""
+        await asyncio.to_thread(self.guest.start)
+
+    async def pause(self) -> None:
+        """Coroutine twin of ``Guest.pause``."""
+        await asyncio.to_thread(self.guest.pause)
+
+    async def resume(self) -> None:
+        """Coroutine twin of ``Guest.resume``."""
+        await asyncio.to_thread(self.guest.resume)
+
+    async def reset(self) -> None:
+        """Coroutine twin of ``Guest.reset``."""
+        await asyncio.to_thread(self.guest.reset)
+
+    async def shutdown(self, timeout: float = 30) -> None:
+        """Coroutine twin of ``Guest.shutdown``."""
+        await asyncio.to_thread(self.guest.shutdown, timeout)
+
+    async def kill(self) -> None:
+        """Coroutine twin of ``Guest.kill``."""
+        await asyncio.to_thread(self.guest.kill)
+
+    async def wait(self, timeout: float | None = None) -> State:
+        """Coroutine twin of ``Guest.wait``."""
+        return await asyncio.to_thread(self.guest.wait, timeout)
+
+    async def snapshot(self, name: str, *, memory: bool = True, description: str = "") -> Snapshot:
+        """Coroutine twin of ``Guest.snapshot``."""
+        return await asyncio.to_thread(
+            lambda: self.guest.snapshot(name, memory=memory, description=description)
+        )
+
+    async def revert(self, name: str) -> None:
+        """Coroutine twin of ``Guest.revert``."""
+        await asyncio.to_thread(self.guest.revert, name)
+
+    async def delete_snapshot(self, name: str) -> None:
+        """Coroutine twin of ``Guest.delete_snapshot``."""
+        await asyncio.to_thread(self.guest.delete_snapshot, name)
+
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run a raw QMP command (awaited on the backend's loop, no thread)."""
+        from virtkit.backends.qemu.qmp import run_async  # noqa: PLC0415
+
+        proc = self.guest._proc
+        if proc is None or not proc.alive:
+            from virtkit.errors import StateError  # noqa: PLC0415
+
+            raise StateError(f"QEMU for guest {self.guest.name!r} is not running", action=command)
+        return await run_async(proc.qmp.execute(command, arguments))

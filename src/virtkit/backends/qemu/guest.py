@@ -1,0 +1,677 @@
+"""``QemuGuest``: one machine run as a supervised QEMU process controlled over QMP.
+
+The lifecycle rules live in :mod:`virtkit.backends.base`; this module only
+implements the hooks. Every hook runs a coroutine on the backend's private
+event loop (:mod:`virtkit.backends.qemu.qmp`), where the QMP session, the
+console stream and the QEMU child live. QMP events are mapped onto the
+shared state machine:
+
+====================  ===============================================
+QMP event             guest state
+====================  ===============================================
+``STOP``              PAUSED (when not caused by a virtkit operation)
+``RESUME``            RUNNING (likewise)
+``SHUTDOWN``          remembered; the process exit then gives SHUTOFF
+``RESET``             counted (``guest.resets``); stays RUNNING
+``GUEST_PANICKED``    CRASHED ("the guest kernel panicked")
+process exit          SHUTOFF after a power-off or a virtkit stop,
+                      else CRASHED with the exit status and stderr tail
+====================  ===============================================
+
+The QMP connection closing after a power-off is the normal end of a run.
+
+Snapshots:
+
+* full (``memory=True``): QEMU's ``snapshot-save`` / ``snapshot-load`` /
+  ``snapshot-delete`` jobs; RAM and device state go into the first writable
+  qcow2 disk, and every writable qcow2 disk gets an internal snapshot of the
+  same name (so ``virtkit.images`` and ``qemu-img snapshot -l`` list it);
+* disk-only (``memory=False``): external qcow2 overlays
+  (``blockdev-add`` + ``blockdev-snapshot`` while running, ``qemu-img``
+  while shut off), with revert (a fresh overlay on the frozen layer) and
+  delete (``block-stream`` live, ``qemu-img rebase`` offline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import os
+import shutil
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from virtkit.backends.base import Guest
+from virtkit.backends.qemu.argv import (
+    CACHE_MODES,
+    AttachedDisk,
+    KernelBoot,
+    LaunchSpec,
+    build_argv,
+    node_name,
+    shell_quote,
+)
+from virtkit.backends.qemu.layers import LayerState, qemu_img
+from virtkit.backends.qemu.process import ExitInfo, QemuProcess, make_runtime_dir
+from virtkit.backends.qemu.qmp import run_sync
+from virtkit.errors import (
+    BackendError,
+    ConfigError,
+    ImageError,
+    StateError,
+    TimeoutError,
+)
+from virtkit.model import Disk, Machine, Snapshot, SnapshotKind, State
+
+if TYPE_CHECKING:
+    from virtkit.backends.qemu.aio import AsyncQemuGuest
+    from virtkit.backends.qemu.hypervisor import QemuHypervisor
+
+__all__ = ["QemuGuest"]
+
+SEED_FILE = "cloud-init-seed.iso"
+_JOB_TIMEOUT = 300.0
+
+
+class QemuGuest(Guest):
+    """A guest run by ``qemu-system-*``.
+
+    Extra attributes beyond :class:`~virtkit.backends.base.Guest`:
+
+    * :attr:`accelerator` - ``"kvm"`` or ``"tcg"`` of the current run
+      (confirmed by QMP ``query-kvm``), ``None`` before the first start;
+    * :attr:`pid` - QEMU's process id while it runs;
+    * :meth:`qemu_argv` - the command line, without running anything;
+    * :meth:`qmp` - run any QMP command;
+    * :attr:`aio` - the same API as coroutines;
+    * :meth:`active_disk_path` - the file a disk currently writes to.
+    """
+
+    hypervisor: QemuHypervisor
+
+    def __init__(
+        self,
+        hypervisor: QemuHypervisor,
+        machine: Machine,
+        folder: Path,
+        *,
+        kernel: KernelBoot | None = None,
+    ) -> None:
+        super().__init__(hypervisor, machine, folder)
+        self.kernel = kernel
+        self.accelerator: str | None = None
+        self.resets = 0
+        self.last_exit: ExitInfo | None = None
+        self._proc: QemuProcess | None = None
+        self._quiet = 0  # > 0 while a virtkit operation causes STOP/RESUME events
+        self._shutdown_event: Mapping[str, Any] | None = None
+        self._layers = LayerState.load(self.folder)
+        self._nodes: dict[str, str] = {}
+        self._aio: AsyncQemuGuest | None = None
+        self._lock = threading.Lock()
+
+    # -- introspection --------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id while it runs, else ``None``."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.alive else None
+
+    @property
+    def aio(self) -> AsyncQemuGuest:
+        """The coroutine twin of this guest's API (``await guest.aio.start()``)."""
+        if self._aio is None:
+            from virtkit.backends.qemu.aio import AsyncQemuGuest  # noqa: PLC0415 - cycle
+
+            self._aio = AsyncQemuGuest(self)
+        return self._aio
+
+    def active_disk_path(self, disk: Disk) -> Path:
+        """The file ``disk`` currently writes to: its top overlay after disk snapshots."""
+        active = self._layers.active.get(str(disk.target))
+        return Path(active) if active else self.disk_path(disk)
+
+    def seed_path(self) -> Path | None:
+        """Where the cloud-init seed ISO is written (when the machine has ``cloud_init``)."""
+        return self.folder / SEED_FILE if self.machine.cloud_init is not None else None
+
+    def _spec(self, runtime_dir: Path, *, paused: bool, accel: str) -> LaunchSpec:
+        hv = self.hypervisor
+        code, nvram = (None, None)
+        if self.machine.firmware == "uefi":
+            code, nvram = hv.ovmf_code(), self.folder / "OVMF_VARS.fd"
+        return LaunchSpec(
+            binary=hv.binary,
+            accel=accel,
+            disks=tuple(AttachedDisk(d, self.active_disk_path(d)) for d in self.machine.disks),
+            cdroms=tuple(self.disk_path(c) for c in self.machine.cdroms),
+            seed=self.seed_path(),
+            qmp_socket=runtime_dir / "qmp.sock",
+            console_socket=runtime_dir / "console.sock" if self.machine.serial.enabled else None,
+            kernel=self.kernel,
+            firmware_code=code,
+            nvram=nvram,
+            paused=paused,
+        )
+
+    def qemu_argv(
+        self, *, paused: bool = False, runtime_dir: str | os.PathLike[str] | None = None
+    ) -> list[str]:
+        """The QEMU command line for this guest, without running anything (a dry run).
+
+        Args:
+            paused: include ``-S`` (virtkit itself starts QEMU paused and
+                continues it once QMP is connected).
+            runtime_dir: where the QMP and console sockets would live
+                (default: a placeholder ``$XDG_RUNTIME_DIR/vk-<name>``).
+
+        Raises:
+            ConfigError: the machine cannot be expressed (e.g. UEFI without OVMF).
+        """
+        base = (
+            runtime_dir
+            if runtime_dir is not None
+            else Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"vk-{self.name}"
+        )
+        accel = self.hypervisor.accelerator.accel
+        return build_argv(self.machine, self._spec(Path(base), paused=paused, accel=accel))
+
+    def qemu_command_line(self) -> str:
+        """:meth:`qemu_argv` as one shell-quoted line."""
+        return shell_quote(self.qemu_argv())
+
+    # -- checks before a launch ------------------------------------------------------
+    def _check_files(self) -> None:
+        for i, disk in enumerate(self.machine.disks):
+            path = self.active_disk_path(disk)
+            if not path.is_file():
+                hint = (
+                    "create it (virtkit.images.create) or give the Disk a size so define() "
+                    "creates it"
+                )
+                raise ImageError(
+                    f"disk 'disks[{i}]' ({disk.target}) has no image file: {path} does not "
+                    f"exist; {hint}",
+                    path=str(path),
+                )
+        for i, cd in enumerate(self.machine.cdroms):
+            path = self.disk_path(cd)
+            if not path.is_file():
+                raise ImageError(
+                    f"CD-ROM 'cdroms[{i}]' ({cd.target}) has no image file: {path} does not exist",
+                    path=str(path),
+                )
+        if self.kernel is not None:
+            boot_files = {"kernel": self.kernel.kernel, "initrd": self.kernel.initrd}
+            for what, file in boot_files.items():
+                if file is not None and not file.is_file():
+                    raise ConfigError(f"{what} file {file} does not exist", field=what)
+        if self.machine.cloud_init is not None:
+            from virtkit.provision import write_seed_iso  # noqa: PLC0415 - optional layer
+
+            seed = self.seed_path()
+            assert seed is not None
+            write_seed_iso(self.machine, seed)
+        if self.machine.firmware == "uefi":
+            nvram = self.folder / "OVMF_VARS.fd"
+            if not nvram.exists():
+                shutil.copyfile(self.hypervisor.ovmf_vars(), nvram)
+                os.chmod(nvram, 0o600)
+
+    # -- running QEMU ----------------------------------------------------------------------
+    def _launch(self, *, paused: bool) -> None:
+        """Start QEMU (stopped with -S), connect QMP and the console, then continue."""
+        if self._proc is not None:
+            self._terminate()
+        self._check_files()
+        choice = self.hypervisor.accelerator
+        runtime = make_runtime_dir(self.name)
+        try:
+            argv = build_argv(self.machine, self._spec(runtime, paused=True, accel=choice.accel))
+        except BaseException:
+            shutil.rmtree(runtime, ignore_errors=True)
+            raise
+        self._shutdown_event = None
+        self._nodes = {str(d.target): node_name(str(d.target)) for d in self.machine.disks}
+        proc = run_sync(
+            QemuProcess.launch(
+                name=self.name,
+                argv=argv,
+                runtime_dir=runtime,
+                qmp_socket=runtime / "qmp.sock",
+                console_socket=runtime / "console.sock" if self.machine.serial.enabled else None,
+                on_event=self._on_event,
+                on_console=self.console.feed,
+                on_exit=self._on_exit,
+                timeout=self.hypervisor.start_timeout,
+            )
+        )
+        self._proc = proc
+        try:
+            kvm = run_sync(proc.qmp.execute("query-kvm"))
+            self.accelerator = "kvm" if kvm.get("enabled") else "tcg"
+            self.console.set_writer(self._write_console)
+            if not paused:
+                self._qmp_sync("cont")
+        except BaseException:
+            self._terminate()
+            raise
+
+    def _write_console(self, data: bytes) -> None:
+        proc = self._proc
+        if proc is None or not proc.alive:
+            raise StateError(f"cannot write to the console of {self.name!r}: QEMU is not running")
+        from virtkit.backends.qemu.qmp import loop  # noqa: PLC0415 - tiny helper
+
+        loop().call_soon_threadsafe(proc.write_console, data)
+
+    def _terminate(self) -> None:
+        """Stop QEMU (quit, then SIGKILL) and wait until it is reaped and cleaned up."""
+        proc = self._proc
+        if proc is None:
+            return
+        run_sync(proc.stop())
+        self._proc = None
+        self.console.set_writer(None)
+
+    def _qmp_sync(
+        self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        proc = self._proc
+        if proc is None or not proc.alive:
+            raise StateError(f"QEMU for guest {self.name!r} is not running", action=command)
+        return run_sync(proc.qmp.execute(command, args, timeout=timeout))
+
+    def qmp(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run a raw QMP command on the running QEMU and return its result.
+
+        Changing the run state behind virtkit's back (``stop``, ``cont``,
+        ``quit``) is reported through the usual events.
+
+        Raises:
+            StateError: QEMU is not running.
+            BackendError: QEMU refused the command.
+            TimeoutError: no answer within ``timeout`` (default 30 s).
+        """
+        return self._qmp_sync(command, arguments, timeout=timeout)
+
+    # -- events from the loop thread ------------------------------------------------------
+    def _on_event(self, name: str, data: Mapping[str, Any]) -> None:
+        if name == "STOP":
+            if not self._quiet:
+                self._notify_paused()
+        elif name == "RESUME":
+            if not self._quiet:
+                self._notify_resumed()
+        elif name == "SHUTDOWN":
+            self._shutdown_event = data
+        elif name == "RESET":
+            self.resets += 1
+        elif name == "GUEST_PANICKED":
+            action = data.get("action", "?")
+            self._notify_crash(f"the guest kernel panicked (QMP GUEST_PANICKED, action {action})")
+
+    def _on_exit(self, info: ExitInfo) -> None:
+        self.last_exit = info
+        self.console.set_writer(None)
+        if info.expected:
+            return
+        shutdown = self._shutdown_event
+        if shutdown is not None and info.returncode == 0:
+            self._notify_poweroff()
+            return
+        tail = info.stderr_tail or "(nothing on stderr)"
+        self._notify_crash(f"QEMU exited unexpectedly ({info.describe()}); stderr tail:\n{tail}")
+
+    # -- lifecycle hooks ---------------------------------------------------------------------
+    def _do_start(self) -> None:
+        self._launch(paused=False)
+
+    @contextlib.contextmanager
+    def _quietly(self) -> Any:
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def _do_pause(self) -> None:
+        with self._quietly():
+            self._qmp_sync("stop")
+
+    def _do_resume(self) -> None:
+        with self._quietly():
+            self._qmp_sync("cont")
+
+    def _do_reset(self) -> None:
+        self._qmp_sync("system_reset")
+
+    def _do_shutdown(self, timeout: float) -> None:
+        proc = self._proc
+        if proc is None:
+            raise StateError(f"QEMU for guest {self.name!r} is not running", action="shutdown")
+        self._qmp_sync("system_powerdown")
+
+        async def wait() -> bool:
+            assert proc.exited is not None
+            try:
+                await asyncio.wait_for(proc.exited.wait(), timeout)
+            except builtins.TimeoutError:
+                return False
+            return True
+
+        if not run_sync(wait()):
+            raise TimeoutError(
+                f"guest {self.name!r} did not power off within {timeout} s after the ACPI "
+                "power button was pressed (does it run an ACPI daemon?); it keeps running: "
+                "kill() stops it hard",
+                timeout=timeout,
+            )
+        self._proc = None
+
+    def _do_kill(self) -> None:
+        self._terminate()
+
+    def _release(self) -> None:
+        with contextlib.suppress(Exception):
+            self._terminate()
+        super()._release()
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def _writable_disks(self) -> list[Disk]:
+        return [d for d in self.machine.disks if not d.read_only]
+
+    def _full_nodes(self, action: str) -> list[str]:
+        nodes = []
+        for disk in self._writable_disks():
+            path = self.active_disk_path(disk)
+            if disk.format != "qcow2" and path == self.disk_path(disk):
+                raise ConfigError(
+                    f"cannot {action} a full snapshot: writable disk {disk.target} is raw, and "
+                    "only qcow2 images hold internal snapshots (convert it, or attach it "
+                    "read_only=True)",
+                    field="disks",
+                )
+            nodes.append(self._nodes[str(disk.target)])
+        if not nodes:
+            raise ConfigError(
+                f"cannot {action} a full snapshot: the guest has no writable qcow2 disk to hold "
+                "the RAM and device state",
+                field="disks",
+            )
+        return nodes
+
+    def _snapshot_args(self, *, kind: str, tag: str, nodes: list[str]) -> dict[str, Any]:
+        return {"job-id": self._job_id(kind), "tag": tag, "vmstate": nodes[0], "devices": nodes}
+
+    def _job_id(self, kind: str) -> str:
+        self._layers.counter += 1
+        return f"vk-{kind}-{self._layers.counter}"
+
+    def _do_snapshot(self, snap: Snapshot) -> None:
+        if snap.kind is SnapshotKind.FULL:
+            nodes = self._full_nodes("take")
+            proc = self._proc
+            assert proc is not None
+            with self._quietly():
+                run_sync(
+                    proc.qmp.run_job(
+                        "snapshot-save",
+                        self._snapshot_args(kind="save", tag=snap.name, nodes=nodes),
+                        timeout=_JOB_TIMEOUT,
+                    )
+                )
+            self._layers.full[snap.name] = {
+                str(d.target): str(self.active_disk_path(d)) for d in self._writable_disks()
+            }
+            self._layers.save(self.folder)
+            return
+        self._disk_snapshot(snap)
+
+    def _do_revert(self, snap: Snapshot) -> None:
+        if snap.kind is SnapshotKind.FULL:
+            self._full_revert(snap)
+        else:
+            self._disk_revert(snap)
+
+    def _do_delete_snapshot(self, snap: Snapshot) -> None:
+        if snap.kind is SnapshotKind.FULL:
+            self._full_delete(snap)
+        else:
+            self._disk_delete(snap)
+
+    def _check_full_layers(self, snap: Snapshot, action: str) -> None:
+        where = self._layers.full.get(snap.name, {})
+        for disk in self._writable_disks():
+            recorded = where.get(str(disk.target))
+            if recorded is not None and recorded != str(self.active_disk_path(disk)):
+                raise StateError(
+                    f"cannot {action} full snapshot {snap.name!r}: disk {disk.target} has had "
+                    "disk-only snapshots taken on top of it since; revert to or delete those "
+                    "disk snapshots first",
+                    action=action,
+                )
+
+    def _full_revert(self, snap: Snapshot) -> None:
+        self._check_full_layers(snap, "revert to")
+        live = (
+            self._proc is not None
+            and self._proc.alive
+            and self.state in (State.RUNNING, State.PAUSED)
+        )
+        if not live:
+            self._launch(paused=True)
+        nodes = self._full_nodes("revert to")
+        proc = self._proc
+        assert proc is not None
+        with self._quietly():
+            run_sync(
+                proc.qmp.run_job(
+                    "snapshot-load",
+                    self._snapshot_args(kind="load", tag=snap.name, nodes=nodes),
+                    timeout=_JOB_TIMEOUT,
+                )
+            )
+            status = self._qmp_sync("query-status")
+            running = bool(status.get("running"))
+            if snap.state is State.RUNNING and not running:
+                self._qmp_sync("cont")
+            elif snap.state is State.PAUSED and running:
+                self._qmp_sync("stop")
+
+    def _full_delete(self, snap: Snapshot) -> None:
+        if self._proc is not None and self._proc.alive:
+            nodes = self._full_nodes("delete")
+            proc = self._proc
+            run_sync(
+                proc.qmp.run_job(
+                    "snapshot-delete",
+                    {"job-id": self._job_id("delete"), "tag": snap.name, "devices": nodes},
+                    timeout=_JOB_TIMEOUT,
+                )
+            )
+        else:
+            where = self._layers.full.get(snap.name)
+            paths = (
+                [Path(p) for p in where.values()]
+                if where
+                else [self.active_disk_path(d) for d in self._writable_disks()]
+            )
+            for path in paths:
+                if path.is_file():
+                    listing = qemu_img(self.hypervisor.qemu_img, "snapshot", "-l", "-U", str(path))
+                    if any(line.split()[1:2] == [snap.name] for line in listing.splitlines()[2:]):
+                        qemu_img(self.hypervisor.qemu_img, "snapshot", "-d", snap.name, str(path))
+        self._layers.full.pop(snap.name, None)
+        self._layers.save(self.folder)
+
+    # -- disk-only snapshots: external overlays -------------------------------------------------
+    def _backing_of(self, path: Path) -> Path | None:
+        import json  # noqa: PLC0415
+
+        info = json.loads(
+            qemu_img(self.hypervisor.qemu_img, "info", "-U", "--output=json", str(path))
+        )
+        full = info.get("full-backing-filename") or info.get("backing-filename")
+        if not full:
+            return None
+        return Path(full) if os.path.isabs(full) else path.parent / full
+
+    def _create_overlay(self, below: Path, fmt: str, size: int, overlay: Path) -> None:
+        qemu_img(
+            self.hypervisor.qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt,
+            "-b", os.path.relpath(below, overlay.parent), "-u", str(overlay), str(size),
+        )  # fmt: skip
+
+    def _virtual_size(self, path: Path) -> int:
+        import json  # noqa: PLC0415
+
+        info = json.loads(
+            qemu_img(self.hypervisor.qemu_img, "info", "-U", "--output=json", str(path))
+        )
+        return int(info["virtual-size"])
+
+    def _layer_format(self, disk: Disk, path: Path) -> str:
+        return disk.format if path == self.disk_path(disk) else "qcow2"
+
+    def _disk_snapshot(self, snap: Snapshot) -> None:
+        live = self._proc is not None and self._proc.alive
+        frozen: dict[str, str] = {}
+        for disk in self._writable_disks():
+            target = str(disk.target)
+            below = self.active_disk_path(disk)
+            fmt = self._layer_format(disk, below)
+            overlay = self._layers.next_overlay(below, self.disk_path(disk))
+            self._create_overlay(below, fmt, self._virtual_size(below), overlay)
+            if live:
+                node = f"{node_name(target)}-s{self._layers.counter}"
+                direct, no_flush, _ = CACHE_MODES[disk.cache]
+                cache = {"direct": direct, "no-flush": no_flush}
+                try:
+                    self._qmp_sync(
+                        "blockdev-add",
+                        {
+                            "driver": "qcow2",
+                            "node-name": node,
+                            "cache": cache,
+                            "discard": disk.discard,
+                            "file": {"driver": "file", "filename": str(overlay), "cache": cache},
+                            "backing": None,
+                        },
+                    )
+                    self._qmp_sync(
+                        "blockdev-snapshot", {"node": self._nodes[target], "overlay": node}
+                    )
+                except BaseException:
+                    overlay.unlink(missing_ok=True)
+                    raise
+                self._nodes[target] = node
+            frozen[target] = str(below)
+            self._layers.active[target] = str(overlay)
+        self._layers.frozen[snap.name] = frozen
+        self._layers.save(self.folder)
+
+    def _all_layers(self) -> set[Path]:
+        layers = {Path(p) for p in self._layers.active.values()}
+        for frozen in self._layers.frozen.values():
+            layers.update(Path(p) for p in frozen.values())
+        return layers
+
+    def _disk_revert(self, snap: Snapshot) -> None:
+        if self._proc is not None:
+            self._terminate()
+        frozen = self._layers.frozen.get(snap.name, {})
+        keep = {Path(p) for m in self._layers.frozen.values() for p in m.values()}
+        for disk in self._writable_disks():
+            target = str(disk.target)
+            base = frozen.get(target)
+            if base is None:
+                continue
+            current = self.active_disk_path(disk)
+            overlay = self._layers.next_overlay(Path(base), self.disk_path(disk))
+            self._create_overlay(
+                Path(base),
+                self._layer_format(disk, Path(base)),
+                self._virtual_size(Path(base)),
+                overlay,
+            )
+            self._layers.active[target] = str(overlay)
+            if current not in keep and current != self.disk_path(disk):
+                current.unlink(missing_ok=True)  # the discarded state after the snapshot
+        self._layers.save(self.folder)
+
+    def _disk_delete(self, snap: Snapshot) -> None:
+        frozen = self._layers.frozen.get(snap.name, {})
+        live = self._proc is not None and self._proc.alive
+        for disk in self._writable_disks():
+            target = str(disk.target)
+            layer = frozen.get(target)
+            if layer is None:
+                continue
+            layer_path = Path(layer)
+            below = self._backing_of(layer_path)
+            children = [
+                p
+                for p in self._all_layers()
+                if p != layer_path and p.is_file() and self._backing_of(p) == layer_path
+            ]
+            chain = self._running_chain(disk) if live else []
+            for child in children:
+                if child in chain:
+                    self._stream_live(disk, child, below)
+                else:
+                    args = ["rebase", "-q", "-f", "qcow2"]
+                    if below is not None:
+                        args += [
+                            "-F",
+                            self._layer_format(disk, below),
+                            "-b",
+                            os.path.relpath(below, child.parent),
+                        ]
+                    else:
+                        args += ["-b", ""]
+                    qemu_img(self.hypervisor.qemu_img, *args, str(child))
+            if layer_path != self.disk_path(disk):
+                layer_path.unlink(missing_ok=True)
+        del self._layers.frozen[snap.name]
+        self._layers.save(self.folder)
+
+    def _running_chain(self, disk: Disk) -> list[Path]:
+        chain: list[Path] = []
+        path: Path | None = self.active_disk_path(disk)
+        while path is not None and len(chain) < 256:
+            chain.append(path)
+            path = self._backing_of(path)
+        return chain
+
+    def _node_of(self, path: Path) -> str | None:
+        nodes = self._qmp_sync("query-named-block-nodes", {"flat": True})
+        want = os.path.realpath(path)
+        for node in nodes:
+            if node.get("drv") != "file" and os.path.realpath(str(node.get("file", ""))) == want:
+                return str(node["node-name"])
+        return None
+
+    def _stream_live(self, disk: Disk, child: Path, below: Path | None) -> None:
+        node = self._node_of(child)
+        if node is None:
+            raise BackendError(f"cannot find the QEMU block node for {child}")
+        args: dict[str, Any] = {"job-id": self._job_id("stream"), "device": node}
+        if below is not None:
+            base_node = self._node_of(below)
+            if base_node is None:
+                raise BackendError(f"cannot find the QEMU block node for {below}")
+            args["base-node"] = base_node
+            args["backing-file"] = os.path.relpath(below, child.parent)
+        proc = self._proc
+        assert proc is not None
+        run_sync(proc.qmp.run_job("block-stream", args, timeout=_JOB_TIMEOUT))

@@ -1,0 +1,319 @@
+"""Supervise one ``qemu-system-*`` process: runtime dir, sockets, stderr, reaping.
+
+Per launch:
+
+* a private runtime directory (mode 0700) holds the QMP socket and the
+  console socket (both 0600); virtkit listens on them and QEMU connects as a
+  client during its start-up, before any guest code runs;
+* QEMU runs as a child of the backend's private event-loop thread, which
+  lives as long as the Python process; ``prctl(PR_SET_PDEATHSIG, SIGKILL)``
+  in the child kills it if that thread (the process) goes away, and an
+  ``atexit`` hook kills what is left on a normal interpreter exit;
+* stderr is captured (the last 64 KiB are kept) for error messages;
+* the child is always reaped (``asyncio`` waits for it), and the runtime
+  directory and its sockets are removed when it exits, whatever the cause.
+
+Start-up failures raise :class:`~virtkit.errors.BackendError` with QEMU's
+exit code, command line and stderr tail; a later exit is reported to
+``on_exit`` with the same information.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from virtkit.backends.qemu.qmp import QmpSession, at_exit
+from virtkit.errors import BackendError, TimeoutError
+
+__all__ = ["ExitInfo", "QemuProcess", "make_runtime_dir", "runtime_base"]
+
+_PR_SET_PDEATHSIG = 1
+_STDERR_KEEP = 64 * 1024
+_live: set[QemuProcess] = set()
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_leftovers() -> None:
+    for proc in list(_live):
+        proc.kill_now()
+
+
+at_exit(_kill_leftovers)
+
+
+def runtime_base() -> Path:
+    """Where per-guest runtime dirs go: ``$XDG_RUNTIME_DIR`` if usable, else the temp dir."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
+        return Path(xdg)
+    return Path(tempfile.gettempdir())
+
+
+def make_runtime_dir(name: str) -> Path:
+    """A fresh private (0700) directory for one QEMU launch.
+
+    UNIX socket paths are limited to 107 bytes, so the dir name is short.
+    """
+    path = Path(tempfile.mkdtemp(prefix=f"vk-{name[:16]}-", dir=runtime_base()))
+    os.chmod(path, 0o700)
+    return path
+
+
+class ExitInfo:
+    """How a QEMU process ended.
+
+    Attributes:
+        returncode: the exit status (negative: killed by that signal).
+        stderr_tail: the last lines QEMU wrote to stderr.
+        expected: virtkit asked it to stop (quit/kill/power-off requested).
+    """
+
+    def __init__(self, returncode: int, stderr_tail: str, expected: bool) -> None:
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        self.expected = expected
+
+    def describe(self) -> str:
+        """One line: ``"exit code 1"`` or ``"killed by SIGKILL"``."""
+        if self.returncode < 0:
+            try:
+                sig = signal.Signals(-self.returncode).name
+            except ValueError:
+                sig = f"signal {-self.returncode}"
+            return f"killed by {sig}"
+        return f"exit code {self.returncode}"
+
+
+class QemuProcess:
+    """A running QEMU with its QMP session and console stream.
+
+    Create with :meth:`launch` (a coroutine, run on the private loop).
+    """
+
+    def __init__(  # noqa: PLR0917 - private constructor; launch() is the API
+        self,
+        name: str,
+        argv: list[str],
+        runtime_dir: Path,
+        qmp: QmpSession,
+        on_console: Callable[[bytes], None],
+        on_exit: Callable[[ExitInfo], None],
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.runtime_dir = runtime_dir
+        self.qmp = qmp
+        self._on_console = on_console
+        self._on_exit = on_exit
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr = bytearray()
+        self._console_server: asyncio.base_events.Server | None = None
+        self._console_writer: asyncio.StreamWriter | None = None
+        self._console_ready: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.expected_exit = False
+        self.exited: asyncio.Event | None = None
+        self.exit_info: ExitInfo | None = None
+        self.pid: int | None = None
+
+    # -- start-up -----------------------------------------------------------------
+    @classmethod
+    async def launch(
+        cls,
+        *,
+        name: str,
+        argv: Sequence[str],
+        runtime_dir: Path,
+        qmp_socket: Path,
+        console_socket: Path | None,
+        on_event: Callable[[str, Mapping[str, Any]], None],
+        on_console: Callable[[bytes], None],
+        on_exit: Callable[[ExitInfo], None],
+        timeout: float = 30.0,
+    ) -> QemuProcess:
+        """Listen on the sockets, start QEMU, wait until it connected to both.
+
+        Raises:
+            BackendError: QEMU exited during start-up (exit code, command line
+                and stderr tail included) or could not be executed.
+            TimeoutError: QEMU did not connect within ``timeout`` seconds.
+        """
+        qmp = QmpSession(name, qmp_socket, on_event)
+        self = cls(name, list(argv), runtime_dir, qmp, on_console, on_exit)
+        self.exited = asyncio.Event()
+        self._console_ready = asyncio.Event()
+        try:
+            await qmp.listen()
+            if console_socket is not None:
+                self._console_server = await asyncio.start_unix_server(
+                    self._accept_console, path=os.fspath(console_socket)
+                )
+                os.chmod(console_socket, 0o600)
+            else:
+                self._console_ready.set()
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *self.argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                    preexec_fn=_pdeathsig,
+                    cwd=os.fspath(runtime_dir),
+                )
+            except OSError as exc:
+                raise BackendError(
+                    f"cannot execute {self.argv[0]}: {exc.strerror}", argv=self.argv
+                ) from exc
+            self.pid = self._proc.pid
+            _live.add(self)
+            loop = asyncio.get_running_loop()
+            self._tasks.append(loop.create_task(self._read_stderr()))
+            waiter = self._proc.wait()
+            exit_task = loop.create_task(waiter)
+            ready = loop.create_task(self._wait_connected())
+            done, _ = await asyncio.wait(
+                {exit_task, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if ready not in done:
+                ready.cancel()
+                with contextlib.suppress(BaseException):
+                    await ready
+                if exit_task not in done:
+                    self.kill_now()
+                    await exit_task
+                    await self._drain_stderr()
+                    raise TimeoutError(
+                        f"QEMU for {name!r} did not connect its QMP monitor within {timeout} s; "
+                        f"stderr: {self.stderr_tail() or '(empty)'}",
+                        timeout=timeout,
+                    )
+                await self._drain_stderr()
+                code = exit_task.result()
+                raise BackendError(
+                    f"QEMU for guest {name!r} exited during start-up",
+                    exit_code=code,
+                    argv=self.argv,
+                    stderr_tail=self.stderr_tail(),
+                )
+            ready.result()
+            self._tasks.append(loop.create_task(self._watch_exit(exit_task)))
+            return self
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def _wait_connected(self) -> None:
+        assert self._console_ready is not None
+        await self.qmp.accept()
+        await self._console_ready.wait()
+
+    async def _accept_console(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self._console_writer is not None:  # only QEMU may connect, once
+            writer.close()
+            return
+        self._console_writer = writer
+        assert self._console_ready is not None
+        self._console_ready.set()
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                self._on_console(data)
+        except (OSError, asyncio.CancelledError):
+            pass
+
+    async def _read_stderr(self) -> None:
+        assert self._proc is not None
+        assert self._proc.stderr is not None
+        while True:
+            chunk = await self._proc.stderr.read(65536)
+            if not chunk:
+                return
+            self._stderr += chunk
+            if len(self._stderr) > 2 * _STDERR_KEEP:
+                del self._stderr[:-_STDERR_KEEP]
+
+    async def _drain_stderr(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self._tasks[:1]), 2)
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines QEMU wrote to stderr."""
+        text = bytes(self._stderr[-_STDERR_KEEP:]).decode("utf-8", "replace")
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    # -- running --------------------------------------------------------------------
+    def write_console(self, data: bytes) -> None:
+        """Queue bytes for the guest's serial input (loop thread only)."""
+        if self._console_writer is not None and not self._console_writer.is_closing():
+            self._console_writer.write(data)
+
+    @property
+    def alive(self) -> bool:
+        """The process has not exited yet."""
+        return self._proc is not None and self._proc.returncode is None
+
+    def kill_now(self) -> None:
+        """SIGKILL the process (safe from any thread; no-op once it exited)."""
+        self.expected_exit = True
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGKILL)
+
+    async def stop(self, *, graceful: float = 3.0) -> None:
+        """Stop QEMU: QMP ``quit``, then SIGKILL after ``graceful`` seconds; wait for the exit."""
+        self.expected_exit = True
+        assert self.exited is not None
+        if self.alive and self.qmp.connected:
+            with contextlib.suppress(Exception):
+                await self.qmp.execute("quit", timeout=graceful)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), graceful)
+        if self.alive:
+            self.kill_now()
+        await self.exited.wait()
+
+    async def _watch_exit(self, exit_task: asyncio.Task[int]) -> None:
+        code = await exit_task
+        await self._drain_stderr()
+        await self._teardown()
+        self.exit_info = ExitInfo(code, self.stderr_tail(), self.expected_exit)
+        assert self.exited is not None
+        self.exited.set()
+        with contextlib.suppress(Exception):
+            self._on_exit(self.exit_info)
+
+    async def _teardown(self) -> None:
+        """Close sockets and remove the runtime dir (idempotent)."""
+        await self.qmp.close()
+        if self._console_writer is not None:
+            self._console_writer.close()
+        if self._console_server is not None:
+            self._console_server.close()
+            with contextlib.suppress(Exception):
+                await self._console_server.wait_closed()
+        if self._proc is not None and self._proc.returncode is None:
+            self.kill_now()
+            with contextlib.suppress(Exception):
+                await self._proc.wait()
+        _live.discard(self)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
