@@ -144,6 +144,10 @@ def _walk_l1(
                     scan.allocated += 1
                 continue
             host = x & layout.L2E_OFFSET_MASK
+            if img.mapper.external:
+                if active and x & layout.OFLAG_COPIED:
+                    scan.allocated += 1
+                continue  # clusters in an external data file are not refcounted
             if not host:
                 continue
             if host & (cs - 1):

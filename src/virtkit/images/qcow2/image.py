@@ -151,6 +151,7 @@ class Qcow2Image(Image):
             real = chain.resolve(self.path, meta.data_file, self._allow, what="data file")
             self._data_st_own = FileStorage(real, writable=False, force_share=True)
             self.data_st = self._data_st_own
+            self.mapper.external = True
         if meta.backing_file is not None:
             real = chain.resolve(self.path, meta.backing_file, self._allow, what="backing file")
             fmt = chain.backing_format(meta.backing_format, real, self.path)
@@ -666,7 +667,9 @@ class Qcow2Image(Image):
         cur = self._cfree
         if cur and cur & (cs - 1):
             cluster_end = (cur & ~(cs - 1)) + cs
-            if ((cur + n - 1) | 511) + 1 <= cluster_end and self.refs.get(cur >> self.cb) > 0:
+            if ((cur + n - 1) | 511) + 1 <= cluster_end and (
+                0 < self.refs.get(cur >> self.cb) < self.refs.max
+            ):
                 self.refs.update([(cur >> self.cb, 1)])
                 self._cfree = cur + n
                 return cur

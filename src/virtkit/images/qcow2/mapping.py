@@ -74,6 +74,8 @@ class Mapper:
         self.csize_mask = (1 << (cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
         self.l1: array[int] = array("Q")
+        #: Data clusters live in an external data file (host offset 0 is valid there).
+        self.external = False
         #: File offset of the active L1 table (for error locations).
         self.l1_offset = 0
         self._cache: OrderedDict[int, array[int]] = OrderedDict()
@@ -146,7 +148,7 @@ class Mapper:
                 path=self.path,
                 offset=where,
             )
-        if host and host < self.cs:
+        if host and host < self.cs and not self.external:
             raise CorruptImageError(
                 f"L2 entry {entry:#x} points into the image header",
                 path=self.path,
@@ -203,7 +205,7 @@ class Mapper:
                     yield Run(ZERO, pos, n, 0)
                 else:
                     host = self.data_host(entry, where)
-                    if host:
+                    if host or (self.external and entry & layout.OFLAG_COPIED):
                         yield Run(DATA, pos, n, host + in_off)
                     else:
                         yield Run(UNALLOCATED, pos, n, 0)
@@ -225,7 +227,7 @@ class Mapper:
                 offset=where + 8,
             )
         host = self.data_host(entry, where)
-        if alloc and not host:
+        if alloc and not host and not self.external:
             raise CorruptImageError(
                 "extended L2 entry has allocated subclusters but no host offset",
                 path=self.path,
