@@ -1,0 +1,57 @@
+"""Boot-sector guests under the qemu backend: serial output, int 13h disk I/O, ACPI power-off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import virtkit.images
+from virtkit.backends.qemu import QemuHypervisor
+from virtkit.model import Disk, Machine, Serial, State
+
+
+def _machine(name: str, disk: Path, **kw: object) -> Machine:
+    return Machine(name=name, memory="16MiB", disks=[Disk(path=str(disk), bus="ide")], **kw)  # type: ignore[arg-type]
+
+
+class TestSerialAndPower:
+    def test_prints_on_com1_then_powers_off(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
+        """The guest's COM1 output reaches console.expect and its ACPI power-off ends the run."""
+        guest = hv.define(_machine("hello", boot_disk("hello")))
+        guest.start()
+        match = guest.console.expect("hello from the boot sector", timeout=30)
+        assert match.group(0) == b"hello from the boot sector"
+        assert guest.wait(timeout=30) is State.SHUTOFF
+        assert guest.crash_reason is None
+        assert guest.last_exit is not None and guest.last_exit.returncode == 0
+
+    def test_console_log_file_receives_output(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
+        """Serial(log=...) copies the console stream to a file in the guest folder."""
+        guest = hv.define(_machine("logged", boot_disk("hello"), serial=Serial(log="console.log")))
+        guest.start()
+        guest.wait(timeout=30)
+        assert b"hello from the boot sector" in (guest.folder / "console.log").read_bytes()
+
+    def test_guest_can_start_again_after_power_off(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
+        """A guest that powered itself off starts again; output is appended, not rewound."""
+        guest = hv.define(_machine("again", boot_disk("hello")))
+        for _ in range(2):
+            guest.start()
+            guest.console.expect("hello from the boot sector", timeout=30)
+            guest.wait(timeout=30)
+        assert guest.console.output.count(b"hello from the boot sector") == 2
+
+
+class TestDiskIO:
+    def test_int13_read_and_write_reach_the_qcow2_image(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """BIOS int 13h reads LBA 1 written by virtkit.images; its write to LBA 2 is read back by it."""
+        disk = boot_disk("disk", extra=b"sector-one-payload\r\n\0")
+        guest = hv.define(_machine("disk", disk))
+        guest.start()
+        guest.console.expect("sector-one-payload", timeout=30)
+        guest.console.expect("write ok", timeout=30)
+        assert guest.wait(timeout=30) is State.SHUTOFF
+        with virtkit.images.open(disk) as img:
+            assert img.read(1024, 16) == b"WRITTEN-BY-GUEST"
+            assert img.check().ok
