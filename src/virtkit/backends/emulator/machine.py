@@ -1,0 +1,625 @@
+"""The PC: CPU, RAM, BIOS, chipset, UART and disks, run on a worker thread.
+
+The worker runs the CPU in bounded slices: at most ``SLICE_US`` of host time
+(wall clock) or ``SLICE_INSTRUCTIONS`` instructions (virtual clock). Between
+slices it delivers the timer interrupt, idles a halted CPU on a condition
+variable (no host CPU burnt), and parks when the API asks (pause, snapshot,
+reset), so every operation takes effect within one slice.
+
+In virtual-clock mode nothing from outside ends a slice early: slices have
+a fixed instruction budget, guest time is the sum of budgets spent (a halted
+CPU skips to the next timer tick), so execution and the times it observes
+are a deterministic function of the machine's inputs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from unicorn import x86_const as x86
+
+from virtkit.backends.emulator.bios import (
+    BDA,
+    BIOS_SEGMENT,
+    STUB_BASE,
+    STUB_SIZE,
+    Bios,
+    stub_address,
+)
+from virtkit.backends.emulator.chipset import Chipset, Request
+from virtkit.backends.emulator.clock import NS_PER_INSTRUCTION, Clock
+from virtkit.backends.emulator.cpu import (
+    EXCEPTION_NAMES,
+    FLAG_IF,
+    FLAG_TF,
+    Cpu,
+    CpuFault,
+    TripleFault,
+    UcError,
+    unicorn,
+)
+from virtkit.backends.emulator.disks import SECTOR, Drive, DriveSpec, open_drives
+from virtkit.backends.emulator.uart import COM1_BASE, Uart16550
+from virtkit.errors import BackendError, ConfigError, ImageError
+
+__all__ = ["SLICE_INSTRUCTIONS", "SLICE_US", "PcMachine"]
+
+log = logging.getLogger("virtkit.emulator")
+
+SLICE_US = 20_000
+SLICE_INSTRUCTIONS = 100_000
+BOOT_ADDRESS = 0x7C00
+_PARK_TIMEOUT = 10.0
+
+
+class _Event(enum.Enum):
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    CRASH = "crash"
+    WAIT_INPUT = "wait-input"
+    WAIT_UNTIL = "wait-until"
+
+
+class PcMachine:
+    """One emulated PC.
+
+    Args:
+        memory: RAM in bytes.
+        drives: disks in BIOS order; the first bootable one boots.
+        boot_problems: reasons devices in the boot order cannot boot
+            (e.g. CD-ROMs), reported if no disk boots either.
+        clock: ``"wall"`` or ``"virtual"``.
+        output: receives the bytes the guest sends to COM1.
+        on_poweroff: called (from the worker) when the guest powers off.
+        on_crash: called (from the worker) with a reason when the guest crashes.
+
+    Raises:
+        ImageError: a disk cannot be opened.
+        BackendError: the CPU cannot be created.
+    """
+
+    def __init__(
+        self,
+        *,
+        memory: int,
+        drives: Sequence[DriveSpec],
+        boot_problems: Sequence[str] = (),
+        clock: str = "wall",
+        output: Callable[[bytes], None],
+        on_poweroff: Callable[[], None],
+        on_crash: Callable[[str], None],
+    ) -> None:
+        self.clock = Clock(clock)
+        self._output = output
+        self._on_poweroff = on_poweroff
+        self._on_crash = on_crash
+        self._boot_problems = list(boot_problems)
+        self.drives: list[Drive] = open_drives(drives)
+        try:
+            self.cpu = Cpu(memory)
+        except BaseException:
+            for drive in self.drives:
+                drive.close()
+            raise
+        self.uart = Uart16550(self._transmit)
+        self.chipset = Chipset(self.clock, self.cpu.memory_size, self._device_request)
+        self.bios = Bios(self)
+        self.disk_status: dict[int, int] = {}
+        self.trace: list[tuple[int, bytes]] = []  # virtual clock: (instructions, output)
+        self._slice_out = bytearray()
+        self.halted = False
+        self._event: _Event | None = None
+        self._event_reason = ""
+        self._wait_deadline = 0
+        self._next_tick_ns = 0
+        self._irq0_pending = False
+        self.finished: str | None = None  # "poweroff" / "crash" / "closed" once the worker ended
+        self.crash_reason: str | None = None
+        self.last_screen = ""
+        self._cv = threading.Condition()
+        self._gate = threading.Event()
+        self._park = False
+        self._parked = False
+        self._quit = False
+        self._in_slice = False
+        self._thread: threading.Thread | None = None
+        self._install_hooks()
+
+    # -- construction ------------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        uc = self.cpu.uc
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._hook_in, None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._hook_out, None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.hook_add(unicorn.UC_HOOK_INTR, self._hook_interrupt)
+
+    def power_on(self) -> None:
+        """Run the BIOS start-up (data areas) and load the boot sector; no code runs yet."""
+        self.cpu.reset_real_mode()
+        self.bios.post()
+        self.chipset.reset()
+        self.uart.reset()
+        self._next_tick_ns = self.clock.now_ns() + self.chipset.timer_period_ns()
+        self.bootstrap()
+
+    # -- worker control (API side) -----------------------------------------------------------------
+    def start(self, *, parked: bool = False) -> None:
+        """Start the worker thread; it waits for :meth:`release` before running."""
+        self._park = parked
+        self._thread = threading.Thread(target=self._worker, name="virtkit-emulator", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Let the worker begin (after the guest's state says it runs)."""
+        self._gate.set()
+
+    def park(self) -> None:
+        """Stop the CPU at the next slice boundary and wait until it is parked.
+
+        Raises:
+            BackendError: the worker did not stop in time.
+        """
+        with self._cv:
+            self._park = True
+            self._cv.notify_all()
+            if not self.clock.virtual and self._in_slice:
+                self.cpu.stop()
+            deadline = time.monotonic() + _PARK_TIMEOUT
+            while not self._parked and self.finished is None and self._thread is not None:
+                if not self._gate.is_set():
+                    return  # not started yet: it will park before running
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BackendError("the emulator's CPU thread did not stop within 10 s")
+                self._cv.wait(remaining)
+
+    def unpark(self) -> None:
+        """Let a parked CPU continue."""
+        with self._cv:
+            self._park = False
+            self._cv.notify_all()
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def send_input(self, data: bytes) -> None:
+        """Console input: queue it for the UART (and the BIOS keyboard)."""
+        self.uart.receive(data)
+        with self._cv:
+            self._cv.notify_all()
+
+    def press_power_button(self) -> None:
+        """The ACPI power button."""
+        with self._cv:
+            self.chipset.press_power_button()
+            self._cv.notify_all()
+
+    def wait_finished(self, timeout: float) -> str | None:
+        """Wait until the worker ends; return why (None on timeout)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self.finished is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cv.wait(min(remaining, 0.5))
+            return self.finished
+
+    def close(self) -> None:
+        """Stop the worker and release the CPU and the disks. Idempotent."""
+        with self._cv:
+            self._quit = True
+            self._cv.notify_all()
+            if self._in_slice:
+                self.cpu.stop()
+        self._gate.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_PARK_TIMEOUT)
+            if thread.is_alive():
+                raise BackendError("the emulator's CPU thread did not stop within 10 s")
+        self._release_resources()
+
+    def _release_resources(self) -> None:
+        for drive in self.drives:
+            try:
+                drive.close()
+            except ImageError as exc:
+                log.warning("closing %s: %s", drive.spec.path, exc)
+        self.drives = []
+        if self.cpu.uc is not None:
+            self.cpu.close()
+
+    def hard_reset(self) -> None:
+        """The reset button (call while parked): reboot from the BIOS."""
+        self._event = None
+        self.halted = False
+        self.cpu.clear_ram()
+        self.power_on()
+
+    # -- worker ------------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        self._gate.wait()
+        why, reason = "closed", ""
+        try:
+            why, reason = self._loop()
+        except CpuFault as exc:
+            why, reason = "crash", str(exc)
+        except Exception as exc:  # an emulator bug must not kill the process: crash the guest
+            log.exception("emulator worker failed")
+            why, reason = "crash", f"emulator internal error: {type(exc).__name__}: {exc}"
+        self._flush_trace()
+        if why != "closed":  # the guest stopped by itself: free disks before anyone is told
+            self.last_screen = self.bios.screen_text()
+            self._release_resources()
+        with self._cv:
+            self.crash_reason = reason or None
+            self.finished = why
+            self._cv.notify_all()
+        self.clock.stop()
+        if why == "poweroff":
+            self._on_poweroff()
+        elif why == "crash":
+            self._on_crash(reason)
+
+    def _loop(self) -> tuple[str, str]:
+        clock = self.clock
+        while True:
+            with self._cv:
+                if self._quit:
+                    return "closed", ""
+                if self._park:
+                    clock.stop()
+                    self._parked = True
+                    self._cv.notify_all()
+                    while self._park and not self._quit:
+                        self._cv.wait()
+                    self._parked = False
+                    continue
+            if self._event is _Event.POWEROFF:
+                return "poweroff", ""
+            if self._event is _Event.CRASH:
+                return "crash", self._event_reason
+            clock.run()
+            if self._event is _Event.WAIT_INPUT:
+                if not self._idle(until_input=True):
+                    continue
+                self._event = None
+            elif self._event is _Event.WAIT_UNTIL:
+                if not self._idle(deadline=self._wait_deadline):
+                    continue
+                self._event = None
+            elif self.halted:
+                if not self._idle():
+                    continue
+                self.halted = False
+            self._timer()
+            self._slice()
+            if self._event is _Event.RESET:  # power-off and crash end the loop at its top
+                self._event = None
+                self.hard_reset()
+
+    def _timer(self) -> None:
+        """Deliver IRQ0 when a tick is due and the CPU accepts it (real mode, IF set)."""
+        now = self.clock.now_ns()
+        if now >= self._next_tick_ns:
+            self._irq0_pending = True
+            period = self.chipset.timer_period_ns()
+            self._next_tick_ns += period
+            if self._next_tick_ns <= now:  # far behind (host was busy): drop lost ticks
+                self._next_tick_ns = now + period
+        if not self._irq0_pending:
+            return
+        vector = self.chipset.irq0_vector()
+        cpu = self.cpu
+        if vector is None or not cpu.eflags & FLAG_IF:
+            return
+        if not cpu.real_mode:
+            self._irq0_pending = False  # no IDT delivery of hardware interrupts outside real mode
+            return
+        self._irq0_pending = False
+        self._deliver_real(vector, cpu.rip)
+
+    def _idle(self, *, until_input: bool = False, deadline: int | None = None) -> bool:
+        """Wait (without spinning) for what a halted or blocked CPU waits for.
+
+        Returns True when the CPU should run again; False to re-check requests
+        first (the caller loops).
+        """
+        clock = self.clock
+        if until_input and self.uart.has_input():
+            return True
+        now = clock.now_ns()
+        if deadline is not None and now >= deadline:
+            return True
+        ticks = until_input or deadline is not None or bool(self.cpu.eflags & FLAG_IF)
+        if ticks and now >= self._next_tick_ns:
+            return True
+        if not ticks:  # halted with interrupts off: only a request (or reset) ends this
+            with self._cv:
+                if not (self._park or self._quit):
+                    self._cv.wait(0.5)
+            return False
+        wake = self._next_tick_ns if deadline is None else min(deadline, self._next_tick_ns)
+        delay_ns = max(wake - now, 0)
+        with self._cv:
+            if not (self._park or self._quit or (until_input and self.uart.has_input())):
+                self._cv.wait(delay_ns / 1e9)
+        if clock.virtual:  # idle time is skipped, deterministically, whatever woke us
+            clock.advance(delay_ns // NS_PER_INSTRUCTION)
+        return False
+
+    def _slice(self) -> None:
+        cpu, clock = self.cpu, self.clock
+        with self._cv:
+            if self._park or self._quit:
+                return
+            self._in_slice = True
+        try:
+            if clock.virtual:
+                budget = max(
+                    min(
+                        SLICE_INSTRUCTIONS,
+                        (self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION,
+                    ),
+                    1,
+                )
+                start = clock.instructions
+                cpu.run(count=budget)
+                clock.advance(budget)
+                if self._slice_out:
+                    self.trace.append((start, bytes(self._slice_out)))
+                    self._slice_out.clear()
+            else:
+                until_tick = (self._next_tick_ns - clock.now_ns()) // 1000
+                cpu.run(timeout_us=int(min(max(until_tick, 1000), SLICE_US)))
+        except UcError as exc:
+            self._engine_error(exc)
+        finally:
+            with self._cv:
+                self._in_slice = False
+        if self._event is None and self._stopped_by_hlt():
+            self.halted = True
+
+    def _stopped_by_hlt(self) -> bool:
+        """Whether the slice ended on a ``hlt`` (unicorn returns right after it)."""
+        cpu = self.cpu
+        try:
+            linear = self._linear_ip() - 1
+            return cpu.read(linear, 1) == b"\xf4" and linear >= 0
+        except UcError:
+            return False
+
+    def _linear_ip(self) -> int:
+        cpu = self.cpu
+        if cpu.real_mode:
+            return (cpu.cs << 4) + (cpu.rip & 0xFFFF)
+        return cpu.rip  # flat code segments, as every protected/long-mode guest we run
+
+    def _engine_error(self, exc: Exception) -> None:
+        errno = getattr(exc, "errno", None)
+        cpu = self.cpu
+        if errno == unicorn.UC_ERR_INSN_INVALID:
+            if cpu.real_mode and self._guest_handles(6):
+                self._deliver_real(6, cpu.rip)
+                return
+            self.fail(f"unhandled exception #UD invalid opcode at {cpu.where()}")
+            return
+        if errno in (
+            unicorn.UC_ERR_READ_UNMAPPED,
+            unicorn.UC_ERR_WRITE_UNMAPPED,
+            unicorn.UC_ERR_FETCH_UNMAPPED,
+        ):
+            self.fail(f"the guest accessed memory that does not exist ({exc}) at {cpu.where()}")
+            return
+        self.fail(f"the CPU stopped: {exc} at {cpu.where()}")
+
+    # -- hooks (worker thread, inside a slice) -----------------------------------------------------
+    def _hook_in(self, uc: Any, port: int, size: int, user_data: Any) -> int:
+        if COM1_BASE <= port < COM1_BASE + 8:
+            return self.uart.read(port - COM1_BASE)
+        if self.chipset.handles(port):
+            return self.chipset.read(port, size)
+        return (1 << (8 * size)) - 1
+
+    def _hook_out(self, uc: Any, port: int, size: int, value: int, user_data: Any) -> None:
+        if COM1_BASE <= port < COM1_BASE + 8:
+            self.uart.write(port - COM1_BASE, value)
+        elif self.chipset.handles(port):
+            self.chipset.write(port, size, value)
+
+    def _hook_interrupt(self, uc: Any, vector: int, user_data: Any) -> None:
+        try:
+            self._interrupt(vector)
+        except TripleFault as exc:
+            self.fail(f"triple fault: {exc}")
+        except CpuFault as exc:
+            self.fail(str(exc))
+
+    def _interrupt(self, vector: int) -> None:
+        cpu = self.cpu
+        if not cpu.real_mode:
+            name = EXCEPTION_NAMES.get(vector, f"interrupt {vector:#04x}")
+            idt_limit = cpu.idtr()[1]
+            raise CpuFault(
+                f"unhandled {name} at {cpu.where()}: the emulator delivers interrupts and "
+                f"exceptions through the IDT only in real mode (IDT limit {idt_limit:#x})"
+            )
+        ip = cpu.rip & 0xFFFF
+        cs = cpu.cs
+        software, at = self._software_int(vector, cs, ip)
+        idt_limit = cpu.idtr()[1]
+        if vector * 4 + 3 > idt_limit:
+            raise TripleFault(
+                f"interrupt vector {vector:#04x} at {cs:04x}:{ip:04x} is beyond the real-mode IDT "
+                f"limit {idt_limit:#x}"
+            )
+        # the BIOS stub's own ``int n`` (reached by a guest handler chaining to the BIOS)
+        in_stub = software and cs == BIOS_SEGMENT and at == STUB_BASE + STUB_SIZE * vector
+        if software and (in_stub or not self._guest_handles(vector)):
+            self.bios.service(vector)
+            return
+        if not software and not self._guest_handles(vector):
+            name = EXCEPTION_NAMES.get(vector, f"exception {vector}")
+            raise CpuFault(f"unhandled exception {name} at {cs:04x}:{ip:04x} (real mode)")
+        self._deliver_real(vector, ip)
+
+    def _software_int(self, vector: int, cs: int, ip: int) -> tuple[bool, int]:
+        """Whether the interrupt came from an INT instruction, and where that is."""
+        base = cs << 4
+        code = self.cpu.read(base + ((ip - 2) & 0xFFFF), 2)
+        if code == bytes([0xCD, vector]):
+            return True, (ip - 2) & 0xFFFF
+        if (vector, code[1]) in ((3, 0xCC), (4, 0xCE), (1, 0xF1)):
+            return True, (ip - 1) & 0xFFFF
+        return False, ip
+
+    def _guest_handles(self, vector: int) -> bool:
+        """Whether the IVT entry was changed from the BIOS default."""
+        base = self.cpu.idtr()[0]
+        off = self.cpu.read16(base + vector * 4)
+        seg = self.cpu.read16(base + vector * 4 + 2)
+        return (seg, off) != stub_address(vector)
+
+    def _deliver_real(self, vector: int, return_ip: int) -> None:
+        """Enter the IVT handler of ``vector`` like a real-mode CPU does."""
+        cpu = self.cpu
+        idt_base, idt_limit = cpu.idtr()
+        if vector * 4 + 3 > idt_limit:
+            raise TripleFault(
+                f"interrupt vector {vector:#04x} is beyond the IDT limit {idt_limit:#x}"
+            )
+        flags = cpu.eflags
+        ss = cpu.reg(x86.UC_X86_REG_SS) & 0xFFFF
+        sp = cpu.reg(x86.UC_X86_REG_SP) & 0xFFFF
+        for word in (flags & 0xFFFF, cpu.cs, return_ip & 0xFFFF):
+            sp = (sp - 2) & 0xFFFF
+            cpu.write16((ss << 4) + sp, word)
+        cpu.set_reg(x86.UC_X86_REG_SP, sp)
+        cpu.set_reg(x86.UC_X86_REG_EFLAGS, flags & ~(FLAG_IF | FLAG_TF))
+        off = cpu.read16(idt_base + vector * 4)
+        seg = cpu.read16(idt_base + vector * 4 + 2)
+        cpu.set_reg(x86.UC_X86_REG_CS, seg)
+        cpu.set_reg(x86.UC_X86_REG_EIP, off)
+
+    # -- called by devices and BIOS services -------------------------------------------------------
+    def _transmit(self, data: bytes) -> None:
+        if self.clock.virtual:
+            self._slice_out += data
+        self._output(data)
+
+    def _flush_trace(self) -> None:
+        if self._slice_out:
+            self.trace.append((self.clock.instructions, bytes(self._slice_out)))
+            self._slice_out.clear()
+
+    def _device_request(self, request: Request) -> None:
+        self._event = _Event.POWEROFF if request is Request.POWEROFF else _Event.RESET
+        self.cpu.stop()
+
+    def fail(self, reason: str) -> None:
+        """Crash the guest with ``reason`` (the slice ends)."""
+        self._event = _Event.CRASH
+        self._event_reason = reason
+        self.cpu.stop()
+
+    def wait_for_input(self) -> None:
+        """Block the current BIOS call until console input arrives (it is re-run)."""
+        cpu = self.cpu
+        cpu.set_reg(x86.UC_X86_REG_EIP, (cpu.rip - 2) & 0xFFFF)
+        self._event = _Event.WAIT_INPUT
+        cpu.stop()
+
+    def wait_until(self, deadline_ns: int) -> None:
+        """Block the guest (as int 15h AH=86h does) until guest time ``deadline_ns``."""
+        self._wait_deadline = deadline_ns
+        self._event = _Event.WAIT_UNTIL
+        self.cpu.stop()
+
+    def log(self, message: str) -> None:
+        """Record a diagnostic about the guest."""
+        log.info("%s", message)
+
+    # -- int 19h -----------------------------------------------------------------------------------
+    def bootstrap(self) -> None:
+        """Load the first bootable device's boot sector at 0000:7C00 and jump there.
+
+        No bootable device crashes the guest with the reason, as SeaBIOS
+        prints ``No bootable device``.
+        """
+        problems = list(self._boot_problems)
+        for drive in self.drives:
+            try:
+                sector = drive.read(0, 1) if drive.sectors else b""
+            except ImageError as exc:
+                problems.append(f"{drive.spec.name} ({drive.spec.path}): {exc}")
+                continue
+            if len(sector) == SECTOR and sector[510:512] == b"\x55\xaa":
+                self._boot_from(drive, sector)
+                return
+            found = sector[510:512].hex() if len(sector) == SECTOR else "nothing"
+            problems.append(
+                f"{drive.spec.name} ({drive.spec.path}) has no boot signature 55aa at offset "
+                f"510 (found {found})"
+            )
+        if not self.drives and not problems:
+            problems.append("the machine has no disks")
+        self.fail("no bootable device: " + "; ".join(problems))
+
+    def _boot_from(self, drive: Drive, sector: bytes) -> None:
+        cpu = self.cpu
+        cpu.write(BOOT_ADDRESS, sector)
+        cpu.reset_real_mode()
+        cpu.set_reg(x86.UC_X86_REG_EDX, drive.number)
+        cpu.set_reg(x86.UC_X86_REG_ESP, BOOT_ADDRESS)
+        cpu.set_reg(x86.UC_X86_REG_EFLAGS, 0x2 | FLAG_IF)
+        cpu.set_reg(x86.UC_X86_REG_EIP, BOOT_ADDRESS)
+        cpu.write(BDA + 0x75, bytes([len(self.drives)]))
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        """Machine-level state (the CPU must be parked)."""
+        return {
+            "halted": self.halted,
+            "event": None if self._event is None else self._event.value,
+            "event_reason": self._event_reason,
+            "wait_deadline": self._wait_deadline,
+            "next_tick_ns": self._next_tick_ns,
+            "irq0_pending": self._irq0_pending,
+            "disk_status": {str(k): v for k, v in self.disk_status.items()},
+            "drives": [d.spec.name for d in self.drives],
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`save_state` output.
+
+        Raises:
+            ConfigError: the snapshot was taken with other disks attached.
+        """
+        drives = [d.spec.name for d in self.drives]
+        if list(state["drives"]) != drives:
+            raise ConfigError(
+                f"the snapshot was taken with disks {state['drives']}, the machine has {drives}",
+                field="disks",
+            )
+        self.halted = bool(state["halted"])
+        event = state["event"]
+        self._event = None if event is None else _Event(event)
+        self._event_reason = str(state["event_reason"])
+        self._wait_deadline = int(state["wait_deadline"])
+        self._next_tick_ns = int(state["next_tick_ns"])
+        self._irq0_pending = bool(state["irq0_pending"])
+        self.disk_status = {int(k): int(v) for k, v in state["disk_status"].items()}
+
+    # -- inspection --------------------------------------------------------------------------------
+    def screen_text(self) -> str:
+        """The BIOS text screen (as it was when the guest stopped, once it has)."""
+        if self.cpu.uc is None:
+            return self.last_screen
+        return self.bios.screen_text()

@@ -1,0 +1,138 @@
+"""Saving and restoring a whole machine: CPU context, RAM and device state.
+
+A full snapshot's folder holds three files, each written atomically
+(temporary name, then rename):
+
+* ``cpu.bin``: unicorn's CPU context (every register, including segment
+  caches, control registers and MSRs). It is tied to the unicorn build:
+  ``devices.json`` records the version and restoring checks it.
+* ``ram.bin``: ``VKRAM001``, the RAM size (u64) and the chunk size (u32),
+  then one record per non-zero chunk: its index (u64) and its bytes.
+* ``devices.json``: UART, chipset, clock and machine state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from virtkit.backends.emulator.cpu import unicorn
+from virtkit.errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    from virtkit.backends.emulator.machine import PcMachine
+
+__all__ = ["load_machine", "save_machine"]
+
+RAM_MAGIC = b"VKRAM001"
+CHUNK = 64 * 1024
+_HEADER = struct.Struct("<8sQI")
+_RECORD = struct.Struct("<Q")
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, chunks: list[bytes] | bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        if isinstance(chunks, bytes):
+            fh.write(chunks)
+        else:
+            for chunk in chunks:
+                fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_machine(machine: PcMachine, folder: Path) -> int:
+    """Write the machine's state into ``folder`` (the CPU must be parked).
+
+    Returns the number of bytes written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    cpu = machine.cpu
+    context = cpu.context()
+    _atomic_write(folder / "cpu.bin", context)
+    ram = cpu.ram
+    zero = bytes(CHUNK)
+    parts = [_HEADER.pack(RAM_MAGIC, cpu.memory_size, CHUNK)]
+    written = len(context) + len(parts[0])
+    for index in range(cpu.memory_size // CHUNK + (1 if cpu.memory_size % CHUNK else 0)):
+        chunk = ram[index * CHUNK : (index + 1) * CHUNK]
+        if chunk != zero[: len(chunk)]:
+            parts.append(_RECORD.pack(index))
+            parts.append(chunk)
+            written += _RECORD.size + len(chunk)
+    _atomic_write(folder / "ram.bin", parts)
+    devices = {
+        "format": FORMAT_VERSION,
+        "unicorn": unicorn.__version__,
+        "context_size": len(context),
+        "machine": machine.save_state(),
+        "uart": machine.uart.save(),
+        "chipset": machine.chipset.save(),
+        "clock": machine.clock.save(),
+    }
+    data = json.dumps(devices, indent=1, sort_keys=True).encode()
+    _atomic_write(folder / "devices.json", data)
+    return written + len(data)
+
+
+def load_machine(machine: PcMachine, folder: Path) -> None:
+    """Restore a state written by :func:`save_machine` (the CPU must be parked).
+
+    Raises:
+        ConfigError: the state does not fit this machine (memory size, disks).
+        BackendError: the files are missing or damaged, or were written by
+            another unicorn version.
+    """
+    try:
+        devices: dict[str, Any] = json.loads((folder / "devices.json").read_bytes())
+        context = (folder / "cpu.bin").read_bytes()
+        ram_file = open(folder / "ram.bin", "rb")  # noqa: SIM115 - closed below
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"saved machine state in {folder} cannot be read: {exc}") from exc
+    with ram_file:
+        header = ram_file.read(_HEADER.size)
+        if len(header) != _HEADER.size:
+            raise BackendError(f"{folder / 'ram.bin'} is truncated (no header)")
+        magic, size, chunk_size = _HEADER.unpack(header)
+        if magic != RAM_MAGIC or chunk_size != CHUNK:
+            raise BackendError(f"{folder / 'ram.bin'} is not a virtkit RAM image")
+        cpu = machine.cpu
+        if size != cpu.memory_size:
+            raise ConfigError(
+                f"the snapshot holds {size} bytes of RAM but the machine has {cpu.memory_size}; "
+                "revert needs the memory size the snapshot was taken with",
+                field="memory",
+            )
+        if devices.get("format") != FORMAT_VERSION:
+            raise BackendError(f"{folder / 'devices.json'} has an unknown format")
+        if devices.get("unicorn") != unicorn.__version__:
+            raise BackendError(
+                f"the snapshot's CPU state was saved by unicorn {devices.get('unicorn')}, "
+                f"this is unicorn {unicorn.__version__}; it cannot be restored"
+            )
+        cpu.clear_ram()
+        chunks = size // CHUNK + (1 if size % CHUNK else 0)
+        while True:
+            record = ram_file.read(_RECORD.size)
+            if not record:
+                break
+            (index,) = _RECORD.unpack(record)
+            if len(record) != _RECORD.size or index >= chunks:
+                raise BackendError(f"{folder / 'ram.bin'} is damaged (chunk index {index})")
+            want = min(CHUNK, size - index * CHUNK)
+            data = ram_file.read(want)
+            if len(data) != want:
+                raise BackendError(f"{folder / 'ram.bin'} is truncated in chunk {index}")
+            cpu.ram[index * CHUNK : index * CHUNK + want] = data
+    cpu.restore_context(context)
+    cpu.flush_code()
+    machine.load_state(devices["machine"])
+    machine.uart.load(devices["uart"])
+    machine.chipset.load(devices["chipset"])
+    machine.clock.load(devices["clock"])
