@@ -1,0 +1,176 @@
+"""check()/check(repair=True) against qemu-img check, and header validation."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from qcow2_helpers import qemu_io
+
+from virtkit import images
+from virtkit.errors import CorruptImageError, ImageError, UnsupportedFeatureError
+
+QemuImg = Callable[..., subprocess.CompletedProcess[str]]
+SIZE = 4 * 1024 * 1024
+
+
+def _qemu_check(qemu_img: QemuImg, path: Path) -> dict[str, int]:
+    proc = qemu_img("check", "--output=json", path, check=False)
+    out: dict[str, int] = json.loads(proc.stdout)
+    return out
+
+
+def _refcount_slot(path: Path, cluster: int) -> int:
+    """File offset of ``cluster``'s 16-bit refcount (first refcount block)."""
+    raw = path.read_bytes()
+    cb = struct.unpack_from(">I", raw, 20)[0]
+    rt_off = struct.unpack_from(">Q", raw, 48)[0]
+    block = struct.unpack_from(">Q", raw, rt_off)[0]
+    assert cluster < (1 << cb) // 2
+    return int(block) + 2 * cluster
+
+
+def _poke16(path: Path, offset: int, value: int) -> None:
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(value.to_bytes(2, "big"))
+
+
+@pytest.fixture
+def written(qemu_img: QemuImg, tmp_path: Path) -> Path:
+    """A qemu-img image with a little data."""
+    path = tmp_path / "c.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, str(SIZE))
+    qemu_io(path, "write -P 0xab 0 128k", "write -P 0xcd 2M 64k")
+    return path
+
+
+class TestCheck:
+    """Leaks and corruptions are reported as qemu-img reports them."""
+
+    def test_clean_image(self, written: Path, qemu_img: QemuImg) -> None:
+        """A fresh qemu-img image checks clean, with qemu-img's cluster figures."""
+        with images.open(written) as img:
+            result = img.check()
+        ours = _qemu_check(qemu_img, written)
+        assert result.ok and not result.problems
+        assert result.image_end_offset == ours["image-end-offset"]
+        assert result.allocated_clusters == ours["allocated-clusters"]
+        assert result.total_clusters == ours["total-clusters"]
+
+    def test_leak_reported_and_repaired(self, written: Path, qemu_img: QemuImg) -> None:
+        """A refcount bumped by hand is one leak at that cluster; repair fixes it."""
+        size = written.stat().st_size
+        leaked = size // 65536 - 1  # the last data cluster: refcount 1 -> 2
+        _poke16(written, _refcount_slot(written, leaked), 2)
+        theirs = _qemu_check(qemu_img, written)
+        with images.open(written) as img:
+            result = img.check()
+        # as qemu-img: one leak, plus the COPIED flag that no longer matches refcount 2
+        assert (result.leaks, result.corruptions) == (theirs["leaks"], theirs["corruptions"])
+        assert (result.leaks, result.corruptions) == (1, 1)
+        problem = next(p for p in result.problems if p.kind == "leak")
+        assert problem.offset == leaked * 65536
+        assert f"cluster {leaked} refcount=2 reference=1" in problem.message
+        assert not result.ok
+        with images.open(written, writable=True) as img:
+            fixed = img.check(repair=True)
+            assert (fixed.leaks_fixed, fixed.corruptions_fixed) == (1, 1) and fixed.ok
+        qemu_img("check", written)
+
+    def test_orphan_cluster_past_data(self, written: Path, qemu_img: QemuImg) -> None:
+        """A cluster with a refcount but no reference (a crash leak) is found and freed."""
+        end = written.stat().st_size // 65536
+        _poke16(written, _refcount_slot(written, end + 3), 1)
+        with images.open(written) as img:
+            assert img.check().leaks == 1
+        with images.open(written, writable=True) as img:
+            assert img.check(repair=True).ok
+        qemu_img("check", written)
+
+    def test_refcount_too_low_is_corruption(self, written: Path, qemu_img: QemuImg) -> None:
+        """A used cluster whose refcount reads 0 is a corruption; repair restores it."""
+        raw = written.read_bytes()
+        l1_off = struct.unpack_from(">Q", raw, 40)[0]
+        l2_off = struct.unpack_from(">Q", raw, l1_off)[0] & 0x00FFFFFFFFFFFE00
+        data_off = struct.unpack_from(">Q", raw, l2_off)[0] & 0x00FFFFFFFFFFFE00
+        _poke16(written, _refcount_slot(written, data_off // 65536), 0)
+        assert _qemu_check(qemu_img, written)["corruptions"] >= 1
+        with images.open(written) as img:
+            result = img.check()
+        assert result.corruptions >= 1 and not result.ok
+        assert any(p.offset == data_off for p in result.problems)
+        with images.open(written, writable=True) as img:
+            assert img.check(repair=True).ok
+        qemu_img("check", written)
+        qemu_io(written, "read -P 0xab 0 128k")
+
+    def test_repair_needs_writable(self, written: Path) -> None:
+        """repair on a read-only image is refused."""
+        with images.open(written) as img, pytest.raises(ImageError, match="writable"):
+            img.check(repair=True)
+
+
+def _patch(path: Path, offset: int, fmt: str, value: int) -> None:
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(struct.pack(fmt, value))
+
+
+class TestHeaderValidation:
+    """Malformed headers raise CorruptImageError with the file and offset."""
+
+    @pytest.mark.parametrize(
+        ("offset", "fmt", "value", "field_offset"),
+        [
+            (20, ">I", 30, 20),  # cluster_bits
+            (36, ">I", 1 << 31, 36),  # l1_size: 16 GiB of L1 claimed
+            (40, ">Q", 12345, 40),  # l1_table_offset unaligned
+            (48, ">Q", 1 << 40, 48),  # refcount table past end of file
+            (56, ">I", 1 << 20, 56),  # refcount table too large
+            (60, ">I", 70000, 60),  # too many snapshots
+            (96, ">I", 7, 96),  # refcount_order
+            (100, ">I", 1 << 20, 100),  # header_length
+            (24, ">Q", 1 << 62, 24),  # virtual size
+        ],
+    )
+    def test_bad_field(
+        self, written: Path, offset: int, fmt: str, value: int, field_offset: int
+    ) -> None:
+        """Each damaged field is named by offset, quickly and without huge allocations."""
+        _patch(written, offset, fmt, value)
+        with pytest.raises(CorruptImageError) as info:
+            images.open(written)
+        assert info.value.path == str(written)
+        assert info.value.offset == field_offset
+
+    def test_extension_overruns_header(self, written: Path) -> None:
+        """A header extension claiming more bytes than the cluster holds is corrupt."""
+        _patch(written, 112 + 4, ">I", 1 << 30)
+        with pytest.raises(CorruptImageError, match="extension"):
+            images.open(written)
+
+    def test_l2_table_past_end(self, written: Path) -> None:
+        """An L1 entry pointing past the file end fails the read, not the process."""
+        raw = written.read_bytes()
+        l1_off = struct.unpack_from(">Q", raw, 40)[0]
+        _patch(written, l1_off, ">Q", (1 << 63) | (1 << 40))
+        with images.open(written) as img, pytest.raises(CorruptImageError, match="L2 table"):
+            img.read(0, 512)
+
+    def test_encrypted_refused(self, written: Path) -> None:
+        """An AES-encrypted header is an unsupported feature, not a crash."""
+        _patch(written, 32, ">I", 1)
+        with pytest.raises(UnsupportedFeatureError, match="encrypt"):
+            images.open(written)
+
+    def test_not_qcow2(self, tmp_path: Path) -> None:
+        """A file without the magic is rejected as not qcow2."""
+        path = tmp_path / "x.qcow2"
+        path.write_bytes(b"NOPE" + bytes(100))
+        with pytest.raises(CorruptImageError, match="magic"):
+            images.open(path, format="qcow2")
