@@ -657,7 +657,8 @@ class QemuGuest(Guest):
         nodes = self._qmp_sync("query-named-block-nodes", {"flat": True})
         want = os.path.realpath(path)
         for node in nodes:
-            if node.get("drv") != "file" and os.path.realpath(str(node.get("file", ""))) == want:
+            name = _plain_filename(str(node.get("file", "")))
+            if node.get("drv") != "file" and name and os.path.realpath(name) == want:
                 return str(node["node-name"])
         return None
 
@@ -675,3 +676,18 @@ class QemuGuest(Guest):
         proc = self._proc
         assert proc is not None
         run_sync(proc.qmp.run_job("block-stream", args, timeout=_JOB_TIMEOUT))
+
+
+def _plain_filename(name: str) -> str | None:
+    """A node's file name; QEMU reports ``json:{...}`` for nodes opened with options."""
+    if not name.startswith("json:"):
+        return name
+    import json  # noqa: PLC0415
+
+    try:
+        doc = json.loads(name[5:])
+    except ValueError:
+        return None
+    inner = doc.get("file", doc)
+    found = inner.get("filename") if isinstance(inner, dict) else None
+    return str(found) if found else None

@@ -105,13 +105,11 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         )
     target = loop()
     future = asyncio.run_coroutine_threadsafe(coro, target)
-    try:
-        return future.result(timeout)
-    except concurrent.futures.TimeoutError:
+    done, _ = concurrent.futures.wait([future], timeout)
+    if not done:
         future.cancel()
-        raise TimeoutError(
-            f"QEMU operation did not finish within {timeout} s", timeout=timeout
-        ) from None
+        raise TimeoutError(f"QEMU operation did not finish within {timeout} s", timeout=timeout)
+    return future.result()
 
 
 async def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -1,0 +1,185 @@
+"""Snapshots under the qemu backend: full (internal qcow2, snapshot-save/load jobs) and
+disk-only (external qcow2 overlays) with revert and delete."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import virtkit
+import virtkit.images
+from virtkit.backends.qemu import QemuHypervisor
+from virtkit.model import Disk, Machine, SnapshotKind, State
+
+COUNT = re.compile(rb"c=(\d{4})")
+
+
+def _machine(name: str, disk: Path, bus: str = "ide") -> Machine:
+    return Machine(name=name, memory="16MiB", disks=[Disk(path=str(disk), bus=bus)])
+
+
+def _count(guest) -> int:  # type: ignore[no-untyped-def]
+    return int(guest.console.expect(COUNT, timeout=30).group(1))
+
+
+def _chain(path: Path) -> list[str]:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [Path(i["filename"]).name for i in json.loads(out)]
+
+
+class TestFullSnapshots:
+    def test_revert_restores_the_counter_and_keeps_running(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """After revert the counting guest continues from the snapshot's count, still RUNNING."""
+        guest = hv.define(_machine("count", boot_disk("counter")))
+        guest.start()
+        while _count(guest) < 5:
+            pass
+        guest.snapshot("five", memory=True)
+        at_snapshot = _count(guest)
+        while _count(guest) < at_snapshot + 10:
+            pass
+        guest.revert("five")
+        assert guest.state is State.RUNNING
+        after = _count(guest)
+        assert after <= at_snapshot + 2
+        guest.kill()
+
+    def test_snapshot_taken_paused_reverts_to_paused_even_from_shutoff(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """A full snapshot of a paused guest, reverted after a kill, restarts QEMU and comes back PAUSED."""
+        guest = hv.define(_machine("paused", boot_disk("counter")))
+        guest.start()
+        _count(guest)
+        guest.pause()
+        snap = guest.snapshot("frozen")
+        assert snap.state is State.PAUSED
+        guest.kill()
+        guest.revert("frozen")
+        assert guest.state is State.PAUSED
+        assert guest.qmp("query-status")["running"] is False
+        guest.resume()
+        _count(guest)
+        guest.kill()
+
+    def test_snapshots_are_shared_with_virtkit_images_both_ways(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """QEMU's internal snapshot is listed by virtkit.images; one made by virtkit.images is seen by QEMU."""
+        disk = boot_disk("counter")
+        with virtkit.images.open(disk, writable=True) as img:
+            img.create_snapshot("made-by-virtkit")
+        guest = hv.define(_machine("interop", disk))
+        guest.start()
+        _count(guest)
+        guest.snapshot("made-by-qemu")
+        nodes = guest.qmp("query-named-block-nodes", {"flat": True})
+        seen = {
+            s["name"]
+            for n in nodes
+            if n["node-name"] == "drive-hda"
+            for s in n["image"].get("snapshots", [])
+        }
+        assert {"made-by-virtkit", "made-by-qemu"} <= seen
+        guest.delete_snapshot("made-by-qemu")
+        guest.kill()
+        with virtkit.images.open(disk) as img:
+            assert {s.name for s in img.snapshots} == {"made-by-virtkit"}
+            assert img.check().ok
+
+    def test_full_snapshot_of_a_stopped_guest_is_refused(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """memory=True on a shut-off guest is a StateError (nothing to capture)."""
+        guest = hv.define(_machine("off", boot_disk("counter")))
+        with pytest.raises(virtkit.StateError, match="memory=False"):
+            guest.snapshot("nope", memory=True)
+
+    def test_full_snapshot_needs_a_qcow2_disk(
+        self, hv: QemuHypervisor, tmp_path: Path, sectors
+    ) -> None:  # type: ignore[no-untyped-def]
+        """A guest whose only writable disk is raw cannot hold RAM state: a clear ConfigError."""
+        raw = tmp_path / "boot.raw"
+        raw.write_bytes(sectors["counter"] + b"\0" * (1024**2 - 512))
+        guest = hv.define(_machine("raw", raw))
+        guest.start()
+        with pytest.raises(virtkit.ConfigError, match="raw"):
+            guest.snapshot("x")
+        assert guest.state is State.RUNNING
+        guest.kill()
+
+
+class TestDiskSnapshots:
+    def test_offline_disk_snapshot_revert_and_delete(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
+        """Disk snapshots of a shut-off guest: overlays are created, revert discards later writes,
+        delete merges the layers and leaves a valid chain."""
+        disk = boot_disk("disk", extra=b"original\r\n\0")
+        guest = hv.define(_machine("offline", disk))
+        snap = guest.snapshot("clean", memory=False)
+        assert snap.kind is SnapshotKind.DISK and snap.state is State.SHUTOFF
+        active = guest.active_disk_path(guest.machine.disks[0])
+        assert active != disk and _chain(active) == [active.name, disk.name]
+        guest.start()  # the guest writes its marker into the overlay
+        guest.console.expect("write ok", timeout=30)
+        guest.wait(timeout=30)
+        with virtkit.images.open(guest.active_disk_path(guest.machine.disks[0])) as img:
+            assert img.read(1024, 16) == b"WRITTEN-BY-GUEST"
+        with virtkit.images.open(disk) as img:
+            assert img.read(1024, 16) == b"\0" * 16  # the frozen base is untouched
+        guest.revert("clean")
+        assert guest.state is State.SHUTOFF
+        with virtkit.images.open(guest.active_disk_path(guest.machine.disks[0])) as img:
+            assert img.read(1024, 16) == b"\0" * 16
+        guest.delete_snapshot("clean")
+        top = guest.active_disk_path(guest.machine.disks[0])
+        assert _chain(top) == [top.name]  # the base was streamed into the overlay
+        with virtkit.images.open(top) as img:
+            assert img.read(512, 8) == b"original"
+            assert img.check().ok
+
+    def test_live_disk_snapshot_then_delete_streams_into_the_running_disk(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """blockdev-snapshot on a running guest, then delete_snapshot streams the base into the live overlay."""
+        disk = boot_disk("counter")
+        guest = hv.define(_machine("live", disk))
+        guest.start()
+        _count(guest)
+        guest.snapshot("live-disk", memory=False)
+        active = guest.active_disk_path(guest.machine.disks[0])
+        blocks = guest.qmp("query-block")
+        hda = next(b for b in blocks if b["qdev"] == "hda")
+        assert hda["inserted"]["node-name"] == "drive-hda-s1"
+        assert active.name in hda["inserted"]["file"]
+        assert guest.state is State.RUNNING
+        guest.delete_snapshot("live-disk")
+        assert _chain(active) == [active.name]
+        _count(guest)  # still running after the stream job
+        guest.kill()
+        with virtkit.images.open(active) as img:
+            assert img.read(510, 2) == b"\x55\xaa"
+
+    def test_revert_of_a_live_disk_snapshot_leaves_the_guest_shut_off(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """Reverting a disk-only snapshot stops the running guest (disks only were captured)."""
+        guest = hv.define(_machine("stopme", boot_disk("counter")))
+        guest.start()
+        _count(guest)
+        guest.snapshot("d", memory=False)
+        guest.revert("d")
+        assert guest.state is State.SHUTOFF and guest.pid is None
+        guest.start()
+        _count(guest)
+        guest.kill()
