@@ -236,7 +236,24 @@ class QemuGuest(Guest):
             raise
         self._shutdown_event = None
         self._nodes = {str(d.target): node_name(str(d.target)) for d in self.machine.disks}
-        proc = run_sync(
+        try:
+            launch = self._run_launch(argv, runtime)
+        except BaseException:
+            shutil.rmtree(runtime, ignore_errors=True)  # launch() never ran or cleaned up
+            raise
+        self._proc = proc = launch
+        try:
+            kvm = run_sync(proc.qmp.execute("query-kvm"))
+            self.accelerator = "kvm" if kvm.get("enabled") else "tcg"
+            self.console.set_writer(self._write_console)
+            if not paused:
+                self._qmp_sync("cont")
+        except BaseException:
+            self._terminate()
+            raise
+
+    def _run_launch(self, argv: list[str], runtime: Path) -> QemuProcess:
+        return run_sync(
             QemuProcess.launch(
                 name=self.name,
                 argv=argv,
@@ -249,16 +266,6 @@ class QemuGuest(Guest):
                 timeout=self.hypervisor.start_timeout,
             )
         )
-        self._proc = proc
-        try:
-            kvm = run_sync(proc.qmp.execute("query-kvm"))
-            self.accelerator = "kvm" if kvm.get("enabled") else "tcg"
-            self.console.set_writer(self._write_console)
-            if not paused:
-                self._qmp_sync("cont")
-        except BaseException:
-            self._terminate()
-            raise
 
     def _write_console(self, data: bytes) -> None:
         proc = self._proc
