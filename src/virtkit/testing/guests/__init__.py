@@ -8,8 +8,8 @@ so it prints the same bytes under the emulator and under
 =================  ======================================================
 ``hello``          prints a greeting, powers off through PM1a_CNT (0x604)
 ``echo``           echoes COM1 input; ``q`` says bye and powers off
-``disk``           int 13h: CHS read of sector 1, EDD write of sector 2,
-                   EDD read back; prints what it read, powers off
+``disk``           int 13h: CHS reads of sectors 1 and 2, EDD write of
+                   sector 2, EDD read back; prints what it read, powers off
 ``modes``          prints from real, protected and long mode, powers off
 ``counter``        prints ``count N`` each timer tick forever; the ACPI
                    power button makes it power off
@@ -68,6 +68,7 @@ DISK_SECTOR1 = b"sector one says hello"
 OUTPUT: dict[str, bytes] = {
     "hello": b"Hello from the virtkit hello guest!\r\n",
     "disk": b"read: sector one says hello\r\n"
+    b"sector 2: \r\n"
     b"readback: written by the disk guest: sector one says hello\r\n"
     b"disk done\r\n",
     "modes": b"real mode: 16-bit\r\nprotected mode: 32-bit\r\nlong mode: 64-bit\r\n",

@@ -1,5 +1,6 @@
-; disk: read sector 1 with int 13h CHS, write it (prefixed) to sector 2 with
-; EDD/LBA (ah=43h), read sector 2 back with ah=42h, print both, power off.
+; disk: read sectors 1 and 2 with int 13h CHS and print them, write sector 1
+; (prefixed) to sector 2 with EDD/LBA (ah=43h), read sector 2 back with
+; ah=42h, print it, power off.
 bits 16
 org 0x7C00
     jmp start
@@ -20,6 +21,18 @@ start:
     jc fail
     PRINT read_msg
     PRINT READ_BUF
+    PRINT crlf
+    ; CHS read of sector 3 (= LBA 2) to 0000:8800: what an earlier run wrote
+    mov byte [BACK_BUF + 511], 0
+    mov ax, 0x0201
+    mov cx, 0x0003
+    xor dh, dh
+    mov dl, [drive]
+    mov bx, BACK_BUF
+    int 0x13
+    jc fail
+    PRINT before_msg
+    PRINT BACK_BUF
     PRINT crlf
     ; EDD present?
     mov ah, 0x41
@@ -75,6 +88,7 @@ dap:     db 0x10, 0
 dap_buf: dw 0, 0
          dq 2
 read_msg: db "read: ", 0
+before_msg: db "sector 2: ", 0
 back_msg: db "readback: ", 0
 prefix:   db "written by the disk guest: ", 0
 done_msg: db "disk done", 13, 10, 0
