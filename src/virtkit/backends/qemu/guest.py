@@ -64,7 +64,7 @@ from virtkit.errors import (
     StateError,
     TimeoutError,
 )
-from virtkit.model import Disk, Machine, Snapshot, SnapshotKind, State
+from virtkit.model import CdRom, Disk, Machine, Snapshot, SnapshotKind, State
 
 if TYPE_CHECKING:
     from virtkit.backends.qemu.aio import AsyncQemuGuest
@@ -129,10 +129,26 @@ class QemuGuest(Guest):
             self._aio = AsyncQemuGuest(self)
         return self._aio
 
+    def disk_path(self, disk: Disk | CdRom) -> Path:
+        """The file an attached image is read from and written to now.
+
+        For a disk that has disk-only (external) snapshots this is its top
+        overlay, whose backing chain leads to :meth:`original_disk_path`;
+        ``virtkit.images.open()`` on it sees the guest's current disk.
+        """
+        if isinstance(disk, Disk):
+            active = self._layers.active.get(str(disk.target))
+            if active:
+                return Path(active)
+        return super().disk_path(disk)
+
+    def original_disk_path(self, disk: Disk | CdRom) -> Path:
+        """The image file named by the machine definition (the bottom of the chain)."""
+        return super().disk_path(disk)
+
     def active_disk_path(self, disk: Disk) -> Path:
-        """The file ``disk`` currently writes to: its top overlay after disk snapshots."""
-        active = self._layers.active.get(str(disk.target))
-        return Path(active) if active else self.disk_path(disk)
+        """Same as :meth:`disk_path` for a disk: the file it currently writes to."""
+        return self.disk_path(disk)
 
     def seed_path(self) -> Path | None:
         """Where the cloud-init seed ISO is written (when the machine has ``cloud_init``)."""
@@ -401,7 +417,7 @@ class QemuGuest(Guest):
         nodes = []
         for disk in self._writable_disks():
             path = self.active_disk_path(disk)
-            if disk.format != "qcow2" and path == self.disk_path(disk):
+            if disk.format != "qcow2" and path == self.original_disk_path(disk):
                 raise ConfigError(
                     f"cannot {action} a full snapshot: writable disk {disk.target} is raw, and "
                     "only qcow2 images hold internal snapshots (convert it, or attach it "
@@ -548,7 +564,7 @@ class QemuGuest(Guest):
         return int(info["virtual-size"])
 
     def _layer_format(self, disk: Disk, path: Path) -> str:
-        return disk.format if path == self.disk_path(disk) else "qcow2"
+        return disk.format if path == self.original_disk_path(disk) else "qcow2"
 
     def _disk_snapshot(self, snap: Snapshot) -> None:
         live = self._proc is not None and self._proc.alive
@@ -557,7 +573,7 @@ class QemuGuest(Guest):
             target = str(disk.target)
             below = self.active_disk_path(disk)
             fmt = self._layer_format(disk, below)
-            overlay = self._layers.next_overlay(below, self.disk_path(disk))
+            overlay = self._layers.next_overlay(below, self.original_disk_path(disk))
             self._create_overlay(below, fmt, self._virtual_size(below), overlay)
             if live:
                 node = f"{node_name(target)}-s{self._layers.counter}"
@@ -587,6 +603,11 @@ class QemuGuest(Guest):
         self._layers.frozen[snap.name] = frozen
         self._layers.save(self.folder)
 
+    def layer_files(self) -> set[Path]:
+        """Every image file this guest's disks use: originals, frozen layers, active overlays."""
+        files = {self.original_disk_path(d) for d in self.machine.disks}
+        return files | self._all_layers()
+
     def _all_layers(self) -> set[Path]:
         layers = {Path(p) for p in self._layers.active.values()}
         for frozen in self._layers.frozen.values():
@@ -604,7 +625,7 @@ class QemuGuest(Guest):
             if base is None:
                 continue
             current = self.active_disk_path(disk)
-            overlay = self._layers.next_overlay(Path(base), self.disk_path(disk))
+            overlay = self._layers.next_overlay(Path(base), self.original_disk_path(disk))
             self._create_overlay(
                 Path(base),
                 self._layer_format(disk, Path(base)),
@@ -612,7 +633,7 @@ class QemuGuest(Guest):
                 overlay,
             )
             self._layers.active[target] = str(overlay)
-            if current not in keep and current != self.disk_path(disk):
+            if current not in keep and current != self.original_disk_path(disk):
                 current.unlink(missing_ok=True)  # the discarded state after the snapshot
         self._layers.save(self.folder)
 
@@ -647,7 +668,7 @@ class QemuGuest(Guest):
                     else:
                         args += ["-b", ""]
                     qemu_img(self.hypervisor.qemu_img, *args, str(child))
-            if layer_path != self.disk_path(disk):
+            if layer_path != self.original_disk_path(disk):
                 layer_path.unlink(missing_ok=True)
         del self._layers.frozen[snap.name]
         self._layers.save(self.folder)

@@ -22,7 +22,7 @@ from virtkit.backends.base import Hypervisor
 from virtkit.backends.qemu.accel import ACCELERATORS, AccelChoice, choose_accel
 from virtkit.backends.qemu.argv import KernelBoot
 from virtkit.backends.qemu.guest import QemuGuest
-from virtkit.errors import BackendUnavailable, ConfigError
+from virtkit.errors import BackendUnavailable, ConfigError, ResourceError
 from virtkit.model import HypervisorType, Machine
 
 __all__ = ["QemuHypervisor"]
@@ -132,6 +132,28 @@ class QemuHypervisor(Hypervisor):
             self._pending_kernel.value = None
         assert isinstance(guest, QemuGuest)
         return guest
+
+    def _check_isolation(self, machine: Machine, folder: Path) -> None:
+        """As the base class, and also against every layer of other guests' disk chains:
+        a file frozen under a disk-only snapshot may be shared only read-only."""
+        super()._check_isolation(machine, folder)
+        from virtkit import bundle  # noqa: PLC0415
+
+        wanted = {
+            os.path.realpath(bundle.resolve_disk(folder, d.path)): (i, d.read_only)
+            for i, d in enumerate(machine.disks)
+        }
+        for other in self._guests.values():
+            if not isinstance(other, QemuGuest):
+                continue
+            for layer in other.layer_files():
+                index, read_only = wanted.get(os.path.realpath(layer), (None, True))
+                if index is not None and not read_only:
+                    raise ResourceError(
+                        f"disk {layer} ('disks[{index}]') is a layer of guest {other.name!r}'s "
+                        "disk chain; it can be attached only read-only",
+                        resource="disk",
+                    )
 
     def _create_guest(self, machine: Machine, folder: Path) -> QemuGuest:
         kernel = getattr(self._pending_kernel, "value", None)
