@@ -65,7 +65,7 @@ class TestPrivateFiles:
             """
         )
         out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
         )
         pid_text, runtime = out.stdout.split()
         pid = int(pid_text)
