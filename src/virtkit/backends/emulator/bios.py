@@ -273,7 +273,7 @@ class Bios:
             self._w(x86.UC_X86_REG_AL, count if status == OK else 0)
             return status
         if ah == 0x08:
-            cyl = drive.cylinders - 1
+            cyl = max(drive.cylinders - 2, 0)  # SeaBIOS keeps the last cylinder back
             self._w(
                 x86.UC_X86_REG_CX,
                 ((cyl & 0xFF) << 8) | ((cyl >> 2) & 0xC0) | drive.sectors_per_track,
@@ -351,7 +351,11 @@ class Bios:
 
     # -- int 15h: system services ------------------------------------------------------------------
     def e820_map(self) -> list[tuple[int, int, int]]:
-        """The E820 memory map (base, length, type) as SeaBIOS reports it on QEMU."""
+        """The E820 memory map (base, length, type) as SeaBIOS reports it on QEMU 7.2's ``pc``.
+
+        The last entry is the reservation QEMU makes below 1 TiB for the AMD
+        HyperTransport window (its default TCG CPU is an AMD one).
+        """
         size = self.cpu.memory_size
         low = min(size, 0xE000_0000)
         entries = [
@@ -363,10 +367,10 @@ class Bios:
             top = max(low - 0x20000, 0x100000)  # SeaBIOS keeps its tables at the top
             entries.append((0x100000, top - 0x100000, 1))
             entries.append((top, low - top, 2))
-        entries.append((0xFEFFC000, 0x4000, 2))
         entries.append((0xFFFC0000, 0x40000, 2))
         if size > low:
             entries.append((1 << 32, size - low, 1))
+        entries.append((0xFD_0000_0000, 0x3_0000_0000, 2))
         return entries
 
     def _int15(self) -> None:

@@ -16,6 +16,7 @@ so it prints the same bytes under the emulator and under
 ``ignore-acpi``    halts with interrupts off: ignores the power button
 ``triple-fault``   empty IDT + ``int 3``: a triple fault
 ``clock``          prints the BIOS tick count, PIT and RTC eight times
+``bios-info``      prints the E820 map and the boot drive's geometry
 ``no-signature``   the hello sector without the 0x55AA boot signature
 =================  ======================================================
 
@@ -58,6 +59,7 @@ GUESTS: dict[str, str] = {
     "ignore-acpi": "ignore_acpi.asm",
     "triple-fault": "triple_fault.asm",
     "clock": "clock.asm",
+    "bios-info": "bios_info.asm",
     "no-signature": "hello.asm",
 }
 
