@@ -15,6 +15,7 @@ lifecycle step into machine operations and keeps snapshots:
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -116,6 +117,21 @@ class EmulatorGuest(Guest):
         """
         pc = self._pc
         return [] if pc is None else list(pc.trace)
+
+    def snapshot_console_offset(self, name: str) -> int:
+        """How many console bytes the guest had printed when full snapshot ``name`` was taken.
+
+        Output after reverting to it repeats ``console.output[offset:]`` of
+        the original run, byte for byte.
+
+        Raises:
+            ConfigError: no full snapshot of that name.
+        """
+        snap = self._get_snapshot(name)
+        path = self.snapshot_dir(name) / "console.json"
+        if snap.kind is not SnapshotKind.FULL or not path.exists():
+            raise ConfigError(f"{name!r} is not a full snapshot of {self.name!r}", field="name")
+        return int(json.loads(path.read_text())["console_offset"])
 
     @property
     def instructions(self) -> int:
@@ -237,6 +253,8 @@ class EmulatorGuest(Guest):
                 if pc is None:
                     raise StateError(f"guest {self.name!r} is not running", action="snapshot")
                 save_machine(pc, folder)
+                offset = {"console_offset": len(self.console.output)}
+                (folder / "console.json").write_text(json.dumps(offset))
         except BaseException:
             with contextlib.suppress(ImageError):
                 self._delete_disk_snapshots(snap.name, folder, pc)

@@ -42,6 +42,7 @@ __all__ = [
     "DISK_SECTOR1",
     "GUESTS",
     "OUTPUT",
+    "assemble",
     "build",
     "cache_dir",
     "nasm_path",
@@ -130,22 +131,35 @@ def build(name: str, *, cache: str | os.PathLike[str] | None = None) -> bytes:
         BackendUnavailable: nasm is missing.
         BackendError: nasm rejected the source.
     """
-    text = source(name)
+    stem = GUESTS[name].removesuffix(".asm") if name in GUESTS else name
+    sector = assemble(source(name), cache=cache, stem=stem)
+    if name == "no-signature":
+        sector = sector[:510] + b"\0\0"
+    return sector
+
+
+def assemble(
+    text: str, *, cache: str | os.PathLike[str] | None = None, stem: str = "guest"
+) -> bytes:
+    """Assemble a boot sector from NASM source (``%include "common.inc"`` works).
+
+    The result is cached by the hash of the source and ``common.inc``.
+
+    Raises:
+        BackendUnavailable: nasm is missing.
+        BackendError: nasm failed, or the result is not 512 bytes.
+    """
     include = _include()
     digest = hashlib.sha256((text + "\0" + include).encode()).hexdigest()[:16]
     folder = Path(cache) if cache is not None else cache_dir()
-    stem = GUESTS[name].removesuffix(".asm")
     target = folder / f"{stem}-{digest}.bin"
     if target.exists() and target.stat().st_size == 512:
-        sector = target.read_bytes()
-    else:
-        sector = _assemble(stem, text, include)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        tmp.write_bytes(sector)
-        os.replace(tmp, target)
-    if name == "no-signature":
-        sector = sector[:510] + b"\0\0"
+        return target.read_bytes()
+    sector = _assemble(stem, text, include)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_bytes(sector)
+    os.replace(tmp, target)
     return sector
 
 

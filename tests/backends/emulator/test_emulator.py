@@ -1,0 +1,439 @@
+"""Behaviour specific to the emulator: determinism, exact replay, faults, BIOS services."""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import virtkit
+from virtkit import images
+from virtkit.backends.emulator import EmulatorGuest, EmulatorHypervisor
+from virtkit.model import Disk, Machine, State
+from virtkit.testing import guests
+
+TIMEOUT = 10.0
+Define = Callable[..., EmulatorGuest]
+
+
+def adhoc_disk(tmp_path: Path, name: str, body: str) -> Path:
+    """A raw disk booting a boot sector assembled from ``body`` (common.inc included)."""
+    text = (
+        'bits 16\norg 0x7C00\n    jmp start\n%include "common.inc"\nstart:\n'
+        "    GUEST_START\n" + body + "\nBOOT_SIGNATURE\n"
+    )
+    sector = guests.assemble(text, stem=name)
+    path = tmp_path / f"{name}.raw"
+    with images.create(path, size="1MiB", format="raw") as image:
+        image.write(0, sector)
+        image.write(512, guests.DISK_SECTOR1.ljust(512, b"\0"))
+    return path
+
+
+def define_adhoc(hv: EmulatorHypervisor, tmp_path: Path, name: str, body: str) -> EmulatorGuest:
+    disk = adhoc_disk(tmp_path, name, body)
+    guest = hv.define(Machine(name=name, memory="32MiB", disks=(Disk(str(disk), format="raw"),)))
+    assert isinstance(guest, EmulatorGuest)
+    return guest
+
+
+def wait_crashed(guest: EmulatorGuest) -> str:
+    state = guest.wait(timeout=TIMEOUT)
+    assert state is State.CRASHED
+    assert guest.crash_reason is not None
+    return guest.crash_reason
+
+
+class TestDeterminism:
+    """clock="virtual": guest time follows executed instructions."""
+
+    def test_two_runs_print_identical_bytes_at_identical_instruction_counts(
+        self, vhv: EmulatorHypervisor, define: Define
+    ) -> None:
+        """The clock guest's timer readings and their instruction counts repeat exactly."""
+        runs = []
+        for _ in range(2):
+            guest = define(vhv, "clock")
+            guest.start()
+            assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+            runs.append((guest.console.output, guest.serial_trace, guest.instructions))
+        assert runs[0] == runs[1]
+        output, trace, instructions = runs[0]
+        assert b"".join(data for _, data in trace) == output
+        assert [count for count, _ in trace] == sorted(count for count, _ in trace)
+        assert instructions > 48_000_000  # eight samples, 6M instructions of busy work each
+        lines = re.findall(rb"ticks (\d+) pit (\d+) rtc (\d+)\r\n", output)
+        assert len(lines) == 8
+        ticks = [int(t) for t, _, _ in lines]
+        assert ticks == sorted(ticks)
+        assert ticks[-1] > ticks[0]  # guest time did advance
+        assert len({p for _, p, _ in lines}) == 8
+
+    def test_pausing_does_not_change_a_virtual_run(
+        self, vhv: EmulatorHypervisor, define: Define
+    ) -> None:
+        """Pauses and resumes at arbitrary moments leave the guest's view of time unchanged."""
+        quiet = define(vhv, "clock")
+        quiet.start()
+        quiet.wait(timeout=TIMEOUT)
+        busy = define(vhv, "clock")
+        busy.start()
+        busy.console.expect("ticks", timeout=TIMEOUT)
+        for _ in range(3):
+            busy.pause()
+            time.sleep(0.05)
+            busy.resume()
+        busy.wait(timeout=TIMEOUT)
+        assert busy.console.output == quiet.console.output
+
+    def test_virtual_rtc_starts_at_a_fixed_date(
+        self, vhv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """int 1Ah AH=04h reports the virtual epoch, 2024-01-01, on every run."""
+        body = """
+    mov ah, 0x04
+    int 0x1A
+    movzx eax, cx
+    call puthex
+    movzx eax, dx
+    call puthex
+    POWER_OFF
+"""
+        guest = define_adhoc(vhv, tmp_path, "rtc", body)
+        guest.start()
+        guest.wait(timeout=TIMEOUT)
+        assert guest.console.output == b"0000202400000101"
+
+
+class TestExactReplay:
+    """A full snapshot replays the guest's output byte for byte."""
+
+    def test_snapshot_taken_while_running_replays_exactly(
+        self, hv: EmulatorHypervisor, define: Define
+    ) -> None:
+        """Output after revert equals the original output from the capture point on."""
+        guest = define(hv, "counter", fmt="qcow2")
+        guest.start()
+        guest.console.expect("count 3\r\n", timeout=TIMEOUT)
+        guest.snapshot("running")
+        offset = guest.snapshot_console_offset("running")
+        guest.console.expect("count 12\r\n", timeout=TIMEOUT)
+        original = guest.console.output[offset:]
+        original = original[: original.index(b"count 12\r\n")]
+        assert len(original) > 40
+        guest.revert("running")
+        assert guest.state is State.RUNNING
+        mark = len(guest.console.output)
+        guest.console.expect("count 12\r\n", timeout=TIMEOUT)
+        assert guest.console.output[mark:].startswith(original)
+
+    def test_full_snapshot_files_and_internal_qcow2_snapshot(
+        self, hv: EmulatorHypervisor, define: Define, qemu_img: Callable[..., object]
+    ) -> None:
+        """The state lands in the snapshot folder; the disk holds an internal snapshot."""
+        guest = define(hv, "counter", fmt="qcow2")
+        guest.start()
+        guest.console.expect("count 1", timeout=TIMEOUT)
+        guest.snapshot("both")
+        folder = guest.snapshot_dir("both")
+        assert {p.name for p in folder.iterdir()} >= {"cpu.bin", "ram.bin", "devices.json"}
+        guest.kill()
+        listing = qemu_img("snapshot", "-l", "-U", guest.disk_path(guest.machine.disks[0]))
+        assert "both" in listing.stdout  # type: ignore[attr-defined]
+        with images.open(guest.disk_path(guest.machine.disks[0])) as image:
+            assert image.check().ok
+
+    def test_snapshot_survives_a_new_connection(
+        self, tmp_path: Path, boot_disk: Callable[..., Path]
+    ) -> None:
+        """A full snapshot saved with the guest's files reverts from a fresh hypervisor."""
+        disk = boot_disk("counter", "qcow2")
+        machine = Machine(name="keeper", memory="32MiB", disks=(Disk(str(disk)),))
+        with virtkit.connect("emulator", root=tmp_path / "root") as hv:
+            guest = hv.define(machine)
+            guest.start()
+            guest.console.expect("count 2\r\n", timeout=TIMEOUT)
+            guest.pause()
+            captured = int(re.findall(rb"count (\d+)", guest.console.output)[-1])
+            guest.snapshot("kept")
+        with virtkit.connect("emulator", root=tmp_path / "root") as hv:
+            guest = hv.define(machine)
+            assert [s.name for s in guest.snapshots] == ["kept"]
+            guest.revert("kept")
+            assert guest.state is State.PAUSED
+            guest.resume()
+            found = guest.console.expect(re.compile(rb"count (\d+)\r\n"), timeout=TIMEOUT)
+            assert int(found.group(1)) == captured + 1
+            guest.kill()
+
+
+class TestFaults:
+    """Bad guests and bad input end CRASHED with a reason, or a VirtkitError."""
+
+    def test_no_boot_signature_names_the_disk(self, hv: EmulatorHypervisor, define: Define) -> None:
+        """The reason says which disk lacks 0x55AA, where, and what was found."""
+        guest = define(hv, "no-signature")
+        guest.start()
+        reason = wait_crashed(guest)
+        assert reason.startswith("no bootable device: vda (")
+        assert "no boot signature 55aa at offset 510 (found 0000)" in reason
+
+    def test_machine_without_disks(self, hv: EmulatorHypervisor, define: Define) -> None:
+        """With no disks the reason says so."""
+        guest = define(hv, None)
+        guest.start()
+        assert wait_crashed(guest) == "no bootable device: the machine has no disks"
+
+    def test_triple_fault(self, hv: EmulatorHypervisor, define: Define) -> None:
+        """The empty-IDT interrupt is reported as a triple fault with the vector."""
+        guest = define(hv, "triple-fault")
+        guest.start()
+        reason = wait_crashed(guest)
+        assert reason.startswith("triple fault: interrupt vector 0x03")
+        assert guest.console.output == b"triple fault next\r\n"
+
+    def test_invalid_opcode_without_handler(self, hv: EmulatorHypervisor, tmp_path: Path) -> None:
+        """ud2 with the BIOS's default vector crashes the guest, naming #UD and CS:IP."""
+        guest = define_adhoc(hv, tmp_path, "ud", "    ud2\n")
+        guest.start()
+        reason = wait_crashed(guest)
+        assert "#UD invalid opcode" in reason
+        assert re.search(r"0000:7c[0-9a-f]{2} \(real mode\)", reason)
+
+    def test_divide_error_reaches_the_guest_handler(
+        self, hv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """A real-mode #DE goes through IVT[0] to the guest's handler, with IP at the fault."""
+        body = """
+    mov word [0], handler
+    mov word [2], 0
+    xor bx, bx
+    mov ax, 5
+    div bl
+    PRINT after
+    POWER_OFF
+handler:
+    PRINT caught
+    push bp
+    mov bp, sp
+    add word [bp + 2], 2    ; skip the two-byte div
+    pop bp
+    iret
+caught: db "caught #DE", 13, 10, 0
+after: db "resumed", 13, 10, 0
+"""
+        guest = define_adhoc(hv, tmp_path, "de", body)
+        guest.start()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output == b"caught #DE\r\nresumed\r\n"
+
+    def test_exception_in_protected_mode_crashes_with_reason(
+        self, hv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """An interrupt in protected mode is reported with the mode it happened in."""
+        body = """
+    cli
+    lgdt [gdtr]
+    mov eax, cr0
+    or eax, 1
+    mov cr0, eax
+    jmp 0x08:pm
+bits 32
+pm:
+    int 0x30
+bits 16
+align 8
+gdt: dq 0, 0x00CF9A000000FFFF
+gdtr: dw 15
+      dd gdt
+"""
+        guest = define_adhoc(hv, tmp_path, "pmint", body)
+        guest.start()
+        reason = wait_crashed(guest)
+        assert "interrupt 0x30" in reason
+        assert "protected mode" in reason
+
+    @pytest.mark.parametrize(
+        ("name", "port", "value"), [("kbc", "0x64", "0xFE"), ("cf9", "0xCF9", "0x06")]
+    )
+    def test_guest_reset_reboots(
+        self, hv: EmulatorHypervisor, tmp_path: Path, name: str, port: str, value: str
+    ) -> None:
+        """A reset through the keyboard controller or port 0xCF9 reboots the machine."""
+        body = f"""
+    PRINT msg
+    mov dx, {port}
+    mov al, {value}
+    out dx, al
+    hlt
+msg: db "booted", 13, 10, 0
+"""
+        guest = define_adhoc(hv, tmp_path, name, body)
+        guest.start()
+        guest.console.expect("booted\r\nbooted\r\nbooted\r\n", timeout=TIMEOUT)
+        assert guest.state is State.RUNNING
+        guest.kill()
+
+    def test_unknown_clock_is_a_config_error(self) -> None:
+        """connect() rejects a clock it does not know, naming the field."""
+        with pytest.raises(virtkit.ConfigError, match="'clock'"):
+            virtkit.connect("emulator", clock="sundial")
+
+    def test_uefi_firmware_is_a_config_error(self, hv: EmulatorHypervisor) -> None:
+        """The emulator has a BIOS only; UEFI machines are refused at define()."""
+        with pytest.raises(virtkit.ConfigError, match="firmware"):
+            hv.define(Machine(name="uefi", firmware="uefi"))
+
+
+class TestBiosServices:
+    """BIOS services beyond what the QEMU comparison covers."""
+
+    def test_int10_writes_the_screen_not_the_serial_port(
+        self, hv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """Teletype output is on the text screen only, as on QEMU without a serial console."""
+        body = """
+    mov si, text
+.next:
+    lodsb
+    test al, al
+    jz .done
+    mov ah, 0x0E
+    int 0x10
+    jmp .next
+.done:
+    PRINT serial
+    POWER_OFF
+text: db "on the screen", 13, 10, "second row", 0
+serial: db "on the wire", 13, 10, 0
+"""
+        guest = define_adhoc(hv, tmp_path, "tty", body)
+        guest.start()
+        guest.wait(timeout=TIMEOUT)
+        assert guest.console.output == b"on the wire\r\n"
+        assert guest.screen_text() == "on the screen\nsecond row"
+
+    def test_int16_reads_console_input_as_keys(
+        self, hv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """int 16h AH=00h blocks until console input and returns scan code and ASCII."""
+        body = """
+.key:
+    xor ah, ah
+    int 0x16
+    cmp al, 'q'
+    je .quit
+    movzx eax, ax
+    call puthex
+    PRINT crlf
+    jmp .key
+.quit:
+    POWER_OFF
+crlf: db 13, 10, 0
+"""
+        guest = define_adhoc(hv, tmp_path, "keys", body)
+        guest.start()
+        time.sleep(0.1)  # let it block in int 16h first
+        guest.console.write(b"a1\r")
+        guest.console.expect("00001c0d\r\n", timeout=TIMEOUT)
+        guest.console.write(b"q")
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output == b"00001e61\r\n00000231\r\n00001c0d\r\n"
+
+    def test_timer_interrupt_calls_the_guest_hook_and_chained_int13_works(
+        self, hv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """IRQ0 reaches a guest int 1Ch hook; an int 13h hook can chain to the BIOS."""
+        body = """
+    cli
+    mov word [0x1C * 4], tick
+    mov word [0x1C * 4 + 2], 0
+    mov eax, [0x13 * 4]
+    mov [old13], eax
+    mov word [0x13 * 4], hook13
+    mov word [0x13 * 4 + 2], 0
+    sti
+.wait:
+    hlt
+    cmp word [ticks], 3
+    jb .wait
+    mov ax, 0x0201
+    mov cx, 0x0002
+    xor dh, dh
+    mov dl, 0x80
+    mov bx, 0x8000
+    int 0x13
+    jc .bad
+    PRINT 0x8000
+    PRINT ok
+    movzx eax, word [calls]
+    call putdec
+    POWER_OFF
+.bad:
+    PRINT bad
+    POWER_OFF
+tick:
+    inc word [cs:ticks]
+    iret
+hook13:
+    inc word [cs:calls]
+    jmp far [cs:old13]
+ticks: dw 0
+calls: dw 0
+old13: dd 0
+ok: db " / int 13h hook calls: ", 0
+bad: db "int 13h failed", 0
+"""
+        guest = define_adhoc(hv, tmp_path, "hooks", body)
+        guest.start()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output == b"sector one says hello / int 13h hook calls: 1"
+
+    def test_e820_covers_the_machine_memory(self, hv: EmulatorHypervisor, define: Define) -> None:
+        """The usable E820 ranges add up to the RAM minus what SeaBIOS reserves."""
+        guest = define(hv, "bios-info", memory="64MiB")
+        guest.start()
+        guest.wait(timeout=TIMEOUT)
+        usable = sum(
+            int(length, 16)
+            for _, length, kind in re.findall(rb"e820 (\w+) (\w+) (\d)", guest.console.output)
+            if kind == b"1"
+        )
+        assert usable == 64 * 2**20 - 0x400 - 0x60000 - 0x20000
+
+
+class TestHost:
+    """The emulator's footprint on the host process."""
+
+    def test_halted_guest_does_not_burn_host_cpu(
+        self, hv: EmulatorHypervisor, define: Define
+    ) -> None:
+        """cli; hlt idles: the process uses well under a core while the guest sits halted."""
+        guest = define(hv, "ignore-acpi")
+        guest.start()
+        guest.console.expect("halting", timeout=TIMEOUT)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(1.0)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert used < 0.3
+        assert guest.state is State.RUNNING
+        guest.kill()
+
+    def test_counter_guest_idles_between_lines(
+        self, hv: EmulatorHypervisor, define: Define
+    ) -> None:
+        """sti; hlt waits for the next timer tick without spinning."""
+        guest = define(hv, "counter")
+        guest.start()
+        guest.console.expect("count 1\r\n", timeout=TIMEOUT)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        guest.console.expect("count 15\r\n", timeout=TIMEOUT)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert used < 0.4  # ~0.75 s of guest time, mostly halted
+        guest.kill()
