@@ -43,7 +43,7 @@ def _qemu_children() -> set[int]:
 
 
 def _runtime_dirs() -> set[str]:
-    return {p.name for p in runtime_base().glob("vk-*")}
+    return {p.name for p in runtime_base().glob("vkq-*")}
 
 
 @pytest.fixture(autouse=True)

@@ -190,7 +190,7 @@ class QemuGuest(Guest):
         base = (
             runtime_dir
             if runtime_dir is not None
-            else Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"vk-{self.name}"
+            else Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"vkq-{self.name}"
         )
         accel = self.hypervisor.accelerator.accel
         return build_argv(self.machine, self._spec(Path(base), paused=paused, accel=accel))
@@ -239,14 +239,19 @@ class QemuGuest(Guest):
 
     # -- running QEMU ----------------------------------------------------------------------
     def _launch(self, *, paused: bool) -> None:
-        """Start QEMU (stopped with -S), connect QMP and the console, then continue."""
+        """Start QEMU, wait until it connected QMP and the console, confirm the accelerator.
+
+        QEMU connects both sockets during its initialisation, before any guest
+        code runs, so no console output is lost; ``paused`` adds ``-S`` (used
+        to restore a full snapshot into a fresh process).
+        """
         if self._proc is not None:
             self._terminate()
         self._check_files()
         choice = self.hypervisor.accelerator
         runtime = make_runtime_dir(self.name)
         try:
-            argv = build_argv(self.machine, self._spec(runtime, paused=True, accel=choice.accel))
+            argv = build_argv(self.machine, self._spec(runtime, paused=paused, accel=choice.accel))
         except BaseException:
             shutil.rmtree(runtime, ignore_errors=True)
             raise
@@ -259,11 +264,9 @@ class QemuGuest(Guest):
             raise
         self._proc = proc = launch
         try:
+            self.console.set_writer(self._write_console)
             kvm = run_sync(proc.qmp.execute("query-kvm"))
             self.accelerator = "kvm" if kvm.get("enabled") else "tcg"
-            self.console.set_writer(self._write_console)
-            if not paused:
-                self._qmp_sync("cont")
         except BaseException:
             self._terminate()
             raise
@@ -348,8 +351,9 @@ class QemuGuest(Guest):
         self.console.set_writer(None)
         if info.expected:
             return
-        shutdown = self._shutdown_event
-        if shutdown is not None and info.returncode == 0:
+        if info.returncode == 0:
+            # QEMU exits 0 after the guest powers off (SHUTDOWN event, guest=true) and
+            # after a host-side quit or SIGTERM; anything else is a failure.
             self._notify_poweroff()
             return
         tail = info.stderr_tail or "(nothing on stderr)"

@@ -26,6 +26,7 @@ import ctypes
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -70,7 +71,7 @@ def make_runtime_dir(name: str) -> Path:
 
     UNIX socket paths are limited to 107 bytes, so the dir name is short.
     """
-    path = Path(tempfile.mkdtemp(prefix=f"vk-{name[:16]}-", dir=runtime_base()))
+    path = Path(tempfile.mkdtemp(prefix=f"vkq-{name[:16]}-", dir=runtime_base()))
     os.chmod(path, 0o700)
     return path
 
@@ -121,7 +122,9 @@ class QemuProcess:
         self.qmp = qmp
         self._on_console = on_console
         self._on_exit = on_exit
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._exit: asyncio.Future[int] | None = None
+        self._stderr_done: asyncio.Future[None] | None = None
         self._stderr = bytearray()
         self._console_server: asyncio.base_events.Server | None = None
         self._console_writer: asyncio.StreamWriter | None = None
@@ -168,11 +171,11 @@ class QemuProcess:
             else:
                 self._console_ready.set()
             try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *self.argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.PIPE,
+                self._proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
                     preexec_fn=_pdeathsig,
                     cwd=os.fspath(runtime_dir),
                 )
@@ -183,12 +186,13 @@ class QemuProcess:
             self.pid = self._proc.pid
             _live.add(self)
             loop = asyncio.get_running_loop()
-            self._tasks.append(loop.create_task(self._read_stderr()))
-            waiter = self._proc.wait()
-            exit_task = loop.create_task(waiter)
+            self._watch_fds(loop)
+            assert self._exit is not None
+            exit_task = self._exit
             ready = loop.create_task(self._wait_connected())
+            waiters: set[asyncio.Future[Any]] = {exit_task, ready}
             done, _ = await asyncio.wait(
-                {exit_task, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             if ready not in done:
                 ready.cancel()
@@ -241,20 +245,56 @@ class QemuProcess:
         except (OSError, asyncio.CancelledError):
             pass
 
-    async def _read_stderr(self) -> None:
-        assert self._proc is not None
-        assert self._proc.stderr is not None
-        while True:
-            chunk = await self._proc.stderr.read(65536)
-            if not chunk:
+    def _watch_fds(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch the child's exit (a pidfd) and its stderr pipe from the event loop.
+
+        No helper thread per child (asyncio's child watchers use one), no
+        polling: the loop wakes when QEMU writes to stderr or exits.
+        """
+        proc = self._proc
+        assert proc is not None
+        assert proc.stderr is not None
+        self._exit = loop.create_future()
+        self._stderr_done = loop.create_future()
+        err_fd = proc.stderr.fileno()
+        os.set_blocking(err_fd, False)
+
+        def on_stderr() -> None:
+            try:
+                chunk = os.read(err_fd, 65536)
+            except BlockingIOError:
                 return
-            self._stderr += chunk
-            if len(self._stderr) > 2 * _STDERR_KEEP:
-                del self._stderr[:-_STDERR_KEEP]
+            except OSError:
+                chunk = b""
+            if chunk:
+                self._stderr += chunk
+                if len(self._stderr) > 2 * _STDERR_KEEP:
+                    del self._stderr[:-_STDERR_KEEP]
+                return
+            loop.remove_reader(err_fd)
+            assert proc.stderr is not None
+            proc.stderr.close()
+            if self._stderr_done is not None and not self._stderr_done.done():
+                self._stderr_done.set_result(None)
+
+        loop.add_reader(err_fd, on_stderr)
+        pidfd = os.pidfd_open(proc.pid)
+
+        def on_exit() -> None:
+            code = proc.poll()
+            if code is None:
+                return
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if self._exit is not None and not self._exit.done():
+                self._exit.set_result(code)
+
+        loop.add_reader(pidfd, on_exit)
 
     async def _drain_stderr(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*self._tasks[:1]), 2)
+        if self._stderr_done is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._stderr_done), 2)
 
     def stderr_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines QEMU wrote to stderr."""
@@ -292,7 +332,7 @@ class QemuProcess:
             self.kill_now()
         await self.exited.wait()
 
-    async def _watch_exit(self, exit_task: asyncio.Task[int]) -> None:
+    async def _watch_exit(self, exit_task: asyncio.Future[int]) -> None:
         code = await exit_task
         await self._drain_stderr()
         await self._teardown()
@@ -313,7 +353,10 @@ class QemuProcess:
                 await self._console_server.wait_closed()
         if self._proc is not None and self._proc.returncode is None:
             self.kill_now()
-            with contextlib.suppress(Exception):
-                await self._proc.wait()
+            if self._exit is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._exit), 10)
+            if self._proc.returncode is None:  # pragma: no cover - a stuck D-state child
+                await asyncio.get_running_loop().run_in_executor(None, self._proc.wait)
         _live.discard(self)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""qemu backend benchmark: what virtkit adds on top of QEMU itself.
+
+Measures, in one run (medians over repeats; TCG unless ``--accel`` says otherwise):
+
+* start-to-first-serial-line: ``guest.start()`` until the ``hello`` boot
+  sector's first line arrives in ``guest.console``, vs the same QEMU
+  command (``guest.qemu_argv()`` with the serial port on stdio and no QMP)
+  launched bare with ``subprocess`` reading stdout;
+* QMP ``query-status`` round trip through ``guest.qmp()`` (sync API over the
+  private event loop) vs a raw ``qemu.qmp.QMPClient`` awaited directly;
+* full snapshot save (``guest.snapshot``) and load (``guest.revert``) of a
+  256 MiB guest: the Linux test guest (booted, so its RAM is really used)
+  when the kernel is in the test cache, else the ``counter`` boot sector.
+
+It is a script, not a test; nothing asserts on time.
+
+Usage::
+
+    .venv/bin/python benchmarks/qemu.py [--repeats 10] [--accel tcg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# this file is named qemu.py: keep its folder off sys.path so ``qemu.qmp`` is the package
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from qemu.qmp import QMPClient  # noqa: E402
+
+from virtkit.backends.qemu import KernelBoot, QemuGuest, QemuHypervisor  # noqa: E402
+from virtkit.model import Disk, Machine  # noqa: E402
+from virtkit.testing import guests  # noqa: E402
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def bare_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the serial port on stdio and without the QMP monitor or -S."""
+    out: list[str] = []
+    skip = 0
+    for i, arg in enumerate(argv):
+        if skip:
+            skip -= 1
+            continue
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if arg == "-chardev" and nxt.startswith("socket,id=qmp,"):
+            skip = 1
+            continue
+        if arg == "-mon":
+            skip = 1
+            continue
+        if arg == "-chardev" and nxt.startswith("socket,id=serial0,"):
+            out += ["-chardev", "stdio,id=serial0,signal=off"]
+            skip = 1
+            continue
+        if arg == "-S":
+            continue
+        out.append(arg)
+    return out
+
+
+def bench_first_line(hv: QemuHypervisor, work: Path, repeats: int) -> tuple[float, float]:
+    disk = guests.write_disk(work / "hello.qcow2", "hello", format="qcow2")
+    machine = Machine(name="bench-hello", memory="32MiB", disks=[Disk(str(disk))])
+    guest = hv.define(machine)
+    ours: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        guest.start()
+        guest.console.expect(b"\n", timeout=30)
+        ours.append(time.perf_counter() - t0)
+        guest.wait(timeout=30)
+    argv = bare_argv(guest.qemu_argv())
+    bare: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        bare.append(time.perf_counter() - t0)
+        proc.wait(timeout=30)
+    hv.undefine(guest)
+    return _median_ms(ours), _median_ms(bare)
+
+
+def bench_qmp(hv: QemuHypervisor, work: Path, calls: int) -> tuple[float, float]:
+    disk = guests.write_disk(work / "idle.qcow2", "ignore-acpi", format="qcow2")
+    guest = hv.define(Machine(name="bench-qmp", memory="32MiB", disks=[Disk(str(disk))]))
+    guest.start()
+    for _ in range(20):
+        guest.qmp("query-status")
+    ours = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        guest.qmp("query-status")
+        ours.append(time.perf_counter() - t0)
+    guest.kill()
+    hv.undefine(guest)
+    sock = work / "raw-qmp.sock"
+    argv = [
+        hv.binary, "-nodefaults", "-no-user-config", "-display", "none", "-accel",
+        hv.accelerator.accel, "-m", "32M", "-qmp", f"unix:{sock},server=on,wait=off",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    async def raw() -> list[float]:
+        client = QMPClient("raw")
+        for _ in range(200):
+            try:
+                await client.connect(str(sock))
+                break
+            except Exception:  # socket not there yet
+                await asyncio.sleep(0.02)
+        for _ in range(20):
+            await client.execute("query-status")
+        samples = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            await client.execute("query-status")
+            samples.append(time.perf_counter() - t0)
+        await client.execute("quit")
+        await client.disconnect()
+        return samples
+
+    try:
+        bare = asyncio.run(raw())
+    finally:
+        proc.kill()
+        proc.wait()
+    return _median_ms(ours), _median_ms(bare)
+
+
+def bench_snapshot(hv: QemuHypervisor, work: Path, repeats: int) -> tuple[str, float, float, int]:
+    disk = work / "snap.qcow2"
+    kernel: KernelBoot | None = None
+    try:
+        from virtkit.testing.linux import (  # noqa: PLC0415
+            LINUX_CMDLINE,
+            READY_MARKER,
+            build_initramfs,
+            fetch_kernel,
+        )
+
+        k = fetch_kernel()
+        kernel = KernelBoot(k.vmlinuz, build_initramfs(k, work / "initrd.gz"), LINUX_CMDLINE)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+        what = "Linux guest, 256 MiB"
+    except Exception:  # fall back to the boot sector
+        guests.write_disk(disk, "counter", format="qcow2")
+        what = "boot-sector guest, 256 MiB"
+    guest: QemuGuest = hv.define(
+        Machine(name="bench-snap", memory="256MiB", disks=[Disk(str(disk))]), kernel=kernel
+    )
+    guest.start()
+    if kernel is not None:
+        guest.console.expect(READY_MARKER, timeout=120)
+        # touch ~128 MiB so the snapshot carries real RAM contents
+        guest.console.write("dd if=/dev/urandom of=/dev/shm/fill bs=1M count=96 2>/dev/null\n")
+        guest.console.write("echo filled\n")
+        guest.console.expect("filled\r\n", timeout=120)
+    save: list[float] = []
+    load: list[float] = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        guest.snapshot(f"s{i}")
+        save.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        guest.revert(f"s{i}")
+        load.append(time.perf_counter() - t0)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(disk)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    vmstate = max(s.get("vm-state-size", 0) for s in info.get("snapshots", [{}]))
+    guest.kill()
+    return what, _median_ms(save), _median_ms(load), vmstate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--accel", default="tcg", choices=("tcg", "kvm", "auto"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="virtkit-bench-") as tmp:
+        work = Path(tmp)
+        with QemuHypervisor(accel=args.accel, root=work / "guests") as hv:
+            ours, bare = bench_first_line(hv, work, args.repeats)
+            print(f"QEMU {hv.binary}, accel {hv.accelerator.accel} ({hv.accelerator.reason})")
+            print(
+                f"start -> first serial line   virtkit {ours:8.1f} ms   bare QEMU {bare:8.1f} ms"
+                f"   overhead {ours - bare:+.1f} ms ({(ours / bare - 1) * 100:+.1f} %)"
+            )
+            ours, bare = bench_qmp(hv, work, args.calls)
+            print(
+                f"QMP query-status round trip  virtkit {ours:8.3f} ms   raw qemu.qmp {bare:6.3f} ms"
+                f"   overhead {ours - bare:+.3f} ms"
+            )
+            what, save, load, vmstate = bench_snapshot(hv, work, max(3, args.repeats // 3))
+            print(
+                f"full snapshot ({what}, vm state {vmstate / 2**20:.1f} MiB)   "
+                f"save {save:8.1f} ms   load (revert) {load:8.1f} ms"
+            )
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()
