@@ -1,0 +1,249 @@
+"""Emulator speed, next to QEMU.
+
+Run: ``.venv/bin/python benchmarks/emulator.py`` (needs nasm; QEMU for the
+comparisons). Prints, in one run:
+
+1. time from ``guest.start()`` to the first serial line of the hello boot
+   sector: the emulator, the qemu backend (TCG), and a bare
+   ``qemu-system-x86_64 -accel tcg -display none -serial stdio`` process;
+2. guest instructions per second on a tight loop (``dec ecx; jnz``), on the
+   emulator with the wall clock and with the virtual clock, and on bare QEMU
+   TCG;
+3. full snapshot and revert time of a 64 MiB guest, with its RAM mostly
+   zero and with all of it written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# benchmarks/qemu.py would shadow the qemu package (qemu.qmp) for the qemu backend
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import virtkit  # noqa: E402 - after the path fix above
+from virtkit import images  # noqa: E402
+from virtkit.model import Disk, Machine  # noqa: E402
+from virtkit.testing import guests  # noqa: E402
+
+RUNS = 5
+LOOP_ITERATIONS = 300_000_000  # two instructions each
+SPIN = f"""
+    mov ecx, {LOOP_ITERATIONS}
+.spin:
+    dec ecx
+    jnz .spin
+    PRINT done
+    POWER_OFF
+done: db "done", 13, 10, 0
+"""
+# enter protected mode and write a pattern over all RAM above 1 MiB, then idle
+DIRTY = """
+    cli
+    in al, 0x92
+    or al, 2
+    and al, 0xFE
+    out 0x92, al
+    lgdt [gdtr]
+    mov eax, cr0
+    or eax, 1
+    mov cr0, eax
+    jmp 0x08:pm
+bits 32
+pm:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov edi, 0x100000
+    mov ecx, (64 * 1024 * 1024 - 0x100000) / 4
+    mov eax, 0x5A5AA5A5
+.fill:
+    stosd
+    inc eax
+    dec ecx
+    jnz .fill
+    mov dx, 0x3F8
+    mov al, '!'
+    out dx, al
+.idle:
+    hlt
+    jmp .idle
+bits 16
+align 8
+gdt: dq 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
+gdtr: dw 23
+      dd gdt
+"""
+
+
+def sector_disk(folder: Path, name: str, body: str | None = None) -> Path:
+    """A raw disk with a named test guest, or an ad-hoc one from ``body``."""
+    path = folder / f"{name}.raw"
+    if body is None:
+        return guests.write_disk(path, name)
+    text = (
+        'bits 16\norg 0x7C00\n    jmp start\n%include "common.inc"\nstart:\n    GUEST_START\n'
+        + body
+        + "\nBOOT_SIGNATURE\n"
+    )
+    with images.create(path, size="1MiB", format="raw") as image:
+        image.write(0, guests.assemble(text, stem=name))
+    return path
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def first_line_backend(backend: str, disk: Path, root: Path, **options: object) -> list[float]:
+    """start() -> first serial line, RUNS times, on a virtkit backend."""
+    times = []
+    with virtkit.connect(backend, root=root, **options) as hv:
+        for i in range(RUNS):
+            copy = root / f"{backend}-{i}.raw"
+            shutil.copyfile(disk, copy)
+            guest = hv.define(Machine(name=f"b{i}", memory="32MiB", disks=(Disk(str(copy)),)))
+            begin = time.perf_counter()
+            guest.start()
+            guest.console.expect("\r\n", timeout=60)
+            times.append(time.perf_counter() - begin)
+            guest.wait(timeout=60)
+            hv.undefine(guest)
+    return times
+
+
+def qemu_argv(disk: Path) -> list[str]:
+    return [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-m",
+        "32M",
+        "-serial",
+        "stdio",
+        "-drive",
+        f"file={disk},format=raw",
+    ]
+
+
+def first_line_bare_qemu(disk: Path) -> list[float]:
+    """Popen -> first serial line of a bare QEMU TCG process, RUNS times."""
+    times = []
+    for _ in range(RUNS):
+        begin = time.perf_counter()
+        proc = subprocess.Popen(qemu_argv(disk), stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        times.append(time.perf_counter() - begin)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    return times
+
+
+def loop_emulator(disk: Path, root: Path, clock: str) -> float:
+    """Seconds the emulator takes for the spin loop (boot excluded via the hello time)."""
+    with virtkit.connect("emulator", root=root, clock=clock) as hv:
+        guest = hv.define(Machine(name=f"spin-{clock}", memory="32MiB", disks=(Disk(str(disk)),)))
+        begin = time.perf_counter()
+        guest.start()
+        guest.wait(timeout=600)
+        return time.perf_counter() - begin
+
+
+def loop_bare_qemu(disk: Path) -> float:
+    begin = time.perf_counter()
+    subprocess.run(qemu_argv(disk), stdout=subprocess.DEVNULL, check=True, timeout=600)
+    return time.perf_counter() - begin
+
+
+def snapshot_times(disk: Path, root: Path, dirty: bool) -> tuple[float, float, int]:
+    """(snapshot seconds, revert seconds, state bytes) for a 64 MiB guest."""
+    with virtkit.connect("emulator", root=root) as hv:
+        copy = root / f"snap-{dirty}.raw"
+        shutil.copyfile(disk, copy)
+        guest = hv.define(
+            Machine(name=f"snap-{int(dirty)}", memory="64MiB", disks=(Disk(str(copy)),))
+        )
+        guest.start()
+        guest.console.expect("!" if dirty else "count 1", timeout=600)
+        begin = time.perf_counter()
+        guest.snapshot("bench")
+        taken = time.perf_counter() - begin
+        begin = time.perf_counter()
+        guest.revert("bench")
+        reverted = time.perf_counter() - begin
+        size = sum(p.stat().st_size for p in guest.snapshot_dir("bench").iterdir())
+        guest.kill()
+        return taken, reverted, size
+
+
+def row(label: str, value: str, note: str = "") -> None:
+    print(f"  {label:<44} {value:>14}  {note}")
+
+
+def main() -> int:
+    have_qemu = shutil.which("qemu-system-x86_64") is not None
+    with tempfile.TemporaryDirectory(prefix="virtkit-bench-") as tmp:
+        work = Path(tmp)
+        hello = sector_disk(work, "hello")
+        spin = sector_disk(work, "spin", SPIN)
+        dirty = sector_disk(work, "dirty", DIRTY)
+        counter = sector_disk(work, "counter")
+
+        print(f"1. start() to first serial line (hello guest, median of {RUNS})")
+        emu = median_ms(first_line_backend("emulator", hello, work / "e"))
+        row("emulator", f"{emu:.1f} ms")
+        if have_qemu:
+            bare = median_ms(first_line_bare_qemu(hello))
+            row("bare qemu-system-x86_64 -accel tcg", f"{bare:.1f} ms", f"{bare / emu:.0f}x emu")
+            try:
+                qb = median_ms(first_line_backend("qemu", hello, work / "q", accel="tcg"))
+                row("qemu backend (TCG, QMP)", f"{qb:.1f} ms", f"{qb / emu:.0f}x emu")
+            except virtkit.VirtkitError as exc:
+                row("qemu backend", "unavailable", str(exc).splitlines()[0])
+
+        print(f"2. tight loop: {2 * LOOP_ITERATIONS / 1e6:.0f}M guest instructions")
+        instructions = 2 * LOOP_ITERATIONS
+        results: dict[str, float] = {}
+        runners: list[tuple[str, Callable[[], float]]] = [
+            ("emulator, wall clock", lambda: loop_emulator(spin, work / "lw", "wall")),
+            ("emulator, virtual clock", lambda: loop_emulator(spin, work / "lv", "virtual")),
+        ]
+        if have_qemu:
+            runners.append(("bare qemu-system-x86_64 -accel tcg", lambda: loop_bare_qemu(spin)))
+        for label, run in runners:
+            seconds = run()
+            results[label] = seconds
+            mips = instructions / seconds / 1e6
+            row(label, f"{mips:,.0f} MIPS", f"({seconds:.2f} s incl. boot)")
+        base = results["emulator, wall clock"]
+        for label, seconds in results.items():
+            if label != "emulator, wall clock":
+                row(f"  ratio vs wall-clock emulator: {label}", f"{seconds / base:.2f}x time")
+
+        print("3. full snapshot + revert, 64 MiB guest")
+        for label, disk, is_dirty in (
+            ("mostly-zero RAM (counter guest)", counter, False),
+            ("all RAM written", dirty, True),
+        ):
+            taken, reverted, size = snapshot_times(disk, work / f"s{int(is_dirty)}", is_dirty)
+            row(
+                label,
+                f"{taken * 1000:.0f} + {reverted * 1000:.0f} ms",
+                f"(snapshot + revert; {size / 2**20:.1f} MiB of state)",
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
