@@ -6,9 +6,10 @@ Per launch:
   console socket (both 0600); virtkit listens on them and QEMU connects as a
   client during its start-up, before any guest code runs;
 * QEMU runs as a child of the backend's private event-loop thread, which
-  lives as long as the Python process; ``prctl(PR_SET_PDEATHSIG, SIGKILL)``
-  in the child kills it if that thread (the process) goes away, and an
-  ``atexit`` hook kills what is left on a normal interpreter exit;
+  lives as long as the Python process; ``PR_SET_PDEATHSIG`` = SIGKILL (set
+  by ``setpriv --pdeathsig KILL``, which then execs QEMU) kills it if that
+  thread (the process) goes away, and an ``atexit`` hook kills what is left
+  on a normal interpreter exit;
 * stderr is captured (the last 64 KiB are kept) for error messages;
 * the child is always reaped (``asyncio`` waits for it), and the runtime
   directory and its sockets are removed when it exits, whatever the cause.
@@ -42,12 +43,29 @@ _STDERR_KEEP = 64 * 1024
 _live: set[QemuProcess] = set()
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+_SETPRIV = shutil.which("setpriv")  # util-linux, Essential on Debian
+_prctl: Callable[..., int] | None
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in the child
+except (OSError, AttributeError):  # pragma: no cover - non-glibc hosts
+    _prctl = None
+
+
+def _pdeathsig() -> None:  # fallback: runs in the child between fork and exec
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _spawn_argv(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The argv to execute so that QEMU gets SIGKILL when its parent goes away.
+
+    ``setpriv --pdeathsig KILL`` sets it and execs QEMU (no Python code runs
+    in the forked child, which is unsafe in a threaded process); without
+    setpriv a minimal ``preexec_fn`` calls the already-resolved ``prctl``.
+    """
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv], None
+    return argv, _pdeathsig
 
 
 def _kill_leftovers() -> None:
@@ -171,12 +189,13 @@ class QemuProcess:
             else:
                 self._console_ready.set()
             try:
+                run_argv, preexec = _spawn_argv(self.argv)
                 self._proc = subprocess.Popen(
-                    self.argv,
+                    run_argv,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
-                    preexec_fn=_pdeathsig,
+                    preexec_fn=preexec,  # noqa: PLW1509 - only calls a resolved prctl
                     cwd=os.fspath(runtime_dir),
                 )
             except OSError as exc:
