@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,20 @@ class TestProcessFaults:
             os.kill(pid, signal.SIGCONT)
         guest.kill()
         assert guest.state is State.SHUTOFF
+
+    def test_qmp_connection_closing_mid_command_is_a_backend_error(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """QEMU dying while a QMP command waits for its reply: BackendError, then CRASHED, no leftovers."""
+        guest = hv.define(_machine("midcmd", boot_disk("idle")))
+        guest.start()
+        pid = guest.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # the command below is sent but never answered
+        killer = threading.Timer(0.3, os.kill, (pid, signal.SIGKILL))
+        killer.start()
+        with pytest.raises(virtkit.BackendError, match="closed|failed"):  # not TimeoutError
+            guest.qmp("query-status", timeout=30)
+        killer.join()
+        assert guest.wait(timeout=30) is State.CRASHED
+        assert "SIGKILL" in (guest.crash_reason or "")
