@@ -274,11 +274,12 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise Hang(f"input took longer than {TIME_LIMIT_S}s")
 
 
-def exercise(path: Path) -> str:
+def exercise(path: Path, *, swallow: bool = True) -> str:
     """Open and use ``path`` as a qcow2 image. Return "ok" or the VirtkitError class name.
 
     Raises whatever non-virtkit exception the engine raised (a failure), or
     :class:`Hang`, or MemoryError when the traced peak passes the memory bound.
+    With ``swallow=False`` VirtkitErrors are raised too.
     """
     try:
         with virtkit.images.open(path, format="qcow2") as img:
@@ -290,17 +291,19 @@ def exercise(path: Path) -> str:
                 img.read(pos, min(step, img.virtual_size - pos))
             img.check()
     except virtkit.VirtkitError as exc:
+        if not swallow:
+            raise
         return type(exc).__name__
     return "ok"
 
 
-def run_bounded(path: Path) -> str:
+def run_bounded(path: Path, *, swallow: bool = True) -> str:
     """:func:`exercise` under the time limit and a tracemalloc memory bound."""
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TIME_LIMIT_S)
     tracemalloc.start()
     try:
-        outcome = exercise(path)
+        outcome = exercise(path, swallow=swallow)
         _, peak = tracemalloc.get_traced_memory()
         if peak > MEMORY_LIMIT:
             raise MemoryError(f"peak traced memory {peak} bytes > {MEMORY_LIMIT}")

@@ -23,8 +23,8 @@ import virtkit.images
 
 SIZE = 256 * 1024
 _SETTINGS = settings(
-    max_examples=12,
-    stateful_step_count=20,
+    max_examples=40,
+    stateful_step_count=25,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -189,5 +189,9 @@ class RawMachine(ImageMachine):
     has_snapshots = False
 
 
+TestQcow2 = Qcow2Machine.TestCase
+TestQcow2.settings = _SETTINGS
+TestQcow2V2 = Qcow2V2Machine.TestCase
+TestQcow2V2.settings = _SETTINGS
 TestRaw = RawMachine.TestCase
 TestRaw.settings = _SETTINGS

@@ -14,7 +14,7 @@ import virtkit.images
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 MiB = 1 << 20
-FORMATS = ["raw"]  # qcow2 joins when virtkit.images.qcow2 lands
+FORMATS = ["raw", "qcow2"]
 
 _PATTERN = [(0, b"\x01" * 512), (70000, b"hello world" * 300), (3 * MiB + 17, b"\xfe" * 65536)]
 

@@ -1,0 +1,258 @@
+"""A corpus of malformed qcow2 images (one kind of damage each) and a bounded fuzz run.
+
+Each case starts from a valid image made by qemu-img, applies one kind of
+damage, and must raise the expected :class:`virtkit.VirtkitError` subclass on
+open or on use, within a time bound (SIGALRM) and a memory bound (tracemalloc
+peak) - never an IndexError, struct.error, MemoryError or a hang.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import virtkit
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_images.py"
+
+
+def _load_fuzz() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fuzz_images", _SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_images"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz = _load_fuzz()
+Seeds = dict[str, "fuzz.Seed"]
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> Seeds:
+    """Valid qemu-img images (v2, v3 with snapshot+bitmap, compressed, backing...), mapped."""
+    made: Seeds = fuzz.make_seeds(tmp_path_factory.mktemp("seeds"))
+    return made
+
+
+def _field(seed: fuzz.Seed, prefix: str) -> fuzz.Field:
+    return next(f for f in seed.fields if f.name.startswith(prefix))
+
+
+def _u(data: bytes, fld: fuzz.Field) -> int:
+    value: int = struct.unpack_from(fld.code, data, fld.offset)[0]
+    return value
+
+
+def _set(seed: fuzz.Seed, data: bytes, prefix: str, value: int | Callable[[int], int]) -> bytes:
+    fld = _field(seed, prefix)
+    new = value(_u(data, fld)) if callable(value) else value
+    out = bytearray(data)
+    struct.pack_into(fld.code, out, fld.offset, new)
+    return bytes(out)
+
+
+def _passwd_backing(seed: fuzz.Seed, data: bytes) -> bytes:
+    off = _u(data, _field(seed, "backing_file_offset"))
+    name = b"/etc/passwd"
+    out = bytearray(data)
+    out[off : off + len(name)] = name
+    struct.pack_into(">I", out, 16, len(name))
+    return bytes(out)
+
+
+def _compressed_past_eof(seed: fuzz.Seed, data: bytes) -> bytes:
+    """Make the first compressed L2 entry claim 255 extra sectors starting near EOF."""
+    fld = next(f for f in seed.fields if f.name.startswith("l2@") and _u(data, f) & (1 << 62))
+    x = 62 - (16 - 8)  # cluster_bits 16: offset in bits 0..53, sector count above
+    entry = (1 << 62) | (0xFF << x) | ((len(data) - 512) & ((1 << x) - 1))
+    out = bytearray(data)
+    struct.pack_into(">Q", out, fld.offset, entry)
+    return bytes(out)
+
+
+def _l2_into_reftable(seed: fuzz.Seed, data: bytes) -> bytes:
+    """Point the first data cluster at the refcount table (metadata read as guest data).
+
+    (Host offset 0 cannot express "into the header": the spec reads it as unallocated.)
+    """
+    reftable = _u(data, _field(seed, "refcount_table_offset"))
+    return _set(seed, data, "l2@", (1 << 63) | reftable)
+
+
+def _ext_len_past_cluster(seed: fuzz.Seed, data: bytes) -> bytes:
+    return _set(seed, data, "ext0.len", 0x100000)
+
+
+Damage = Callable[[fuzz.Seed, bytes], bytes]
+Corrupt = virtkit.CorruptImageError
+Unsupported = virtkit.UnsupportedFeatureError
+
+# (case id, seed, damage, expected error class, message fragment or None)
+Case = tuple[str, str, Damage, type[virtkit.ImageError], str | None]
+CASES: list[Case] = [
+    ("bad_magic", "v3", lambda s, d: b"QFI\x00" + d[4:], Corrupt, None),
+    ("version_4", "v3", lambda s, d: _set(s, d, "version", 4), Unsupported, "4"),
+    ("version_1", "v3", lambda s, d: _set(s, d, "version", 1), Unsupported, "1"),
+    ("truncated_header", "v3", lambda s, d: d[:50], Corrupt, None),
+    ("header_length_short", "v3", lambda s, d: _set(s, d, "header_length", 40), Corrupt, None),
+    ("cluster_bits_8", "v3", lambda s, d: _set(s, d, "cluster_bits", 8), Corrupt, None),
+    ("cluster_bits_30", "v3", lambda s, d: _set(s, d, "cluster_bits", 30), Corrupt, None),
+    ("refcount_order_7", "v3", lambda s, d: _set(s, d, "refcount_order", 7), Corrupt, None),
+    ("crypt_method_aes", "v2", lambda s, d: _set(s, d, "crypt_method", 1), Unsupported, None),
+    (
+        "incompat_bit_30",
+        "v3",
+        lambda s, d: _set(s, d, "incompatible_features", 1 << 30),
+        Unsupported,
+        "30",
+    ),
+    (
+        "l1_offset_unaligned",
+        "v3",
+        lambda s, d: _set(s, d, "l1_table_offset", lambda v: v + 8),
+        Corrupt,
+        None,
+    ),
+    ("l1_offset_huge", "v3", lambda s, d: _set(s, d, "l1_table_offset", 1 << 50), Corrupt, None),
+    ("l1_size_2_31", "v3", lambda s, d: _set(s, d, "l1_size", 1 << 31), Corrupt, None),
+    ("l1_size_too_small", "v3", lambda s, d: _set(s, d, "l1_size", 0), Corrupt, None),
+    (
+        "l1_entry_past_eof",
+        "v3",
+        lambda s, d: _set(s, d, "l1[0]", (1 << 63) | (1 << 45)),
+        Corrupt,
+        None,
+    ),
+    (
+        "l2_entry_past_eof",
+        "v2",
+        lambda s, d: _set(s, d, "l2@", (1 << 63) | (1 << 40)),
+        Corrupt,
+        None,
+    ),
+    ("l2_entry_into_refcount_table", "v2", _l2_into_reftable, Corrupt, None),
+    ("l2_entry_unaligned", "v2", lambda s, d: _set(s, d, "l2@", lambda v: v + 512), Corrupt, None),
+    (
+        "refcount_table_overlaps_header",
+        "v3",
+        lambda s, d: _set(s, d, "refcount_table_offset", 0),
+        Corrupt,
+        None,
+    ),
+    (
+        "refcount_table_huge",
+        "v3",
+        lambda s, d: _set(s, d, "refcount_table_clusters", 1 << 30),
+        Corrupt,
+        None,
+    ),
+    ("snapshot_count_2_20", "v3", lambda s, d: _set(s, d, "nb_snapshots", 1 << 20), Corrupt, None),
+    (
+        "snapshot_table_past_eof",
+        "v3",
+        lambda s, d: _set(s, d, "snapshots_offset", 1 << 40),
+        Corrupt,
+        None,
+    ),
+    (
+        "snapshot_l1_size_huge",
+        "v3",
+        lambda s, d: _set(s, d, "snap0.l1_size", 1 << 31),
+        Corrupt,
+        None,
+    ),
+    ("header_extension_past_cluster", "v3", _ext_len_past_cluster, Corrupt, None),
+    (
+        "backing_name_huge",
+        "overlay",
+        lambda s, d: _set(s, d, "backing_file_size", 0xFFFFFFFF),
+        Corrupt,
+        None,
+    ),
+    (
+        "backing_name_past_cluster",
+        "overlay",
+        lambda s, d: _set(s, d, "backing_file_offset", 0xFFF0),
+        Corrupt,
+        None,
+    ),
+    ("compressed_size_past_eof", "compressed", _compressed_past_eof, Corrupt, None),
+    ("virtual_size_2_62", "v3", lambda s, d: _set(s, d, "size", 1 << 62), Corrupt, None),
+]
+
+# Bounds for every input: seconds of wall time (SIGALRM) and traced peak memory.
+fuzz.TIME_LIMIT_S = 20
+fuzz.MEMORY_LIMIT = 64 << 20
+
+
+def _run_case(path: Path) -> BaseException | None:
+    """Exercise the image under the bounds; return what it raised (None if it worked)."""
+    try:
+        fuzz.run_bounded(path, swallow=False)
+    except BaseException as exc:  # the test inspects every kind
+        return exc
+    return None
+
+
+class TestCorpus:
+    """Each kind of damage gives its own clear error, bounded in time and memory."""
+
+    @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in CASES])
+    def test_damage_is_reported(self, seeds: Seeds, tmp_path: Path, case: Case) -> None:
+        """Opening or reading the damaged image raises the expected VirtkitError subclass."""
+        _, seed_name, damage, expected, fragment = case
+        seed = seeds[seed_name]
+        path = fuzz.write_input(tmp_path, seed, damage(seed, seed.data))
+        outcome = _run_case(path)
+        assert isinstance(outcome, expected), f"expected {expected.__name__}, got {outcome!r}"
+        assert outcome.path == str(path) or str(path) in str(outcome)
+        if fragment is not None:
+            assert fragment in str(outcome)
+
+    def test_backing_to_etc_passwd_is_not_read(self, seeds: Seeds, tmp_path: Path) -> None:
+        """A backing file name pointing at /etc/passwd is refused, not opened as raw data."""
+        seed = seeds["overlay"]
+        path = fuzz.write_input(tmp_path, seed, _passwd_backing(seed, seed.data))
+        outcome = _run_case(path)
+        assert isinstance(outcome, virtkit.ImageError), repr(outcome)
+        assert not isinstance(outcome, virtkit.CorruptImageError)
+        assert "/etc/passwd" in str(outcome)
+
+    def test_seeds_are_valid(self, seeds: Seeds, tmp_path: Path) -> None:
+        """Every undamaged seed opens and reads cleanly (the corpus damages valid images)."""
+        for name, seed in seeds.items():
+            path = fuzz.write_input(tmp_path / name, seed, seed.data)
+            assert fuzz.run_bounded(path) == "ok", name
+
+
+class TestBoundedFuzz:
+    """A short structure-aware fuzz run: any input works or raises a VirtkitError."""
+
+    @settings(
+        max_examples=80,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(rng_seed=st.integers(0, 2**32 - 1), count=st.integers(1, 3))
+    def test_mutated_images(self, seeds: Seeds, tmp_path: Path, rng_seed: int, count: int) -> None:
+        """Structure-aware mutations of valid images never escape as a non-virtkit error."""
+        rng = random.Random(rng_seed)
+        seed = seeds[rng.choice(sorted(seeds))]
+        data, notes = fuzz.mutate(seed, rng, count)
+        path = fuzz.write_input(tmp_path / "fz", seed, data)
+        try:
+            fuzz.run_bounded(path)
+        except BaseException as exc:
+            raise AssertionError(f"{seed.name} {notes}: {exc!r}") from exc
