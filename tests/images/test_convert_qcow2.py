@@ -261,3 +261,21 @@ class TestCommit:
         qemu_img("create", "-f", "qcow2", img, "1M")
         with pytest.raises(virtkit.ImageError, match="no backing file"):
             virtkit.images.commit(img)
+
+
+class TestConvertOntoBacking:
+    """convert(..., backing=...) as qemu-img convert -B."""
+
+    def test_only_differences_are_stored(self, tmp_path: Path, qemu_img: Run) -> None:
+        """The new overlay stores only clusters that differ from its backing file, zeroes too."""
+        base = tmp_path / "base.qcow2"
+        qemu_img("create", "-f", "qcow2", base, "2M")
+        _qemu_io(base, "qcow2", "write -P 0x11 0 1M")
+        src = tmp_path / "src.raw"
+        qemu_img("convert", "-O", "raw", base, src)
+        _qemu_io(src, "raw", "write -P 0x22 128k 64k", "write -z 512k 64k")
+        out = tmp_path / "out.qcow2"
+        virtkit.images.convert(src, out, backing="base.qcow2", backing_format="qcow2")
+        assert qemu_img("compare", "-F", "raw", out, src).returncode == 0
+        assert qemu_img("check", out).returncode == 0
+        assert _data_ranges(qemu_img, out) == [(128 * 1024, 192 * 1024)]

@@ -129,7 +129,9 @@ def convert(
         src_format: the source format, when it must not be probed.
         allow_backing: places the source's backing files may come from.
         create_options: passed to :func:`virtkit.images.create` for ``dst``
-            (``cluster_size``, ``compat``, ``refcount_bits``, ``compression_type``...).
+            (``cluster_size``, ``compat``, ``refcount_bits``, ``compression_type``,
+            ``backing``/``backing_format`` as ``qemu-img convert -B``: only the
+            clusters that differ from the backing file are written).
 
     Raises:
         ConfigError: ``compress`` with a raw target, or a bad create option.
@@ -171,7 +173,32 @@ def convert(
             guard.close()
 
 
+def _copy_over_backing(src: Image, out: Image, progress: Progress | None) -> None:
+    """Write into ``out`` (which has a backing file) only the clusters that read differently."""
+    total = src.virtual_size
+    cluster = out.cluster_size
+    zero = bytes(cluster)
+    for start, stop in _chunks(0, total, cluster):
+        ours = src.read(start, stop - start)
+        theirs = out.read(start, stop - start)
+        if ours != theirs:
+            for pos in range(0, len(ours), cluster):
+                piece = ours[pos : pos + cluster]
+                if piece == theirs[pos : pos + cluster]:
+                    continue
+                if piece == zero[: len(piece)]:
+                    out.write_zeroes(start + pos, len(piece))
+                else:
+                    out.write(start + pos, piece)
+        if progress is not None:
+            progress(stop, total)
+    out.flush()
+
+
 def _copy(src: Image, out: Image, *, compress: bool, progress: Progress | None) -> None:
+    if out.backing_file is not None and not compress:
+        _copy_over_backing(src, out, progress)
+        return
     total = src.virtual_size
     granule = out.cluster_size if out.format == "qcow2" else RAW_GRANULE
     write_compressed = getattr(out, "write_compressed", None)
