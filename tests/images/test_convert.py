@@ -203,3 +203,17 @@ class TestMeasure:
         """An impossible cluster size is rejected naming the field."""
         with pytest.raises(virtkit.ConfigError, match="cluster_size"):
             virtkit.images.measure(size="1G", cluster_size=3000)
+
+
+class TestSourceLocking:
+    """convert respects the source's locks, as qemu-img does, unless force_share."""
+
+    def test_source_held_by_writer(self, sparse_raw: Path, tmp_path: Path) -> None:
+        """A source held by a writer needs force_share=True (qemu-img convert -U)."""
+        src = tmp_path / "busy.qcow2"
+        virtkit.images.convert(sparse_raw, src)
+        with virtkit.images.open(src, writable=True):
+            with pytest.raises(virtkit.ImageLockedError):
+                virtkit.images.convert(src, tmp_path / "copy.raw", format="raw")
+            virtkit.images.convert(src, tmp_path / "copy.raw", format="raw", force_share=True)
+        assert (tmp_path / "copy.raw").read_bytes() == sparse_raw.read_bytes()

@@ -51,9 +51,14 @@ def _open(
     writable: bool = False,
     format: str | None = None,  # noqa: A002 - qemu-img's own word
     allow_backing: tuple[str | os.PathLike[str], ...] = (),
+    force_share: bool = False,
 ) -> Image:
     opened: Image = _images().open(
-        path, writable=writable, format=format, allow_backing=allow_backing
+        path,
+        writable=writable,
+        format=format,
+        allow_backing=allow_backing,
+        force_share=force_share,
     )
     return opened
 
@@ -108,6 +113,7 @@ def convert(
     *,
     src_format: str | None = None,
     allow_backing: tuple[str | os.PathLike[str], ...] = (),
+    force_share: bool = False,
     **create_options: Any,
 ) -> None:
     """Copy image ``src`` (its whole backing chain flattened) into a new image ``dst``.
@@ -128,6 +134,8 @@ def convert(
             advances, ending with ``(total, total)``.
         src_format: the source format, when it must not be probed.
         allow_backing: places the source's backing files may come from.
+        force_share: read a source another process holds (``qemu-img -U``);
+            the copy may be inconsistent if that process is writing.
         create_options: passed to :func:`virtkit.images.create` for ``dst``
             (``cluster_size``, ``compat``, ``refcount_bits``, ``compression_type``,
             ``backing``/``backing_format`` as ``qemu-img convert -B``: only the
@@ -142,7 +150,7 @@ def convert(
     if compress and format != "qcow2":
         raise ConfigError("compress=True needs a qcow2 target", field="compress")
     dst_path = os.fspath(dst)
-    src_img = _open(src, format=src_format, allow_backing=allow_backing)
+    src_img = _open(src, format=src_format, allow_backing=allow_backing, force_share=force_share)
     guard: Any = None
     tmp = _temp_name(dst_path)
     out: Image | None = None
