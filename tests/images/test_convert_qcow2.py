@@ -170,6 +170,18 @@ class TestMeasureQcow2:
                                      *(["-o", opts] if opts else []), src).stdout)  # fmt: skip
         assert virtkit.images.measure(src, "qcow2", **target) == theirs
 
+    @pytest.mark.parametrize("cluster_size", [65536, 4096])
+    def test_source_with_bitmaps(self, tmp_path: Path, qemu_img: Run, cluster_size: int) -> None:
+        """The bitmaps figure counts the source's persistent bitmaps as qemu-img does."""
+        src = tmp_path / "bm.qcow2"
+        qemu_img("create", "-f", "qcow2", src, "100M")
+        qemu_img("bitmap", "--add", "-g", "65536", src, "first")
+        qemu_img("bitmap", "--add", "-g", "512", src, "a_longer_bitmap_name")
+        theirs = json.loads(qemu_img("measure", "--output=json", "-O", "qcow2", "-o",
+                                     f"cluster_size={cluster_size}", src).stdout)  # fmt: skip
+        assert theirs["bitmaps"] > 0
+        assert virtkit.images.measure(src, "qcow2", cluster_size=cluster_size) == theirs
+
 
 @pytest.fixture
 def chain(tmp_path: Path, qemu_img: Run) -> tuple[Path, Path, Path]:

@@ -24,7 +24,13 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError, VirtkitError
+from virtkit.errors import (
+    ConfigError,
+    CorruptImageError,
+    ImageError,
+    UnsupportedFeatureError,
+    VirtkitError,
+)
 from virtkit.images.base import Extent, Image
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage
@@ -400,8 +406,60 @@ def _measure(
     full = _qcow2_full_size(virtual_aligned, cluster, refcount_bits.bit_length() - 1, extended_l2)
     result = {"required": full - virtual_aligned + required, "fully-allocated": full}
     if img is not None and img.format == "qcow2" and compat not in ("0.10", "v2"):
-        result = {"bitmaps": 0, **result}
+        result = {"bitmaps": _bitmaps_size(img, cluster), **result}
     return result
+
+
+def _source_bitmaps(img: Image) -> list[tuple[str, int]]:
+    """``(name, granularity)`` of the persistent dirty bitmaps a qcow2 source holds."""
+    listed = img.info().format_specific.get("bitmaps")
+    if isinstance(listed, list):
+        return [(str(b["name"]), int(b["granularity"])) for b in listed]
+    # The engine does not list them in info(): read the bitmap directory it located.
+    meta = getattr(img, "meta", None)
+    storage = getattr(img, "st", None)
+    found = getattr(meta, "bitmaps", None)
+    if found is None or storage is None:
+        return []
+    count, dir_size, dir_offset = found
+    if dir_size > 64 << 20 or count > 65535:
+        raise CorruptImageError("bitmap directory is too large", path=img.path, offset=dir_offset)
+    raw = storage.pread(dir_offset, dir_size)
+    out: list[tuple[str, int]] = []
+    pos = 0
+    for _ in range(count):
+        if pos + 24 > len(raw):
+            raise CorruptImageError(
+                "bitmap directory is truncated", path=img.path, offset=dir_offset + pos
+            )
+        granularity_bits = raw[pos + 17]
+        name_size = int.from_bytes(raw[pos + 18 : pos + 20], "big")
+        extra = int.from_bytes(raw[pos + 20 : pos + 24], "big")
+        name_at = pos + 24 + extra
+        if name_at + name_size > len(raw) or granularity_bits > 63:
+            raise CorruptImageError(
+                "bitmap directory entry is malformed", path=img.path, offset=dir_offset + pos
+            )
+        out.append((raw[name_at : name_at + name_size].decode("utf-8", "replace"),
+                    1 << granularity_bits))  # fmt: skip
+        pos = name_at + name_size
+        pos += -pos % 8
+    return out
+
+
+def _bitmaps_size(img: Image, cluster: int) -> int:
+    """Bytes the source's persistent bitmaps would take in a target, as qemu-img measure says."""
+    total = 0
+    directory = 0
+    for name, granularity in _source_bitmaps(img):
+        bits = -(-img.virtual_size // granularity)
+        nbytes = -(-bits // 8)
+        clusters = -(-nbytes // cluster)
+        total += clusters * cluster  # the whole bitmap, as if allocated
+        total += -(-(clusters * 8) // cluster) * cluster  # its bitmap table
+        entry = 24 + len(name.encode())
+        directory += entry + (-entry % 8)
+    return total + -(-directory // cluster) * cluster
 
 
 # -- rebase / commit ------------------------------------------------------------------
