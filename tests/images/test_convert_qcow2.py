@@ -105,7 +105,12 @@ class TestConvertToQcow2:
         packed = tmp_path / "packed.qcow2"
         virtkit.images.convert(text_raw, plain)
         virtkit.images.convert(text_raw, packed, compress=True)
-        assert qemu_img("check", packed).returncode == 0
+        theirs = tmp_path / "theirs.qcow2"
+        qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", text_raw, theirs)
+        ours_check = json.loads(qemu_img("check", "--output=json", packed).stdout)
+        theirs_check = json.loads(qemu_img("check", "--output=json", theirs).stdout)
+        assert ours_check["compressed-clusters"] == theirs_check["compressed-clusters"] > 10
+        assert ours_check["allocated-clusters"] == theirs_check["allocated-clusters"]
         assert qemu_img("compare", "-F", "raw", packed, text_raw).returncode == 0
         assert os.path.getsize(packed) < os.path.getsize(plain) - 800_000
         with virtkit.images.open(packed) as img:
@@ -117,6 +122,8 @@ class TestConvertToQcow2:
         """compression_type=zstd makes a zstd image qemu-img reads identically."""
         packed = tmp_path / "zstd.qcow2"
         virtkit.images.convert(text_raw, packed, compress=True, compression_type="zstd")
+        checked = json.loads(qemu_img("check", "--output=json", packed).stdout)
+        assert checked["compressed-clusters"] > 10
         info = qemu_img_info(packed)
         assert info["format-specific"]["data"]["compression-type"] == "zstd"
         assert qemu_img("check", packed).returncode == 0
