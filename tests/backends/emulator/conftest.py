@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +13,22 @@ import pytest
 import virtkit
 from virtkit.backends.emulator import EmulatorGuest, EmulatorHypervisor
 from virtkit.testing import guests
+
+
+def _cpu_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "virtkit-emulator" and t.is_alive()]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_cpu_threads() -> Iterator[None]:
+    """Fail a test that leaves an emulator CPU thread running after its guests are gone."""
+    before = set(_cpu_threads())
+    yield
+    deadline = time.monotonic() + 5
+    while set(_cpu_threads()) - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    left = set(_cpu_threads()) - before
+    assert not left, f"emulator CPU threads still running: {left}"
 
 
 @pytest.fixture

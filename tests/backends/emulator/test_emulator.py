@@ -23,7 +23,8 @@ Define = Callable[..., EmulatorGuest]
 def adhoc_disk(tmp_path: Path, name: str, body: str) -> Path:
     """A raw disk booting a boot sector assembled from ``body`` (common.inc included)."""
     text = (
-        'bits 16\norg 0x7C00\n    jmp start\n%include "common.inc"\nstart:\n'
+        "bits 16\norg 0x7C00\n    jmp start\n%define NEED_PUTDEC\n%define NEED_PUTHEX\n"
+        '%include "common.inc"\nstart:\n'
         "    GUEST_START\n" + body + "\nBOOT_SIGNATURE\n"
     )
     sector = guests.assemble(text, stem=name)
@@ -231,10 +232,10 @@ after: db "resumed", 13, 10, 0
         assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
         assert guest.console.output == b"caught #DE\r\nresumed\r\n"
 
-    def test_exception_in_protected_mode_crashes_with_reason(
+    def test_interrupt_without_an_idt_in_protected_mode_is_a_triple_fault(
         self, hv: EmulatorHypervisor, tmp_path: Path
     ) -> None:
-        """An interrupt in protected mode is reported with the mode it happened in."""
+        """int 0x30 with the real-mode IVT still loaded: #GP, then #DF, then triple fault."""
         body = """
     cli
     lgdt [gdtr]
@@ -254,8 +255,25 @@ gdtr: dw 15
         guest = define_adhoc(hv, tmp_path, "pmint", body)
         guest.start()
         reason = wait_crashed(guest)
-        assert "interrupt 0x30" in reason
-        assert "protected mode" in reason
+        assert reason.startswith("triple fault: vector 0x30: ")
+        assert "then vector 0x0d" in reason
+        assert "then vector 0x08" in reason
+        assert reason.endswith("(protected mode)")
+
+    def test_long_mode_interrupt_without_an_idt_is_a_triple_fault(
+        self, hv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """The interrupts64 guest minus its lidt: int3 cannot be delivered in long mode."""
+        text = guests.source("interrupts64").replace("    lidt [rel idtr]\n", "")
+        path = tmp_path / "noidt.raw"
+        with images.create(path, size="1MiB", format="raw") as image:
+            image.write(0, guests.assemble(text, stem="noidt"))
+        guest = hv.define(Machine(name="noidt", memory="32MiB", disks=(Disk(str(path)),)))
+        guest.start()
+        reason = wait_crashed(guest)  # type: ignore[arg-type]
+        assert reason.startswith("triple fault: vector 0x03: ")
+        assert reason.endswith("(long mode)")
+        assert guest.console.output == b""
 
     @pytest.mark.parametrize(
         ("name", "port", "value"), [("kbc", "0x64", "0xFE"), ("cf9", "0xCF9", "0x06")]

@@ -115,7 +115,9 @@ def runner(
 class TestSameSerialOutputAsQemu:
     """The emulator's serial bytes equal QEMU's for each test guest."""
 
-    @pytest.mark.parametrize("name", ["hello", "disk", "modes", "bios-info"])
+    @pytest.mark.parametrize(
+        "name", ["hello", "disk", "modes", "bios-info", "interrupts32", "interrupts64"]
+    )
     def test_guests_that_power_off(self, name: str, runner: Runner) -> None:
         """Complete output of a guest that ends by itself; the disks end up equal too."""
         guest, mine = runner.emulator(name)

@@ -115,6 +115,9 @@ class Bios:
         struct.pack_into("<H", bda, 0x82, 0x3E)
         bda[0x84] = ROWS - 1
         struct.pack_into("<H", bda, 0x85, 16)
+        now = self.m.clock.rtc_now()  # SeaBIOS starts the tick count from the RTC
+        seconds = now.hour * 3600 + now.minute * 60 + now.second
+        struct.pack_into("<I", bda, 0x6C, seconds * TICKS_PER_DAY // 86400)
         cpu.write(BDA, bytes(bda))
         cpu.write(EBDA_SEGMENT << 4, b"\x01" + bytes(0x3FF))  # EBDA size: 1 KiB
         self.clear_screen()

@@ -36,7 +36,6 @@ from virtkit.backends.emulator.clock import NS_PER_INSTRUCTION, Clock
 from virtkit.backends.emulator.cpu import (
     EXCEPTION_NAMES,
     FLAG_IF,
-    FLAG_TF,
     Cpu,
     CpuFault,
     TripleFault,
@@ -44,6 +43,7 @@ from virtkit.backends.emulator.cpu import (
     unicorn,
 )
 from virtkit.backends.emulator.disks import SECTOR, Drive, DriveSpec, open_drives
+from virtkit.backends.emulator.interrupts import Mmu, deliver
 from virtkit.backends.emulator.uart import COM1_BASE, Uart16550
 from virtkit.errors import BackendError, ConfigError, ImageError
 
@@ -249,6 +249,8 @@ class PcMachine:
         why, reason = "closed", ""
         try:
             why, reason = self._loop()
+        except TripleFault as exc:
+            why, reason = "crash", f"triple fault: {exc}"
         except CpuFault as exc:
             why, reason = "crash", str(exc)
         except Exception as exc:  # an emulator bug must not kill the process: crash the guest
@@ -320,11 +322,8 @@ class PcMachine:
         cpu = self.cpu
         if vector is None or not cpu.eflags & FLAG_IF:
             return
-        if not cpu.real_mode:
-            self._irq0_pending = False  # no IDT delivery of hardware interrupts outside real mode
-            return
         self._irq0_pending = False
-        self._deliver_real(vector, cpu.rip)
+        deliver(cpu, vector, cpu.rip, external=True)
 
     def _idle(self, *, until_input: bool = False, deadline: int | None = None) -> bool:
         """Wait (without spinning) for what a halted or blocked CPU waits for.
@@ -406,10 +405,16 @@ class PcMachine:
         errno = getattr(exc, "errno", None)
         cpu = self.cpu
         if errno == unicorn.UC_ERR_INSN_INVALID:
-            if cpu.real_mode and self._guest_handles(6):
-                self._deliver_real(6, cpu.rip)
+            if cpu.real_mode and not self._guest_handles(6):
+                self.fail(f"unhandled exception #UD invalid opcode at {cpu.where()}")
                 return
-            self.fail(f"unhandled exception #UD invalid opcode at {cpu.where()}")
+            where = cpu.where()
+            try:
+                deliver(cpu, 6, cpu.rip)
+            except TripleFault as fault:
+                self.fail(f"triple fault: #UD invalid opcode at {where}, then {fault}")
+            except CpuFault as fault:
+                self.fail(f"#UD invalid opcode at {where}: {fault}")
             return
         if errno in (
             unicorn.UC_ERR_READ_UNMAPPED,
@@ -445,12 +450,9 @@ class PcMachine:
     def _interrupt(self, vector: int) -> None:
         cpu = self.cpu
         if not cpu.real_mode:
-            name = EXCEPTION_NAMES.get(vector, f"interrupt {vector:#04x}")
-            idt_limit = cpu.idtr()[1]
-            raise CpuFault(
-                f"unhandled {name} at {cpu.where()}: the emulator delivers interrupts and "
-                f"exceptions through the IDT only in real mode (IDT limit {idt_limit:#x})"
-            )
+            software, return_ip = self._software_int_pm(vector)
+            deliver(cpu, vector, return_ip, software=software)
+            return
         ip = cpu.rip & 0xFFFF
         cs = cpu.cs
         software, at = self._software_int(vector, cs, ip)
@@ -468,7 +470,30 @@ class PcMachine:
         if not software and not self._guest_handles(vector):
             name = EXCEPTION_NAMES.get(vector, f"exception {vector}")
             raise CpuFault(f"unhandled exception {name} at {cs:04x}:{ip:04x} (real mode)")
-        self._deliver_real(vector, ip)
+        deliver(cpu, vector, ip, software=software)
+
+    def _software_int_pm(self, vector: int) -> tuple[bool, int]:
+        """Whether a protected/long-mode interrupt came from INT, and the return address."""
+        cpu = self.cpu
+        rip = cpu.rip
+        try:
+            code = Mmu(cpu).read(self._cs_base() + rip - 2, 2)
+        except CpuFault:
+            return False, rip
+        if code == bytes([0xCD, vector]) or (vector, code[1]) in ((3, 0xCC), (4, 0xCE), (1, 0xF1)):
+            return True, rip
+        return False, rip
+
+    def _cs_base(self) -> int:
+        cpu = self.cpu
+        if cpu.long_mode:
+            return 0
+        gdt = cpu.uc.reg_read(x86.UC_X86_REG_GDTR)
+        index = cpu.cs & ~7
+        if index == 0 or index + 7 > int(gdt[2]):
+            return 0
+        raw = int.from_bytes(Mmu(cpu).read(int(gdt[1]) + index, 8), "little")
+        return ((raw >> 16) & 0xFFFFFF) | ((raw >> 56) << 24)
 
     def _software_int(self, vector: int, cs: int, ip: int) -> tuple[bool, int]:
         """Whether the interrupt came from an INT instruction, and where that is."""
@@ -486,27 +511,6 @@ class PcMachine:
         off = self.cpu.read16(base + vector * 4)
         seg = self.cpu.read16(base + vector * 4 + 2)
         return (seg, off) != stub_address(vector)
-
-    def _deliver_real(self, vector: int, return_ip: int) -> None:
-        """Enter the IVT handler of ``vector`` like a real-mode CPU does."""
-        cpu = self.cpu
-        idt_base, idt_limit = cpu.idtr()
-        if vector * 4 + 3 > idt_limit:
-            raise TripleFault(
-                f"interrupt vector {vector:#04x} is beyond the IDT limit {idt_limit:#x}"
-            )
-        flags = cpu.eflags
-        ss = cpu.reg(x86.UC_X86_REG_SS) & 0xFFFF
-        sp = cpu.reg(x86.UC_X86_REG_SP) & 0xFFFF
-        for word in (flags & 0xFFFF, cpu.cs, return_ip & 0xFFFF):
-            sp = (sp - 2) & 0xFFFF
-            cpu.write16((ss << 4) + sp, word)
-        cpu.set_reg(x86.UC_X86_REG_SP, sp)
-        cpu.set_reg(x86.UC_X86_REG_EFLAGS, flags & ~(FLAG_IF | FLAG_TF))
-        off = cpu.read16(idt_base + vector * 4)
-        seg = cpu.read16(idt_base + vector * 4 + 2)
-        cpu.set_reg(x86.UC_X86_REG_CS, seg)
-        cpu.set_reg(x86.UC_X86_REG_EIP, off)
 
     # -- called by devices and BIOS services -------------------------------------------------------
     def _transmit(self, data: bytes) -> None:

@@ -17,6 +17,9 @@ so it prints the same bytes under the emulator and under
 ``triple-fault``   empty IDT + ``int 3``: a triple fault
 ``clock``          prints the BIOS tick count, PIT and RTC eight times
 ``bios-info``      prints the E820 map and the boot drive's geometry
+``interrupts32``   protected mode with an IDT: ``int 0x30``, a #GP it
+                   skips, timer interrupts on the remapped PIC
+``interrupts64``   long mode with an IDT: int3 and a page fault
 ``no-signature``   the hello sector without the 0x55AA boot signature
 =================  ======================================================
 
@@ -61,6 +64,8 @@ GUESTS: dict[str, str] = {
     "triple-fault": "triple_fault.asm",
     "clock": "clock.asm",
     "bios-info": "bios_info.asm",
+    "interrupts32": "interrupts32.asm",
+    "interrupts64": "interrupts64.asm",
     "no-signature": "hello.asm",
 }
 
@@ -75,6 +80,9 @@ OUTPUT: dict[str, bytes] = {
     b"readback: written by the disk guest: sector one says hello\r\n"
     b"disk done\r\n",
     "modes": b"real mode: 16-bit\r\nprotected mode: 32-bit\r\nlong mode: 64-bit\r\n",
+    "interrupts32": b"int 0x30 in protected mode\r\n#GP caught\r\nback from the handlers\r\n"
+    b"three timer interrupts\r\n",
+    "interrupts64": b"int3 in long mode\r\nback\r\n#PF `",
 }
 
 

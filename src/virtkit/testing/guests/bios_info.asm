@@ -3,6 +3,8 @@
 bits 16
 org 0x7C00
     jmp start
+%define NEED_PUTDEC
+%define NEED_PUTHEX
 %include "common.inc"
 BUF equ 0x8000
 start:

@@ -4,6 +4,7 @@
 bits 16
 org 0x7C00
     jmp start
+%define NEED_PUTDEC
 %include "common.inc"
 start:
     GUEST_START
