@@ -127,6 +127,7 @@ class PcMachine:
         self._parked = False
         self._quit = False
         self._in_slice = False
+        self._stop_requested = False
         self._thread: threading.Thread | None = None
         self._install_hooks()
 
@@ -167,6 +168,7 @@ class PcMachine:
             self._park = True
             self._cv.notify_all()
             if not self.clock.virtual and self._in_slice:
+                self._stop_requested = True
                 self.cpu.stop()
             deadline = time.monotonic() + _PARK_TIMEOUT
             while not self._parked and self.finished is None and self._thread is not None:
@@ -217,6 +219,7 @@ class PcMachine:
             self._quit = True
             self._cv.notify_all()
             if self._in_slice:
+                self._stop_requested = True
                 self.cpu.stop()
         self._gate.set()
         thread = self._thread
@@ -360,15 +363,12 @@ class PcMachine:
             if self._park or self._quit:
                 return
             self._in_slice = True
+            self._stop_requested = False
+        cut_short = False
         try:
             if clock.virtual:
-                budget = max(
-                    min(
-                        SLICE_INSTRUCTIONS,
-                        (self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION,
-                    ),
-                    1,
-                )
+                to_tick = (self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION
+                budget = max(min(SLICE_INSTRUCTIONS, to_tick), 1)
                 start = clock.instructions
                 cpu.run(count=budget)
                 clock.advance(budget)
@@ -377,29 +377,34 @@ class PcMachine:
                     self._slice_out.clear()
             else:
                 until_tick = (self._next_tick_ns - clock.now_ns()) // 1000
-                cpu.run(timeout_us=int(min(max(until_tick, 1000), SLICE_US)))
+                timeout_us = int(min(max(until_tick, 1000), SLICE_US))
+                began = time.monotonic()
+                cpu.run(timeout_us=timeout_us)
+                # a slice that used (nearly) all its time ended by the timeout, not a hlt
+                cut_short = time.monotonic() - began < timeout_us * 0.9e-6
         except UcError as exc:
             self._engine_error(exc)
         finally:
             with self._cv:
                 self._in_slice = False
-        if self._event is None and self._stopped_by_hlt():
+                requested = self._stop_requested
+        # unicorn returns right after a hlt; a slice can also end there by chance
+        # (an instruction ending in 0xF4). A wrong "not halted" only wakes the
+        # guest early, so when in doubt (timeout, our own stop request) say no.
+        may_be_hlt = clock.virtual or (cut_short and not requested)
+        if self._event is None and may_be_hlt and self._stopped_by_hlt():
             self.halted = True
 
     def _stopped_by_hlt(self) -> bool:
-        """Whether the slice ended on a ``hlt`` (unicorn returns right after it)."""
+        """Whether the byte before the instruction pointer is a ``hlt``."""
         cpu = self.cpu
         try:
-            linear = self._linear_ip() - 1
-            return cpu.read(linear, 1) == b"\xf4" and linear >= 0
-        except UcError:
+            if cpu.real_mode:
+                linear = (cpu.cs << 4) + (cpu.rip & 0xFFFF) - 1
+                return linear >= 0 and cpu.read(linear, 1) == b"\xf4"
+            return Mmu(cpu).read(self._cs_base() + cpu.rip - 1, 1) == b"\xf4"
+        except (UcError, CpuFault):
             return False
-
-    def _linear_ip(self) -> int:
-        cpu = self.cpu
-        if cpu.real_mode:
-            return (cpu.cs << 4) + (cpu.rip & 0xFFFF)
-        return cpu.rip  # flat code segments, as every protected/long-mode guest we run
 
     def _engine_error(self, exc: Exception) -> None:
         errno = getattr(exc, "errno", None)
