@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import re
 import resource
 import time
@@ -456,3 +458,44 @@ class TestHost:
         used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         assert used < 0.4  # ~0.75 s of guest time, mostly halted
         guest.kill()
+
+
+class TestRandomCode:
+    """Arbitrary boot sectors never hang the process or break the emulator itself."""
+
+    def test_random_boot_sectors(self, hv: EmulatorHypervisor, tmp_path: Path) -> None:
+        """Each random sector runs, crashes or powers off; kill() always works; no internal error."""
+        rng = random.Random(20261126)
+        outcomes = set()
+        for i in range(40):
+            code = bytes(rng.randrange(256) for _ in range(510)) + b"\x55\xaa"
+            path = tmp_path / f"r{i}.raw"
+            with images.create(path, size="64KiB", format="raw") as image:
+                image.write(0, code)
+            guest = hv.define(Machine(name=f"r{i}", memory="2MiB", disks=(Disk(str(path)),)))
+            guest.start()
+            with contextlib.suppress(virtkit.TimeoutError):
+                guest.wait(timeout=0.05)
+            state = guest.state
+            outcomes.add(state)
+            if state is State.CRASHED:
+                assert guest.crash_reason
+                assert "internal error" not in guest.crash_reason
+            if state is not State.SHUTOFF:
+                guest.kill()
+            assert guest.state is State.SHUTOFF
+            hv.undefine(guest)
+        assert State.CRASHED in outcomes
+
+
+class TestSerialOption:
+    """Machine.serial.enabled decides whether COM1 exists."""
+
+    def test_without_serial_nothing_reaches_the_console(
+        self, hv: EmulatorHypervisor, define: Define
+    ) -> None:
+        """With serial disabled the guest still runs (and powers off) but prints nothing."""
+        guest = define(hv, "hello", serial=virtkit.Serial(enabled=False))
+        guest.start()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output == b""

@@ -101,9 +101,11 @@ class Bios:
             ivt += struct.pack("<HH", off, seg)
         cpu.write(0, bytes(ivt))
         bda = bytearray(0x100)
-        struct.pack_into("<H", bda, 0x00, 0x3F8)  # COM1
+        if self.m.serial_present:
+            struct.pack_into("<H", bda, 0x00, 0x3F8)  # COM1
         struct.pack_into("<H", bda, 0x0E, EBDA_SEGMENT)
-        struct.pack_into("<H", bda, 0x10, 0x0161)  # equipment: 1 serial port, VGA, FPU
+        serial_ports = 1 if self.m.serial_present else 0
+        struct.pack_into("<H", bda, 0x10, 0x0061 | (serial_ports << 9))  # equipment: VGA, FPU
         struct.pack_into("<H", bda, 0x13, 639)  # base memory in KiB
         struct.pack_into("<H", bda, 0x1A, 0x1E)  # keyboard buffer head
         struct.pack_into("<H", bda, 0x1C, 0x1E)  # keyboard buffer tail

@@ -92,7 +92,13 @@ def _check_clock(clock: object) -> None:
 
 class EmulatorGuest(Guest):
     """A guest on the emulator. Adds inspection the emulator can offer:
-    :meth:`screen_text`, :attr:`serial_trace`, :attr:`instructions`."""
+    :meth:`screen_text`, :attr:`serial_trace`, :attr:`instructions`,
+    :meth:`snapshot_console_offset`.
+
+    The emulated PC has one CPU (``Machine.cpus`` counts for admission
+    only), boots disks only (CD-ROMs and NICs are not emulated), and
+    shows COM1 only when ``Machine.serial.enabled``.
+    """
 
     hypervisor: EmulatorHypervisor
 
@@ -170,6 +176,7 @@ class EmulatorGuest(Guest):
             drives=specs,
             boot_problems=problems,
             clock=self.hypervisor.clock,
+            serial=self.machine.serial.enabled,
             output=self.console.feed,
             on_poweroff=self._notify_poweroff,
             on_crash=self._notify_crash,

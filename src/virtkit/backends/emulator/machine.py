@@ -74,6 +74,7 @@ class PcMachine:
         boot_problems: reasons devices in the boot order cannot boot
             (e.g. CD-ROMs), reported if no disk boots either.
         clock: ``"wall"`` or ``"virtual"``.
+        serial: whether COM1 exists (without it the ports read as open bus).
         output: receives the bytes the guest sends to COM1.
         on_poweroff: called (from the worker) when the guest powers off.
         on_crash: called (from the worker) with a reason when the guest crashes.
@@ -90,6 +91,7 @@ class PcMachine:
         drives: Sequence[DriveSpec],
         boot_problems: Sequence[str] = (),
         clock: str = "wall",
+        serial: bool = True,
         output: Callable[[bytes], None],
         on_poweroff: Callable[[], None],
         on_crash: Callable[[str], None],
@@ -99,6 +101,7 @@ class PcMachine:
         self._on_poweroff = on_poweroff
         self._on_crash = on_crash
         self._boot_problems = list(boot_problems)
+        self.serial_present = serial
         self.drives: list[Drive] = open_drives(drives)
         try:
             self.cpu = Cpu(memory)
@@ -432,14 +435,14 @@ class PcMachine:
 
     # -- hooks (worker thread, inside a slice) -----------------------------------------------------
     def _hook_in(self, uc: Any, port: int, size: int, user_data: Any) -> int:
-        if COM1_BASE <= port < COM1_BASE + 8:
+        if COM1_BASE <= port < COM1_BASE + 8 and self.serial_present:
             return self.uart.read(port - COM1_BASE)
         if self.chipset.handles(port):
             return self.chipset.read(port, size)
         return (1 << (8 * size)) - 1
 
     def _hook_out(self, uc: Any, port: int, size: int, value: int, user_data: Any) -> None:
-        if COM1_BASE <= port < COM1_BASE + 8:
+        if COM1_BASE <= port < COM1_BASE + 8 and self.serial_present:
             self.uart.write(port - COM1_BASE, value)
         elif self.chipset.handles(port):
             self.chipset.write(port, size, value)
