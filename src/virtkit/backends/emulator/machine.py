@@ -53,6 +53,7 @@ log = logging.getLogger("virtkit.emulator")
 
 SLICE_US = 20_000
 SLICE_INSTRUCTIONS = 100_000
+TRACE_LIMIT = 100_000  # serial trace entries kept (virtual clock); later output is not traced
 BOOT_ADDRESS = 0x7C00
 _PARK_TIMEOUT = 10.0
 
@@ -376,7 +377,8 @@ class PcMachine:
                 cpu.run(count=budget)
                 clock.advance(budget)
                 if self._slice_out:
-                    self.trace.append((start, bytes(self._slice_out)))
+                    if len(self.trace) < TRACE_LIMIT:
+                        self.trace.append((start, bytes(self._slice_out)))
                     self._slice_out.clear()
             else:
                 until_tick = (self._next_tick_ns - clock.now_ns()) // 1000
