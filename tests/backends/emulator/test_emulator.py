@@ -499,3 +499,71 @@ class TestSerialOption:
         guest.start()
         assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
         assert guest.console.output == b""
+
+
+class TestBootOrder:
+    """int 19h: the first bootable disk in boot order boots, as drive 0x80."""
+
+    def _machine(
+        self, hv: EmulatorHypervisor, disks: list[Path], **fields: object
+    ) -> EmulatorGuest:
+        machine = Machine(
+            name="order",
+            memory="32MiB",
+            disks=tuple(Disk(str(p)) for p in disks),
+            **fields,  # type: ignore[arg-type]
+        )
+        guest = hv.define(machine)
+        assert isinstance(guest, EmulatorGuest)
+        return guest
+
+    def test_unbootable_first_disk_is_skipped(
+        self, hv: EmulatorHypervisor, boot_disk: Callable[..., Path]
+    ) -> None:
+        """A first disk without a signature is passed over for the second."""
+        guest = self._machine(hv, [boot_disk("no-signature"), boot_disk("hello")])
+        guest.start()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output == guests.OUTPUT["hello"]
+
+    def test_boot_order_names_the_disk(
+        self, hv: EmulatorHypervisor, boot_disk: Callable[..., Path]
+    ) -> None:
+        """Machine.boot picks the second disk although the first is bootable."""
+        guest = self._machine(hv, [boot_disk("counter"), boot_disk("hello")], boot=("vdb",))
+        guest.start()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output == guests.OUTPUT["hello"]
+
+    def test_second_disk_is_drive_0x81(self, hv: EmulatorHypervisor, tmp_path: Path) -> None:
+        """The guest reads the other disk as BIOS drive 0x81 (EDD) and sees two drives."""
+        data = tmp_path / "data.qcow2"
+        with images.create(data, size="1MiB", format="qcow2") as image:
+            image.write(5 * 512, b"data disk sector five\0")
+        body = """
+    mov ah, 0x42
+    mov dl, 0x81
+    mov si, dap
+    int 0x13
+    jc .bad
+    PRINT 0x8000
+    mov ah, 0x08
+    mov dl, 0x80
+    int 0x13
+    movzx eax, dl
+    call putdec
+    POWER_OFF
+.bad:
+    PRINT bad
+    POWER_OFF
+align 4
+dap: db 0x10, 0
+     dw 1, 0x8000, 0
+     dq 5
+bad: db "read failed", 0
+"""
+        boot = adhoc_disk(tmp_path, "second", body)
+        guest = self._machine(hv, [boot, data])
+        guest.start()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output == b"data disk sector five2"
