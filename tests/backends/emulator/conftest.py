@@ -16,7 +16,9 @@ from virtkit.testing import guests
 
 
 def _cpu_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "virtkit-emulator" and t.is_alive()]
+    return [
+        t for t in threading.enumerate() if t.name.startswith("virtkit-emulator") and t.is_alive()
+    ]
 
 
 @pytest.fixture(autouse=True)

@@ -66,6 +66,63 @@ class _Event(enum.Enum):
     WAIT_UNTIL = "wait-until"
 
 
+class SliceTimer:
+    """Ends wall-clock slices from one long-lived thread.
+
+    Unicorn's own ``timeout`` starts a thread for every ``emu_start``; this
+    one is armed and disarmed per slice. Once the deadline passes it keeps
+    calling ``stop`` every millisecond until disarmed, because a stop that
+    lands just before ``emu_start`` begins is forgotten by unicorn.
+    """
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        self._cv = threading.Condition()
+        self._deadline: float | None = None
+        self._fired = False
+        self._quit = False
+        self._thread = threading.Thread(
+            target=self._run, name="virtkit-emulator-timer", daemon=True
+        )
+        self._thread.start()
+
+    def arm(self, seconds: float) -> None:
+        """Stop the CPU ``seconds`` from now unless disarmed first."""
+        with self._cv:
+            self._deadline = time.monotonic() + seconds
+            self._fired = False
+            self._cv.notify()
+
+    def disarm(self) -> bool:
+        """Cancel; return whether the deadline had passed (the slice timed out)."""
+        with self._cv:
+            self._deadline = None
+            fired, self._fired = self._fired, False
+            return fired
+
+    def close(self) -> None:
+        """End the thread."""
+        with self._cv:
+            self._quit = True
+            self._cv.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(_PARK_TIMEOUT)
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._quit:
+                if self._deadline is None:
+                    self._cv.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._cv.wait(remaining)
+                    continue
+                self._fired = True
+                self._stop()
+                self._cv.wait(0.001)
+
+
 class PcMachine:
     """One emulated PC.
 
@@ -133,6 +190,7 @@ class PcMachine:
         self._in_slice = False
         self._stop_requested = False
         self._thread: threading.Thread | None = None
+        self._slice_timer: SliceTimer | None = None
         self._install_hooks()
 
     # -- construction ------------------------------------------------------------------------------
@@ -155,6 +213,8 @@ class PcMachine:
     def start(self, *, parked: bool = False) -> None:
         """Start the worker thread; it waits for :meth:`release` before running."""
         self._park = parked
+        if not self.clock.virtual:
+            self._slice_timer = SliceTimer(self.cpu.stop)
         self._thread = threading.Thread(target=self._worker, name="virtkit-emulator", daemon=True)
         self._thread.start()
 
@@ -234,6 +294,9 @@ class PcMachine:
         self._release_resources()
 
     def _release_resources(self) -> None:
+        if self._slice_timer is not None:
+            self._slice_timer.close()
+            self._slice_timer = None
         for drive in self.drives:
             try:
                 drive.close()
@@ -382,11 +445,13 @@ class PcMachine:
                     self._slice_out.clear()
             else:
                 until_tick = (self._next_tick_ns - clock.now_ns()) // 1000
-                timeout_us = int(min(max(until_tick, 1000), SLICE_US))
-                began = time.monotonic()
-                cpu.run(timeout_us=timeout_us)
-                # a slice that used (nearly) all its time ended by the timeout, not a hlt
-                cut_short = time.monotonic() - began < timeout_us * 0.9e-6
+                timer = self._slice_timer
+                assert timer is not None  # started with the worker in wall-clock mode
+                timer.arm(min(max(until_tick, 1000), SLICE_US) / 1e6)
+                try:
+                    cpu.run()
+                finally:
+                    cut_short = not timer.disarm()
         except UcError as exc:
             self._engine_error(exc)
         finally:
@@ -395,7 +460,7 @@ class PcMachine:
                 requested = self._stop_requested
         # unicorn returns right after a hlt; a slice can also end there by chance
         # (an instruction ending in 0xF4). A wrong "not halted" only wakes the
-        # guest early, so when in doubt (timeout, our own stop request) say no.
+        # guest early, so when in doubt (the timer fired, we asked for a stop) say no.
         may_be_hlt = clock.virtual or (cut_short and not requested)
         if self._event is None and may_be_hlt and self._stopped_by_hlt():
             self.halted = True
