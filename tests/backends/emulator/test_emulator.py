@@ -299,6 +299,33 @@ msg: db "booted", 13, 10, 0
         assert guest.state is State.RUNNING
         guest.kill()
 
+    def test_crash_during_shutdown(self, hv: EmulatorHypervisor, tmp_path: Path) -> None:
+        """A guest that crashes on the power button makes shutdown() fail; it stays CRASHED."""
+        body = """
+    mov dx, PM1A_EN
+    mov ax, PWRBTN
+    out dx, ax
+    PRINT ready
+.poll:
+    mov dx, PM1A_STS
+    in ax, dx
+    test ax, PWRBTN
+    jnz .boom
+    sti
+    hlt
+    jmp .poll
+.boom:
+    ud2
+ready: db "ready", 0
+"""
+        guest = define_adhoc(hv, tmp_path, "boom", body)
+        guest.start()
+        guest.console.expect("ready", timeout=TIMEOUT)
+        with pytest.raises(virtkit.StateError, match="crashed instead of powering off"):
+            guest.shutdown(timeout=TIMEOUT)
+        assert guest.state is State.CRASHED
+        assert "#UD" in (guest.crash_reason or "")
+
     def test_unknown_clock_is_a_config_error(self) -> None:
         """connect() rejects a clock it does not know, naming the field."""
         with pytest.raises(virtkit.ConfigError, match="'clock'"):

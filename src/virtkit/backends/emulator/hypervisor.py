@@ -239,6 +239,12 @@ class EmulatorGuest(Guest):
                 "button; it keeps running (kill() stops it)",
                 timeout=timeout,
             )
+        if why == "crash":
+            raise StateError(
+                f"guest {self.name!r} crashed instead of powering off: {pc.crash_reason}",
+                state=State.CRASHED,
+                action="shutdown",
+            )
         self._drop_machine()
 
     def _do_kill(self) -> None:
