@@ -68,6 +68,8 @@ class Refcounts:
         self._cache: OrderedDict[int, array[int]] = OrderedDict()
         self._cache_limit = max(2, BLOCK_CACHE_BYTES // max(self.cs, self.per_block))
         self.free_hint = 0
+        #: Bumped whenever a cluster becomes free (invalidates partial-cluster reuse).
+        self.frees = 0
         #: Called after the set of refcount metadata clusters changed.
         self.on_metadata_change: Callable[[], None] = lambda: None
 
@@ -196,6 +198,7 @@ class Refcounts:
                 blk[i] = new
                 if new == 0:
                     self.free_hint = min(self.free_hint, t * self.per_block + i)
+                    self.frees += 1
             self._write_block_range(t, blk, lo, hi)
 
     def add_range(self, cluster: int, count: int, delta: int) -> None:

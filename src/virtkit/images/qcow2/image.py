@@ -94,6 +94,7 @@ class Qcow2Image(Image):
         self._corrupt = bool(self.hdr.incompatible_features & layout.INCOMPAT_CORRUPT)
         self._autoclear_done = False
         self._cfree = 0
+        self._cfree_epoch = 0
         self._meta_set: set[int] | None = None
         self._cluster_cache: tuple[int, bytes] | None = None
         self.backing: Image | None = None
@@ -364,9 +365,9 @@ class Qcow2Image(Image):
         if cached is not None and cached[0] == entry:
             return cached[1]
         host, nbytes = self.mapper.compressed_range(entry)
-        if host < self.cs or host >= self.st.size():
+        if host < self.cs or host + nbytes > -(-self.st.size() // 512) * 512:
             raise CorruptImageError(
-                f"compressed cluster at {host:#x} lies outside the file",
+                f"compressed cluster at {host:#x} ({nbytes} bytes) runs outside the file",
                 path=self.path,
                 offset=host,
             )
@@ -653,6 +654,7 @@ class Qcow2Image(Image):
         idx = ci & (self.l2_entries - 1)
         step = self.mapper.step
         host = self._alloc_bytes(len(comp))
+        self._cluster_cache = None  # the same entry value may now mean new data
         self.st.pwrite(host, comp)
         nsec = ((host + len(comp) - 1) >> 9) - (host >> 9)
         old = l2[idx * step]
@@ -665,6 +667,8 @@ class Qcow2Image(Image):
     def _alloc_bytes(self, n: int) -> int:
         cs = self.cs
         cur = self._cfree
+        if self._cfree_epoch != self.refs.frees:
+            cur = 0  # a cluster was freed since: ours may have been reused by others
         if cur and cur & (cs - 1):
             cluster_end = (cur & ~(cs - 1)) + cs
             if ((cur + n - 1) | 511) + 1 <= cluster_end and (
@@ -677,6 +681,7 @@ class Qcow2Image(Image):
         host = self.refs.allocate(k)
         self._check_overlap(host, k)
         self._cfree = host + n
+        self._cfree_epoch = self.refs.frees
         return host
 
     # ---- zeroes and discard ----

@@ -182,7 +182,11 @@ def create(img: Qcow2Image, name: str, vm_state: bytes | None) -> SnapshotInfo:
     clusters = max(1, -(-len(l1) * 8 // img.cs))
     l1_off = img.refs.allocate(clusters)
     img.st.pwrite(l1_off, layout.encode_u64_table(l1) + bytes(clusters * img.cs - len(l1) * 8))
-    img.refs.update(tree_refs(img, l1, l1_off, 1))
+    try:
+        img.refs.update(tree_refs(img, l1, l1_off, 1))
+    except ImageError:
+        img.refs.free(l1_off, clusters)  # e.g. refcount overflow: nothing else changed
+        raise
     fix_copied(img)
     img.st.flush()
     now = time.time_ns()
