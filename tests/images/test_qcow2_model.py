@@ -26,7 +26,7 @@ _ops = st.lists(
         st.tuples(st.just("discard"), _offsets, st.integers(1, 80_000), st.just(0)),
         st.tuples(
             st.just("compress"), st.integers(0, SIZE // 16384 - 1), st.just(0), st.integers(0, 255)
-        ),  # fmt: skip
+        ),
         st.tuples(st.just("snapshot"), st.just(0), st.just(0), st.just(0)),
         st.tuples(st.just("revert"), st.integers(0, 3), st.just(0), st.just(0)),
         st.tuples(st.just("delete"), st.integers(0, 3), st.just(0), st.just(0)),
