@@ -192,3 +192,22 @@ class TestSameSerialOutputAsQemu:
             proc.stdout.close()
         assert mine == bytes(seen)
         assert mine.endswith(b"bye\r\n")
+
+    def test_no_signature_prints_nothing_on_either(self, runner: Runner) -> None:
+        """Without 0x55AA neither machine runs the sector: COM1 stays silent on both."""
+        guest, mine = runner.emulator("no-signature")
+        assert guest.state is State.CRASHED
+        disk = runner.qemu_disk("no-signature")
+        out = runner.tmp_path / "nosig.serial"
+        proc = subprocess.Popen(
+            qemu_argv(runner.qemu, disk, f"file:{out}"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.5)  # SeaBIOS keeps retrying the boot
+        finally:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+        assert mine == out.read_bytes() == b""
