@@ -441,6 +441,48 @@ bad: db "int 13h failed", 0
         assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
         assert guest.console.output == b"sector one says hello / int 13h hook calls: 1"
 
+    def test_int15_block_move_copies_above_one_mib(
+        self, hv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """int 15h AH=87h copies through the caller's GDT, there and back again."""
+        body = """
+    mov si, gdt
+    mov cx, 10              ; 20 bytes
+    mov ah, 0x87
+    int 0x15
+    jc .bad
+    mov dword [gdt + 0x12], 0x200000        ; source: 2 MiB (24-bit base)
+    mov byte [gdt + 0x17], 0
+    mov dword [gdt + 0x1A], back            ; destination: back (low 24 bits)
+    mov byte [gdt + 0x1F], 0
+    mov si, gdt
+    mov cx, 10
+    mov ah, 0x87
+    int 0x15
+    jc .bad
+    PRINT back
+    POWER_OFF
+.bad:
+    PRINT bad
+    POWER_OFF
+align 8
+gdt: times 0x10 db 0
+     dw 0xFFFF
+     dd text
+     dw 0
+     dw 0xFFFF
+     dd 0x200000
+     dw 0
+     times 0x10 db 0
+text: db "over the 1 MiB line", 0
+back: times 20 db 0
+bad: db "failed", 0
+"""
+        guest = define_adhoc(hv, tmp_path, "move", body)
+        guest.start()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output == b"over the 1 MiB line"
+
     def test_e820_covers_the_machine_memory(self, hv: EmulatorHypervisor, define: Define) -> None:
         """The usable E820 ranges add up to the RAM minus what SeaBIOS reserves."""
         guest = define(hv, "bios-info", memory="64MiB")

@@ -219,6 +219,12 @@ class Bios:
         elif ah == 0x0F:
             self._w(x86.UC_X86_REG_AX, (COLS << 8) | 0x03)
             self._w(x86.UC_X86_REG_BH, 0)
+        elif ah == 0x12 and self._r(x86.UC_X86_REG_BL) == 0x10:  # EGA/VGA information
+            self._w(x86.UC_X86_REG_BX, 0x0003)  # colour, 256 KiB
+            self._w(x86.UC_X86_REG_CX, 0x0009)
+        elif ah == 0x1A and al == 0x00:  # display combination: VGA with colour display
+            self._w(x86.UC_X86_REG_AL, 0x1A)
+            self._w(x86.UC_X86_REG_BX, 0x0008)
         elif ah == 0x13:
             es = self._lin(x86.UC_X86_REG_ES, self._r(x86.UC_X86_REG_BP))
             count = self._r(x86.UC_X86_REG_CX)
@@ -417,6 +423,17 @@ class Bios:
         elif ax == 0x2403:
             self._w(x86.UC_X86_REG_BX, 0x0003)  # keyboard controller and port 0x92
             self._ret(OK)
+        elif ah == 0x87:  # move a block through a GDT the caller built (ES:SI)
+            gdt = self._lin(x86.UC_X86_REG_ES, r(x86.UC_X86_REG_SI))
+            words = r(x86.UC_X86_REG_CX)
+            desc = self.cpu.read(gdt + 0x10, 16)
+            src, dst = _segment_base(desc[:8]), _segment_base(desc[8:])
+            length = words * 2
+            if words > 0x8000 or max(src, dst) + length > self.cpu.memory_size:
+                self._ret(0x01)  # parity error is the documented failure code
+                return
+            self.cpu.write(dst, self.cpu.read(src, length))
+            self._ret(OK)
         elif ah == 0x86:
             micros = (r(x86.UC_X86_REG_CX) << 16) | r(x86.UC_X86_REG_DX)
             self._ret(OK)
@@ -505,6 +522,12 @@ class Bios:
 
     def _int08(self) -> None:
         self.tick()
+
+
+def _segment_base(descriptor: bytes) -> int:
+    """The base address in an 8-byte segment descriptor."""
+    d = descriptor
+    return d[2] | (d[3] << 8) | (d[4] << 16) | (d[7] << 24)
 
 
 _SERVICES = {
