@@ -257,3 +257,33 @@ class TestCorruptFlag:
             with pytest.raises(CorruptImageError, match="marked corrupt"):
                 img.write(100_000, b"more")
         assert "corrupt: true" in qemu_img("info", path).stdout
+
+
+class TestHeaderRewrite:
+    """Rewriting the header keeps what virtkit does not understand."""
+
+    def test_unknown_extension_survives_backing_change(
+        self, qemu_img: QemuImg, tmp_path: Path
+    ) -> None:
+        """set_backing_file keeps an unknown header extension byte for byte."""
+        path = tmp_path / "e.qcow2"
+        with images.create(path, "1M"):
+            pass
+        raw = bytearray(path.read_bytes())
+        ext_at = 112  # first extension (feature table) follows the 112-byte header
+        unknown = (0x12345678).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"hello\0\0\0"
+        raw[ext_at:ext_at] = unknown
+        del raw[65536 : 65536 + len(unknown)]  # keep the cluster layout
+        path.write_bytes(bytes(raw))
+        qemu_img("check", path)
+        (tmp_path / "base.raw").write_bytes(bytes(1024 * 1024))
+        with images.open(path, writable=True) as img:
+            img.set_backing_file("base.raw", "raw")  # type: ignore[attr-defined]
+        data = path.read_bytes()[:65536]
+        assert unknown in data
+        info = qemu_img("info", path).stdout
+        assert "backing file: base.raw" in info and "backing file format: raw" in info
+        qemu_img("check", path)
+        with images.open(path) as img:
+            assert img.backing_file == "base.raw"
+            assert img.read(0, 10) == bytes(10)
