@@ -73,6 +73,16 @@ class TestUart:
         assert dev.read(2) & 0x0F == 0x02
         assert dev.read(2) & 0x0F == 0x01
 
+    def test_interrupt_line(self, uart: tuple[Uart16550, bytearray]) -> None:
+        """IRQ4 is asserted while an enabled condition holds (data waiting, THR empty)."""
+        dev, _ = uart
+        dev.receive(b"a")
+        assert not dev.irq_pending()
+        dev.write(1, 0x01)
+        assert dev.irq_pending()
+        dev.read(0)
+        assert not dev.irq_pending()
+
     def test_fifo_reset_drops_input(self, uart: tuple[Uart16550, bytearray]) -> None:
         """FCR bit 1 clears the receive FIFO, as on QEMU (guests do this at init)."""
         dev, _ = uart
@@ -188,12 +198,26 @@ class TestTimers:
     def test_pic_remap_moves_the_timer_vector(self) -> None:
         """ICW1-ICW4 set the vector base; OCW1 masks IRQ0."""
         chip, _, _ = virtual_chipset()
-        assert chip.irq0_vector() == 0x08
+        assert chip.irq_vector(0) == 0x08
         for port, value in ((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01)):
             chip.write(port, 1, value)
-        assert chip.irq0_vector() == 0x20
+        assert chip.irq_vector(0) == 0x20
         chip.write(0x21, 1, 0x01)
-        assert chip.irq0_vector() is None
+        assert chip.irq_vector(0) is None
+
+    def test_in_service_irq_waits_for_eoi(self) -> None:
+        """An acknowledged IRQ blocks itself and lower priorities until EOI (0x20 to port 0x20)."""
+        chip, _, _ = virtual_chipset()
+        chip.write(0x21, 1, 0x00)
+        chip.acknowledge(0)
+        assert chip.irq_vector(0) is None
+        assert chip.irq_vector(4) is None
+        chip.write(0x20, 1, 0x20)  # non-specific EOI
+        assert chip.irq_vector(4) == 0x0C
+        chip.acknowledge(4)
+        assert chip.irq_vector(0) == 0x08  # higher priority still gets through
+        chip.write(0x20, 1, 0x64)  # specific EOI for IRQ4
+        assert chip.irq_vector(4) == 0x0C
 
     def test_chipset_state_round_trip(self) -> None:
         """save()/load() carry every register."""

@@ -148,18 +148,20 @@ class TestSameSerialOutputAsQemu:
         cut = theirs.index(until) + len(until)
         assert mine[: mine.index(until) + len(until)] == theirs[:cut]
 
-    def test_echo_with_console_input(self, runner: Runner) -> None:
-        """The echo guest answers the same input with the same bytes (QEMU on -serial stdio)."""
+    @pytest.mark.parametrize("name", ["echo", "echo-irq"])
+    def test_echo_with_console_input(self, name: str, runner: Runner) -> None:
+        """The echo guests answer the same input with the same bytes (QEMU on -serial stdio)."""
         typed = b"abc 123\rsecond line\rq"
-        guest = runner.define(runner.hv, "echo")
+        ready = f"{name} ready\r\n".encode()
+        guest = runner.define(runner.hv, name)
         guest.start()
-        guest.console.expect("echo ready\r\n", timeout=TIMEOUT)
+        guest.console.expect(ready, timeout=TIMEOUT)
         guest.console.write(typed)
         assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
         mine = guest.console.output
 
         proc = subprocess.Popen(
-            qemu_argv(runner.qemu, runner.qemu_disk("echo"), "stdio"),
+            qemu_argv(runner.qemu, runner.qemu_disk(name), "stdio"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -167,19 +169,19 @@ class TestSameSerialOutputAsQemu:
         assert proc.stdin is not None
         assert proc.stdout is not None
         seen = bytearray()
-        ready = threading.Event()
+        started = threading.Event()
 
         def reader() -> None:
             assert proc.stdout is not None
             while chunk := proc.stdout.read1(4096):
                 seen.extend(chunk)
-                if b"echo ready\r\n" in seen:
-                    ready.set()
+                if ready in seen:
+                    started.set()
 
         thread = threading.Thread(target=reader, daemon=True)
         thread.start()
         try:
-            assert ready.wait(TIMEOUT)
+            assert started.wait(TIMEOUT)
             proc.stdin.write(typed)
             proc.stdin.flush()
             proc.wait(timeout=TIMEOUT)

@@ -17,6 +17,7 @@ to boot code: EDD 3.0, E820 layout, drive geometry, error codes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from unicorn import x86_const as x86
@@ -522,6 +523,7 @@ class Bios:
 
     def _int08(self) -> None:
         self.tick()
+        self.m.chipset.eoi(0)
 
 
 def _segment_base(descriptor: bytes) -> int:
@@ -530,7 +532,15 @@ def _segment_base(descriptor: bytes) -> int:
     return d[2] | (d[3] << 8) | (d[4] << 16) | (d[7] << 24)
 
 
-_SERVICES = {
+def _eoi_service(irq: int) -> Callable[[Bios], None]:
+    def service(bios: Bios) -> None:
+        bios.m.chipset.eoi(irq)
+
+    return service
+
+
+_SERVICES: dict[int, Callable[[Bios], None]] = {
+    **{0x08 + irq: _eoi_service(irq) for irq in range(1, 8)},
     0x08: Bios._int08,
     0x10: Bios._int10,
     0x11: Bios._int11,

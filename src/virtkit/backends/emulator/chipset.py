@@ -81,6 +81,7 @@ class Chipset:
         # PIC: vector bases and masks as SeaBIOS programs them
         self.pic_base = [0x08, 0x70]
         self.pic_mask = [0xB8, 0x8F]
+        self.pic_isr = 0  # master in-service bits: an IRQ waits for EOI before it repeats
         self._pic_icw = [0, 0]  # initialisation words still expected
         self._pic_icw_seen = [0, 0]
 
@@ -292,7 +293,14 @@ class Chipset:
             if value & 0x10:  # ICW1: ICW2, ICW3 (and ICW4 if bit 0) follow on the data port
                 self._pic_icw[chip] = 3 if value & 0x01 else 2
                 self._pic_icw_seen[chip] = 0
-            return  # OCW2/OCW3 (EOI, register selects) need no state here
+                if chip == 0:
+                    self.pic_isr = 0
+            elif value & 0x18 == 0 and value & 0x20 and chip == 0:  # OCW2 with EOI
+                if value & 0x40:
+                    self.eoi(value & 7)  # specific EOI
+                elif self.pic_isr:
+                    self.eoi((self.pic_isr & -self.pic_isr).bit_length() - 1)
+            return  # OCW3 (register selects) needs no state here
         if self._pic_icw[chip] == 0:
             self.pic_mask[chip] = value  # OCW1
             return
@@ -302,11 +310,20 @@ class Chipset:
         if self._pic_icw_seen[chip] >= self._pic_icw[chip]:
             self._pic_icw[chip] = 0
 
-    def irq0_vector(self) -> int | None:
-        """The vector IRQ0 is delivered on, or None while it is masked."""
-        if self.pic_mask[0] & 0x01:
+    def irq_vector(self, irq: int) -> int | None:
+        """The vector master-PIC ``irq`` would be delivered on now, or None
+        while it is masked or an IRQ of equal or higher priority awaits EOI."""
+        if self.pic_mask[0] & (1 << irq) or self.pic_isr & ((2 << irq) - 1):
             return None
-        return self.pic_base[0]
+        return self.pic_base[0] + irq
+
+    def acknowledge(self, irq: int) -> None:
+        """The CPU took ``irq``: it is in service until EOI."""
+        self.pic_isr |= 1 << irq
+
+    def eoi(self, irq: int) -> None:
+        """End of interrupt for ``irq``."""
+        self.pic_isr &= ~(1 << irq)
 
     # -- snapshots ------------------------------------------------------------------------
     def save(self) -> dict[str, Any]:
@@ -327,6 +344,7 @@ class Chipset:
                 self.pit_start_ns,
             ],
             "pic": [self.pic_base, self.pic_mask, self._pic_icw, self._pic_icw_seen],
+            "pic_isr": self.pic_isr,
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -349,6 +367,7 @@ class Chipset:
         self.pic_mask = [int(v) for v in mask]
         self._pic_icw = [int(v) for v in icw]
         self._pic_icw_seen = [int(v) for v in seen]
+        self.pic_isr = int(state.get("pic_isr", 0))
 
 
 _PORTS = frozenset({0x20, 0x21, 0x40, 0x41, 0x42, 0x43, 0x60, 0x61, 0x64, 0x70, 0x71, 0x92})

@@ -371,14 +371,14 @@ class PcMachine:
                 if not self._idle():
                     continue
                 self.halted = False
-            self._timer()
+            self._interrupts()
             self._slice()
             if self._event is _Event.RESET:  # power-off and crash end the loop at its top
                 self._event = None
                 self.hard_reset()
 
-    def _timer(self) -> None:
-        """Deliver IRQ0 when a tick is due and the CPU accepts it (real mode, IF set)."""
+    def _interrupts(self) -> None:
+        """Raise due hardware interrupts: IRQ0 (timer) and IRQ4 (COM1), through the PIC."""
         now = self.clock.now_ns()
         if now >= self._next_tick_ns:
             self._irq0_pending = True
@@ -386,14 +386,26 @@ class PcMachine:
             self._next_tick_ns += period
             if self._next_tick_ns <= now:  # far behind (host was busy): drop lost ticks
                 self._next_tick_ns = now + period
-        if not self._irq0_pending:
-            return
-        vector = self.chipset.irq0_vector()
         cpu = self.cpu
-        if vector is None or not cpu.eflags & FLAG_IF:
+        if not cpu.eflags & FLAG_IF:
             return
-        self._irq0_pending = False
-        deliver(cpu, vector, cpu.rip, external=True)
+        for irq, pending in ((0, self._irq0_pending), (4, self.uart.irq_pending())):
+            vector = self.chipset.irq_vector(irq) if pending else None
+            if vector is None:
+                continue
+            if irq == 0:
+                self._irq0_pending = False
+            self.chipset.acknowledge(irq)
+            deliver(cpu, vector, cpu.rip, external=True)
+            return  # one interrupt per slice boundary
+
+    def _irq_ready(self) -> bool:
+        """Whether an interrupt would be taken now (wakes a halted CPU)."""
+        if not self.cpu.eflags & FLAG_IF:
+            return False
+        if self._irq0_pending and self.chipset.irq_vector(0) is not None:
+            return True
+        return self.uart.irq_pending() and self.chipset.irq_vector(4) is not None
 
     def _idle(self, *, until_input: bool = False, deadline: int | None = None) -> bool:
         """Wait (without spinning) for what a halted or blocked CPU waits for.
@@ -409,6 +421,8 @@ class PcMachine:
             return True
         ticks = until_input or deadline is not None or bool(self.cpu.eflags & FLAG_IF)
         if ticks and now >= self._next_tick_ns:
+            return True
+        if self._irq_ready():
             return True
         if not ticks:  # halted with interrupts off: only a request (or reset) ends this
             with self._cv:

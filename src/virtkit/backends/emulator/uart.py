@@ -17,7 +17,8 @@ offs   read            write
 7      SCR             SCR
 =====  ==============  ==============
 
-Interrupts are reported in IIR but not raised on the PIC: guests poll LSR.
+Interrupts (received data, THR empty) are reported in IIR and raise IRQ4 on
+the PIC when IER enables them, as QEMU's UART does.
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ class Uart16550:
         """Take the next received byte (the BIOS keyboard shares this queue)."""
         with self._lock:
             return self._rx.popleft() if self._rx else None
+
+    def irq_pending(self) -> bool:
+        """Whether the UART asserts its interrupt line (IRQ4 for COM1), as IIR reports."""
+        if self.ier & IER_RDA and self.has_input():
+            return True
+        return bool(self.ier & IER_THRE and self._thre_pending)
 
     # -- port I/O ---------------------------------------------------------------------
     def read(self, offset: int) -> int:

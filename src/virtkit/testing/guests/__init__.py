@@ -8,6 +8,7 @@ so it prints the same bytes under the emulator and under
 =================  ======================================================
 ``hello``          prints a greeting, powers off through PM1a_CNT (0x604)
 ``echo``           echoes COM1 input; ``q`` says bye and powers off
+``echo-irq``       the same, driven by the UART's receive interrupt (IRQ4)
 ``disk``           int 13h: CHS reads of sectors 1 and 2, EDD write of
                    sector 2, EDD read back; prints what it read, powers off
 ``modes``          prints from real, protected and long mode, powers off
@@ -57,6 +58,7 @@ __all__ = [
 GUESTS: dict[str, str] = {
     "hello": "hello.asm",
     "echo": "echo.asm",
+    "echo-irq": "echo_irq.asm",
     "disk": "disk.asm",
     "modes": "modes.asm",
     "counter": "counter.asm",
