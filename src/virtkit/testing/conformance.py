@@ -232,6 +232,30 @@ class LifecycleTests(SuiteBase):
         guest.console.expect("counter starts\r\ncount 0\r\n", timeout=self.timeout)
         assert guest.console.output.count(b"counter starts") == 2
 
+    def test_reset_while_paused_stays_paused(self, make_guest: GuestFactory) -> None:
+        """reset() of a paused guest keeps it paused; on resume it boots from the start."""
+        guest = make_guest("counter")
+        guest.start()
+        guest.console.expect("count 1\r\n", timeout=self.timeout)
+        guest.pause()
+        guest.reset()
+        assert state_of(guest) is State.PAUSED
+        guest.resume()
+        guest.console.expect("counter starts\r\ncount 0\r\n", timeout=self.timeout)
+
+    def test_running_guests_hold_host_resources(
+        self, make_guest: GuestFactory, hypervisor: Hypervisor
+    ) -> None:
+        """A running guest's memory and vCPUs count as allocated until it stops."""
+        base = hypervisor.host
+        guest = make_guest("counter")
+        guest.start()
+        running = hypervisor.host
+        assert running.allocated_memory == base.allocated_memory + guest.machine.memory
+        assert running.allocated_cpus == base.allocated_cpus + guest.machine.vcpus
+        guest.kill()
+        assert hypervisor.host.allocated_memory == base.allocated_memory
+
     def test_a_powered_off_guest_starts_again(self, make_guest: GuestFactory) -> None:
         """After powering off, start() boots the guest again; output is appended."""
         guest = make_guest("hello")
