@@ -219,7 +219,9 @@ def revert(img: Qcow2Image, name: str) -> None:
     img.grow_l1(len(sn_l1))
     img.refs.update(tree_refs(img, sn_l1, sn.l1_table_offset, 1))
     old = array("Q", img.l1)
-    new = array("Q", sn_l1)
+    # COPIED stripped: until fix_copied runs, a crash must not leave a shared L2 table
+    # marked writable in place
+    new = array("Q", (e & ~layout.OFLAG_COPIED for e in sn_l1))
     new.extend([0] * (len(old) - len(new)))
     img.st.pwrite(img.hdr.l1_table_offset, layout.encode_u64_table(new))
     img.st.flush()
