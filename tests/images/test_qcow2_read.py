@@ -195,6 +195,11 @@ class TestHeaderFeatures:
         _assert_same(qemu_img, path, tmp_path)
         with images.open(path) as img:
             assert img.check().ok
+        with images.open(path, writable=True) as img:
+            img.write(1024 * 1024, b"w" * 70_000)
+        # our write marks the bitmap in-use (stale) and keeps its clusters accounted
+        assert "in-use" in qemu_img("info", path).stdout
+        qemu_img("check", path)
 
     def test_unknown_incompatible_bit(self, qemu_img: QemuImg, tmp_path: Path) -> None:
         """An unknown incompatible feature bit is refused by number."""

@@ -312,10 +312,44 @@ class Qcow2Image(Image):
         if not self._autoclear_done:
             self._autoclear_done = True
             if self.v3 and self.hdr.autoclear_features:
-                # we do not keep bitmaps (or raw data files) in sync: drop their claim
-                self.hdr.autoclear_features = 0
-                self._write_u64(layout.OFF_AUTOCLEAR, 0)
-                self.st.flush()
+                keep = 0
+                if self.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS and (
+                    self._mark_bitmaps_in_use()
+                ):
+                    keep = layout.AUTOCLEAR_BITMAPS
+                if self.hdr.autoclear_features != keep:
+                    # features we do not keep in sync lose their claim, as the spec asks
+                    self.hdr.autoclear_features = keep
+                    self._write_u64(layout.OFF_AUTOCLEAR, keep)
+                    self.st.flush()
+
+    def _mark_bitmaps_in_use(self) -> bool:
+        """Flag every persistent bitmap in-use (stale), as QEMU does while writing.
+
+        Returns False when the bitmap directory cannot be parsed (the caller
+        then clears the bitmaps autoclear bit instead).
+        """
+        if self.meta.bitmaps is None:
+            return False
+        nb, dsize, doff = self.meta.bitmaps
+        if not nb or dsize > 64 * 1024 * 1024 or doff & (self.cs - 1) or doff < self.cs:
+            return False
+        if doff + dsize > self.st.size():
+            return False
+        raw = bytearray(self.st.pread(doff, dsize))
+        pos = 0
+        for _ in range(nb):
+            if pos + 24 > len(raw):
+                return False
+            name_size = int.from_bytes(raw[pos + 18 : pos + 20], "big")
+            extra = int.from_bytes(raw[pos + 20 : pos + 24], "big")
+            flags = int.from_bytes(raw[pos + 12 : pos + 16], "big")
+            raw[pos + 12 : pos + 16] = (flags | 1).to_bytes(4, "big")
+            pos += 24 + extra + name_size
+            pos += -pos % 8
+        self.st.pwrite(doff, bytes(raw))
+        self.st.flush()
+        return True
 
     def _run_write(self, fn: Callable[[], None]) -> None:
         """Run a write step; corruption found on the way sets the corrupt flag."""
