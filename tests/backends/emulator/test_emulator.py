@@ -6,6 +6,8 @@ import contextlib
 import random
 import re
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -636,3 +638,38 @@ bad: db "read failed", 0
         guest.start()
         assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
         assert guest.console.output == b"data disk sector five2"
+
+
+class TestInterpreterExit:
+    """Leaving Python with guests still running is clean."""
+
+    def test_exit_with_running_guests_does_not_crash(self, tmp_path: Path) -> None:
+        """A script that never closes its spinning guests still exits with status 0."""
+        script = tmp_path / "leave.py"
+        script.write_text(
+            f"""
+import virtkit
+from virtkit import images
+from virtkit.model import Disk, Machine
+from virtkit.testing import guests
+
+text = (
+    'bits 16\\norg 0x7C00\\n    jmp start\\n%include "common.inc"\\nstart:\\n    GUEST_START\\n'
+    '    PRINT m\\n.l: inc eax\\n    jmp .l\\nm: db "spinning", 0\\nBOOT_SIGNATURE\\n'
+)
+disk = {str(tmp_path / "spin.raw")!r}
+with images.create(disk, size="1MiB", format="raw") as image:
+    image.write(0, guests.assemble(text, stem="spin"))
+hv = virtkit.connect("emulator", root={str(tmp_path / "guests")!r})
+for i in range(2):
+    guest = hv.define(Machine(name=f"s{{i}}", memory="32MiB", disks=(Disk(disk, read_only=True),)))
+    guest.start()
+    guest.console.expect("spinning", timeout=10)
+print("leaving")
+"""
+        )
+        proc = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == "leaving\n"

@@ -14,10 +14,14 @@ are a deterministic function of the machine's inputs.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import enum
+import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,6 +60,28 @@ SLICE_INSTRUCTIONS = 100_000
 TRACE_LIMIT = 100_000  # serial trace entries kept (virtual clock); later output is not traced
 BOOT_ADDRESS = 0x7C00
 _PARK_TIMEOUT = 10.0
+
+
+#: machines whose worker runs; stopped at interpreter exit, because a CPU thread
+#: still executing guest code while Python frees the engine and the RAM would crash
+_RUNNING: weakref.WeakSet[PcMachine] = weakref.WeakSet()
+
+
+def _stop_all_at_exit() -> None:
+    for machine in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            machine.close()
+
+
+@functools.cache
+def _register_exit_hook() -> None:
+    """Register :func:`_stop_all_at_exit` once a unicorn engine exists.
+
+    atexit runs handlers last-in first-out, and unicorn frees its engines from
+    a ``weakref.finalize`` exit hook registered when the first engine is
+    made: ours must come later so that it runs first.
+    """
+    atexit.register(_stop_all_at_exit)
 
 
 class _Event(enum.Enum):
@@ -216,6 +242,8 @@ class PcMachine:
         if not self.clock.virtual:
             self._slice_timer = SliceTimer(self.cpu.stop)
         self._thread = threading.Thread(target=self._worker, name="virtkit-emulator", daemon=True)
+        _RUNNING.add(self)
+        _register_exit_hook()
         self._thread.start()
 
     def release(self) -> None:
@@ -294,6 +322,7 @@ class PcMachine:
         self._release_resources()
 
     def _release_resources(self) -> None:
+        _RUNNING.discard(self)
         if self._slice_timer is not None:
             self._slice_timer.close()
             self._slice_timer = None
