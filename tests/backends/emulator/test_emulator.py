@@ -95,6 +95,26 @@ class TestDeterminism:
         busy.wait(timeout=TIMEOUT)
         assert busy.console.output == quiet.console.output
 
+    def test_revert_replays_the_guest_clock_exactly(
+        self, vhv: EmulatorHypervisor, define: Define
+    ) -> None:
+        """With the virtual clock a reverted run repeats even the timer values it reads."""
+        guest = define(vhv, "clock", fmt="qcow2")
+        guest.start()
+        guest.console.expect("ticks", timeout=TIMEOUT)
+        guest.pause()
+        guest.snapshot("early")
+        offset = guest.snapshot_console_offset("early")
+        guest.resume()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        first = guest.console.output[offset:]
+        assert first.count(b"\r\n") >= 7
+        guest.revert("early")
+        mark = len(guest.console.output)
+        guest.resume()
+        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+        assert guest.console.output[mark:] == first
+
     def test_virtual_rtc_starts_at_a_fixed_date(
         self, vhv: EmulatorHypervisor, tmp_path: Path
     ) -> None:
