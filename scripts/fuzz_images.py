@@ -274,8 +274,12 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise Hang(f"input took longer than {TIME_LIMIT_S}s")
 
 
-def exercise(path: Path, *, swallow: bool = True) -> str:
+def exercise(path: Path, *, swallow: bool = True, write: bool = True) -> str:
     """Open and use ``path`` as a qcow2 image. Return "ok" or the VirtkitError class name.
+
+    Reads everything (info, snapshots, block status, the whole disk, check),
+    then, with ``write``, reopens it writable and writes, zeroes, discards and
+    snapshots a little (a damaged image must refuse or stay consistent).
 
     Raises whatever non-virtkit exception the engine raised (a failure), or
     :class:`Hang`, or MemoryError when the traced peak passes the memory bound.
@@ -290,6 +294,19 @@ def exercise(path: Path, *, swallow: bool = True) -> str:
             for pos in range(0, img.virtual_size, step):
                 img.read(pos, min(step, img.virtual_size - pos))
             img.check()
+        if write:
+            with virtkit.images.open(path, writable=True, format="qcow2") as img:
+                size = img.virtual_size
+                if size >= 8192:
+                    img.write(size // 3, b"\xa5" * 5000)
+                    img.write_zeroes(0, 4096)
+                    img.discard(size // 2, min(size // 2, 1 << 20))
+                    # QEMU cannot snapshot 1-bit refcount images either.
+                    if img.info().format_specific.get("refcount-bits", 16) >= 2:
+                        img.create_snapshot("fuzz")
+                        img.write(size // 3 + 10, b"\x5a" * 100)
+                        img.revert_snapshot("fuzz")
+                    img.check()
     except virtkit.VirtkitError as exc:
         if not swallow:
             raise
@@ -297,13 +314,13 @@ def exercise(path: Path, *, swallow: bool = True) -> str:
     return "ok"
 
 
-def run_bounded(path: Path, *, swallow: bool = True) -> str:
+def run_bounded(path: Path, *, swallow: bool = True, write: bool = True) -> str:
     """:func:`exercise` under the time limit and a tracemalloc memory bound."""
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TIME_LIMIT_S)
     tracemalloc.start()
     try:
-        outcome = exercise(path, swallow=swallow)
+        outcome = exercise(path, swallow=swallow, write=write)
         _, peak = tracemalloc.get_traced_memory()
         if peak > MEMORY_LIMIT:
             raise MemoryError(f"peak traced memory {peak} bytes > {MEMORY_LIMIT}")

@@ -192,14 +192,14 @@ CASES: list[Case] = [
 ]
 
 # Bounds for every input: seconds of wall time (SIGALRM) and traced peak memory.
-fuzz.TIME_LIMIT_S = 20
+fuzz.TIME_LIMIT_S = 10
 fuzz.MEMORY_LIMIT = 64 << 20
 
 
 def _run_case(path: Path) -> BaseException | None:
     """Exercise the image under the bounds; return what it raised (None if it worked)."""
     try:
-        fuzz.run_bounded(path, swallow=False)
+        fuzz.run_bounded(path, swallow=False, write=False)
     except BaseException as exc:  # the test inspects every kind
         return exc
     return None
@@ -233,16 +233,63 @@ class TestCorpus:
         """Every undamaged seed opens and reads cleanly (the corpus damages valid images)."""
         for name, seed in seeds.items():
             path = fuzz.write_input(tmp_path / name, seed, seed.data)
-            assert fuzz.run_bounded(path) == "ok", name
+            assert fuzz.run_bounded(path) == "ok", name  # reads, writes, snapshots
+
+
+def _run_writes(path: Path) -> BaseException | None:
+    """Open writable and write/zero once, under the time and memory bounds."""
+
+    def writes() -> str:
+        with virtkit.images.open(path, writable=True, format="qcow2") as img:
+            img.write_zeroes(0, 4096)
+            img.write(img.virtual_size // 3, b"\xa5" * 5000)
+        return "ok"
+
+    old = fuzz.exercise
+    fuzz.exercise = lambda p, **kw: writes()
+    try:
+        fuzz.run_bounded(path)
+    except BaseException as exc:  # the test inspects every kind
+        return exc
+    finally:
+        fuzz.exercise = old
+    return None
+
+
+class TestWritesOnDamagedImages:
+    """Writing to a damaged image refuses with CorruptImageError instead of doing harm.
+
+    Regression cases found by scripts/fuzz_images.py's write phase.
+    """
+
+    def test_write_through_l2_entry_past_eof(self, seeds: Seeds, tmp_path: Path) -> None:
+        """A data cluster past EOF is not written in place (it would grow the file to 1 TiB)."""
+        seed = seeds["v2"]
+        path = fuzz.write_input(tmp_path, seed, _set(seed, seed.data, "l2@", (1 << 63) | (1 << 40)))
+        outcome = _run_writes(path)
+        assert path.stat().st_size < 1 << 30, "the write went 1 TiB into the file"
+        assert isinstance(outcome, virtkit.CorruptImageError), repr(outcome)
+
+    def test_unaligned_refcount_block_offset(self, seeds: Seeds, tmp_path: Path) -> None:
+        """A refcount table entry of 0x1 (unaligned) is reported, not looped on forever."""
+        seed = seeds["v3"]
+        path = fuzz.write_input(tmp_path, seed, _set(seed, seed.data, "reftable[0]", 1))
+        outcome = _run_writes(path)
+        assert isinstance(outcome, virtkit.CorruptImageError), repr(outcome)
 
 
 class TestBoundedFuzz:
-    """A short structure-aware fuzz run: any input works or raises a VirtkitError."""
+    """A short structure-aware fuzz run (read side): any input works or raises a VirtkitError.
+
+    The write side runs in scripts/fuzz_images.py campaigns; what it found is
+    pinned in TestWritesOnDamagedImages.
+    """
 
     @settings(
         max_examples=80,
         deadline=None,
         database=None,
+        derandomize=True,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
     @given(rng_seed=st.integers(0, 2**32 - 1), count=st.integers(1, 3))
@@ -253,6 +300,6 @@ class TestBoundedFuzz:
         data, notes = fuzz.mutate(seed, rng, count)
         path = fuzz.write_input(tmp_path / "fz", seed, data)
         try:
-            fuzz.run_bounded(path)
+            fuzz.run_bounded(path, write=False)
         except BaseException as exc:
             raise AssertionError(f"{seed.name} {notes}: {exc!r}") from exc
