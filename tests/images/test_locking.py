@@ -203,6 +203,20 @@ class TestAgainstQemu:
             storage.close()
         assert qemu_img("info", qcow2_image).returncode == 0
 
+    def test_qcow2_engine_takes_the_locks(
+        self, qcow2_image: Path, qemu_img: Run, hold: Callable[..., _Holder]
+    ) -> None:
+        """virtkit's qcow2 driver locks too: qemu-img refuses it, and it refuses qemu-io."""
+        with virtkit.images.open(qcow2_image, writable=True) as img:
+            assert img.format == "qcow2"
+            proc = qemu_img("info", qcow2_image, check=False)
+            assert 'Failed to get shared "write" lock' in proc.stderr
+        hold(_qemu_io(qcow2_image), qcow2_image)
+        with pytest.raises(virtkit.ImageLockedError, match="write"):
+            virtkit.images.open(qcow2_image, writable=True)
+        with virtkit.images.open(qcow2_image, force_share=True) as img:
+            assert img.read(0, 512) == bytes(512)
+
     def test_our_writer_makes_qemu_io_fail(self, raw_image: Path) -> None:
         """qemu-io (read-write) cannot open an image virtkit holds writable."""
         with virtkit.images.open(raw_image, writable=True, format="raw"):
