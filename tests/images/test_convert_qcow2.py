@@ -177,6 +177,20 @@ class TestMeasureQcow2:
                                      *(["-o", opts] if opts else []), src).stdout)  # fmt: skip
         assert virtkit.images.measure(src, "qcow2", **target) == theirs
 
+    @pytest.mark.parametrize("with_backing", [False, True])
+    def test_chain_source(self, tmp_path: Path, qemu_img: Run, with_backing: bool) -> None:
+        """A backing chain counts its data through every layer (all of it with -o backing_file)."""
+        base, top = tmp_path / "b.qcow2", tmp_path / "t.qcow2"
+        qemu_img("create", "-f", "qcow2", base, "10M")
+        _qemu_io(base, "qcow2", "write 0 1M")
+        qemu_img("create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", top)
+        _qemu_io(top, "qcow2", "write 5M 64k", "write -z 0 64k")
+        extra = ["-o", "backing_file=b.qcow2,backing_fmt=qcow2"] if with_backing else []
+        theirs = json.loads(qemu_img("measure", "--output=json", "-O", "qcow2", *extra,
+                                     top).stdout)  # fmt: skip
+        options = {"backing": "b.qcow2", "backing_format": "qcow2"} if with_backing else {}
+        assert virtkit.images.measure(top, "qcow2", **options) == theirs
+
     @pytest.mark.parametrize("cluster_size", [65536, 4096])
     def test_source_with_bitmaps(self, tmp_path: Path, qemu_img: Run, cluster_size: int) -> None:
         """The bitmaps figure counts the source's persistent bitmaps as qemu-img does."""
