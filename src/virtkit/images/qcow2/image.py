@@ -6,6 +6,19 @@ the :class:`~.allocator.Refcounts`. Reads gather runs of clusters into large
 positional reads; writes keep QEMU's ordering (data, then the L2 entry, then
 the L1 entry; refcounts raised before a reference exists and lowered after it
 is gone), so a process dying mid-write may leak clusters but never corrupts.
+
+Policies, where QEMU leaves a choice:
+
+- Refcounts are always updated eagerly, also on images with the lazy
+  refcounts bit; a dirty image (left by QEMU with lazy refcounts) has its
+  refcounts rebuilt when it is opened for writing.
+- An image marked corrupt opens, but refuses writes until
+  ``check(repair=True)`` leaves it clean (which clears the flag).
+- Persistent bitmaps are not updated; the first write flags each one
+  in-use (stale), as QEMU does while it has an image open. Other autoclear
+  features are cleared, as the specification asks of programs that do not
+  maintain them.
+- External data files are read, not written.
 """
 
 from __future__ import annotations

@@ -330,7 +330,6 @@ def read_snapshot_table(st: Storage, hdr: Header) -> tuple[list[SnapshotEntry], 
             want = min(want, limit - len(buf))
             buf += st.pread(hdr.snapshots_offset + len(buf), want)
 
-    l2_entries = cs // (16 if hdr.incompatible_features & layout.INCOMPAT_EXTL2 else 8)
     for _ in range(hdr.nb_snapshots):
         where = hdr.snapshots_offset + pos
         need(layout.SNAPSHOT_ENTRY.size)
@@ -376,11 +375,7 @@ def read_snapshot_table(st: Storage, hdr: Header) -> tuple[list[SnapshotEntry], 
                 file_size=file_size,
                 where=where,
             )
-        if (
-            disk_size is not None
-            and disk_size > l1_size * cs * l2_entries
-            and (disk_size > layout.MAX_VIRTUAL_SIZE)
-        ):
+        if disk_size is not None and disk_size > layout.MAX_VIRTUAL_SIZE:
             raise _corrupt(f"snapshot {ident!r} disk size is out of range", path, where)
         out.append(
             SnapshotEntry(
