@@ -84,9 +84,9 @@ class Refcounts:
             return 0
         entry = self.table[index]
         off = entry & layout.REFT_OFFSET_MASK
-        if not off:
+        if not entry:
             return 0
-        if off & (self.cs - 1) or entry & 0x1FF:
+        if not off or off & (self.cs - 1) or entry & 0x1FF:
             raise CorruptImageError(
                 f"refcount table entry {index} ({entry:#x}) is not cluster aligned",
                 path=self.path,
@@ -243,7 +243,7 @@ class Refcounts:
         """Allocate ``n`` contiguous clusters (refcount 1); return the file offset."""
         if n <= 0:
             raise ImageError(f"cannot allocate {n} clusters", path=self.path)
-        while True:
+        for _ in range(64):
             start = self._find_free(n)
             ranges = range(start // self.per_block, (start + n - 1) // self.per_block + 1)
             missing = [t for t in ranges if self.block_offset(t) == 0]
@@ -253,6 +253,11 @@ class Refcounts:
             self.add_range(start, n, 1)
             self.free_hint = start + n
             return start << self.cluster_bits
+        raise CorruptImageError(  # pragma: no cover - each round creates the blocks it needs
+            "cannot allocate clusters: the refcount structure does not take new blocks",
+            path=self.path,
+            offset=self.table_offset,
+        )
 
     def free(self, offset: int, n: int = 1) -> None:
         """Drop one reference from ``n`` clusters starting at file ``offset``."""
@@ -278,7 +283,7 @@ class Refcounts:
             for _ in range(64):
                 area_end = s + nb + tc
                 cover = range(s // per, max(area_end - 1, s) // per + 1)
-                missing = sorted({t for t in (*wanted, *cover) if t >= old_n or not self.table[t]})
+                missing = sorted({t for t in (*wanted, *cover) if self.block_offset(t) == 0})
                 need_n = max(old_n, missing[-1] + 1 if missing else 0)
                 new_tc = 0
                 if need_n > old_n:
@@ -341,7 +346,7 @@ class Refcounts:
 
     def _get_existing(self, cluster: int) -> int:
         t, _i = divmod(cluster, self.per_block)
-        if t >= len(self.table) or not self.table[t]:
+        if self.block_offset(t) == 0:
             return 0
         return self.get(cluster)
 

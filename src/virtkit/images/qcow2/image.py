@@ -290,6 +290,13 @@ class Qcow2Image(Image):
             self._meta_set = out
         return self._meta_set
 
+    def _check_in_file(self, host: int) -> None:
+        """A COPIED data cluster must already exist in the file before writing in place."""
+        if host >= self.st.size():
+            self._mark_corrupt(
+                f"L2 entry points at host offset {host:#x}, past the end of the file", host
+            )
+
     def _check_overlap(self, host: int, count: int) -> None:
         meta = self.metadata_clusters()
         first = host >> self.cb
@@ -395,6 +402,7 @@ class Qcow2Image(Image):
         for run in (mapper or self.mapper).runs(offset, length):
             pos = run.guest - offset
             if run.kind == DATA:
+                self._check_data_host(run.host, run.length)
                 chunk = self.data_st.pread(run.host, run.length)
                 out[pos : pos + len(chunk)] = chunk
             elif run.kind == COMPRESSED:
@@ -406,6 +414,25 @@ class Qcow2Image(Image):
                 if run.guest < bsize:
                     n = min(run.length, bsize - run.guest)
                     out[pos : pos + n] = self.backing.read(run.guest, n)
+
+    def _check_data_host(self, host: int, length: int) -> None:
+        """Refuse data clusters past the end of the file or inside metadata."""
+        first = host >> self.cb
+        last = (host + length - 1) >> self.cb
+        if (first << self.cb) >= self.data_st.size():
+            raise CorruptImageError(
+                f"guest data mapped to host offset {host:#x}, past the end of the file",
+                path=self.data_st.path,
+                offset=host,
+            )
+        if self.data_st is self.st and not self.metadata_clusters().isdisjoint(
+            range(first, last + 1)
+        ):
+            raise CorruptImageError(
+                f"guest data mapped to host offset {host:#x}, inside image metadata",
+                path=self.path,
+                offset=host,
+            )
 
     def _cluster_data(self, entry: int) -> bytes:
         cached = self._cluster_cache
@@ -569,6 +596,7 @@ class Qcow2Image(Image):
             need.append(j)
         for j0, j1, host in _coalesce(inplace, cs):
             self._check_overlap(host, j1 - j0)
+            self._check_in_file(host)
             self.st.pwrite(host, mv[j0 * cs : j1 * cs])
         olds: list[int] = []
         if need:
@@ -608,6 +636,7 @@ class Qcow2Image(Image):
         if step == 1:
             if copied:
                 self._check_overlap(host, 1)
+                self._check_in_file(host)
                 if not (self.v3 and e & layout.OFLAG_ZERO):
                     self.st.pwrite(host + in_off, mv)
                     return
@@ -634,6 +663,7 @@ class Qcow2Image(Image):
         bitmap = l2[idx * 2 + 1]
         if copied:
             self._check_overlap(host, 1)
+            self._check_in_file(host)
             if bitmap & units == units:
                 self.st.pwrite(host + in_off, mv)
                 return
