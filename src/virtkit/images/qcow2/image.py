@@ -513,6 +513,8 @@ class Qcow2Image(Image):
         self._meta_changed()
         if off:
             self.refs.free(off)
+            if self.refs.get(off >> self.cb) == 0:
+                self.mapper.forget_l2(off)
         return new, table
 
     def _write_l2(self, l2off: int, table: array[int], lo: int, hi: int) -> None:
@@ -805,7 +807,7 @@ class Qcow2Image(Image):
             pos += k * cs
 
     def _zero_partial(self, offset: int, length: int) -> None:
-        for run in self.mapper.runs(offset, length):
+        for run in list(self.mapper.runs(offset, length)):  # the writes below change the map
             if run.kind == ZERO or (run.kind == UNALLOCATED and self.backing is None):
                 continue
             self.write_guest(run.guest, memoryview(bytes(run.length)))
