@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from virtkit.testing.conformance import ConformanceSuite
 
@@ -20,3 +20,9 @@ class TestEmulatorRaw(TestEmulator):
     """The same suite with raw disks (full snapshots copy raw disks into the snapshot)."""
 
     disk_format = "raw"
+
+
+class TestEmulatorVirtualClock(TestEmulator):
+    """The same suite with guest time driven by executed instructions."""
+
+    connect_options: ClassVar[dict[str, Any]] = {"clock": "virtual"}

@@ -464,7 +464,7 @@ class PcMachine:
             if not (self._park or self._quit or (until_input and self.uart.has_input())):
                 self._cv.wait(delay_ns / 1e9)
         if clock.virtual:  # idle time is skipped, deterministically, whatever woke us
-            clock.advance(delay_ns // NS_PER_INSTRUCTION)
+            clock.advance(-(-delay_ns // NS_PER_INSTRUCTION))  # round up: reach the tick
         return False
 
     def _slice(self) -> None:
@@ -477,7 +477,7 @@ class PcMachine:
         cut_short = False
         try:
             if clock.virtual:
-                to_tick = (self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION
+                to_tick = -(-(self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION)
                 budget = max(min(SLICE_INSTRUCTIONS, to_tick), 1)
                 start = clock.instructions
                 cpu.run(count=budget)
