@@ -292,3 +292,24 @@ class TestHeaderRewrite:
         with images.open(path) as img:
             assert img.backing_file == "base.raw"
             assert img.read(0, 10) == bytes(10)
+
+
+class TestCompressedPacking:
+    """Compressed clusters share host clusters and spill into the next, as QEMU packs them."""
+
+    @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+    def test_dense_packing(self, qemu_img: QemuImg, tmp_path: Path, ctype: str) -> None:
+        """Half-compressible clusters take about half the space, and stay check-clean."""
+        path = tmp_path / "p.qcow2"
+        rnd = random.Random(3)
+        ref = bytearray(SIZE)
+        with images.create(path, SIZE, compression_type=ctype) as img:
+            cs = img.cluster_size
+            for i in range(24):
+                block = rnd.randbytes(cs // 2) + bytes(cs // 2)
+                img.write_compressed(i * cs, block)  # type: ignore[attr-defined]
+                ref[i * cs : (i + 1) * cs] = block
+            assert img.read(0, SIZE) == ref
+            used = img.check().image_end_offset
+        assert used is not None and used < 24 * cs * 0.6 + 6 * cs
+        _verify(qemu_img, path, bytes(ref), tmp_path)

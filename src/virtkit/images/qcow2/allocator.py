@@ -259,6 +259,16 @@ class Refcounts:
             offset=self.table_offset,
         )
 
+    def try_allocate_at(self, cluster: int, n: int) -> bool:
+        """Allocate exactly clusters ``[cluster, cluster+n)`` if all are free; else False."""
+        ranges = range(cluster // self.per_block, (cluster + n - 1) // self.per_block + 1)
+        if any(self.block_offset(t) == 0 for t in ranges):
+            return False  # keep it simple: only inside existing refcount blocks
+        if any(self.get(c) for c in range(cluster, cluster + n)):
+            return False
+        self.add_range(cluster, n, 1)
+        return True
+
     def free(self, offset: int, n: int = 1) -> None:
         """Drop one reference from ``n`` clusters starting at file ``offset``."""
         self.add_range(offset >> self.cluster_bits, n, -1)

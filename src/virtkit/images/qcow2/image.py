@@ -744,17 +744,24 @@ class Qcow2Image(Image):
         self._release_all([old])
 
     def _alloc_bytes(self, n: int) -> int:
-        cs = self.cs
-        cur = self._cfree
-        if self._cfree_epoch != self.refs.frees:
-            cur = 0  # a cluster was freed since: ours may have been reused by others
-        if cur and cur & (cs - 1):
-            cluster_end = (cur & ~(cs - 1)) + cs
-            if ((cur + n - 1) | 511) + 1 <= cluster_end and (
-                0 < self.refs.get(cur >> self.cb) < self.refs.max
-            ):
-                self.refs.update([(cur >> self.cb, 1)])
+        cs, cb = self.cs, self.cb
+        # a cluster freed since the last compressed write may belong to someone else now
+        cur = self._cfree if self._cfree_epoch == self.refs.frees else 0
+        if cur:
+            first = cur >> cb
+            partial = bool(cur & (cs - 1))
+            new_from = first + 1 if partial else first
+            new_to = (((cur + n - 1) | 511) + 1 - 1) >> cb  # last cluster the sectors touch
+            ok = not partial or 0 < self.refs.get(first) < self.refs.max
+            if ok and new_to >= new_from:  # continue into the next clusters if free
+                ok = self.refs.try_allocate_at(new_from, new_to - new_from + 1)
+                if ok:
+                    self._check_overlap(new_from << cb, new_to - new_from + 1)
+            if ok:
+                if partial:
+                    self.refs.update([(first, 1)])
                 self._cfree = cur + n
+                self._cfree_epoch = self.refs.frees
                 return cur
         k = -(-n // cs)
         host = self.refs.allocate(k)
