@@ -78,6 +78,29 @@ class TestPrivateFiles:
             child.unlink()
         Path(runtime).rmdir()
 
+    def test_interpreter_exit_kills_qemu_and_removes_its_runtime_dir(
+        self, tmp_path: Path, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """A script that exits without killing its guest leaves no QEMU and no runtime dir (atexit)."""
+        disk = boot_disk("idle")
+        script = textwrap.dedent(
+            f"""
+            from virtkit.backends.qemu import QemuHypervisor
+            from virtkit.model import Disk, Machine
+            hv = QemuHypervisor(accel="tcg", root={str(tmp_path / "exit")!r})
+            g = hv.define(Machine(name="left", memory="16MiB", disks=[Disk(path={str(disk)!r}, bus="ide")]))
+            g.start()
+            g.console.expect("idle guest up", timeout=30)
+            print(g.pid, g._proc.runtime_dir, flush=True)
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        )
+        pid_text, runtime = out.stdout.split()
+        assert not _alive(int(pid_text))
+        assert not Path(runtime).exists()
+
     def test_frozen_layer_cannot_be_attached_writable_by_another_guest(
         self, hv: QemuHypervisor, boot_disk
     ) -> None:  # type: ignore[no-untyped-def]

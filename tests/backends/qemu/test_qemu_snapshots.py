@@ -98,6 +98,22 @@ class TestFullSnapshots:
             assert {s.name for s in img.snapshots} == {"made-by-virtkit"}
             assert img.check().ok
 
+    def test_failed_revert_of_a_stopped_guest_leaves_no_qemu(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """A full snapshot deleted from the image behind virtkit's back: revert raises BackendError,
+        the guest stays SHUTOFF and the QEMU started to restore it is gone."""
+        disk = boot_disk("counter")
+        guest = hv.define(_machine("gone-snap", disk))
+        guest.start()
+        _count(guest)
+        guest.snapshot("s")
+        guest.kill()
+        subprocess.run(["qemu-img", "snapshot", "-d", "s", str(disk)], check=True)
+        with pytest.raises(virtkit.BackendError, match="snapshot-load"):
+            guest.revert("s")
+        assert guest.state is State.SHUTOFF and guest.pid is None
+
     def test_full_snapshot_of_a_stopped_guest_is_refused(
         self, hv: QemuHypervisor, boot_disk
     ) -> None:  # type: ignore[no-untyped-def]

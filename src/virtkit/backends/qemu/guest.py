@@ -497,6 +497,15 @@ class QemuGuest(Guest):
         )
         if not live:
             self._launch(paused=True)
+        try:
+            self._load_full(snap)
+        except BaseException:
+            if not live:  # do not leave a half-restored QEMU behind a SHUTOFF guest
+                with contextlib.suppress(Exception):
+                    self._terminate()
+            raise
+
+    def _load_full(self, snap: Snapshot) -> None:
         nodes = self._full_nodes("revert to")
         proc = self._proc
         assert proc is not None

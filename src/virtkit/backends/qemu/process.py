@@ -69,8 +69,10 @@ def _spawn_argv(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
 
 
 def _kill_leftovers() -> None:
+    """At interpreter exit: SIGKILL QEMU children still running, remove their runtime dirs."""
     for proc in list(_live):
         proc.kill_now()
+        shutil.rmtree(proc.runtime_dir, ignore_errors=True)
 
 
 at_exit(_kill_leftovers)

@@ -170,7 +170,8 @@ class QmpSession:
         self._on_event = on_event
         self._client = QMPClient(name)
         self._pump: asyncio.Task[None] | None = None
-        self._jobs: dict[str, asyncio.Future[str]] = {}
+        self._job_seen: dict[str, list[str]] = {}
+        self._job_events: dict[str, asyncio.Event] = {}
         self.connected = False
 
     async def listen(self) -> None:
@@ -191,11 +192,10 @@ class QmpSession:
                 raw = event.get("data")
                 data: dict[str, Any] = dict(raw) if isinstance(raw, Mapping) else {}
                 if name == "JOB_STATUS_CHANGE":
-                    status = str(data.get("status"))
-                    waiter = self._jobs.get(str(data.get("id")))
-                    final = status in ("concluded", "null", "ready", "aborting")
-                    if waiter is not None and not waiter.done() and final:
-                        waiter.set_result(status)
+                    job_id = str(data.get("id"))
+                    if job_id in self._job_seen:
+                        self._job_seen[job_id].append(str(data.get("status")))
+                        self._job_events[job_id].set()
                 with contextlib.suppress(Exception):
                     self._on_event(name, data)
         except asyncio.CancelledError:
@@ -227,11 +227,22 @@ class QmpSession:
         except (QMPError, OSError, EOFError) as exc:
             raise translate(exc, command, what=f"QEMU ({self.name})") from exc
 
-    def expect_job(self, job_id: str) -> asyncio.Future[str]:
-        """A future resolved with the job's status when it is ready/concluded."""
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._jobs[job_id] = fut
-        return fut
+    async def _wait_job(self, job_id: str, wanted: set[str], start: int) -> tuple[str, int]:
+        """The first status in ``wanted`` seen at or after index ``start`` (and the next index).
+
+        Statuses are recorded by the event pump as they arrive, so one that
+        came while nobody was waiting is not lost.
+        """
+        event = self._job_events[job_id]
+        while True:
+            seen = self._job_seen.get(job_id, [])
+            for i in range(start, len(seen)):
+                if seen[i] in wanted:
+                    return seen[i], i + 1
+            if not self.connected:
+                return "null", len(seen)
+            event.clear()
+            await event.wait()
 
     async def run_job(
         self,
@@ -239,33 +250,40 @@ class QmpSession:
         args: Mapping[str, Any],
         *,
         timeout: float,
-        until: str = "concluded",
         on_ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Start a job command (``args['job-id']``), wait for it, dismiss it.
+        """Start a job command (``args['job-id']``), wait until it concludes, dismiss it.
 
         Raises:
             BackendError: the job failed (QEMU's error message is included).
             TimeoutError: it did not conclude within ``timeout``.
         """
         job_id = str(args["job-id"])
-        waiter = self.expect_job(job_id)
+        self._job_seen[job_id] = []
+        self._job_events[job_id] = asyncio.Event()
         try:
             await self.execute(command, args)
-            status = await asyncio.wait_for(asyncio.shield(waiter), timeout)
-            if status == "ready" and on_ready is not None:
-                waiter = self.expect_job(job_id)
-                await on_ready()
-                status = await asyncio.wait_for(asyncio.shield(waiter), timeout)
-            if status in ("aborting",):
-                waiter = self.expect_job(job_id)
-                await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except builtins.TimeoutError:
+            done = {"concluded", "null"}
+            status, pos = await asyncio.wait_for(
+                self._wait_job(job_id, {*done, "ready"}, 0), timeout
+            )
+            if status == "ready":
+                if on_ready is not None:
+                    await on_ready()
+                status, pos = await asyncio.wait_for(self._wait_job(job_id, done, pos), timeout)
+        except builtins.TimeoutError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
             raise TimeoutError(
                 f"QEMU job {command} ({job_id}) did not finish within {timeout} s", timeout=timeout
             ) from None
         finally:
-            self._jobs.pop(job_id, None)
+            self._job_seen.pop(job_id, None)
+            self._job_events.pop(job_id, None)
+        if not self.connected:
+            raise BackendError(
+                f"the QMP connection closed while QEMU job {command} ({job_id}) was running"
+            )
         jobs = await self.execute("query-jobs")
         error = next((j.get("error") for j in jobs if j.get("id") == job_id), None)
         with contextlib.suppress(BackendError):
@@ -276,9 +294,8 @@ class QmpSession:
     async def close(self) -> None:
         """Disconnect (a connection QEMU already closed is fine)."""
         self.connected = False
-        for fut in self._jobs.values():
-            if not fut.done():
-                fut.set_result("null")
+        for event in self._job_events.values():
+            event.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._client.disconnect(), 5)
         if self._pump is not None:
