@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
 
@@ -134,3 +135,56 @@ class TestArgv:
         proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
         assert proc.returncode == 0, proc.stderr
         assert b"hello from the boot sector" in proc.stdout
+
+
+class TestDevicesOnARealQemu:
+    def test_nics_cpu_model_and_buses_are_accepted_by_qemu(self, tmp_path: Path, sectors) -> None:  # type: ignore[no-untyped-def]
+        """User-mode NIC with a port forward, a disconnected e1000, SATA and SCSI disks and a CPU
+        model: QEMU starts with them and reports the MACs and CPU model we asked for."""
+        from bootsectors import make_boot_disk
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with QemuHypervisor(accel="tcg", cpu_model="max", root=tmp_path / "g") as hyp:
+            boot = make_boot_disk(tmp_path / "boot.qcow2", sectors["idle"])
+            extra = tmp_path / "extra.raw"
+            extra.write_bytes(b"\0" * 1024**2)
+            shared = tmp_path / "shared.raw"
+            shared.write_bytes(b"\0" * 1024**2)
+            machine = Machine(
+                name="devices",
+                memory="32MiB",
+                disks=[
+                    Disk(path=str(boot), bus="ide"),
+                    Disk(path=str(extra), bus="sata"),
+                    Disk(path=str(shared), bus="scsi", read_only=True, target="sdz"),
+                ],
+                nics=[
+                    Nic(mac="52:54:00:aa:bb:01", forwards=[PortForward(port, 22)]),
+                    Nic(model="e1000", mac="52:54:00:aa:bb:02", network="none"),
+                ],
+                boot=("hda",),
+            )
+            guest = hyp.define(machine)
+            guest.start()
+            guest.console.expect("idle guest up", timeout=30)
+            net = guest.qmp("human-monitor-command", {"command-line": "info network"})
+            assert "52:54:00:aa:bb:01" in net and "52:54:00:aa:bb:02" in net
+            usernet = guest.qmp("human-monitor-command", {"command-line": "info usernet"})
+            assert "HOST_FORWARD" in usernet and str(port) in usernet
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()  # slirp listens
+            cpus = guest.qmp("query-cpus-fast")
+            assert cpus and cpus[0]["props"]["socket-id"] == 0
+            model = guest.qmp("human-monitor-command", {"command-line": "info cpus"})
+            assert model.strip()
+            blocks = {b["qdev"].rsplit("/", 1)[-1]: b for b in guest.qmp("query-block")}
+            assert blocks["sdz"]["inserted"]["ro"] is True
+            guest.kill()
+
+    def test_bad_cpu_model_is_a_config_error(self, tmp_path: Path) -> None:
+        """A CPU model with option syntax in it is refused before anything runs."""
+        with QemuHypervisor(accel="tcg", cpu_model="max,+vmx", root=tmp_path / "g") as hyp:
+            guest = hyp.define(Machine(name="cpu"))
+            with pytest.raises(virtkit.ConfigError, match="cpu_model"):
+                guest.qemu_argv()

@@ -103,3 +103,20 @@ class TestProcessFaults:
         killer.join()
         assert guest.wait(timeout=30) is State.CRASHED
         assert "SIGKILL" in (guest.crash_reason or "")
+
+    def test_qemu_refusing_a_locked_image_at_start_is_a_backend_error(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """The same image attached twice writable: QEMU's lock error surfaces as BackendError with
+        its stderr (never a raw qemu.qmp exception), and nothing is left running."""
+        disk = boot_disk("idle")
+        machine = Machine(
+            name="twice-attached",
+            memory="16MiB",
+            disks=[Disk(path=str(disk), bus="ide"), Disk(path=str(disk), bus="ide")],
+        )
+        guest = hv.define(machine)
+        with pytest.raises(virtkit.BackendError) as info:
+            guest.start()
+        assert "lock" in (info.value.stderr_tail or "")
+        assert guest.state is State.SHUTOFF and guest.pid is None

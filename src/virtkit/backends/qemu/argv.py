@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ CACHE_MODES: dict[str, tuple[bool, bool, bool]] = {
 
 _NIC_DRIVERS = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 _MIB = 1024**2
+_CPU_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def opt_value(value: str, *, what: str) -> str:
@@ -122,7 +124,8 @@ class LaunchSpec:
         firmware_code: OVMF code image for ``firmware="uefi"``.
         nvram: the guest's private OVMF variables file for ``firmware="uefi"``.
         paused: start with the vCPUs stopped (``-S``).
-        incoming_snapshot: a ``-loadvm`` tag to restore at start (unused by default).
+        cpu_model: a ``-cpu`` model name (``"qemu64"``, ``"max"``, ``"host"`` with
+            KVM); ``None`` keeps QEMU's default for the accelerator.
         extra: extra arguments appended verbatim (an escape hatch; the caller's responsibility).
     """
 
@@ -137,6 +140,7 @@ class LaunchSpec:
     firmware_code: Path | None = None
     nvram: Path | None = None
     paused: bool = True
+    cpu_model: str | None = None
     extra: tuple[str, ...] = ()
 
 
@@ -256,6 +260,15 @@ def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
         "-accel",
         spec.accel,
     ]
+    if spec.cpu_model is not None:
+        if not _CPU_MODEL.match(spec.cpu_model):
+            raise ConfigError(
+                f"'cpu_model' must be a QEMU CPU model name such as 'max' or 'qemu64' "
+                f"(got {spec.cpu_model!r})",
+                field="cpu_model",
+                value=spec.cpu_model,
+            )
+        argv += ["-cpu", spec.cpu_model]
     argv += [
         "-smp",
         f"cpus={topo.count},sockets={topo.sockets},cores={topo.cores},threads={topo.threads}",

@@ -171,6 +171,7 @@ class QemuGuest(Guest):
             firmware_code=code,
             nvram=nvram,
             paused=paused,
+            cpu_model=hv.cpu_model,
         )
 
     def qemu_argv(

@@ -7,6 +7,7 @@ Options (``virtkit.connect("qemu", ...)``):
   or ``"tcg"``;
 * ``binary`` / ``qemu_img``: the executables (default: found on ``PATH``);
 * ``start_timeout``: seconds QEMU gets to connect its QMP monitor;
+* ``cpu_model``: the ``-cpu`` model (default: QEMU's own default);
 * plus the base options ``root``, ``host``, ``policy``.
 """
 
@@ -52,6 +53,7 @@ class QemuHypervisor(Hypervisor):
         binary: the ``qemu-system-*`` executable (name or path).
         qemu_img: the ``qemu-img`` executable.
         start_timeout: seconds QEMU may take to start and connect.
+        cpu_model: ``-cpu`` model name for every guest (``None``: QEMU's default).
         root, host, policy: see :class:`virtkit.backends.base.Hypervisor`.
 
     Raises:
@@ -68,6 +70,7 @@ class QemuHypervisor(Hypervisor):
         binary: str | None = None,
         qemu_img: str | None = None,
         start_timeout: float = 30.0,
+        cpu_model: str | None = None,
         **options: Any,
     ) -> None:
         if accel not in ACCELERATORS:
@@ -78,6 +81,7 @@ class QemuHypervisor(Hypervisor):
         self.qemu_img = _find(qemu_img, "qemu-img", "qemu_img")
         self.requested_accel = accel
         self.start_timeout = float(start_timeout)
+        self.cpu_model = cpu_model
         self._accel: AccelChoice | None = None
         self._pending_kernel = threading.local()
         super().__init__(**options)

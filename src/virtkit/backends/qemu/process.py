@@ -22,6 +22,7 @@ exit code, command line and stderr tail; a later exit is reported to
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ctypes
 import os
@@ -236,7 +237,18 @@ class QemuProcess:
                     argv=self.argv,
                     stderr_tail=self.stderr_tail(),
                 )
-            ready.result()
+            if ready.exception() is not None:
+                # QEMU hung up during the handshake: it is exiting; report why
+                with contextlib.suppress(builtins.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exit_task), 5)
+                await self._drain_stderr()
+                raise BackendError(
+                    f"QEMU for guest {name!r} closed its QMP connection during start-up "
+                    f"({ready.exception()!r})",
+                    exit_code=exit_task.result() if exit_task.done() else None,
+                    argv=self.argv,
+                    stderr_tail=self.stderr_tail(),
+                )
             self._tasks.append(loop.create_task(self._watch_exit(exit_task)))
             return self
         except BaseException:
