@@ -359,6 +359,63 @@ ready: db "ready", 0
             hv.define(Machine(name="uefi", firmware="uefi"))
 
 
+class TestHighCode:
+    """Code above 64 KiB keeps running across slice boundaries."""
+
+    BODY = """
+    cli
+    lgdt [gdtr]
+    mov eax, cr0
+    or eax, 1
+    mov cr0, eax
+    jmp 0x08:pm
+bits 32
+pm:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov esi, blob
+    mov edi, 0x100000
+    mov ecx, blob_end - blob
+    rep movsb
+    mov eax, 0x100000
+    jmp eax
+blob:                       ; position-independent: runs at 1 MiB
+    mov ecx, 20000000
+.spin:
+    dec ecx
+    jnz .spin
+    mov dx, COM1
+    mov al, 'O'
+    out dx, al
+    mov al, 'K'
+    out dx, al
+    mov dx, PM1A_CNT
+    mov ax, SLP_EN_S5
+    out dx, ax
+.halt:
+    hlt
+    jmp .halt
+blob_end:
+bits 16
+align 8
+gdt: dq 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF
+gdtr: dw 23
+      dd gdt
+"""
+
+    @pytest.mark.parametrize("clock", ["wall", "virtual"])
+    def test_protected_mode_code_at_one_mib(
+        self, clock: str, hv: EmulatorHypervisor, vhv: EmulatorHypervisor, tmp_path: Path
+    ) -> None:
+        """A 40M-instruction loop at 1 MiB spans many slices and still finishes."""
+        hyp = vhv if clock == "virtual" else hv
+        guest = define_adhoc(hyp, tmp_path, f"high-{clock}", self.BODY)
+        guest.start()
+        assert guest.wait(timeout=60) is State.SHUTOFF, guest.crash_reason
+        assert guest.console.output == b"OK"
+
+
 class TestBiosServices:
     """BIOS services beyond what the QEMU comparison covers."""
 

@@ -3,18 +3,21 @@
 Unicorn executes guest code at full speed; it calls back into Python only
 for port I/O (``UC_HOOK_INSN`` on IN/OUT), interrupts and exceptions
 (``UC_HOOK_INTR``: unicorn does not vector through the IVT/IDT itself), and
-invalid opcodes. This module wraps the engine: register access (including the
-full 64-bit RIP/RSP of long mode, read through the saved context because a
-16-bit unicorn instance cannot name 64-bit registers), running a slice,
-and delivering interrupts the way a real CPU does in real, protected and
-long mode.
+invalid opcodes. This module wraps the engine: register access, running a slice, memory.
+
+The engine is created in 16-bit mode, which gives the real-mode reset state
+a PC BIOS leaves, and then *operated* in 64-bit mode: unicorn's mode only
+selects how ``emu_start`` sets the program counter (16-bit mode writes IP
+and would cut EIP/RIP to 16 bits on every resume) and which register names
+exist; instruction decoding follows the guest's own CR0/EFER/CS state. The
+mode lives in the engine's handle (``uc_struct.mode``, checked at start-up);
+segment registers are written with 16-bit semantics, as the BIOS needs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
-import struct
 from typing import Any
 
 import unicorn as _unicorn_module
@@ -104,26 +107,8 @@ class Cpu:
             raise BackendError(
                 f"unicorn could not create a CPU with {size} bytes of RAM: {exc}"
             ) from exc
-        self._probe_context_layout()
-
-    # -- context layout ----------------------------------------------------------------------------
-    def _probe_context_layout(self) -> None:
-        """Find where RAX..R15 and RIP live in unicorn's saved context."""
-        uc = self.uc
-        for i, reg in enumerate(_GPR32):
-            uc.reg_write(reg, 0x5A5A_0000 + i)
-        uc.reg_write(x86.UC_X86_REG_EIP, 0x5A5A_00FF)
-        blob = bytes(uc.context_save())
-        self._gpr_offset = blob.find(struct.pack("<Q", 0x5A5A_0000))
-        self._rip_offset = blob.find(struct.pack("<Q", 0x5A5A_00FF))
-        if self._gpr_offset < 0 or self._rip_offset != self._gpr_offset + 16 * 8:
-            raise BackendError(
-                "this unicorn build stores CPU registers in an unexpected layout; "
-                f"unicorn {unicorn.__version__} is not supported by the emulator"
-            )
-        for reg in _GPR32:
-            uc.reg_write(reg, 0)
-        uc.reg_write(x86.UC_X86_REG_EIP, 0)
+        self._mode = _engine_mode(self.uc)
+        self._mode.value = unicorn.UC_MODE_64
 
     # -- registers ---------------------------------------------------------------------------------
     def reg(self, reg: int) -> int:
@@ -132,8 +117,16 @@ class Cpu:
         return value & _MASK64 if value < 0 else value
 
     def set_reg(self, reg: int, value: int) -> None:
-        """Write a register."""
-        self.uc.reg_write(reg, value)
+        """Write a register. Segment registers load as in 16-bit unicorn: real-mode
+        bases for DS/ES/SS/FS/GS, a mode-aware descriptor load for CS."""
+        if reg in _SEGMENTS:
+            self._mode.value = unicorn.UC_MODE_16
+            try:
+                self.uc.reg_write(reg, value)
+            finally:
+                self._mode.value = unicorn.UC_MODE_64
+        else:
+            self.uc.reg_write(reg, value)
 
     def context(self) -> bytes:
         """The engine's full CPU context as bytes."""
@@ -153,25 +146,20 @@ class Cpu:
 
     def gpr64(self, index: int) -> int:
         """General register ``index`` (0=RAX ... 15=R15), all 64 bits."""
-        blob = self.context()
-        return int(struct.unpack_from("<Q", blob, self._gpr_offset + 8 * index)[0])
+        return self.reg(_GPR64[index])
 
     def set_gpr64(self, index: int, value: int) -> None:
         """Write general register ``index`` with all 64 bits."""
-        blob = bytearray(self.context())
-        struct.pack_into("<Q", blob, self._gpr_offset + 8 * index, value & _MASK64)
-        self.restore_context(bytes(blob))
+        self.uc.reg_write(_GPR64[index], value & _MASK64)
 
     @property
     def rip(self) -> int:
         """The instruction pointer, all 64 bits."""
-        return int(struct.unpack_from("<Q", self.context(), self._rip_offset)[0])
+        return self.reg(x86.UC_X86_REG_RIP)
 
     def set_rip(self, value: int) -> None:
         """Write the instruction pointer (all 64 bits)."""
-        blob = bytearray(self.context())
-        struct.pack_into("<Q", blob, self._rip_offset, value & _MASK64)
-        self.restore_context(bytes(blob))
+        self.uc.reg_write(x86.UC_X86_REG_RIP, value & _MASK64)
 
     def idtr(self) -> tuple[int, int]:
         """The IDT register: (base, limit)."""
@@ -244,9 +232,8 @@ class Cpu:
         Raises:
             unicorn.UcError: the engine stopped on an error (invalid opcode, bad memory).
         """
-        # unicorn's set_pc in 16-bit mode computes eip = begin - (int16)CS * 16
-        begin = (self.rip + sign16(self.cs) * 16) & _MASK64
-        self.uc.emu_start(begin, _UNTIL, timeout=timeout_us, count=count)
+        # in 64-bit engine mode emu_start sets RIP to ``begin`` as is
+        self.uc.emu_start(self.rip, _UNTIL, timeout=timeout_us, count=count)
 
     def stop(self) -> None:
         """Ask a running slice to end soon (callable from any thread)."""
@@ -291,6 +278,24 @@ _GPR32 = (
     x86.UC_X86_REG_ESI,
     x86.UC_X86_REG_EDI,
 )
+_GPR64 = (
+    x86.UC_X86_REG_RAX,
+    x86.UC_X86_REG_RCX,
+    x86.UC_X86_REG_RDX,
+    x86.UC_X86_REG_RBX,
+    x86.UC_X86_REG_RSP,
+    x86.UC_X86_REG_RBP,
+    x86.UC_X86_REG_RSI,
+    x86.UC_X86_REG_RDI,
+    x86.UC_X86_REG_R8,
+    x86.UC_X86_REG_R9,
+    x86.UC_X86_REG_R10,
+    x86.UC_X86_REG_R11,
+    x86.UC_X86_REG_R12,
+    x86.UC_X86_REG_R13,
+    x86.UC_X86_REG_R14,
+    x86.UC_X86_REG_R15,
+)
 _SEGMENTS = (
     x86.UC_X86_REG_CS,
     x86.UC_X86_REG_DS,
@@ -299,3 +304,20 @@ _SEGMENTS = (
     x86.UC_X86_REG_FS,
     x86.UC_X86_REG_GS,
 )
+
+
+def _engine_mode(uc: Any) -> ctypes.c_int32:
+    """The ``mode`` field of the engine's ``uc_struct`` (it starts ``arch, mode``).
+
+    Raises:
+        BackendError: the handle does not start with x86 / 16-bit mode, so this
+            unicorn build is laid out differently.
+    """
+    address = uc._uch.value  # the C handle behind the Python object
+    fields = (ctypes.c_int32 * 2).from_address(address)
+    if (fields[0], fields[1]) != (unicorn.UC_ARCH_X86, unicorn.UC_MODE_16):
+        raise BackendError(
+            f"unicorn {unicorn.__version__} lays out its engine differently than the emulator "
+            "expects; install the unicorn version virtkit supports (pip install 'unicorn>=2,<3')"
+        )
+    return ctypes.c_int32.from_address(address + 4)
