@@ -116,7 +116,8 @@ class TestSameSerialOutputAsQemu:
     """The emulator's serial bytes equal QEMU's for each test guest."""
 
     @pytest.mark.parametrize(
-        "name", ["hello", "disk", "modes", "bios-info", "interrupts32", "interrupts64"]
+        "name",
+        ["hello", "disk", "modes", "bios-info", "interrupts32", "interrupts64", "usermode"],
     )
     def test_guests_that_power_off(self, name: str, runner: Runner) -> None:
         """Complete output of a guest that ends by itself; the disks end up equal too."""

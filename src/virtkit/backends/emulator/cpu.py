@@ -25,7 +25,7 @@ from unicorn import x86_const as x86
 
 from virtkit.errors import BackendError
 
-__all__ = ["Cpu", "CpuFault", "TripleFault", "UcError", "sign16", "unicorn"]
+__all__ = ["Cpu", "CpuFault", "TripleFault", "UcError", "unicorn"]
 
 #: the unicorn module, untyped where its own hints are incomplete
 unicorn: Any = _unicorn_module
@@ -63,12 +63,6 @@ EXCEPTION_NAMES = {
     18: "#MC machine check",
     19: "#XM SIMD error",
 }
-
-
-def sign16(value: int) -> int:
-    """A 16-bit value read as signed."""
-    value &= 0xFFFF
-    return value - 0x10000 if value & 0x8000 else value
 
 
 class CpuFault(Exception):
@@ -117,16 +111,39 @@ class Cpu:
         return value & _MASK64 if value < 0 else value
 
     def set_reg(self, reg: int, value: int) -> None:
-        """Write a register. Segment registers load as in 16-bit unicorn: real-mode
-        bases for DS/ES/SS/FS/GS, a mode-aware descriptor load for CS."""
-        if reg in _SEGMENTS:
-            self._mode.value = unicorn.UC_MODE_16
-            try:
-                self.uc.reg_write(reg, value)
-            finally:
-                self._mode.value = unicorn.UC_MODE_64
-        else:
+        """Write a register.
+
+        A segment register is loaded as the CPU would in its current mode: a
+        real-mode base (selector * 16), or the GDT descriptor in protected
+        and long mode.
+
+        Raises:
+            CpuFault: a protected-mode selector that cannot be loaded.
+        """
+        if reg not in _SEGMENTS:
             self.uc.reg_write(reg, value)
+            return
+        self._mode.value = unicorn.UC_MODE_16 if self.real_mode else unicorn.UC_MODE_32
+        try:
+            self.uc.reg_write(reg, value)
+        except UcError as exc:
+            raise CpuFault(f"segment selector {value:#06x} cannot be loaded: {exc}") from exc
+        finally:
+            self._mode.value = unicorn.UC_MODE_64
+
+    def enter_ring0(self) -> None:
+        """Drop the CPL to 0 before an interrupt loads a more privileged CS.
+
+        unicorn checks segment loads against the current CPL, as ``mov`` to a
+        segment register would; the CPU's own interrupt entry does not. A
+        placeholder SS loaded through the 16-bit table (unchecked, DPL 0) sets
+        CPL 0; the caller then loads CS and the real SS.
+        """
+        self._mode.value = unicorn.UC_MODE_16
+        try:
+            self.uc.reg_write(x86.UC_X86_REG_SS, 0)
+        finally:
+            self._mode.value = unicorn.UC_MODE_64
 
     def context(self) -> bytes:
         """The engine's full CPU context as bytes."""

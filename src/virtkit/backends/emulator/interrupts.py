@@ -273,14 +273,16 @@ def _deliver_protected(
     for value in frame:
         esp = (esp - word) & (0xFFFF_FFFF if big_stack else 0xFFFF)
         mmu.write(ss_base + esp, (value & ((1 << (8 * word)) - 1)).to_bytes(word, "little"))
-    if target_dpl < cpl:
-        cpu.set_reg(x86.UC_X86_REG_SS, ss | target_dpl)
-    cpu.set_reg(x86.UC_X86_REG_ESP, esp)
     new_flags = flags & ~(FLAG_TF | _NT | _RF | _VM)
     if kind in (0x06, 0x0E):
         new_flags &= ~FLAG_IF
     cpu.set_reg(x86.UC_X86_REG_EFLAGS, new_flags)
+    if target_dpl < cpl:
+        cpu.enter_ring0()
     cpu.set_reg(x86.UC_X86_REG_CS, (selector & ~3) | target_dpl)
+    if target_dpl < cpl:
+        cpu.set_reg(x86.UC_X86_REG_SS, ss | target_dpl)
+    cpu.set_reg(x86.UC_X86_REG_ESP, esp)
     cpu.set_reg(x86.UC_X86_REG_EIP, offset)
 
 
@@ -326,9 +328,9 @@ def _deliver_long(
     new_flags = flags & ~(FLAG_TF | _NT | _RF)
     if kind == 0x0E:
         new_flags &= ~FLAG_IF
-    if target_dpl < cpl:
-        cpu.set_reg(x86.UC_X86_REG_SS, 0)
     cpu.set_reg(x86.UC_X86_REG_EFLAGS, new_flags)
+    if target_dpl < cpl:
+        cpu.enter_ring0()  # leaves SS null with RPL 0, as a long-mode ring switch does
     cpu.set_reg(x86.UC_X86_REG_CS, (selector & ~3) | target_dpl)
     cpu.set_gpr64(4, rsp)
     cpu.set_rip(offset)

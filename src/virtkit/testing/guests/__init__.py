@@ -21,6 +21,7 @@ so it prints the same bytes under the emulator and under
 ``interrupts32``   protected mode with an IDT: ``int 0x30``, a #GP it
                    skips, timer interrupts on the remapped PIC
 ``interrupts64``   long mode with an IDT: int3 and a page fault
+``usermode``       ring 3 code calling ring 0 through a gate and the TSS
 ``no-signature``   the hello sector without the 0x55AA boot signature
 =================  ======================================================
 
@@ -68,6 +69,7 @@ GUESTS: dict[str, str] = {
     "bios-info": "bios_info.asm",
     "interrupts32": "interrupts32.asm",
     "interrupts64": "interrupts64.asm",
+    "usermode": "usermode.asm",
     "no-signature": "hello.asm",
 }
 
@@ -85,6 +87,7 @@ OUTPUT: dict[str, bytes] = {
     "interrupts32": b"int 0x30 in protected mode\r\n#GP caught\r\nback from the handlers\r\n"
     b"three timer interrupts\r\n",
     "interrupts64": b"int3 in long mode\r\nback\r\n#PF `",
+    "usermode": b"hello from ring 3\r\nring 0 again, called from ring 3\r\n",
 }
 
 
