@@ -25,9 +25,11 @@ The short bounded variant runs in ``tests/images/test_malformed.py``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import struct
@@ -386,6 +388,8 @@ def campaign(
                     write_input(crash, seed, data)
                     (crash / "what.json").write_text(json.dumps(stats["failures"][key], indent=2))
                     log(f"new failure {key}: {seed.name} {notes}")
+                if isinstance(exc, MemoryError):
+                    gc.collect()
             stats["outcomes"][outcome] = stats["outcomes"].get(outcome, 0) + 1
         return stats
 
@@ -414,13 +418,21 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--out", type=Path, default=Path("fuzz-out"))
     parser.add_argument("--atheris", action="store_true", help="use atheris (pip install atheris)")
+    parser.add_argument(
+        "--max-memory",
+        type=int,
+        default=3 << 30,
+        help="address-space cap in bytes (RLIMIT_AS): an allocation bomb becomes a "
+        "MemoryError finding instead of the kernel's OOM killer",
+    )
     args = parser.parse_args()
+    resource.setrlimit(resource.RLIMIT_AS, (args.max_memory, args.max_memory))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.atheris:
         atheris_main(args.out)
         return 0
     start = time.monotonic()
-    stats = campaign(args.seconds, args.out, args.seed)
+    stats = campaign(args.seconds, args.out, args.seed, log=lambda m: print(m, flush=True))
     elapsed = time.monotonic() - start
     print(json.dumps({"seed": args.seed, "seconds": round(elapsed, 1), **stats}, indent=2))
     print(f"{stats['inputs']} inputs, {len(stats['failures'])} distinct failures "
