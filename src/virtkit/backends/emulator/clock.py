@@ -9,6 +9,10 @@ BIOS tick count) asks a :class:`Clock` for ``now_ns()``: nanoseconds of
   (8 ns per instruction, like QEMU's ``-icount shift=3``: a 125 MIPS CPU) and with
   idle time the CPU skips while halted. Two runs of the same machine then see
   identical times at identical points of execution.
+
+Not covered: ``rdtsc`` reads unicorn's own time-stamp counter, which follows
+the host (the Python binding cannot hook RDTSC); console input arrives when
+it is typed.
 """
 
 from __future__ import annotations
