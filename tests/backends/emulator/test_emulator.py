@@ -173,6 +173,24 @@ class TestExactReplay:
         with images.open(guest.disk_path(guest.machine.disks[0])) as image:
             assert image.check().ok
 
+    def test_delete_snapshot_removes_state_and_internal_snapshot(
+        self, hv: EmulatorHypervisor, define: Define
+    ) -> None:
+        """Deleting a full snapshot drops its folder and the qcow2 internal snapshot."""
+        guest = define(hv, "counter", fmt="qcow2")
+        guest.start()
+        guest.console.expect("count 0", timeout=TIMEOUT)
+        guest.snapshot("gone")
+        guest.snapshot("kept")
+        folder = guest.snapshot_dir("gone")
+        assert folder.is_dir()
+        guest.delete_snapshot("gone")
+        assert not folder.exists()
+        guest.kill()
+        with images.open(guest.disk_path(guest.machine.disks[0])) as image:
+            assert [s.name for s in image.snapshots] == ["kept"]
+            assert image.check().ok
+
     def test_snapshot_survives_a_new_connection(
         self, tmp_path: Path, boot_disk: Callable[..., Path]
     ) -> None:
