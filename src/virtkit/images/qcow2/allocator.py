@@ -161,11 +161,19 @@ class Refcounts:
             t, i = divmod(cluster, self.per_block)
             slot = by_block.setdefault(t, {})
             slot[i] = delta if absolute else slot.get(i, 0) + delta
-        needed = [
-            t
-            for t, items in by_block.items()
-            if self.block_offset(t) == 0 and any(v for v in items.values())
-        ]
+        needed = []
+        for t, items in by_block.items():
+            if self.block_offset(t) != 0:
+                continue
+            if any(v < 0 for v in items.values()):
+                raise CorruptImageError(
+                    f"refcount of cluster {t * self.per_block + min(items)} would drop below "
+                    "zero (no refcount block covers it); run check(repair=True)",
+                    path=self.path,
+                    offset=(t * self.per_block + min(items)) << self.cluster_bits,
+                )
+            if any(items.values()):
+                needed.append(t)
         if needed:
             self.ensure_blocks(needed)
         # validate everything first
@@ -299,6 +307,12 @@ class Refcounts:
                 if need_n > old_n:
                     need_n = max(need_n, old_n + old_n // 2)
                     new_tc = -(-need_n * 8 // cs)
+                    if new_tc * cs > layout.MAX_REFTABLE_BYTES:
+                        raise ImageError(
+                            "the refcount table would exceed QEMU's 8 MiB limit (cluster "
+                            f"{missing[-1] * per} is too far into the file)",
+                            path=self.path,
+                        )
                 if len(missing) == nb and new_tc == tc:
                     break
                 nb, tc = len(missing), new_tc
