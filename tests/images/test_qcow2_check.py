@@ -174,3 +174,29 @@ class TestHeaderValidation:
         path.write_bytes(b"NOPE" + bytes(100))
         with pytest.raises(CorruptImageError, match="magic"):
             images.open(path, format="qcow2")
+
+
+class TestHostileWrites:
+    """Writes over hostile entries stop with CorruptImageError, promptly and in bounds."""
+
+    def test_release_of_far_compressed_cluster(self, tmp_path: Path) -> None:
+        """Replacing a compressed entry that points 2^60 bytes away marks corruption."""
+        path = tmp_path / "h.qcow2"
+        with images.create(path, "1M", cluster_size=512) as img:
+            img.write_compressed(0, b"c" * 512)  # type: ignore[attr-defined]
+            l2_off = img.l1[0] & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
+        _patch(path, l2_off, ">Q", 0x7FFFFFFFFFFFFFFF)  # compressed, offset ~2^61
+        size = path.stat().st_size
+        with images.open(path, writable=True) as img:
+            with pytest.raises(CorruptImageError):
+                img.write_zeroes(0, 512)
+            assert img.corrupt  # type: ignore[attr-defined]
+        assert path.stat().st_size <= size + 4 * 512
+
+    def test_unaligned_refcount_table_entry(self, written: Path) -> None:
+        """A refcount table entry with reserved bits is reported, not looped on."""
+        raw = written.read_bytes()
+        rt_off = struct.unpack_from(">Q", raw, 48)[0]
+        _patch(written, rt_off, ">Q", 1)
+        with images.open(written, writable=True) as img, pytest.raises(CorruptImageError):
+            img.write(3 * 1024 * 1024, b"x" * 4096)
