@@ -60,7 +60,7 @@ def make_source(path: Path, size: int) -> None:
 
 def _report(name: str, ours: float, theirs: float, unit: str = "s") -> None:
     ratio = ours / theirs if theirs else float("inf")
-    print(f"{name:<34} virtkit {ours:9.3f} {unit}   qemu {theirs:9.3f} {unit}   "
+    print(f"{name:<38} virtkit {ours:9.3f} {unit}   qemu {theirs:9.3f} {unit}   "
           f"ratio {ratio:6.2f}")  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def bench_convert(work: Path, src: Path) -> None:
         lambda: _run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", src, theirs_c)
     )
     _report("convert raw -> qcow2 compressed", t_ours, t_theirs)
-    print(f"{'  compressed sizes':<34} virtkit {format_size(os.path.getsize(ours_c)):>11}   "
+    print(f"{'  compressed sizes':<38} virtkit {format_size(os.path.getsize(ours_c)):>11}   "
           f"qemu {format_size(os.path.getsize(theirs_c)):>11}")  # fmt: skip
     _run("qemu-img", "compare", src, ours_c)
     for p in (ours_c, theirs_c, theirs_q):
@@ -101,41 +101,70 @@ def bench_convert(work: Path, src: Path) -> None:
 
 
 def bench_random_io(work: Path, image: Path, ops: int) -> None:
-    """4 KiB random reads and writes: virtkit API vs qemu-io on a copy of the same image."""
-    theirs = work / "io-theirs.qcow2"
-    shutil.copy(image, theirs)
+    """4 KiB I/O on a qcow2 image: virtkit API vs qemu-io and qemu-img bench, same offsets.
+
+    Random offsets are compared with ``qemu-io`` fed the same commands on stdin
+    (its per-command parsing and printing is part of its figure); strided
+    offsets (``qemu-img bench -S``: step 1 MiB + 4 KiB, wrapping modulo the
+    size, so every request lands in a different cluster) are compared with
+    ``qemu-img bench``, which has no per-request overhead beyond QEMU's own.
+    Writes start from identical copies of the image.
+    """
     with virtkit.images.open(image) as img:
         size = img.virtual_size
     rng = random.Random(7)
-    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(ops)]
-    block = rng.randbytes(4096)
+    random_offsets = [rng.randrange(size // 4096) * 4096 for _ in range(ops)]
+    step = MiB + 4096
+    strided = [(i * step) % size for i in range(ops)]
+    block = b"\xa5" * 4096  # the pattern qemu-io -P / qemu-img bench --pattern write
 
-    def our_reads() -> None:
-        with virtkit.images.open(image) as img:
-            for off in offsets:
-                img.read(off, 4096)
+    def ours(path: Path, offsets: list[int], write: bool) -> float:
+        def run() -> None:
+            with virtkit.images.open(path, writable=write) as img:
+                if write:
+                    for off in offsets:
+                        img.write(off, block)
+                else:
+                    for off in offsets:
+                        img.read(off, 4096)
 
-    def our_writes() -> None:
-        with virtkit.images.open(image, writable=True) as img:
-            for off in offsets:
-                img.write(off, block)
+        return _timed(run)
 
-    def qemu_io(cmd: str, writable: bool) -> float:
+    def qemu_io(path: Path, offsets: list[int], write: bool) -> float:
+        cmd = "write -P 0xa5" if write else "read"
         script = "".join(f"{cmd} {off} 4k\n" for off in offsets).encode()
         argv: list[str | Path] = ["qemu-io", "-f", "qcow2"]
-        if not writable:
+        if not write:
             argv.append("-r")
-        base = _timed(lambda: _run(*argv, theirs, stdin=b""))
-        return _timed(lambda: _run(*argv, theirs, stdin=script)) - base
+        base = _timed(lambda: _run(*argv, path, stdin=b""))
+        return _timed(lambda: _run(*argv, path, stdin=script)) - base
 
-    t_ours = _timed(our_reads)
-    t_theirs = qemu_io("read", writable=False)
-    _report(f"4k random reads ({ops} ops/s)", ops / t_ours, ops / t_theirs, "op/s")
-    t_ours = _timed(our_writes)
-    t_theirs = qemu_io("write", writable=True)
-    _report(f"4k random writes ({ops} ops/s)", ops / t_ours, ops / t_theirs, "op/s")
-    _run("qemu-img", "check", image)
-    theirs.unlink()
+    def qemu_bench(path: Path, write: bool) -> float:
+        argv: list[str | Path] = ["qemu-img", "bench", "-f", "qcow2", "-c", str(ops), "-d", "1",
+                                  "-s", "4k", "-S", str(step)]  # fmt: skip
+        if write:
+            argv += ["-w", "--pattern=165"]
+        base = _timed(lambda: _run(*argv[:4], "-c", "1", *argv[6:], path))
+        return _timed(lambda: _run(*argv, path)) - base
+
+    for write in (False, True):
+        kind = "writes" if write else "reads"
+        a, b = work / "a.qcow2", work / "b.qcow2"
+        shutil.copy(image, a)
+        shutil.copy(image, b)
+        t_ours, t_theirs = ours(a, random_offsets, write), qemu_io(b, random_offsets, write)
+        _report(f"4k random {kind} vs qemu-io", ops / t_ours, ops / t_theirs, "op/s")
+        if write:
+            _run("qemu-img", "compare", a, b)
+        shutil.copy(image, a)
+        shutil.copy(image, b)
+        t_ours, t_theirs = ours(a, strided, write), qemu_bench(b, write)
+        _report(f"4k strided {kind} vs qemu-img bench", ops / t_ours, ops / t_theirs, "op/s")
+        _run("qemu-img", "check", a)
+        if write:
+            _run("qemu-img", "compare", a, b)
+        a.unlink()
+        b.unlink()
 
 
 def main() -> int:
@@ -150,7 +179,7 @@ def main() -> int:
         src = work / "src.raw"
         print(f"making a {format_size(size)} half-allocated raw image ...", flush=True)
         make_source(src, size)
-        print(f"{'':<34} (time: lower is better; op/s: higher is better; ratio virtkit/qemu)")
+        print(f"{'':<38} ratio = virtkit/qemu: for seconds lower is better, for op/s higher")
         bench_convert(work, src)
         bench_random_io(work, work / "ours.qcow2", args.ops)
     return 0
