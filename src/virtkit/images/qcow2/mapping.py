@@ -12,18 +12,32 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, NewType
 
 from virtkit.errors import CorruptImageError
 from virtkit.images.qcow2 import layout
 from virtkit.images.storage import Storage
 
-__all__ = ["COMPRESSED", "DATA", "UNALLOCATED", "ZERO", "Mapper", "Run"]
+__all__ = [
+    "COMPRESSED",
+    "DATA",
+    "UNALLOCATED",
+    "ZERO",
+    "GuestOffset",
+    "HostOffset",
+    "Mapper",
+    "Run",
+]
 
 DATA = 0
 ZERO = 1
 UNALLOCATED = 2
 COMPRESSED = 3
+
+#: A byte position on the virtual disk the guest sees.
+GuestOffset = NewType("GuestOffset", int)
+#: A byte position in the image (or data) file.
+HostOffset = NewType("HostOffset", int)
 
 #: L2 tables kept decoded in memory.
 L2_CACHE_BYTES = 32 * 1024 * 1024
@@ -33,10 +47,10 @@ class Run(NamedTuple):
     """A run of guest bytes with one mapping."""
 
     kind: int
-    guest: int
+    guest: GuestOffset
     length: int
     #: Host offset for DATA; the raw L2 entry for COMPRESSED; 0 otherwise.
-    host: int
+    host: HostOffset
 
 
 class Mapper:
@@ -168,7 +182,9 @@ class Mapper:
             l2_off, l2 = self.l2_for(l1i)
             slice_end = min(end, (l1i + 1) << (cb + self.l2_bits))
             if l2 is None:
-                items: Iterator[Run] = iter((Run(UNALLOCATED, pos, slice_end - pos, 0),))
+                items: Iterator[Run] = iter(
+                    (Run(UNALLOCATED, GuestOffset(pos), slice_end - pos, HostOffset(0)),)
+                )
             else:
                 items = self._slice_runs(l2, l2_off, pos, slice_end)
             for run in items:
@@ -181,11 +197,11 @@ class Mapper:
                     pend[2] += run.length
                     continue
                 if pend is not None:
-                    yield Run(pend[0], pend[1], pend[2], pend[3])
+                    yield Run(pend[0], GuestOffset(pend[1]), pend[2], HostOffset(pend[3]))
                 pend = [run.kind, run.guest, run.length, run.host]
             pos = slice_end
         if pend is not None:
-            yield Run(pend[0], pend[1], pend[2], pend[3])
+            yield Run(pend[0], GuestOffset(pend[1]), pend[2], HostOffset(pend[3]))
 
     def _slice_runs(self, l2: array[int], l2_off: int, start: int, end: int) -> Iterator[Run]:
         cb = self.cluster_bits
@@ -199,16 +215,16 @@ class Mapper:
             where = l2_off + idx * 8 * self.step
             entry = l2[idx * self.step]
             if entry & layout.OFLAG_COMPRESSED:
-                yield Run(COMPRESSED, pos, n, entry)
+                yield Run(COMPRESSED, GuestOffset(pos), n, HostOffset(entry))
             elif not self.extended:
                 if self.zero_flag and entry & layout.OFLAG_ZERO:
-                    yield Run(ZERO, pos, n, 0)
+                    yield Run(ZERO, GuestOffset(pos), n, HostOffset(0))
                 else:
                     host = self.data_host(entry, where)
                     if host or (self.external and entry & layout.OFLAG_COPIED):
-                        yield Run(DATA, pos, n, host + in_off)
+                        yield Run(DATA, GuestOffset(pos), n, HostOffset(host + in_off))
                     else:
-                        yield Run(UNALLOCATED, pos, n, 0)
+                        yield Run(UNALLOCATED, GuestOffset(pos), n, HostOffset(0))
             else:
                 yield from self._sub_runs(
                     entry, l2[idx * 2 + 1], where=where, pos=pos, n=n, in_off=in_off
@@ -234,13 +250,13 @@ class Mapper:
                 offset=where,
             )
         if alloc == 0xFFFFFFFF:
-            yield Run(DATA, pos, n, host + in_off)
+            yield Run(DATA, GuestOffset(pos), n, HostOffset(host + in_off))
             return
         if alloc == 0 and zero == 0xFFFFFFFF:
-            yield Run(ZERO, pos, n, 0)
+            yield Run(ZERO, GuestOffset(pos), n, HostOffset(0))
             return
         if alloc == 0 and zero == 0:
-            yield Run(UNALLOCATED, pos, n, 0)
+            yield Run(UNALLOCATED, GuestOffset(pos), n, HostOffset(0))
             return
         sc = self.sc_size
         off = in_off
@@ -250,9 +266,9 @@ class Mapper:
             m = min(stop, (k + 1) * sc) - off
             g = pos + off - in_off
             if alloc >> k & 1:
-                yield Run(DATA, g, m, host + off)
+                yield Run(DATA, GuestOffset(g), m, HostOffset(host + off))
             elif zero >> k & 1:
-                yield Run(ZERO, g, m, 0)
+                yield Run(ZERO, GuestOffset(g), m, HostOffset(0))
             else:
-                yield Run(UNALLOCATED, g, m, 0)
+                yield Run(UNALLOCATED, GuestOffset(g), m, HostOffset(0))
             off += m
