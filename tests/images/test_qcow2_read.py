@@ -191,10 +191,15 @@ class TestHeaderFeatures:
         """A persistent bitmap does not stop reads, and check counts its clusters."""
         path = _make(qemu_img, tmp_path / "b.qcow2", "")
         qemu_img("bitmap", "--add", path, "b0")
+        qemu_img("bitmap", "--add", "-g", "128k", "--disable", path, "other")
         qemu_io(path, "write -P 0x31 512k 64k")
         _assert_same(qemu_img, path, tmp_path)
+        theirs = json.loads(qemu_img("info", "--output=json", path).stdout)
         with images.open(path) as img:
             assert img.check().ok
+            ours = img.info().format_specific
+        assert ours == theirs["format-specific"]["data"]
+        assert [b["name"] for b in ours["bitmaps"]] == ["b0", "other"]
         with images.open(path, writable=True) as img:
             img.write(1024 * 1024, b"w" * 70_000)
         # our write marks the bitmap in-use (stale) and keeps its clusters accounted

@@ -12,18 +12,22 @@ corruptions too. Every problem is collected, none stops the scan.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
 
 from virtkit.errors import CorruptImageError
 from virtkit.images.base import CheckProblem, CheckResult
-from virtkit.images.qcow2 import layout, snapshots
+from virtkit.images.qcow2 import layout, metadata, snapshots
 
 if TYPE_CHECKING:  # the image module imports this one lazily
     from virtkit.images.qcow2.image import Qcow2Image
 
 __all__ = ["check"]
+
+
+_Inc = Callable[[int, int, str], bool]
 
 
 @attrs.define
@@ -97,9 +101,8 @@ def _scan(img: Qcow2Image) -> _Scan:
 
 
 def _walk_l1(
-    img: Qcow2Image, scan: _Scan, inc: object, l1: array[int], l1_off: int, *, active: bool
+    img: Qcow2Image, scan: _Scan, inc: _Inc, l1: array[int], l1_off: int, *, active: bool
 ) -> None:
-    assert callable(inc)
     cs, cb = img.cs, img.cb
     step = img.mapper.step
     if active:
@@ -168,33 +171,24 @@ def _walk_l1(
                     )
 
 
-def _walk_bitmaps(img: Qcow2Image, scan: _Scan, inc: object) -> None:
-    assert callable(inc)
-    assert img.meta.bitmaps is not None
-    nb, dsize, doff = img.meta.bitmaps
-    if dsize > 64 * 1024 * 1024 or doff & (img.cs - 1):
-        scan.corrupt("ERROR bitmap directory is misplaced or too large", doff)
+def _walk_bitmaps(img: Qcow2Image, scan: _Scan, inc: _Inc) -> None:
+    if img.meta.bitmaps is None:
         return
-    if not inc(doff, dsize, "bitmap directory"):
+    _nb, dsize, doff = img.meta.bitmaps
+    try:
+        bitmaps = metadata.read_bitmaps(img.st, img.meta)
+    except CorruptImageError as exc:
+        scan.corrupt(f"ERROR {exc.message}", exc.offset)
         return
-    raw = img.st.pread(doff, dsize)
-    pos = 0
-    for _ in range(nb):
-        if pos + 24 > len(raw):
-            scan.corrupt("ERROR bitmap directory is truncated", doff + pos)
-            return
-        t_off = int.from_bytes(raw[pos : pos + 8], "big")
-        t_size = int.from_bytes(raw[pos + 8 : pos + 12], "big")
-        name_size = int.from_bytes(raw[pos + 18 : pos + 20], "big")
-        extra = int.from_bytes(raw[pos + 20 : pos + 24], "big")
-        pos += 24 + extra + name_size
-        pos += -pos % 8
-        if t_size * 8 > 64 * 1024 * 1024 or t_off & (img.cs - 1):
-            scan.corrupt("ERROR bitmap table is misplaced or too large", t_off)
+    inc(doff, dsize, "bitmap directory")
+    for bm in bitmaps:
+        if bm.table_size * 8 > metadata.MAX_BITMAP_DIRECTORY or bm.table_offset & (img.cs - 1):
+            scan.corrupt(f"ERROR bitmap {bm.name!r} table is misplaced or too large",
+                         bm.table_offset)  # fmt: skip
             continue
-        if not inc(t_off, t_size * 8, "bitmap table"):
+        if not inc(bm.table_offset, bm.table_size * 8, f"bitmap {bm.name!r} table"):
             continue
-        table = layout.decode_u64_table(img.st.pread(t_off, t_size * 8))
+        table = layout.decode_u64_table(img.st.pread(bm.table_offset, bm.table_size * 8))
         for e in table:
             off = e & layout.L2E_OFFSET_MASK
             if off:

@@ -349,27 +349,14 @@ class Qcow2Image(Image):
         Returns False when the bitmap directory cannot be parsed (the caller
         then clears the bitmaps autoclear bit instead).
         """
-        if self.meta.bitmaps is None:
+        try:
+            bitmaps = metadata.read_bitmaps(self.st, self.meta)
+        except CorruptImageError:
             return False
-        nb, dsize, doff = self.meta.bitmaps
-        if not nb or dsize > 64 * 1024 * 1024 or doff & (self.cs - 1) or doff < self.cs:
-            return False
-        if doff + dsize > self.st.size():
-            return False
-        raw = bytearray(self.st.pread(doff, dsize))
-        pos = 0
-        for _ in range(nb):
-            if pos + 24 > len(raw):
-                return False
-            name_size = int.from_bytes(raw[pos + 18 : pos + 20], "big")
-            extra = int.from_bytes(raw[pos + 20 : pos + 24], "big")
-            flags = int.from_bytes(raw[pos + 12 : pos + 16], "big")
-            raw[pos + 12 : pos + 16] = (flags | 1).to_bytes(4, "big")
-            pos += 24 + extra + name_size
-            pos += -pos % 8
-        self.st.pwrite(doff, bytes(raw))
+        for bm in bitmaps:
+            self.st.pwrite(bm.flags_at, (bm.flags | 1).to_bytes(4, "big"))
         self.st.flush()
-        return True
+        return bool(bitmaps)
 
     def _run_write(self, fn: Callable[[], None]) -> None:
         """Run a write step; corruption found on the way sets the corrupt flag."""
@@ -973,6 +960,12 @@ class Qcow2Image(Image):
         if self.v3:
             spec["corrupt"] = self._corrupt
             spec["extended-l2"] = self.extended
+        bitmaps = metadata.read_bitmaps(self.st, self.meta) if self.v3 else []
+        if bitmaps:
+            spec["bitmaps"] = [
+                {"flags": b.flag_names(), "name": b.name, "granularity": 1 << b.granularity_bits}
+                for b in bitmaps
+            ]
         if self.meta.data_file is not None:
             spec["data-file"] = self.meta.data_file
             spec["data-file-raw"] = bool(
