@@ -43,7 +43,7 @@ def _qemu_children() -> set[int]:
 
 
 def _runtime_dirs() -> set[str]:
-    return {p.name for p in runtime_base().glob("vkq-*")}
+    return {p.name for p in runtime_base().glob(f"vkq-{os.getpid()}-*")}
 
 
 @pytest.fixture(autouse=True)

@@ -164,27 +164,65 @@ class TestDiskSnapshots:
             assert img.read(512, 8) == b"original"
             assert img.check().ok
 
-    def test_live_disk_snapshot_then_delete_streams_into_the_running_disk(
-        self, hv: QemuHypervisor, boot_disk
-    ) -> None:  # type: ignore[no-untyped-def]
-        """blockdev-snapshot on a running guest, then delete_snapshot streams the base into the live overlay."""
+    def test_live_disk_snapshots_deleted_commit_back_into_the_original_file(
+        self,
+        hv: QemuHypervisor,
+        boot_disk,  # type: ignore[no-untyped-def]
+    ) -> None:
+        """Two blockdev-snapshot overlays on a running guest; deleting the older one commits the
+        intermediate layer, deleting the newer one active-commits and pivots: the guest keeps
+        running on its original file, which holds everything."""
         disk = boot_disk("counter")
         guest = hv.define(_machine("live", disk))
         guest.start()
         _count(guest)
-        guest.snapshot("live-disk", memory=False)
-        active = guest.active_disk_path(guest.machine.disks[0])
-        blocks = guest.qmp("query-block")
-        hda = next(b for b in blocks if b["qdev"] == "hda")
-        assert hda["inserted"]["node-name"] == "drive-hda-s1"
-        assert active.name in hda["inserted"]["file"]
+        guest.snapshot("a", memory=False)
+        first = guest.disk_path(guest.machine.disks[0])
+        guest.snapshot("b", memory=False)
+        second = guest.disk_path(guest.machine.disks[0])
+        assert _chain(second) == [second.name, first.name, disk.name]
+        hda = next(b for b in guest.qmp("query-block") if b["qdev"] == "hda")
+        assert second.name in hda["inserted"]["file"]
+        guest.delete_snapshot("a")  # intermediate commit of `first` into the original
+        assert not first.exists()
+        assert _chain(second) == [second.name, disk.name]
+        guest.delete_snapshot("b")  # active commit, then pivot onto the original
+        assert not second.exists()
+        assert guest.disk_path(guest.machine.disks[0]) == disk
         assert guest.state is State.RUNNING
-        guest.delete_snapshot("live-disk")
-        assert _chain(active) == [active.name]
-        _count(guest)  # still running after the stream job
+        _count(guest)  # still running after both jobs
+        hda = next(b for b in guest.qmp("query-block") if b["qdev"] == "hda")
+        assert hda["inserted"]["node-name"] == "drive-hda"
         guest.kill()
-        with virtkit.images.open(active) as img:
+        assert _chain(disk) == [disk.name]
+        with virtkit.images.open(disk) as img:
             assert img.read(510, 2) == b"\x55\xaa"
+            assert img.check().ok
+
+    def test_deleting_a_snapshot_with_two_branches_streams_it_into_both(
+        self,
+        hv: QemuHypervisor,
+        boot_disk,  # type: ignore[no-untyped-def]
+    ) -> None:
+        """A frozen layer two overlays depend on (after a revert) is merged into both and removed."""
+        disk = boot_disk("disk", extra=b"original\r\n\0")
+        guest = hv.define(_machine("branches", disk))
+        guest.snapshot("base", memory=False)
+        mid_layer = guest.disk_path(guest.machine.disks[0])  # overlay 1, frozen by "mid"
+        guest.snapshot("mid", memory=False)
+        guest.start()
+        guest.console.expect("write ok", timeout=30)
+        guest.wait(timeout=30)
+        guest.revert("base")  # new overlay on the original: the original has two children
+        guest.delete_snapshot("base")
+        assert disk.exists()  # the machine's own file is never removed
+        with virtkit.images.open(guest.disk_path(guest.machine.disks[0])) as img:
+            assert img.read(512, 8) == b"original"
+        guest.revert("mid")
+        top = guest.disk_path(guest.machine.disks[0])
+        assert _chain(top) == [top.name, mid_layer.name]  # the original is out of every chain
+        with virtkit.images.open(top) as img:
+            assert img.read(512, 8) == b"original" and img.check().ok
 
     def test_revert_of_a_live_disk_snapshot_leaves_the_guest_shut_off(
         self, hv: QemuHypervisor, boot_disk

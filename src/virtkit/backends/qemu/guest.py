@@ -660,12 +660,12 @@ class QemuGuest(Guest):
             if layer is None:
                 continue
             layer_path = Path(layer)
+            children = self._children_of(layer_path)
+            if layer_path == self.original_disk_path(disk) and len(children) == 1:
+                # keep the machine's own file: merge the one layer above back into it
+                self._commit_into(disk, children[0], layer_path, live=live, deleting=snap.name)
+                continue
             below = self._backing_of(layer_path)
-            children = [
-                p
-                for p in self._all_layers()
-                if p != layer_path and p.is_file() and self._backing_of(p) == layer_path
-            ]
             chain = self._running_chain(disk) if live else []
             for child in children:
                 if child in chain:
@@ -686,6 +686,70 @@ class QemuGuest(Guest):
                 layer_path.unlink(missing_ok=True)
         del self._layers.frozen[snap.name]
         self._layers.save(self.folder)
+
+    def _children_of(self, layer: Path) -> list[Path]:
+        """Tracked layers whose backing file is ``layer``."""
+        want = os.path.realpath(layer)
+        found = []
+        for path in sorted(self._all_layers()):
+            if path == layer or not path.is_file():
+                continue
+            backing = self._backing_of(path)
+            if backing is not None and os.path.realpath(backing) == want:
+                found.append(path)
+        return found
+
+    def _commit_into(self, disk: Disk, top: Path, base: Path, *, live: bool, deleting: str) -> None:
+        """Merge layer ``top`` into its backing file ``base`` and drop ``top`` from the chain.
+
+        Live: QEMU's ``block-commit`` (an active commit pivots the disk onto
+        ``base`` with ``job-complete``); offline: ``qemu-img commit``.
+        Bookkeeping that named ``top`` (the active layer, another snapshot's
+        frozen layer) then names ``base``.
+        """
+        target = str(disk.target)
+        is_active = top == self.active_disk_path(disk)
+        fmt = self._layer_format(disk, base)
+        if live and top in self._running_chain(disk):
+            proc = self._proc
+            assert proc is not None
+            top_node, base_node = self._node_of(top), self._node_of(base)
+            if top_node is None or base_node is None:
+                raise BackendError(f"cannot find the QEMU block nodes for {top} and {base}")
+            job_id = self._job_id("commit")
+            args: dict[str, Any] = {
+                "job-id": job_id,
+                "device": self._nodes[target],
+                "base-node": base_node,
+            }
+            if not is_active:
+                args["top-node"] = top_node
+                args["backing-file"] = os.path.relpath(base, top.parent)
+
+            async def complete() -> None:
+                await proc.qmp.execute("job-complete", {"id": job_id})
+
+            run_sync(
+                proc.qmp.run_job("block-commit", args, timeout=_JOB_TIMEOUT, on_ready=complete)
+            )
+            if is_active:
+                self._nodes[target] = base_node
+            if top_node.startswith(node_name(target)):  # added by us: monitor-owned
+                with contextlib.suppress(BackendError, StateError):
+                    self._qmp_sync("blockdev-del", {"node-name": top_node})
+        else:
+            qemu_img(self.hypervisor.qemu_img, "commit", "-q", "-d", "-f", "qcow2", str(top))
+        for grandchild in self._children_of(top):  # same contents through base now
+            qemu_img(
+                self.hypervisor.qemu_img, "rebase", "-q", "-u", "-f", "qcow2", "-F", fmt,
+                "-b", os.path.relpath(base, grandchild.parent), str(grandchild),
+            )  # fmt: skip
+        if is_active:
+            self._layers.active.pop(target, None)
+        for name, frozen in self._layers.frozen.items():
+            if name != deleting and frozen.get(target) == str(top):
+                frozen[target] = str(base)
+        top.unlink(missing_ok=True)
 
     def _running_chain(self, disk: Disk) -> list[Path]:
         chain: list[Path] = []

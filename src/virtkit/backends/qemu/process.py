@@ -92,7 +92,7 @@ def make_runtime_dir(name: str) -> Path:
 
     UNIX socket paths are limited to 107 bytes, so the dir name is short.
     """
-    path = Path(tempfile.mkdtemp(prefix=f"vkq-{name[:16]}-", dir=runtime_base()))
+    path = Path(tempfile.mkdtemp(prefix=f"vkq-{os.getpid()}-{name[:12]}-", dir=runtime_base()))
     os.chmod(path, 0o700)
     return path
 
