@@ -105,6 +105,20 @@ def _chunks(start: int, end: int, align: int) -> Iterator[tuple[int, int]]:
         pos = nxt
 
 
+def _sync_dir(path: str) -> None:
+    """fsync the directory holding ``path`` so a rename survives a power loss."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync directories; the rename still happened
+    finally:
+        os.close(fd)
+
+
 def _temp_name(dst: str) -> str:
     folder, name = os.path.split(os.path.abspath(dst))
     return os.path.join(folder, f".{name}.virtkit-{secrets.token_hex(4)}.tmp")
@@ -174,6 +188,7 @@ def convert(
         out.close()
         os.replace(tmp, dst_path)
         out = None
+        _sync_dir(dst_path)
     except BaseException:
         if out is not None:
             with contextlib.suppress(VirtkitError):
@@ -634,6 +649,7 @@ def commit(
     try:
         images.create(tmp, size, format="qcow2", **options).close()
         os.replace(tmp, path)
+        _sync_dir(path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
