@@ -118,8 +118,8 @@ def _walk_l1(
         if not inc(off, cs, f"L2 table (L1 index {i})"):
             continue
         if active:
-            rc = img.refs.get(off >> cb)
-            if (rc == 1) != bool(e & layout.OFLAG_COPIED):
+            rc = _stored(img, off >> cb)
+            if rc is not None and (rc == 1) != bool(e & layout.OFLAG_COPIED):
                 scan.copied_errors += 1
                 scan.corrupt(
                     f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}",
@@ -163,12 +163,20 @@ def _walk_l1(
                 continue
             if active:
                 scan.allocated += 1
-                rc = img.refs.get(host >> cb)
-                if (rc == 1) != bool(x & layout.OFLAG_COPIED):
+                rc = _stored(img, host >> cb)
+                if rc is not None and (rc == 1) != bool(x & layout.OFLAG_COPIED):
                     scan.copied_errors += 1
                     scan.corrupt(
                         f"ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}", ewhere
                     )
+
+
+def _stored(img: Qcow2Image, cluster: int) -> int | None:
+    """The stored refcount, or None when its block is unreadable (reported elsewhere)."""
+    try:
+        return img.refs.get(cluster)
+    except CorruptImageError:
+        return None
 
 
 def _walk_bitmaps(img: Qcow2Image, scan: _Scan, inc: _Inc) -> None:

@@ -509,21 +509,8 @@ class Qcow2Image(Image):
         step = self.mapper.step
         self.st.pwrite(l2off + lo * 8 * step, layout.encode_u64_table(table[lo * step : hi * step]))
 
-    def release(self, entry: int) -> None:
-        """Drop the references an L2 entry held (after the entry is gone)."""
-        if entry & layout.OFLAG_COMPRESSED:
-            host, nbytes = self.mapper.compressed_range(entry)
-            first = (host & ~(layout.COMPRESSED_SECTOR - 1)) >> self.cb
-            last = (host + nbytes - 1) >> self.cb
-            self.refs.add_range(first, last - first + 1, -1)
-            self._cfree = 0
-            return
-        host = entry & layout.L2E_OFFSET_MASK
-        if host:
-            self.refs.free(host)
-            self._cfree = 0
-
     def _release_all(self, entries: Iterable[int]) -> None:
+        """Drop the references the given (former) L2 entries held, after they are gone."""
         changes: list[tuple[int, int]] = []
         for entry in entries:
             if entry & layout.OFLAG_COMPRESSED:
