@@ -12,7 +12,7 @@ import pytest
 from qcow2_helpers import WRITES, qemu_io, qemu_raw
 
 from virtkit import images
-from virtkit.errors import ImageError, UnsupportedFeatureError
+from virtkit.errors import CorruptImageError, ImageError, UnsupportedFeatureError
 
 QemuImg = Callable[..., subprocess.CompletedProcess[str]]
 SIZE = 4 * 1024 * 1024
@@ -171,6 +171,51 @@ class TestBacking:
         assert "backing file: b.raw" in qemu_img("info", "-U", top).stdout
         with pytest.raises(ImageError, match="no backing format"):
             images.open(top)
+
+
+class TestBackingPolicy:
+    """Backing names that must not be followed, and chains that must not be walked."""
+
+    def _with_backing(self, qemu_img: QemuImg, path: Path, name: str, fmt: str | None) -> Path:
+        qemu_img("create", "-q", "-f", "qcow2", path, "1M")
+        with images.open(path, writable=True) as img:
+            img.set_backing_file(name, fmt)  # type: ignore[attr-defined]
+        return path
+
+    @pytest.mark.parametrize(
+        "case",
+        [
+            ("missing.qcow2", "qcow2", ImageError, "does not exist"),
+            ("nbd://example.org/disk", "raw", ImageError, "protocol"),
+            ("json:{}", "raw", ImageError, "protocol"),
+            ("base.raw", "vmdk", UnsupportedFeatureError, "vmdk"),
+        ],
+        ids=["missing", "nbd", "json", "vmdk"],
+    )
+    def test_refused_names(
+        self, qemu_img: QemuImg, tmp_path: Path, case: tuple[str, str, type[Exception], str]
+    ) -> None:
+        """Missing files, protocols and unknown formats are refused by name."""
+        name, fmt, error, fragment = case
+        (tmp_path / "base.raw").write_bytes(bytes(1024 * 1024))
+        path = self._with_backing(qemu_img, tmp_path / "t.qcow2", name, fmt)
+        with pytest.raises(error, match=fragment):
+            images.open(path)
+
+    def test_symlink_escape_refused(self, qemu_img: QemuImg, tmp_path: Path) -> None:
+        """A symlink inside the folder that points outside it does not pass."""
+        (tmp_path / "vm").mkdir()
+        (tmp_path / "vm" / "link.raw").symlink_to("/etc/hostname")
+        path = self._with_backing(qemu_img, tmp_path / "vm" / "t.qcow2", "link.raw", "raw")
+        with pytest.raises(ImageError, match="outside"):
+            images.open(path)
+
+    def test_loop_detected(self, qemu_img: QemuImg, tmp_path: Path) -> None:
+        """a -> b -> a is reported as a corrupt chain, not followed forever."""
+        a = self._with_backing(qemu_img, tmp_path / "a.qcow2", "b.qcow2", "qcow2")
+        self._with_backing(qemu_img, tmp_path / "b.qcow2", "a.qcow2", "qcow2")
+        with pytest.raises(CorruptImageError, match="loops"):
+            images.open(a)
 
 
 class TestHeaderFeatures:
