@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -40,11 +41,18 @@ _variants = st.sampled_from(
         {"cluster_size": 16384, "compat": "0.10"},
         {"cluster_size": 16384, "extended_l2": True},
         {"cluster_size": 16384, "refcount_bits": 2},
+        {"cluster_size": 16384, "backing": "qcow2"},
+        {"cluster_size": 16384, "backing": "raw", "compat": "0.10"},
+        {"cluster_size": 16384, "backing": "raw", "extended_l2": True},
     ]
 )
+#: Backing files are shorter than the overlay (reads past their end are zeroes).
+BASE_SIZE = SIZE - 40960
 
 
-def _apply(img: Any, model: bytearray, snaps: dict[str, bytes], op: tuple[Any, ...]) -> None:
+def _apply(
+    img: Any, model: bytearray, snaps: dict[str, bytes], op: tuple[Any, ...], base: bytes
+) -> None:
     kind, a, b, c = op
     cs = img.cluster_size
     if kind == "write":
@@ -61,8 +69,9 @@ def _apply(img: Any, model: bytearray, snaps: dict[str, bytes], op: tuple[Any, .
         img.discard(a, n)
         first = -(-a // cs) * cs
         last = (a + n) // cs * cs
-        if last > first:  # whole clusters read as zeroes (no backing file)
-            model[first:last] = bytes(last - first)
+        if last > first:  # whole clusters read as zeroes; on v2 the backing file shows again
+            v2_backing = img.backing_file is not None and not img.v3
+            model[first:last] = base[first:last] if v2_backing else bytes(last - first)
     elif kind == "compress":
         off = a * cs
         data = bytes([c, c ^ 1]) * (cs // 2)
@@ -109,13 +118,26 @@ class TestModel:
         """Writes, zeroes, discards, compressed writes and snapshots match a bytearray."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.qcow2"
-            model = bytearray(SIZE)
-            snaps: dict[str, bytes] = {}
             opts = dict(variant)
             cs = opts.pop("cluster_size")
+            base = bytes(SIZE)
+            fmt = opts.pop("backing", None)
+            if fmt is not None:
+                content = random.Random(len(ops)).randbytes(BASE_SIZE)
+                base_path = Path(tmp) / f"base.{fmt}"
+                if fmt == "raw":
+                    base_path.write_bytes(content)
+                else:
+                    with images.create(base_path, BASE_SIZE, cluster_size=4096) as b:
+                        b.write(0, content)
+                base = content + bytes(SIZE - BASE_SIZE)
+                opts.update(backing=base_path.name, backing_format=fmt)
+            model = bytearray(base)
+            snaps: dict[str, bytes] = {}
             with images.create(path, SIZE, cluster_size=cs, **opts) as img:
+                assert img.read(0, SIZE) == model
                 for op in ops:
-                    _apply(img, model, snaps, op)
+                    _apply(img, model, snaps, op, base)
                     assert img.read(0, SIZE) == model, op
                 for name, content in snaps.items():
                     assert img.read_snapshot(name, 0, SIZE) == content  # type: ignore[attr-defined]
