@@ -313,3 +313,20 @@ class TestCompressedPacking:
             used = img.check().image_end_offset
         assert used is not None and used < 24 * cs * 0.6 + 6 * cs
         _verify(qemu_img, path, bytes(ref), tmp_path)
+
+    def test_repair_clears_corrupt_flag(self, qemu_img: QemuImg, tmp_path: Path) -> None:
+        """A corrupt-flagged image refuses writes until a clean repair clears the flag."""
+        path = tmp_path / "f.qcow2"
+        with images.create(path, "1M") as img:
+            img.write(0, b"fine")
+        with path.open("r+b") as fh:
+            fh.seek(72)
+            fh.write((2).to_bytes(8, "big"))  # incompatible bit 1: corrupt
+        with images.open(path, writable=True) as img:
+            assert img.info().format_specific["corrupt"] is True
+            with pytest.raises(CorruptImageError, match="marked corrupt"):
+                img.write(0, b"no")
+            assert img.check(repair=True).ok
+            img.write(0, b"ok")
+        assert "corrupt: false" in qemu_img("info", path).stdout
+        qemu_img("check", path)
