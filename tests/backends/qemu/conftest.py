@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from bootsectors import assemble, make_boot_disk
 
+import virtkit.images
 from virtkit.backends.qemu import KernelBoot, QemuHypervisor
 from virtkit.backends.qemu.process import runtime_base
+from virtkit.testing import guests
 from virtkit.testing.linux import (
     LINUX_CMDLINE,
     build_initramfs,
@@ -70,17 +72,29 @@ def hv(tmp_path: Path) -> Iterator[QemuHypervisor]:
 
 @pytest.fixture(scope="session")
 def sectors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """The boot-sector guests, assembled once per session."""
-    work = tmp_path_factory.mktemp("nasm")
-    return {name: assemble(name, work) for name in ("hello", "disk", "counter", "idle", "panic")}
+    """Boot sectors by name: the shared test guests plus the local pvpanic one."""
+    built = {name: guests.build(name) for name in ("hello", "disk", "counter", "ignore-acpi")}
+    built["panic"] = assemble("panic", tmp_path_factory.mktemp("nasm"))
+    return built
 
 
 @pytest.fixture
 def boot_disk(tmp_path: Path, sectors: dict[str, bytes]):  # type: ignore[no-untyped-def]
-    """``boot_disk(name, extra=b"")`` -> a qcow2 image booting that guest."""
+    """``boot_disk(name, extra=b"")`` -> a qcow2 image booting that guest.
+
+    Shared guests come from ``virtkit.testing.guests.write_disk`` (the disk
+    guest gets its sector 1 there); ``extra`` replaces sector 1.
+    """
 
     def make(name: str, extra: bytes = b"") -> Path:
-        return make_boot_disk(tmp_path / f"{name}.qcow2", sectors[name], extra=extra)
+        path = tmp_path / f"{name}.qcow2"
+        if name == "panic":
+            return make_boot_disk(path, sectors[name], extra=extra)
+        guests.write_disk(path, name, format="qcow2")
+        if extra:
+            with virtkit.images.open(path, writable=True) as img:
+                img.write(512, extra.ljust(512, b"\0"))
+        return path
 
     return make
 

@@ -19,7 +19,9 @@ class TestAccel:
         """accel='tcg' runs TCG: guest.accelerator and QMP query-kvm agree, the hypervisor is type 2."""
         guest = hv.define(
             Machine(
-                name="tcg", memory="16MiB", disks=[Disk(path=str(boot_disk("idle")), bus="ide")]
+                name="tcg",
+                memory="16MiB",
+                disks=[Disk(path=str(boot_disk("ignore-acpi")), bus="ide")],
             )
         )
         guest.start()

@@ -21,7 +21,7 @@ class TestAsync:
 
         guests = []
         for i in range(3):
-            disk = make_boot_disk(tmp_path / f"g{i}.qcow2", sectors["idle"])
+            disk = make_boot_disk(tmp_path / f"g{i}.qcow2", sectors["ignore-acpi"])
             guests.append(
                 hv.define(
                     Machine(name=f"g{i}", memory="16MiB", disks=[Disk(path=str(disk), bus="ide")])
@@ -30,14 +30,14 @@ class TestAsync:
 
         async def main() -> None:
             await asyncio.gather(*(g.aio.start() for g in guests))
-            await asyncio.gather(*(g.aio.console.expect("idle guest up", 30) for g in guests))
+            await asyncio.gather(*(g.aio.console.expect("ignoring ACPI", 30) for g in guests))
             statuses = await asyncio.gather(*(g.aio.qmp("query-status") for g in guests))
             assert all(s["running"] for s in statuses)
             await asyncio.gather(*(g.aio.kill() for g in guests))
 
         asyncio.run(main())
         assert all(g.state is State.SHUTOFF for g in guests)
-        assert all(g.console.output.count(b"idle guest up") == 1 for g in guests)
+        assert all(g.console.output.count(b"ignoring ACPI") == 1 for g in guests)
         assert hv.host.allocated_memory == 0
 
     def test_sync_call_inside_a_running_loop_is_refused(
@@ -46,7 +46,9 @@ class TestAsync:
         """guest.start() from a coroutine raises StateError pointing at guest.aio, and starts nothing."""
         guest = hv.define(
             Machine(
-                name="sync", memory="16MiB", disks=[Disk(path=str(boot_disk("idle")), bus="ide")]
+                name="sync",
+                memory="16MiB",
+                disks=[Disk(path=str(boot_disk("ignore-acpi")), bus="ide")],
             )
         )
 

@@ -13,6 +13,7 @@ import virtkit
 from virtkit.backends.qemu import QemuHypervisor
 from virtkit.backends.qemu.argv import AttachedDisk, LaunchSpec, build_argv, opt_value
 from virtkit.model import CdRom, CpuTopology, Disk, Machine, Nic, PortForward, State
+from virtkit.testing import guests
 
 HOSTILE_NAMES = [
     "a,b.qcow2",
@@ -20,6 +21,8 @@ HOSTILE_NAMES = [
     "-nographic.qcow2",
     ",driver=raw,",
 ]
+
+HELLO = guests.OUTPUT["hello"].strip()
 
 
 def _values(argv: list[str], option: str) -> list[str]:
@@ -106,7 +109,7 @@ class TestArgv:
         argv = guest.qemu_argv()
         assert "-nographic" not in argv
         guest.start()
-        guest.console.expect("hello from the boot sector", timeout=30)
+        guest.console.expect(HELLO, timeout=30)
         assert guest.wait(timeout=30) is State.SHUTOFF
         nodes = [json.loads(v) for v in _values(argv, "-blockdev")]
         assert [n["filename"] for n in nodes if n["driver"] == "file"] == [str(disk)]
@@ -134,7 +137,7 @@ class TestArgv:
         argv = build_argv(machine, spec)
         proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
         assert proc.returncode == 0, proc.stderr
-        assert b"hello from the boot sector" in proc.stdout
+        assert HELLO in proc.stdout
 
 
 class TestDevicesOnARealQemu:
@@ -147,7 +150,7 @@ class TestDevicesOnARealQemu:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         with QemuHypervisor(accel="tcg", cpu_model="max", root=tmp_path / "g") as hyp:
-            boot = make_boot_disk(tmp_path / "boot.qcow2", sectors["idle"])
+            boot = make_boot_disk(tmp_path / "boot.qcow2", sectors["ignore-acpi"])
             extra = tmp_path / "extra.raw"
             extra.write_bytes(b"\0" * 1024**2)
             shared = tmp_path / "shared.raw"
@@ -168,7 +171,7 @@ class TestDevicesOnARealQemu:
             )
             guest = hyp.define(machine)
             guest.start()
-            guest.console.expect("idle guest up", timeout=30)
+            guest.console.expect("ignoring ACPI", timeout=30)
             net = guest.qmp("human-monitor-command", {"command-line": "info network"})
             assert "52:54:00:aa:bb:01" in net and "52:54:00:aa:bb:02" in net
             usernet = guest.qmp("human-monitor-command", {"command-line": "info usernet"})

@@ -7,6 +7,9 @@ from pathlib import Path
 import virtkit.images
 from virtkit.backends.qemu import QemuHypervisor
 from virtkit.model import Disk, Machine, Serial, State
+from virtkit.testing import guests
+
+HELLO = guests.OUTPUT["hello"].strip()
 
 
 def _machine(name: str, disk: Path, **kw: object) -> Machine:
@@ -18,8 +21,8 @@ class TestSerialAndPower:
         """The guest's COM1 output reaches console.expect and its ACPI power-off ends the run."""
         guest = hv.define(_machine("hello", boot_disk("hello")))
         guest.start()
-        match = guest.console.expect("hello from the boot sector", timeout=30)
-        assert match.group(0) == b"hello from the boot sector"
+        match = guest.console.expect(HELLO, timeout=30)
+        assert match.group(0) == HELLO
         assert guest.wait(timeout=30) is State.SHUTOFF
         assert guest.crash_reason is None
         assert guest.last_exit is not None and guest.last_exit.returncode == 0
@@ -29,16 +32,16 @@ class TestSerialAndPower:
         guest = hv.define(_machine("logged", boot_disk("hello"), serial=Serial(log="console.log")))
         guest.start()
         guest.wait(timeout=30)
-        assert b"hello from the boot sector" in (guest.folder / "console.log").read_bytes()
+        assert HELLO in (guest.folder / "console.log").read_bytes()
 
     def test_guest_can_start_again_after_power_off(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
         """A guest that powered itself off starts again; output is appended, not rewound."""
         guest = hv.define(_machine("again", boot_disk("hello")))
         for _ in range(2):
             guest.start()
-            guest.console.expect("hello from the boot sector", timeout=30)
+            guest.console.expect(HELLO, timeout=30)
             guest.wait(timeout=30)
-        assert guest.console.output.count(b"hello from the boot sector") == 2
+        assert guest.console.output.count(HELLO) == 2
 
 
 class TestDiskIO:
@@ -50,8 +53,8 @@ class TestDiskIO:
         guest = hv.define(_machine("disk", disk))
         guest.start()
         guest.console.expect("sector-one-payload", timeout=30)
-        guest.console.expect("write ok", timeout=30)
+        guest.console.expect("disk done", timeout=30)
         assert guest.wait(timeout=30) is State.SHUTOFF
         with virtkit.images.open(disk) as img:
-            assert img.read(1024, 16) == b"WRITTEN-BY-GUEST"
+            assert img.read(1024, 27) == b"written by the disk guest: "
             assert img.check().ok

@@ -24,9 +24,9 @@ class TestProcessFaults:
         self, hv: QemuHypervisor, boot_disk
     ) -> None:  # type: ignore[no-untyped-def]
         """QEMU SIGKILLed behind virtkit's back: CRASHED, the reason names the signal, no zombie."""
-        guest = hv.define(_machine("victim", boot_disk("idle")))
+        guest = hv.define(_machine("victim", boot_disk("ignore-acpi")))
         guest.start()
-        guest.console.expect("idle guest up", timeout=30)
+        guest.console.expect("ignoring ACPI", timeout=30)
         pid = guest.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -35,7 +35,7 @@ class TestProcessFaults:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # already reaped
         guest.start()  # the next run starts fine
-        guest.console.expect("idle guest up", timeout=30)
+        guest.console.expect("ignoring ACPI", timeout=30)
         guest.kill()
 
     def test_bad_option_at_start_is_a_backend_error_with_stderr(
@@ -74,7 +74,7 @@ class TestProcessFaults:
 
     def test_qmp_unresponsive_qemu_times_out(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
         """A QEMU that stops answering QMP (SIGSTOPped) gives virtkit.TimeoutError, then kill() works."""
-        guest = hv.define(_machine("frozen", boot_disk("idle")))
+        guest = hv.define(_machine("frozen", boot_disk("ignore-acpi")))
         guest.start()
         pid = guest.pid
         assert pid is not None
@@ -91,7 +91,7 @@ class TestProcessFaults:
         self, hv: QemuHypervisor, boot_disk
     ) -> None:  # type: ignore[no-untyped-def]
         """QEMU dying while a QMP command waits for its reply: BackendError, then CRASHED, no leftovers."""
-        guest = hv.define(_machine("midcmd", boot_disk("idle")))
+        guest = hv.define(_machine("midcmd", boot_disk("ignore-acpi")))
         guest.start()
         pid = guest.pid
         assert pid is not None
@@ -109,7 +109,7 @@ class TestProcessFaults:
     ) -> None:  # type: ignore[no-untyped-def]
         """The same image attached twice writable: QEMU's lock error surfaces as BackendError with
         its stderr (never a raw qemu.qmp exception), and nothing is left running."""
-        disk = boot_disk("idle")
+        disk = boot_disk("ignore-acpi")
         machine = Machine(
             name="twice-attached",
             memory="16MiB",

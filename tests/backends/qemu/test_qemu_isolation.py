@@ -33,7 +33,7 @@ def _alive(pid: int) -> bool:
 class TestPrivateFiles:
     def test_runtime_dir_and_sockets_are_private(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
         """The per-guest runtime dir is 0700 and its QMP/console sockets 0600; all gone after kill."""
-        guest = hv.define(_machine("priv", boot_disk("idle")))
+        guest = hv.define(_machine("priv", boot_disk("ignore-acpi")))
         guest.start()
         proc = guest._proc
         assert proc is not None
@@ -50,7 +50,7 @@ class TestPrivateFiles:
 
     def test_qemu_dies_when_the_python_process_is_killed(self, tmp_path: Path, boot_disk) -> None:  # type: ignore[no-untyped-def]
         """A Python process SIGKILLed while its guest runs takes its QEMU with it (PR_SET_PDEATHSIG)."""
-        disk = boot_disk("idle")
+        disk = boot_disk("ignore-acpi")
         script = textwrap.dedent(
             f"""
             import os, signal, sys
@@ -59,7 +59,7 @@ class TestPrivateFiles:
             hv = QemuHypervisor(accel="tcg", root={str(tmp_path / "orphan")!r})
             g = hv.define(Machine(name="orphan", memory="16MiB", disks=[Disk(path={str(disk)!r}, bus="ide")]))
             g.start()
-            g.console.expect("idle guest up", timeout=30)
+            g.console.expect("ignoring ACPI", timeout=30)
             print(g.pid, g._proc.runtime_dir, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
             """
@@ -82,7 +82,7 @@ class TestPrivateFiles:
         self, tmp_path: Path, boot_disk
     ) -> None:  # type: ignore[no-untyped-def]
         """A script that exits without killing its guest leaves no QEMU and no runtime dir (atexit)."""
-        disk = boot_disk("idle")
+        disk = boot_disk("ignore-acpi")
         script = textwrap.dedent(
             f"""
             from virtkit.backends.qemu import QemuHypervisor
@@ -90,7 +90,7 @@ class TestPrivateFiles:
             hv = QemuHypervisor(accel="tcg", root={str(tmp_path / "exit")!r})
             g = hv.define(Machine(name="left", memory="16MiB", disks=[Disk(path={str(disk)!r}, bus="ide")]))
             g.start()
-            g.console.expect("idle guest up", timeout=30)
+            g.console.expect("ignoring ACPI", timeout=30)
             print(g.pid, g._proc.runtime_dir, flush=True)
             """
         )
@@ -105,7 +105,7 @@ class TestPrivateFiles:
         self, hv: QemuHypervisor, boot_disk
     ) -> None:  # type: ignore[no-untyped-def]
         """After a disk snapshot, the frozen base belongs to the chain: a second guest gets ResourceError."""
-        disk = boot_disk("idle")
+        disk = boot_disk("ignore-acpi")
         first = hv.define(_machine("owner", disk))
         first.snapshot("s", memory=False)
         with pytest.raises(virtkit.ResourceError, match="layer"):
@@ -145,7 +145,7 @@ class TestLoad:
 
         async def cycle() -> None:
             await asyncio.gather(*(g.aio.start() for g in guests))
-            await asyncio.gather(*(g.aio.console.expect("c=0003", 30) for g in guests))
+            await asyncio.gather(*(g.aio.console.expect("count 3\r\n", 30) for g in guests))
             assert hv.host.allocated_memory == 4 * 16 * 1024**2
             await asyncio.gather(*(g.aio.kill() for g in guests))
 
@@ -156,5 +156,5 @@ class TestLoad:
         assert hv.host.allocated_memory == 0 and hv.host.allocated_cpus == 0
         for g in guests:
             out = g.console.output
-            assert out.count(b"c=0001") == 2  # each console saw exactly its own two runs
+            assert out.count(b"count 1\r\n") == 2  # each console saw exactly its own two runs
         assert len({os.fspath(g.folder) for g in guests}) == 4

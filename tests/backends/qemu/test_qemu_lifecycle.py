@@ -11,7 +11,7 @@ import virtkit
 from virtkit.backends.qemu import QemuHypervisor
 from virtkit.model import Disk, Machine, State
 
-COUNT = re.compile(rb"c=(\d{4})")
+COUNT = re.compile(rb"count (\d+)\r\n")
 
 
 def _machine(name: str, disk: Path) -> Machine:
@@ -50,18 +50,18 @@ class TestLifecycle:
 
     def test_reset_reboots_and_keeps_running(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
         """reset() reboots the machine (the boot sector prints again) and the state stays RUNNING."""
-        guest = hv.define(_machine("rst", boot_disk("idle")))
+        guest = hv.define(_machine("rst", boot_disk("ignore-acpi")))
         guest.start()
-        guest.console.expect("idle guest up", timeout=30)
+        guest.console.expect("ignoring ACPI", timeout=30)
         guest.reset()
-        guest.console.expect("idle guest up", timeout=30)
+        guest.console.expect("ignoring ACPI", timeout=30)
         assert guest.state is State.RUNNING
         assert guest.resets >= 1
         guest.kill()
 
     def test_start_on_a_running_guest_is_a_state_error(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
         """start() twice raises StateError and leaves the first QEMU running."""
-        guest = hv.define(_machine("twice", boot_disk("idle")))
+        guest = hv.define(_machine("twice", boot_disk("ignore-acpi")))
         guest.start()
         pid = guest.pid
         with pytest.raises(virtkit.StateError, match="running"):
@@ -73,9 +73,9 @@ class TestLifecycle:
         self, hv: QemuHypervisor, boot_disk
     ) -> None:  # type: ignore[no-untyped-def]
         """A guest without ACPI handling ignores the power button: TimeoutError, still RUNNING."""
-        guest = hv.define(_machine("deaf", boot_disk("idle")))
+        guest = hv.define(_machine("deaf", boot_disk("ignore-acpi")))
         guest.start()
-        guest.console.expect("idle guest up", timeout=30)
+        guest.console.expect("ignoring ACPI", timeout=30)
         with pytest.raises(virtkit.TimeoutError, match="did not power off"):
             guest.shutdown(timeout=1)
         assert guest.state is State.RUNNING

@@ -15,7 +15,7 @@ import virtkit.images
 from virtkit.backends.qemu import QemuHypervisor
 from virtkit.model import Disk, Machine, SnapshotKind, State
 
-COUNT = re.compile(rb"c=(\d{4})")
+COUNT = re.compile(rb"count (\d+)\r\n")
 
 
 def _machine(name: str, disk: Path, bus: str = "ide") -> Machine:
@@ -147,10 +147,10 @@ class TestDiskSnapshots:
         active = guest.active_disk_path(guest.machine.disks[0])
         assert active != disk and _chain(active) == [active.name, disk.name]
         guest.start()  # the guest writes its marker into the overlay
-        guest.console.expect("write ok", timeout=30)
+        guest.console.expect("disk done", timeout=30)
         guest.wait(timeout=30)
         with virtkit.images.open(guest.active_disk_path(guest.machine.disks[0])) as img:
-            assert img.read(1024, 16) == b"WRITTEN-BY-GUEST"
+            assert img.read(1024, 27) == b"written by the disk guest: "
         with virtkit.images.open(disk) as img:
             assert img.read(1024, 16) == b"\0" * 16  # the frozen base is untouched
         guest.revert("clean")
@@ -211,7 +211,7 @@ class TestDiskSnapshots:
         mid_layer = guest.disk_path(guest.machine.disks[0])  # overlay 1, frozen by "mid"
         guest.snapshot("mid", memory=False)
         guest.start()
-        guest.console.expect("write ok", timeout=30)
+        guest.console.expect("disk done", timeout=30)
         guest.wait(timeout=30)
         guest.revert("base")  # new overlay on the original: the original has two children
         guest.delete_snapshot("base")
