@@ -26,6 +26,8 @@ class TestSerialAndPower:
         assert guest.wait(timeout=30) is State.SHUTOFF
         assert guest.crash_reason is None
         assert guest.last_exit is not None and guest.last_exit.returncode == 0
+        assert guest.last_shutdown is not None and guest.last_shutdown["guest"] is True
+        assert guest.last_shutdown["reason"] == "guest-shutdown"
 
     def test_console_log_file_receives_output(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
         """Serial(log=...) copies the console stream to a file in the guest folder."""

@@ -39,7 +39,6 @@ import builtins
 import contextlib
 import os
 import shutil
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,7 +86,12 @@ class QemuGuest(Guest):
     * :meth:`qemu_argv` - the command line, without running anything;
     * :meth:`qmp` - run any QMP command;
     * :attr:`aio` - the same API as coroutines;
-    * :meth:`active_disk_path` - the file a disk currently writes to.
+    * :meth:`disk_path` - the file a disk currently writes to (its top
+      overlay after disk snapshots); :meth:`original_disk_path` - the file
+      the machine names;
+    * :attr:`last_exit` / :attr:`last_shutdown` - how the last QEMU run ended
+      (exit status and stderr tail; the QMP ``SHUTDOWN`` event's data);
+    * :attr:`resets` - guest resets seen (QMP ``RESET``).
     """
 
     hypervisor: QemuHypervisor
@@ -107,11 +111,10 @@ class QemuGuest(Guest):
         self.last_exit: ExitInfo | None = None
         self._proc: QemuProcess | None = None
         self._quiet = 0  # > 0 while a virtkit operation causes STOP/RESUME events
-        self._shutdown_event: Mapping[str, Any] | None = None
+        self.last_shutdown: Mapping[str, Any] | None = None  # data of QMP SHUTDOWN
         self._layers = LayerState.load(self.folder)
         self._nodes: dict[str, str] = {}
         self._aio: AsyncQemuGuest | None = None
-        self._lock = threading.Lock()
 
     # -- introspection --------------------------------------------------------------
     @property
@@ -256,7 +259,7 @@ class QemuGuest(Guest):
         except BaseException:
             shutil.rmtree(runtime, ignore_errors=True)
             raise
-        self._shutdown_event = None
+        self.last_shutdown = None
         self._nodes = {str(d.target): node_name(str(d.target)) for d in self.machine.disks}
         try:
             launch = self._run_launch(argv, runtime)
@@ -340,7 +343,7 @@ class QemuGuest(Guest):
             if not self._quiet:
                 self._notify_resumed()
         elif name == "SHUTDOWN":
-            self._shutdown_event = data
+            self.last_shutdown = dict(data)
         elif name == "RESET":
             self.resets += 1
         elif name == "GUEST_PANICKED":

@@ -188,20 +188,23 @@ class QmpSession:
     async def _pump_events(self) -> None:
         try:
             async for event in self._client.events:
-                name = str(event["event"])
-                raw = event.get("data")
-                data: dict[str, Any] = dict(raw) if isinstance(raw, Mapping) else {}
-                if name == "JOB_STATUS_CHANGE":
-                    job_id = str(data.get("id"))
-                    if job_id in self._job_seen:
-                        self._job_seen[job_id].append(str(data.get("status")))
-                        self._job_events[job_id].set()
-                with contextlib.suppress(Exception):
-                    self._on_event(name, data)
+                self._dispatch(event)
         except asyncio.CancelledError:
             raise
         except Exception:
             return
+
+    def _dispatch(self, event: Mapping[str, Any]) -> None:
+        name = str(event["event"])
+        raw = event.get("data")
+        data: dict[str, Any] = dict(raw) if isinstance(raw, Mapping) else {}
+        if name == "JOB_STATUS_CHANGE":
+            job_id = str(data.get("id"))
+            if job_id in self._job_seen:
+                self._job_seen[job_id].append(str(data.get("status")))
+                self._job_events[job_id].set()
+        with contextlib.suppress(Exception):
+            self._on_event(name, data)
 
     async def execute(
         self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
@@ -302,5 +305,9 @@ class QmpSession:
             self._pump.cancel()
             with contextlib.suppress(BaseException):
                 await self._pump
+            # events QEMU sent just before it closed the connection (SHUTDOWN,
+            # GUEST_PANICKED...) are still queued: deliver them, in order
+            for message in self._client.events.clear():
+                self._dispatch(message)
         with contextlib.suppress(OSError):
             self.socket_path.unlink()
