@@ -17,7 +17,7 @@ counted and their inputs saved for regression tests.
 Usage::
 
     .venv/bin/python scripts/fuzz_images.py --seconds 600 --out fuzz-out
-    .venv/bin/python scripts/fuzz_images.py --atheris      # libFuzzer-driven, if installed
+    .venv/bin/python scripts/fuzz_images.py --atheris -max_total_time=600   # pip install atheris
 
 The short bounded variant runs in ``tests/images/test_malformed.py``.
 """
@@ -394,7 +394,7 @@ def campaign(
         return stats
 
 
-def atheris_main(out: Path) -> None:
+def atheris_main(out: Path, extra: list[str]) -> None:
     """Drive the same mutator from atheris/libFuzzer (bytes choose seed and mutations)."""
     import atheris  # type: ignore[import-not-found]  # noqa: PLC0415 - optional extra
 
@@ -403,12 +403,22 @@ def atheris_main(out: Path) -> None:
     names = sorted(seeds)
 
     def one(buf: bytes) -> None:
-        rng = random.Random(buf)
-        seed = seeds[names[rng.randrange(len(names))]]
-        data, _ = mutate(seed, rng, 1 + rng.randrange(3))
-        run_bounded(write_input(tmp / "cur", seed, data))
+        # The input bytes pick the seed, the fields and the values directly, so
+        # libFuzzer's byte mutations stay local (one flipped byte = one changed choice).
+        fdp = atheris.FuzzedDataProvider(buf)
+        seed = seeds[names[fdp.ConsumeIntInRange(0, len(names) - 1)]]
+        data = bytearray(seed.data)
+        for _ in range(fdp.ConsumeIntInRange(1, 3)):
+            fld = seed.fields[fdp.ConsumeIntInRange(0, len(seed.fields) - 1)]
+            current = _u(bytes(data), fld.offset, fld.code)
+            values = interesting_values(seed, fld, current)
+            pick = fdp.ConsumeIntInRange(0, len(values))
+            value = values[pick] if pick < len(values) else fdp.ConsumeInt(fld.width * 8)
+            struct.pack_into(fld.code, data, fld.offset, value & ((1 << (fld.width * 8)) - 1))
+        run_bounded(write_input(tmp / "cur", seed, bytes(data)))
 
-    atheris.Setup([sys.argv[0], f"-artifact_prefix={out}/"], one)
+    atheris.instrument_all()  # coverage feedback from every loaded module (virtkit included)
+    atheris.Setup([sys.argv[0], f"-artifact_prefix={out}/", *extra], one)
     atheris.Fuzz()
 
 
@@ -425,11 +435,11 @@ def main() -> int:
         help="address-space cap in bytes (RLIMIT_AS): an allocation bomb becomes a "
         "MemoryError finding instead of the kernel's OOM killer",
     )
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
     resource.setrlimit(resource.RLIMIT_AS, (args.max_memory, args.max_memory))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.atheris:
-        atheris_main(args.out)
+        atheris_main(args.out, extra)
         return 0
     start = time.monotonic()
     stats = campaign(args.seconds, args.out, args.seed, log=lambda m: print(m, flush=True))
