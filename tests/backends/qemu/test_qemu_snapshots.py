@@ -237,3 +237,24 @@ class TestDiskSnapshots:
         guest.start()
         _count(guest)
         guest.kill()
+
+    def test_disk_snapshot_delete_that_would_lose_a_full_snapshot_is_refused(
+        self,
+        hv: QemuHypervisor,
+        boot_disk,  # type: ignore[no-untyped-def]
+    ) -> None:
+        """A full snapshot stored in an overlay blocks deleting the disk snapshot that would
+        merge that overlay away: StateError naming it, and nothing changes."""
+        guest = hv.define(_machine("mixed", boot_disk("counter")))
+        guest.start()
+        _count(guest)
+        guest.snapshot("disk-a", memory=False)
+        guest.snapshot("full-b", memory=True)  # lives in the overlay of disk-a
+        overlay = guest.disk_path(guest.machine.disks[0])
+        with pytest.raises(virtkit.StateError, match="full-b"):
+            guest.delete_snapshot("disk-a")
+        assert overlay.exists() and {s.name for s in guest.snapshots} == {"disk-a", "full-b"}
+        guest.delete_snapshot("full-b")
+        guest.delete_snapshot("disk-a")
+        assert not overlay.exists()
+        guest.kill()

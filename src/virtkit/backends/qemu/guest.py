@@ -584,6 +584,14 @@ class QemuGuest(Guest):
         return disk.format if path == self.original_disk_path(disk) else "qcow2"
 
     def _disk_snapshot(self, snap: Snapshot) -> None:
+        try:
+            self._add_overlays(snap)
+        finally:
+            # overlays already in place stay valid chains even if a later disk failed:
+            # record the files as they are, so the state file never lies
+            self._layers.save(self.folder)
+
+    def _add_overlays(self, snap: Snapshot) -> None:
         live = self._proc is not None and self._proc.alive
         frozen: dict[str, str] = {}
         for disk in self._writable_disks():
@@ -618,7 +626,6 @@ class QemuGuest(Guest):
             frozen[target] = str(below)
             self._layers.active[target] = str(overlay)
         self._layers.frozen[snap.name] = frozen
-        self._layers.save(self.folder)
 
     def layer_files(self) -> set[Path]:
         """Every image file this guest's disks use: originals, frozen layers, active overlays."""
@@ -654,9 +661,34 @@ class QemuGuest(Guest):
                 current.unlink(missing_ok=True)  # the discarded state after the snapshot
         self._layers.save(self.folder)
 
+    def _layers_removed_by_delete(self, snap: Snapshot) -> dict[str, Path]:
+        """disk target -> the layer file deleting disk snapshot ``snap`` would remove."""
+        removed: dict[str, Path] = {}
+        for target, layer in self._layers.frozen.get(snap.name, {}).items():
+            disk = next((d for d in self.machine.disks if str(d.target) == target), None)
+            if disk is None:
+                continue
+            layer_path = Path(layer)
+            children = self._children_of(layer_path)
+            if layer_path == self.original_disk_path(disk):
+                if len(children) == 1:
+                    removed[target] = children[0]
+            else:
+                removed[target] = layer_path
+        return removed
+
     def _disk_delete(self, snap: Snapshot) -> None:
         frozen = self._layers.frozen.get(snap.name, {})
         live = self._proc is not None and self._proc.alive
+        for target, doomed in self._layers_removed_by_delete(snap).items():
+            for full_name, where in self._layers.full.items():
+                if where.get(target) == str(doomed):
+                    raise StateError(
+                        f"cannot delete disk snapshot {snap.name!r}: it would merge away "
+                        f"{doomed.name}, which holds full snapshot {full_name!r}; delete "
+                        f"{full_name!r} first",
+                        action="delete_snapshot",
+                    )
         for disk in self._writable_disks():
             target = str(disk.target)
             layer = frozen.get(target)
