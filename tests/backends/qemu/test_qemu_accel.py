@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 import virtkit
-from virtkit.backends.qemu import QemuHypervisor
+from virtkit.backends.qemu import QemuHypervisor, accel
 from virtkit.backends.qemu.accel import choose_accel, probe_image, probe_kvm
 from virtkit.model import Disk, HypervisorType, Machine
 
@@ -50,6 +51,20 @@ class TestAccel:
         choice = choose_accel("qemu-system-x86_64", "auto")
         assert choice.accel in ("kvm", "tcg") and choice.reason
         assert choose_accel("qemu-system-x86_64", "auto") == choice  # cached per host
+        assert choose_accel(str(shutil.which("qemu-system-x86_64")), "auto") == choice
+
+    def test_cached_answer_is_per_host_binary(self, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        """The on-disk cache is keyed by the resolved binary: a name and its path share the
+        answer; a cache written for one binary does not answer for another."""
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setattr(accel, "_memo", {})
+        real = str(shutil.which("qemu-system-x86_64"))
+        accel._store_cached(accel._host_key(real), accel.AccelChoice("tcg", "seeded"))
+        assert choose_accel("qemu-system-x86_64", "auto").reason == "seeded"
+        other = tmp_path / "qemu-fails"
+        other.write_text("#!/bin/sh\nexit 3\n")
+        other.chmod(0o755)
+        assert choose_accel(str(other), "auto").reason != "seeded"
 
     def test_bad_accel_value_is_a_config_error(self) -> None:
         """accel must be auto, kvm or tcg."""

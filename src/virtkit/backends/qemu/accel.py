@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -80,6 +81,7 @@ _memo_lock = threading.Lock()
 
 
 def _host_key(binary: str) -> str:
+    binary = shutil.which(binary) or binary
     try:
         boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
