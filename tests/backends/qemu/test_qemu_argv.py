@@ -70,6 +70,14 @@ class TestArgv:
         assert _values(argv, "-netdev") == ["user,id=net-net0,hostfwd=tcp:127.0.0.1:2222-:22"]
         assert "-S" not in argv and "-S" in guest.qemu_argv(paused=True)
 
+    @pytest.mark.parametrize(
+        "name", ["a,b", "x=y", "line\nbreak", "-nographic", "guest,debug-threads=on"]
+    )
+    def test_hostile_vm_names_are_refused_before_any_command_line(self, name: str) -> None:
+        """A VM name that could smuggle an option into '-name guest=...' is a ConfigError."""
+        with pytest.raises(virtkit.ConfigError, match="name"):
+            Machine(name=name)
+
     def test_label_values_never_reach_the_command_line(self, hv: QemuHypervisor) -> None:
         """Labels are metadata: even hostile ones do not appear in argv."""
         guest = hv.define(Machine(name="labels", labels={"k": "-S,x=1\n-nographic"}))
