@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import stat
 from pathlib import Path
 
 import pycdlib
@@ -63,11 +64,12 @@ class TestSeedIso:
         finally:
             iso.close()
 
-    def test_write_seed_iso_is_atomic_and_complete(self, tmp_path: Path) -> None:
-        """write_seed_iso writes the whole ISO to the path and leaves no temporary file."""
+    def test_write_seed_iso_is_atomic_private_and_complete(self, tmp_path: Path) -> None:
+        """write_seed_iso writes the whole ISO (mode 0600) and leaves no temporary file."""
         machine = Machine(name="w", cloud_init=CloudInit(user_data="hello"))
         path = write_seed_iso(machine, tmp_path / "seed.iso")
         assert path.stat().st_size % 2048 == 0
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600  # user-data may hold secrets
         assert sorted(p.name for p in tmp_path.iterdir()) == ["seed.iso"]
         iso = _open(path.read_bytes())
         try:

@@ -93,7 +93,7 @@ def build_seed_iso(files: dict[str, bytes]) -> bytes:
 
 
 def write_seed_iso(machine: Machine, path: str | os.PathLike[str]) -> Path:
-    """Write ``machine``'s NoCloud seed ISO to ``path`` (atomically).
+    """Write ``machine``'s NoCloud seed ISO to ``path`` (atomically, mode 0600).
 
     Raises:
         ConfigError: the machine has no ``cloud_init``.
@@ -104,7 +104,10 @@ def write_seed_iso(machine: Machine, path: str | os.PathLike[str]) -> Path:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
+        # user-data often carries passwords and keys: the seed is private (0600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         tmp.replace(target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
