@@ -105,7 +105,8 @@ def write_seed_iso(machine: Machine, path: str | os.PathLike[str]) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # user-data often carries passwords and keys: the seed is private (0600)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL, 0o600)
+        tmp.unlink(missing_ok=True)  # a leftover of a crashed earlier write
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         tmp.replace(target)
