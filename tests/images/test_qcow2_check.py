@@ -240,3 +240,27 @@ class TestRebuild:
             assert img.read(0, 200) == bytes(100) + b"x" * 10 + bytes(90)
         qemu_img("check", written)
         qemu_io(written, "read -P 0 0 100", "read -P 0x78 100 10", "read -P 0 110 65426")
+
+    def test_l2_table_on_refcount_table(self, written: Path) -> None:
+        """An L1 entry aiming an L2 table at the refcount table is refused before writing."""
+        raw = written.read_bytes()
+        l1_off = struct.unpack_from(">Q", raw, 40)[0]
+        rt_off = struct.unpack_from(">Q", raw, 48)[0]
+        _patch(written, l1_off, ">Q", (1 << 63) | rt_off)
+        before = written.read_bytes()[rt_off : rt_off + 65536]
+        with (
+            images.open(written, writable=True) as img,
+            pytest.raises(CorruptImageError, match="overlaps"),
+        ):
+            img.write(0, b"x" * 100)
+        assert written.read_bytes()[rt_off : rt_off + 65536] == before
+
+    def test_refcount_block_on_l1_table(self, written: Path) -> None:
+        """A refcount block placed on the L1 table is reported, never written through."""
+        raw = written.read_bytes()
+        l1_off = struct.unpack_from(">Q", raw, 40)[0]
+        rt_off = struct.unpack_from(">Q", raw, 48)[0]
+        _patch(written, rt_off, ">Q", l1_off)
+        with images.open(written, writable=True) as img, pytest.raises(CorruptImageError):
+            img.write(3 * 1024 * 1024, b"x" * 100)
+        assert written.read_bytes()[l1_off : l1_off + 8] == raw[l1_off : l1_off + 8]

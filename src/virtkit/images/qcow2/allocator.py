@@ -72,6 +72,8 @@ class Refcounts:
         self.frees = 0
         #: Called after the set of refcount metadata clusters changed.
         self.on_metadata_change: Callable[[], None] = lambda: None
+        #: Clusters no refcount block may occupy (header, L1 and other fixed tables).
+        self.reserved: Callable[[], set[int]] = set
 
     # ---- lookups -----------------------------------------------------------------
     def block_offset(self, index: int) -> int:
@@ -95,6 +97,12 @@ class Refcounts:
         if off + self.cs > self.st.size():
             raise CorruptImageError(
                 f"refcount block {index} at {off:#x} lies past the end of the file",
+                path=self.path,
+                offset=self.table_offset + index * 8,
+            )
+        if off >> self.cluster_bits in self.reserved():
+            raise CorruptImageError(
+                f"refcount block {index} at {off:#x} overlaps the header or a table",
                 path=self.path,
                 offset=self.table_offset + index * 8,
             )

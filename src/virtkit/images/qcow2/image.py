@@ -109,6 +109,7 @@ class Qcow2Image(Image):
         self._cfree = 0
         self._cfree_epoch = 0
         self._meta_set: set[int] | None = None
+        self._table_set: set[int] | None = None
         self._cluster_cache: tuple[int, bytes] | None = None
         self.backing: Image | None = None
         self.data_st: Storage = storage
@@ -132,6 +133,7 @@ class Qcow2Image(Image):
             set_table=self._set_reftable,
         )
         self.refs.on_metadata_change = self._meta_changed
+        self.refs.reserved = self.table_clusters
         self.snaps, self.snap_table_bytes = metadata.read_snapshot_table(storage, self.hdr)
         try:
             self._open_files()
@@ -265,28 +267,40 @@ class Qcow2Image(Image):
         self.st.flush()
         self.hdr.refcount_table_offset = offset
         self.hdr.refcount_table_clusters = clusters
+        self._meta_changed()
 
     def _meta_changed(self) -> None:
         self._meta_set = None
+        self._table_set = None
+
+    def table_clusters(self) -> set[int]:
+        """Clusters of the fixed structures: header, L1/refcount/snapshot tables, L1 copies."""
+        if self._table_set is None:
+            cb = self.cb
+            out = {0}
+            first = self.hdr.refcount_table_offset >> cb
+            out.update(range(first, first + self.hdr.refcount_table_clusters))
+            first = self.hdr.l1_table_offset >> cb
+            out.update(range(first, first + -(-len(self.l1) * 8 // self.cs)))
+            if self.hdr.nb_snapshots:
+                first = self.hdr.snapshots_offset >> cb
+                out.update(range(first, first + -(-self.snap_table_bytes // self.cs)))
+            for sn in self.snaps:
+                first = sn.l1_table_offset >> cb
+                out.update(range(first, first + -(-sn.l1_size * 8 // self.cs)))
+            self._table_set = out
+        return self._table_set
 
     def metadata_clusters(self) -> set[int]:
         """Host clusters holding metadata (header, tables, refcount blocks, L2 tables)."""
         if self._meta_set is None:
             cb = self.cb
-            out = {0}
+            out = set(self.table_clusters())
             out |= self.refs.metadata_clusters()
-            l1_first = self.hdr.l1_table_offset >> cb
-            out.update(range(l1_first, l1_first + -(-len(self.l1) * 8 // self.cs)))
             for e in self.l1:
                 off = e & layout.L1E_OFFSET_MASK
                 if off:
                     out.add(off >> cb)
-            if self.hdr.nb_snapshots:
-                s_first = self.hdr.snapshots_offset >> cb
-                out.update(range(s_first, s_first + -(-self.snap_table_bytes // self.cs)))
-            for sn in self.snaps:
-                first = sn.l1_table_offset >> cb
-                out.update(range(first, first + -(-sn.l1_size * 8 // self.cs)))
             self._meta_set = out
         return self._meta_set
 
@@ -486,6 +500,13 @@ class Qcow2Image(Image):
         entry = self.l1[l1i]
         off = entry & layout.L1E_OFFSET_MASK
         if off and entry & layout.OFLAG_COPIED:
+            if off >> self.cb in self.table_clusters() or off >> self.cb in (
+                self.refs.metadata_clusters()
+            ):
+                self._mark_corrupt(
+                    f"L2 table at {off:#x} (L1 index {l1i}) overlaps other image metadata",
+                    self.hdr.l1_table_offset + l1i * 8,
+                )
             return off, self.mapper.load_l2(off, where=self.hdr.l1_table_offset + l1i * 8)
         if off:
             old = self.mapper.load_l2(off, where=self.hdr.l1_table_offset + l1i * 8)

@@ -205,6 +205,11 @@ def load(st: Storage) -> Metadata:
         file_size=file_size,
         where=48,
     )
+    if hdr.l1_size:
+        l1_end = hdr.l1_table_offset + hdr.l1_size * 8
+        rt_end = hdr.refcount_table_offset + hdr.refcount_table_clusters * cs
+        if hdr.l1_table_offset < rt_end and hdr.refcount_table_offset < l1_end:
+            raise _corrupt("the L1 table overlaps the refcount table", path, 40)
     if hdr.nb_snapshots > layout.MAX_SNAPSHOTS:
         raise _corrupt(f"{hdr.nb_snapshots} snapshots exceed QEMU's limit of 65536", path, 60)
     if hdr.nb_snapshots:
