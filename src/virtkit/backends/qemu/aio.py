@@ -2,9 +2,9 @@
 
 ``await guest.aio.start()`` does what ``guest.start()`` does. The QMP,
 console and process I/O already run on the backend's private event loop;
-each coroutine here runs the state-checked operation on a worker thread
-(``asyncio.to_thread``) so the caller's loop never blocks, and many guests
-proceed concurrently::
+each coroutine here runs the state-checked operation on a worker thread of
+a pool sized for many guests (not asyncio's small default executor), so the
+caller's loop never blocks and dozens of guests proceed concurrently::
 
     await asyncio.gather(*(g.aio.start() for g in guests))
     await asyncio.gather(*(g.aio.console.expect("login:") for g in guests))
@@ -13,8 +13,11 @@ proceed concurrently::
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from virtkit.model import Snapshot, State
 
@@ -23,6 +26,17 @@ if TYPE_CHECKING:
     from virtkit.backends.qemu.guest import QemuGuest
 
 __all__ = ["AsyncConsole", "AsyncQemuGuest"]
+
+T = TypeVar("T")
+
+#: blocking guest operations awaited through the twin run here (threads are
+#: only created when needed, so an idle pool costs nothing)
+_POOL = ThreadPoolExecutor(max_workers=128, thread_name_prefix="virtkit-qemu-aio")
+
+
+async def _in_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_POOL, functools.partial(fn, *args, **kwargs))
 
 
 class AsyncConsole:
@@ -33,7 +47,7 @@ class AsyncConsole:
 
     async def expect(self, pattern: Pattern, timeout: float | None = 30.0) -> re.Match[Any]:
         """Await ``pattern`` in the output (see ``Console.expect``)."""
-        return await asyncio.to_thread(self._guest.console.expect, pattern, timeout)
+        return await _in_thread(self._guest.console.expect, pattern, timeout)
 
     async def write(self, data: bytes | str) -> None:
         """Send ``data`` to the guest's serial input."""
@@ -62,45 +76,43 @@ class AsyncQemuGuest:
 
     async def start(self) -> None:
         """Coroutine twin of ``Guest.start``."""
-        await asyncio.to_thread(self.guest.start)
+        await _in_thread(self.guest.start)
 
     async def pause(self) -> None:
         """Coroutine twin of ``Guest.pause``."""
-        await asyncio.to_thread(self.guest.pause)
+        await _in_thread(self.guest.pause)
 
     async def resume(self) -> None:
         """Coroutine twin of ``Guest.resume``."""
-        await asyncio.to_thread(self.guest.resume)
+        await _in_thread(self.guest.resume)
 
     async def reset(self) -> None:
         """Coroutine twin of ``Guest.reset``."""
-        await asyncio.to_thread(self.guest.reset)
+        await _in_thread(self.guest.reset)
 
     async def shutdown(self, timeout: float = 30) -> None:
         """Coroutine twin of ``Guest.shutdown``."""
-        await asyncio.to_thread(self.guest.shutdown, timeout)
+        await _in_thread(self.guest.shutdown, timeout)
 
     async def kill(self) -> None:
         """Coroutine twin of ``Guest.kill``."""
-        await asyncio.to_thread(self.guest.kill)
+        await _in_thread(self.guest.kill)
 
     async def wait(self, timeout: float | None = None) -> State:
         """Coroutine twin of ``Guest.wait``."""
-        return await asyncio.to_thread(self.guest.wait, timeout)
+        return await _in_thread(self.guest.wait, timeout)
 
     async def snapshot(self, name: str, *, memory: bool = True, description: str = "") -> Snapshot:
         """Coroutine twin of ``Guest.snapshot``."""
-        return await asyncio.to_thread(
-            lambda: self.guest.snapshot(name, memory=memory, description=description)
-        )
+        return await _in_thread(self.guest.snapshot, name, memory=memory, description=description)
 
     async def revert(self, name: str) -> None:
         """Coroutine twin of ``Guest.revert``."""
-        await asyncio.to_thread(self.guest.revert, name)
+        await _in_thread(self.guest.revert, name)
 
     async def delete_snapshot(self, name: str) -> None:
         """Coroutine twin of ``Guest.delete_snapshot``."""
-        await asyncio.to_thread(self.guest.delete_snapshot, name)
+        await _in_thread(self.guest.delete_snapshot, name)
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run a raw QMP command (awaited on the backend's loop, no thread)."""
