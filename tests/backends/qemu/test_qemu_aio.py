@@ -58,3 +58,30 @@ class TestAsync:
 
         asyncio.run(main())
         assert guest.state is State.SHUTOFF and guest.pid is None
+
+    def test_async_waits_time_out_and_report_power_off(self, hv: QemuHypervisor, boot_disk) -> None:  # type: ignore[no-untyped-def]
+        """aio.console.expect and aio.wait raise virtkit.TimeoutError naming their limit; aio.wait
+        returns SHUTOFF once the guest powers itself off."""
+        guest = hv.define(
+            Machine(
+                name="await", memory="16MiB", disks=[Disk(path=str(boot_disk("hello")), bus="ide")]
+            )
+        )
+        idle = hv.define(
+            Machine(
+                name="idle",
+                memory="16MiB",
+                disks=[Disk(path=str(boot_disk("ignore-acpi")), bus="ide")],
+            )
+        )
+
+        async def main() -> State:
+            await asyncio.gather(guest.aio.start(), idle.aio.start())
+            with pytest.raises(virtkit.TimeoutError, match="within 0.2 s"):
+                await idle.aio.console.expect("never printed", 0.2)
+            with pytest.raises(virtkit.TimeoutError, match="within 0.2 s"):
+                await idle.aio.wait(0.2)
+            await idle.aio.kill()
+            return await guest.aio.wait(30)
+
+        assert asyncio.run(main()) is State.SHUTOFF

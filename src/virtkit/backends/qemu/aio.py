@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from virtkit.errors import TimeoutError
 from virtkit.model import Snapshot, State
 
 if TYPE_CHECKING:
@@ -28,9 +30,10 @@ if TYPE_CHECKING:
 __all__ = ["AsyncConsole", "AsyncQemuGuest"]
 
 T = TypeVar("T")
+_POLL = 0.01  # seconds between checks of console/state in the waiting coroutines
 
-#: blocking guest operations awaited through the twin run here (threads are
-#: only created when needed, so an idle pool costs nothing)
+#: bounded blocking operations (start, kill, snapshot...) awaited through the
+#: twin run here; waits (``wait``, ``console.expect``) hold no thread at all
 _POOL = ThreadPoolExecutor(max_workers=128, thread_name_prefix="virtkit-qemu-aio")
 
 
@@ -46,8 +49,25 @@ class AsyncConsole:
         self._guest = guest
 
     async def expect(self, pattern: Pattern, timeout: float | None = 30.0) -> re.Match[Any]:
-        """Await ``pattern`` in the output (see ``Console.expect``)."""
-        return await _in_thread(self._guest.console.expect, pattern, timeout)
+        """Await ``pattern`` in the output (see ``Console.expect``).
+
+        Waits on the caller's loop (checking the stream every few
+        milliseconds), so no thread is held however many guests wait.
+        """
+        console = self._guest.console
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return console.expect(pattern, timeout=0)
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    shown = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+                    raise TimeoutError(
+                        f"console pattern {shown!r} did not appear within {timeout} s; "
+                        f"last output: {console.output[-200:]!r}",
+                        timeout=timeout,
+                    ) from None
+            await asyncio.sleep(_POLL)
 
     async def write(self, data: bytes | str) -> None:
         """Send ``data`` to the guest's serial input."""
@@ -99,8 +119,18 @@ class AsyncQemuGuest:
         await _in_thread(self.guest.kill)
 
     async def wait(self, timeout: float | None = None) -> State:
-        """Coroutine twin of ``Guest.wait``."""
-        return await _in_thread(self.guest.wait, timeout)
+        """Coroutine twin of ``Guest.wait`` (waits on the caller's loop, no thread)."""
+        stopped = (State.SHUTOFF, State.CRASHED)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (state := self.guest.state) not in stopped:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"guest {self.guest.name!r} did not power off within {timeout} s "
+                    f"(state: {state.value})",
+                    timeout=timeout,
+                )
+            await asyncio.sleep(_POLL)
+        return state
 
     async def snapshot(self, name: str, *, memory: bool = True, description: str = "") -> Snapshot:
         """Coroutine twin of ``Guest.snapshot``."""
