@@ -110,6 +110,7 @@ class Qcow2Image(Image):
         self._cfree_epoch = 0
         self._meta_set: set[int] | None = None
         self._table_set: set[int] | None = None
+        self._refblock_set: set[int] | None = None
         self._cluster_cache: tuple[int, bytes] | None = None
         self.backing: Image | None = None
         self.data_st: Storage = storage
@@ -272,6 +273,7 @@ class Qcow2Image(Image):
     def _meta_changed(self) -> None:
         self._meta_set = None
         self._table_set = None
+        self._refblock_set = None
 
     def table_clusters(self) -> set[int]:
         """Clusters of the fixed structures: header, L1/refcount/snapshot tables, L1 copies."""
@@ -291,12 +293,17 @@ class Qcow2Image(Image):
             self._table_set = out
         return self._table_set
 
+    def _refblocks(self) -> set[int]:
+        if self._refblock_set is None:
+            self._refblock_set = self.refs.metadata_clusters()
+        return self._refblock_set
+
     def metadata_clusters(self) -> set[int]:
         """Host clusters holding metadata (header, tables, refcount blocks, L2 tables)."""
         if self._meta_set is None:
             cb = self.cb
             out = set(self.table_clusters())
-            out |= self.refs.metadata_clusters()
+            out |= self._refblocks()
             for e in self.l1:
                 off = e & layout.L1E_OFFSET_MASK
                 if off:
@@ -500,9 +507,7 @@ class Qcow2Image(Image):
         entry = self.l1[l1i]
         off = entry & layout.L1E_OFFSET_MASK
         if off and entry & layout.OFLAG_COPIED:
-            if off >> self.cb in self.table_clusters() or off >> self.cb in (
-                self.refs.metadata_clusters()
-            ):
+            if off >> self.cb in self.table_clusters() or off >> self.cb in self._refblocks():
                 self._mark_corrupt(
                     f"L2 table at {off:#x} (L1 index {l1i}) overlaps other image metadata",
                     self.hdr.l1_table_offset + l1i * 8,
