@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+import virtkit
 import virtkit.images
 from virtkit.backends.qemu import QemuHypervisor
 from virtkit.model import Disk, Machine, Serial, State
@@ -60,3 +63,19 @@ class TestDiskIO:
         with virtkit.images.open(disk) as img:
             assert img.read(1024, 27) == b"written by the disk guest: "
             assert img.check().ok
+
+    def test_guest_without_serial_port_runs_and_refuses_console_input(
+        self, hv: QemuHypervisor, boot_disk
+    ) -> None:  # type: ignore[no-untyped-def]
+        """Serial(enabled=False): no COM1 in the command line, the guest runs, console.write is a
+        StateError and nothing is printed."""
+        guest = hv.define(_machine("mute", boot_disk("hello"), serial=Serial(enabled=False)))
+        assert not any("isa-serial" in a for a in guest.qemu_argv())
+        guest.start()
+        assert guest.wait(timeout=30) is State.SHUTOFF
+        assert guest.console.output == b""
+        deaf = hv.define(_machine("mute2", boot_disk("ignore-acpi"), serial=Serial(enabled=False)))
+        deaf.start()
+        with pytest.raises(virtkit.StateError):
+            deaf.console.write(b"x")
+        deaf.kill()

@@ -268,7 +268,8 @@ class QemuGuest(Guest):
             raise
         self._proc = proc = launch
         try:
-            self.console.set_writer(self._write_console)
+            if self.machine.serial.enabled:
+                self.console.set_writer(self._write_console)
             kvm = run_sync(proc.qmp.execute("query-kvm"))
             self.accelerator = "kvm" if kvm.get("enabled") else "tcg"
         except BaseException:
