@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import struct
 from array import array
@@ -46,7 +47,7 @@ from virtkit.images.qcow2 import chain, layout, metadata, snapshots
 from virtkit.images.qcow2 import check as checkmod
 from virtkit.images.qcow2.allocator import Refcounts
 from virtkit.images.qcow2.compress import compress, decompress
-from virtkit.images.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, Mapper
+from virtkit.images.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, Mapper, Run
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage, Storage
 
@@ -394,8 +395,15 @@ class Qcow2Image(Image):
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` guest bytes starting at ``offset``."""
         self._check_range(offset, length, "read")
+        runs = self.mapper.runs(offset, length)
+        first = next(runs, None)
+        if first is not None and first.kind == DATA and first.length == length:
+            self._check_data_host(first.host, length)  # one contiguous run: no extra copy
+            chunk = self.data_st.pread(first.host, length)
+            return chunk if len(chunk) == length else chunk + bytes(length - len(chunk))
         out = bytearray(length)
-        self.read_into(out, offset)
+        if first is not None:
+            self._fill(out, offset, itertools.chain((first,), runs))
         return bytes(out)
 
     def read_into(self, out: bytearray, offset: int, mapper: Mapper | None = None) -> None:
@@ -403,11 +411,12 @@ class Qcow2Image(Image):
 
         ``mapper`` reads through another L1 table (a snapshot's) instead.
         """
-        length = len(out)
-        if not length:
-            return
+        if out:
+            self._fill(out, offset, (mapper or self.mapper).runs(offset, len(out)))
+
+    def _fill(self, out: bytearray, offset: int, runs: Iterable[Run]) -> None:
         cs = self.cs
-        for run in (mapper or self.mapper).runs(offset, length):
+        for run in runs:
             pos = run.guest - offset
             if run.kind == DATA:
                 self._check_data_host(run.host, run.length)
