@@ -312,3 +312,51 @@ class TestConvertOntoBacking:
         assert qemu_img("compare", "-F", "raw", out, src).returncode == 0
         assert qemu_img("check", out).returncode == 0
         assert _data_ranges(qemu_img, out) == [(128 * 1024, 192 * 1024)]
+
+
+class TestChainEdges:
+    """rebase/commit corner cases."""
+
+    def test_commit_keeps_overlay_with_snapshots_consistent(
+        self, chain: tuple[Path, Path, Path], tmp_path: Path, qemu_img: Run
+    ) -> None:
+        """An overlay with an internal snapshot keeps it; base and overlay both read the data."""
+        base1, _, top = chain
+        qemu_img("snapshot", "-c", "keep", top)
+        before = _export(qemu_img, top, tmp_path / "before.raw")
+        virtkit.images.commit(top)
+        assert _export(qemu_img, base1, tmp_path / "base.raw") == before
+        assert _export(qemu_img, top, tmp_path / "top.raw") == before
+        assert "keep" in qemu_img("snapshot", "-l", top).stdout
+        assert qemu_img("check", top).returncode == 0
+
+    def test_rebase_onto_raw_backing_probed(
+        self,
+        chain: tuple[Path, Path, Path],
+        tmp_path: Path,
+        qemu_img: Run,
+        qemu_img_info: Callable[[Path], Any],
+    ) -> None:
+        """Rebasing onto a raw file the caller names records format raw and keeps contents."""
+        _, _, top = chain
+        raw = tmp_path / "new.raw"
+        qemu_img("create", "-f", "raw", raw, "4M")
+        _qemu_io(raw, "raw", "write -P 0x5e 1M 1M")
+        before = _export(qemu_img, top, tmp_path / "before.raw")
+        virtkit.images.rebase(top, "new.raw")
+        assert qemu_img_info(top)["backing-filename-format"] == "raw"
+        assert _export(qemu_img, top, tmp_path / "after.raw") == before
+        assert qemu_img("check", top).returncode == 0
+
+    def test_progress_of_commit_and_rebase(
+        self, chain: tuple[Path, Path, Path], tmp_path: Path
+    ) -> None:
+        """commit and rebase report progress ending at their totals."""
+        _, _, top = chain
+        seen: list[tuple[int, int]] = []
+        virtkit.images.rebase(top, "base2.qcow2", backing_format="qcow2",
+                              progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+        assert seen and seen[-1][0] == seen[-1][1] == 4 * MiB
+        seen.clear()
+        virtkit.images.commit(top, progress=lambda d, t: seen.append((d, t)))
+        assert seen and seen[-1][0] == seen[-1][1] > 0
