@@ -90,6 +90,14 @@ def _l2_into_reftable(seed: fuzz.Seed, data: bytes) -> bytes:
     return _set(seed, data, "l2@", (1 << 63) | reftable)
 
 
+def _compressed_into_header(seed: fuzz.Seed, data: bytes) -> bytes:
+    """Make the first compressed L2 entry point at the image header (offset 0x68)."""
+    fld = next(f for f in seed.fields if f.name.startswith("l2@") and _u(data, f) & (1 << 62))
+    out = bytearray(data)
+    struct.pack_into(">Q", out, fld.offset, (1 << 62) | 0x68)
+    return bytes(out)
+
+
 def _ext_len_past_cluster(seed: fuzz.Seed, data: bytes) -> bytes:
     return _set(seed, data, "ext0.len", 0x100000)
 
@@ -188,6 +196,7 @@ CASES: list[Case] = [
         None,
     ),
     ("compressed_size_past_eof", "compressed", _compressed_past_eof, Corrupt, None),
+    ("compressed_entry_into_header", "compressed", _compressed_into_header, Corrupt, None),
     ("virtual_size_2_62", "v3", lambda s, d: _set(s, d, "size", 1 << 62), Corrupt, None),
 ]
 
