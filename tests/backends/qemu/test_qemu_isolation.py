@@ -48,12 +48,19 @@ class TestPrivateFiles:
         guest.kill()
         assert not runtime.exists()
 
-    def test_qemu_dies_when_the_python_process_is_killed(self, tmp_path: Path, boot_disk) -> None:  # type: ignore[no-untyped-def]
-        """A Python process SIGKILLed while its guest runs takes its QEMU with it (PR_SET_PDEATHSIG)."""
+    @pytest.mark.parametrize("via", ["setpriv", "prctl"])
+    def test_qemu_dies_when_the_python_process_is_killed(
+        self, tmp_path: Path, boot_disk, via: str
+    ) -> None:  # type: ignore[no-untyped-def]
+        """A Python process SIGKILLed while its guest runs takes its QEMU with it (PR_SET_PDEATHSIG,
+        set by setpriv or, without it, by prctl in the child)."""
         disk = boot_disk("ignore-acpi")
         script = textwrap.dedent(
             f"""
             import os, signal, sys
+            import virtkit.backends.qemu.process as P
+            if {via!r} == "prctl":
+                P._SETPRIV = None
             from virtkit.backends.qemu import QemuHypervisor
             from virtkit.model import Disk, Machine
             hv = QemuHypervisor(accel="tcg", root={str(tmp_path / "orphan")!r})
