@@ -49,13 +49,20 @@ class ImageMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="vk-model-"))
         self.path = self.dir / f"disk.{self.fmt}"
+        self.model = bytearray(SIZE)
+        options = dict(self.create_options)
+        if options.pop("with_backing", False):
+            base = self.dir / "base.raw"
+            content = random.Random(99).randbytes(SIZE // 2)  # shorter than the overlay
+            base.write_bytes(content)
+            self.model[: len(content)] = content
+            options.update(backing="base.raw", backing_format="raw")
         self.img = virtkit.images.create(
             self.path,
             SIZE,
             format=self.fmt,
-            **self.create_options,  # type: ignore[arg-type]
+            **options,  # type: ignore[arg-type]
         )
-        self.model = bytearray(SIZE)
         self.snaps: dict[str, bytes] = {}
         self.counter = 0
         self.log: list[str] = []
@@ -182,6 +189,18 @@ class Qcow2V2Machine(ImageMachine):
     create_options = {"cluster_size": 512, "compat": "0.10"}  # noqa: RUF012
 
 
+class Qcow2ExtendedL2Machine(ImageMachine):
+    """qcow2 with extended L2 entries (32 subclusters of 2 KiB in 64 KiB clusters)."""
+
+    create_options = {"extended_l2": True}  # noqa: RUF012
+
+
+class Qcow2OverlayMachine(ImageMachine):
+    """qcow2 v3 overlay (4 KiB clusters) on a raw backing file half its size."""
+
+    create_options = {"cluster_size": 4096, "with_backing": True}  # noqa: RUF012
+
+
 class RawMachine(ImageMachine):
     """raw: the same data rules, no snapshots."""
 
@@ -193,5 +212,9 @@ TestQcow2 = Qcow2Machine.TestCase
 TestQcow2.settings = _SETTINGS
 TestQcow2V2 = Qcow2V2Machine.TestCase
 TestQcow2V2.settings = _SETTINGS
+TestQcow2ExtendedL2 = Qcow2ExtendedL2Machine.TestCase
+TestQcow2ExtendedL2.settings = _SETTINGS
+TestQcow2Overlay = Qcow2OverlayMachine.TestCase
+TestQcow2Overlay.settings = _SETTINGS
 TestRaw = RawMachine.TestCase
 TestRaw.settings = _SETTINGS
