@@ -11,6 +11,7 @@ command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
 command -v nasm >/dev/null || need_apt+=(nasm)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v cpio >/dev/null || need_apt+=(cpio)
+[ -d /usr/share/OVMF ] || need_apt+=(ovmf)
 if [ "${VIRTKIT_SKIP_APT:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""

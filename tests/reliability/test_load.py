@@ -40,7 +40,9 @@ class TestConcurrentEmulatorGuests:
         baseline = threading.active_count()
         sector_disk = tmp_path / "template.raw"
         guests.write_disk(sector_disk, "echo")
-        with virtkit.connect("emulator", root=tmp_path / "root") as hv:
+        # 16 one-vCPU guests on a 2-CPU host need an overcommit above the default 4x
+        policy = virtkit.AllocationPolicy(cpu_overcommit=GUESTS)
+        with virtkit.connect("emulator", root=tmp_path / "root", policy=policy) as hv:
             for i in range(GUESTS):
                 disk = tmp_path / "vms" / f"g{i}" / "disks" / "boot.raw"
                 disk.parent.mkdir(parents=True)
