@@ -65,6 +65,13 @@ class TestMachine:
         assert m2.cdroms[0].target == "cdrom0"
         assert [n.name for n in m2.nics] == ["net0", "net1"]
 
+    def test_paths_accept_pathlib(self) -> None:
+        """Disk and CD-ROM paths accept pathlib.Path and are stored as strings."""
+        from pathlib import Path
+
+        assert Disk(path=Path("/vm/root.qcow2")).path == "/vm/root.qcow2"
+        assert CdRom(path=Path("seed.iso")).path == "seed.iso"
+
     def test_boot_order(self) -> None:
         """Boot order names existing devices."""
         m = Machine(

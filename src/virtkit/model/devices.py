@@ -7,6 +7,7 @@ can be moved), an absolute one a file anywhere the caller allows.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from typing import Any
@@ -56,6 +57,11 @@ def _format_from_path(path: object) -> str:
     return "raw" if isinstance(path, str) and path.lower().endswith(_RAW_SUFFIXES) else "qcow2"
 
 
+def _fspath(value: Any) -> Any:
+    """Accept ``pathlib.Path`` and other path-likes; keep everything else for the validator."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _convert_size(value: Any) -> int | None:
     return None if value is None else parse_size(value, field="size")
 
@@ -92,7 +98,7 @@ class Disk:
         backing_format: the backing file's format.
     """
 
-    path: str = attrs.field(validator=plain_str)
+    path: str = attrs.field(converter=_fspath, validator=plain_str)
     format: str = attrs.field(validator=one_of(DISK_FORMATS))
     size: int | None = attrs.field(default=None, converter=_convert_size)
     bus: str = attrs.field(default="virtio", validator=one_of(DISK_BUSES))
@@ -138,7 +144,7 @@ class CdRom:
         target: the device name used in the boot order; assigned by ``Machine``.
     """
 
-    path: str = attrs.field(validator=plain_str)
+    path: str = attrs.field(converter=_fspath, validator=plain_str)
     bus: str = attrs.field(default="ide", validator=one_of(("ide", "sata", "scsi")))
     target: str | None = attrs.field(default=None, validator=_target)
 
