@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -217,3 +219,34 @@ class TestSourceLocking:
                 virtkit.images.convert(src, tmp_path / "copy.raw", format="raw")
             virtkit.images.convert(src, tmp_path / "copy.raw", format="raw", force_share=True)
         assert (tmp_path / "copy.raw").read_bytes() == sparse_raw.read_bytes()
+
+
+_SLOW_CONVERT = """
+import sys, time, virtkit.images as I
+def slow(done, total):
+    if done:
+        print(done, flush=True)
+        time.sleep(0.05)
+I.convert(sys.argv[1], sys.argv[2], format='raw', progress=slow)
+"""
+
+
+class TestKilledConvert:
+    """A convert killed with SIGKILL never leaves a partial destination."""
+
+    def test_sigkill_mid_copy_keeps_old_destination(self, sparse_raw: Path, tmp_path: Path) -> None:
+        """After kill -9 mid-copy dst still holds its old bytes; only a hidden temp file remains."""
+        dst = tmp_path / "dst.raw"
+        dst.write_bytes(b"previous image")
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_CONVERT, str(sparse_raw), str(dst)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert child.stdout is not None
+        for _ in range(3):  # a few chunks are written
+            assert child.stdout.readline()
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        assert dst.read_bytes() == b"previous image"
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("dst.raw", "src.raw")]
+        assert all(name.startswith(".dst.raw.virtkit-") for name in leftovers), leftovers

@@ -217,6 +217,12 @@ class TestAgainstQemu:
         with virtkit.images.open(qcow2_image, force_share=True) as img:
             assert img.read(0, 512) == bytes(512)
 
+    def test_readers_share_with_qemu_img(self, qcow2_image: Path, qemu_img: Run) -> None:
+        """A plain virtkit reader and qemu-img info (no -U) coexist, as two QEMU readers do."""
+        with virtkit.images.open(qcow2_image) as img:
+            assert qemu_img("info", qcow2_image).returncode == 0
+            assert img.virtual_size == 1 << 20
+
     def test_our_writer_makes_qemu_io_fail(self, raw_image: Path) -> None:
         """qemu-io (read-write) cannot open an image virtkit holds writable."""
         with virtkit.images.open(raw_image, writable=True, format="raw"):
