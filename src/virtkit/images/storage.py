@@ -13,7 +13,7 @@ import ctypes.util
 import errno
 import os
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from virtkit.errors import CorruptImageError, ImageError
 from virtkit.images import locking
@@ -50,6 +50,11 @@ class Storage(Protocol):
         """Release the file. Idempotent."""
         ...
 
+
+#: Fault-injection hook (see :mod:`virtkit.testing.faults`), None in normal use. Called as
+#: ``hook(storage, op, offset, length)`` before ``"pwrite"``, ``"truncate"``, ``"flush"`` and
+#: ``"punch_hole"`` touch the file; it may raise (an ``OSError`` is translated like a real one).
+_fault_hook: Callable[[Any, str, int, int], None] | None = None
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -150,6 +155,8 @@ class FileStorage:
         view = memoryview(data).cast("B")
         done = 0
         try:
+            if _fault_hook is not None:
+                _fault_hook(self, "pwrite", offset, len(view))
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
@@ -164,6 +171,8 @@ class FileStorage:
     def truncate(self, length: int) -> None:
         """Set the file length."""
         try:
+            if _fault_hook is not None:
+                _fault_hook(self, "truncate", length, 0)
             os.ftruncate(self._fd(), length)
         except OSError as exc:
             raise ImageError(f"truncate failed: {exc.strerror}", path=self.path) from exc
@@ -171,6 +180,8 @@ class FileStorage:
     def flush(self) -> None:
         """fdatasync the file."""
         try:
+            if _fault_hook is not None:
+                _fault_hook(self, "flush", 0, 0)
             os.fdatasync(self._fd())
         except OSError as exc:
             raise ImageError(f"flush failed: {exc.strerror}", path=self.path) from exc
@@ -193,6 +204,13 @@ class FileStorage:
             return length <= 0
         fd = self._fd()
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _fault_hook is not None:
+            try:
+                _fault_hook(self, "punch_hole", offset, length)
+            except OSError as exc:
+                raise ImageError(
+                    f"punching a hole failed: {exc.strerror}", path=self.path, offset=offset
+                ) from exc
         while True:
             if fn(fd, mode, offset, length) == 0:
                 return True
