@@ -52,9 +52,10 @@ class Storage(Protocol):
 
 
 #: Fault-injection hook (see :mod:`virtkit.testing.faults`), None in normal use. Called as
-#: ``hook(storage, op, offset, length)`` before ``"pwrite"``, ``"truncate"``, ``"flush"`` and
-#: ``"punch_hole"`` touch the file; it may raise (an ``OSError`` is translated like a real one).
-_fault_hook: Callable[[Any, str, int, int], None] | None = None
+#: ``hook(storage, op, offset, length, data)`` before ``"pwrite"`` (``data`` is the bytes),
+#: ``"truncate"``, ``"flush"`` and ``"punch_hole"`` (``data`` None) touch the file; it may
+#: raise (an ``OSError`` is translated like a real one).
+_fault_hook: Callable[[Any, str, int, int, memoryview | None], None] | None = None
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -156,7 +157,7 @@ class FileStorage:
         done = 0
         try:
             if _fault_hook is not None:
-                _fault_hook(self, "pwrite", offset, len(view))
+                _fault_hook(self, "pwrite", offset, len(view), view)
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
@@ -172,7 +173,7 @@ class FileStorage:
         """Set the file length."""
         try:
             if _fault_hook is not None:
-                _fault_hook(self, "truncate", length, 0)
+                _fault_hook(self, "truncate", length, 0, None)
             os.ftruncate(self._fd(), length)
         except OSError as exc:
             raise ImageError(f"truncate failed: {exc.strerror}", path=self.path) from exc
@@ -181,7 +182,7 @@ class FileStorage:
         """fdatasync the file."""
         try:
             if _fault_hook is not None:
-                _fault_hook(self, "flush", 0, 0)
+                _fault_hook(self, "flush", 0, 0, None)
             os.fdatasync(self._fd())
         except OSError as exc:
             raise ImageError(f"flush failed: {exc.strerror}", path=self.path) from exc
@@ -206,7 +207,7 @@ class FileStorage:
         mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
         if _fault_hook is not None:
             try:
-                _fault_hook(self, "punch_hole", offset, length)
+                _fault_hook(self, "punch_hole", offset, length, None)
             except OSError as exc:
                 raise ImageError(
                     f"punching a hole failed: {exc.strerror}", path=self.path, offset=offset
