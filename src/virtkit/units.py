@@ -6,7 +6,7 @@ import re
 
 from virtkit.errors import ConfigError
 
-__all__ = ["format_size", "parse_size"]
+__all__ = ["BINARY_UNITS", "exact_size", "format_size", "parse_size"]
 
 # Binary by default, as qemu-img reads "10G"; libvirt's "KB"/"MB"/"GB" are decimal.
 _UNITS: dict[str, int] = {
@@ -81,17 +81,32 @@ def parse_size(value: object, *, field: str = "size") -> int:
     return int(number) * scale
 
 
+#: binary units, largest first
+BINARY_UNITS: tuple[tuple[str, int], ...] = (
+    ("EiB", 1024**6),
+    ("PiB", 1024**5),
+    ("TiB", 1024**4),
+    ("GiB", 1024**3),
+    ("MiB", 1024**2),
+    ("KiB", 1024),
+)
+
+
 def format_size(size: int) -> str:
     """Render a byte count the short binary way (``"1 GiB"``, ``"1.5 MiB"``)."""
-    for unit, scale in (
-        ("EiB", 1024**6),
-        ("PiB", 1024**5),
-        ("TiB", 1024**4),
-        ("GiB", 1024**3),
-        ("MiB", 1024**2),
-        ("KiB", 1024),
-    ):
+    for unit, scale in BINARY_UNITS:
         if size >= scale:
             text = f"{size / scale:.1f}".rstrip("0").rstrip(".")
             return f"{text} {unit}"
     return f"{size} B"
+
+
+def exact_size(size: int) -> int | str:
+    """The largest binary unit that divides ``size`` exactly (``"4GiB"``), else the int.
+
+    ``parse_size(exact_size(n)) == n`` always holds, so config files stay exact.
+    """
+    for unit, scale in BINARY_UNITS:
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return size

@@ -37,6 +37,7 @@ from virtkit.model import (
     Serial,
     Snapshot,
 )
+from virtkit.units import exact_size
 
 __all__ = [
     "FORMAT_VERSION",
@@ -48,23 +49,10 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _SIZE_FIELDS = {"memory", "size"}
-_BINARY = (
-    ("EiB", 1024**6),
-    ("PiB", 1024**5),
-    ("TiB", 1024**4),
-    ("GiB", 1024**3),
-    ("MiB", 1024**2),
-    ("KiB", 1024),
-)
 
 
 def _size_text(value: int | None) -> int | str | None:
-    if value is None:
-        return None
-    for unit, scale in _BINARY:
-        if value >= scale and value % scale == 0:
-            return f"{value // scale}{unit}"
-    return value
+    return None if value is None else exact_size(value)
 
 
 def _kebab(name: str) -> str:
