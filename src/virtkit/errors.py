@@ -124,7 +124,26 @@ class UnsupportedFeatureError(ImageError):
 
 
 class ImageLockedError(ImageError):
-    """Another process (QEMU, another virtkit) holds a conflicting lock."""
+    """Another process (QEMU, another virtkit) holds a conflicting lock.
+
+    Attributes:
+        permission: QEMU's name of the permission that clashed (``"write"``,
+            ``"consistent read"``...), if known.
+        conflict: ``"unshared"`` (someone refuses to share a permission we
+            need) or ``"held"`` (someone holds a permission we refuse to share).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        permission: str | None = None,
+        conflict: str | None = None,
+    ) -> None:
+        self.permission = permission
+        self.conflict = conflict
+        super().__init__(message, path=path)
 
 
 class ResourceError(VirtkitError):

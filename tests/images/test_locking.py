@@ -13,7 +13,6 @@ import pytest
 
 import virtkit
 from virtkit.images import locking
-from virtkit.images.locking import LockConflictError
 from virtkit.images.storage import FileStorage
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -168,7 +167,7 @@ class TestAgainstQemu:
         hold(_qemu_io(raw_image), raw_image)
         with pytest.raises(virtkit.ImageLockedError, match="write") as info:
             virtkit.images.open(raw_image, writable=True, format="raw")
-        assert isinstance(info.value, LockConflictError)
+        assert isinstance(info.value, virtkit.ImageLockedError)
         assert info.value.permission == "write"
         assert info.value.path == str(raw_image)
 

@@ -48,7 +48,6 @@ __all__ = [
     "PERM_RESIZE",
     "PERM_WRITE",
     "PERM_WRITE_UNCHANGED",
-    "LockConflictError",
     "LockHolders",
     "acquire",
     "perm_names",
@@ -159,22 +158,7 @@ def acquire(fd: int, path: str, *, perm: int, shared: int) -> bool:
     return True
 
 
-class LockConflictError(ImageLockedError):
-    """An :class:`~virtkit.errors.ImageLockedError` that knows which permission clashed.
-
-    Attributes:
-        permission: QEMU's name of the permission, e.g. ``"write"``.
-        conflict: ``"unshared"`` (someone refuses to share a permission we
-            need) or ``"held"`` (someone holds a permission we refuse to share).
-    """
-
-    def __init__(self, message: str, *, path: str, permission: str, conflict: str) -> None:
-        self.permission = permission
-        self.conflict = conflict
-        super().__init__(message, path=path)
-
-
-def conflict_error(path: str, kind: str, bit: int) -> LockConflictError:
+def conflict_error(path: str, kind: str, bit: int) -> ImageLockedError:
     """Build the error for a conflict found by :func:`acquire`."""
     name = _PERM_NAMES[bit]
     if kind == "unshared":
@@ -187,7 +171,7 @@ def conflict_error(path: str, kind: str, bit: int) -> LockConflictError:
             f'Failed to get shared "{name}" lock: another process (QEMU, qemu-img or '
             f"virtkit) holds the {name!r} permission"
         )
-    return LockConflictError(
+    return ImageLockedError(
         f"{detail}; stop it, or open read-only with force_share=True to read anyway",
         path=path,
         permission=name,
