@@ -17,13 +17,13 @@ each other just as two processes do, and closing the descriptor drops them.
 
 virtkit takes exactly the bytes ``qemu-img``/``qemu-io`` take:
 
-=====================  ====================  ======================
-open                   held (100 + i)        not shared (200 + i)
-=====================  ====================  ======================
-writable               read, write, resize   write, resize
-read-only              read                  write, resize
-read-only, force-share read                  (nothing)
-=====================  ====================  ======================
+======================  ====================  ======================
+open                    held (100 + i)        not shared (200 + i)
+======================  ====================  ======================
+writable                read, write, resize   write, resize
+read-only               read                  write, resize
+read-only, force-share  read                  (nothing)
+======================  ====================  ======================
 
 So a running QEMU makes our writable *and* plain read-only opens fail with
 :class:`~virtkit.errors.ImageLockedError`, and our writable open makes QEMU
