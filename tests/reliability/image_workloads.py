@@ -15,13 +15,14 @@ acknowledgement (the operation may have been cut halfway) are not checked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,22 @@ class Model:
         self.snaps: dict[str, tuple[bytes, bytes]] = {}
         self.acked_snaps: set[str] = set()
         self.touched_snaps: set[str] = set()
+        self.failed_sizes: set[int] = set()
+        self.failed_snaps: set[str] = set()
         self.acks = 0
 
-    # -- recording (call begin_* before the operation, then the update after it) --
+    # -- recording: mark the range touched, do the operation, then update the model --
+    @contextlib.contextmanager
+    def _failing(self, offset: int, length: int) -> Iterator[None]:
+        """An operation that raises may have done part of its work: its range is unknown."""
+        try:
+            yield
+        except BaseException:
+            stop = min(offset + length, len(self.cur_known))
+            if offset < stop:
+                self.cur_known[offset:stop] = bytes(stop - offset)
+            raise
+
     def _touch(self, start: int, stop: int) -> None:
         stop = min(stop, len(self.dirty))
         if start < stop:
@@ -67,33 +81,41 @@ class Model:
     def write(self, img: Image, offset: int, data: bytes) -> None:
         """Write through ``img`` and record it."""
         self._touch(offset, offset + len(data))
-        img.write(offset, data)
+        with self._failing(offset, len(data)):
+            img.write(offset, data)
         self.cur[offset : offset + len(data)] = data
         self.cur_known[offset : offset + len(data)] = b"\1" * len(data)
 
     def write_zeroes(self, img: Image, offset: int, length: int) -> None:
         """Zero a range through ``img`` and record it."""
         self._touch(offset, offset + length)
-        img.write_zeroes(offset, length)
+        with self._failing(offset, length):
+            img.write_zeroes(offset, length)
         self.cur[offset : offset + length] = bytes(length)
         self.cur_known[offset : offset + length] = b"\1" * length
 
     def discard(self, img: Image, offset: int, length: int) -> None:
         """Discard a range (its content becomes unknown: zeroes or backing data)."""
         self._touch(offset, offset + length)
-        img.discard(offset, length)
+        with self._failing(offset, length):
+            img.discard(offset, length)
         self.cur_known[offset : offset + length] = bytes(length)
 
     def create_snapshot(self, img: Image, name: str) -> None:
         """Take a snapshot and remember its content."""
         self.touched_snaps.add(name)
-        img.create_snapshot(name)
+        try:
+            img.create_snapshot(name)
+        except BaseException:
+            self.failed_snaps.add(name)
+            raise
         self.snaps[name] = (bytes(self.cur), bytes(self.cur_known))
 
     def revert_snapshot(self, img: Image, name: str) -> None:
         """Revert to a snapshot: the whole disk changes."""
         self._touch(0, len(self.dirty))
-        img.revert_snapshot(name)
+        with self._failing(0, len(self.cur)):
+            img.revert_snapshot(name)
         content, known = self.snaps[name]
         self.cur[:] = content
         self.cur_known[:] = known
@@ -101,14 +123,24 @@ class Model:
     def delete_snapshot(self, img: Image, name: str) -> None:
         """Delete a snapshot."""
         self.touched_snaps.add(name)
-        img.delete_snapshot(name)
+        try:
+            img.delete_snapshot(name)
+        except BaseException:
+            self.failed_snaps.add(name)
+            raise
         del self.snaps[name]
 
     def resize(self, img: Image, size: int, *, shrink: bool = False) -> None:
         """Resize; the content is cut or zero-extended."""
         self.pending_sizes.add(size)
         self._touch(min(size, len(self.cur)), len(self.dirty))
-        img.resize(size, shrink=shrink)
+        try:
+            img.resize(size, shrink=shrink)
+        except BaseException:
+            self.failed_sizes.add(size)
+            cut = min(size, len(self.cur))
+            self.cur_known[cut:] = bytes(len(self.cur) - cut)
+            raise
         old = len(self.cur)
         if size < old:
             del self.cur[size:]
@@ -137,7 +169,7 @@ class Model:
     def verify(self, img: Image) -> None:
         """Assert that every acknowledged, untouched byte of ``img`` reads back exactly."""
         size = img.virtual_size
-        assert size == self.acked_size or size in self.pending_sizes, (
+        assert size == self.acked_size or size in self.pending_sizes | self.failed_sizes, (
             f"{img.path}: virtual size {size}, acknowledged {self.acked_size}"
             f" (pending {sorted(self.pending_sizes)})"
         )
@@ -157,8 +189,8 @@ class Model:
                         f"{have[i]:#04x}, expected {want[i]:#04x} (after {self.acks} acks)"
                     )
         names = {s.name for s in img.snapshots}
-        must = self.acked_snaps - self.touched_snaps
-        may = self.acked_snaps | self.touched_snaps
+        must = self.acked_snaps - self.touched_snaps - self.failed_snaps
+        may = self.acked_snaps | self.touched_snaps | self.failed_snaps
         assert must <= names <= may, (
             f"{img.path}: snapshots {sorted(names)}; acknowledged {sorted(self.acked_snaps)},"
             f" in flight {sorted(self.touched_snaps)}"

@@ -326,14 +326,19 @@ class PowerLoss(CrashAfter):
 class NoSpace(FaultPlan):
     """Make the file system full: writes fail with ``ENOSPC`` until :meth:`release`.
 
-    Give exactly one of ``after_bytes`` (the disk fills once this many bytes
-    have been written; the write that crosses the line stores what fits, then
-    fails) or ``at_write`` (the disk is full from that write on, 1-based).
+    Give exactly one of ``after_bytes`` (the disk fills once this many more
+    bytes have been allocated; the write that crosses the line stores what
+    fits, then fails) or ``at_write`` (the disk is full from that write on,
+    1-based). As on ext4 or XFS, only a write that needs new space fails: one
+    that extends the file or fills a hole. Overwriting allocated bytes still
+    works unless ``cow`` (a copy-on-write or thin-provisioned store, such as
+    btrfs, ZFS or a thin LVM volume, where every write needs new space).
     Truncating and punching holes need no space and still work.
 
     Args:
         after_bytes: bytes that still fit.
         at_write: the first write that finds the disk full.
+        cow: overwrites need space too.
 
     Attributes:
         failures: writes refused so far.
@@ -342,7 +347,9 @@ class NoSpace(FaultPlan):
         ConfigError: neither or both given, or a negative value.
     """
 
-    def __init__(self, *, after_bytes: int | None = None, at_write: int | None = None) -> None:
+    def __init__(
+        self, *, after_bytes: int | None = None, at_write: int | None = None, cow: bool = False
+    ) -> None:
         super().__init__()
         if (after_bytes is None) == (at_write is None):
             raise ConfigError("NoSpace needs exactly one of after_bytes or at_write")
@@ -352,6 +359,7 @@ class NoSpace(FaultPlan):
             )
         self.after_bytes = after_bytes
         self.at_write = at_write
+        self.cow = cow
         self.failures = 0
         self.released = False
         self._stored = 0
@@ -360,9 +368,21 @@ class NoSpace(FaultPlan):
         """Give the space back: later writes succeed."""
         self.released = True
 
+    def _needs_space(self, st: Any, offset: int, length: int) -> bool:
+        if self.cow:
+            return True
+        fd = st.fd
+        if fd is None or offset + length > os.fstat(fd).st_size:
+            return True
+        try:
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+        except OSError:
+            return True
+        return hole < offset + length
+
     def before(self, st: Any, op: str, offset: int, length: int, data: memoryview | None) -> None:
-        """Fail a write that does not fit, after storing the part that does."""
-        if op != "pwrite" or self.released:
+        """Fail a write that needs space the disk does not have, after storing what fits."""
+        if op != "pwrite" or self.released or not self._needs_space(st, offset, length):
             return
         if self.at_write is not None:
             if self.writes >= self.at_write:
