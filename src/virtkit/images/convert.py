@@ -26,7 +26,6 @@ from typing import Any
 
 from virtkit.errors import (
     ConfigError,
-    CorruptImageError,
     ImageError,
     UnsupportedFeatureError,
     VirtkitError,
@@ -426,40 +425,9 @@ def _measure(
 
 
 def _source_bitmaps(img: Image) -> list[tuple[str, int]]:
-    """``(name, granularity)`` of the persistent dirty bitmaps a qcow2 source holds."""
-    listed = img.info().format_specific.get("bitmaps")
-    if isinstance(listed, list):
-        return [(str(b["name"]), int(b["granularity"])) for b in listed]
-    # The engine does not list them in info(): read the bitmap directory it located.
-    meta = getattr(img, "meta", None)
-    storage = getattr(img, "st", None)
-    found = getattr(meta, "bitmaps", None)
-    if found is None or storage is None:
-        return []
-    count, dir_size, dir_offset = found
-    if dir_size > 64 << 20 or count > 65535:
-        raise CorruptImageError("bitmap directory is too large", path=img.path, offset=dir_offset)
-    raw = storage.pread(dir_offset, dir_size)
-    out: list[tuple[str, int]] = []
-    pos = 0
-    for _ in range(count):
-        if pos + 24 > len(raw):
-            raise CorruptImageError(
-                "bitmap directory is truncated", path=img.path, offset=dir_offset + pos
-            )
-        granularity_bits = raw[pos + 17]
-        name_size = int.from_bytes(raw[pos + 18 : pos + 20], "big")
-        extra = int.from_bytes(raw[pos + 20 : pos + 24], "big")
-        name_at = pos + 24 + extra
-        if name_at + name_size > len(raw) or granularity_bits > 63:
-            raise CorruptImageError(
-                "bitmap directory entry is malformed", path=img.path, offset=dir_offset + pos
-            )
-        out.append((raw[name_at : name_at + name_size].decode("utf-8", "replace"),
-                    1 << granularity_bits))  # fmt: skip
-        pos = name_at + name_size
-        pos += -pos % 8
-    return out
+    """``(name, granularity)`` of the persistent dirty bitmaps ``info()`` lists for a source."""
+    listed = img.info().format_specific.get("bitmaps", [])
+    return [(str(b["name"]), int(b["granularity"])) for b in listed]
 
 
 def _bitmaps_size(img: Image, cluster: int) -> int:
@@ -584,72 +552,63 @@ def commit(
 
     As ``qemu-img commit``: every range the overlay stores (data, or zeroes
     written over backing data) is written into the backing file, which grows
-    if the overlay is larger; afterwards the overlay is emptied so it reads
-    through to the updated backing file (an overlay with internal snapshots
-    keeps its clusters, which now equal the backing file's), or with
-    ``drop=True`` deleted.
+    if the overlay is larger; afterwards the overlay is emptied
+    (``make_empty``) so it reads through to the updated backing file, or with
+    ``drop=True`` deleted. Internal snapshots of the overlay keep their data.
+
+    The overlay stays open throughout and its backing file is reopened
+    read-write for the copy (QEMU's commit does the same with the backing
+    node), so the base is never writable by anyone else in between.
 
     Raises:
         ImageError: the image has no backing file, or I/O failed.
-        ImageLockedError: the overlay or its backing file is held by another process.
+        ImageLockedError: the overlay or its backing file is held by another
+            process (for example a QEMU running another overlay on the same base).
     """
-    images = _images()
     path = os.fspath(image)
     with _open(path, writable=True, allow_backing=allow_backing) as top:
-        backing_name = top.backing_file
-        if backing_name is None:
+        if top.backing_file is None:
             raise ImageError("cannot commit: the image has no backing file", path=path)
-        backing_format = getattr(top, "backing_format", None) or top.info().backing_format
-        folder = os.path.dirname(os.path.abspath(path))
-        backing_path = (
-            backing_name if os.path.isabs(backing_name) else os.path.join(folder, backing_name)
-        )
+        reopen_backing = getattr(top, "reopen_backing", None)
+        make_empty = getattr(top, "make_empty", None)
+        if reopen_backing is None or make_empty is None:
+            raise UnsupportedFeatureError(
+                f"cannot commit {top.format} images", feature="commit", path=path
+            )
         extents = [
             e for e in top.block_status(0, top.virtual_size, include_backing=False)
             if e.kind != "unallocated"
         ]  # fmt: skip
-        total = sum(e.length for e in extents)
-        done = 0
-        with _open(backing_path, writable=True, format=backing_format) as base:
-            if base.virtual_size < top.virtual_size:
-                base.resize(top.virtual_size)
-            for ext in extents:
-                if ext.kind == "zero":
-                    base.write_zeroes(ext.start, ext.length)
-                    done += ext.length
-                else:
-                    for start, stop in _chunks(ext.start, ext.start + ext.length, CHUNK):
-                        base.write(start, top.read(start, stop - start))
-                        done += stop - start
-                        if progress is not None:
-                            progress(done, total)
-                if progress is not None:
-                    progress(done, total)
-            base.flush()
-        if drop:
-            pass
-        elif hasattr(top, "make_empty"):
-            top.make_empty()
+        base: Image = reopen_backing(writable=True)
+        try:
+            _commit_into(top, base, extents, progress)
+        finally:
+            if not top.closed:
+                reopen_backing(writable=False)
+        if not drop:
+            make_empty()
             top.flush()
-            return
-        elif not top.snapshots:
-            options = {"cluster_size": top.cluster_size, "backing": backing_name,
-                       "backing_format": backing_format}  # fmt: skip
-            compat = top.info().format_specific.get("compat")
-            if compat:
-                options["compat"] = compat
-            size = top.virtual_size
-        else:
-            return
     if drop:
         os.unlink(path)
-        return
-    # Empty the overlay by replacing it with a fresh one over the same backing file.
-    tmp = _temp_name(path)
-    try:
-        images.create(tmp, size, format="qcow2", **options).close()
-        os.replace(tmp, path)
         _sync_dir(path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def _commit_into(top: Image, base: Image, extents: list[Extent], progress: Progress | None) -> None:
+    """Copy the overlay's own ``extents`` into the (writable) ``base``."""
+    total = sum(e.length for e in extents)
+    done = 0
+    if base.virtual_size < top.virtual_size:
+        base.resize(top.virtual_size)
+    for ext in extents:
+        if ext.kind == "zero":
+            base.write_zeroes(ext.start, ext.length)
+            done += ext.length
+        else:
+            for start, stop in _chunks(ext.start, ext.start + ext.length, CHUNK):
+                base.write(start, top.read(start, stop - start))
+                done += stop - start
+                if progress is not None:
+                    progress(done, total)
+        if progress is not None:
+            progress(done, total)
+    base.flush()

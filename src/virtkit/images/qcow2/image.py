@@ -167,23 +167,80 @@ class Qcow2Image(Image):
                     path=self.path,
                 )
             real = chain.resolve(self.path, meta.data_file, self._allow, what="data file")
-            self._data_st_own = FileStorage(real, writable=False, force_share=True)
+            # QEMU's data-file child of a read-only node: consistent read, write unshared
+            self._data_st_own = FileStorage(real, writable=False, force_share=self._force_share)
             self.data_st = self._data_st_own
             self.mapper.external = True
         if meta.backing_file is not None:
-            real = chain.resolve(self.path, meta.backing_file, self._allow, what="backing file")
-            fmt = chain.backing_format(meta.backing_format, real, self.path)
-            chain.STACK.push(self.path)
-            try:
-                self.backing = images.open(
-                    real,
-                    writable=False,
-                    format=fmt,  # type: ignore[arg-type]
-                    allow_backing=self._allow,
-                    force_share=True,
-                )
-            finally:
-                chain.STACK.pop()
+            self.backing = self._open_backing(writable=False)
+
+    def _open_backing(self, *, writable: bool) -> Image:
+        """Open the recorded backing file with the locks QEMU takes for a backing child.
+
+        QEMU (``bdrv_default_perms_for_cow`` in ``block.c``) asks a backing
+        file for consistent read only and shares neither write nor resize, so
+        read-only, without ``force_share``: nobody may write the base under an
+        overlay, while any number of overlays (ours or a running QEMU's) read
+        it. ``force_share`` on the overlay (``qemu-img -U``) is inherited, as
+        QEMU's ``force-share`` option is.
+        """
+        meta = self.meta
+        if meta.backing_file is None:
+            raise ImageError("the image has no backing file", path=self.path)
+        real = chain.resolve(self.path, meta.backing_file, self._allow, what="backing file")
+        fmt = chain.backing_format(meta.backing_format, real, self.path)
+        chain.STACK.push(self.path)
+        try:
+            opened: Image = images.open(
+                real,
+                writable=writable,
+                format=fmt,  # type: ignore[arg-type]
+                allow_backing=self._allow,
+                force_share=self._force_share and not writable,
+            )
+        finally:
+            chain.STACK.pop()
+        return opened
+
+    def reopen_backing(self, *, writable: bool) -> Image:
+        """Reopen the backing file read-write (or back read-only) and return it.
+
+        This is how :func:`virtkit.images.commit` writes into the base while
+        the overlay stays open, as QEMU's commit reopens the backing node
+        read-write: the read-only open (whose lock refuses writers) is closed
+        and the file opened writable, taking the write lock. Reads of the
+        overlay go on falling through to the returned image. Call it again
+        with ``writable=False`` when done.
+
+        Raises:
+            ImageError: the image has no backing file, is closed, or is not
+                open writable (a writable base under a read-only overlay is
+                refused).
+            ImageLockedError: another process holds the backing file (for
+                example a QEMU running another overlay on it); the backing file
+                is then open read-only again, as before the call.
+        """
+        self._live()
+        if writable:
+            self._require_writable("reopen the backing file read-write")
+        if self.backing is None:
+            raise ImageError("the image has no backing file to reopen", path=self.path)
+        if self.backing.writable == writable:
+            return self.backing
+        old, self.backing = self.backing, None
+        old.close()
+        try:
+            self.backing = self._open_backing(writable=writable)
+        except BaseException:
+            restored = False
+            with contextlib.suppress(VirtkitError):
+                self.backing = self._open_backing(writable=False)
+                restored = True
+            if not restored:
+                # Reads would show zeroes where the base has data: give up the image.
+                self.close()
+            raise
+        return self.backing
 
     def _repair_dirty(self) -> None:
 
@@ -866,6 +923,72 @@ class Qcow2Image(Image):
             l2[idx * step] = target[0]
         self._write_l2(l2off, l2, base, base + k)
         self._release_all(olds)
+
+    # ---- emptying ----
+    @guarded
+    def make_empty(self) -> None:
+        """Drop every cluster mapping of the active disk, as QEMU's ``bdrv_make_empty``.
+
+        Afterwards nothing is allocated in this image: every range reads
+        through to the backing file (zeroes without one). It is the last step
+        of ``qemu-img commit`` (without ``-d``). Internal snapshots keep their
+        clusters; every cluster only the active disk used is freed and, where
+        the file system can, its space given back (hole punched).
+
+        Crash-safe like every write here: a batch of L1 entries is cleared and
+        flushed before the L2 tables and data clusters they reached lose their
+        references, so dying half-way leaks clusters (``check(repair=True)``
+        reclaims them) but never leaves a reference to a freed cluster.
+
+        Raises:
+            ImageError: the image is open read-only.
+            CorruptImageError: an L2 entry points at a cluster whose refcount
+                is already zero (the image is marked corrupt; nothing changed).
+        """
+        self._require_writable("empty the image")
+        self._run_write(self._make_empty)
+
+    def _make_empty(self) -> None:
+        self._prepare_write()
+        cb = self.cb
+        # bounded memory: this many L1 entries' worth of references at a time
+        batch = max(1, (1 << 20) // self.l2_entries)
+        l1_off = self.hdr.l1_table_offset
+        freed: set[int] = set()
+        for lo in range(0, len(self.l1), batch):
+            hi = min(lo + batch, len(self.l1))
+            part = array("Q", self.l1[lo:hi])
+            if not any(e & layout.L1E_OFFSET_MASK for e in part):
+                continue
+            changes = snapshots.tree_refs(self, part, l1_off + lo * 8, -1)
+            drops: dict[int, int] = {}
+            for c, d in changes:
+                drops[c] = drops.get(c, 0) - d
+            for c, n in drops.items():
+                if self.refs.get(c) < n:
+                    self._mark_corrupt(
+                        f"host cluster {c} is referenced from the active L1/L2 tables but its "
+                        f"refcount is {self.refs.get(c)}",
+                        c << cb,
+                    )
+            self.st.pwrite(l1_off + lo * 8, bytes((hi - lo) * 8))
+            self.st.flush()
+            self.l1[lo:hi] = array("Q", bytes((hi - lo) * 8))
+            self._meta_changed()
+            self.refs.update(changes)
+            for e in part:
+                off = e & layout.L1E_OFFSET_MASK
+                if off and not self.refs.get(off >> cb):
+                    self.mapper.forget_l2(off)
+            freed.update(c for c in drops if not self.refs.get(c))
+        self._cluster_cache = None
+        self._cfree = 0
+        self.st.flush()
+        punch = getattr(self.st, "punch_hole", None)
+        if callable(punch):
+            for first, stop, _ in _coalesce([(c, c << cb) for c in sorted(freed)], self.cs):
+                if not punch(first << cb, (stop - first) << cb):
+                    break
 
     # ---- block status ----
     @guarded
