@@ -220,9 +220,18 @@ class Workload:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _qcow2(path: Path, **opts: Any) -> None:
-    opts.setdefault("cluster_size", CS)
-    with images.create(path, SIZE, **opts):
+#: Extra qcow2 creation options for every image the workloads make (the campaign's
+#: ``--variant``): e.g. ``{"compat": "0.10"}`` or ``{"refcount_bits": 1}``.
+VARIANT: dict[str, Any] = {}
+
+
+def opts(**more: Any) -> dict[str, Any]:
+    """qcow2 creation options: 4 KiB clusters, the current variant, then ``more``."""
+    return {"cluster_size": CS, **VARIANT, **more}
+
+
+def _qcow2(path: Path) -> None:
+    with images.create(path, SIZE, **opts()):
         pass
 
 
@@ -232,7 +241,7 @@ def _create_setup(d: Path) -> None:
 
 
 def _create_run(d: Path, st: dict[str, Any]) -> None:
-    with images.create(d / "disk.qcow2", SIZE, cluster_size=CS) as img:
+    with images.create(d / "disk.qcow2", SIZE, **opts()) as img:
         m = st["model"] = Model(bytes(SIZE))
         m.write(img, 5 * CS + 100, _pattern(1, 3 * CS))
         m.flush(img)
@@ -273,12 +282,12 @@ def _chain_setup(d: Path) -> None:
     with images.create(d / "base.raw", SIZE, format="raw") as base:
         base.write(0, _pattern(11, SIZE))
     with images.create(
-        d / "mid.qcow2", cluster_size=CS, backing="base.raw", backing_format="raw"
+        d / "mid.qcow2", **opts(backing="base.raw", backing_format="raw")
     ) as mid:
         mid.write(3 * CS, _pattern(12, 40 * CS))
         mid.write_zeroes(100 * CS, 10 * CS)
     with images.create(
-        d / "top.qcow2", cluster_size=CS, backing="mid.qcow2", backing_format="qcow2"
+        d / "top.qcow2", **opts(backing="mid.qcow2", backing_format="qcow2")
     ):
         pass
 
@@ -359,12 +368,12 @@ def _convert_setup(d: Path) -> None:
         for i in range(0, 120, 3):  # compressible and incompressible clusters
             data = _pattern(60 + i, CS) if i % 2 else _pattern(60 + i, CS // 2) + half
             img.write(i * CS, data)
-    with images.create(d / "dst.qcow2", SIZE, cluster_size=CS) as old:
+    with images.create(d / "dst.qcow2", SIZE, **opts()) as old:
         old.write(0, _pattern(99, 10 * CS))
 
 
 def _convert_run(d: Path, st: dict[str, Any]) -> None:
-    images.convert(d / "src.qcow2", d / "dst.qcow2", compress=True, cluster_size=CS)
+    images.convert(d / "src.qcow2", d / "dst.qcow2", compress=True, **opts())
 
 
 def _convert_check(d: Path, st: dict[str, Any]) -> None:
