@@ -30,18 +30,28 @@ from virtkit import images
 from virtkit.testing import faults
 
 
-def scattered(img: images.Image, m: Model, seed: int = 5, count: int = 30) -> None:
-    """Writes, zeroes and discards all over the disk, flushed every few operations."""
+def scattered(img: images.Image, m: Model, seed: int = 5, count: int = 30, start: int = 0) -> None:
+    """Writes and zeroings all over the disk, flushed every few operations.
+
+    ``start`` skips the first operations (to retry from a failed one). An
+    ``ImageError`` raised by operation ``i`` carries ``i`` as ``.op_index``.
+    """
     rnd = random.Random(seed)
     for i in range(count):
         off = rnd.randrange(0, SIZE - 1)
         length = min(rnd.choice([700, CS, 3 * CS + 1, 8 * CS]), SIZE - off)
-        if i % 6 == 5:
-            m.write_zeroes(img, off, length)
-        else:
-            m.write(img, off, pattern(1000 + i, length))
-        if i % 4 == 3:
-            m.flush(img)
+        if i < start:
+            continue
+        try:
+            if i % 6 == 5:
+                m.write_zeroes(img, off, length)
+            else:
+                m.write(img, off, pattern(1000 + i, length))
+            if i % 4 == 3:
+                m.flush(img)
+        except virtkit.ImageError as exc:
+            exc.op_index = i  # type: ignore[attr-defined]
+            raise
 
 
 def assert_enospc(exc: virtkit.ImageError, path: Path) -> None:
@@ -120,7 +130,9 @@ class TestDiskFullDuringWrites:
                         assert_enospc(exc, path)
                         assert plan.failures == 1
                         raised += 1
-                    plan.release()  # space comes back: the same handle carries on
+                        plan.release()  # space comes back: the caller retries and goes on
+                        scattered(img, m, start=exc.op_index)  # type: ignore[attr-defined]
+                    plan.release()
                     m.write(img, 3 * CS + 11, pattern(77, 2 * CS))
                     m.flush(img)
             m.ack()
