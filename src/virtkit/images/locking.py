@@ -23,7 +23,16 @@ open                    held (100 + i)        not shared (200 + i)
 writable                read, write, resize   write, resize
 read-only               read                  write, resize
 read-only, force-share  read                  (nothing)
+backing file            read                  write, resize
 ======================  ====================  ======================
+
+A backing (or external data) file is opened like a read-only image, as QEMU
+opens a backing child (``bdrv_default_perms_for_cow`` in ``block.c``): it holds
+consistent read and shares neither write nor resize, whether the overlay is
+open writable or not. So nobody may write a base under an open overlay, while
+any number of overlays (ours, QEMU's) read it; ``force_share`` on the overlay
+is inherited. ``commit`` writes the base by reopening it read-write through the
+overlay, as QEMU's commit reopens the backing node.
 
 So a running QEMU makes our writable *and* plain read-only opens fail with
 :class:`~virtkit.errors.ImageLockedError`, and our writable open makes QEMU
