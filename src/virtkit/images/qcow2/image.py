@@ -932,8 +932,9 @@ class Qcow2Image(Image):
         Afterwards nothing is allocated in this image: every range reads
         through to the backing file (zeroes without one). It is the last step
         of ``qemu-img commit`` (without ``-d``). Internal snapshots keep their
-        clusters; every cluster only the active disk used is freed and, where
-        the file system can, its space given back (hole punched).
+        clusters; every cluster only the active disk used is freed, its space
+        given back where the file system can (hole punched), and the file cut
+        after its last cluster still in use.
 
         Crash-safe like every write here: a batch of L1 entries is cleared and
         flushed before the L2 tables and data clusters they reached lose their
@@ -989,6 +990,23 @@ class Qcow2Image(Image):
             for first, stop, _ in _coalesce([(c, c << cb) for c in sorted(freed)], self.cs):
                 if not punch(first << cb, (stop - first) << cb):
                     break
+        self._trim_free_tail()
+
+    def _trim_free_tail(self) -> None:
+        """Cut the file after its last referenced cluster (free clusters only are dropped)."""
+        refs = self.refs
+        end = 0
+        for t in range(len(refs.table) - 1, -1, -1):
+            blk = refs.block(t)
+            if blk is None:
+                continue
+            last = next((i for i in range(len(blk) - 1, -1, -1) if blk[i]), -1)
+            if last >= 0:
+                end = (t * refs.per_block + last + 1) << self.cb
+                break
+        if end and end < self.st.size():
+            self.st.truncate(end)
+            self.st.flush()
 
     # ---- block status ----
     @guarded
