@@ -20,12 +20,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from image_workloads import CS, SIZE, Model, copied_flag_window, qemu_check
 
+import virtkit
 from virtkit import images
+from virtkit.testing import faults
 
 #: Kills per image format variant in the default run.
 KILLS = 10
@@ -33,7 +36,9 @@ KILLS = 10
 CHILD = textwrap.dedent(
     """
     import sys
-    from virtkit import images
+    import virtkit
+from virtkit import images
+from virtkit.testing import faults
     sys.path.insert(0, sys.argv[3])
     from test_image_kill9 import data, operations
 
@@ -192,3 +197,80 @@ class TestKill9:
         figures = kill_rounds(path, KILLS, seed=2)
         print(f"kill -9 qcow2 v2: {figures}")
         assert figures["survived"] == figures["kills"] == KILLS
+
+
+def die_at(n: int, work: Callable[[], object], only: Path) -> int:
+    """Run ``work`` in a forked child that ends with ``os._exit(137)`` at write ``n``.
+
+    No ``finally`` or clean-up handler runs after write ``n - 1``: what a
+    ``kill -9`` landing exactly there leaves. Returns the child's exit code.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            with faults.inject(faults.CrashAfter(n, hard=True), only=only):
+                work()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+class TestKilledAtExactWrite:
+    """kill -9 landing exactly before write N (a forked child ends with os._exit)."""
+
+    def test_create_killed_at_each_write(self, tmp_path: Path) -> None:
+        """A create cut anywhere leaves no file, a good image, or one refused with a clear error."""
+        path = tmp_path / "new.qcow2"
+        with faults.inject(faults.Recorder(), only=tmp_path) as rec:
+            images.create(path, SIZE, cluster_size=CS).close()
+        counts = {"absent": 0, "opens": 0, "refused": 0}
+        for n in range(1, rec.writes + 1):
+            path.unlink(missing_ok=True)
+            code = die_at(n, lambda: images.create(path, SIZE, cluster_size=CS).close(), tmp_path)
+            assert code == 137, f"create finished before write {n}"
+            if not path.exists():
+                counts["absent"] += 1
+                continue
+            refused: virtkit.ImageError | None = None
+            try:
+                with images.open(path, format="qcow2") as img:
+                    img.read(0, img.virtual_size)
+            except virtkit.ImageError as exc:
+                refused = exc
+            if refused is not None:
+                assert refused.path == str(path), refused
+                counts["refused"] += 1
+                continue
+            report = qemu_check(path)
+            assert report["rc"] == 0, report["stderr"]
+            counts["opens"] += 1
+        print(f"create killed at each of {rec.writes} writes: {counts}")
+        assert sum(counts.values()) == rec.writes
+
+    def test_convert_killed_at_sampled_writes(self, tmp_path: Path) -> None:
+        """A convert cut anywhere leaves the old destination intact (a hidden temp file may stay)."""
+        src, dst = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
+        with images.create(src, SIZE, cluster_size=CS) as img:
+            img.write(0, data(5, 60 * CS))
+        with images.create(dst, SIZE, cluster_size=CS) as old:
+            old.write(0, b"old" * 3000)
+        before = dst.read_bytes()
+        with faults.inject(faults.Recorder(), only=tmp_path) as rec:
+            images.convert(src, dst, compress=True, cluster_size=CS)
+        dst.write_bytes(before)  # back to the old destination
+        step = max(1, rec.writes // 20)
+        tried = 0
+        for n in range(1, rec.writes + 1, step):
+            work = lambda: images.convert(src, dst, compress=True, cluster_size=CS)  # noqa: E731
+            assert die_at(n, work, tmp_path) == 137
+            assert dst.read_bytes() == before, f"destination changed by a convert killed at {n}"
+            for stray in tmp_path.glob(".dst.qcow2.*.tmp"):
+                stray.unlink()  # what a killed convert leaves behind
+            tried += 1
+        print(f"convert killed at {tried} of {rec.writes} writes: destination intact each time")
+        images.convert(src, dst, compress=True, cluster_size=CS)
+        with images.open(src) as a, images.open(dst) as b:
+            assert a.read(0, SIZE) == b.read(0, SIZE)

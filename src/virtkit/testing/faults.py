@@ -29,7 +29,9 @@ Plans:
 * :class:`PowerLoss` does the same, but first undoes, file by file, every
   write made since that file's last ``flush()``: what a power cut does to a
   volatile disk cache. The old bytes are kept in an undo log and restored in
-  reverse order.
+  reverse order; with ``keep`` a random subset of the unflushed writes
+  survives instead (a cache that wrote back out of order). Linux only: the
+  log reopens files through ``/proc/self/fd``.
 * :class:`NoSpace` makes writes fail with ``OSError(ENOSPC)`` exactly where the
   operating system would (a write that only partly fits stores its first part
   first), until :meth:`NoSpace.release` gives the space back. The error enters
@@ -183,8 +185,15 @@ class Recorder(FaultPlan):
 class CrashAfter(FaultPlan):
     """Die instead of performing the ``n``-th write (1-based); writes before it complete.
 
+    By default the death is a :class:`SimulatedCrash`, which unwinds the stack:
+    ``finally`` blocks and ``except BaseException`` clean-ups in virtkit still
+    run (with every further write refused). With ``hard=True`` the process
+    ends on the spot with ``os._exit(137)``, as under ``kill -9``: nothing runs
+    after write ``n - 1``. Use that only in a child process (``os.fork()``).
+
     Args:
         n: the write that never happens. A workload with fewer writes completes.
+        hard: end the whole process instead of raising.
 
     Raises:
         ConfigError: ``n`` is below 1.
@@ -192,15 +201,18 @@ class CrashAfter(FaultPlan):
 
     power_loss = False
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, hard: bool = False) -> None:
         super().__init__()
         if n < 1:
             raise ConfigError(f"the crash index must be at least 1 (got {n})", field="n")
         self.n = n
+        self.hard = hard
 
     def before(self, st: Any, op: str, offset: int, length: int, data: memoryview | None) -> None:
-        """Raise :class:`SimulatedCrash` at the n-th write."""
+        """Raise :class:`SimulatedCrash` (or end the process) at the n-th write."""
         if op in WRITE_OPS and self.writes == self.n:
+            if self.hard:
+                os._exit(137)
             self._crash(st, op)
 
 
