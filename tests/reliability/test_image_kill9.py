@@ -36,9 +36,7 @@ KILLS = 10
 CHILD = textwrap.dedent(
     """
     import sys
-    import virtkit
-from virtkit import images
-from virtkit.testing import faults
+    from virtkit import images
     sys.path.insert(0, sys.argv[3])
     from test_image_kill9 import data, operations
 
