@@ -24,6 +24,7 @@ Usage::
     .venv/bin/python scripts/crash_campaign.py --kind crash --kind power
     .venv/bin/python scripts/crash_campaign.py --workload snapshots --variant v2
     .venv/bin/python scripts/crash_campaign.py --limit 60 --json figures.json
+    .venv/bin/python scripts/crash_campaign.py --kind crash --kills 200      # + real kill -9
 
 The default test run samples the same sweeps (``tests/reliability/``).
 """
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import virtkit
+from virtkit import images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "reliability"))
 W: Any = importlib.import_module("image_workloads")  # the test suite's workloads
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="crash points per row (default: all)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--show", type=int, default=2, help="failures printed per row")
+    ap.add_argument(
+        "--kills", type=int, default=0, help="also SIGKILL a real writer process this many times"
+    )
     args = ap.parse_args(argv)
     workloads = args.workload or sorted(W.WORKLOADS)
     kinds = args.kind or list(W.KINDS)
@@ -100,12 +105,49 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(variant=variant, seconds=round(secs, 1), failed=len(figs.failures))
                 row["first_failures"] = [f[:2000] for f in figs.failures[:5]]
                 rows.append(row)
+    if args.kills:
+        broken += kill_campaign(args.kills, rows)
     tried = sum(r["tried"] for r in rows)
     survived = sum(r["survived"] for r in rows)
     print(f"total: {tried} crash points tried, {survived} survived, {broken} rows with failures")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0 if broken == 0 else 1
+
+
+def kill_campaign(kills: int, rows: list[dict[str, Any]]) -> int:
+    """``kill -9`` a real writer ``kills`` times per image kind; return rows that failed."""
+    k9: Any = importlib.import_module("test_image_kill9")
+    failed = 0
+    for label, opts, seed in [
+        ("v3", {}, 11),
+        ("v2-512", {"compat": "0.10", "cluster_size": 512}, 12),
+    ]:
+        with tempfile.TemporaryDirectory(prefix="virtkit-kill-") as tmp:
+            path = Path(tmp) / "disk.qcow2"
+            create: dict[str, Any] = {"cluster_size": W.CS, **opts}
+            images.create(path, W.SIZE, **create).close()
+            started = time.monotonic()
+            try:
+                figs = k9.kill_rounds(path, kills, seed=seed)
+                error = ""
+            except AssertionError as exc:
+                figs, error = {}, str(exc)
+                failed += 1
+        print(f"kill -9 {label:<8} {figs or 'FAILED'} {time.monotonic() - started:.1f}s")
+        if error:
+            print("    FAIL " + error[:1500])
+        rows.append(
+            {
+                "workload": "kill9",
+                "variant": label,
+                "kind": "sigkill",
+                **figs,
+                "tried": figs.get("kills", 0),
+                "survived": figs.get("survived", 0),
+            }
+        )
+    return failed
 
 
 if __name__ == "__main__":
