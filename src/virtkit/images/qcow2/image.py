@@ -1109,31 +1109,41 @@ class Qcow2Image(Image):
     # ---- info / check ----
     @guarded
     def info(self) -> ImageInfo:
-        """What ``qemu-img info --output=json`` reports for this image."""
+        """What ``qemu-img info --output=json`` reports for this image.
+
+        ``format_specific`` holds qemu-img's qcow2 fields, in its order; with
+        persistent dirty bitmaps it has ``bitmaps``, a list of ``{"flags",
+        "name", "granularity"}`` (flags ``"in-use"``, ``"auto"``), omitted when
+        there are none (or the bitmaps extension is stale).
+
+        Raises:
+            CorruptImageError: the bitmap directory is damaged.
+        """
         self._live()
         alloc = getattr(self.st, "allocated_bytes", None)
         actual = int(alloc()) if callable(alloc) else os.stat(self.path).st_blocks * 512
+        # keys in the order qemu-img prints them
         spec: dict[str, Any] = {"compat": "1.1" if self.v3 else "0.10"}
         spec["compression-type"] = self.compression_type
         if self.v3:
             spec["lazy-refcounts"] = bool(
                 self.hdr.compatible_features & layout.COMPAT_LAZY_REFCOUNTS
             )
-        spec["refcount-bits"] = 1 << self.hdr.refcount_order
-        if self.v3:
-            spec["corrupt"] = self._corrupt
-            spec["extended-l2"] = self.extended
         bitmaps = metadata.read_bitmaps(self.st, self.meta) if self.v3 else []
         if bitmaps:
             spec["bitmaps"] = [
                 {"flags": b.flag_names(), "name": b.name, "granularity": 1 << b.granularity_bits}
                 for b in bitmaps
             ]
+        spec["refcount-bits"] = 1 << self.hdr.refcount_order
         if self.meta.data_file is not None:
             spec["data-file"] = self.meta.data_file
             spec["data-file-raw"] = bool(
                 self.hdr.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW
             )
+        if self.v3:
+            spec["corrupt"] = self._corrupt
+            spec["extended-l2"] = self.extended
         return ImageInfo(
             filename=self.path,
             format="qcow2",
