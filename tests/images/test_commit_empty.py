@@ -146,6 +146,19 @@ class TestMakeEmpty:
         assert _raw(qemu_img, top, tmp_path / "reverted.raw") == before
         _check(qemu_img, top)
 
+    def test_bitmaps_survive(self, tmp_path: Path, qemu_img: Run) -> None:
+        """Persistent bitmaps keep their clusters (flagged in-use); the image checks clean."""
+        base, top = _chain(qemu_img, tmp_path, VARIANTS["v3-64k"])
+        qemu_img("bitmap", "--add", top, "track")
+        img = _open(top)
+        with img:
+            img.make_empty()
+        assert qemu_img("compare", top, base).returncode == 0
+        _check(qemu_img, top)
+        info = json.loads(qemu_img("info", "--output=json", top).stdout)
+        bitmaps = info["format-specific"]["data"]["bitmaps"]
+        assert [(b["name"], b["flags"]) for b in bitmaps] == [("track", ["in-use", "auto"])]
+
     def test_image_stays_usable(self, tmp_path: Path, qemu_img: Run) -> None:
         """After emptying, writes allocate afresh and qemu-io reads them back."""
         _base, top = _chain(qemu_img, tmp_path, VARIANTS["v3-4k"])

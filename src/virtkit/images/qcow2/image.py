@@ -932,9 +932,9 @@ class Qcow2Image(Image):
         Afterwards nothing is allocated in this image: every range reads
         through to the backing file (zeroes without one). It is the last step
         of ``qemu-img commit`` (without ``-d``). Internal snapshots keep their
-        clusters; every cluster only the active disk used is freed, its space
-        given back where the file system can (hole punched), and the file cut
-        after its last cluster still in use.
+        clusters; every cluster only the active disk used is freed and its
+        space given back where the file system can (hole punched); without
+        snapshots or bitmaps the file is also cut after its last cluster in use.
 
         Crash-safe like every write here: a batch of L1 entries is cleared and
         flushed before the L2 tables and data clusters they reached lose their
@@ -993,18 +993,26 @@ class Qcow2Image(Image):
         self._trim_free_tail()
 
     def _trim_free_tail(self) -> None:
-        """Cut the file after its last referenced cluster (free clusters only are dropped)."""
+        """Cut the file after its last referenced cluster (free clusters only are dropped).
+
+        Only when the active disk is all there is (no snapshots, no bitmaps),
+        as QEMU's ``make_completely_empty``: then every cluster in use is one
+        whose refcount was just checked or a fixed table, and a wrong refcount
+        elsewhere cannot make us cut off data.
+        """
+        if self.snaps or self.meta.bitmaps is not None:
+            return
         refs = self.refs
-        end = 0
+        end = (max(self.metadata_clusters()) + 1) << self.cb
         for t in range(len(refs.table) - 1, -1, -1):
             blk = refs.block(t)
             if blk is None:
                 continue
             last = next((i for i in range(len(blk) - 1, -1, -1) if blk[i]), -1)
             if last >= 0:
-                end = (t * refs.per_block + last + 1) << self.cb
+                end = max(end, (t * refs.per_block + last + 1) << self.cb)
                 break
-        if end and end < self.st.size():
+        if end < self.st.size():
             self.st.truncate(end)
             self.st.flush()
 
