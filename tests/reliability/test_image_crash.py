@@ -15,7 +15,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from image_workloads import DEFAULT_POINTS, WORKLOADS, run_sweep
+from image_workloads import (
+    CS,
+    DEFAULT_POINTS,
+    SIZE,
+    WORKLOADS,
+    Model,
+    check_consistent,
+    copied_flag_window,
+    qemu_check,
+    run_sweep,
+)
+
+from virtkit import images
 
 
 class TestCrashAfterWrite:
@@ -36,3 +48,40 @@ class TestCrashAfterWrite:
     def test_every_crash_point(self, name: str, tmp_path: Path) -> None:
         """Every single write index of the workload is a survivable crash point."""
         run_sweep(name, "crash", tmp_path, None)
+
+
+class TestTheCheckerBites:
+    """Negative controls: the after-crash checks fail on real damage."""
+
+    def test_lost_acknowledged_write_is_caught(self, tmp_path: Path) -> None:
+        """Zeroing a flushed data cluster behind the engine's back fails the model check."""
+        path = tmp_path / "disk.qcow2"
+        with images.create(path, SIZE, cluster_size=CS) as img:
+            m = Model(bytes(SIZE))
+            m.write(img, 10 * CS, b"\x77" * CS)
+            m.flush(img)
+            host = next(iter(img.block_status(10 * CS, CS, include_backing=False)))
+            assert host.kind == "data"
+        raw = bytearray(path.read_bytes())
+        at = raw.index(b"\x77" * CS)
+        raw[at : at + CS] = bytes(CS)
+        path.write_bytes(bytes(raw))
+        with images.open(path) as img, pytest.raises(AssertionError, match="acknowledged byte"):
+            m.verify(img)
+
+    def test_refcount_below_references_is_corruption(self, tmp_path: Path) -> None:
+        """A zeroed refcount of a used cluster is reported as harmful, not as the flag window."""
+        path = tmp_path / "disk.qcow2"
+        with images.create(path, SIZE, cluster_size=CS, refcount_bits=16) as img:
+            img.write(0, b"\x55" * CS)
+        raw = bytearray(path.read_bytes())
+        data_cluster = raw.index(b"\x55" * CS) // CS
+        table = int.from_bytes(raw[48:56], "big")  # header: refcount_table_offset
+        refblock = int.from_bytes(raw[table : table + 8], "big")  # its first entry
+        raw[refblock + 2 * data_cluster : refblock + 2 * data_cluster + 2] = bytes(2)
+        path.write_bytes(bytes(raw))
+        report = qemu_check(path)
+        _harmless, harmful = copied_flag_window(report)
+        assert report["corruptions"] > 0 and harmful, report["stderr"]
+        with pytest.raises(AssertionError, match="qemu-img check"):
+            check_consistent(tmp_path, WORKLOADS["scattered"], {"model": Model(bytes(SIZE))}, "x")
