@@ -176,6 +176,26 @@ class TestBackingLockBytes:
             assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
             assert img.read(MiB, 4096) == b"\x66" * 4096
 
+    def test_data_file_locked_like_qemu_system(
+        self, tmp_path: Path, qemu_img: Run, hold: Callable[[list[str], Path], _Holder]
+    ) -> None:
+        """An external data file gets the bytes a read-only QEMU drive takes on it."""
+        data = tmp_path / "d.raw"
+        path = tmp_path / "d.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", path, "1M")
+        argv = [
+            _tool("qemu-system-x86_64"), "-nodefaults", "-display", "none", "-S", "-m", "16",
+            "-machine", "pc,accel=tcg",
+            "-drive", f"file={path},format=qcow2,if=virtio,readonly=on",
+        ]  # fmt: skip
+        qemu = hold(argv, data)
+        theirs = locking.probe(data)
+        qemu.stop()
+        with virtkit.images.open(path):
+            assert locking.probe(data) == theirs == BACKING_LOCKS
+            proc = _qemu_io(data, "raw", "write 0 512")
+            assert 'Failed to get "write" lock' in proc.stderr + proc.stdout
+
     def test_whole_chain_is_locked(self, tmp_path: Path, qemu_img: Run) -> None:
         """Every backing file down a three-deep chain is locked against writers."""
         base = tmp_path / "b.qcow2"
