@@ -70,6 +70,11 @@ def _chain(qemu_img: Run, folder: Path, options: str, base_fmt: str = "qcow2") -
     return base, top
 
 
+def _image_with(qemu_img: Run, path: Path, options: str, size: str) -> Path:
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, path, size)
+    return path
+
+
 def _check(qemu_img: Run, path: Path) -> dict[str, Any]:
     """qemu-img check --output=json; it must report no problem at all."""
     proc = qemu_img("check", "--output=json", path, check=False)
@@ -114,6 +119,22 @@ class TestMakeEmpty:
         assert _stored_ranges(qemu_img, top) == []
         report = _check(qemu_img, top)
         assert top.stat().st_size == report["image-end-offset"]
+
+    def test_many_l1_batches(self, tmp_path: Path, qemu_img: Run) -> None:
+        """A 512-byte-cluster disk of 256 MiB (8192 L1 entries) is emptied batch by batch."""
+        base = _image_with(qemu_img, tmp_path / "base.qcow2", "cluster_size=512", "256M")
+        _qemu_io(base, "write -P 0x11 0 1M", "write -P 0x12 250M 64k")
+        top = tmp_path / "top.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+                 "-b", "base.qcow2", "-F", "qcow2", top)  # fmt: skip
+        _qemu_io(top, "write -P 0x21 512k 1M", "write -P 0x22 130M 64k", "write -z 250M 4k")
+        img = _open(top)
+        with img:
+            assert len(img.l1) == 8192
+            img.make_empty()
+        assert qemu_img("compare", top, base).returncode == 0
+        assert _stored_ranges(qemu_img, top) == []
+        _check(qemu_img, top)
 
     def test_without_backing_reads_zeroes(self, tmp_path: Path, qemu_img: Run) -> None:
         """Without a backing file the emptied image reads as zeroes everywhere."""

@@ -953,9 +953,9 @@ class Qcow2Image(Image):
         self._prepare_write()
         cb = self.cb
         # bounded memory: this many L1 entries' worth of references at a time
-        batch = max(1, (1 << 20) // self.l2_entries)
+        batch = max(1, (1 << 18) // self.l2_entries)
         l1_off = self.hdr.l1_table_offset
-        freed: set[int] = set()
+        punch = getattr(self.st, "punch_hole", None)
         for lo in range(0, len(self.l1), batch):
             hi = min(lo + batch, len(self.l1))
             part = array("Q", self.l1[lo:hi])
@@ -981,15 +981,15 @@ class Qcow2Image(Image):
                 off = e & layout.L1E_OFFSET_MASK
                 if off and not self.refs.get(off >> cb):
                     self.mapper.forget_l2(off)
-            freed.update(c for c in drops if not self.refs.get(c))
+            if callable(punch):  # nothing references these any more: give the space back
+                freed = sorted(c for c in drops if not self.refs.get(c))
+                for first, stop, _ in _coalesce([(c, c << cb) for c in freed], self.cs):
+                    if not punch(first << cb, (stop - first) << cb):
+                        punch = None
+                        break
         self._cluster_cache = None
         self._cfree = 0
         self.st.flush()
-        punch = getattr(self.st, "punch_hole", None)
-        if callable(punch):
-            for first, stop, _ in _coalesce([(c, c << cb) for c in sorted(freed)], self.cs):
-                if not punch(first << cb, (stop - first) << cb):
-                    break
         self._trim_free_tail()
 
     def _trim_free_tail(self) -> None:
