@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError
+from virtkit.images.args import check_name, check_path
 from virtkit.images.base import (
     CheckProblem,
     CheckResult,
@@ -59,8 +60,28 @@ _DRIVERS: dict[str, str] = {
 QCOW2_MAGIC = b"QFI\xfb"
 
 
+#: Options each driver's ``create`` takes besides path and size.
+_CREATE_OPTIONS: dict[str, frozenset[str]] = {
+    "qcow2": frozenset(
+        {
+            "backing",
+            "backing_format",
+            "cluster_size",
+            "compat",
+            "refcount_bits",
+            "lazy_refcounts",
+            "extended_l2",
+            "preallocation",
+            "compression_type",
+            "allow_backing",
+        }
+    ),
+    "raw": frozenset({"preallocation", "cluster_size"}),
+}
+
+
 def _driver(fmt: str) -> Any:
-    if fmt not in _DRIVERS:
+    if not isinstance(fmt, str) or fmt not in _DRIVERS:
         raise UnsupportedFeatureError(
             f"unknown image format {fmt!r}; supported: {', '.join(sorted(_DRIVERS))}",
             feature=f"format {fmt}",
@@ -74,12 +95,17 @@ def probe_format(path: str | os.PathLike[str]) -> Format:
     Only use this for an image a user names directly; backing files are opened
     with their recorded format, never probed (a raw file must not be read as
     something else).
+
+    Raises:
+        ConfigError: ``path`` is not a file path.
+        ImageError: the file cannot be read.
     """
+    path = check_path(path)
     try:
         with builtins.open(path, "rb") as fh:
             magic = fh.read(4)
     except OSError as exc:
-        raise ImageError(f"cannot open: {exc.strerror}", path=os.fspath(path)) from exc
+        raise ImageError(f"cannot open: {exc.strerror}", path=path) from exc
     return "qcow2" if magic == QCOW2_MAGIC else "raw"
 
 
@@ -113,7 +139,25 @@ def create(
         ConfigError: an option value is not allowed.
         ImageError: the file exists or cannot be written.
     """
+    path = check_path(path)
+    driver = _driver(format)
     size_bytes = None if size is None else parse_size(size, field="size")
+    unknown = sorted(set(options) - _CREATE_OPTIONS[format])
+    if unknown:
+        raise ConfigError(
+            f"unknown {format} option {unknown[0]!r}; known: "
+            f"{', '.join(sorted(_CREATE_OPTIONS[format]))}",
+            field=unknown[0],
+        )
+    for name in ("compat", "preallocation", "compression_type"):
+        if options.get(name) is not None and not isinstance(options[name], str):
+            raise ConfigError(
+                f"'{name}' must be a str (got {options[name]!r})", field=name, value=options[name]
+            )
+    if backing is not None:
+        check_name(backing, "backing")
+    if backing_format is not None:
+        check_name(backing_format, "backing_format")
     if format == "raw":
         if backing is not None:
             raise ConfigError("raw images cannot have a backing file", field="backing")
@@ -124,7 +168,7 @@ def create(
     if backing is not None:
         options["backing"] = backing
         options["backing_format"] = backing_format
-    created: Image = _driver(format).create(path, size_bytes, **options)
+    created: Image = driver.create(path, size_bytes, **options)
     return created
 
 
@@ -148,12 +192,22 @@ def open(  # noqa: A001 - mirrors the built-in, as gzip.open and tarfile.open do
             opens only), as ``qemu-img -U`` does.
 
     Raises:
+        ConfigError: an argument has the wrong type or value.
         ImageError: the file cannot be opened.
         CorruptImageError: its metadata is damaged.
         UnsupportedFeatureError: it uses a feature virtkit does not implement.
     """
-    fmt = format or probe_format(path)
-    opened: Image = _driver(fmt).open(
-        path, writable=writable, allow_backing=tuple(allow_backing), force_share=force_share
+    path = check_path(path)
+    fmt = probe_format(path) if format is None else format
+    driver = _driver(fmt)
+    try:
+        allowed = tuple(check_path(p, "allow_backing") for p in allow_backing)
+    except TypeError as exc:
+        raise ConfigError(
+            f"'allow_backing' must be a list of paths (got {allow_backing!r})",
+            field="allow_backing",
+        ) from exc
+    opened: Image = driver.open(
+        path, writable=writable, allow_backing=allowed, force_share=force_share
     )
     return opened

@@ -30,6 +30,7 @@ from virtkit.errors import (
     UnsupportedFeatureError,
     VirtkitError,
 )
+from virtkit.images.args import check_callable, check_name, check_path
 from virtkit.images.base import Extent, Image
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage
@@ -166,9 +167,12 @@ def convert(
         ImageError: reading or writing failed; ``dst`` is left untouched.
     """
     images = _images()
+    check_path(src, "src")
+    dst_path = check_path(dst, "dst")
+    images._driver(format)
+    check_callable(progress, "progress")
     if compress and format != "qcow2":
         raise ConfigError("compress=True needs a qcow2 target", field="compress")
-    dst_path = os.fspath(dst)
     src_img = _open(src, format=src_format, allow_backing=allow_backing, force_share=force_share)
     guard: Any = None
     tmp = _temp_name(dst_path)
@@ -367,7 +371,9 @@ def measure(
     if (src is None) == (size is None):
         raise ConfigError("measure needs exactly one of a source image or a size", field="size")
     img: Image | None = None
+    _images()._driver(format)
     if src is not None:
+        check_path(src, "src")
         img = _open(src, format=src_format, allow_backing=allow_backing)
     try:
         return _measure(img, format, size, options)
@@ -487,7 +493,10 @@ def rebase(
         ImageError: the new backing file cannot be opened, or I/O failed.
     """
     images = _images()
-    path = os.fspath(image)
+    path = check_path(image, "image")
+    if backing is not None:
+        check_name(backing, "backing")
+    check_callable(progress, "progress")
     if unsafe:
         with _open(path, writable=True, allow_backing=allow_backing) as img:
             _set_backing(img, backing, backing_format)
@@ -565,7 +574,8 @@ def commit(
         ImageLockedError: the overlay or its backing file is held by another
             process (for example a QEMU running another overlay on the same base).
     """
-    path = os.fspath(image)
+    path = check_path(image, "image")
+    check_callable(progress, "progress")
     with _open(path, writable=True, allow_backing=allow_backing) as top:
         if top.backing_file is None:
             raise ImageError("cannot commit: the image has no backing file", path=path)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError
+from virtkit.images.args import check_bytes, check_int
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage, Storage
@@ -23,6 +24,14 @@ __all__ = ["RawImage", "create", "open"]
 
 _SECTOR = 512
 _ZERO_CHUNK = 1 << 20  # write_zeroes fallback buffer
+_MAX_SIZE = (1 << 63) - 1  # the largest file length (off_t)
+
+
+def _check_size(size: int) -> None:
+    if size > _MAX_SIZE:
+        raise ConfigError(
+            f"'size' must be at most {_MAX_SIZE} bytes (got {size})", field="size", value=size
+        )
 
 
 class RawImage(Image):
@@ -89,11 +98,8 @@ class RawImage(Image):
         return storage
 
     def _check_range(self, offset: int, length: int, action: str) -> None:
-        if not isinstance(offset, int) or not isinstance(length, int):
-            raise ImageError(
-                f"{action}: offset and length must be ints (got {offset!r}, {length!r})",
-                path=self.path,
-            )
+        check_int(offset, "offset")
+        check_int(length, "length")
         if offset < 0 or length < 0:
             raise ImageError(
                 f"{action}: negative offset or length ({offset}, {length})", path=self.path
@@ -127,7 +133,7 @@ class RawImage(Image):
             ImageError: read-only, closed, or the range runs past the end.
         """
         storage = self._writable_storage("write")
-        view = memoryview(data).cast("B")
+        view = check_bytes(data)
         self._check_range(offset, len(view), "write")
         if len(view):
             storage.pwrite(offset, view)
@@ -162,7 +168,7 @@ class RawImage(Image):
         """Yield ``"data"`` and ``"zero"`` (hole) extents over the range."""
         storage = self._live()
         if length is None:
-            if not isinstance(offset, int) or offset < 0 or offset > self._size:
+            if check_int(offset, "offset") < 0 or offset > self._size:
                 raise ImageError(f"block_status: bad offset {offset!r}", path=self.path)
             length = self._size - offset
         self._check_range(offset, length, "block_status")
@@ -196,6 +202,7 @@ class RawImage(Image):
         """
         storage = self._writable_storage("resize")
         new = parse_size(size, field="size")
+        _check_size(new)
         if new < self._size and not shrink:
             raise ImageError(
                 f"shrinking from {self._size} to {new} bytes drops data; pass shrink=True",
@@ -280,6 +287,7 @@ def create(path: str | os.PathLike[str], size: int | None, **options: Any) -> Ra
     """
     if size is None:
         raise ConfigError("a raw image needs a size", field="size")
+    _check_size(size)
     prealloc = options.pop("preallocation", None) or "off"
     if prealloc not in _PREALLOC:
         raise ConfigError(

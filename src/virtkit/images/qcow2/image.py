@@ -42,6 +42,7 @@ from virtkit.errors import (
     UnsupportedFeatureError,
     VirtkitError,
 )
+from virtkit.images.args import check_bytes, check_int, check_name
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
 from virtkit.images.qcow2 import chain, layout, metadata, snapshots
 from virtkit.images.qcow2 import check as checkmod
@@ -306,6 +307,8 @@ class Qcow2Image(Image):
 
     def _check_range(self, offset: int, length: int, action: str) -> None:
         self._live()
+        check_int(offset, "offset")
+        check_int(length, "length")
         if offset < 0 or length < 0 or offset + length > self.hdr.size:
             raise ImageError(
                 f"cannot {action} {length} bytes at offset {offset}: outside the virtual disk "
@@ -623,7 +626,7 @@ class Qcow2Image(Image):
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at guest ``offset`` (any size and alignment)."""
         self._require_writable("write")
-        mv = memoryview(data).cast("B")
+        mv = check_bytes(data)
         self._check_range(offset, len(mv), "write")
         if len(mv):
             self._run_write(lambda: self.write_guest(offset, mv))
@@ -773,7 +776,7 @@ class Qcow2Image(Image):
             ImageError: misaligned, wrong length, or an external data file.
         """
         self._require_writable("write compressed data")
-        mv = memoryview(data).cast("B")
+        mv = check_bytes(data)
         self._check_range(offset, len(mv), "write")
         cs = self.cs
         if offset & (cs - 1) or not (
@@ -1023,7 +1026,7 @@ class Qcow2Image(Image):
     ) -> Iterator[Extent]:
         """Yield allocation extents for ``[offset, offset+length)`` (whole runs at a time)."""
         if length is None:
-            length = max(0, self.hdr.size - offset)
+            length = max(0, self.hdr.size - check_int(offset, "offset"))
         self._check_range(offset, length, "query")
         return _merge(self._status(offset, length, include_backing))
 
@@ -1178,12 +1181,16 @@ class Qcow2Image(Image):
     @property
     def snapshots(self) -> tuple[SnapshotInfo, ...]:
         """Internal snapshots, in table order (oldest first)."""
+        self._live()
         return tuple(snapshots.snapinfo(s) for s in self.snaps)
 
     @guarded
     def create_snapshot(self, name: str, *, vm_state: bytes | None = None) -> SnapshotInfo:
         """Take an internal snapshot (optionally with a VM state blob)."""
         self._require_writable("create a snapshot")
+        check_name(name)
+        if vm_state is not None:
+            vm_state = bytes(check_bytes(vm_state, "vm_state"))
 
         out: list[SnapshotInfo] = []
         self._run_write(lambda: out.append(snapshots.create(self, name, vm_state)))
@@ -1214,7 +1221,9 @@ class Qcow2Image(Image):
     def read_snapshot(self, name: str, offset: int, length: int) -> bytes:
         """Read guest bytes as they were in snapshot ``name`` (read-only view)."""
         self._live()
-
+        check_name(name)
+        check_int(offset, "offset")
+        check_int(length, "length")
         return snapshots.read(self, name, offset, length)
 
     # ---- header rewrite ----
@@ -1229,6 +1238,10 @@ class Qcow2Image(Image):
             ImageError: the name does not fit in the first cluster.
         """
         self._require_writable("change the backing file")
+        if name is not None:
+            check_name(name, "backing")
+        if backing_format is not None:
+            check_name(backing_format, "backing_format")
         self._prepare_write()
         exts = [
             e
