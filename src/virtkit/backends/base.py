@@ -24,6 +24,7 @@ from virtkit import bundle
 from virtkit.backends.console import Console
 from virtkit.backends.lifecycle import Lifecycle
 from virtkit.errors import BackendError, ConfigError, ResourceError, StateError
+from virtkit.images.args import check_name, check_path, check_timeout
 from virtkit.model import (
     AllocationPolicy,
     CdRom,
@@ -39,6 +40,8 @@ from virtkit.model import (
 __all__ = ["Guest", "Hypervisor"]
 
 _LIVE = (State.RUNNING, State.PAUSED)
+#: What ``shutdown(timeout=None)`` waits: in practice, for ever.
+_NO_LIMIT = 10.0**9
 
 
 class Hypervisor(abc.ABC):
@@ -70,7 +73,9 @@ class Hypervisor(abc.ABC):
             )
         self._owns_root = root is None
         self.root = (
-            Path(tempfile.mkdtemp(prefix=f"virtkit-{self.name}-")) if root is None else Path(root)
+            Path(tempfile.mkdtemp(prefix=f"virtkit-{self.name}-"))
+            if root is None
+            else Path(check_path(root, "root"))
         )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -121,6 +126,7 @@ class Hypervisor(abc.ABC):
 
     def guest(self, name: str) -> Guest:
         """The defined guest called ``name``."""
+        check_name(name)
         with self._lock:
             try:
                 return self._guests[name]
@@ -230,7 +236,11 @@ class Hypervisor(abc.ABC):
                     field="name",
                     value=machine.name,
                 )
-            target = Path(folder) if folder is not None else self.root / machine.name
+            target = (
+                Path(check_path(folder, "folder"))
+                if folder is not None
+                else self.root / machine.name
+            )
             storage = sum(d.size or 0 for d in machine.disks)
             self._admit_define(machine, storage)
             self._check_isolation(machine, target)
@@ -251,6 +261,10 @@ class Hypervisor(abc.ABC):
         Raises:
             StateError: the guest is running or paused.
         """
+        if not isinstance(guest, Guest):
+            raise ConfigError(
+                f"undefine() needs a Guest (got {type(guest).__name__} {guest!r})", field="guest"
+            )
         with self._lock:
             if self._guests.get(guest.name) is not guest:
                 raise ConfigError(f"guest {guest.name!r} is not defined here", field="guest")
@@ -332,10 +346,16 @@ class Guest(abc.ABC):
 
     def disk_path(self, disk: Disk | CdRom) -> Path:
         """Absolute path of an attached image (relative paths live in ``disks/``)."""
+        if not isinstance(disk, (Disk, CdRom)):
+            raise ConfigError(
+                f"disk_path() needs a Disk or CdRom (got {type(disk).__name__} {disk!r})",
+                field="disk",
+            )
         return bundle.resolve_disk(self.folder, disk.path)
 
     def snapshot_dir(self, name: str) -> Path:
         """A folder where a backend may keep a snapshot's saved state."""
+        check_name(name)
         return bundle.snapshot_dir(self.folder, name)
 
     def __repr__(self) -> str:
@@ -387,9 +407,11 @@ class Guest(abc.ABC):
             StateError: the guest is not running.
             TimeoutError: the guest ignored the request for ``timeout`` seconds
                 (it keeps running; ``kill()`` stops it hard).
+            ConfigError: ``timeout`` is not a number of seconds >= 0 (None: no limit).
         """
+        limit = check_timeout(timeout)
         with self._lifecycle.operation("shutdown"):
-            self._do_shutdown(timeout)
+            self._do_shutdown(_NO_LIMIT if limit is None else limit)
             self._stopped(State.SHUTOFF, "the guest was shut down")
 
     def kill(self) -> None:
@@ -434,6 +456,7 @@ class Guest(abc.ABC):
             ConfigError: the name is taken or invalid.
             StateError: a full snapshot of a guest that is not running.
         """
+        check_name(name)
         with self._lifecycle.operation("snapshot"):
             if name in self._snapshots:
                 raise ConfigError(
@@ -469,6 +492,7 @@ class Guest(abc.ABC):
         it was taken in (running or paused). A disk snapshot restores the
         disks and leaves the guest shut off. Console output is not rewound.
         """
+        check_name(name)
         with self._lifecycle.operation("revert"):
             snap = self._get_snapshot(name)
             was_live = self.state in _LIVE
@@ -485,6 +509,7 @@ class Guest(abc.ABC):
 
     def delete_snapshot(self, name: str) -> None:
         """Delete snapshot ``name``; its children are re-parented to its parent."""
+        check_name(name)
         with self._lifecycle.operation("delete_snapshot"):
             snap = self._get_snapshot(name)
             self._do_delete_snapshot(snap)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from virtkit.errors import ConfigError, StateError, TimeoutError
+from virtkit.images.args import check_timeout
 
 __all__ = ["Console"]
 
@@ -94,7 +95,10 @@ class Console:
         if isinstance(data, str):
             data = data.encode()
         if not isinstance(data, (bytes, bytearray)):
-            raise ConfigError(f"console input must be bytes or str (got {type(data).__name__})")
+            raise ConfigError(
+                f"console input 'data' must be bytes or str (got {type(data).__name__})",
+                field="data",
+            )
         with self._cond:
             writer, closed = self._writer, self._closed
         if writer is None or closed is not None:
@@ -111,8 +115,10 @@ class Console:
         Raises:
             TimeoutError: the pattern did not appear within ``timeout`` seconds.
             StateError: the guest stopped before the pattern appeared.
+            ConfigError: ``pattern`` or ``timeout`` has the wrong type or value.
         """
         search = _compile(pattern)
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from virtkit.errors import StateError, TimeoutError
+from virtkit.images.args import check_timeout
 from virtkit.model import State
 
 __all__ = ["ALLOWED", "Lifecycle"]
@@ -131,7 +132,12 @@ class Lifecycle:
     def wait_for(
         self, predicate: Callable[[State], bool], timeout: float | None, what: str
     ) -> State:
-        """Block until ``predicate(state)`` holds; raise ``TimeoutError`` after ``timeout``."""
+        """Block until ``predicate(state)`` holds; raise ``TimeoutError`` after ``timeout``.
+
+        Raises:
+            ConfigError: ``timeout`` is not None or a number of seconds >= 0.
+        """
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not predicate(self._state):

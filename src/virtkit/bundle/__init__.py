@@ -32,6 +32,7 @@ from virtkit.bundle.schema import (
     snapshot_to_dict,
 )
 from virtkit.errors import ConfigError
+from virtkit.images.args import check_path
 from virtkit.model import Machine, Snapshot
 
 __all__ = [
@@ -108,6 +109,20 @@ def _check_paths(
             raise ConfigError(exc.message, file=file, field=field, value=path) from None
 
 
+def _allowed(allow: Iterable[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
+    """``allow`` as a list of checked paths (ConfigError naming 'allow' otherwise)."""
+    if isinstance(allow, (str, os.PathLike)):
+        raise ConfigError(
+            f"'allow' must be a list of paths, not a single path (got {allow!r})", field="allow"
+        )
+    try:
+        return [check_path(p, "allow") for p in allow]
+    except TypeError as exc:
+        raise ConfigError(
+            f"'allow' must be a list of paths (got {allow!r})", field="allow"
+        ) from exc
+
+
 def save(
     machine: Machine,
     folder: str | os.PathLike[str],
@@ -128,9 +143,10 @@ def save(
     """
     if not isinstance(machine, Machine):
         raise ConfigError(f"save() needs a Machine (got {type(machine).__name__})")
-    root = Path(folder)
+    root = Path(check_path(folder, "folder"))
     config = root / CONFIG_NAME
-    allowed = [*allow, *(os.path.dirname(d.path) for d in machine.disks if os.path.isabs(d.path))]
+    allowed = _allowed(allow)
+    allowed += [os.path.dirname(d.path) for d in machine.disks if os.path.isabs(d.path)]
     allowed += [os.path.dirname(c.path) for c in machine.cdroms if os.path.isabs(c.path)]
     _check_paths(machine, root, allowed, str(config))
     try:
@@ -208,10 +224,10 @@ def load(
         ConfigError: naming the file and key: missing file, bad TOML, unknown
             key, wrong type, newer format-version, a path that escapes.
     """
-    root = Path(folder)
+    root = Path(check_path(folder, "folder"))
     if not root.is_dir():
         raise ConfigError(f"{root} is not a folder", file=str(root))
-    allowed = list(allow)
+    allowed = _allowed(allow)
     config = root / CONFIG_NAME
     doc = _read_toml(config, root, allowed)
     machine = machine_from_dict(doc, file=str(config))

@@ -28,6 +28,10 @@ from virtkit import images
 __all__ = ["main"]
 
 
+#: -o options that are switches: they take on/off (or true/false), nothing else.
+_SWITCHES = ("lazy_refcounts", "extended_l2")
+
+
 def _options(pairs: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -35,6 +39,10 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise virtkit.ConfigError(f"-o expects key=value (got {pair!r})", field="-o")
         lowered = value.lower()
+        if key.replace("-", "_") in _SWITCHES and lowered not in ("on", "off", "true", "false"):
+            raise virtkit.ConfigError(
+                f"-o {key} takes on or off (got {value!r})", field=key, value=value
+            )
         out[key.replace("-", "_")] = (
             True if lowered in ("on", "true") else False if lowered in ("off", "false") else value
         )
@@ -126,11 +134,11 @@ def _image_snapshot(args: argparse.Namespace) -> int:
             print(f"{'ID':<4} {'TAG':<24} {'VM SIZE':>10} {'DATE':<19}")
             for snap in img.snapshots:
                 print(_snapshot_line(snap))
-        elif args.create:
+        elif args.create is not None:
             img.create_snapshot(args.create)
-        elif args.apply:
+        elif args.apply is not None:
             img.revert_snapshot(args.apply)
-        elif args.delete:
+        elif args.delete is not None:
             img.delete_snapshot(args.delete)
     return 0
 
@@ -153,6 +161,10 @@ def _vm_show(args: argparse.Namespace) -> int:
 
 
 def _vm_run(args: argparse.Namespace) -> int:
+    if args.timeout is not None and not args.timeout >= 0:  # NaN too: it would never expire
+        raise virtkit.ConfigError(
+            f"--timeout must be a number of seconds >= 0 (got {args.timeout})", field="--timeout"
+        )
     machine = virtkit.load(args.folder)
     with virtkit.connect(args.backend) as hv:
         guest = hv.define(machine, folder=args.folder)

@@ -156,7 +156,7 @@ def _convert_nics(value: Any) -> tuple[Nic, ...]:
 
 
 def _convert_boot(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise ConfigError(
             f"'boot' must be a list of device names like ['vda', 'cdrom0'] (got {value!r})",
             field="boot",

@@ -31,8 +31,22 @@ _ISO_NAMES = {
 }
 
 
+def _check_machine(machine: object) -> Machine:
+    if not isinstance(machine, Machine):
+        raise ConfigError(
+            f"'machine' must be a virtkit.Machine (got {type(machine).__name__} {machine!r})",
+            field="machine",
+        )
+    return machine
+
+
 def default_meta_data(machine: Machine) -> str:
-    """NoCloud meta-data for ``machine``: instance-id and local-hostname."""
+    """NoCloud meta-data for ``machine``: instance-id and local-hostname.
+
+    Raises:
+        ConfigError: ``machine`` is not a Machine.
+    """
+    _check_machine(machine)
     return f"instance-id: {machine.uuid}\nlocal-hostname: {machine.name}\n"
 
 
@@ -40,8 +54,15 @@ def seed_files(machine: Machine, cloud_init: CloudInit | None = None) -> dict[st
     """The files of the seed, by name (``user-data``, ``meta-data``, ``network-config``).
 
     Raises:
-        ConfigError: the machine has no ``cloud_init`` and none was given.
+        ConfigError: the machine has no ``cloud_init`` and none was given, or
+            an argument has the wrong type.
     """
+    _check_machine(machine)
+    if cloud_init is not None and not isinstance(cloud_init, CloudInit):
+        raise ConfigError(
+            f"'cloud_init' must be a virtkit.CloudInit or None (got {cloud_init!r})",
+            field="cloud_init",
+        )
     ci = cloud_init if cloud_init is not None else machine.cloud_init
     if ci is None:
         raise ConfigError(
@@ -63,8 +84,19 @@ def build_seed_iso(files: dict[str, bytes]) -> bytes:
     """An ISO 9660 image (label ``cidata``, Rock Ridge + Joliet) holding ``files``.
 
     Raises:
-        ConfigError: a file name is not one NoCloud reads.
+        ConfigError: a file name is not one NoCloud reads, or a content is not bytes.
     """
+    if not isinstance(files, dict):
+        raise ConfigError(
+            f"'files' must be a dict of file name to bytes (got {type(files).__name__})",
+            field="files",
+        )
+    for name, data in files.items():
+        if not isinstance(data, (bytes, bytearray)):
+            raise ConfigError(
+                f"'files[{name!r}]' must be bytes (got {type(data).__name__})",
+                field=f"files[{name!r}]",
+            )
     import pycdlib  # noqa: PLC0415 - the only user of pycdlib
 
     iso = pycdlib.PyCdlib()
@@ -96,10 +128,16 @@ def write_seed_iso(machine: Machine, path: str | os.PathLike[str]) -> Path:
     """Write ``machine``'s NoCloud seed ISO to ``path`` (atomically, mode 0600).
 
     Raises:
-        ConfigError: the machine has no ``cloud_init``.
+        ConfigError: the machine has no ``cloud_init``, or ``path`` is not a file path.
         ImageError: the file cannot be written.
     """
-    target = Path(path)
+    raw = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(raw, str) or not raw or "\0" in raw:
+        raise ConfigError(
+            f"'path' must be a non-empty file path without NUL bytes (got {path!r})",
+            field="path",
+        )
+    target = Path(raw)
     data = build_seed_iso(seed_files(machine))
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:

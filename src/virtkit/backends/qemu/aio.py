@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from virtkit.errors import TimeoutError
+from virtkit.images.args import check_timeout
 from virtkit.model import Snapshot, State
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class AsyncConsole:
         milliseconds), so no thread is held however many guests wait.
         """
         console = self._guest.console
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -121,6 +123,7 @@ class AsyncQemuGuest:
     async def wait(self, timeout: float | None = None) -> State:
         """Coroutine twin of ``Guest.wait`` (waits on the caller's loop, no thread)."""
         stopped = (State.SHUTOFF, State.CRASHED)
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while (state := self.guest.state) not in stopped:
             if deadline is not None and time.monotonic() >= deadline:
