@@ -6,6 +6,10 @@ count is zero. Updates are written through to the file at once, so callers
 can keep QEMU's ordering rule: raise a count before anything references the
 cluster, lower it only after nothing does. A crash then leaks clusters but
 never lets two owners share one.
+Written through is not yet durable: after raising a count the owner flushes
+before it writes a reference to the cluster (:attr:`Refcounts.raised` says a
+flush is due), and a refcount table entry points at a new block only once the
+block is flushed.
 
 New refcount blocks (and a bigger refcount table) are placed in a fresh area
 at the end of the file that the new blocks themselves describe, the way
@@ -61,11 +65,11 @@ class Refcounts:
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         self._set_table = set_table
-        raw = storage.pread(table_offset, table_clusters * self.cs)
-        if len(raw) < table_clusters * self.cs:
-            raw += bytes(table_clusters * self.cs - len(raw))
-        self.table: array[int] = layout.decode_u64_table(raw)
+        self.table: array[int] = self._read_table()
         self._cache: OrderedDict[int, array[int]] = OrderedDict()
+        #: A count was raised since the owner's last flush: a reference to the
+        #: cluster must wait for a flush (the owner clears it after flushing).
+        self.raised = False
         self._cache_limit = max(2, BLOCK_CACHE_BYTES // max(self.cs, self.per_block))
         self.free_hint = 0
         #: Bumped whenever a cluster becomes free (invalidates partial-cluster reuse).
@@ -74,6 +78,24 @@ class Refcounts:
         self.on_metadata_change: Callable[[], None] = lambda: None
         #: Clusters no refcount block may occupy (header, L1 and other fixed tables).
         self.reserved: Callable[[], set[int]] = set
+
+    def _read_table(self) -> array[int]:
+        n = self.table_clusters * self.cs
+        raw = self.st.pread(self.table_offset, n)
+        if len(raw) < n:
+            raw += bytes(n - len(raw))
+        return layout.decode_u64_table(raw)
+
+    def reload(self) -> None:
+        """Re-read the refcount table and drop every cached block (after a failed write).
+
+        Memory then holds exactly what the file does, so counts whose write
+        failed are not trusted later.
+        """
+        self._cache.clear()
+        self.table = self._read_table()
+        self.free_hint = 0
+        self.frees += 1
 
     # ---- lookups -----------------------------------------------------------------
     def block_offset(self, index: int) -> int:
@@ -169,6 +191,8 @@ class Refcounts:
             t, i = divmod(cluster, self.per_block)
             slot = by_block.setdefault(t, {})
             slot[i] = delta if absolute else slot.get(i, 0) + delta
+            if delta > 0 or absolute:
+                self.raised = True
         needed = []
         for t, items in by_block.items():
             if self.block_offset(t) != 0:
@@ -215,7 +239,11 @@ class Refcounts:
                 if new == 0:
                     self.free_hint = min(self.free_hint, t * self.per_block + i)
                     self.frees += 1
-            self._write_block_range(t, blk, lo, hi)
+            try:
+                self._write_block_range(t, blk, lo, hi)
+            except ImageError:
+                self._cache.pop(t, None)  # the file has the old counts: re-read them
+                raise
 
     def add_range(self, cluster: int, count: int, delta: int) -> None:
         """Add ``delta`` to ``count`` consecutive clusters from ``cluster``."""
@@ -354,6 +382,7 @@ class Refcounts:
             self.update(existing_changes)
         for t, blk in new_blocks.items():
             self.st.pwrite(block_at[t], layout.encode_refblock(blk, self.bits))
+        self.raised = True
         if tc:
             new_table = array("Q", self.table)
             new_table.extend([0] * (tc * cs // 8 - len(new_table)))
@@ -370,6 +399,8 @@ class Refcounts:
                 self._cache[t] = blk
             self.add_range(old_off >> self.cluster_bits, old_clusters, -1)
         else:
+            if block_at:  # a table entry may point only at a block already on disk
+                self.st.flush()
             for t, off in block_at.items():
                 self.st.pwrite(self.table_offset + t * 8, layout.encode_u64_table([off]))
                 self.table[t] = off

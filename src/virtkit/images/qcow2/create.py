@@ -13,10 +13,13 @@ from typing import Any
 
 from virtkit.errors import ConfigError, ImageError
 from virtkit.images.qcow2 import chain, layout, metadata
-from virtkit.images.qcow2.image import Qcow2Image
+from virtkit.images.qcow2.image import Qcow2Image, _Request
 from virtkit.images.storage import FileStorage
 
 __all__ = ["create"]
+
+#: L2 tables a preallocation request fills before publishing them behind one barrier.
+_PREALLOC_BATCH = 256
 
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _COMPRESSION = {"zlib": layout.COMPRESSION_ZLIB, "zstd": layout.COMPRESSION_ZSTD}
@@ -233,20 +236,26 @@ def _preallocate(img: Qcow2Image) -> None:
     ci = 0
     step = img.mapper.step
     end = img.st.size()
+    req = _Request()
     while ci < total:
         k = min(total - ci, img.l2_entries - (ci & (img.l2_entries - 1)))
-        l2off, l2 = img.l2_for_write(ci >> img.l2_bits)
+        l1i = ci >> img.l2_bits
+        _l2off, l2 = img._req_l2(req, l1i)
         host = img.refs.allocate(k)
         base = ci & (img.l2_entries - 1)
         for j in range(k):
             l2[(base + j) * step] = (host + j * cs) | layout.OFLAG_COPIED
             if step == 2:
                 l2[(base + j) * 2 + 1] = layout.BITMAP_ALLOC_ALL
+        req.mark(l1i, base, base + k)
         end = max(end, host + k * cs)
-        if img.st.size() < end:
-            img.st.truncate(end)
-        img._write_l2(l2off, l2, base, base + k)
         ci += k
+        if len(req.tables) >= _PREALLOC_BATCH or ci >= total:
+            # the clusters exist (and their counts are raised) before any L2 entry says so
+            if img.st.size() < end:
+                img.st.truncate(end)
+            img._commit(req)
+            req = _Request()
     if img.st.size() < end:
         img.st.truncate(end)
     img.st.flush()

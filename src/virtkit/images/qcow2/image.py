@@ -7,6 +7,20 @@ positional reads; writes keep QEMU's ordering (data, then the L2 entry, then
 the L1 entry; refcounts raised before a reference exists and lowered after it
 is gone), so a process dying mid-write may leak clusters but never corrupts.
 
+Ordering is enforced with barriers (``flush()``, an fdatasync), as QEMU's
+``qcow2_cache_depends_on_flush`` does, because a disk cache may write back in
+any order: each write request first raises refcounts and writes its data (and
+any new L2 table), then one barrier, then the L2/L1 entries that reference
+them; references it removed are flushed away before their refcounts drop. A
+request needs that constant number of barriers however many clusters it
+allocates, and none when it only overwrites clusters it already owns.
+
+Memory never runs ahead of the file: a request changes working copies of its
+L2 tables and publishes them (cache and L1) only after each write succeeded;
+and any :class:`~virtkit.ImageError` from a write step (ENOSPC, EIO) reloads
+the L1 table and drops the L2 and refcount caches, so a retry after the space
+comes back sees exactly what is on disk.
+
 Policies, where QEMU leaves a choice:
 
 - Refcounts are always updated eagerly, also on images with the lazy
@@ -114,6 +128,8 @@ class Qcow2Image(Image):
         self._table_set: set[int] | None = None
         self._refblock_set: set[int] | None = None
         self._cluster_cache: tuple[int, bytes] | None = None
+        #: Data written that a coming L2 update depends on (see _barrier).
+        self._deps = False
         self.backing: Image | None = None
         self.data_st: Storage = storage
         self._data_st_own: Storage | None = None
@@ -449,6 +465,10 @@ class Qcow2Image(Image):
                 with contextlib.suppress(CorruptImageError):
                     self._mark_corrupt(str(exc.message), exc.offset)
             raise
+        except ImageError:
+            # a write or flush failed (ENOSPC, EIO): trust only what the file holds
+            self._resync()
+            raise
 
     # ---- reading ----
     @guarded
@@ -566,46 +586,119 @@ class Qcow2Image(Image):
         self._meta_changed()
 
     def _set_l1_entry(self, index: int, value: int) -> None:
-        self.l1[index] = value
+        """Write one active L1 entry; memory changes only once the write succeeded."""
         self.st.pwrite(self.hdr.l1_table_offset + index * 8, struct.pack(">Q", value))
+        self.l1[index] = value
 
-    def l2_for_write(self, l1i: int) -> tuple[int, array[int]]:
-        """The L2 table for L1 index ``l1i``, allocated or copied so it is ours alone."""
+    # ---- ordering: barriers and requests ----
+    def _flush(self) -> None:
+        """fdatasync, and forget the pending ordering dependencies."""
+        self.st.flush()
+        self._deps = False
+        self.refs.raised = False
+
+    def _barrier(self) -> None:
+        """Make raised refcounts and dependent data durable before a reference to them.
+
+        QEMU's ``qcow2_cache_depends_on_flush``: a new L2/L1 entry may reach the
+        disk only after the refcounts and the data (or COW copy) it points at.
+        No-op when the request raised no refcount and wrote no dependent data.
+        """
+        if self._deps or self.refs.raised:
+            self._flush()
+
+    def _resync(self) -> None:
+        """After a failed write step: make memory equal the file (L1, L2 and refcount caches).
+
+        The file holds whatever writes succeeded; reloading from it means a retry
+        never trusts an update that did not reach the disk.
+        """
+        self._cluster_cache = None
+        self._cfree = 0
+        self._deps = True  # unknown writes may be in flight: order the next reference
+        self.mapper.drop_cache()
+        with contextlib.suppress(VirtkitError):
+            self.refs.reload()
+        with contextlib.suppress(VirtkitError):
+            self._load_l1()
+        self._meta_changed()
+
+    def _req_l2(self, req: _Request, l1i: int) -> tuple[int, array[int]]:
+        """``req``'s working copy of the L2 table for L1 index ``l1i`` (ours alone).
+
+        An L2 table shared with a snapshot (or missing) gets a new cluster here;
+        the L1 entry pointing at it is written by :meth:`_commit`, after the barrier.
+        """
+        got = req.tables.get(l1i)
+        if got is not None:
+            return got
         if l1i >= len(self.l1):
             self.grow_l1(l1i + 1)
+        where = self.hdr.l1_table_offset + l1i * 8
         entry = self.l1[l1i]
         off = entry & layout.L1E_OFFSET_MASK
         if off and entry & layout.OFLAG_COPIED:
             if off >> self.cb in self.table_clusters() or off >> self.cb in self._refblocks():
                 self._mark_corrupt(
-                    f"L2 table at {off:#x} (L1 index {l1i}) overlaps other image metadata",
-                    self.hdr.l1_table_offset + l1i * 8,
+                    f"L2 table at {off:#x} (L1 index {l1i}) overlaps other image metadata", where
                 )
-            return off, self.mapper.load_l2(off, where=self.hdr.l1_table_offset + l1i * 8)
+            table = array("Q", self.mapper.load_l2(off, where=where))
+            req.tables[l1i] = (off, table)
+            return off, table
         if off:
-            old = self.mapper.load_l2(off, where=self.hdr.l1_table_offset + l1i * 8)
-            table = array("Q", old)
+            table = array("Q", self.mapper.load_l2(off, where=where))
         else:
             table = array("Q", bytes(self.cs))
         new = self.refs.allocate(1)
         self._check_overlap(new, 1)
-        self.st.pwrite(new, layout.encode_u64_table(table))
-        self.mapper.put_l2(new, table)
-        self._set_l1_entry(l1i, new | layout.OFLAG_COPIED)
-        self._meta_changed()
-        if off:
-            self.refs.free(off)
-            if self.refs.get(off >> self.cb) == 0:
-                self.mapper.forget_l2(off)
+        req.tables[l1i] = (new, table)
+        req.new[l1i] = off
         return new, table
 
-    def _write_l2(self, l2off: int, table: array[int], lo: int, hi: int) -> None:
-        """Write L2 entries ``[lo, hi)`` (entry indices) through to the file."""
-        step = self.mapper.step
-        self.st.pwrite(l2off + lo * 8 * step, layout.encode_u64_table(table[lo * step : hi * step]))
+    def _commit(self, req: _Request) -> None:
+        """Write ``req``'s metadata in dependency order, then update memory.
 
-    def _release_all(self, entries: Iterable[int]) -> None:
-        """Drop the references the given (former) L2 entries held, after they are gone."""
+        New L2 tables are written first; one barrier makes them, the raised
+        refcounts and the data durable; then the L2 entries and L1 entries that
+        reference them are written (memory follows each successful write);
+        then, after a second barrier, the references the request removed have
+        their refcounts lowered. A request needs at most two barriers, however
+        many clusters it allocates.
+        """
+        step = self.mapper.step
+        for l1i in req.new:
+            off, table = req.tables[l1i]
+            self.st.pwrite(off, layout.encode_u64_table(table))
+        if req.new or req.ranges:
+            self._barrier()
+        l1_off = self.hdr.l1_table_offset
+        for l1i, (off, table) in req.tables.items():
+            if l1i in req.new:
+                self._set_l1_entry(l1i, off | layout.OFLAG_COPIED)
+                self.mapper.put_l2(off, table)
+                self._meta_changed()
+                continue
+            span = req.ranges.get(l1i)
+            if span is None:
+                continue
+            lo, hi = span[0] * step, span[1] * step
+            self.st.pwrite(off + lo * 8, layout.encode_u64_table(table[lo:hi]))
+            cached = self.mapper.load_l2(off, where=l1_off + l1i * 8)
+            cached[lo:hi] = table[lo:hi]
+        changes = self._ref_drops(req.olds)
+        old_tables = [old for old in req.new.values() if old]
+        if changes or old_tables:
+            # QEMU frees the same way: the reference is gone on disk before the count drops
+            self._flush()
+            changes.extend((old >> self.cb, -1) for old in old_tables)
+            self._cfree = 0
+            self.refs.update(changes)
+            for old in old_tables:
+                if self.refs.get(old >> self.cb) == 0:
+                    self.mapper.forget_l2(old)
+
+    def _ref_drops(self, entries: Iterable[int]) -> list[tuple[int, int]]:
+        """Refcount changes dropping the references the given (former) L2 entries held."""
         changes: list[tuple[int, int]] = []
         for entry in entries:
             if entry & layout.OFLAG_COMPRESSED:
@@ -617,9 +710,7 @@ class Qcow2Image(Image):
                 host = entry & layout.L2E_OFFSET_MASK
                 if host:
                     changes.append((host >> self.cb, -1))
-        if changes:
-            self._cfree = 0
-            self.refs.update(changes)
+        return changes
 
     # ---- writing ----
     @guarded
@@ -632,27 +723,34 @@ class Qcow2Image(Image):
             self._run_write(lambda: self.write_guest(offset, mv))
 
     def write_guest(self, offset: int, mv: memoryview) -> None:
-        """Write without the range check (internal; VM state lives past the disk end)."""
+        """Write without the range check (internal; VM state lives past the disk end).
+
+        One request: every cluster is allocated and its data written first,
+        then :meth:`_commit` publishes all the L2/L1 updates behind one barrier.
+        """
         self._prepare_write()
         cs = self.cs
         pos = 0
         n = len(mv)
+        req = _Request()
         while pos < n:
             g = offset + pos
             if not g & (cs - 1) and n - pos >= cs:
                 ci = g >> self.cb
                 k = min((n - pos) // cs, self.l2_entries - (ci & (self.l2_entries - 1)))
-                self._write_full(ci, k, mv[pos : pos + k * cs])
+                self._write_full(req, ci, k, mv[pos : pos + k * cs])
                 pos += k * cs
             else:
                 m = min(cs - (g & (cs - 1)), n - pos)
-                self._write_partial(g, mv[pos : pos + m])
+                self._write_partial(req, g, mv[pos : pos + m])
                 pos += m
+        self._commit(req)
 
-    def _write_full(self, ci: int, k: int, mv: memoryview) -> None:
+    def _write_full(self, req: _Request, ci: int, k: int, mv: memoryview) -> None:
         cs = self.cs
         step = self.mapper.step
-        l2off, l2 = self.l2_for_write(ci >> self.l2_bits)
+        l1i = ci >> self.l2_bits
+        l2off, l2 = self._req_l2(req, l1i)
         base = ci & (self.l2_entries - 1)
         inplace: list[tuple[int, int]] = []
         need: list[int] = []
@@ -669,7 +767,7 @@ class Qcow2Image(Image):
             self._check_overlap(host, j1 - j0)
             self._check_in_file(host)
             self.st.pwrite(host, mv[j0 * cs : j1 * cs])
-        olds: list[int] = []
+        changed = False
         if need:
             new_base = self.refs.allocate(len(need))
             self._check_overlap(new_base, len(need))
@@ -678,25 +776,30 @@ class Qcow2Image(Image):
                 self.st.pwrite(host, mv[j0 * cs : j1 * cs])
             for j, host in planned:
                 idx = base + j
-                olds.append(l2[idx * step])
+                req.olds.append(l2[idx * step])
                 l2[idx * step] = host | layout.OFLAG_COPIED
                 if step == 2:
                     l2[idx * 2 + 1] = layout.BITMAP_ALLOC_ALL
+            changed = True
         for j, host in inplace:
             idx = base + j
             if step == 2:
-                l2[idx * 2 + 1] = layout.BITMAP_ALLOC_ALL
-            else:
+                if l2[idx * 2 + 1] != layout.BITMAP_ALLOC_ALL:
+                    l2[idx * 2 + 1] = layout.BITMAP_ALLOC_ALL
+                    changed = self._deps = True
+            elif l2[idx] != host | layout.OFLAG_COPIED:
                 l2[idx] = host | layout.OFLAG_COPIED
-        self._write_l2(l2off, l2, base, base + k)
-        self._release_all(olds)
+                changed = self._deps = True
+        if changed:
+            req.mark(l1i, base, base + k)
 
-    def _write_partial(self, g: int, mv: memoryview) -> None:
+    def _write_partial(self, req: _Request, g: int, mv: memoryview) -> None:
         cs = self.cs
         ci = g >> self.cb
         in_off = g & (cs - 1)
         n = len(mv)
-        l2off, l2 = self.l2_for_write(ci >> self.l2_bits)
+        l1i = ci >> self.l2_bits
+        l2off, l2 = self._req_l2(req, l1i)
         idx = ci & (self.l2_entries - 1)
         step = self.mapper.step
         e = l2[idx * step]
@@ -714,8 +817,9 @@ class Qcow2Image(Image):
                 buf = bytearray(cs)
                 buf[in_off : in_off + n] = mv
                 self.st.pwrite(host, buf)
+                self._deps = True  # the zeroes must be there before the zero flag goes
                 l2[idx] = host | layout.OFLAG_COPIED
-                self._write_l2(l2off, l2, idx, idx + 1)
+                req.mark(l1i, idx, idx + 1)
                 return
             buf = self._current(cluster_start, cs)
             buf[in_off : in_off + n] = mv
@@ -723,8 +827,8 @@ class Qcow2Image(Image):
             self._check_overlap(new, 1)
             self.st.pwrite(new, buf)
             l2[idx] = new | layout.OFLAG_COPIED
-            self._write_l2(l2off, l2, idx, idx + 1)
-            self._release_all([e])
+            req.mark(l1i, idx, idx + 1)
+            req.olds.append(e)
             return
         sc = self.mapper.sc_size
         a = in_off - in_off % sc
@@ -741,8 +845,9 @@ class Qcow2Image(Image):
             buf = self._current(cluster_start + a, b - a)
             buf[in_off - a : in_off - a + n] = mv
             self.st.pwrite(host + a, buf)
+            self._deps = True  # the subclusters' data before their allocation bits
             l2[idx * 2 + 1] = (bitmap | units) & ~(units << 32)
-            self._write_l2(l2off, l2, idx, idx + 1)
+            req.mark(l1i, idx, idx + 1)
             return
         if host or compressed:
             buf = self._current(cluster_start, cs)
@@ -752,8 +857,8 @@ class Qcow2Image(Image):
             self.st.pwrite(new, buf)
             l2[idx * 2] = new | layout.OFLAG_COPIED
             l2[idx * 2 + 1] = layout.BITMAP_ALLOC_ALL
-            self._write_l2(l2off, l2, idx, idx + 1)
-            self._release_all([e])
+            req.mark(l1i, idx, idx + 1)
+            req.olds.append(e)
             return
         buf = self._current(cluster_start + a, b - a)
         buf[in_off - a : in_off - a + n] = mv
@@ -762,7 +867,7 @@ class Qcow2Image(Image):
         self.st.pwrite(new + a, buf)
         l2[idx * 2] = new | layout.OFLAG_COPIED
         l2[idx * 2 + 1] = (bitmap & ~(units << 32) & ~0xFFFFFFFF) | units
-        self._write_l2(l2off, l2, idx, idx + 1)
+        req.mark(l1i, idx, idx + 1)
 
     @guarded
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -798,19 +903,21 @@ class Qcow2Image(Image):
             self.write_guest(offset, memoryview(data))
             return
         ci = offset >> self.cb
-        l2off, l2 = self.l2_for_write(ci >> self.l2_bits)
+        l1i = ci >> self.l2_bits
+        req = _Request()
+        _l2off, l2 = self._req_l2(req, l1i)
         idx = ci & (self.l2_entries - 1)
         step = self.mapper.step
         host = self._alloc_bytes(len(comp))
         self._cluster_cache = None  # the same entry value may now mean new data
         self.st.pwrite(host, comp)
         nsec = ((host + len(comp) - 1) >> 9) - (host >> 9)
-        old = l2[idx * step]
+        req.olds.append(l2[idx * step])
         l2[idx * step] = layout.OFLAG_COMPRESSED | (nsec << self.mapper.csize_shift) | host
         if step == 2:
             l2[idx * 2 + 1] = 0
-        self._write_l2(l2off, l2, idx, idx + 1)
-        self._release_all([old])
+        req.mark(l1i, idx, idx + 1)
+        self._commit(req)
 
     def _alloc_bytes(self, n: int) -> int:
         cs, cb = self.cs, self.cb
@@ -874,13 +981,15 @@ class Qcow2Image(Image):
                 if a < b:
                     self._zero_partial(a, b - a)
         pos = first
+        req = _Request()  # one request: a constant number of barriers for any length
         while pos < last:
             ci = pos >> self.cb
             k = min((last - pos) >> self.cb, self.l2_entries - (ci & (self.l2_entries - 1)))
             if k == 0:  # last partial cluster at the end of the disk
                 k = 1
-            self._zero_clusters(ci, k, discard=discard, full=full)
+            self._zero_clusters(req, ci, k, discard=discard, full=full)
             pos += k * cs
+        self._commit(req)
 
     def _zero_partial(self, offset: int, length: int) -> None:
         for run in list(self.mapper.runs(offset, length)):  # the writes below change the map
@@ -888,7 +997,7 @@ class Qcow2Image(Image):
                 continue
             self.write_guest(run.guest, memoryview(bytes(run.length)))
 
-    def _zero_clusters(self, ci: int, k: int, *, discard: bool, full: bool) -> None:
+    def _zero_clusters(self, req: _Request, ci: int, k: int, *, discard: bool, full: bool) -> None:
         step = self.mapper.step
         l1i = ci >> self.l2_bits
         backing = self.backing is not None and not full
@@ -906,13 +1015,13 @@ class Qcow2Image(Image):
                 step == 1 or not any(l2[(base + j) * 2 + 1] for j in range(k))
             ):
                 return
-        l2off, l2 = self.l2_for_write(l1i)
+        _l2off, l2 = self._req_l2(req, l1i)
         base = ci & (self.l2_entries - 1)
         if backing and self.v3:
             target = (0, layout.BITMAP_ZERO_ALL) if step == 2 else (layout.OFLAG_ZERO, 0)
         else:
             target = (0, 0)
-        olds: list[int] = []
+        changed = False
         for j in range(k):
             idx = base + j
             e = l2[idx * step]
@@ -922,10 +1031,11 @@ class Qcow2Image(Image):
                 l2[idx * 2 + 1] = target[1]
             elif e == target[0]:
                 continue
-            olds.append(e)
+            req.olds.append(e)
             l2[idx * step] = target[0]
-        self._write_l2(l2off, l2, base, base + k)
-        self._release_all(olds)
+            changed = True
+        if changed:
+            req.mark(l1i, base, base + k)
 
     # ---- emptying ----
     @guarded
@@ -1060,7 +1170,7 @@ class Qcow2Image(Image):
         """fdatasync the image file."""
         self._live()
         if self._writable:
-            self.st.flush()
+            self._flush()
 
     @guarded
     def resize(self, size: int | str, *, shrink: bool = False) -> None:
@@ -1290,6 +1400,36 @@ class Qcow2Image(Image):
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("rw" if self._writable else "ro")
         return f"<Qcow2Image {self.path!r} {self.hdr.size} bytes v{self.hdr.version} {state}>"
+
+
+class _Request:
+    """One request's metadata updates, published by :meth:`Qcow2Image._commit`.
+
+    While a request runs, clusters are allocated and data written; the L2
+    tables it changes are working copies here, so memory never runs ahead of
+    the file: the cached tables and the L1 table change only after their
+    writes succeed.
+
+    Attributes:
+        tables: L1 index -> (L2 table offset, working copy of the table).
+        new: L1 index -> offset of the L2 table the new one replaces (0: none),
+            for tables allocated by this request.
+        ranges: L1 index -> (first, stop) L2 entry indices changed.
+        olds: former L2 entries whose references the request removes.
+    """
+
+    __slots__ = ("new", "olds", "ranges", "tables")
+
+    def __init__(self) -> None:
+        self.tables: dict[int, tuple[int, array[int]]] = {}
+        self.new: dict[int, int] = {}
+        self.ranges: dict[int, tuple[int, int]] = {}
+        self.olds: list[int] = []
+
+    def mark(self, l1i: int, lo: int, hi: int) -> None:
+        """Record that entries ``[lo, hi)`` of the table for ``l1i`` changed."""
+        r = self.ranges.get(l1i)
+        self.ranges[l1i] = (lo, hi) if r is None else (min(r[0], lo), max(r[1], hi))
 
 
 def _coalesce(items: list[tuple[int, int]], cs: int) -> Iterator[tuple[int, int, int]]:

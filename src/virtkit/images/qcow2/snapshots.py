@@ -223,6 +223,7 @@ def revert(img: Qcow2Image, name: str) -> None:
     # marked writable in place
     new = array("Q", (e & ~layout.OFLAG_COPIED for e in sn_l1))
     new.extend([0] * (len(old) - len(new)))
+    img.st.flush()  # the raised counts are durable before the L1 table references them
     img.st.pwrite(img.hdr.l1_table_offset, layout.encode_u64_table(new))
     img.st.flush()
     img.l1[:] = new
