@@ -14,6 +14,9 @@ any new L2 table), then one barrier, then the L2/L1 entries that reference
 them; references it removed are flushed away before their refcounts drop. A
 request needs that constant number of barriers however many clusters it
 allocates, and none when it only overwrites clusters it already owns.
+Consecutive ``write_compressed`` calls (compressed convert) form one such
+request, published with one barrier by the next other call on the image
+(``flush()``, ``close()``, a read...), so they cost no barrier per cluster.
 
 Memory never runs ahead of the file: a request changes working copies of its
 L2 tables and publishes them (cache and L1) only after each write succeeded;
@@ -74,6 +77,9 @@ R = TypeVar("R")
 #: Largest buffer a single internal zero-fill or copy step uses.
 CHUNK = 4 * 1024 * 1024
 
+#: L2 tables a batch of compressed writes may change before it is published.
+PENDING_TABLES = 64
+
 
 def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     """Second safety net: low-level exceptions become CorruptImageError."""
@@ -130,18 +136,20 @@ class Qcow2Image(Image):
         self._cluster_cache: tuple[int, bytes] | None = None
         #: Data written that a coming L2 update depends on (see _barrier).
         self._deps = False
+        #: Compressed writes not yet published (see _write_compressed).
+        self._pending: _Request | None = None
         self.backing: Image | None = None
         self.data_st: Storage = storage
         self._data_st_own: Storage | None = None
-        self.mapper = Mapper(
+        self._mapper = Mapper(
             storage,
             cluster_bits=self.cb,
             extended_l2=self.extended,
             zero_flag=self.v3,
             file_size=storage.size,
         )
-        self.l2_entries = self.mapper.l2_entries
-        self.l2_bits = self.mapper.l2_bits
+        self.l2_entries = self._mapper.l2_entries
+        self.l2_bits = self._mapper.l2_bits
         self._load_l1()
         self.refs = Refcounts(
             storage,
@@ -170,9 +178,9 @@ class Qcow2Image(Image):
             raise CorruptImageError(
                 "L1 table is truncated", path=self.path, offset=self.hdr.l1_table_offset
             )
-        self.l1 = layout.decode_u64_table(raw)
-        self.mapper.l1 = self.l1
-        self.mapper.l1_offset = self.hdr.l1_table_offset
+        self._l1 = layout.decode_u64_table(raw)
+        self._mapper.l1 = self._l1
+        self._mapper.l1_offset = self.hdr.l1_table_offset
 
     def _open_files(self) -> None:
         meta = self.meta
@@ -187,7 +195,7 @@ class Qcow2Image(Image):
             # QEMU's data-file child of a read-only node: consistent read, write unshared
             self._data_st_own = FileStorage(real, writable=False, force_share=self._force_share)
             self.data_st = self._data_st_own
-            self.mapper.external = True
+            self._mapper.external = True
         if meta.backing_file is not None:
             self.backing = self._open_backing(writable=False)
 
@@ -277,6 +285,20 @@ class Qcow2Image(Image):
 
     # ---- properties ----
     @property
+    def l1(self) -> array[int]:
+        """The active L1 table as on disk (pending compressed writes published first)."""
+        if self._pending is not None and not self._closed:
+            self._settle()
+        return self._l1
+
+    @property
+    def mapper(self) -> Mapper:
+        """The active disk's :class:`~.mapping.Mapper` (pending writes published first)."""
+        if self._pending is not None and not self._closed:
+            self._settle()
+        return self._mapper
+
+    @property
     def virtual_size(self) -> int:
         """Size of the virtual disk in bytes."""
         return self.hdr.size
@@ -317,12 +339,14 @@ class Qcow2Image(Image):
         return self._corrupt
 
     # ---- small helpers ----
-    def _live(self) -> None:
+    def _live(self, *, settle: bool = True) -> None:
         if self._closed:
             raise ImageError("image is closed", path=self.path)
+        if settle and self._pending is not None:
+            self._settle()
 
-    def _check_range(self, offset: int, length: int, action: str) -> None:
-        self._live()
+    def _check_range(self, offset: int, length: int, action: str, *, settle: bool = True) -> None:
+        self._live(settle=settle)
         check_int(offset, "offset")
         check_int(length, "length")
         if offset < 0 or length < 0 or offset + length > self.hdr.size:
@@ -332,8 +356,8 @@ class Qcow2Image(Image):
                 path=self.path,
             )
 
-    def _require_writable(self, action: str) -> None:
-        self._live()
+    def _require_writable(self, action: str, *, settle: bool = True) -> None:
+        self._live(settle=settle)
         if not self._writable:
             raise ImageError(f"cannot {action}: image is open read-only", path=self.path)
 
@@ -360,7 +384,7 @@ class Qcow2Image(Image):
             first = self.hdr.refcount_table_offset >> cb
             out.update(range(first, first + self.hdr.refcount_table_clusters))
             first = self.hdr.l1_table_offset >> cb
-            out.update(range(first, first + -(-len(self.l1) * 8 // self.cs)))
+            out.update(range(first, first + -(-len(self._l1) * 8 // self.cs)))
             if self.hdr.nb_snapshots:
                 first = self.hdr.snapshots_offset >> cb
                 out.update(range(first, first + -(-self.snap_table_bytes // self.cs)))
@@ -381,7 +405,7 @@ class Qcow2Image(Image):
             cb = self.cb
             out = set(self.table_clusters())
             out |= self._refblocks()
-            for e in self.l1:
+            for e in self._l1:
                 off = e & layout.L1E_OFFSET_MASK
                 if off:
                     out.add(off >> cb)
@@ -475,7 +499,7 @@ class Qcow2Image(Image):
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` guest bytes starting at ``offset``."""
         self._check_range(offset, length, "read")
-        runs = self.mapper.runs(offset, length)
+        runs = self._mapper.runs(offset, length)
         first = next(runs, None)
         if first is not None and first.kind == DATA and first.length == length:
             self._check_data_host(first.host, length)  # one contiguous run: no extra copy
@@ -492,7 +516,7 @@ class Qcow2Image(Image):
         ``mapper`` reads through another L1 table (a snapshot's) instead.
         """
         if out:
-            self._fill(out, offset, (mapper or self.mapper).runs(offset, len(out)))
+            self._fill(out, offset, (mapper or self._mapper).runs(offset, len(out)))
 
     def _fill(self, out: bytearray, offset: int, runs: Iterable[Run]) -> None:
         cs = self.cs
@@ -535,7 +559,7 @@ class Qcow2Image(Image):
         cached = self._cluster_cache
         if cached is not None and cached[0] == entry:
             return cached[1]
-        host, nbytes = self.mapper.compressed_range(entry)
+        host, nbytes = self._mapper.compressed_range(entry)
         if host < self.cs or host + nbytes > -(-self.st.size() // 512) * 512:
             raise CorruptImageError(
                 f"compressed cluster at {host:#x} ({nbytes} bytes) runs outside the file",
@@ -555,7 +579,7 @@ class Qcow2Image(Image):
     # ---- L1/L2 for writing ------------------------------------------------------------------
     def grow_l1(self, needed: int) -> None:
         """Make the active L1 table hold at least ``needed`` entries."""
-        old_n = len(self.l1)
+        old_n = len(self._l1)
         if needed <= old_n:
             return
         cap = layout.MAX_L1_BYTES // 8
@@ -568,7 +592,7 @@ class Qcow2Image(Image):
         new_n = min(cap, max(needed, old_n + old_n // 2))
         clusters = -(-new_n * 8 // self.cs)
         new_off = self.refs.allocate(clusters)
-        table = array("Q", self.l1)
+        table = array("Q", self._l1)
         table.extend([0] * (new_n - old_n))
         self.st.pwrite(
             new_off, layout.encode_u64_table(table) + bytes(clusters * self.cs - new_n * 8)
@@ -578,9 +602,9 @@ class Qcow2Image(Image):
         self.st.pwrite(layout.OFF_L1, struct.pack(">IQ", new_n, new_off))
         self.st.flush()
         self.hdr.l1_size, self.hdr.l1_table_offset = new_n, new_off
-        self.l1 = table
-        self.mapper.l1 = table
-        self.mapper.l1_offset = new_off
+        self._l1 = table
+        self._mapper.l1 = table
+        self._mapper.l1_offset = new_off
         if old_n:
             self.refs.free(old_off, -(-old_n * 8 // self.cs))
         self._meta_changed()
@@ -588,7 +612,7 @@ class Qcow2Image(Image):
     def _set_l1_entry(self, index: int, value: int) -> None:
         """Write one active L1 entry; memory changes only once the write succeeded."""
         self.st.pwrite(self.hdr.l1_table_offset + index * 8, struct.pack(">Q", value))
-        self.l1[index] = value
+        self._l1[index] = value
 
     # ---- ordering: barriers and requests ----
     def _flush(self) -> None:
@@ -616,7 +640,7 @@ class Qcow2Image(Image):
         self._cluster_cache = None
         self._cfree = 0
         self._deps = True  # unknown writes may be in flight: order the next reference
-        self.mapper.drop_cache()
+        self._mapper.drop_cache()
         with contextlib.suppress(VirtkitError):
             self.refs.reload()
         with contextlib.suppress(VirtkitError):
@@ -632,21 +656,21 @@ class Qcow2Image(Image):
         got = req.tables.get(l1i)
         if got is not None:
             return got
-        if l1i >= len(self.l1):
+        if l1i >= len(self._l1):
             self.grow_l1(l1i + 1)
         where = self.hdr.l1_table_offset + l1i * 8
-        entry = self.l1[l1i]
+        entry = self._l1[l1i]
         off = entry & layout.L1E_OFFSET_MASK
         if off and entry & layout.OFLAG_COPIED:
             if off >> self.cb in self.table_clusters() or off >> self.cb in self._refblocks():
                 self._mark_corrupt(
                     f"L2 table at {off:#x} (L1 index {l1i}) overlaps other image metadata", where
                 )
-            table = array("Q", self.mapper.load_l2(off, where=where))
+            table = array("Q", self._mapper.load_l2(off, where=where))
             req.tables[l1i] = (off, table)
             return off, table
         if off:
-            table = array("Q", self.mapper.load_l2(off, where=where))
+            table = array("Q", self._mapper.load_l2(off, where=where))
         else:
             table = array("Q", bytes(self.cs))
         new = self.refs.allocate(1)
@@ -665,7 +689,7 @@ class Qcow2Image(Image):
         their refcounts lowered. A request needs at most two barriers, however
         many clusters it allocates.
         """
-        step = self.mapper.step
+        step = self._mapper.step
         for l1i in req.new:
             off, table = req.tables[l1i]
             self.st.pwrite(off, layout.encode_u64_table(table))
@@ -675,7 +699,7 @@ class Qcow2Image(Image):
         for l1i, (off, table) in req.tables.items():
             if l1i in req.new:
                 self._set_l1_entry(l1i, off | layout.OFLAG_COPIED)
-                self.mapper.put_l2(off, table)
+                self._mapper.put_l2(off, table)
                 self._meta_changed()
                 continue
             span = req.ranges.get(l1i)
@@ -683,7 +707,7 @@ class Qcow2Image(Image):
                 continue
             lo, hi = span[0] * step, span[1] * step
             self.st.pwrite(off + lo * 8, layout.encode_u64_table(table[lo:hi]))
-            cached = self.mapper.load_l2(off, where=l1_off + l1i * 8)
+            cached = self._mapper.load_l2(off, where=l1_off + l1i * 8)
             cached[lo:hi] = table[lo:hi]
         changes = self._ref_drops(req.olds)
         old_tables = [old for old in req.new.values() if old]
@@ -695,14 +719,14 @@ class Qcow2Image(Image):
             self.refs.update(changes)
             for old in old_tables:
                 if self.refs.get(old >> self.cb) == 0:
-                    self.mapper.forget_l2(old)
+                    self._mapper.forget_l2(old)
 
     def _ref_drops(self, entries: Iterable[int]) -> list[tuple[int, int]]:
         """Refcount changes dropping the references the given (former) L2 entries held."""
         changes: list[tuple[int, int]] = []
         for entry in entries:
             if entry & layout.OFLAG_COMPRESSED:
-                host, nbytes = self.mapper.compressed_range(entry)
+                host, nbytes = self._mapper.compressed_range(entry)
                 first = (host & ~(layout.COMPRESSED_SECTOR - 1)) >> self.cb
                 last = (host + nbytes - 1) >> self.cb
                 changes.extend((c, -1) for c in range(first, last + 1))
@@ -748,7 +772,7 @@ class Qcow2Image(Image):
 
     def _write_full(self, req: _Request, ci: int, k: int, mv: memoryview) -> None:
         cs = self.cs
-        step = self.mapper.step
+        step = self._mapper.step
         l1i = ci >> self.l2_bits
         l2off, l2 = self._req_l2(req, l1i)
         base = ci & (self.l2_entries - 1)
@@ -758,7 +782,7 @@ class Qcow2Image(Image):
             idx = base + j
             e = l2[idx * step]
             if e & layout.OFLAG_COPIED and not e & layout.OFLAG_COMPRESSED:
-                host = self.mapper.data_host(e, l2off + idx * 8 * step)
+                host = self._mapper.data_host(e, l2off + idx * 8 * step)
                 if host:
                     inplace.append((j, host))
                     continue
@@ -801,10 +825,10 @@ class Qcow2Image(Image):
         l1i = ci >> self.l2_bits
         l2off, l2 = self._req_l2(req, l1i)
         idx = ci & (self.l2_entries - 1)
-        step = self.mapper.step
+        step = self._mapper.step
         e = l2[idx * step]
         compressed = bool(e & layout.OFLAG_COMPRESSED)
-        host = 0 if compressed else self.mapper.data_host(e, l2off + idx * 8 * step)
+        host = 0 if compressed else self._mapper.data_host(e, l2off + idx * 8 * step)
         copied = bool(e & layout.OFLAG_COPIED) and host and not compressed
         cluster_start = ci << self.cb
         if step == 1:
@@ -830,7 +854,7 @@ class Qcow2Image(Image):
             req.mark(l1i, idx, idx + 1)
             req.olds.append(e)
             return
-        sc = self.mapper.sc_size
+        sc = self._mapper.sc_size
         a = in_off - in_off % sc
         b = min(cs, -(-(in_off + n) // sc) * sc)
         k0, k1 = a // sc, b // sc
@@ -877,12 +901,17 @@ class Qcow2Image(Image):
         reach exactly the end of the disk for the last, partial cluster). Data
         that does not shrink is written uncompressed, as QEMU does.
 
+        The data is in the file on return, but the mapping to it is published
+        by the next other call on the image (``flush()``, ``close()``, a read),
+        so a run of compressed writes needs a single barrier; an error while
+        publishing is raised by that call.
+
         Raises:
             ImageError: misaligned, wrong length, or an external data file.
         """
-        self._require_writable("write compressed data")
+        self._require_writable("write compressed data", settle=False)
         mv = check_bytes(data)
-        self._check_range(offset, len(mv), "write")
+        self._check_range(offset, len(mv), "write", settle=False)
         cs = self.cs
         if offset & (cs - 1) or not (
             len(mv) == cs or (offset + len(mv) == self.hdr.size and len(mv) < cs)
@@ -899,25 +928,49 @@ class Qcow2Image(Image):
         cs = self.cs
         padded = data + bytes(cs - len(data))
         comp = compress(self.hdr.compression_type, padded)
-        if len(comp) >= cs:
+        if len(comp) >= cs and len(data) < cs:
+            self._settle()
             self.write_guest(offset, memoryview(data))
             return
         ci = offset >> self.cb
         l1i = ci >> self.l2_bits
-        req = _Request()
+        req = self._pending
+        if req is None:
+            # Batched like one request: consecutive compressed writes (convert) share
+            # one barrier; any other call on the image publishes them first.
+            req = self._pending = _Request()
+        if len(comp) >= cs:  # does not shrink: stored uncompressed, as QEMU does
+            self._write_full(req, ci, 1, memoryview(data))
+            self._settle_if_big(req)
+            return
         _l2off, l2 = self._req_l2(req, l1i)
         idx = ci & (self.l2_entries - 1)
-        step = self.mapper.step
+        step = self._mapper.step
         host = self._alloc_bytes(len(comp))
         self._cluster_cache = None  # the same entry value may now mean new data
         self.st.pwrite(host, comp)
         nsec = ((host + len(comp) - 1) >> 9) - (host >> 9)
         req.olds.append(l2[idx * step])
-        l2[idx * step] = layout.OFLAG_COMPRESSED | (nsec << self.mapper.csize_shift) | host
+        l2[idx * step] = layout.OFLAG_COMPRESSED | (nsec << self._mapper.csize_shift) | host
         if step == 2:
             l2[idx * 2 + 1] = 0
         req.mark(l1i, idx, idx + 1)
-        self._commit(req)
+        self._settle_if_big(req)
+
+    def _settle_if_big(self, req: _Request) -> None:
+        if len(req.tables) >= PENDING_TABLES or len(req.olds) >= PENDING_TABLES * 64:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Publish the compressed writes held back for batching (one barrier for all).
+
+        Called by every other operation on the image (reads included) and by
+        ``flush()``/``close()``; a failure here is reported by that call, as a
+        write-back cache reports it at the next flush.
+        """
+        req, self._pending = self._pending, None
+        if req is not None:
+            self._run_write(lambda: self._commit(req))
 
     def _alloc_bytes(self, n: int) -> int:
         cs, cb = self.cs, self.cb
@@ -992,13 +1045,13 @@ class Qcow2Image(Image):
         self._commit(req)
 
     def _zero_partial(self, offset: int, length: int) -> None:
-        for run in list(self.mapper.runs(offset, length)):  # the writes below change the map
+        for run in list(self._mapper.runs(offset, length)):  # the writes below change the map
             if run.kind == ZERO or (run.kind == UNALLOCATED and self.backing is None):
                 continue
             self.write_guest(run.guest, memoryview(bytes(run.length)))
 
     def _zero_clusters(self, req: _Request, ci: int, k: int, *, discard: bool, full: bool) -> None:
-        step = self.mapper.step
+        step = self._mapper.step
         l1i = ci >> self.l2_bits
         backing = self.backing is not None and not full
         if not self.v3 and backing and not discard:
@@ -1006,7 +1059,7 @@ class Qcow2Image(Image):
                 n = min(CHUNK // self.cs or 1, ci + k - c)
                 self.write_guest(c << self.cb, memoryview(bytes(n * self.cs)))
             return
-        _l2_off, l2 = self.mapper.l2_for(l1i)
+        _l2_off, l2 = self._mapper.l2_for(l1i)
         if l2 is None and not backing:
             return
         if l2 is not None and not backing:
@@ -1069,9 +1122,9 @@ class Qcow2Image(Image):
         batch = max(1, (1 << 18) // self.l2_entries)
         l1_off = self.hdr.l1_table_offset
         punch = getattr(self.st, "punch_hole", None)
-        for lo in range(0, len(self.l1), batch):
-            hi = min(lo + batch, len(self.l1))
-            part = array("Q", self.l1[lo:hi])
+        for lo in range(0, len(self._l1), batch):
+            hi = min(lo + batch, len(self._l1))
+            part = array("Q", self._l1[lo:hi])
             if not any(e & layout.L1E_OFFSET_MASK for e in part):
                 continue
             changes = snapshots.tree_refs(self, part, l1_off + lo * 8, -1)
@@ -1087,13 +1140,13 @@ class Qcow2Image(Image):
                     )
             self.st.pwrite(l1_off + lo * 8, bytes((hi - lo) * 8))
             self.st.flush()
-            self.l1[lo:hi] = array("Q", bytes((hi - lo) * 8))
+            self._l1[lo:hi] = array("Q", bytes((hi - lo) * 8))
             self._meta_changed()
             self.refs.update(changes)
             for e in part:
                 off = e & layout.L1E_OFFSET_MASK
                 if off and not self.refs.get(off >> cb):
-                    self.mapper.forget_l2(off)
+                    self._mapper.forget_l2(off)
             if callable(punch):  # nothing references these any more: give the space back
                 freed = sorted(c for c in drops if not self.refs.get(c))
                 for first, stop, _ in _coalesce([(c, c << cb) for c in freed], self.cs):
@@ -1141,7 +1194,7 @@ class Qcow2Image(Image):
         return _merge(self._status(offset, length, include_backing))
 
     def _status(self, offset: int, length: int, include_backing: bool) -> Iterator[Extent]:
-        for run in self.mapper.runs(offset, length):
+        for run in self._mapper.runs(offset, length):
             if run.kind in (DATA, COMPRESSED):
                 yield Extent(run.guest, run.length, "data")
             elif run.kind == ZERO:
@@ -1393,6 +1446,7 @@ class Qcow2Image(Image):
         self._closed = True
         try:
             if self._writable:
+                self._settle()
                 self.st.flush()
         finally:
             self._close_children()
