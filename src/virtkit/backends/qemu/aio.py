@@ -148,9 +148,14 @@ class AsyncQemuGuest:
         await _in_thread(self.guest.delete_snapshot, name)
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run a raw QMP command (awaited on the backend's loop, no thread)."""
-        from virtkit.backends.qemu.qmp import run_async  # noqa: PLC0415
+        """Run a raw QMP command (awaited on the backend's loop, no thread).
 
+        Raises:
+            ConfigError: ``command`` or ``arguments`` has the wrong type.
+        """
+        from virtkit.backends.qemu.qmp import check_command, run_async  # noqa: PLC0415
+
+        check_command(command, arguments)
         proc = self.guest._proc
         if proc is None or not proc.alive:
             from virtkit.errors import StateError  # noqa: PLC0415

@@ -29,6 +29,7 @@ from typing import Any
 import attrs
 
 from virtkit.errors import ConfigError
+from virtkit.images.args import check_path
 from virtkit.model import Disk, Machine
 
 __all__ = [
@@ -81,6 +82,14 @@ def node_name(target: str, suffix: str = "") -> str:
     return f"drive-{target}{suffix}"
 
 
+def _kernel_path(value: object) -> Path:
+    return Path(check_path(value, "kernel"))
+
+
+def _initrd_path(value: object) -> Path | None:
+    return None if value is None else Path(check_path(value, "initrd"))
+
+
 @attrs.frozen
 class KernelBoot:
     """Direct kernel boot (``-kernel``/``-initrd``/``-append``), skipping the boot loader.
@@ -91,9 +100,18 @@ class KernelBoot:
         append: the kernel command line.
     """
 
-    kernel: Path = attrs.field(converter=Path)
-    initrd: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
-    append: str = ""
+    kernel: Path = attrs.field(converter=_kernel_path)
+    initrd: Path | None = attrs.field(default=None, converter=_initrd_path)
+    append: str = attrs.field(default="")
+
+    @append.validator
+    def _check_append(self, _attribute: object, value: object) -> None:
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(
+                f"'append' must be a kernel command line str without NUL (got {value!r})",
+                field="append",
+                value=value,
+            )
 
 
 @attrs.frozen

@@ -55,7 +55,7 @@ from virtkit.backends.qemu.argv import (
 )
 from virtkit.backends.qemu.layers import LayerState, qemu_img
 from virtkit.backends.qemu.process import ExitInfo, QemuProcess, make_runtime_dir
-from virtkit.backends.qemu.qmp import run_sync
+from virtkit.backends.qemu.qmp import check_command, run_sync
 from virtkit.errors import (
     BackendError,
     ConfigError,
@@ -63,6 +63,7 @@ from virtkit.errors import (
     StateError,
     TimeoutError,
 )
+from virtkit.images.args import check_path
 from virtkit.model import CdRom, Disk, Machine, Snapshot, SnapshotKind, State
 
 if TYPE_CHECKING:
@@ -189,10 +190,11 @@ class QemuGuest(Guest):
                 (default: a placeholder ``$XDG_RUNTIME_DIR/vk-<name>``).
 
         Raises:
-            ConfigError: the machine cannot be expressed (e.g. UEFI without OVMF).
+            ConfigError: the machine cannot be expressed (e.g. UEFI without OVMF),
+                or ``runtime_dir`` is not a path.
         """
         base = (
-            runtime_dir
+            check_path(runtime_dir, "runtime_dir")
             if runtime_dir is not None
             else Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"vkq-{self.name}"
         )
@@ -332,7 +334,9 @@ class QemuGuest(Guest):
             StateError: QEMU is not running.
             BackendError: QEMU refused the command.
             TimeoutError: no answer within ``timeout`` (default 30 s).
+            ConfigError: ``command``, ``arguments`` or ``timeout`` has the wrong type.
         """
+        timeout = check_command(command, arguments, timeout)
         return self._qmp_sync(command, arguments, timeout=timeout)
 
     # -- events from the loop thread ------------------------------------------------------

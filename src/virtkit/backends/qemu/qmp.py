@@ -32,11 +32,13 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
-from virtkit.errors import BackendError, StateError, TimeoutError
+from virtkit.errors import BackendError, ConfigError, StateError, TimeoutError
+from virtkit.images.args import check_name, check_timeout
 
 __all__ = [
     "DEFAULT_QMP_TIMEOUT",
     "QmpSession",
+    "check_command",
     "loop",
     "run_async",
     "run_sync",
@@ -46,6 +48,28 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_QMP_TIMEOUT = 30.0
+
+
+def check_command(command: object, arguments: object, timeout: object = None) -> float | None:
+    """Check a raw QMP call's arguments; return the timeout to use (None: the default).
+
+    Raises:
+        ConfigError: ``command`` is not a non-empty str, ``arguments`` not a
+            mapping with str keys (or None), or ``timeout`` not seconds >= 0.
+    """
+    check_name(command, "command")
+    if arguments is not None and (
+        not isinstance(arguments, Mapping) or not all(isinstance(k, str) for k in arguments)
+    ):
+        raise ConfigError(
+            f"'arguments' must be a dict with str keys or None (got {arguments!r})",
+            field="arguments",
+        )
+    if timeout is None:
+        return None
+    limit = check_timeout(timeout)
+    return 10.0**9 if limit is None else limit  # inf / huge: in practice no limit
+
 
 # qemu.qmp logs every disconnect (even the normal one after a power-off) at
 # WARNING/ERROR level; those are reported through our own errors instead.
