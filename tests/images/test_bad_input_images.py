@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -469,3 +470,35 @@ class TestConvertArguments:
             images.measure()
         with pytest.raises(ConfigError):
             images.measure(base, size="1MiB")
+
+
+_HUGE_READ = """
+import resource, sys
+from virtkit import ImageError, images
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+with images.open(sys.argv[1]) as img:
+    try:
+        img.read(0, 2 << 30)
+    except ImageError as exc:
+        print("ImageError:", exc)
+"""
+
+
+class TestMemory:
+    """A read bigger than the memory the process may use is an ImageError, not a MemoryError."""
+
+    @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+    def test_read_too_big_for_memory(self, fmt: str, tmp_path: Path) -> None:
+        """read(0, 2 GiB) under a 1 GiB address-space limit says so (qcow2 called it corrupt)."""
+        path = tmp_path / f"big.{fmt}"
+        images.create(path, size="4GiB", format=fmt).close()
+        proc = subprocess.run(
+            [sys.executable, "-c", _HUGE_READ, str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("ImageError:") and "memory" in proc.stdout, proc.stdout
+        assert "malformed" not in proc.stdout

@@ -121,7 +121,14 @@ class RawImage(Image):
         """
         storage = self._live()
         self._check_range(offset, length, "read")
-        data = storage.pread(offset, length)
+        try:
+            data = storage.pread(offset, length)
+        except MemoryError as exc:
+            raise ImageError(
+                f"read: not enough memory for {length} bytes; read smaller ranges",
+                path=self.path,
+                offset=offset,
+            ) from exc
         if len(data) < length:  # file shrunk under us: the missing tail reads as zeroes
             data += bytes(length - len(data))
         return data

@@ -90,7 +90,12 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except VirtkitError:
             raise
-        except (struct.error, IndexError, OverflowError, ValueError, MemoryError) as exc:
+        except MemoryError as exc:  # a huge request, or a table the header makes huge
+            raise ImageError(
+                f"{fn.__name__}: not enough memory for this request; work on smaller ranges",
+                path=getattr(args[0], "path", None),
+            ) from exc
+        except (struct.error, IndexError, OverflowError, ValueError) as exc:
             img = args[0]
             path = getattr(img, "path", None)
             raise CorruptImageError(
