@@ -475,6 +475,10 @@ def qemu_check(path: Path) -> dict[str, Any]:
     report["rc"] = proc.returncode
     report["errors"] = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")]
     report["stderr"] = proc.stderr
+    with open(path, "rb") as fh:  # cluster_bits: big-endian u32 at offset 20 of the header
+        header = fh.read(24)
+    if len(header) == 24 and header[:4] == b"QFI\xfb":
+        report["cluster-size"] = 1 << int.from_bytes(header[20:24], "big")
     return report
 
 
@@ -482,7 +486,9 @@ _COPIED = re.compile(r"ERROR OFLAG_COPIED (?:data|L2) cluster: .*_entry=([0-9a-f
 _LEAK = re.compile(r"Leaked cluster (\d+) refcount=(\d+) reference=(\d+)")
 
 
-def copied_flag_window(report: dict[str, Any], cluster_size: int = CS) -> tuple[int, list[str]]:
+def copied_flag_window(
+    report: dict[str, Any], cluster_size: int | None = None
+) -> tuple[int, list[str]]:
     """Split qemu-img's errors into the harmless COPIED-flag window and real corruption.
 
     A cluster's refcount and the COPIED flag in the L2 (or L1) entry pointing to it
@@ -494,6 +500,8 @@ def copied_flag_window(report: dict[str, Any], cluster_size: int = CS) -> tuple[
 
     Returns ``(harmless count, harmful error lines)``.
     """
+    if cluster_size is None:
+        cluster_size = int(report.get("cluster-size", CS))
     leaked = {}
     for line in report["stderr"].splitlines():
         m = _LEAK.match(line)
