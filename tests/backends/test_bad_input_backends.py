@@ -277,6 +277,18 @@ class TestGuestCalls:
         with pytest.raises(ConfigError, match="'name'"):
             echo.snapshot_dir(bad)
 
+    @pytest.mark.parametrize("name", ["..", ".", "../escape", "a/b", "/abs/escape"])
+    def test_snapshot_dir_stays_inside_the_folder(
+        self, echo: Guest, name: str, tmp_path: Path
+    ) -> None:
+        """snapshot_dir() refuses names that leave snapshots/state/ (it used to mkdir them)."""
+        target = tmp_path / "abs"
+        with pytest.raises(ConfigError, match="'name'"):
+            echo.snapshot_dir(name.replace("/abs", str(target)))
+        assert not target.exists()
+        assert not (echo.folder / "snapshots" / "escape").exists()
+        assert not (echo.folder / "escape").exists()
+
     def test_screen_text_of_stopped_guest(self, echo: Guest) -> None:
         """The emulator's screen_text() works or raises a VirtkitError on a stopped guest."""
         try:

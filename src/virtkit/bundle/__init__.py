@@ -239,8 +239,19 @@ def load(
 
 
 def snapshot_dir(folder: str | os.PathLike[str], name: str, *, create: bool = True) -> Path:
-    """The folder that holds snapshot ``name``'s saved state."""
-    path = Path(folder) / SNAPSHOTS / "state" / name
+    """The folder that holds snapshot ``name``'s saved state.
+
+    Raises:
+        ConfigError: ``name`` is not a single file name (a slash, ``..``, NUL...),
+            which would put the folder outside ``snapshots/state/``.
+    """
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\0"):
+        raise ConfigError(
+            f"snapshot 'name' must be a plain file name without slashes (got {name!r})",
+            field="name",
+            value=name,
+        )
+    path = Path(check_path(folder, "folder")) / SNAPSHOTS / "state" / name
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
