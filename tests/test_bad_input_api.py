@@ -70,6 +70,26 @@ class TestModel:
                     "cpus",  # CpuTopology checks the product under the machine's name
                 ), f"{cls}.{field.name}={bad!r} names {named!r}"
 
+    @pytest.mark.parametrize("cls", list(REQUIRED))
+    def test_unknown_and_missing_arguments(self, cls: str) -> None:
+        """An unknown keyword or a missing required field is a ConfigError naming it (was TypeError)."""
+        kind = getattr(virtkit, cls)
+        with pytest.raises(ConfigError, match="bogus") as info:
+            kind(**REQUIRED[cls], bogus=1)
+        assert info.value.field == "bogus"
+        with pytest.raises(ConfigError, match="bogus"):
+            attrs.evolve(kind(**REQUIRED[cls]), bogus=1)
+        for name in REQUIRED[cls]:
+            partial = {k: v for k, v in REQUIRED[cls].items() if k != name}
+            with pytest.raises(ConfigError, match=name) as info:
+                kind(**partial)
+            assert info.value.field == name
+
+    def test_too_many_positional_arguments(self) -> None:
+        """Too many positional arguments is a ConfigError naming the class."""
+        with pytest.raises(ConfigError, match="PortForward"):
+            virtkit.PortForward(1, 2, "tcp", "127.0.0.1", "extra")  # type: ignore[call-arg]
+
     @pytest.mark.parametrize("bad", GARBAGE, ids=_ids(GARBAGE))
     def test_boot_must_be_a_list(self, bad: Any) -> None:
         """Machine(boot=non-list) is a ConfigError naming 'boot' (was: TypeError not iterable)."""

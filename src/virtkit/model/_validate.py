@@ -6,6 +6,7 @@ what is allowed, so ``Machine(memory=0)`` says exactly what to fix.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Collection
 from typing import Any, TypeVar
@@ -127,3 +128,40 @@ def int_range(low: int, high: int) -> Callable[[Any, Any, Any], None]:
             )
 
     return check
+
+
+_UNEXPECTED_RE = re.compile(r"unexpected keyword argument '([^']+)'")
+_MISSING_RE = re.compile(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.+)$")
+_C = TypeVar("_C", bound=type)
+
+
+def call_errors_are_config_errors(cls: _C) -> _C:
+    """Class decorator: ``cls(bogus=1)`` or a missing argument is a ConfigError naming it.
+
+    Python reports a bad call signature as a bare ``TypeError``; this turns it
+    (and any other ``TypeError`` from construction) into a :class:`ConfigError`
+    with ``field`` set, as every other wrong value is reported.
+    """
+    init: Callable[..., None] = cls.__dict__["__init__"]
+    fields = ", ".join(a.name for a in getattr(cls, "__attrs_attrs__", ()))
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except TypeError as exc:
+            text = str(exc)
+            if found := _UNEXPECTED_RE.search(text):
+                name = found.group(1)
+                raise ConfigError(
+                    f"{cls.__name__} has no field {name!r}; fields: {fields}", field=name
+                ) from None
+            if found := _MISSING_RE.search(text):
+                names = found.group(1).replace("'", "")
+                first = names.split(",")[0].split(" ")[0]
+                message = f"{cls.__name__} needs a value for {names}"
+                raise ConfigError(message, field=first) from None
+            raise ConfigError(f"{cls.__name__}: {text}") from exc
+
+    setattr(cls, "__init__", __init__)  # noqa: B010 - mypy refuses assigning to a method
+    return cls

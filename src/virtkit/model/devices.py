@@ -16,6 +16,7 @@ import attrs
 
 from virtkit.errors import ConfigError
 from virtkit.model._validate import (
+    call_errors_are_config_errors,
     instance_of,
     int_range,
     one_of,
@@ -80,6 +81,7 @@ def _target(_inst: Any, attribute: Any, value: Any) -> None:
         )
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class Disk:
     """A disk image attached to a machine.
@@ -134,6 +136,7 @@ class Disk:
             )
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class CdRom:
     """A CD-ROM drive with an ISO image (e.g. a cloud-init seed).
@@ -149,6 +152,7 @@ class CdRom:
     target: str | None = attrs.field(default=None, validator=_target)
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class PortForward:
     """A host port forwarded to a guest port on a user-mode network."""
@@ -174,6 +178,7 @@ def _normalise_mac(value: Any) -> Any:
     return value.lower().replace("-", ":") if isinstance(value, str) else value
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class Nic:
     """A network card.
@@ -249,6 +254,7 @@ class Nic:
             seen.add(key)
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class Serial:
     """The serial console (COM1).
@@ -271,6 +277,7 @@ class Serial:
             )
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class CloudInit:
     """cloud-init NoCloud provisioning: attached to the guest as a seed ISO.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 
 from virtkit.errors import ConfigError
+from virtkit.model._validate import call_errors_are_config_errors
 from virtkit.units import parse_size
 
 __all__ = ["AllocationPolicy", "HostResources"]
@@ -40,6 +41,7 @@ def _ratio(_inst: object, attribute: attrs.Attribute[float], value: float) -> No
         )
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class HostResources:
     """What a host offers guests, and how much of it is allocated.
@@ -68,6 +70,7 @@ class HostResources:
         return cls(cpus=cpus, memory=memory, storage=storage)
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class AllocationPolicy:
     """Admission control rules, as a cloud scheduler or libvirt user sets them.

@@ -15,6 +15,7 @@ import attrs
 
 from virtkit.errors import ConfigError
 from virtkit.model._validate import (
+    call_errors_are_config_errors,
     dns_label,
     instance_of,
     int_range,
@@ -35,6 +36,7 @@ ARCHES = ("x86_64", "i386")
 _LABEL_KEY_CHARS = set(string.ascii_letters + string.digits + "-_./")
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class CpuTopology:
     """Virtual CPU layout: ``sockets * cores * threads`` vCPUs."""
@@ -165,6 +167,7 @@ def _convert_boot(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class Machine:
     """A virtual machine definition.

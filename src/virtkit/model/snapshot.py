@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from virtkit.errors import ConfigError
-from virtkit.model._validate import instance_of, optional_str
+from virtkit.model._validate import call_errors_are_config_errors, instance_of, optional_str
 from virtkit.model.enums import SnapshotKind, State
 
 __all__ = ["Snapshot"]
@@ -63,6 +63,7 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0)
 
 
+@call_errors_are_config_errors
 @attrs.frozen
 class Snapshot:
     """A point-in-time capture of a guest.
