@@ -240,6 +240,13 @@ class TestGuestCalls:
             echo.delete_snapshot(bad)
         assert echo.snapshots == ()
 
+    @pytest.mark.parametrize("bad", ["no", 0, None, 1.0], ids=repr)
+    def test_snapshot_memory_switch(self, running: Guest, bad: Any) -> None:
+        """snapshot(memory="no") is a ConfigError (it was read as True: a full snapshot)."""
+        with pytest.raises(ConfigError, match="'memory'"):
+            running.snapshot("s", memory=bad)
+        assert running.snapshots == ()
+
     def test_duplicate_and_unknown_snapshot(self, echo: Guest) -> None:
         """A taken snapshot name or an unknown one is a ConfigError naming it."""
         echo.snapshot("s1", memory=False)

@@ -422,6 +422,32 @@ class TestStateMisuse:
                     ro.check(repair=True)
 
 
+class TestSwitches:
+    """Boolean switches take True or False only: writable="no" must not open for writing."""
+
+    @pytest.mark.parametrize("bad", ["no", "", 0, 1, None, [], 1.0], ids=repr)
+    def test_switches(self, img: Image, bad: Any, tmp_path: Path) -> None:
+        """open/check/resize/convert/rebase/commit switches refuse non-bools, naming them."""
+        path = img.path
+        with pytest.raises(ConfigError, match="'repair'"):
+            img.check(repair=bad)
+        with pytest.raises(ConfigError, match="'shrink'"):
+            img.resize("512K", shrink=bad)
+        assert img.virtual_size == 1 << 20
+        img.close()
+        for name in ("writable", "force_share"):
+            with pytest.raises(ConfigError, match=f"'{name}'"):
+                images.open(path, **{name: bad})
+        with pytest.raises(ConfigError, match="'compress'"):
+            images.convert(path, tmp_path / "out", compress=bad)
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(ConfigError, match="'unsafe'"):
+            images.rebase(path, None, unsafe=bad)
+        with pytest.raises(ConfigError, match="'drop'"):
+            images.commit(path, drop=bad)
+        assert Path(path).exists()
+
+
 class TestConvertArguments:
     """convert / measure / rebase / commit arguments besides paths."""
 

@@ -24,7 +24,7 @@ from virtkit import bundle
 from virtkit.backends.console import Console
 from virtkit.backends.lifecycle import Lifecycle
 from virtkit.errors import BackendError, ConfigError, ResourceError, StateError
-from virtkit.images.args import check_name, check_path, check_timeout
+from virtkit.images.args import check_bool, check_name, check_path, check_timeout
 from virtkit.model import (
     AllocationPolicy,
     CdRom,
@@ -457,6 +457,7 @@ class Guest(abc.ABC):
             StateError: a full snapshot of a guest that is not running.
         """
         check_name(name)
+        check_bool(memory, "memory")
         with self._lifecycle.operation("snapshot"):
             if name in self._snapshots:
                 raise ConfigError(

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError
-from virtkit.images.args import check_name, check_path
+from virtkit.images.args import check_bool, check_name, check_path
 from virtkit.images.base import (
     CheckProblem,
     CheckResult,
@@ -198,6 +198,8 @@ def open(  # noqa: A001 - mirrors the built-in, as gzip.open and tarfile.open do
         UnsupportedFeatureError: it uses a feature virtkit does not implement.
     """
     path = check_path(path)
+    check_bool(writable, "writable")
+    check_bool(force_share, "force_share")
     fmt = probe_format(path) if format is None else format
     driver = _driver(fmt)
     try:

@@ -17,6 +17,7 @@ from typing import Any
 from virtkit.errors import ConfigError
 
 __all__ = [
+    "check_bool",
     "check_bytes",
     "check_callable",
     "check_int",
@@ -51,6 +52,22 @@ def check_path(value: object, field: str = "path") -> str:
             f"'{field}' must not contain a NUL byte (got {path!r})", field=field, value=value
         )
     return path
+
+
+def check_bool(value: object, field: str) -> bool:
+    """Return ``value`` if it is a ``bool``.
+
+    A switch given ``"no"`` or ``0`` is refused rather than read as truthy or
+    falsy: ``writable="no"`` would otherwise open an image for writing.
+
+    Raises:
+        ConfigError: anything but True or False.
+    """
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"'{field}' must be True or False (got {_kind(value)})", field=field, value=value
+        )
+    return value
 
 
 def check_int(value: object, field: str) -> int:

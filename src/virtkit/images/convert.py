@@ -30,7 +30,7 @@ from virtkit.errors import (
     UnsupportedFeatureError,
     VirtkitError,
 )
-from virtkit.images.args import check_callable, check_name, check_path
+from virtkit.images.args import check_bool, check_callable, check_name, check_path
 from virtkit.images.base import Extent, Image
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage
@@ -171,6 +171,7 @@ def convert(
     dst_path = check_path(dst, "dst")
     images._driver(format)
     check_callable(progress, "progress")
+    check_bool(compress, "compress")
     if compress and format != "qcow2":
         raise ConfigError("compress=True needs a qcow2 target", field="compress")
     src_img = _open(src, format=src_format, allow_backing=allow_backing, force_share=force_share)
@@ -497,6 +498,7 @@ def rebase(
     if backing is not None:
         check_name(backing, "backing")
     check_callable(progress, "progress")
+    check_bool(unsafe, "unsafe")
     if unsafe:
         with _open(path, writable=True, allow_backing=allow_backing) as img:
             _set_backing(img, backing, backing_format)
@@ -576,6 +578,7 @@ def commit(
     """
     path = check_path(image, "image")
     check_callable(progress, "progress")
+    check_bool(drop, "drop")
     with _open(path, writable=True, allow_backing=allow_backing) as top:
         if top.backing_file is None:
             raise ImageError("cannot commit: the image has no backing file", path=path)

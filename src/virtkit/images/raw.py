@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError
-from virtkit.images.args import check_bytes, check_int
+from virtkit.images.args import check_bool, check_bytes, check_int
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage, Storage
@@ -207,6 +207,7 @@ class RawImage(Image):
             ImageError: shrinking without ``shrink=True`` (as ``qemu-img resize``
                 wants ``--shrink``), or read-only.
         """
+        check_bool(shrink, "shrink")
         storage = self._writable_storage("resize")
         new = parse_size(size, field="size")
         _check_size(new)
@@ -231,6 +232,7 @@ class RawImage(Image):
     def check(self, repair: bool = False) -> CheckResult:
         """Raw has no metadata to damage: always clean."""
         self._live()
+        check_bool(repair, "repair")
         return CheckResult()
 
     def create_snapshot(self, name: str, *, vm_state: bytes | None = None) -> SnapshotInfo:

@@ -59,7 +59,7 @@ from virtkit.errors import (
     UnsupportedFeatureError,
     VirtkitError,
 )
-from virtkit.images.args import check_bytes, check_int, check_name
+from virtkit.images.args import check_bool, check_bytes, check_int, check_name
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
 from virtkit.images.qcow2 import chain, layout, metadata, snapshots
 from virtkit.images.qcow2 import check as checkmod
@@ -1242,6 +1242,7 @@ class Qcow2Image(Image):
             ImageError: shrinking would drop data, or snapshots forbid it.
             ConfigError: the size is not a multiple of 512.
         """
+        check_bool(shrink, "shrink")
         self._require_writable("resize")
         new = parse_size(size, field="size")
         if new % 512:
@@ -1340,6 +1341,7 @@ class Qcow2Image(Image):
     def check(self, repair: bool = False) -> CheckResult:
         """Check refcounts and flags as ``qemu-img check`` does (``repair`` fixes them)."""
         self._live()
+        check_bool(repair, "repair")
         if repair and not self._writable:
             raise ImageError("check(repair=True) needs the image open writable", path=self.path)
 
