@@ -11,11 +11,11 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from lock_helpers import Holder, holders
 
 import virtkit
 import virtkit.images
@@ -32,50 +32,16 @@ BACKING_LOCKS = locking.LockHolders(
 NO_LOCKS = locking.LockHolders(held=0, unshared=0)
 
 
-def _wait_for(path: Path, want: Callable[[locking.LockHolders], bool]) -> None:
-    """Poll the lock bytes of ``path`` until ``want`` holds (the holder finished opening)."""
-    for _ in range(400):
-        if want(locking.probe(path)):
-            return
-        time.sleep(0.025)
-    raise AssertionError(f"lock state never reached on {path}: {locking.probe(path)}")
-
-
-class _Holder:
-    """A child process that keeps images open until stopped."""
-
-    def __init__(self, argv: list[str], base: Path) -> None:
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        try:
-            # QEMU first opens a raw chain sharing everything and restricts it once the
-            # guest device is attached: wait for the settled state
-            _wait_for(base, lambda h: bool(h.unshared & locking.PERM_WRITE))
-        except AssertionError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        """Kill the holder (if still running) and reap it."""
-        if self.proc.returncode is None:
-            self.proc.kill()
-            self.proc.communicate(timeout=30)
-
-
 @pytest.fixture
-def hold() -> Iterator[Callable[[list[str], Path], _Holder]]:
+def hold() -> Iterator[Callable[[list[str], Path], Holder]]:
     """Start QEMU processes holding an overlay of ``base``; all are killed at the end."""
-    holders: list[_Holder] = []
 
-    def start(argv: list[str], base: Path) -> _Holder:
-        holder = _Holder(argv, base)
-        holders.append(holder)
-        return holder
+    def make(argv: list[str], base: Path) -> Holder:
+        # QEMU first opens a raw chain sharing everything and restricts it once the
+        # guest device is attached: wait for the settled state
+        return Holder(argv, base, lambda h: bool(h.unshared & locking.PERM_WRITE))
 
-    yield start
-    for holder in holders:
-        holder.stop()
+    yield from holders(make)
 
 
 def _tool(name: str) -> str:
@@ -154,7 +120,7 @@ class TestBackingLockBytes:
         assert locking.probe(base) == NO_LOCKS
 
     def test_same_bytes_as_qemu_system(
-        self, base: Path, qemu_img: Run, hold: Callable[[list[str], Path], _Holder]
+        self, base: Path, qemu_img: Run, hold: Callable[[list[str], Path], Holder]
     ) -> None:
         """A running QEMU's overlay locks exactly the backing bytes ours does."""
         top = _overlay(qemu_img, base, "top.qcow2")
@@ -177,7 +143,7 @@ class TestBackingLockBytes:
             assert img.read(MiB, 4096) == b"\x66" * 4096
 
     def test_data_file_locked_like_qemu_system(
-        self, tmp_path: Path, qemu_img: Run, hold: Callable[[list[str], Path], _Holder]
+        self, tmp_path: Path, qemu_img: Run, hold: Callable[[list[str], Path], Holder]
     ) -> None:
         """An external data file gets the bytes a read-only QEMU drive takes on it."""
         data = tmp_path / "d.raw"
@@ -258,7 +224,7 @@ class TestOverlaysShareBase:
         base: Path,
         qemu_img: Run,
         tmp_path: Path,
-        hold: Callable[[list[str], Path], _Holder],
+        hold: Callable[[list[str], Path], Holder],
     ) -> None:
         """With QEMU running an overlay on the base, ours opens, writes and commits nothing."""
         theirs = _overlay(qemu_img, base, "theirs.qcow2")
@@ -321,7 +287,7 @@ class TestCommitReopensBase:
             assert img.read(0, 512) == b"\x55" * 512
 
     def test_reopen_backing_refused_keeps_read_only_base(
-        self, base: Path, qemu_img: Run, hold: Callable[[list[str], Path], _Holder]
+        self, base: Path, qemu_img: Run, hold: Callable[[list[str], Path], Holder]
     ) -> None:
         """When another overlay's QEMU holds the base, the reopen fails and reads still work."""
         top = _overlay(qemu_img, base, "top.qcow2")

@@ -5,55 +5,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from lock_helpers import Holder, holders
 
 import virtkit
 from virtkit.images import locking
 from virtkit.images.storage import FileStorage
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def _wait_for(path: Path, predicate: Callable[[locking.LockHolders], bool]) -> None:
-    """Poll the lock bytes until ``predicate`` holds (the holder finished opening)."""
-    for _ in range(400):
-        if predicate(locking.probe(path)):
-            return
-        time.sleep(0.025)
-    raise AssertionError(f"lock state never reached on {path}: {locking.probe(path)}")
-
-
-class _Holder:
-    """A child process that keeps an image open until stopped."""
-
-    def __init__(self, argv: list[str], path: Path, expect_writer: bool) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.path = path
-        try:
-            _wait_for(path, lambda h: h.writer if expect_writer else bool(h.held))
-        except AssertionError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        """Kill the holder (if still running) and reap it."""
-        if self.proc.returncode is None:
-            self.proc.kill()
-            self.proc.communicate(timeout=30)
-
-    def finish(self) -> None:
-        """Close the holder's stdin so it exits by itself, and reap it."""
-        self.proc.communicate(input="", timeout=30)
 
 
 @pytest.fixture
@@ -73,18 +35,14 @@ def qcow2_image(tmp_path: Path, qemu_img: Run) -> Path:
 
 
 @pytest.fixture
-def hold() -> Iterator[Callable[..., _Holder]]:
-    """Start holder processes; all are killed at the end."""
-    holders: list[_Holder] = []
+def hold() -> Iterator[Callable[..., Holder]]:
+    """Start holder processes (``writer=False`` for readers); all are killed at the end."""
 
-    def start(argv: list[str], path: Path, *, writer: bool = True) -> _Holder:
-        holder = _Holder(argv, path, writer)
-        holders.append(holder)
-        return holder
+    def make(argv: list[str], path: Path, *, writer: bool = True) -> Holder:
+        ready = (lambda h: h.writer) if writer else (lambda h: bool(h.held))
+        return Holder(argv, path, ready)
 
-    yield start
-    for holder in holders:
-        holder.stop()
+    yield from holders(make)
 
 
 def _qemu_io(path: Path, *extra: str) -> list[str]:
@@ -106,7 +64,7 @@ class TestLockBytes:
     """The exact bytes virtkit locks are the ones qemu-io locks."""
 
     def test_writable_open_locks_qemu_bytes(
-        self, qcow2_image: Path, hold: Callable[..., _Holder]
+        self, qcow2_image: Path, hold: Callable[..., Holder]
     ) -> None:
         """A writable open locks exactly the bytes a qemu-io qcow2 writer locks."""
         storage = FileStorage(qcow2_image, writable=True)
@@ -119,7 +77,7 @@ class TestLockBytes:
         qemu.stop()
 
     def test_read_only_open_locks_qemu_reader_bytes(
-        self, qcow2_image: Path, hold: Callable[..., _Holder]
+        self, qcow2_image: Path, hold: Callable[..., Holder]
     ) -> None:
         """A read-only open locks exactly the bytes a qemu-io -r qcow2 reader locks."""
         storage = FileStorage(qcow2_image, writable=False)
@@ -161,7 +119,7 @@ class TestAgainstQemu:
     """Running QEMU tools and virtkit exclude each other as QEMU processes do."""
 
     def test_qemu_io_writer_blocks_our_writable_open(
-        self, raw_image: Path, hold: Callable[..., _Holder]
+        self, raw_image: Path, hold: Callable[..., Holder]
     ) -> None:
         """qemu-io holding the image writable makes our writable open fail naming 'write'."""
         hold(_qemu_io(raw_image), raw_image)
@@ -172,7 +130,7 @@ class TestAgainstQemu:
         assert info.value.path == str(raw_image)
 
     def test_qemu_io_writer_blocks_plain_reader_but_not_force_share(
-        self, raw_image: Path, hold: Callable[..., _Holder]
+        self, raw_image: Path, hold: Callable[..., Holder]
     ) -> None:
         """A plain read-only open refuses a live writer; force_share reads anyway."""
         hold(_qemu_io(raw_image), raw_image)
@@ -182,7 +140,7 @@ class TestAgainstQemu:
             assert img.read(0, 16) == bytes(16)
 
     def test_qemu_io_reader_blocks_our_writer_only(
-        self, qcow2_image: Path, hold: Callable[..., _Holder]
+        self, qcow2_image: Path, hold: Callable[..., Holder]
     ) -> None:
         """qemu-io -r on qcow2 unshares write: our writer fails, our reader succeeds."""
         hold(_qemu_io(qcow2_image, "-r"), qcow2_image, writer=False)
@@ -203,7 +161,7 @@ class TestAgainstQemu:
         assert qemu_img("info", qcow2_image).returncode == 0
 
     def test_qcow2_engine_takes_the_locks(
-        self, qcow2_image: Path, qemu_img: Run, hold: Callable[..., _Holder]
+        self, qcow2_image: Path, qemu_img: Run, hold: Callable[..., Holder]
     ) -> None:
         """virtkit's qcow2 driver locks too: qemu-img refuses it, and it refuses qemu-io."""
         with virtkit.images.open(qcow2_image, writable=True) as img:
@@ -259,7 +217,7 @@ class TestAgainstQemu:
             assert img.read(0, 512) == b"\x07" * 512
 
     def test_running_qemu_system_blocks_writer(
-        self, raw_image: Path, hold: Callable[..., _Holder]
+        self, raw_image: Path, hold: Callable[..., Holder]
     ) -> None:
         """A paused qemu-system-x86_64 with the disk attached makes our writable open fail."""
         exe = shutil.which("qemu-system-x86_64")
@@ -296,7 +254,7 @@ class TestVirtkitWriters:
         with virtkit.images.open(raw_image, writable=True, format="raw"):
             pass
 
-    def test_writer_in_another_process(self, raw_image: Path, hold: Callable[..., _Holder]) -> None:
+    def test_writer_in_another_process(self, raw_image: Path, hold: Callable[..., Holder]) -> None:
         """A virtkit writer in a child process blocks our writer until it exits."""
         child = hold([sys.executable, "-c", _PY_HOLDER, str(raw_image), "rw"], raw_image)
         with pytest.raises(virtkit.ImageLockedError, match="write"):
@@ -306,7 +264,7 @@ class TestVirtkitWriters:
         with virtkit.images.open(raw_image, writable=True, format="raw"):
             pass
 
-    def test_two_readers_share(self, raw_image: Path, hold: Callable[..., _Holder]) -> None:
+    def test_two_readers_share(self, raw_image: Path, hold: Callable[..., Holder]) -> None:
         """Plain readers (ours and another process's) coexist, as qemu-img info instances do."""
         hold([sys.executable, "-c", _PY_HOLDER, str(raw_image), "ro"], raw_image, writer=False)
         with (
