@@ -46,6 +46,14 @@ def define_adhoc(hv: EmulatorHypervisor, tmp_path: Path, name: str, body: str) -
     return guest
 
 
+def run_adhoc(hv: EmulatorHypervisor, tmp_path: Path, name: str, body: str) -> bytes:
+    """Boot an ad-hoc guest, wait for it to power off, and return its console output."""
+    guest = define_adhoc(hv, tmp_path, name, body)
+    guest.start()
+    assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+    return guest.console.output
+
+
 def wait_crashed(guest: EmulatorGuest) -> str:
     state = guest.wait(timeout=TIMEOUT)
     assert state is State.CRASHED
@@ -270,10 +278,7 @@ handler:
 caught: db "caught #DE", 13, 10, 0
 after: db "resumed", 13, 10, 0
 """
-        guest = define_adhoc(hv, tmp_path, "de", body)
-        guest.start()
-        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
-        assert guest.console.output == b"caught #DE\r\nresumed\r\n"
+        assert run_adhoc(hv, tmp_path, "de", body) == b"caught #DE\r\nresumed\r\n"
 
     def test_interrupt_without_an_idt_in_protected_mode_is_a_triple_fault(
         self, hv: EmulatorHypervisor, tmp_path: Path
@@ -533,10 +538,10 @@ old13: dd 0
 ok: db " / int 13h hook calls: ", 0
 bad: db "int 13h failed", 0
 """
-        guest = define_adhoc(hv, tmp_path, "hooks", body)
-        guest.start()
-        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
-        assert guest.console.output == b"sector one says hello / int 13h hook calls: 1"
+        assert (
+            run_adhoc(hv, tmp_path, "hooks", body)
+            == b"sector one says hello / int 13h hook calls: 1"
+        )
 
     def test_int15_block_move_copies_above_one_mib(
         self, hv: EmulatorHypervisor, tmp_path: Path
@@ -575,10 +580,7 @@ text: db "over the 1 MiB line", 0
 back: times 20 db 0
 bad: db "failed", 0
 """
-        guest = define_adhoc(hv, tmp_path, "move", body)
-        guest.start()
-        assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
-        assert guest.console.output == b"over the 1 MiB line"
+        assert run_adhoc(hv, tmp_path, "move", body) == b"over the 1 MiB line"
 
     def test_e820_covers_the_machine_memory(self, hv: EmulatorHypervisor, define: Define) -> None:
         """The usable E820 ranges add up to the RAM minus what SeaBIOS reserves."""
