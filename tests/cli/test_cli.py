@@ -9,6 +9,7 @@ import pytest
 
 import virtkit
 from virtkit.cli import main
+from virtkit.testing import guests
 
 
 class TestImageCommands:
@@ -65,3 +66,34 @@ class TestVmCommands:
         """vm show on a folder without machine.toml fails with the file named."""
         assert main(["vm", "show", str(tmp_path)]) == 1
         assert "machine.toml is missing" in capsys.readouterr().err
+
+    def _vm(self, tmp_path: Path, guest: str) -> Path:
+        folder = tmp_path / guest
+        disk = folder / "disks" / "boot.raw"
+        disk.parent.mkdir(parents=True)
+        guests.write_disk(disk, guest)
+        virtkit.save(
+            virtkit.Machine(name=guest, memory="2MiB", disks=[virtkit.Disk(path="boot.raw")]),
+            folder,
+        )
+        return folder
+
+    def test_run_streams_console_until_poweroff(
+        self, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+    ) -> None:
+        """vm run boots the folder on the emulator, prints the console and exits 0 on power-off."""
+        folder = self._vm(tmp_path, "hello")
+        assert main(["vm", "run", str(folder), "--timeout", "60"]) == 0
+        out, err = capsysbinary.readouterr()
+        assert out == guests.OUTPUT["hello"]
+        assert b"stopped: shutoff" in err
+
+    def test_run_times_out(
+        self, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+    ) -> None:
+        """A guest still running at --timeout is killed and the command exits 1, naming the limit."""
+        folder = self._vm(tmp_path, "counter")
+        assert main(["vm", "run", str(folder), "--timeout", "0.5"]) == 1
+        out, err = capsysbinary.readouterr()
+        assert b"count 0" in out
+        assert b"did not power off within 0.5 s" in err

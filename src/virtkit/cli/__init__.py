@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -166,6 +167,7 @@ def _vm_run(args: argparse.Namespace) -> int:
             f"--timeout must be a number of seconds >= 0 (got {args.timeout})", field="--timeout"
         )
     machine = virtkit.load(args.folder)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     with virtkit.connect(args.backend) as hv:
         guest = hv.define(machine, folder=args.folder)
         guest.start()
@@ -187,12 +189,11 @@ def _vm_run(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                     return 0 if state is virtkit.State.SHUTOFF else 1
-                if args.timeout is not None and args.timeout <= 0:
+                if deadline is not None and time.monotonic() >= deadline:
                     raise virtkit.TimeoutError(
-                        "the guest did not power off in time", timeout=args.timeout
+                        f"the guest did not power off within {args.timeout} s",
+                        timeout=args.timeout,
                     )
-                if args.timeout is not None:
-                    args.timeout -= 0.2
         finally:
             if guest.state in (virtkit.State.RUNNING, virtkit.State.PAUSED):
                 guest.kill()
