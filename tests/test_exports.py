@@ -17,7 +17,7 @@ class TestExports:
                 "AllocationPolicy", "CdRom", "CloudInit", "CpuTopology", "Disk",
                 "HostResources", "HypervisorType", "Machine", "Nic", "PortForward",
                 "Serial", "Snapshot", "SnapshotKind", "State",
-                "BackendError", "BackendUnavailable", "ConfigError", "CorruptImageError",
+                "BackendError", "BackendUnavailable", "CapabilityWarning", "ConfigError", "CorruptImageError",
                 "ImageError", "ImageLockedError", "ResourceError", "StateError",
                 "TimeoutError", "UnsupportedFeatureError", "VirtkitError",
             ]

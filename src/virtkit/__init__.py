@@ -19,6 +19,7 @@ from virtkit.bundle import load, save
 from virtkit.errors import (
     BackendError,
     BackendUnavailable,
+    CapabilityWarning,
     ConfigError,
     CorruptImageError,
     ImageError,
@@ -74,6 +75,7 @@ __all__ = [
     # errors
     "BackendError",
     "BackendUnavailable",
+    "CapabilityWarning",
     "ConfigError",
     "CorruptImageError",
     "ImageError",

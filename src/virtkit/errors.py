@@ -14,6 +14,8 @@ Every error a public virtkit call raises is a :class:`VirtkitError`::
     │   └── BackendUnavailable   the backend cannot run on this host
     └── TimeoutError             something did not happen in time
 
+    CapabilityWarning (a UserWarning) a backend ignores a device it cannot run
+
 Data is kept on the exception as attributes (``.field``, ``.path``,
 ``.offset``, ...) and formatted by ``__str__``, so callers can react to the
 details without parsing messages.
@@ -28,6 +30,7 @@ from typing import Any
 __all__ = [
     "BackendError",
     "BackendUnavailable",
+    "CapabilityWarning",
     "ConfigError",
     "CorruptImageError",
     "ImageError",
@@ -232,4 +235,24 @@ class TimeoutError(VirtkitError, builtins.TimeoutError):  # noqa: A001 - the des
 
     def __init__(self, message: str, *, timeout: float | None = None) -> None:
         self.timeout = timeout
+        super().__init__(message)
+
+
+class CapabilityWarning(UserWarning):
+    """A backend runs a machine without a device or setting it cannot express.
+
+    Emitted by ``Hypervisor.define()`` once per ignored device (a NIC, a
+    CD-ROM, extra vCPUs... on a backend that has none), naming it;
+    ``define(..., strict=True)`` raises :class:`ConfigError` instead.
+
+    Attributes:
+        field: the machine field that is ignored (``"nics[0]"``).
+        backend: the backend's name.
+    """
+
+    def __init__(
+        self, message: str, *, field: str | None = None, backend: str | None = None
+    ) -> None:
+        self.field = field
+        self.backend = backend
         super().__init__(message)
