@@ -15,7 +15,7 @@ class TestExports:
                 "connect", "load", "save", "images",
                 "Console", "Guest", "Hypervisor",
                 "AllocationPolicy", "CdRom", "CloudInit", "CpuTopology", "Disk",
-                "HostResources", "HypervisorType", "Machine", "Nic", "PortForward",
+                "HostResources", "HypervisorType", "KernelBoot", "Machine", "Nic", "PortForward",
                 "Serial", "Snapshot", "SnapshotKind", "State",
                 "BackendError", "BackendUnavailable", "CapabilityWarning", "ConfigError", "CorruptImageError",
                 "ImageError", "ImageLockedError", "ResourceError", "StateError",

@@ -9,7 +9,16 @@ import attrs
 import pytest
 
 import virtkit
-from virtkit import CdRom, CpuTopology, Disk, Machine, Nic, PortForward, Serial
+from virtkit import (
+    CdRom,
+    ConfigError,
+    CpuTopology,
+    Disk,
+    Machine,
+    Nic,
+    PortForward,
+    Serial,
+)
 
 
 def _raises(match: str, field: str | None = None) -> pytest.RaisesContext[virtkit.ConfigError]:
@@ -36,11 +45,13 @@ class TestMachine:
         assert Machine(name="a") != Machine(name="a")  # distinct generated uuids
 
     def test_sizes(self) -> None:
-        """Sizes accept 512MiB, 2G, 1.5GiB, decimal MB and plain ints."""
+        """Sizes accept 512MiB, 2G, 1.5GiB and plain ints; decimal MB that is no whole MiB is refused."""
         assert Machine(name="a", memory="512MiB").memory == 512 * 1024**2
         assert Machine(name="a", memory="2G").memory == 2 * 1024**3
         assert Machine(name="a", memory="1.5GiB").memory == 3 * 1024**3 // 2
-        assert Machine(name="a", memory="100MB").memory == 100_000_000
+        with pytest.raises(ConfigError, match="whole number of MiB") as info:
+            Machine(name="a", memory="100MB")  # QEMU would silently run 95 MiB
+        assert info.value.field == "memory"
         assert Machine(name="a", memory=64 * 1024**2).memory == 64 * 1024**2
 
     def test_topology(self) -> None:
@@ -149,8 +160,14 @@ class TestBadInput:
                 lambda: Nic(network="none", forwards=[PortForward(80, 80)]),
                 "'forwards' need network='user'",
             ),
-            (lambda: PortForward(0, 22), "'host_port' must be an integer from 1 to 65535 (got 0)"),
-            (lambda: PortForward(22, 22, host_addr="x"), "'host_addr' must be an IP address"),
+            (
+                lambda: PortForward(-1, 22),
+                "'host_port' must be an integer from 0 to 65535 (got -1)",
+            ),
+            (lambda: PortForward(22, 0), "'guest_port' must be an integer from 1 to 65535 (got 0)"),
+            (lambda: PortForward(22, 22, host_addr="x"), "'host_addr' must be a dotted IPv4"),
+            (lambda: PortForward(22, 22, host_addr="::1"), "QEMU's user network refuses IPv6"),
+            (lambda: PortForward(22, 22, host_addr=2130706433), "'host_addr' must be a dotted"),
             (lambda: CpuTopology(sockets=0), "'sockets' must be an integer from 1 to 288"),
             (lambda: Serial(log="../x.log"), "'log' must be a file name inside the guest folder"),
             (

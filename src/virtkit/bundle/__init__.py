@@ -101,7 +101,9 @@ def _check_paths(
                     d.backing if os.path.isabs(d.backing) else os.path.join(parent, d.backing),
                 )
             )
-    items.extend((f"cdroms[{i}].path", c.path) for i, c in enumerate(machine.cdroms))
+    items.extend(
+        (f"cdroms[{i}].path", c.path) for i, c in enumerate(machine.cdroms) if c.path is not None
+    )
     for field, path in items:
         try:
             resolve_disk(folder, path, allow=allowed, field=field)
@@ -147,7 +149,11 @@ def save(
     config = root / CONFIG_NAME
     allowed = _allowed(allow)
     allowed += [os.path.dirname(d.path) for d in machine.disks if os.path.isabs(d.path)]
-    allowed += [os.path.dirname(c.path) for c in machine.cdroms if os.path.isabs(c.path)]
+    allowed += [
+        os.path.dirname(c.path)
+        for c in machine.cdroms
+        if c.path is not None and os.path.isabs(c.path)
+    ]
     _check_paths(machine, root, allowed, str(config))
     try:
         for sub in (root, root / DISKS, root / SNAPSHOTS):

@@ -4,6 +4,7 @@ Frozen ``attrs`` classes, validated at construction (``ConfigError`` naming
 the field), compared by value, changed with ``attrs.evolve``. No I/O here.
 """
 
+from virtkit.model.boot import KernelBoot
 from virtkit.model.devices import CdRom, CloudInit, Disk, Nic, PortForward, Serial
 from virtkit.model.enums import HypervisorType, SnapshotKind, State
 from virtkit.model.host import AllocationPolicy, HostResources
@@ -18,6 +19,7 @@ __all__ = [
     "Disk",
     "HostResources",
     "HypervisorType",
+    "KernelBoot",
     "Machine",
     "Nic",
     "PortForward",

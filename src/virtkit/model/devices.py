@@ -71,6 +71,30 @@ def _convert_forwards(value: Any) -> tuple[PortForward, ...]:
     return tuple_of(PortForward, "forwards")(value)
 
 
+def _norm(path: str) -> str:
+    """A path's spelling-independent key (``./a//b`` and ``a/b`` are one file)."""
+    return os.path.normpath(path)
+
+
+def _convert_layers(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes, os.PathLike)) or not hasattr(value, "__iter__"):
+        raise ConfigError(
+            f"'layers' must be a list of file paths (got {value!r})", field="layers", value=value
+        )
+    out = []
+    for i, item in enumerate(value):
+        path = os.fspath(item) if isinstance(item, os.PathLike) else item
+        if not isinstance(path, str) or not path or any(c in path for c in "\0\n\r"):
+            raise ConfigError(
+                f"'layers[{i}]' must be a non-empty file path without NUL or line breaks "
+                f"(got {item!r})",
+                field=f"layers[{i}]",
+                value=item,
+            )
+        out.append(path)
+    return tuple(out)
+
+
 def _target(_inst: Any, attribute: Any, value: Any) -> None:
     if value is not None and (not isinstance(value, str) or not TARGET_RE.match(value)):
         raise ConfigError(
@@ -98,6 +122,12 @@ class Disk:
         discard: ``"unmap"`` passes guest TRIM through to the image.
         backing: backing file name for creation, stored as given.
         backing_format: the backing file's format.
+        layers: qcow2 overlays above ``path``, bottom to top (external
+            snapshots, linked clones). Each names the one below as its
+            backing file by a relative name; paths are like ``path``
+            (relative ones live under ``disks/``). The guest reads and
+            writes the top one, :attr:`active`; ``path`` stays the disk's
+            base and identity.
     """
 
     path: str = attrs.field(converter=_fspath, validator=plain_str)
@@ -112,6 +142,7 @@ class Disk:
     backing_format: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(one_of(DISK_FORMATS))
     )
+    layers: tuple[str, ...] = attrs.field(default=(), converter=_convert_layers)
 
     @format.default  # noqa: A003 - attrs decorator on the field
     def _default_format(self) -> str:
@@ -135,19 +166,43 @@ class Disk:
                 value=value,
             )
 
+    @layers.validator
+    def _check_layers(self, attribute: Any, value: tuple[str, ...]) -> None:
+        seen = {_norm(self.path): "path"}
+        for i, layer in enumerate(value):
+            key = _norm(layer)
+            if key in seen:
+                raise ConfigError(
+                    f"'layers[{i}]' {layer!r} is already used by {seen[key]}; each layer "
+                    "must be its own file",
+                    field=f"layers[{i}]",
+                    value=layer,
+                )
+            seen[key] = f"layers[{i}]"
+
+    @property
+    def active(self) -> str:
+        """The file the guest reads and writes: the top layer, or ``path`` without layers."""
+        return self.layers[-1] if self.layers else self.path
+
+    def files(self) -> tuple[str, ...]:
+        """``path`` and every layer, bottom to top (as written, not resolved)."""
+        return (self.path, *self.layers)
+
 
 @call_errors_are_config_errors
 @attrs.frozen
 class CdRom:
-    """A CD-ROM drive with an ISO image (e.g. a cloud-init seed).
+    """A CD-ROM drive with an ISO image (e.g. a cloud-init seed), or empty.
 
     Args:
         path: the ISO file; relative paths live under the guest's ``disks/``.
+            ``None`` is an empty drive (media can be inserted later).
         bus: ``"ide"``, ``"sata"`` or ``"scsi"``.
         target: the device name used in the boot order; assigned by ``Machine``.
     """
 
-    path: str = attrs.field(converter=_fspath, validator=plain_str)
+    path: str | None = attrs.field(default=None, converter=_fspath, validator=optional_str)
     bus: str = attrs.field(default="ide", validator=one_of(("ide", "sata", "scsi")))
     target: str | None = attrs.field(default=None, validator=_target)
 
@@ -155,9 +210,19 @@ class CdRom:
 @call_errors_are_config_errors
 @attrs.frozen
 class PortForward:
-    """A host port forwarded to a guest port on a user-mode network."""
+    """A host port forwarded to a guest port on a user-mode network.
 
-    host_port: int = attrs.field(validator=int_range(1, 65535))
+    Args:
+        host_port: the host port; ``0`` picks a free port when the guest
+            starts (the backend reports the port it chose).
+        guest_port: the guest port.
+        protocol: ``"tcp"`` or ``"udp"``.
+        host_addr: the host IPv4 address to listen on (``"0.0.0.0"`` for
+            all). QEMU's user network (7.2) takes IPv4 only; an IPv6 or
+            host-name form is refused here rather than at start.
+    """
+
+    host_port: int = attrs.field(validator=int_range(0, 65535))
     guest_port: int = attrs.field(validator=int_range(1, 65535))
     protocol: str = attrs.field(default="tcp", validator=one_of(("tcp", "udp")))
     host_addr: str = attrs.field(default="127.0.0.1")
@@ -167,10 +232,15 @@ class PortForward:
         import ipaddress  # noqa: PLC0415 - only needed when validating
 
         try:
-            ipaddress.ip_address(value)
+            if not isinstance(value, str):
+                raise TypeError(value)
+            ipaddress.IPv4Address(value)
         except (ValueError, TypeError):
             raise ConfigError(
-                f"'host_addr' must be an IP address (got {value!r})", field="host_addr", value=value
+                f"'host_addr' must be a dotted IPv4 address like '127.0.0.1' or '0.0.0.0' "
+                f"(QEMU's user network refuses IPv6 and host names) (got {value!r})",
+                field="host_addr",
+                value=value,
             ) from None
 
 

@@ -6,6 +6,7 @@ A :class:`Machine` is a value: frozen, compared by value, changed with
 
 from __future__ import annotations
 
+import os
 import string
 import uuid as _uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from virtkit.model._validate import (
     one_of,
     tuple_of,
 )
+from virtkit.model.boot import KernelBoot
 from virtkit.model.devices import CdRom, CloudInit, Disk, Nic, Serial
 from virtkit.units import parse_size
 
@@ -78,6 +80,14 @@ def _check_memory(_inst: Any, attribute: Any, value: int) -> None:
     if not MIN_MEMORY <= value <= MAX_MEMORY:
         raise ConfigError(
             f"'memory' must be from 1 MiB to 16 TiB (got {value} bytes)",
+            field="memory",
+            value=value,
+        )
+    if value % 1024**2:
+        raise ConfigError(
+            f"'memory' must be a whole number of MiB (got {value} bytes = "
+            f"{value / 1024**2:.3f} MiB; QEMU would round it); write e.g. "
+            f"'{value // 1024**2}MiB' or '{value // 1024**2 + 1}MiB'",
             field="memory",
             value=value,
         )
@@ -189,6 +199,9 @@ class Machine:
             order; empty means the firmware's default (first disk).
         cloud_init: NoCloud provisioning, attached as a seed ISO.
         labels: free-form ``str -> str`` metadata.
+        kernel: direct kernel boot (kernel, initrd, command line) instead of
+            the firmware's boot loader; relative paths are relative to the
+            VM folder.
 
     Raises:
         ConfigError: any field is invalid; the message names the field.
@@ -212,8 +225,12 @@ class Machine:
         default=None, validator=attrs.validators.optional(instance_of(CloudInit))
     )
     labels: dict[str, str] = attrs.field(factory=dict, converter=_convert_labels, hash=False)
+    kernel: KernelBoot | None = attrs.field(
+        default=None, validator=attrs.validators.optional(instance_of(KernelBoot))
+    )
 
     def __attrs_post_init__(self) -> None:
+        self._check_files()
         names: dict[str, str] = {}
         devices = [
             *((f"disks[{i}].target", str(d.target)) for i, d in enumerate(self.disks)),
@@ -257,6 +274,23 @@ class Machine:
                 field="memory",
                 value=self.memory,
             )
+
+    def _check_files(self) -> None:
+        """No image file may be named twice: two disks (or layers) on one file corrupt it."""
+        files: dict[str, str] = {}
+        for i, disk in enumerate(self.disks):
+            named = [("path", disk.path), *((f"layers[{j}]", f) for j, f in enumerate(disk.layers))]
+            for what, path in named:
+                key = os.path.normpath(path)
+                field = f"disks[{i}].{what}"
+                if key in files:
+                    raise ConfigError(
+                        f"'{field}' {path!r} is already used by {files[key]}; a disk image "
+                        "file can be attached only once",
+                        field=field,
+                        value=path,
+                    )
+                files[key] = field
 
     @property
     def vcpus(self) -> int:

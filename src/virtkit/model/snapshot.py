@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from typing import Any
 
 import attrs
@@ -59,6 +60,33 @@ def _state(value: Any) -> State:
         ) from None
 
 
+_TARGET_RE = re.compile(r"^[a-z][a-z0-9]{1,15}$")
+
+
+def _convert_layers(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"'layers' must be a dict of disk target to layer file (got {value!r})",
+            field="layers",
+            value=value,
+        )
+    for target, path in value.items():
+        if not isinstance(target, str) or not _TARGET_RE.match(target):
+            raise ConfigError(
+                f"'layers' keys must be disk targets like 'vda' (got {target!r})",
+                field=f"layers[{target!r}]",
+                value=target,
+            )
+        if not isinstance(path, str) or not path or any(c in path for c in "\0\n\r"):
+            raise ConfigError(
+                f"'layers' values must be file paths without NUL or line breaks "
+                f"(got {path!r} for {target!r})",
+                field=f"layers[{target!r}]",
+                value=path,
+            )
+    return dict(sorted(value.items()))
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0)
 
@@ -77,6 +105,9 @@ class Snapshot:
         created_at: when it was taken (UTC).
         parent: the snapshot this one was taken on top of, if any.
         description: free text.
+        layers: disk target -> layer file (relative to the folder's
+            ``disks/``): the file a disk-only snapshot froze, or the layer
+            that holds a full snapshot's internal state.
     """
 
     name: str = attrs.field(validator=_snapshot_name)
@@ -85,3 +116,4 @@ class Snapshot:
     created_at: _dt.datetime = attrs.field(factory=_now, converter=_utc)
     parent: str | None = attrs.field(default=None, validator=optional_str)
     description: str = attrs.field(default="", validator=instance_of(str))
+    layers: dict[str, str] = attrs.field(factory=dict, converter=_convert_layers, hash=False)

@@ -29,8 +29,7 @@ from typing import Any
 import attrs
 
 from virtkit.errors import ConfigError
-from virtkit.images.args import check_path
-from virtkit.model import Disk, Machine
+from virtkit.model import Disk, KernelBoot, Machine
 
 __all__ = [
     "CACHE_MODES",
@@ -80,38 +79,6 @@ def _json(obj: dict[str, Any]) -> str:
 def node_name(target: str, suffix: str = "") -> str:
     """The block node name for a device target (``vda`` -> ``drive-vda``)."""
     return f"drive-{target}{suffix}"
-
-
-def _kernel_path(value: object) -> Path:
-    return Path(check_path(value, "kernel"))
-
-
-def _initrd_path(value: object) -> Path | None:
-    return None if value is None else Path(check_path(value, "initrd"))
-
-
-@attrs.frozen
-class KernelBoot:
-    """Direct kernel boot (``-kernel``/``-initrd``/``-append``), skipping the boot loader.
-
-    Args:
-        kernel: the kernel image (bzImage / vmlinuz).
-        initrd: an initramfs, if any.
-        append: the kernel command line.
-    """
-
-    kernel: Path = attrs.field(converter=_kernel_path)
-    initrd: Path | None = attrs.field(default=None, converter=_initrd_path)
-    append: str = attrs.field(default="")
-
-    @append.validator
-    def _check_append(self, _attribute: object, value: object) -> None:
-        if not isinstance(value, str) or "\0" in value:
-            raise ConfigError(
-                f"'append' must be a kernel command line str without NUL (got {value!r})",
-                field="append",
-                value=value,
-            )
 
 
 @attrs.frozen
