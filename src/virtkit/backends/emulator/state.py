@@ -6,8 +6,11 @@ A full snapshot's folder holds three files, each written atomically
 * ``cpu.bin``: unicorn's CPU context (every register, including segment
   caches, control registers and MSRs). It is tied to the unicorn build:
   ``devices.json`` records the version and restoring checks it.
-* ``ram.bin``: ``VKRAM001``, the RAM size (u64) and the chunk size (u32),
-  then one record per non-zero chunk: its index (u64) and its bytes.
+* ``ram.bin``: an index into the guest's RAM pack (see
+  :mod:`virtkit.backends.emulator.ramstore`): a second snapshot stores only the
+  chunks that changed since the first. States saved before the pack existed
+  (``VKRAM001``: the RAM size, the chunk size, then each non-zero chunk) still
+  load.
 * ``devices.json``: UART, chipset, clock and machine state.
 """
 
@@ -19,10 +22,12 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from virtkit.backends.emulator import ramstore
 from virtkit.backends.emulator.cpu import unicorn
 from virtkit.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
+    from virtkit.backends.emulator.cpu import Cpu
     from virtkit.backends.emulator.machine import PcMachine
 
 __all__ = ["load_machine", "save_machine"]
@@ -50,23 +55,14 @@ def _atomic_write(path: Path, chunks: list[bytes] | bytes) -> None:
 def save_machine(machine: PcMachine, folder: Path) -> int:
     """Write the machine's state into ``folder`` (the CPU must be parked).
 
-    Returns the number of bytes written.
+    Returns the number of bytes written (RAM chunks unchanged since the
+    machine's previous snapshot or revert are not written again).
     """
     folder.mkdir(parents=True, exist_ok=True)
     cpu = machine.cpu
     context = cpu.context()
     _atomic_write(folder / "cpu.bin", context)
-    ram = cpu.ram
-    zero = bytes(CHUNK)
-    parts = [_HEADER.pack(RAM_MAGIC, cpu.memory_size, CHUNK)]
-    written = len(context) + len(parts[0])
-    for index in range(cpu.memory_size // CHUNK + (1 if cpu.memory_size % CHUNK else 0)):
-        chunk = ram[index * CHUNK : (index + 1) * CHUNK]
-        if chunk != zero[: len(chunk)]:
-            parts.append(_RECORD.pack(index))
-            parts.append(chunk)
-            written += _RECORD.size + len(chunk)
-    _atomic_write(folder / "ram.bin", parts)
+    written = len(context) + ramstore.save_ram(cpu, folder)
     devices = {
         "format": FORMAT_VERSION,
         "unicorn": unicorn.__version__,
@@ -92,29 +88,51 @@ def load_machine(machine: PcMachine, folder: Path) -> None:
     try:
         devices: dict[str, Any] = json.loads((folder / "devices.json").read_bytes())
         context = (folder / "cpu.bin").read_bytes()
-        ram_file = open(folder / "ram.bin", "rb")  # noqa: SIM115 - closed below
+        with open(folder / "ram.bin", "rb") as fh:
+            magic = fh.read(len(RAM_MAGIC))
     except (OSError, ValueError) as exc:
         raise BackendError(f"saved machine state in {folder} cannot be read: {exc}") from exc
+    if not isinstance(devices, dict) or devices.get("format") != FORMAT_VERSION:
+        raise BackendError(f"{folder / 'devices.json'} has an unknown format")
+    if devices.get("unicorn") != unicorn.__version__:
+        raise BackendError(
+            f"the snapshot's CPU state was saved by unicorn {devices.get('unicorn')}, "
+            f"this is unicorn {unicorn.__version__}; it cannot be restored"
+        )
+    cpu = machine.cpu
+    if magic == ramstore.INDEX_MAGIC:
+        ramstore.load_ram(cpu, folder)
+    elif magic == RAM_MAGIC:
+        ramstore.forget(cpu)
+        _load_full_ram(cpu, folder / "ram.bin")
+    else:
+        raise BackendError(f"{folder / 'ram.bin'} is not a virtkit RAM image")
+    cpu.restore_context(context)
+    cpu.flush_code()
+    machine.load_state(devices["machine"])
+    machine.uart.load(devices["uart"])
+    machine.chipset.load(devices["chipset"])
+    machine.clock.load(devices["clock"])
+
+
+def _load_full_ram(cpu: Cpu, path: Path) -> None:
+    """Read a whole-RAM image (``VKRAM001``) saved before the RAM pack existed."""
+    try:
+        ram_file = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise BackendError(f"{path} cannot be read: {exc.strerror}") from exc
     with ram_file:
         header = ram_file.read(_HEADER.size)
         if len(header) != _HEADER.size:
-            raise BackendError(f"{folder / 'ram.bin'} is truncated (no header)")
+            raise BackendError(f"{path} is truncated (no header)")
         magic, size, chunk_size = _HEADER.unpack(header)
         if magic != RAM_MAGIC or chunk_size != CHUNK:
-            raise BackendError(f"{folder / 'ram.bin'} is not a virtkit RAM image")
-        cpu = machine.cpu
+            raise BackendError(f"{path} is not a virtkit RAM image")
         if size != cpu.memory_size:
             raise ConfigError(
                 f"the snapshot holds {size} bytes of RAM but the machine has {cpu.memory_size}; "
                 "revert needs the memory size the snapshot was taken with",
                 field="memory",
-            )
-        if devices.get("format") != FORMAT_VERSION:
-            raise BackendError(f"{folder / 'devices.json'} has an unknown format")
-        if devices.get("unicorn") != unicorn.__version__:
-            raise BackendError(
-                f"the snapshot's CPU state was saved by unicorn {devices.get('unicorn')}, "
-                f"this is unicorn {unicorn.__version__}; it cannot be restored"
             )
         cpu.clear_ram()
         chunks = size // CHUNK + (1 if size % CHUNK else 0)
@@ -122,17 +140,13 @@ def load_machine(machine: PcMachine, folder: Path) -> None:
             record = ram_file.read(_RECORD.size)
             if not record:
                 break
+            if len(record) != _RECORD.size:
+                raise BackendError(f"{path} is truncated in a chunk record")
             (index,) = _RECORD.unpack(record)
-            if len(record) != _RECORD.size or index >= chunks:
-                raise BackendError(f"{folder / 'ram.bin'} is damaged (chunk index {index})")
+            if index >= chunks:
+                raise BackendError(f"{path} is damaged (chunk index {index})")
             want = min(CHUNK, size - index * CHUNK)
             data = ram_file.read(want)
             if len(data) != want:
-                raise BackendError(f"{folder / 'ram.bin'} is truncated in chunk {index}")
+                raise BackendError(f"{path} is truncated in chunk {index}")
             cpu.ram[index * CHUNK : index * CHUNK + want] = data
-    cpu.restore_context(context)
-    cpu.flush_code()
-    machine.load_state(devices["machine"])
-    machine.uart.load(devices["uart"])
-    machine.chipset.load(devices["chipset"])
-    machine.clock.load(devices["clock"])
