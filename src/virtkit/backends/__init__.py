@@ -28,6 +28,12 @@ _REGISTRY: dict[str, tuple[str, str]] = {
         "install QEMU (Debian: apt-get install qemu-system-x86 qemu-utils) and the "
         "'qemu.qmp' package (pip install qemu.qmp)",
     ),
+    "libvirt": (
+        "virtkit.backends.libvirt:LibvirtHypervisor",
+        "pip install 'virtkit[libvirt]' (needs Debian's libvirt-dev pkg-config gcc) and run a "
+        "libvirt daemon (apt-get install libvirt-daemon libvirt-daemon-driver-qemu "
+        "libvirt-clients; scripts/libvirtd start)",
+    ),
 }
 
 

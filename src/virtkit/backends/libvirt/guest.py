@@ -1,0 +1,501 @@
+"""``LibvirtGuest``: one machine as a persistent libvirt domain.
+
+The lifecycle rules live in :mod:`virtkit.backends.base`; this module maps
+the hooks onto libvirt calls and libvirt's domain events onto the shared
+state machine:
+
+========================================  =======================================
+libvirt lifecycle event                   guest state
+========================================  =======================================
+``SUSPENDED`` (domain really paused)      PAUSED, unless a virtkit call caused it
+``RESUMED`` (domain really running)       RUNNING, likewise
+``STOPPED`` / ``SHUTDOWN``                SHUTOFF (the guest powered itself off)
+``STOPPED`` / ``DESTROYED`` not by us     CRASHED ("destroyed outside virtkit")
+``STOPPED`` / ``CRASHED``, ``FAILED``     CRASHED with the detail
+``CRASHED`` (guest panic)                 CRASHED
+========================================  =======================================
+
+Events arrive on the event thread after the call that caused them returns,
+so each handler re-reads the domain's real state before acting.
+
+Start: the domain is started paused, its console stream attached (a pty
+serial drops what is printed before anyone listens), then resumed.
+
+Snapshots: a full snapshot is a libvirt internal snapshot (RAM and device
+state in the first qcow2 disk); a disk-only snapshot of a shut-off guest is
+an internal qcow2 snapshot of every disk, of a running guest an external
+overlay (``disks/<target>.<snapshot>.qcow2``) which libvirt 9.0 cannot revert
+to. Each snapshot's libvirt XML is kept in its snapshot folder, so a daemon
+that never saw the guest (another host, after a migration) gets the metadata
+back when the guest is defined there.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from virtkit.backends.base import Guest
+from virtkit.backends.libvirt.console import ConsoleStream
+from virtkit.bundle.atomic import atomic_write
+from virtkit.errors import (
+    ConfigError,
+    ImageError,
+    StateError,
+    TimeoutError,
+    UnsupportedFeatureError,
+)
+from virtkit.model import Machine, Snapshot, SnapshotKind, State
+
+if TYPE_CHECKING:
+    from virtkit.backends.libvirt.hypervisor import LibvirtHypervisor
+
+__all__ = ["LOCATION_FILE", "LibvirtGuest"]
+
+#: a small TOML file in the VM folder saying which host runs the guest now.
+LOCATION_FILE = "location.toml"
+_SNAPSHOT_XML = "libvirt-snapshot.xml"
+_STOP_POLL = 0.05
+
+
+class LibvirtGuest(Guest):
+    """A guest run as a libvirt domain.
+
+    Extra attributes beyond :class:`~virtkit.backends.base.Guest`:
+
+    * :attr:`domain_name` - the libvirt domain's name;
+    * :attr:`domain` - the ``virDomain`` object (for what virtkit does not wrap);
+    * :meth:`xml` - the domain's live XML;
+    * :meth:`migrate` - move the running guest to another libvirt host.
+    """
+
+    hypervisor: LibvirtHypervisor
+
+    def __init__(
+        self, hypervisor: LibvirtHypervisor, machine: Machine, folder: Path, domain: Any
+    ) -> None:
+        super().__init__(hypervisor, machine, folder)
+        self.domain = domain
+        self.domain_name: str = domain.name()
+        self._stream: ConsoleStream | None = None
+        self._busy = 0  # > 0 while a virtkit call changes the run state itself
+        self._expect_stop = False
+        self._busy_lock = threading.Lock()
+        if machine.serial.enabled:
+            self.console.set_writer(self._write_console)
+
+    # -- plumbing -----------------------------------------------------------------------
+    @property
+    def _conn(self) -> Any:
+        return self.hypervisor.connection
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        return self._conn.call(f"{what} (domain {self.domain_name!r})", fn, *args)
+
+    def _busy_enter(self) -> None:
+        with self._busy_lock:
+            self._busy += 1
+
+    def _busy_exit(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+
+    def _real_state(self) -> State | None:
+        lv = self._conn.lv
+        try:
+            code = self.domain.state()[0]
+        except lv.libvirtError:
+            return None
+        if code in (lv.VIR_DOMAIN_RUNNING, lv.VIR_DOMAIN_BLOCKED):
+            return State.RUNNING
+        if code in (lv.VIR_DOMAIN_PAUSED, lv.VIR_DOMAIN_PMSUSPENDED):
+            return State.PAUSED
+        if code == lv.VIR_DOMAIN_CRASHED:
+            return State.CRASHED
+        return State.SHUTOFF
+
+    def xml(self) -> str:
+        """The domain's current XML as libvirt has it."""
+        return str(self._call("read the domain XML", self.domain.XMLDesc, 0))
+
+    # -- events (event thread) -------------------------------------------------------------
+    def _on_lifecycle(self, event: int, detail: int) -> None:
+        lv = self._conn.lv
+        if event == lv.VIR_DOMAIN_EVENT_SUSPENDED:
+            if not self._busy and self._real_state() is State.PAUSED:
+                self._notify_paused()
+        elif event == lv.VIR_DOMAIN_EVENT_RESUMED:
+            if not self._busy and self._real_state() is State.RUNNING:
+                self._notify_resumed()
+        elif event == lv.VIR_DOMAIN_EVENT_STOPPED:
+            self._on_stopped(detail)
+        elif event == lv.VIR_DOMAIN_EVENT_CRASHED:
+            self._notify_crash("the guest kernel panicked (libvirt CRASHED event)")
+
+    def _on_stopped(self, detail: int) -> None:
+        lv = self._conn.lv
+        if self._busy or self._real_state() in (State.RUNNING, State.PAUSED):
+            return  # ours (revert, kill, migrate), or an old event of an earlier run
+        self._detach_console()
+        if detail == lv.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
+            self._notify_poweroff()
+        elif detail == lv.VIR_DOMAIN_EVENT_STOPPED_DESTROYED:
+            if not self._expect_stop:
+                self._notify_crash(
+                    f"the domain {self.domain_name!r} was destroyed outside virtkit "
+                    f"(on {self.hypervisor.uri})"
+                )
+        elif detail == lv.VIR_DOMAIN_EVENT_STOPPED_CRASHED:
+            self._notify_crash("QEMU crashed (libvirt STOPPED/CRASHED event)")
+        elif detail == lv.VIR_DOMAIN_EVENT_STOPPED_FAILED:
+            self._notify_crash("the hypervisor failed (libvirt STOPPED/FAILED event)")
+        elif detail in (lv.VIR_DOMAIN_EVENT_STOPPED_SAVED,):
+            self._notify_poweroff()
+
+    # -- console ---------------------------------------------------------------------------
+    def _attach_console(self) -> None:
+        self._detach_console()
+        if self.machine.serial.enabled:
+            self._stream = ConsoleStream(self._conn, self.domain, self.console.feed)
+
+    def _detach_console(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    def _write_console(self, data: bytes) -> None:
+        stream = self._stream
+        if stream is None or not stream.open:
+            raise StateError(f"cannot write to the console of {self.name!r}: it is not running")
+        stream.write(data)
+
+    # -- lifecycle hooks ---------------------------------------------------------------------
+    def _check_files(self) -> None:
+        if not self.hypervisor.local_files:
+            return
+        for i, disk in enumerate(self.machine.disks):
+            path = self.disk_path(disk)
+            if not path.is_file():
+                raise ImageError(
+                    f"disk 'disks[{i}]' ({disk.target}) has no image file: {path} does not exist",
+                    path=str(path),
+                )
+
+    def _do_start(self) -> None:
+        lv = self._conn.lv
+        self._check_files()
+        self._busy_enter()
+        try:
+            self._expect_stop = False
+            self._call("start", self.domain.createWithFlags, lv.VIR_DOMAIN_START_PAUSED)
+            try:
+                self._attach_console()
+                self._call("resume after start", self.domain.resume)
+            except BaseException:
+                self._kill_quietly()
+                raise
+        finally:
+            self._busy_exit()
+
+    def _kill_quietly(self) -> None:
+        lv = self._conn.lv
+        self._expect_stop = True
+        self._detach_console()
+        try:
+            if self.domain.isActive():
+                self.domain.destroy()
+        except lv.libvirtError:
+            pass
+
+    def _do_pause(self) -> None:
+        self._busy_enter()
+        try:
+            self._call("pause", self.domain.suspend)
+        finally:
+            self._busy_exit()
+
+    def _do_resume(self) -> None:
+        self._busy_enter()
+        try:
+            self._call("resume", self.domain.resume)
+        finally:
+            self._busy_exit()
+
+    def _do_reset(self) -> None:
+        self._call("reset", self.domain.reset, 0)
+
+    def _do_shutdown(self, timeout: float) -> None:
+        lv = self._conn.lv
+        self._call(
+            "press the ACPI power button",
+            self.domain.shutdownFlags,
+            lv.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._real_state() is State.SHUTOFF:
+                self._detach_console()
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"guest {self.name!r} ignored the ACPI power button for {timeout} s; "
+                    "it keeps running (kill() stops it)",
+                    timeout=timeout,
+                )
+            time.sleep(_STOP_POLL)
+
+    def _do_kill(self) -> None:
+        lv = self._conn.lv
+        self._busy_enter()
+        try:
+            self._expect_stop = True
+            self._detach_console()
+            try:
+                self.domain.destroy()
+            except lv.libvirtError as exc:
+                if exc.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+                    raise self._conn._translate(exc, "kill") from exc
+                if self._real_state() is not State.SHUTOFF:
+                    raise self._conn._translate(exc, f"kill domain {self.domain_name!r}") from exc
+        finally:
+            self._busy_exit()
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def _snapshot_xml(self, snap: Snapshot, *, external: bool) -> str:
+        root = ET.Element("domainsnapshot")
+        ET.SubElement(root, "name").text = snap.name
+        if snap.description:
+            ET.SubElement(root, "description").text = snap.description
+        if external:
+            ET.SubElement(root, "memory", snapshot="no")
+            disks = ET.SubElement(root, "disks")
+            for disk in self.machine.disks:
+                el = ET.SubElement(disks, "disk", name=str(disk.target), snapshot="external")
+                ET.SubElement(el, "driver", type="qcow2")
+                overlay = self.folder / "disks" / f"{disk.target}.{snap.name}.qcow2"
+                ET.SubElement(el, "source", file=str(overlay))
+        return ET.tostring(root, encoding="unicode")
+
+    def _do_snapshot(self, snap: Snapshot) -> None:
+        lv = self._conn.lv
+        live = self.state in (State.RUNNING, State.PAUSED)
+        external = snap.kind is SnapshotKind.DISK and live
+        flags = 0
+        if external:
+            flags = lv.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | lv.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        if snap.kind is SnapshotKind.FULL and any(d.format != "qcow2" for d in self.machine.disks):
+            raise UnsupportedFeatureError(
+                f"a full snapshot on libvirt needs qcow2 disks (internal snapshots); guest "
+                f"{self.name!r} has a raw disk",
+                feature="full snapshot of a raw disk",
+            )
+        self._busy_enter()
+        try:
+            made = self._call(
+                f"create snapshot {snap.name!r}",
+                self.domain.snapshotCreateXML,
+                self._snapshot_xml(snap, external=external),
+                flags,
+            )
+        finally:
+            self._busy_exit()
+        self._save_snapshot_xml(snap.name, made)
+
+    def _save_snapshot_xml(self, name: str, snapshot: Any) -> None:
+        try:
+            text = snapshot.getXMLDesc(0)
+        except self._conn.lv.libvirtError:
+            return
+        atomic_write(self.snapshot_dir(name) / _SNAPSHOT_XML, text.encode())
+
+    def restore_snapshot_metadata(self) -> None:
+        """Give libvirt back the snapshot metadata kept in the folder (``REDEFINE``)."""
+        lv = self._conn.lv
+        for snap in self.snapshots:
+            path = self.folder / "snapshots" / "state" / snap.name / _SNAPSHOT_XML
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            flags = lv.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+            if snap.name == self._current:
+                flags |= lv.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+            self._call(
+                f"restore snapshot {snap.name!r}", self.domain.snapshotCreateXML, text, flags
+            )
+
+    def _lookup_snapshot(self, name: str) -> Any:
+        return self._call(f"find snapshot {name!r}", self.domain.snapshotLookupByName, name, 0)
+
+    def _is_external(self, snapshot: Any) -> bool:
+        try:
+            root = ET.fromstring(snapshot.getXMLDesc(0))
+        except (self._conn.lv.libvirtError, ET.ParseError):
+            return False
+        return any(d.get("snapshot") == "external" for d in root.iter("disk"))
+
+    def _do_revert(self, snap: Snapshot) -> None:
+        lv = self._conn.lv
+        snapshot = self._lookup_snapshot(snap.name)
+        if self._is_external(snapshot):
+            raise UnsupportedFeatureError(
+                f"libvirt {self.hypervisor.libvirt_version} cannot revert to the external "
+                f"(disk-only, taken while running) snapshot {snap.name!r} of {self.name!r}",
+                feature="revert to an external snapshot",
+            )
+        self._busy_enter()
+        try:
+            if snap.kind is SnapshotKind.DISK:
+                self._kill_quietly()
+                self._call(
+                    f"revert to snapshot {snap.name!r}", self.domain.revertToSnapshot, snapshot, 0
+                )
+                return
+            self._expect_stop = True
+            self._detach_console()
+            self._call(
+                f"revert to snapshot {snap.name!r}",
+                self.domain.revertToSnapshot,
+                snapshot,
+                lv.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED,
+            )
+            self._expect_stop = False
+            self._attach_console()
+            if snap.state is State.RUNNING:
+                self._call("resume after revert", self.domain.resume)
+        finally:
+            self._busy_exit()
+
+    def _do_delete_snapshot(self, snap: Snapshot) -> None:
+        lv = self._conn.lv
+        snapshot = self._lookup_snapshot(snap.name)
+        flags = lv.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY if self._is_external(snapshot) else 0
+        self._call(f"delete snapshot {snap.name!r}", snapshot.delete, flags)
+
+    def _release(self) -> None:
+        """Detach the console and undefine the domain (the VM folder stays)."""
+        self._detach_console()
+        lv = self._conn.lv
+        flags = lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+        try:
+            self.domain.undefineFlags(flags)
+        except lv.libvirtError:
+            pass  # already gone (undefined behind our back, or the daemon died)
+        super()._release()
+
+    # -- hosts ----------------------------------------------------------------------------------
+    def record_location(self) -> None:
+        """Write ``location.toml``: the URI and domain this guest runs under now."""
+        when = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        text = (
+            "# where this VM runs (written by virtkit's libvirt backend)\n"
+            f"uri = {_toml_str(self.hypervisor.uri)}\n"
+            f"domain = {_toml_str(self.domain_name)}\n"
+            f"since = {_toml_str(when)}\n"
+        )
+        atomic_write(self.folder / LOCATION_FILE, text.encode())
+
+    def migrate(
+        self,
+        destination: LibvirtHypervisor,
+        *,
+        live: bool = True,
+        copy_storage: bool = False,
+        timeout: float = 300.0,
+    ) -> LibvirtGuest:
+        """Move this running (or paused) guest to another libvirt host.
+
+        The domain is migrated by libvirt (``migrate3``; ``LIVE`` unless
+        ``live=False``, the destination keeps it defined, the source forgets
+        it). With ``copy_storage=True`` libvirt copies the disks too (hosts
+        without shared storage; the images must exist, empty and as large, on
+        the destination). The console output continues in the returned
+        guest's console; this handle is retired. The VM folder records the
+        new host in ``location.toml``.
+
+        Returns:
+            the guest on ``destination``.
+
+        Raises:
+            StateError: the guest is not running or paused.
+            ConfigError: the destination is not a libvirt connection, is this one,
+                or already has a guest of that name.
+            BackendError: libvirt refused or failed (the domain then still runs here).
+        """
+        from virtkit.backends.libvirt.hypervisor import LibvirtHypervisor  # noqa: PLC0415
+
+        if not isinstance(destination, LibvirtHypervisor):
+            raise ConfigError(
+                f"migrate() needs a libvirt hypervisor (got {type(destination).__name__})",
+                field="destination",
+            )
+        if destination is self.hypervisor or destination.uri == self.hypervisor.uri:
+            raise ConfigError(
+                f"guest {self.name!r} already runs on {destination.uri}", field="destination"
+            )
+        for value, name in ((live, "live"), (copy_storage, "copy_storage")):
+            if not isinstance(value, bool):
+                raise ConfigError(f"'{name}' must be True or False (got {value!r})", field=name)
+        lv = self._conn.lv
+        with self._lifecycle.operation("migrate"):
+            if self.state not in (State.RUNNING, State.PAUSED):
+                raise StateError(
+                    f"cannot migrate guest {self.name!r}: it is {self.state.value} (only a running "
+                    "or paused guest migrates; define the folder on the other host instead)",
+                    state=self.state,
+                    action="migrate",
+                )
+            if self.name in {g.name for g in destination.guests}:
+                raise ConfigError(
+                    f"{destination.uri} already has a guest named {self.name!r}", field="name"
+                )
+            flags = lv.VIR_MIGRATE_PERSIST_DEST | lv.VIR_MIGRATE_UNDEFINE_SOURCE
+            if live:
+                flags |= lv.VIR_MIGRATE_LIVE
+            if copy_storage:
+                flags |= lv.VIR_MIGRATE_NON_SHARED_DISK
+            if any(d.cache != "none" for d in self.machine.disks) and not copy_storage:
+                flags |= lv.VIR_MIGRATE_UNSAFE  # shared storage, page cache flushed by QEMU
+            if self.state is State.PAUSED:
+                flags |= lv.VIR_MIGRATE_PAUSED
+            params: dict[str, Any] = {}
+            if destination.migration_uri:
+                params[lv.VIR_MIGRATE_PARAM_URI] = destination.migration_uri
+            paused = self.state is State.PAUSED
+            self._busy_enter()
+            try:
+                self._detach_console()
+                try:
+                    moved = self._call(
+                        f"migrate to {destination.uri}",
+                        self.domain.migrate3,
+                        destination.connection.raw,
+                        params,
+                        flags,
+                    )
+                except BaseException:
+                    if self._real_state() in (State.RUNNING, State.PAUSED):
+                        self._attach_console()
+                    raise
+            finally:
+                self._busy_exit()
+            new = destination._adopt(self, moved, paused=paused)
+            self.hypervisor._forget(self, f"it was migrated to {destination.uri}")
+            return new
+
+
+def _toml_str(value: str) -> str:
+    out = ['"']
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)

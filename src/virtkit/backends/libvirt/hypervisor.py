@@ -1,0 +1,395 @@
+"""``LibvirtHypervisor``: guests as domains on any libvirt host, local or remote.
+
+Options (``virtkit.connect("libvirt", ...)``):
+
+* ``uri``: a libvirt URI (default ``$LIBVIRT_DEFAULT_URI``, else
+  ``qemu:///system``); ``qemu+ssh://``, ``qemu+tcp://`` and the rest work as
+  in ``virsh -c``;
+* ``accel``: ``"auto"`` (default: domain type ``kvm`` only if a probe guest
+  really runs under KVM on that host, else ``qemu``), ``"kvm"`` or ``"tcg"``;
+* ``name_prefix``: prepended to each domain's name (keeps a test run's
+  domains apart from others on a shared daemon);
+* ``shared_storage``: whether the host sees this machine's files at the same
+  paths (default: True for local URIs); without it, :func:`virtkit.libvirt.push`
+  uploads a VM folder's disks to the host;
+* ``migration_uri``: where other hosts send migration data for guests
+  migrating *to* this one (e.g. ``tcp://10.0.0.2``; default: libvirt's choice
+  from the host name);
+* ``timeout``: seconds to wait for the connection to open;
+* plus the base options ``root``, ``host``, ``policy``.
+
+The host's capacity is read from the node (CPUs and RAM of ``virNodeGetInfo``)
+unless ``host=`` is given; :attr:`LibvirtHypervisor.free_memory` is the
+node's free memory now.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+
+from virtkit.backends.base import Guest, Hypervisor
+from virtkit.backends.kvmprobe import PROBE_MARKER, PROBE_TIMEOUT, probe_image
+from virtkit.backends.libvirt.connection import Connection, default_uri, is_remote, libvirt_module
+from virtkit.backends.libvirt.domxml import to_xml
+from virtkit.backends.libvirt.guest import LibvirtGuest
+from virtkit.errors import BackendError, ConfigError
+from virtkit.model import HostResources, HypervisorType, Machine, State
+
+__all__ = ["AccelChoice", "LibvirtHypervisor"]
+
+ACCELS = ("auto", "kvm", "tcg")
+
+
+@attrs.frozen
+class AccelChoice:
+    """The domain type guests get on a host, and why.
+
+    Attributes:
+        accel: ``"kvm"`` or ``"tcg"`` (domain type ``kvm`` or ``qemu``).
+        reason: one line a human can read.
+    """
+
+    accel: str
+    reason: str
+
+
+_probe_memo: dict[str, AccelChoice] = {}
+_probe_lock = threading.Lock()
+
+
+class LibvirtHypervisor(Hypervisor):
+    """Runs each guest as a persistent libvirt domain on the host ``uri`` names.
+
+    Args:
+        uri: libvirt URI (default ``$LIBVIRT_DEFAULT_URI`` or ``qemu:///system``).
+        accel: ``"auto"``, ``"kvm"`` or ``"tcg"``.
+        name_prefix: prefix of every domain name this connection defines.
+        shared_storage: the host sees local files at the same paths.
+        migration_uri: the migration data address of this host.
+        timeout: seconds to wait for the connection.
+        root, host, policy: see :class:`virtkit.backends.base.Hypervisor`.
+
+    Raises:
+        BackendUnavailable: libvirt-python is not installed.
+        BackendError: the daemon cannot be reached (the message names the URI).
+        ConfigError: an option has a bad value.
+    """
+
+    name: ClassVar[str] = "libvirt"
+
+    def __init__(
+        self,
+        *,
+        uri: str | None = None,
+        accel: str = "auto",
+        name_prefix: str = "",
+        shared_storage: bool | None = None,
+        migration_uri: str | None = None,
+        timeout: float = 30.0,
+        **options: Any,
+    ) -> None:
+        if uri is not None and (not isinstance(uri, str) or not uri or "\0" in uri):
+            raise ConfigError(f"'uri' must be a libvirt URI string (got {uri!r})", field="uri")
+        if accel not in ACCELS:
+            raise ConfigError(
+                f"'accel' must be one of {', '.join(ACCELS)} (got {accel!r})", field="accel"
+            )
+        if not isinstance(name_prefix, str) or any(c in name_prefix for c in "/\0\n"):
+            raise ConfigError(
+                f"'name_prefix' must be a string without '/' (got {name_prefix!r})",
+                field="name_prefix",
+            )
+        if shared_storage is not None and not isinstance(shared_storage, bool):
+            raise ConfigError(
+                f"'shared_storage' must be True or False (got {shared_storage!r})",
+                field="shared_storage",
+            )
+        if migration_uri is not None and not isinstance(migration_uri, str):
+            raise ConfigError(
+                f"'migration_uri' must be a string like 'tcp://10.0.0.2' (got {migration_uri!r})",
+                field="migration_uri",
+            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(
+                f"'timeout' must be a positive number of seconds (got {timeout!r})",
+                field="timeout",
+            )
+        self.uri = uri or default_uri()
+        self.requested_accel = accel
+        self.name_prefix = name_prefix
+        self.local_files = (not is_remote(self.uri)) if shared_storage is None else shared_storage
+        self.migration_uri = migration_uri
+        self.connection = Connection(self.uri, timeout=float(timeout))
+        self._accel: AccelChoice | None = None
+        self._callback_id: int | None = None
+        try:
+            raw = self.connection.raw
+            lv = self.connection.lv
+            info = self.connection.call("read the node info", raw.getInfo)
+            self.libvirt_version = _version(
+                self.connection.call("read the version", raw.getLibVersion)
+            )
+            if "host" not in options or options["host"] is None:
+                storage_probe = HostResources.detect(_existing(options.get("root")))
+                options["host"] = HostResources(
+                    cpus=int(info[2]), memory=int(info[1]) * 1024**2, storage=storage_probe.storage
+                )
+            super().__init__(**options)
+            self._callback_id = self.connection.call(
+                "subscribe to domain events",
+                raw.domainEventRegisterAny,
+                None,
+                lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                self._on_lifecycle,
+                None,
+            )
+        except BaseException:
+            self.connection.close()
+            raise
+
+    @classmethod
+    def probe(cls, **options: object) -> None:
+        """Raise ``BackendUnavailable`` when libvirt-python is missing."""
+        libvirt_module()
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def accelerator(self) -> AccelChoice:
+        """The domain type guests get here, and why (probed once per host URI)."""
+        if self._accel is None:
+            self._accel = self._choose_accel()
+        return self._accel
+
+    @property
+    def kind(self) -> HypervisorType:
+        """TYPE1 when guests run under KVM on the host, TYPE2 with TCG."""
+        return HypervisorType.TYPE1 if self.accelerator.accel == "kvm" else HypervisorType.TYPE2
+
+    @property
+    def free_memory(self) -> int:
+        """The node's free memory now, in bytes."""
+        return int(self.connection.call("read free memory", self.connection.raw.getFreeMemory))
+
+    def _choose_accel(self) -> AccelChoice:
+        if self.requested_accel != "auto":
+            return AccelChoice(self.requested_accel, "forced by the caller")
+        env = os.environ.get("VIRTKIT_QEMU_ACCEL", "auto")
+        if env in ("kvm", "tcg"):
+            return AccelChoice(env, "forced by VIRTKIT_QEMU_ACCEL")
+        with _probe_lock:
+            if self.uri not in _probe_memo:
+                _probe_memo[self.uri] = self._probe_kvm()
+            return _probe_memo[self.uri]
+
+    def _probe_kvm(self) -> AccelChoice:
+        lv = self.connection.lv
+        raw = self.connection.raw
+        try:
+            raw.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        except lv.libvirtError as exc:
+            return AccelChoice("tcg", f"libvirt offers no KVM here: {exc.get_error_message()}")
+        if not self.local_files:
+            return AccelChoice(
+                "tcg",
+                "libvirt reports KVM on this remote host, but the probe guest can run only "
+                "where the host sees local files; pass accel='kvm' to use it",
+            )
+        return _run_probe(self.connection)
+
+    # -- events ---------------------------------------------------------------------------------
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        try:
+            uuid = dom.UUIDString()
+        except self.connection.lv.libvirtError:
+            return
+        with self._lock:
+            guest = next(
+                (
+                    g
+                    for g in self._guests.values()
+                    if isinstance(g, LibvirtGuest) and str(g.machine.uuid) == uuid
+                ),
+                None,
+            )
+        if guest is not None:
+            guest._on_lifecycle(event, detail)
+
+    # -- definitions ----------------------------------------------------------------------------
+    def domain_xml(self, machine: Machine, folder: Path) -> str:
+        """The XML :meth:`define` gives libvirt for ``machine`` in ``folder``."""
+        domain_type = "kvm" if self.accelerator.accel == "kvm" else "qemu"
+        return to_xml(
+            machine, folder, name=self.name_prefix + machine.name, domain_type=domain_type
+        )
+
+    def _create_guest(self, machine: Machine, folder: Path) -> Guest:
+        raw = self.connection.raw
+        lv = self.connection.lv
+        name = self.name_prefix + machine.name
+        try:
+            raw.lookupByName(name)
+        except lv.libvirtError as exc:
+            if exc.get_error_code() != lv.VIR_ERR_NO_DOMAIN:
+                raise self.connection._translate(exc, f"look up domain {name!r}") from exc
+        else:
+            raise ConfigError(
+                f"{self.uri} already has a domain named {name!r}; undefine it (virsh undefine) "
+                "or adopt it with virtkit.libvirt.import_domain()",
+                field="name",
+                value=machine.name,
+            )
+        xml = self.domain_xml(machine, Path(os.path.abspath(folder)))
+        domain = self.connection.call(f"define domain {name!r}", raw.defineXML, xml)
+        try:
+            guest = LibvirtGuest(self, machine, folder, domain)
+            guest.restore_snapshot_metadata()
+            guest.record_location()
+        except BaseException:
+            _undefine(self.connection, domain)
+            raise
+        return guest
+
+    def _adopt(self, source: LibvirtGuest, domain: Any, *, paused: bool) -> LibvirtGuest:
+        """Take over a guest migrated here: same folder, same console buffer."""
+        guest = LibvirtGuest(self, source.machine, source.folder, domain)
+        guest.console = source.console
+        guest.storage = source.storage
+        if source.machine.serial.enabled:
+            guest.console.set_writer(guest._write_console)
+        guest._lifecycle.set(State.PAUSED if paused else State.RUNNING)
+        with self._lock:
+            self._guests[guest.name] = guest
+        guest._attach_console()
+        try:
+            guest.restore_snapshot_metadata()
+        except BackendError:
+            pass  # snapshot metadata is a convenience on the new host; the folder keeps it
+        guest.record_location()
+        return guest
+
+    def attach(
+        self, domain_name: str, machine: Machine, folder: str | os.PathLike[str]
+    ) -> LibvirtGuest:
+        """Manage an existing domain as a guest whose VM folder is ``folder``.
+
+        Used by :func:`virtkit.libvirt.import_domain`; the domain's run state
+        is taken as it is.
+
+        Raises:
+            ConfigError: a guest of that name is already managed here.
+            BackendError: no such domain on this host.
+        """
+        raw = self.connection.raw
+        domain = self.connection.call(
+            f"look up domain {domain_name!r}", raw.lookupByName, domain_name
+        )
+        with self._lock:
+            if machine.name in self._guests:
+                raise ConfigError(
+                    f"a guest named {machine.name!r} is already defined", field="name"
+                )
+            guest = LibvirtGuest(self, machine, Path(folder), domain)
+            state = guest._real_state() or State.SHUTOFF
+            guest._lifecycle.set(state)
+            self._guests[machine.name] = guest
+        if state in (State.RUNNING, State.PAUSED):
+            guest.console.open()
+            guest._attach_console()
+        return guest
+
+    def _forget(self, guest: Guest, why: str) -> None:
+        with self._lock:
+            if self._guests.get(guest.name) is guest:
+                del self._guests[guest.name]
+        retire = getattr(guest._lifecycle, "retire", None)
+        if retire is not None:
+            retire(why)
+
+    def close(self) -> None:
+        """Kill and undefine every guest defined here, then close the connection."""
+        super().close()
+        if self._callback_id is not None:
+            try:
+                self.connection.raw.domainEventDeregisterAny(self._callback_id)
+            except self.connection.lv.libvirtError:
+                pass
+            self._callback_id = None
+        self.connection.close()
+
+
+def _undefine(conn: Connection, domain: Any) -> None:
+    lv = conn.lv
+    flags = lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+    try:
+        domain.undefineFlags(flags)
+    except lv.libvirtError:
+        pass
+
+
+def _existing(root: object) -> str:
+    path = Path(os.fspath(root)) if isinstance(root, (str, os.PathLike)) else Path(tempfile.gettempdir())
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return str(path)
+
+
+def _version(number: int) -> str:
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def _run_probe(conn: Connection) -> AccelChoice:
+    """Boot the probe boot sector as a transient ``kvm`` domain; KVM works if it finishes."""
+    from virtkit.backends.libvirt.console import ConsoleStream  # noqa: PLC0415
+
+    lv = conn.lv
+    with tempfile.TemporaryDirectory(prefix="virtkit-libvirt-kvm-probe-") as tmp:
+        os.chmod(tmp, 0o755)
+        image = Path(tmp) / "probe.img"
+        image.write_bytes(probe_image())
+        machine = Machine(name="virtkit-kvm-probe", memory="256MiB")
+        xml = to_xml(machine, tmp, domain_type="kvm")
+        xml = xml.replace(
+            "<devices>",
+            "<devices>\n    <disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+            f"<source file='{image}'/><target dev='hda' bus='ide'/></disk>",
+            1,
+        )
+        name = f"virtkit-kvm-probe-{os.getpid()}"
+        xml = xml.replace("<name>virtkit-kvm-probe</name>", f"<name>{name}</name>", 1)
+        xml = xml.replace(f"<uuid>{machine.uuid}</uuid>", "", 1)
+        seen = bytearray()
+        try:
+            dom = conn.raw.createXML(xml, lv.VIR_DOMAIN_START_PAUSED)
+        except lv.libvirtError as exc:
+            return AccelChoice("tcg", f"KVM probe domain did not start: {exc.get_error_message()}")
+        stream = None
+        try:
+            stream = ConsoleStream(conn, dom, seen.extend)
+            dom.resume()
+            deadline = time.monotonic() + PROBE_TIMEOUT
+            while PROBE_MARKER not in seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+        except (lv.libvirtError, BackendError) as exc:
+            return AccelChoice("tcg", f"KVM probe guest failed: {exc}")
+        finally:
+            if stream is not None:
+                stream.close()
+            try:
+                dom.destroy()
+            except lv.libvirtError:
+                pass
+    if PROBE_MARKER in seen:
+        return AccelChoice("kvm", "KVM probe guest ran to completion under libvirt")
+    return AccelChoice(
+        "tcg",
+        f"KVM probe guest did not finish within {PROBE_TIMEOUT} s (printed {bytes(seen)!r}); "
+        "KVM is present but does not run guests usefully here",
+    )

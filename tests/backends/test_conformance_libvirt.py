@@ -1,0 +1,35 @@
+"""The libvirt backend runs the shared conformance suite on qemu:///system (real libvirtd, TCG)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from virtkit.testing.conformance import ConformanceSuite
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def libvirtd() -> Iterator[None]:
+    """The local daemon, started by scripts/libvirtd when the test command did not."""
+    subprocess.run([str(ROOT / "scripts" / "libvirtd"), "start"], check=True, capture_output=True)
+    yield
+
+
+class TestLibvirt(ConformanceSuite):
+    """Every conformance test against ``virtkit.connect("libvirt", uri="qemu:///system")``."""
+
+    backend = "libvirt"
+    connect_options: ClassVar[dict[str, Any]] = {
+        "uri": "qemu:///system",
+        "accel": "tcg",
+        "name_prefix": "vkt-",
+    }
+    # SeaBIOS retries booting (RUNNING), and QEMU resets on a triple fault, as on the qemu backend.
+    reports_boot_failure = False
+    crashes_on_triple_fault = False
