@@ -14,13 +14,12 @@ This package knows nothing about machines; it imports only ``virtkit.errors``.
 
 from __future__ import annotations
 
-import builtins
 import importlib
 import os
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError
+from virtkit.errors import ConfigError, UnsupportedFeatureError
 from virtkit.images.args import check_bool, check_name, check_path
 from virtkit.images.base import (
     CheckProblem,
@@ -31,6 +30,7 @@ from virtkit.images.base import (
     SnapshotInfo,
 )
 from virtkit.images.convert import commit, convert, measure, rebase
+from virtkit.images.probe import PROBED_FORMATS, probe_file
 from virtkit.units import parse_size
 
 __all__ = [
@@ -49,12 +49,15 @@ __all__ = [
     "rebase",
 ]
 
-Format = Literal["qcow2", "raw"]
+Format = Literal["qcow2", "raw", "vmdk", "vpc"]
 
 # Format drivers are imported on first use: ``module:create``, ``module:open``.
 _DRIVERS: dict[str, str] = {
     "qcow2": "virtkit.images.qcow2",
     "raw": "virtkit.images.raw",
+    "vmdk": "virtkit.images.vmdk",
+    "vhdx": "virtkit.images.vhdx",
+    "vdi": "virtkit.images.vdi",
 }
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -77,6 +80,10 @@ _CREATE_OPTIONS: dict[str, frozenset[str]] = {
         }
     ),
     "raw": frozenset({"preallocation", "cluster_size"}),
+    "vmdk": frozenset({"subformat", "adapter_type", "hwversion", "toolsversion"}),
+    "vpc": frozenset({"subformat", "force_size"}),
+    "vhdx": frozenset({"subformat", "block_size", "backing", "backing_format", "allow_backing"}),
+    "vdi": frozenset({"static"}),
 }
 
 
@@ -89,8 +96,13 @@ def _driver(fmt: str) -> Any:
     return importlib.import_module(_DRIVERS[fmt])
 
 
-def probe_format(path: str | os.PathLike[str]) -> Format:
-    """Guess a file's format from its first bytes: qcow2 by magic, else raw.
+def probe_format(path: str | os.PathLike[str]) -> str:
+    """Name the format of a file as qemu-img 7.2 would probe it.
+
+    Every format qemu-img probes is recognised (qcow2, qcow, vmdk, vdi, vhdx,
+    vpc, qed, parallels, bochs, luks, cloop, dmg) with QEMU's own tests and
+    scores (see :mod:`virtkit.images.probe`); ``"raw"`` only when nothing else
+    matches. Like qemu-img, a fixed VHD (its footer is at the end) probes as raw.
 
     Only use this for an image a user names directly; backing files are opened
     with their recorded format, never probed (a raw file must not be read as
@@ -100,13 +112,7 @@ def probe_format(path: str | os.PathLike[str]) -> Format:
         ConfigError: ``path`` is not a file path.
         ImageError: the file cannot be read.
     """
-    path = check_path(path)
-    try:
-        with builtins.open(path, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise ImageError(f"cannot open: {exc.strerror}", path=path) from exc
-    return "qcow2" if magic == QCOW2_MAGIC else "raw"
+    return probe_file(path)
 
 
 def create(
@@ -201,6 +207,13 @@ def open(  # noqa: A001 - mirrors the built-in, as gzip.open and tarfile.open do
     check_bool(writable, "writable")
     check_bool(force_share, "force_share")
     fmt = probe_format(path) if format is None else format
+    if fmt not in _DRIVERS and fmt in PROBED_FORMATS:
+        raise UnsupportedFeatureError(
+            f"the image is in {fmt} format, which virtkit cannot read; convert it with "
+            f"qemu-img first (or pass format='raw' to see its bytes as a raw disk)",
+            feature=f"format {fmt}",
+            path=path,
+        )
     driver = _driver(fmt)
     try:
         allowed = tuple(check_path(p, "allow_backing") for p in allow_backing)

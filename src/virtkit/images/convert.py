@@ -187,9 +187,14 @@ def convert(
             # Refuse to replace an image someone is using, as qemu-img would.
             guard = FileStorage(dst_path, writable=True)
         total = src_img.virtual_size
-        out = images.create(tmp, total, format=format, **create_options)
-        _copy(src_img, out, compress=compress, progress=progress)
-        out.close()
+        # A format written in one sequential pass (streamOptimized VMDK) has its own writer.
+        convert_into = getattr(images._driver(format), "convert_into", None)
+        if convert_into is not None:
+            convert_into(src_img, tmp, dst_path, progress=progress, **create_options)
+        else:
+            out = images.create(tmp, total, format=format, **create_options)
+            _copy(src_img, out, compress=compress, progress=progress)
+            out.close()
         os.replace(tmp, dst_path)
         out = None
         _sync_dir(dst_path)
