@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -43,7 +44,7 @@ INSTALL_HINT = (
 OPEN_TIMEOUT = 30.0
 
 _loop_lock = threading.Lock()
-_loop_started = False
+_loop_state = {"started": False}
 
 
 def libvirt_module() -> ModuleType:
@@ -58,7 +59,8 @@ def libvirt_module() -> ModuleType:
         raise BackendUnavailable(
             f"the libvirt backend needs the libvirt-python binding: {exc}", hint=INSTALL_HINT
         ) from exc
-    return libvirt
+    module: ModuleType = libvirt
+    return module
 
 
 def default_uri() -> str:
@@ -68,9 +70,8 @@ def default_uri() -> str:
 
 def ensure_event_loop() -> None:
     """Run libvirt's default event loop on a daemon thread (once per process)."""
-    global _loop_started
     with _loop_lock:
-        if _loop_started:
+        if _loop_state["started"]:
             return
         lv = libvirt_module()
         lv.virEventRegisterDefaultImpl()
@@ -80,7 +81,7 @@ def ensure_event_loop() -> None:
                 lv.virEventRunDefaultImpl()
 
         threading.Thread(target=run, name="virtkit-libvirt-events", daemon=True).start()
-        _loop_started = True
+        _loop_state["started"] = True
 
 
 def _silence_stderr_errors(lv: ModuleType) -> None:
@@ -131,7 +132,7 @@ class Connection:
         def opener() -> None:
             try:
                 conn = self.lv.open(uri)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            except BaseException as exc:  # handed to the caller's thread
                 result["error"] = exc
             else:
                 if abandoned.is_set():
@@ -209,11 +210,7 @@ class Connection:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        try:
+        with contextlib.suppress(self.lv.libvirtError):
             conn.unregisterCloseCallback()
-        except self.lv.libvirtError:
-            pass
-        try:
+        with contextlib.suppress(self.lv.libvirtError):
             conn.close()
-        except self.lv.libvirtError:
-            pass

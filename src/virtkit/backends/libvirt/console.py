@@ -10,6 +10,7 @@ stream cannot hang the caller.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -124,10 +125,8 @@ class ConsoleStream:
         if stream is None:
             return
         lv = self._conn.lv
-        try:
+        with contextlib.suppress(lv.libvirtError):
             stream.eventRemoveCallback()
-        except lv.libvirtError:
-            pass
         try:
             if abort:
                 stream.abort()

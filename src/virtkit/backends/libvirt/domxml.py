@@ -49,7 +49,16 @@ from typing import Any
 import attrs
 
 from virtkit.errors import CapabilityWarning, ConfigError
-from virtkit.model import CdRom, CpuTopology, Disk, Machine, Nic, PortForward, Serial
+from virtkit.model import (
+    CdRom,
+    CpuTopology,
+    Disk,
+    KernelBoot,
+    Machine,
+    Nic,
+    PortForward,
+    Serial,
+)
 from virtkit.model.devices import CloudInit
 
 __all__ = [
@@ -98,8 +107,8 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -
     return element
 
 
-def _kernel_of(machine: Machine) -> Any:
-    return getattr(machine, "kernel", None)
+def _kernel_of(machine: Machine) -> KernelBoot | None:
+    return machine.kernel
 
 
 def to_xml(
@@ -162,11 +171,14 @@ def to_xml(
         )
     kernel = _kernel_of(machine)
     if kernel is not None:
-        _sub(os_el, "kernel", _resolve(base, str(kernel.kernel)))
-        if getattr(kernel, "initrd", None) is not None:
-            _sub(os_el, "initrd", _resolve(base, str(kernel.initrd)))
-        if getattr(kernel, "append", ""):
-            _sub(os_el, "cmdline", str(kernel.append))
+        _sub(os_el, "kernel", str(base / kernel.kernel))
+        record = {"kernel": str(kernel.kernel)}
+        if kernel.initrd is not None:
+            _sub(os_el, "initrd", str(base / kernel.initrd))
+            record["initrd"] = str(kernel.initrd)
+        if kernel.append:
+            _sub(os_el, "cmdline", kernel.append)
+        _sub(meta, f"{_VK}kernel", **record)
     if not machine.boot and kernel is None:
         _sub(os_el, "boot", dev="hd")
     features = _sub(root, "features")
@@ -196,12 +208,19 @@ def to_xml(
     for disk in machine.disks:
         target = str(disk.target)
         used.add(target)
-        _disk_xml(devices, meta, base, disk, target, boot_order.get(target))
+        _disk_xml(devices, meta, base=base, disk=disk, target=target, order=boot_order.get(target))
     for cd in machine.cdroms:
         dev = _free_dev(_LIBVIRT_PREFIX[cd.bus], used)
         used.add(dev)
-        cd_path = getattr(cd, "path", None)
-        _cdrom_xml(devices, meta, base, cd, cd_path, dev, boot_order.get(str(cd.target)))
+        _cdrom_xml(
+            devices,
+            meta,
+            base=base,
+            cd=cd,
+            cd_path=cd.path,
+            dev=dev,
+            order=boot_order.get(str(cd.target)),
+        )
     commandline: list[str] = []
     for nic in machine.nics:
         _nic_xml(devices, meta, nic, boot_order.get(str(nic.name)), commandline)
@@ -241,6 +260,7 @@ def _free_dev(prefix: str, used: set[str]) -> str:
 def _disk_xml(
     devices: ET.Element,
     meta: ET.Element,
+    *,
     base: Path,
     disk: Disk,
     target: str,
@@ -248,14 +268,20 @@ def _disk_xml(
 ) -> None:
     el = _sub(devices, "disk", type="file", device="disk")
     _sub(el, "driver", name="qemu", type=disk.format, cache=disk.cache, discard=disk.discard)
-    path = _resolve(base, disk.path)
+    chain = [_resolve(base, f) for f in reversed(disk.files())]  # top first
+    path = chain[0]
     _sub(el, "source", file=path)
+    parent = el
+    for below in chain[1:]:
+        parent = _sub(parent, "backingStore", type="file")
+        _sub(parent, "format", type=disk.format)
+        _sub(parent, "source", file=below)
     if disk.backing is not None:
-        store = _sub(el, "backingStore", type="file")
+        store = _sub(parent, "backingStore", type="file")
         _sub(store, "format", type=disk.backing_format or "qcow2")
         backing = disk.backing
         if not os.path.isabs(backing):
-            backing = os.path.join(os.path.dirname(path), backing)
+            backing = os.path.join(os.path.dirname(chain[-1]), backing)
         _sub(store, "source", file=backing)
     _sub(el, "target", dev=target, bus=disk.bus)
     if disk.read_only:
@@ -267,12 +293,15 @@ def _disk_xml(
         record["size"] = str(disk.size)
     if disk.backing is not None:
         record["backing"] = disk.backing
-    _sub(meta, f"{_VK}disk", **record)
+    rec = _sub(meta, f"{_VK}disk", **record)
+    for layer in disk.layers:
+        _sub(rec, f"{_VK}layer", layer)
 
 
 def _cdrom_xml(
     devices: ET.Element,
     meta: ET.Element,
+    *,
     base: Path,
     cd: CdRom,
     cd_path: str | None,
@@ -402,7 +431,7 @@ def _memory(el: ET.Element) -> int:
 
 def _machine_type(value: str | None) -> str:
     value = value or "pc"
-    if value == "pc" or value.startswith("pc-i440fx") or value.startswith("pc-1."):
+    if value == "pc" or value.startswith(("pc-i440fx", "pc-1.")):
         return "pc"
     if value == "q35" or value.startswith("pc-q35"):
         return "q35"
@@ -507,7 +536,15 @@ def parse_report(xml: str | bytes) -> XmlReport:
     devices = root.find("devices")
     for dev in devices if devices is not None else ():
         if dev.tag == "disk":
-            _parse_disk(dev, meta_disks, meta_cds, disks, cdroms, boot, unmapped)
+            _parse_disk(
+                dev,
+                meta_disks=meta_disks,
+                meta_cds=meta_cds,
+                disks=disks,
+                cdroms=cdroms,
+                boot=boot,
+                unmapped=unmapped,
+            )
         elif dev.tag == "interface":
             _parse_interface(dev, meta_nics, nics, boot, unmapped)
         elif dev.tag == "serial":
@@ -554,23 +591,33 @@ def parse_report(xml: str | bytes) -> XmlReport:
             if not isinstance(ci_fields, dict):
                 raise ConfigError("domain XML: vk:cloud-init is not a JSON object")
             fields["cloud_init"] = _build(CloudInit, "vk:cloud-init", **ci_fields)
-    if kernel:
-        _kernel_fields(kernel, fields, unmapped)
+    if "kernel" in kernel:
+        kernel_meta = meta.find(f"{_VK}kernel") if meta is not None else None
+        _kernel_fields(kernel, kernel_meta, fields)
     machine = _build(Machine, "", **fields)
     return XmlReport(machine=machine, unmapped=tuple(unmapped), domain_type=root.get("type", ""))
 
 
-def _kernel_fields(kernel: dict[str, str], fields: dict[str, Any], unmapped: list[str]) -> None:
-    try:
-        from virtkit.model import KernelBoot  # type: ignore[attr-defined]  # noqa: PLC0415
-    except ImportError:
-        unmapped.append("os/kernel (this virtkit's Machine has no kernel boot field)")
-        return
+def _kernel_fields(
+    kernel: dict[str, str], record: ET.Element | None, fields: dict[str, Any]
+) -> None:
+    paths = {"kernel": kernel.get("kernel"), "initrd": kernel.get("initrd") or None}
+    if record is not None:
+        for key in ("kernel", "initrd"):
+            original = record.get(key)
+            if (
+                original is not None
+                and paths[key] is not None
+                and (
+                    os.path.isabs(original) or str(paths[key]).endswith("/" + original.lstrip("./"))
+                )
+            ):
+                paths[key] = original
     fields["kernel"] = _build(
         KernelBoot,
         "<os><kernel>",
-        kernel=kernel.get("kernel"),
-        initrd=kernel.get("initrd") or None,
+        kernel=paths["kernel"],
+        initrd=paths["initrd"],
         append=kernel.get("cmdline", ""),
     )
 
@@ -585,18 +632,21 @@ def _legacy_boot(
     devs: list[str | None], disks: list[Disk], cdroms: list[CdRom], nics: list[Nic]
 ) -> tuple[str, ...]:
     order: list[str] = []
+    firsts = {
+        "hd": disks[0].target if disks else None,
+        "cdrom": cdroms[0].target if cdroms else None,
+        "network": nics[0].name if nics else None,
+    }
     for dev in devs:
-        pool = {"hd": disks, "cdrom": cdroms, "network": nics}.get(dev or "", [])
-        if pool:
-            first = pool[0]
-            name = first.name if isinstance(first, Nic) else first.target
-            if name is not None and name not in order:
-                order.append(name)
+        name = firsts.get(dev or "")
+        if name is not None and name not in order:
+            order.append(name)
     return tuple(order)
 
 
 def _parse_disk(
     dev: ET.Element,
+    *,
     meta_disks: dict[str | None, ET.Element],
     meta_cds: dict[str | None, ET.Element],
     disks: list[Disk],
@@ -652,20 +702,37 @@ def _parse_disk(
             fields["cache"] = driver.get("cache")
         if driver.get("discard"):
             fields["discard"] = driver.get("discard")
-    store = dev.find("backingStore")
-    if store is not None and store.find("source") is not None:
-        backing = str(store.find("source").get("file"))  # type: ignore[union-attr]
-        parent = os.path.dirname(source)
-        rel = os.path.relpath(backing, parent)
-        fields["backing"] = backing if rel.startswith("..") else rel
+    chain: list[tuple[str, str]] = []  # (file, format) below the top, top first
+    store: ET.Element | None = dev.find("backingStore")
+    while store is not None:
+        src = store.find("source")
+        if src is None or not src.get("file"):
+            break
         fmt_el = store.find("format")
-        fields["backing_format"] = fmt_el.get("type") if fmt_el is not None else "qcow2"
-    if record is not None and record.get("source") == source:
+        chain.append(
+            (str(src.get("file")), fmt_el.get("type") or "qcow2" if fmt_el is not None else "qcow2")
+        )
+        store = store.find("backingStore")
+    layers = [e.text or "" for e in record.iter(f"{_VK}layer")] if record is not None else []
+    if record is not None and record.get("source") == source and len(chain) >= len(layers):
         fields["path"] = record.get("path") or source
+        fields["layers"] = tuple(layers)
+        chain = chain[len(layers) :]
         if record.get("size"):
             fields["size"] = _int(record.get("size"), "vk:disk/@size")
-        if "backing" in fields and record.get("backing"):
+        if chain and record.get("backing"):
             fields["backing"] = record.get("backing")
+            fields["backing_format"] = chain[0][1]
+            chain = []
+    if chain:
+        backing, backing_fmt = chain[0]
+        rel = os.path.relpath(backing, os.path.dirname(source))
+        fields["backing"] = backing if rel.startswith("..") else rel
+        fields["backing_format"] = backing_fmt
+        if len(chain) > 1:
+            unmapped.append(
+                f"devices/disk[{target}]: backing chain below {backing} (kept by the image)"
+            )
     disks.append(_build(Disk, f"<disk> {target}", **fields))
     if order_el is not None:
         boot[target] = _int(order_el.get("order"), "boot/@order")
@@ -762,13 +829,13 @@ def _parse_commandline(
         elif opt == "-device" and ",netdev=" in value:
             props = value.split(",")
             kv = dict(p.split("=", 1) for p in props[1:] if "=" in p)
-            fwds = netdevs.get(kv.get("netdev", ""))
-            if fwds is None or props[0] not in _DEVICE_NIC:
+            found = netdevs.get(kv.get("netdev", ""))
+            if found is None or props[0] not in _DEVICE_NIC:
                 unmapped.append(f"qemu:commandline -device {value}")
                 i += 2
                 continue
             mac = kv.get("mac")
-            fields: dict[str, Any] = {"model": _DEVICE_NIC[props[0]], "forwards": tuple(fwds)}
+            fields: dict[str, Any] = {"model": _DEVICE_NIC[props[0]], "forwards": tuple(found)}
             if mac:
                 fields["mac"] = mac
             fields["name"] = _nic_name(nics, meta_nics.pop(mac, None))

@@ -32,6 +32,7 @@ back when the guest is defined there.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import threading
 import time
@@ -39,6 +40,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from virtkit import bundle
 from virtkit.backends.base import Guest
 from virtkit.backends.libvirt.console import ConsoleStream
 from virtkit.bundle.atomic import atomic_write
@@ -178,7 +180,7 @@ class LibvirtGuest(Guest):
         if not self.hypervisor.local_files:
             return
         for i, disk in enumerate(self.machine.disks):
-            path = self.disk_path(disk)
+            path = bundle.resolve_disk(self.folder, disk.active)
             if not path.is_file():
                 raise ImageError(
                     f"disk 'disks[{i}]' ({disk.target}) has no image file: {path} does not exist",
@@ -381,10 +383,9 @@ class LibvirtGuest(Guest):
         self._detach_console()
         lv = self._conn.lv
         flags = lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
-        try:
+        # already gone when undefined behind our back or the daemon died
+        with contextlib.suppress(lv.libvirtError):
             self.domain.undefineFlags(flags)
-        except lv.libvirtError:
-            pass  # already gone (undefined behind our back, or the daemon died)
         super()._release()
 
     # -- hosts ----------------------------------------------------------------------------------

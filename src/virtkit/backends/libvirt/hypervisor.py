@@ -25,6 +25,7 @@ node's free memory now.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -267,10 +268,9 @@ class LibvirtHypervisor(Hypervisor):
         with self._lock:
             self._guests[guest.name] = guest
         guest._attach_console()
-        try:
+        # snapshot metadata is a convenience on the new host; the folder keeps it
+        with contextlib.suppress(BackendError):
             guest.restore_snapshot_metadata()
-        except BackendError:
-            pass  # snapshot metadata is a convenience on the new host; the folder keeps it
         guest.record_location()
         return guest
 
@@ -316,10 +316,8 @@ class LibvirtHypervisor(Hypervisor):
         """Kill and undefine every guest defined here, then close the connection."""
         super().close()
         if self._callback_id is not None:
-            try:
+            with contextlib.suppress(self.connection.lv.libvirtError):
                 self.connection.raw.domainEventDeregisterAny(self._callback_id)
-            except self.connection.lv.libvirtError:
-                pass
             self._callback_id = None
         self.connection.close()
 
@@ -327,14 +325,16 @@ class LibvirtHypervisor(Hypervisor):
 def _undefine(conn: Connection, domain: Any) -> None:
     lv = conn.lv
     flags = lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
-    try:
+    with contextlib.suppress(lv.libvirtError):
         domain.undefineFlags(flags)
-    except lv.libvirtError:
-        pass
 
 
 def _existing(root: object) -> str:
-    path = Path(os.fspath(root)) if isinstance(root, (str, os.PathLike)) else Path(tempfile.gettempdir())
+    path = (
+        Path(os.fspath(root))
+        if isinstance(root, (str, os.PathLike))
+        else Path(tempfile.gettempdir())
+    )
     path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -382,10 +382,8 @@ def _run_probe(conn: Connection) -> AccelChoice:
         finally:
             if stream is not None:
                 stream.close()
-            try:
+            with contextlib.suppress(lv.libvirtError):
                 dom.destroy()
-            except lv.libvirtError:
-                pass
     if PROBE_MARKER in seen:
         return AccelChoice("kvm", "KVM probe guest ran to completion under libvirt")
     return AccelChoice(
