@@ -95,7 +95,8 @@ def create(
         subformat: ``"dynamic"`` (default: blocks allocated as written) or
             ``"fixed"`` (every block allocated up front).
         block_size: payload block size, a power of two from 1 MiB to 256 MiB
-            (default as QEMU: 8 MiB up to 1 GiB, then 16, 32, 64 MiB).
+            (default as QEMU: 8 MiB up to 1 GiB, then 16, 32, 64 MiB; a
+            differencing disk takes its parent's).
         backing: a parent VHDX, making a differencing disk; stored in the
             parent locator as a relative Windows path.
         backing_format: must be ``"vhdx"`` (or None) with ``backing``.
@@ -130,6 +131,8 @@ def create(
                    else ".\\" + rel}  # fmt: skip
         if size is None:
             size = parent.virtual_size
+        if block_size is None:
+            block_size = parent.meta.block_size
         parent.close()
     if size is None:
         raise ConfigError("a vhdx image needs a size", field="size")
