@@ -49,13 +49,14 @@ __all__ = [
     "rebase",
 ]
 
-Format = Literal["qcow2", "raw", "vmdk", "vpc"]
+Format = Literal["qcow2", "raw", "vmdk", "vpc", "vhdx", "vdi"]
 
 # Format drivers are imported on first use: ``module:create``, ``module:open``.
 _DRIVERS: dict[str, str] = {
     "qcow2": "virtkit.images.qcow2",
     "raw": "virtkit.images.raw",
     "vmdk": "virtkit.images.vmdk",
+    "vpc": "virtkit.images.vpc",
     "vhdx": "virtkit.images.vhdx",
     "vdi": "virtkit.images.vdi",
 }
