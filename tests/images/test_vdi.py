@@ -101,7 +101,7 @@ class TestHostile:
         assert qemu_img("info", path, check=False).returncode != 0
 
     @pytest.mark.parametrize(
-        ("offset", "code", "value", "error"),
+        "case",
         [
             (VERSION, "<I", 0x00020000, virtkit.UnsupportedFeatureError),
             (OFFSET_BMAP, "<I", 0x201, virtkit.UnsupportedFeatureError),
@@ -111,13 +111,13 @@ class TestHostile:
             (0x178, "<I", 4096, virtkit.UnsupportedFeatureError),  # block size
             (0x40, "<I", 0, virtkit.CorruptImageError),  # signature
         ],
-        ids=["version", "unaligned-bmap", "bmap-past-eof", "huge-count", "short-map",
-             "block-size", "signature"],  # fmt: skip
+        ids=lambda case: f"{case[0]:#x}={case[2]:#x}",
     )
     def test_bad_header(
-        self, tmp_path: Path, qemu_img: Run, offset: int, code: str, value: int, error: type
+        self, tmp_path: Path, qemu_img: Run, case: tuple[int, str, int, type[Exception]]
     ) -> None:
         """Each damaged field is refused with the right error, naming VDI; qemu-img refuses too."""
+        offset, code, value, error = case
         path = _qemu_vdi(qemu_img, tmp_path / "a.vdi", "4M")
         vdi_patch(path, offset, code, value)
         with pytest.raises(error, match="VDI"):
