@@ -21,6 +21,7 @@ from typing import ClassVar
 import attrs
 
 from virtkit import bundle
+from virtkit.backends.aio_guest import AsyncGuest, GuestTwin, refuse_in_loop
 from virtkit.backends.console import Console
 from virtkit.backends.lifecycle import Lifecycle
 from virtkit.errors import BackendError, ConfigError, ResourceError, StateError
@@ -226,6 +227,7 @@ class Hypervisor(abc.ABC):
         """
         if not isinstance(machine, Machine):
             raise ConfigError(f"define() needs a Machine (got {type(machine).__name__})")
+        refuse_in_loop("define")
         with self._lock:
             if self._closed:
                 raise StateError("this hypervisor connection is closed", action="define")
@@ -265,6 +267,7 @@ class Hypervisor(abc.ABC):
             raise ConfigError(
                 f"undefine() needs a Guest (got {type(guest).__name__} {guest!r})", field="guest"
             )
+        refuse_in_loop("undefine")
         with self._lock:
             if self._guests.get(guest.name) is not guest:
                 raise ConfigError(f"guest {guest.name!r} is not defined here", field="guest")
@@ -274,6 +277,7 @@ class Hypervisor(abc.ABC):
 
     def close(self) -> None:
         """Kill every running guest, forget them, and remove a private root."""
+        refuse_in_loop("close")
         with self._lock:
             if self._closed:
                 return
@@ -335,6 +339,11 @@ class Guest(abc.ABC):
         return self.machine.name
 
     @property
+    def aio(self) -> GuestTwin:
+        """This guest's API as coroutines (``await guest.aio.start()``); see virtkit.aio."""
+        return AsyncGuest(self)
+
+    @property
     def state(self) -> State:
         """The current run state."""
         return self._lifecycle.state
@@ -370,6 +379,7 @@ class Guest(abc.ABC):
             ResourceError: running it would exceed the host's allocation policy.
             BackendError: the hypervisor failed to start it.
         """
+        refuse_in_loop("start")
         with self._lifecycle.operation("start"):
             self.hypervisor._admit_start(self)
             self.console.open()
@@ -385,18 +395,21 @@ class Guest(abc.ABC):
 
     def pause(self) -> None:
         """Freeze the guest's CPUs."""
+        refuse_in_loop("pause")
         with self._lifecycle.operation("pause"):
             self._do_pause()
             self._lifecycle.notify(State.PAUSED, only_from=frozenset({State.RUNNING}))
 
     def resume(self) -> None:
         """Continue a paused guest."""
+        refuse_in_loop("resume")
         with self._lifecycle.operation("resume"):
             self._do_resume()
             self._lifecycle.notify(State.RUNNING, only_from=frozenset({State.PAUSED}))
 
     def reset(self) -> None:
         """Press the reset button (the run state is kept)."""
+        refuse_in_loop("reset")
         with self._lifecycle.operation("reset"):
             self._do_reset()
 
@@ -410,12 +423,14 @@ class Guest(abc.ABC):
             ConfigError: ``timeout`` is not a number of seconds >= 0 (None: no limit).
         """
         limit = check_timeout(timeout)
+        refuse_in_loop("shutdown")
         with self._lifecycle.operation("shutdown"):
             self._do_shutdown(_NO_LIMIT if limit is None else limit)
             self._stopped(State.SHUTOFF, "the guest was shut down")
 
     def kill(self) -> None:
         """Stop the guest at once, like pulling the plug."""
+        refuse_in_loop("kill")
         with self._lifecycle.operation("kill"):
             self._do_kill()
             self._stopped(State.SHUTOFF, "the guest was killed")
@@ -428,6 +443,7 @@ class Guest(abc.ABC):
         Raises:
             TimeoutError: it still runs after ``timeout`` seconds.
         """
+        refuse_in_loop("wait")
         return self._lifecycle.wait_for(
             lambda s: s in (State.SHUTOFF, State.CRASHED), timeout, "power off"
         )
@@ -458,6 +474,7 @@ class Guest(abc.ABC):
         """
         check_name(name)
         check_bool(memory, "memory")
+        refuse_in_loop("snapshot")
         with self._lifecycle.operation("snapshot"):
             if name in self._snapshots:
                 raise ConfigError(
@@ -494,6 +511,7 @@ class Guest(abc.ABC):
         disks and leaves the guest shut off. Console output is not rewound.
         """
         check_name(name)
+        refuse_in_loop("revert")
         with self._lifecycle.operation("revert"):
             snap = self._get_snapshot(name)
             was_live = self.state in _LIVE
@@ -511,6 +529,7 @@ class Guest(abc.ABC):
     def delete_snapshot(self, name: str) -> None:
         """Delete snapshot ``name``; its children are re-parented to its parent."""
         check_name(name)
+        refuse_in_loop("delete_snapshot")
         with self._lifecycle.operation("delete_snapshot"):
             snap = self._get_snapshot(name)
             self._do_delete_snapshot(snap)

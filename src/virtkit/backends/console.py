@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from virtkit.backends.aio_guest import refuse_in_loop
 from virtkit.errors import ConfigError, StateError, TimeoutError
 from virtkit.images.args import check_timeout
 
@@ -119,6 +120,8 @@ class Console:
         """
         search = _compile(pattern)
         timeout = check_timeout(timeout)
+        if timeout != 0:  # a zero timeout only looks (the coroutine twins poll that way)
+            refuse_in_loop("expect")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
