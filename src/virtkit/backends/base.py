@@ -12,19 +12,30 @@ import abc
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
 import attrs
 
-from virtkit import bundle
+from virtkit import bundle, images
 from virtkit.backends.aio_guest import AsyncGuest, GuestTwin, refuse_in_loop
 from virtkit.backends.console import Console
+from virtkit.backends.files import HeldFile, held_files
 from virtkit.backends.lifecycle import Lifecycle
-from virtkit.errors import BackendError, ConfigError, ResourceError, StateError
+from virtkit.errors import (
+    BackendError,
+    CapabilityWarning,
+    ConfigError,
+    ResourceError,
+    StateError,
+    VirtkitError,
+)
 from virtkit.images.args import check_bool, check_name, check_path, check_timeout
 from virtkit.model import (
     AllocationPolicy,
@@ -33,6 +44,8 @@ from virtkit.model import (
     HostResources,
     HypervisorType,
     Machine,
+    Nic,
+    PortForward,
     Snapshot,
     SnapshotKind,
     State,
@@ -87,6 +100,8 @@ class Hypervisor(abc.ABC):
         self._capacity = host if host is not None else HostResources.detect(str(self.root))
         self.policy = policy if policy is not None else AllocationPolicy()
         self._guests: dict[str, Guest] = {}
+        #: every guest ever placed here (undefined ones too): close() stops them all
+        self._created: list[Guest] = []
         self._lock = threading.RLock()
         self._closed = False
 
@@ -99,6 +114,15 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def _create_guest(self, machine: Machine, folder: Path) -> Guest:
         """Make the backend's Guest for an admitted machine in its folder."""
+
+    def _ignored_devices(self, machine: Machine) -> list[tuple[str, str]]:
+        """(field, why) for each device or setting of ``machine`` this backend cannot run.
+
+        ``define()`` warns (:class:`~virtkit.CapabilityWarning`) about each,
+        or refuses the machine with ``strict=True``. Default: none.
+        """
+        del machine
+        return []
 
     @classmethod
     def probe(cls, **options: object) -> None:
@@ -194,40 +218,97 @@ class Hypervisor(abc.ABC):
                     available=self._memory_limit() - (memory - guest.machine.memory),
                 )
 
-    def _check_isolation(self, machine: Machine, folder: Path) -> None:
-        """A disk may be attached to two guests only if both attach it read-only."""
-        mine = {
-            _real(bundle.resolve_disk(folder, d.path)): (i, d.read_only)
-            for i, d in enumerate(machine.disks)
-        }
+    def _check_isolation(self, machine: Machine, files: Iterable[HeldFile]) -> None:
+        """Two guests may hold one file only if neither writes it.
+
+        ``files`` are the new machine's held files (every layer of every disk,
+        media, NVRAM, kernel); each other guest's come from its folder.
+        """
+        mine = {f.path: f for f in files}
         for other in self._guests.values():
-            for disk in other.machine.disks:
-                path = _real(other.disk_path(disk))
-                if path in mine:
-                    index, read_only = mine[path]
-                    if not (read_only and disk.read_only):
-                        raise ResourceError(
-                            f"disk {path} ('disks[{index}]') is already attached to guest "
-                            f"{other.name!r}; an image can be shared only read-only by all",
-                            resource="disk",
-                        )
+            try:
+                theirs_all = other.files()
+            except VirtkitError:  # a broken chain of theirs is their problem, not ours
+                theirs_all = other.files(chains=False)
+            for theirs in theirs_all:
+                held = mine.get(theirs.path)
+                if held is None or not (held.writable or theirs.writable):
+                    continue
+                how = "writes" if theirs.writable else "reads"
+                raise ResourceError(
+                    f"{held.what}: {theirs.path} is already attached to guest {other.name!r}, "
+                    f"which {how} it ({theirs.what}); a file can be shared only when no guest "
+                    "writes it (attach it read_only=True in both, or use a layer of its own)",
+                    resource="disk",
+                )
+
+    def _check_ports(self, machine: Machine) -> None:
+        """Fixed host ports must not collide with another guest's (host_port=0 never does)."""
+        taken: dict[tuple[str, int], tuple[str, str]] = {}
+        for other in self._guests.values():
+            for _, fwd in _fixed_forwards(other.machine.nics):
+                taken[(fwd.protocol, fwd.host_port)] = (other.name, fwd.host_addr)
+        for field, fwd in _fixed_forwards(machine.nics):
+            clash = taken.get((fwd.protocol, fwd.host_port))
+            if clash is None:
+                continue
+            owner, addr = clash
+            if addr == fwd.host_addr or "0.0.0.0" in (addr, fwd.host_addr):
+                raise ConfigError(
+                    f"'{field}' {fwd.protocol} port {fwd.host_port} on {fwd.host_addr} is "
+                    f"already forwarded by guest {owner!r} ({addr}); pick another port, or "
+                    "host_port=0 to get a free one at start",
+                    field=field,
+                    value=fwd.host_port,
+                )
+
+    def _check_capabilities(self, machine: Machine, *, strict: bool) -> None:
+        for field, why in self._ignored_devices(machine):
+            message = f"the {self.name} backend ignores '{field}': {why}"
+            if strict:
+                raise ConfigError(f"{message} (strict=True refuses it)", field=field)
+            warnings.warn(CapabilityWarning(message, field=field, backend=self.name), stacklevel=4)
 
     # -- definitions ------------------------------------------------------------
-    def define(self, machine: Machine, *, folder: str | os.PathLike[str] | None = None) -> Guest:
+    def define(
+        self,
+        machine: Machine,
+        *,
+        folder: str | os.PathLike[str] | None = None,
+        allow: Iterable[str | os.PathLike[str]] = (),
+        strict: bool = False,
+    ) -> Guest:
         """Place ``machine`` on this hypervisor.
 
         The guest's files live in ``folder`` (default ``root/<name>``): its
         ``machine.toml``, ``disks/`` (missing images with a ``size`` are
-        created) and ``snapshots/``.
+        created, smaller ones grown to it) and ``snapshots/``.
+
+        Args:
+            machine: the definition.
+            folder: the VM folder (default ``root/<name>``).
+            allow: folders or files outside ``folder`` this guest may read
+                through backing chains (and ``Disk.backing``); files the
+                machine names by absolute path are allowed as given. Roots
+                the folder's bundle records (a linked clone's base) are
+                allowed too.
+            strict: refuse a machine with devices this backend cannot run
+                (``ConfigError``) instead of warning
+                (:class:`~virtkit.CapabilityWarning`) and ignoring them.
 
         Raises:
-            ConfigError: a guest with that name exists, or the folder is unusable.
-            ResourceError: the policy cannot admit it, or a disk is in use by
-                another guest; nothing is created then.
+            ConfigError: a guest with that name exists, the folder is unusable,
+                a fixed host port is forwarded by another guest, a backing file
+                lies outside the allowed places, a ``Disk.size`` is smaller
+                than its image, or (``strict``) a device cannot be run.
+            ResourceError: the policy cannot admit it, or a file it would write
+                is held by another guest; nothing is created then.
         """
         if not isinstance(machine, Machine):
             raise ConfigError(f"define() needs a Machine (got {type(machine).__name__})")
+        check_bool(strict, "strict")
         refuse_in_loop("define")
+        allowed = _allowed(allow)
         with self._lock:
             if self._closed:
                 raise StateError("this hypervisor connection is closed", action="define")
@@ -243,18 +324,28 @@ class Hypervisor(abc.ABC):
                 if folder is not None
                 else self.root / machine.name
             )
+            self._check_capabilities(machine, strict=strict)
+            self._check_ports(machine)
             storage = sum(d.size or 0 for d in machine.disks)
             self._admit_define(machine, storage)
-            self._check_isolation(machine, target)
-            bundle.save(machine, target)
+            roots = [*allowed, *_bundle_roots(target)]
+            snapshots = bundle.load_snapshots(target) if target.is_dir() else ()
+            self._check_isolation(
+                machine, held_files(machine, target, snapshots=snapshots, allow=roots)
+            )
+            existed = target.exists()
+            bundle.save(machine, target, allow=roots)
             try:
+                fit_disk_sizes(machine, target)
                 guest = self._create_guest(machine, target)
             except BaseException:
-                if folder is None:
+                if folder is None and not existed:
                     shutil.rmtree(target, ignore_errors=True)
                 raise
             guest.storage = storage
+            guest.allow = tuple(Path(os.path.abspath(r)) for r in roots)
             self._guests[machine.name] = guest
+            self._created.append(guest)
             return guest
 
     def undefine(self, guest: Guest) -> None:
@@ -268,28 +359,35 @@ class Hypervisor(abc.ABC):
                 f"undefine() needs a Guest (got {type(guest).__name__} {guest!r})", field="guest"
             )
         refuse_in_loop("undefine")
+        guest._lifecycle.check_alive("undefine")
         with self._lock:
             if self._guests.get(guest.name) is not guest:
                 raise ConfigError(f"guest {guest.name!r} is not defined here", field="guest")
             guest._lifecycle.check("undefine")
             guest._release()
             del self._guests[guest.name]
+            guest._lifecycle.retire(f"it was undefined from {self!r}")
 
     def close(self) -> None:
-        """Kill every running guest, forget them, and remove a private root."""
+        """Stop every guest this connection ever started, forget them, remove a private root.
+
+        Every guest handle is dead afterwards (its calls raise ``StateError``).
+        """
         refuse_in_loop("close")
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            guests = list(self._guests.values())
+            guests = list(self._created)
         for guest in guests:
-            if guest.state in (*_LIVE, State.CRASHED):
+            if guest.state in (*_LIVE, State.CRASHED) and guest._lifecycle.retired is None:
                 with contextlib.suppress(StateError, BackendError):
                     guest.kill()
             guest._release()
+            guest._lifecycle.retire("its hypervisor connection was closed")
         with self._lock:
             self._guests.clear()
+            self._created.clear()
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -309,8 +407,85 @@ class Hypervisor(abc.ABC):
         return f"<{type(self).__name__} {self.name} root={str(self.root)!r} guests={count}>"
 
 
-def _real(path: Path) -> Path:
-    return Path(os.path.realpath(path))
+def _allowed(allow: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """``allow`` as a list of absolute paths (ConfigError naming 'allow' otherwise)."""
+    if isinstance(allow, (str, bytes, os.PathLike)):
+        raise ConfigError(
+            f"'allow' must be a list of paths, not a single path (got {allow!r})", field="allow"
+        )
+    try:
+        items = list(allow)
+    except TypeError as exc:
+        raise ConfigError(
+            f"'allow' must be a list of paths (got {allow!r})", field="allow"
+        ) from exc
+    return [Path(os.path.abspath(check_path(p, "allow"))) for p in items]
+
+
+def _bundle_roots(folder: Path) -> list[Path]:
+    """Outside locations the folder's own bundle records as allowed (a linked clone's base)."""
+    roots = getattr(bundle, "allowed_roots", None)
+    if roots is None or not (folder / bundle.CONFIG_NAME).exists():
+        return []
+    return [Path(p) for p in roots(folder)]
+
+
+def _fixed_forwards(nics: Iterable[Nic]) -> Iterable[tuple[str, PortForward]]:
+    for i, nic in enumerate(nics):
+        for j, fwd in enumerate(nic.forwards):
+            if fwd.host_port:
+                yield f"nics[{i}].forwards[{j}].host_port", fwd
+
+
+def fit_disk_sizes(machine: Machine, folder: Path) -> None:
+    """Grow each disk whose ``size`` is larger than its image; refuse a smaller ``size``.
+
+    The active layer is resized (an overlay may be larger than its backing
+    file, as QEMU allows). Never shrinks.
+
+    Raises:
+        ConfigError: a ``Disk.size`` is smaller than the image, or a read-only
+            disk would need growing (naming the field).
+    """
+    for i, disk in enumerate(machine.disks):
+        if disk.size is None:
+            continue
+        path = bundle.resolve_disk(folder, disk.active)
+        if not path.is_file():
+            continue
+        fmt = "qcow2" if disk.layers else disk.format
+        with images.open(path, format=fmt, force_share=True) as image:  # type: ignore[arg-type]
+            current = image.virtual_size
+        field = f"disks[{i}].size"
+        if disk.size < current:
+            raise ConfigError(
+                f"'{field}' is {disk.size} bytes but the image {path} is {current}; virtkit "
+                "never shrinks a disk (that drops data): set size to at least "
+                f"{current} or leave it out",
+                field=field,
+                value=disk.size,
+            )
+        if disk.size > current:
+            if disk.read_only:
+                raise ConfigError(
+                    f"'{field}' is {disk.size} bytes but the read-only image {path} is "
+                    f"{current}; a read-only disk cannot be grown",
+                    field=field,
+                    value=disk.size,
+                )
+            with images.open(path, writable=True, format=fmt) as image:  # type: ignore[arg-type]
+                image.resize(disk.size)
+
+
+def _free_port(protocol: str, addr: str, avoid: set[int]) -> int:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.bind((addr, 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise ResourceError(f"no free {protocol} port on {addr}", resource="port")
 
 
 class Guest(abc.ABC):
@@ -324,6 +499,10 @@ class Guest(abc.ABC):
         self.machine = machine
         self.folder = Path(folder)
         self.storage = 0
+        #: outside roots this guest may read through backing chains (``define(allow=...)``)
+        self.allow: tuple[Path, ...] = ()
+        #: (nic name, forward index) -> host port chosen at start for host_port=0
+        self._ports: dict[tuple[str, int], int] = {}
         self._lifecycle = Lifecycle(machine.name)
         log = self.folder / machine.serial.log if machine.serial.log else None
         self.console = Console(log_path=log)
@@ -353,14 +532,193 @@ class Guest(abc.ABC):
         """Why the guest is CRASHED (None otherwise)."""
         return self._lifecycle.crash_reason
 
+    def _attached(self, disk: Disk | CdRom) -> Disk | CdRom:
+        """The guest's own attachment with ``disk``'s target (its layers may have moved on)."""
+        devices: tuple[Disk | CdRom, ...] = (*self.machine.disks, *self.machine.cdroms)
+        for dev in devices:
+            if type(dev) is type(disk) and dev.target == disk.target:
+                return dev
+        return disk
+
     def disk_path(self, disk: Disk | CdRom) -> Path:
-        """Absolute path of an attached image (relative paths live in ``disks/``)."""
+        """Absolute path of the file an attachment reads and writes now.
+
+        For a disk that is its active (top) layer, whose backing chain leads
+        to :meth:`base_disk_path`; ``virtkit.images.open()`` on it sees the
+        guest's current disk. Relative paths live in the folder's ``disks/``.
+
+        Raises:
+            ConfigError: not a Disk or CdRom, or a CD-ROM drive that is empty.
+        """
         if not isinstance(disk, (Disk, CdRom)):
             raise ConfigError(
                 f"disk_path() needs a Disk or CdRom (got {type(disk).__name__} {disk!r})",
                 field="disk",
             )
+        current = self._attached(disk)
+        if isinstance(current, CdRom):
+            if current.path is None:
+                raise ConfigError(
+                    f"CD-ROM drive {current.target} of {self.name!r} is empty", field="disk"
+                )
+            return bundle.resolve_disk(self.folder, current.path)
+        return bundle.resolve_disk(self.folder, current.active)
+
+    def base_disk_path(self, disk: Disk) -> Path:
+        """Absolute path of the file ``Disk.path`` names: the bottom of the disk's chain."""
+        if not isinstance(disk, Disk):
+            raise ConfigError(
+                f"base_disk_path() needs a Disk (got {type(disk).__name__} {disk!r})",
+                field="disk",
+            )
         return bundle.resolve_disk(self.folder, disk.path)
+
+    def backing_roots(self) -> tuple[Path, ...]:
+        """Where this guest's backing chains may lead: its folder, the directories of
+        the machine's absolute disk paths, and the roots allowed at ``define()``."""
+        explicit = [
+            Path(os.path.dirname(d.path)) for d in self.machine.disks if os.path.isabs(d.path)
+        ]
+        return (self.folder, *explicit, *self.allow)
+
+    def open_disk(self, disk: Disk | int = 0, *, writable: bool = False) -> images.Image:
+        """Open a disk's active layer with :func:`virtkit.images.open`, backing chain allowed.
+
+        Args:
+            disk: a Disk of this machine or its index in ``machine.disks``.
+            writable: open for writing (refused while a backend runs the guest:
+                the image lock is held).
+
+        Raises:
+            ConfigError: no such disk.
+            ImageError: the image cannot be opened (locked, corrupt...).
+        """
+        if isinstance(disk, int) and not isinstance(disk, bool):
+            if not 0 <= disk < len(self.machine.disks):
+                raise ConfigError(
+                    f"guest {self.name!r} has {len(self.machine.disks)} disks (got index {disk})",
+                    field="disk",
+                    value=disk,
+                )
+            disk = self.machine.disks[disk]
+        if not isinstance(disk, Disk):
+            raise ConfigError(f"open_disk() needs a Disk or an index (got {disk!r})", field="disk")
+        current = self._attached(disk)
+        assert isinstance(current, Disk)
+        fmt = "qcow2" if current.layers else current.format
+        return images.open(
+            self.disk_path(current),
+            writable=writable,
+            format=fmt,  # type: ignore[arg-type]  # "qcow2" | "raw", checked by the model
+            allow_backing=self.backing_roots(),
+        )
+
+    def files(self, *, chains: bool = True) -> tuple[HeldFile, ...]:
+        """Every file this guest holds, with whether it writes it.
+
+        All layers of every disk (and, with ``chains``, the backing files
+        below them, checked against the allowed places), the snapshots'
+        frozen layers, CD-ROM media, the UEFI variables file, the cloud-init
+        seed and the kernel. This drives isolation between guests.
+
+        Raises:
+            ConfigError: (``chains``) a backing file lies outside the allowed places.
+        """
+        return held_files(
+            self.machine, self.folder, snapshots=self.snapshots, allow=self.allow, chains=chains
+        )
+
+    @property
+    def forwards(self) -> tuple[tuple[str, PortForward], ...]:
+        """(NIC name, forward) for every port forward, with the host port in use.
+
+        A ``PortForward(host_port=0)`` shows the port picked at the last start
+        (0 before the first start).
+        """
+        out = []
+        for nic in self.machine.nics:
+            for j, fwd in enumerate(nic.forwards):
+                port = self._ports.get((str(nic.name), j), fwd.host_port)
+                out.append((str(nic.name), attrs.evolve(fwd, host_port=port)))
+        return tuple(out)
+
+    def host_port(self, guest_port: int, *, protocol: str = "tcp", nic: str | None = None) -> int:
+        """The host port forwarded to ``guest_port`` (the one picked at start for host_port=0).
+
+        Raises:
+            ConfigError: no such forward, or it is ambiguous (give ``nic``).
+            StateError: the port is picked at start and the guest was never started,
+                or the handle is dead.
+        """
+        self._lifecycle.check_alive("look up a port of")
+        hits = [
+            (name, fwd)
+            for name, fwd in self.forwards
+            if fwd.guest_port == guest_port
+            and fwd.protocol == protocol
+            and (nic is None or name == nic)
+        ]
+        if not hits:
+            raise ConfigError(
+                f"guest {self.name!r} forwards no {protocol} port to guest port {guest_port!r}",
+                field="guest_port",
+                value=guest_port,
+            )
+        if len(hits) > 1:
+            raise ConfigError(
+                f"guest {self.name!r} forwards {protocol} guest port {guest_port} on several "
+                f"NICs ({', '.join(n for n, _ in hits)}); pass nic=",
+                field="nic",
+            )
+        port = hits[0][1].host_port
+        if port == 0:
+            raise StateError(
+                f"guest {self.name!r} picks the host port for guest port {guest_port} when it "
+                "starts; start it first",
+                state=self.state,
+                action="host_port",
+            )
+        return port
+
+    def _assign_ports(self) -> None:
+        """Pick a free host port for each ``host_port=0`` forward (start)."""
+        taken: set[int] = set()
+        for other in self.hypervisor._created:
+            if other is not self and other.state in _LIVE:
+                taken.update(f.host_port for _, f in other.forwards)
+        self._ports = {}
+        for nic in self.machine.nics:
+            for j, fwd in enumerate(nic.forwards):
+                if fwd.host_port == 0:
+                    port = _free_port(fwd.protocol, fwd.host_addr, taken)
+                    taken.add(port)
+                    self._ports[(str(nic.name), j)] = port
+
+    def launch_machine(self) -> Machine:
+        """The machine as a backend launches it: ``host_port=0`` replaced by the picked ports."""
+        if not self._ports:
+            return self.machine
+        nics = []
+        for nic in self.machine.nics:
+            fwds = tuple(
+                attrs.evolve(f, host_port=self._ports.get((str(nic.name), j), f.host_port))
+                for j, f in enumerate(nic.forwards)
+            )
+            nics.append(attrs.evolve(nic, forwards=fwds))
+        return attrs.evolve(self.machine, nics=tuple(nics))
+
+    def _set_machine(self, machine: Machine) -> None:
+        """Persist a changed definition to the folder (atomically), then adopt it.
+
+        Backends call this after every change of layers, media or devices, so
+        a restart, another backend or another process sees the same machine.
+        """
+        write = getattr(bundle, "write_machine", None)
+        if write is not None:
+            write(self.folder, machine)
+        else:
+            bundle.save(machine, self.folder, create_disks=False, allow=self.allow)
+        self.machine = machine
 
     def snapshot_dir(self, name: str) -> Path:
         """A folder where a backend may keep a snapshot's saved state."""
@@ -378,10 +736,15 @@ class Guest(abc.ABC):
             StateError: it is already running or paused.
             ResourceError: running it would exceed the host's allocation policy.
             BackendError: the hypervisor failed to start it.
+            ConfigError: a backing file moved outside the allowed places, or a
+                ``Disk.size`` is smaller than its image.
         """
         refuse_in_loop("start")
         with self._lifecycle.operation("start"):
             self.hypervisor._admit_start(self)
+            self.files()  # backing chains still inside the allowed places
+            fit_disk_sizes(self.machine, self.folder)
+            self._assign_ports()
             self.console.open()
             try:
                 self._do_start()
@@ -497,7 +860,7 @@ class Guest(abc.ABC):
                 parent=self._current,
                 description=description,
             )
-            self._do_snapshot(snap)
+            snap = self._do_snapshot(snap) or snap
             self._snapshots[name] = snap
             self._current = name
             self._persist_snapshots()
@@ -609,8 +972,12 @@ class Guest(abc.ABC):
         """Stop at once and release the run-time resources."""
 
     @abc.abstractmethod
-    def _do_snapshot(self, snap: Snapshot) -> None:
-        """Capture a disk-only or full snapshot (``snap.kind``)."""
+    def _do_snapshot(self, snap: Snapshot) -> Snapshot | None:
+        """Capture a disk-only or full snapshot (``snap.kind``).
+
+        May return ``snap`` completed with what the backend recorded (its
+        ``layers``); ``None`` keeps ``snap`` as it is.
+        """
 
     @abc.abstractmethod
     def _do_revert(self, snap: Snapshot) -> None:

@@ -41,6 +41,9 @@ ALLOWED: dict[str, frozenset[State]] = {
     "snapshot": _ALL,
     "revert": _ALL,
     "delete_snapshot": _ALL,
+    "change_media": _ALL,
+    "attach": _ALL,
+    "detach": _ALL,
     "undefine": frozenset({State.SHUTOFF, State.CRASHED}),
 }
 
@@ -72,6 +75,8 @@ class Lifecycle:
         self._cond = threading.Condition()
         self._op_lock = threading.RLock()
         self._listeners: list[Callable[[State, State], None]] = []
+        #: why the guest handle is dead (undefined, its hypervisor closed), or None.
+        self.retired: str | None = None
 
     @property
     def state(self) -> State:
@@ -83,8 +88,26 @@ class Lifecycle:
         """Call ``callback(old, new)`` after every change (outside the lock)."""
         self._listeners.append(callback)
 
+    def retire(self, why: str) -> None:
+        """Make the handle dead: every later operation raises ``StateError`` saying ``why``."""
+        with self._cond:
+            self.retired = why
+            self._cond.notify_all()
+
+    def check_alive(self, action: str) -> None:
+        """Raise ``StateError`` if the handle was retired."""
+        why = self.retired
+        if why is not None:
+            raise StateError(
+                f"cannot {action.replace('_', ' ')} guest {self.name!r}: {why}; this handle is "
+                "dead (define the machine again for a new one)",
+                state=self.state,
+                action=action,
+            )
+
     def check(self, action: str) -> None:
-        """Raise ``StateError`` unless ``action`` is legal now."""
+        """Raise ``StateError`` unless ``action`` is legal now (and the handle is alive)."""
+        self.check_alive(action)
         with self._cond:
             state = self._state
         if state not in ALLOWED[action]:
@@ -139,8 +162,11 @@ class Lifecycle:
         """
         timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.check_alive("wait for")
         with self._cond:
             while not predicate(self._state):
+                if self.retired is not None:
+                    self.check_alive("wait for")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(

@@ -54,10 +54,22 @@ class TestKernelBoot:
             hv.define(Machine(name="k", memory="16MiB"), kernel=bad)
         assert hv.guests == ()
 
+    def test_define_kernel_is_a_deprecated_alias(self, hv: QemuHypervisor, tmp_path: Path) -> None:
+        """define(kernel=...) still works, warns DeprecationWarning, and lands in the machine
+        (so the folder keeps it); with Machine.kernel set too it is a ConfigError."""
+        boot = KernelBoot(kernel=tmp_path / "vmlinuz", append="console=ttyS0")
+        with pytest.warns(DeprecationWarning, match="Machine"):
+            guest = hv.define(Machine(name="k", memory="16MiB"), kernel=boot)
+        assert guest.machine.kernel == boot
+        assert virtkit.load(guest.folder).kernel == boot
+        assert "-kernel" in guest.qemu_argv()
+        with pytest.raises(ConfigError, match="already has a kernel"):
+            hv.define(Machine(name="k2", memory="16MiB", kernel=boot), kernel=boot)
+
     def test_missing_kernel_file_fails_to_start(self, hv: QemuHypervisor, tmp_path: Path) -> None:
         """A kernel file that does not exist makes start() a VirtkitError; the guest stays off."""
         guest = hv.define(
-            Machine(name="k", memory="16MiB"), kernel=KernelBoot(kernel=tmp_path / "missing")
+            Machine(name="k", memory="16MiB", kernel=KernelBoot(kernel=tmp_path / "missing"))
         )
         with pytest.raises(VirtkitError):
             guest.start()

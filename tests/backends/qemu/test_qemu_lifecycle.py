@@ -105,7 +105,7 @@ class TestLifecycle:
         self, hv: QemuHypervisor, linux_boot
     ) -> None:  # type: ignore[no-untyped-def]
         """console.write() feeds COM1: a Linux shell echoes a computed answer."""
-        guest = hv.define(Machine(name="echo", memory="256MiB"), kernel=linux_boot)
+        guest = hv.define(Machine(name="echo", memory="256MiB", kernel=linux_boot))
         guest.start()
         guest.console.expect("virtkit-linux: ready", timeout=60)
         guest.console.expect("vk# ", timeout=30)

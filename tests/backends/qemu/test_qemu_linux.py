@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import attrs
+
 import virtkit.images
 from virtkit.backends.qemu import KernelBoot, QemuHypervisor
 from virtkit.model import CloudInit, Disk, Machine, SnapshotKind, State
@@ -43,7 +45,7 @@ class TestLinuxGuest:
             disks=[Disk(path=str(disk), bus="virtio")],
             cloud_init=CloudInit(user_data=USER_DATA),
         )
-        guest = hv.define(machine, kernel=linux_boot)
+        guest = hv.define(attrs.evolve(machine, kernel=linux_boot))
         _boot(guest)
         out = _run(guest, "dd if=/dev/vda bs=4096 skip=1 count=1 2>/dev/null | head -c 16", "END1")
         assert b"host-wrote-this!" in out
@@ -77,7 +79,7 @@ class TestLinuxGuest:
         disk = tmp_path / "state.qcow2"
         virtkit.images.create(disk, size="8MiB", format="qcow2").close()
         machine = Machine(name="linux-snap", memory="256MiB", disks=[Disk(path=str(disk))])
-        guest = hv.define(machine, kernel=linux_boot)
+        guest = hv.define(attrs.evolve(machine, kernel=linux_boot))
         _boot(guest)
         _run(guest, "export PHASE=before-snapshot", "ENDA")
         snap = guest.snapshot("booted", memory=True)

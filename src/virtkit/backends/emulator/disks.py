@@ -30,6 +30,8 @@ class DriveSpec:
     path: str
     format: str
     read_only: bool = False
+    #: further places its backing chain may come from (the guest's allowed roots)
+    allow: tuple[str, ...] = ()
 
 
 @attrs.define
@@ -55,7 +57,7 @@ class Drive:
             spec.path,
             writable=not spec.read_only,
             format=spec.format,  # type: ignore[arg-type]  # "qcow2" | "raw", checked by the model
-            allow_backing=(os.path.dirname(os.path.abspath(spec.path)),),
+            allow_backing=(os.path.dirname(os.path.abspath(spec.path)), *spec.allow),
         )
         sectors = image.virtual_size // SECTOR
         heads, spt = 16, 63

@@ -27,7 +27,7 @@ from virtkit.backends.emulator.disks import DriveSpec
 from virtkit.backends.emulator.machine import PcMachine
 from virtkit.backends.emulator.state import load_machine, save_machine
 from virtkit.errors import BackendError, ConfigError, ImageError, StateError, TimeoutError
-from virtkit.model import HypervisorType, Machine, Snapshot, SnapshotKind, State
+from virtkit.model import Disk, HypervisorType, Machine, Snapshot, SnapshotKind, State
 
 __all__ = ["EmulatorGuest", "EmulatorHypervisor"]
 
@@ -66,6 +66,26 @@ class EmulatorHypervisor(Hypervisor):
         """Type 2: a hosted hypervisor."""
         return HypervisorType.TYPE2
 
+    def _ignored_devices(self, machine: Machine) -> list[tuple[str, str]]:
+        """What the emulated PC cannot run: NICs, CD-ROMs, cloud-init, extra vCPUs, kernel boot."""
+        ignored = [
+            (f"nics[{i}]", f"the emulated PC has no network card ({nic.name} is not attached)")
+            for i, nic in enumerate(machine.nics)
+        ]
+        ignored += [
+            (f"cdroms[{i}]", f"the emulated PC has no CD-ROM drive ({cd.target} is not attached)")
+            for i, cd in enumerate(machine.cdroms)
+        ]
+        if machine.cloud_init is not None:
+            ignored.append(("cloud_init", "no CD-ROM drive to attach the seed ISO to"))
+        if machine.vcpus > 1:
+            ignored.append(
+                ("cpus", f"one vCPU is emulated; {machine.vcpus} count for admission control only")
+            )
+        if machine.kernel is not None:
+            ignored.append(("kernel", "direct kernel boot is not supported; the disks are booted"))
+        return ignored
+
     def _create_guest(self, machine: Machine, folder: Path) -> Guest:
         if machine.firmware != "bios":
             raise ConfigError(
@@ -96,8 +116,11 @@ class EmulatorGuest(Guest):
     :meth:`snapshot_console_offset`.
 
     The emulated PC has one CPU (``Machine.cpus`` counts for admission
-    only), boots disks only (CD-ROMs and NICs are not emulated), and
-    shows COM1 only when ``Machine.serial.enabled``.
+    only), boots disks only (CD-ROMs, NICs, cloud-init and kernel boot are
+    not emulated: ``define()`` warns with :class:`~virtkit.CapabilityWarning`
+    about each, or refuses them with ``strict=True``), and shows COM1 only
+    when ``Machine.serial.enabled``. Disks with layers (external snapshots
+    taken by the qemu backend, linked clones) run on their active layer.
     """
 
     hypervisor: EmulatorHypervisor
@@ -163,8 +186,9 @@ class EmulatorGuest(Guest):
                 DriveSpec(
                     name=str(target),
                     path=str(self.disk_path(disk)),
-                    format=disk.format,
+                    format=_active_format(disk),
                     read_only=disk.read_only,
+                    allow=tuple(map(str, self.backing_roots())),
                 )
             )
         return specs, problems
@@ -327,14 +351,16 @@ class EmulatorGuest(Guest):
             for disk in self.machine.disks:
                 name = str(disk.target)
                 if name in open_by_name:
-                    out.append((name, disk.format, open_by_name[name], False))
+                    out.append((name, _active_format(disk), open_by_name[name], False))
                 else:
+                    fmt = _active_format(disk)
                     image = images.open(
                         self.disk_path(disk),
                         writable=not disk.read_only,
-                        format=disk.format,  # type: ignore[arg-type]  # validated by the model
+                        format=fmt,  # type: ignore[arg-type]  # validated by the model
+                        allow_backing=tuple(map(str, self.backing_roots())),
                     )
-                    out.append((name, disk.format, image, True))
+                    out.append((name, fmt, image, True))
         except BaseException:
             for _, _, image, owned in out:
                 if owned:
@@ -386,6 +412,11 @@ class EmulatorGuest(Guest):
                 if owned:
                     image.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _active_format(disk: Disk) -> str:
+    """The format of the file a disk reads and writes: its overlays are qcow2."""
+    return "qcow2" if disk.layers else disk.format
 
 
 def _copy_image(image: images.Image, dest: Path) -> None:

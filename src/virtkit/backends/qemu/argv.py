@@ -101,7 +101,7 @@ class LaunchSpec:
         binary: the ``qemu-system-*`` executable.
         accel: ``"kvm"`` or ``"tcg"``.
         disks: the disks in ``machine.disks`` order, with the file to open.
-        cdroms: the ISO files in ``machine.cdroms`` order.
+        cdroms: the ISO files in ``machine.cdroms`` order (None: an empty drive).
         seed: the cloud-init seed ISO, if the machine has ``cloud_init``.
         qmp_socket: the UNIX socket QEMU connects its QMP monitor to.
         console_socket: the UNIX socket QEMU connects COM1 to (None: no serial).
@@ -117,7 +117,7 @@ class LaunchSpec:
     binary: str
     accel: str
     disks: tuple[AttachedDisk, ...] = ()
-    cdroms: tuple[Path, ...] = ()
+    cdroms: tuple[Path | None, ...] = ()
     seed: Path | None = None
     qmp_socket: Path | None = None
     console_socket: Path | None = None
@@ -300,12 +300,16 @@ def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
         props["write-cache"] = "on" if CACHE_MODES[disk.cache][2] else "off"
         props.update(_bootindex(machine, target))
         devices += ["-device", device_json(_HD_DRIVER[disk.bus], **props)]
-    isos: list[tuple[str, str, Path]] = [
+    isos: list[tuple[str, str, Path | None]] = [
         (str(c.target), c.bus, p) for c, p in zip(machine.cdroms, spec.cdroms, strict=True)
     ]
     if spec.seed is not None:
         isos.append(("cidata", "ide", spec.seed))
     for target, bus, iso in isos:
+        if iso is None:  # an empty drive: media can be inserted later (change_media)
+            props = {"id": target, **buses.place(bus), **_bootindex(machine, target)}
+            devices += ["-device", device_json(_CD_DRIVER[bus], **props)]
+            continue
         node = node_name(target)
         file_node = {"filename": os.fspath(iso), "read-only": True}
         blockdevs += [

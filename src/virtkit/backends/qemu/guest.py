@@ -43,9 +43,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from virtkit.backends.base import Guest
+from virtkit.backends.files import NVRAM_FILE, SEED_FILE, kernel_file
 from virtkit.backends.qemu.argv import (
-    CACHE_MODES,
     AttachedDisk,
     KernelBoot,
     LaunchSpec,
@@ -53,11 +55,11 @@ from virtkit.backends.qemu.argv import (
     node_name,
     shell_quote,
 )
-from virtkit.backends.qemu.layers import LayerState, qemu_img
+from virtkit.backends.qemu.layers import Layers, qemu_img
 from virtkit.backends.qemu.process import ExitInfo, QemuProcess, make_runtime_dir
 from virtkit.backends.qemu.qmp import check_command, run_sync
+from virtkit.bundle.atomic import atomic_write
 from virtkit.errors import (
-    BackendError,
     ConfigError,
     ImageError,
     StateError,
@@ -72,7 +74,6 @@ if TYPE_CHECKING:
 
 __all__ = ["QemuGuest"]
 
-SEED_FILE = "cloud-init-seed.iso"
 _JOB_TIMEOUT = 300.0
 
 
@@ -102,18 +103,16 @@ class QemuGuest(Guest):
         hypervisor: QemuHypervisor,
         machine: Machine,
         folder: Path,
-        *,
-        kernel: KernelBoot | None = None,
     ) -> None:
         super().__init__(hypervisor, machine, folder)
-        self.kernel = kernel
         self.accelerator: str | None = None
         self.resets = 0
         self.last_exit: ExitInfo | None = None
         self._proc: QemuProcess | None = None
         self._quiet = 0  # > 0 while a virtkit operation causes STOP/RESUME events
         self.last_shutdown: Mapping[str, Any] | None = None  # data of QMP SHUTDOWN
-        self._layers = LayerState.load(self.folder)
+        self._layers = Layers(self)
+        self._ids = 0  # for unique QMP job ids and node names
         self._nodes: dict[str, str] = {}
         self._aio: AsyncQemuGuest | None = None
 
@@ -133,26 +132,35 @@ class QemuGuest(Guest):
             self._aio = AsyncQemuGuest(self)
         return self._aio
 
-    def disk_path(self, disk: Disk | CdRom) -> Path:
-        """The file an attached image is read from and written to now.
-
-        For a disk that has disk-only (external) snapshots this is its top
-        overlay, whose backing chain leads to :meth:`original_disk_path`;
-        ``virtkit.images.open()`` on it sees the guest's current disk.
-        """
-        if isinstance(disk, Disk):
-            active = self._layers.active.get(str(disk.target))
-            if active:
-                return Path(active)
-        return super().disk_path(disk)
+    @property
+    def kernel(self) -> KernelBoot | None:
+        """Direct kernel boot, from ``Machine.kernel`` (paths resolved against the folder)."""
+        boot = self.machine.kernel
+        if boot is None:
+            return None
+        return KernelBoot(
+            kernel=kernel_file(self.folder, boot.kernel),
+            initrd=None if boot.initrd is None else kernel_file(self.folder, boot.initrd),
+            append=boot.append,
+        )
 
     def original_disk_path(self, disk: Disk | CdRom) -> Path:
         """The image file named by the machine definition (the bottom of the chain)."""
-        return super().disk_path(disk)
+        if isinstance(disk, Disk):
+            return self.base_disk_path(self._attached(disk))  # type: ignore[arg-type]
+        return self.disk_path(disk)
 
     def active_disk_path(self, disk: Disk) -> Path:
         """Same as :meth:`disk_path` for a disk: the file it currently writes to."""
         return self.disk_path(disk)
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _live(self) -> bool:
+        proc = self._proc
+        return proc is not None and proc.alive
 
     def seed_path(self) -> Path | None:
         """Where the cloud-init seed ISO is written (when the machine has ``cloud_init``)."""
@@ -162,12 +170,14 @@ class QemuGuest(Guest):
         hv = self.hypervisor
         code, nvram = (None, None)
         if self.machine.firmware == "uefi":
-            code, nvram = hv.ovmf_code(), self.folder / "OVMF_VARS.fd"
+            code, nvram = hv.ovmf_code(), self.folder / NVRAM_FILE
         return LaunchSpec(
             binary=hv.binary,
             accel=accel,
             disks=tuple(AttachedDisk(d, self.active_disk_path(d)) for d in self.machine.disks),
-            cdroms=tuple(self.disk_path(c) for c in self.machine.cdroms),
+            cdroms=tuple(
+                None if c.path is None else self.disk_path(c) for c in self.machine.cdroms
+            ),
             seed=self.seed_path(),
             qmp_socket=runtime_dir / "qmp.sock",
             console_socket=runtime_dir / "console.sock" if self.machine.serial.enabled else None,
@@ -199,7 +209,7 @@ class QemuGuest(Guest):
             else Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"vkq-{self.name}"
         )
         accel = self.hypervisor.accelerator.accel
-        return build_argv(self.machine, self._spec(Path(base), paused=paused, accel=accel))
+        return build_argv(self.launch_machine(), self._spec(Path(base), paused=paused, accel=accel))
 
     def qemu_command_line(self) -> str:
         """:meth:`qemu_argv` as one shell-quoted line."""
@@ -220,17 +230,20 @@ class QemuGuest(Guest):
                     path=str(path),
                 )
         for i, cd in enumerate(self.machine.cdroms):
+            if cd.path is None:
+                continue
             path = self.disk_path(cd)
             if not path.is_file():
                 raise ImageError(
                     f"CD-ROM 'cdroms[{i}]' ({cd.target}) has no image file: {path} does not exist",
                     path=str(path),
                 )
-        if self.kernel is not None:
-            boot_files = {"kernel": self.kernel.kernel, "initrd": self.kernel.initrd}
+        boot = self.kernel
+        if boot is not None:
+            boot_files = {"kernel": boot.kernel, "initrd": boot.initrd}
             for what, file in boot_files.items():
                 if file is not None and not file.is_file():
-                    raise ConfigError(f"{what} file {file} does not exist", field=what)
+                    raise ConfigError(f"{what} file {file} does not exist", field=f"kernel.{what}")
         if self.machine.cloud_init is not None:
             from virtkit.provision import write_seed_iso  # noqa: PLC0415 - optional layer
 
@@ -238,7 +251,7 @@ class QemuGuest(Guest):
             assert seed is not None
             write_seed_iso(self.machine, seed)
         if self.machine.firmware == "uefi":
-            nvram = self.folder / "OVMF_VARS.fd"
+            nvram = self.folder / NVRAM_FILE
             if not nvram.exists():
                 shutil.copyfile(self.hypervisor.ovmf_vars(), nvram)
                 os.chmod(nvram, 0o600)
@@ -257,7 +270,9 @@ class QemuGuest(Guest):
         choice = self.hypervisor.accelerator
         runtime = make_runtime_dir(self.name)
         try:
-            argv = build_argv(self.machine, self._spec(runtime, paused=paused, accel=choice.accel))
+            argv = build_argv(
+                self.launch_machine(), self._spec(runtime, paused=paused, accel=choice.accel)
+            )
         except BaseException:
             shutil.rmtree(runtime, ignore_errors=True)
             raise
@@ -450,15 +465,22 @@ class QemuGuest(Guest):
         return {"job-id": self._job_id(kind), "tag": tag, "vmstate": nodes[0], "devices": nodes}
 
     def _job_id(self, kind: str) -> str:
-        self._layers.counter += 1
-        return f"vk-{kind}-{self._layers.counter}"
+        return f"vk-{kind}-{self._next_id()}"
 
-    def _do_snapshot(self, snap: Snapshot) -> None:
-        if snap.kind is SnapshotKind.FULL:
-            nodes = self._full_nodes("take")
-            proc = self._proc
-            assert proc is not None
-            with self._quietly():
+    def _do_snapshot(self, snap: Snapshot) -> Snapshot:
+        if snap.kind is not SnapshotKind.FULL:
+            return self._layers.snapshot(snap)
+        nodes = self._full_nodes("take")
+        proc = self._proc
+        assert proc is not None
+        uefi = self.machine.firmware == "uefi"
+        with self._quietly():
+            running = uefi and bool(self._qmp_sync("query-status").get("running"))
+            if running:  # the variables and the RAM must be from the same instant
+                self._qmp_sync("stop")
+            try:
+                if uefi:
+                    self._save_nvram(snap)
                 run_sync(
                     proc.qmp.run_job(
                         "snapshot-save",
@@ -466,30 +488,59 @@ class QemuGuest(Guest):
                         timeout=_JOB_TIMEOUT,
                     )
                 )
-            self._layers.full[snap.name] = {
-                str(d.target): str(self.active_disk_path(d)) for d in self._writable_disks()
-            }
-            self._layers.save(self.folder)
+            finally:
+                if running:
+                    self._qmp_sync("cont")
+        held = {str(d.target): self._layers.name(self.disk_path(d)) for d in self._writable_disks()}
+        return attrs.evolve(snap, layers=held)
+
+    def _save_nvram(self, snap: Snapshot) -> None:
+        """Copy the UEFI variables into the snapshot's folder (vCPUs are stopped by the job)."""
+        nvram = self.folder / NVRAM_FILE
+        if nvram.is_file():
+            atomic_write(self.snapshot_dir(snap.name) / NVRAM_FILE, nvram.read_bytes(), mode=0o600)
+
+    def _restore_nvram(self, snap: Snapshot, *, live: bool) -> None:
+        """Put the snapshot's UEFI variables back.
+
+        Offline the file is replaced atomically before QEMU opens it; live
+        QEMU has it open, so it is rewritten in place (QEMU's pflash reads it
+        only at start; the snapshot restored its in-memory copy).
+        """
+        saved = self.snapshot_dir(snap.name) / NVRAM_FILE
+        if self.machine.firmware != "uefi" or not saved.is_file():
             return
-        self._disk_snapshot(snap)
+        data = saved.read_bytes()
+        nvram = self.folder / NVRAM_FILE
+        if not live:
+            atomic_write(nvram, data, mode=0o600)
+            return
+        fd = os.open(nvram, os.O_WRONLY)
+        try:
+            os.write(fd, data)
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _do_revert(self, snap: Snapshot) -> None:
         if snap.kind is SnapshotKind.FULL:
             self._full_revert(snap)
         else:
-            self._disk_revert(snap)
+            self._layers.revert(snap)
 
     def _do_delete_snapshot(self, snap: Snapshot) -> None:
         if snap.kind is SnapshotKind.FULL:
             self._full_delete(snap)
         else:
-            self._disk_delete(snap)
+            self._layers.delete(snap)
 
     def _check_full_layers(self, snap: Snapshot, action: str) -> None:
-        where = self._layers.full.get(snap.name, {})
         for disk in self._writable_disks():
-            recorded = where.get(str(disk.target))
-            if recorded is not None and recorded != str(self.active_disk_path(disk)):
+            recorded = snap.layers.get(str(disk.target))
+            if recorded is not None and not self._layers.same(
+                self._layers.path(recorded), self.disk_path(disk)
+            ):
                 raise StateError(
                     f"cannot {action} full snapshot {snap.name!r}: disk {disk.target} has had "
                     "disk-only snapshots taken on top of it since; revert to or delete those "
@@ -499,15 +550,14 @@ class QemuGuest(Guest):
 
     def _full_revert(self, snap: Snapshot) -> None:
         self._check_full_layers(snap, "revert to")
-        live = (
-            self._proc is not None
-            and self._proc.alive
-            and self.state in (State.RUNNING, State.PAUSED)
-        )
+        live = self._live() and self.state in (State.RUNNING, State.PAUSED)
         if not live:
+            self._restore_nvram(snap, live=False)
             self._launch(paused=True)
         try:
             self._load_full(snap)
+            if live:
+                self._restore_nvram(snap, live=True)
         except BaseException:
             if not live:  # do not leave a half-restored QEMU behind a SHUTOFF guest
                 with contextlib.suppress(Exception):
@@ -534,9 +584,10 @@ class QemuGuest(Guest):
                 self._qmp_sync("stop")
 
     def _full_delete(self, snap: Snapshot) -> None:
-        if self._proc is not None and self._proc.alive:
+        if self._live():
             nodes = self._full_nodes("delete")
             proc = self._proc
+            assert proc is not None
             run_sync(
                 proc.qmp.run_job(
                     "snapshot-delete",
@@ -544,296 +595,14 @@ class QemuGuest(Guest):
                     timeout=_JOB_TIMEOUT,
                 )
             )
-        else:
-            where = self._layers.full.get(snap.name)
-            paths = (
-                [Path(p) for p in where.values()]
-                if where
-                else [self.active_disk_path(d) for d in self._writable_disks()]
-            )
-            for path in paths:
-                if path.is_file():
-                    listing = qemu_img(self.hypervisor.qemu_img, "snapshot", "-l", "-U", str(path))
-                    if any(line.split()[1:2] == [snap.name] for line in listing.splitlines()[2:]):
-                        qemu_img(self.hypervisor.qemu_img, "snapshot", "-d", snap.name, str(path))
-        self._layers.full.pop(snap.name, None)
-        self._layers.save(self.folder)
-
-    # -- disk-only snapshots: external overlays -------------------------------------------------
-    def _backing_of(self, path: Path) -> Path | None:
-        import json  # noqa: PLC0415
-
-        info = json.loads(
-            qemu_img(self.hypervisor.qemu_img, "info", "-U", "--output=json", str(path))
+            return
+        paths = (
+            [self._layers.path(p) for p in snap.layers.values()]
+            if snap.layers
+            else [self.disk_path(d) for d in self._writable_disks()]
         )
-        full = info.get("full-backing-filename") or info.get("backing-filename")
-        if not full:
-            return None
-        return Path(full) if os.path.isabs(full) else path.parent / full
-
-    def _create_overlay(self, below: Path, fmt: str, size: int, overlay: Path) -> None:
-        qemu_img(
-            self.hypervisor.qemu_img, "create", "-q", "-f", "qcow2", "-F", fmt,
-            "-b", os.path.relpath(below, overlay.parent), "-u", str(overlay), str(size),
-        )  # fmt: skip
-
-    def _virtual_size(self, path: Path) -> int:
-        import json  # noqa: PLC0415
-
-        info = json.loads(
-            qemu_img(self.hypervisor.qemu_img, "info", "-U", "--output=json", str(path))
-        )
-        return int(info["virtual-size"])
-
-    def _layer_format(self, disk: Disk, path: Path) -> str:
-        return disk.format if path == self.original_disk_path(disk) else "qcow2"
-
-    def _disk_snapshot(self, snap: Snapshot) -> None:
-        try:
-            self._add_overlays(snap)
-        finally:
-            # overlays already in place stay valid chains even if a later disk failed:
-            # record the files as they are, so the state file never lies
-            self._layers.save(self.folder)
-
-    def _add_overlays(self, snap: Snapshot) -> None:
-        live = self._proc is not None and self._proc.alive
-        frozen: dict[str, str] = {}
-        for disk in self._writable_disks():
-            target = str(disk.target)
-            below = self.active_disk_path(disk)
-            fmt = self._layer_format(disk, below)
-            overlay = self._layers.next_overlay(below, self.original_disk_path(disk))
-            self._create_overlay(below, fmt, self._virtual_size(below), overlay)
-            if live:
-                node = f"{node_name(target)}-s{self._layers.counter}"
-                direct, no_flush, _ = CACHE_MODES[disk.cache]
-                cache = {"direct": direct, "no-flush": no_flush}
-                try:
-                    self._qmp_sync(
-                        "blockdev-add",
-                        {
-                            "driver": "qcow2",
-                            "node-name": node,
-                            "cache": cache,
-                            "discard": disk.discard,
-                            "file": {"driver": "file", "filename": str(overlay), "cache": cache},
-                            "backing": None,
-                        },
-                    )
-                    self._qmp_sync(
-                        "blockdev-snapshot", {"node": self._nodes[target], "overlay": node}
-                    )
-                except BaseException:
-                    overlay.unlink(missing_ok=True)
-                    raise
-                self._nodes[target] = node
-            frozen[target] = str(below)
-            self._layers.active[target] = str(overlay)
-        self._layers.frozen[snap.name] = frozen
-
-    def layer_files(self) -> set[Path]:
-        """Every image file this guest's disks use: originals, frozen layers, active overlays."""
-        files = {self.original_disk_path(d) for d in self.machine.disks}
-        return files | self._all_layers()
-
-    def _all_layers(self) -> set[Path]:
-        layers = {Path(p) for p in self._layers.active.values()}
-        for frozen in self._layers.frozen.values():
-            layers.update(Path(p) for p in frozen.values())
-        return layers
-
-    def _disk_revert(self, snap: Snapshot) -> None:
-        if self._proc is not None:
-            self._terminate()
-        frozen = self._layers.frozen.get(snap.name, {})
-        keep = {Path(p) for m in self._layers.frozen.values() for p in m.values()}
-        for disk in self._writable_disks():
-            target = str(disk.target)
-            base = frozen.get(target)
-            if base is None:
-                continue
-            current = self.active_disk_path(disk)
-            overlay = self._layers.next_overlay(Path(base), self.original_disk_path(disk))
-            self._create_overlay(
-                Path(base),
-                self._layer_format(disk, Path(base)),
-                self._virtual_size(Path(base)),
-                overlay,
-            )
-            self._layers.active[target] = str(overlay)
-            if current not in keep and current != self.original_disk_path(disk):
-                current.unlink(missing_ok=True)  # the discarded state after the snapshot
-        self._layers.save(self.folder)
-
-    def _layers_removed_by_delete(self, snap: Snapshot) -> dict[str, Path]:
-        """disk target -> the layer file deleting disk snapshot ``snap`` would remove."""
-        removed: dict[str, Path] = {}
-        for target, layer in self._layers.frozen.get(snap.name, {}).items():
-            disk = next((d for d in self.machine.disks if str(d.target) == target), None)
-            if disk is None:
-                continue
-            layer_path = Path(layer)
-            children = self._children_of(layer_path)
-            if layer_path == self.original_disk_path(disk):
-                if len(children) == 1:
-                    removed[target] = children[0]
-            else:
-                removed[target] = layer_path
-        return removed
-
-    def _disk_delete(self, snap: Snapshot) -> None:
-        frozen = self._layers.frozen.get(snap.name, {})
-        live = self._proc is not None and self._proc.alive
-        for target, doomed in self._layers_removed_by_delete(snap).items():
-            for full_name, where in self._layers.full.items():
-                if where.get(target) == str(doomed):
-                    raise StateError(
-                        f"cannot delete disk snapshot {snap.name!r}: it would merge away "
-                        f"{doomed.name}, which holds full snapshot {full_name!r}; delete "
-                        f"{full_name!r} first",
-                        action="delete_snapshot",
-                    )
-        for disk in self._writable_disks():
-            target = str(disk.target)
-            layer = frozen.get(target)
-            if layer is None:
-                continue
-            layer_path = Path(layer)
-            children = self._children_of(layer_path)
-            if layer_path == self.original_disk_path(disk) and len(children) == 1:
-                # keep the machine's own file: merge the one layer above back into it
-                self._commit_into(disk, children[0], layer_path, live=live, deleting=snap.name)
-                continue
-            below = self._backing_of(layer_path)
-            chain = self._running_chain(disk) if live else []
-            for child in children:
-                if child in chain:
-                    self._stream_live(disk, child, below)
-                else:
-                    args = ["rebase", "-q", "-f", "qcow2"]
-                    if below is not None:
-                        args += [
-                            "-F",
-                            self._layer_format(disk, below),
-                            "-b",
-                            os.path.relpath(below, child.parent),
-                        ]
-                    else:
-                        args += ["-b", ""]
-                    qemu_img(self.hypervisor.qemu_img, *args, str(child))
-            if layer_path != self.original_disk_path(disk):
-                layer_path.unlink(missing_ok=True)
-        del self._layers.frozen[snap.name]
-        self._layers.save(self.folder)
-
-    def _children_of(self, layer: Path) -> list[Path]:
-        """Tracked layers whose backing file is ``layer``."""
-        want = os.path.realpath(layer)
-        found = []
-        for path in sorted(self._all_layers()):
-            if path == layer or not path.is_file():
-                continue
-            backing = self._backing_of(path)
-            if backing is not None and os.path.realpath(backing) == want:
-                found.append(path)
-        return found
-
-    def _commit_into(self, disk: Disk, top: Path, base: Path, *, live: bool, deleting: str) -> None:
-        """Merge layer ``top`` into its backing file ``base`` and drop ``top`` from the chain.
-
-        Live: QEMU's ``block-commit`` (an active commit pivots the disk onto
-        ``base`` with ``job-complete``); offline: ``qemu-img commit``.
-        Bookkeeping that named ``top`` (the active layer, another snapshot's
-        frozen layer) then names ``base``.
-        """
-        target = str(disk.target)
-        is_active = top == self.active_disk_path(disk)
-        fmt = self._layer_format(disk, base)
-        if live and top in self._running_chain(disk):
-            proc = self._proc
-            assert proc is not None
-            top_node, base_node = self._node_of(top), self._node_of(base)
-            if top_node is None or base_node is None:
-                raise BackendError(f"cannot find the QEMU block nodes for {top} and {base}")
-            job_id = self._job_id("commit")
-            args: dict[str, Any] = {
-                "job-id": job_id,
-                "device": self._nodes[target],
-                "base-node": base_node,
-            }
-            if not is_active:
-                args["top-node"] = top_node
-                args["backing-file"] = os.path.relpath(base, top.parent)
-
-            async def complete() -> None:
-                await proc.qmp.execute("job-complete", {"id": job_id})
-
-            run_sync(
-                proc.qmp.run_job("block-commit", args, timeout=_JOB_TIMEOUT, on_ready=complete)
-            )
-            if is_active:
-                self._nodes[target] = base_node
-            if top_node.startswith(node_name(target)):  # added by us: monitor-owned
-                with contextlib.suppress(BackendError, StateError):
-                    self._qmp_sync("blockdev-del", {"node-name": top_node})
-        else:
-            qemu_img(self.hypervisor.qemu_img, "commit", "-q", "-d", "-f", "qcow2", str(top))
-        for grandchild in self._children_of(top):  # same contents through base now
-            qemu_img(
-                self.hypervisor.qemu_img, "rebase", "-q", "-u", "-f", "qcow2", "-F", fmt,
-                "-b", os.path.relpath(base, grandchild.parent), str(grandchild),
-            )  # fmt: skip
-        if is_active:
-            self._layers.active.pop(target, None)
-        for name, frozen in self._layers.frozen.items():
-            if name != deleting and frozen.get(target) == str(top):
-                frozen[target] = str(base)
-        top.unlink(missing_ok=True)
-
-    def _running_chain(self, disk: Disk) -> list[Path]:
-        chain: list[Path] = []
-        path: Path | None = self.active_disk_path(disk)
-        while path is not None and len(chain) < 256:
-            chain.append(path)
-            path = self._backing_of(path)
-        return chain
-
-    def _node_of(self, path: Path) -> str | None:
-        nodes = self._qmp_sync("query-named-block-nodes", {"flat": True})
-        want = os.path.realpath(path)
-        for node in nodes:
-            name = _plain_filename(str(node.get("file", "")))
-            if node.get("drv") != "file" and name and os.path.realpath(name) == want:
-                return str(node["node-name"])
-        return None
-
-    def _stream_live(self, disk: Disk, child: Path, below: Path | None) -> None:
-        node = self._node_of(child)
-        if node is None:
-            raise BackendError(f"cannot find the QEMU block node for {child}")
-        args: dict[str, Any] = {"job-id": self._job_id("stream"), "device": node}
-        if below is not None:
-            base_node = self._node_of(below)
-            if base_node is None:
-                raise BackendError(f"cannot find the QEMU block node for {below}")
-            args["base-node"] = base_node
-            args["backing-file"] = os.path.relpath(below, child.parent)
-        proc = self._proc
-        assert proc is not None
-        run_sync(proc.qmp.run_job("block-stream", args, timeout=_JOB_TIMEOUT))
-
-
-def _plain_filename(name: str) -> str | None:
-    """A node's file name; QEMU reports ``json:{...}`` for nodes opened with options."""
-    if not name.startswith("json:"):
-        return name
-    import json  # noqa: PLC0415
-
-    try:
-        doc = json.loads(name[5:])
-    except ValueError:
-        return None
-    inner = doc.get("file", doc)
-    found = inner.get("filename") if isinstance(inner, dict) else None
-    return str(found) if found else None
+        for path in paths:
+            if path.is_file():
+                listing = qemu_img(self.hypervisor.qemu_img, "snapshot", "-l", "-U", str(path))
+                if any(line.split()[1:2] == [snap.name] for line in listing.splitlines()[2:]):
+                    qemu_img(self.hypervisor.qemu_img, "snapshot", "-d", snap.name, str(path))

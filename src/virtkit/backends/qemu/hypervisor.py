@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
+
+import attrs
 
 from virtkit.backends.base import Hypervisor
 from virtkit.backends.qemu.accel import ACCELERATORS, AccelChoice, choose_accel
 from virtkit.backends.qemu.argv import KernelBoot
 from virtkit.backends.qemu.guest import QemuGuest
-from virtkit.errors import BackendUnavailable, ConfigError, ResourceError
+from virtkit.errors import BackendUnavailable, ConfigError
 from virtkit.model import HypervisorType, Machine
 
 __all__ = ["QemuHypervisor"]
@@ -83,7 +86,6 @@ class QemuHypervisor(Hypervisor):
         self.start_timeout = float(start_timeout)
         self.cpu_model = cpu_model
         self._accel: AccelChoice | None = None
-        self._pending_kernel = threading.local()
         super().__init__(**options)
 
     @classmethod
@@ -117,51 +119,40 @@ class QemuHypervisor(Hypervisor):
         machine: Machine,
         *,
         folder: str | os.PathLike[str] | None = None,
+        allow: Iterable[str | os.PathLike[str]] = (),
+        strict: bool = False,
         kernel: KernelBoot | None = None,
     ) -> QemuGuest:
         """Place ``machine`` here; see :meth:`Hypervisor.define`.
 
         Args:
-            kernel: boot this kernel directly (``-kernel``/``-initrd``/``-append``)
-                instead of the firmware's boot loader.
+            kernel: deprecated: set ``Machine.kernel`` instead (it is saved in
+                the folder, so the guest can be loaded and run again). Given
+                here it is put into the machine, with a ``DeprecationWarning``.
         """
-        if kernel is not None and not isinstance(kernel, KernelBoot):
-            raise ConfigError(f"'kernel' must be a KernelBoot (got {kernel!r})", field="kernel")
-        if machine.firmware == "uefi":
+        if kernel is not None:
+            if not isinstance(kernel, KernelBoot):
+                raise ConfigError(f"'kernel' must be a KernelBoot (got {kernel!r})", field="kernel")
+            if isinstance(machine, Machine) and machine.kernel is not None:
+                raise ConfigError(
+                    "the machine already has a kernel; drop define(kernel=...)", field="kernel"
+                )
+            warnings.warn(
+                "define(kernel=...) is deprecated: set Machine(kernel=KernelBoot(...)) so the "
+                "folder keeps it",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if isinstance(machine, Machine):
+                machine = attrs.evolve(machine, kernel=kernel)
+        if isinstance(machine, Machine) and machine.firmware == "uefi":
             self.ovmf_code()
-        self._pending_kernel.value = kernel
-        try:
-            guest = super().define(machine, folder=folder)
-        finally:
-            self._pending_kernel.value = None
+        guest = super().define(machine, folder=folder, allow=allow, strict=strict)
         assert isinstance(guest, QemuGuest)
         return guest
 
-    def _check_isolation(self, machine: Machine, folder: Path) -> None:
-        """As the base class, and also against every layer of other guests' disk chains:
-        a file frozen under a disk-only snapshot may be shared only read-only."""
-        super()._check_isolation(machine, folder)
-        from virtkit import bundle  # noqa: PLC0415
-
-        wanted = {
-            os.path.realpath(bundle.resolve_disk(folder, d.path)): (i, d.read_only)
-            for i, d in enumerate(machine.disks)
-        }
-        for other in self._guests.values():
-            if not isinstance(other, QemuGuest):
-                continue
-            for layer in other.layer_files():
-                index, read_only = wanted.get(os.path.realpath(layer), (None, True))
-                if index is not None and not read_only:
-                    raise ResourceError(
-                        f"disk {layer} ('disks[{index}]') is a layer of guest {other.name!r}'s "
-                        "disk chain; it can be attached only read-only",
-                        resource="disk",
-                    )
-
     def _create_guest(self, machine: Machine, folder: Path) -> QemuGuest:
-        kernel = getattr(self._pending_kernel, "value", None)
-        return QemuGuest(self, machine, folder, kernel=kernel)
+        return QemuGuest(self, machine, folder)
 
 
 def _first(candidates: tuple[str, ...]) -> Path:
