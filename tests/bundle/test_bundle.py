@@ -89,7 +89,7 @@ class TestRoundTrip:
         assert (tmp_path / "web" / "disks" / "root.raw").stat().st_size == 4 * 1024**3
         assert virtkit.load(tmp_path / "web") == m
         text = (tmp_path / "web" / "machine.toml").read_text()
-        assert text.startswith("format-version = 1\n")
+        assert text.startswith("format-version = 2\n")
         assert 'memory = "1GiB"' in text
 
     @settings(
@@ -148,8 +148,8 @@ class TestBadFolders:
             ("name = [", "is not valid TOML", None),
             ('name = "vm"\n', "required key 'format-version' is missing", "format-version"),
             (
-                'format-version = 2\nname = "vm"\n',
-                "'format-version' is 2, newer than this virtkit understands",
+                'format-version = 3\nname = "vm"\n',
+                "'format-version' is 3, newer than this virtkit understands",
                 "format-version",
             ),
             (

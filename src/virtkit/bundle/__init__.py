@@ -1,128 +1,326 @@
-"""A VM as its set of files: ``machine.toml``, ``disks/``, ``snapshots/``.
+"""A VM as its set of files: ``machine.toml``, ``disks/``, ``snapshots/`` (bundle format 2).
 
 ::
 
     web/
-        machine.toml          the definition (TOML, format-version = 1)
+        machine.toml          the definition (TOML, format-version = 2), hand-editable
         disks/root.qcow2      images; a Disk's relative path is relative to disks/
-        snapshots/_index.toml snapshot records and which one is current
+        disks/root.s1.qcow2   overlays above it: Disk.layers, bottom to top
+        snapshots/_index.toml snapshot records (with the layers each froze) and the current one
         snapshots/state/NAME/ saved machine state of full snapshots
+        links.toml            linked clones: whose files this folder reads, who reads its files
 
-The folder is self-contained and relocatable. ``save`` is atomic (temp file,
-fsync, rename); ``load`` executes nothing and refuses any path that leaves
-the folder unless the caller allows it.
+The folder is self-contained and relocatable: every path in it is relative,
+and everything a backend needs to find the VM's current state again (the
+active layer of each disk, the kernel, the media in a drive) is in these
+files. The full specification is docs/bundle-format.rst.
+
+API for backends: call :func:`write_machine` after every change of layers,
+media or devices (atomic, fsynced, keeps the user's comments), and
+:func:`save_snapshots` after every snapshot change. Before deleting or
+merging a layer call :func:`check_unshared`; ``define()`` adds
+:func:`allowed_roots` to its ``allow=`` list.
+
+``load`` executes nothing and refuses any path that leaves the folder unless
+the caller (or the folder's recorded linked bases) allows it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
-import tomllib
-from collections.abc import Iterable
+import time
+import uuid as _uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+import attrs
 
-from virtkit.bundle.atomic import atomic_write
-from virtkit.bundle.schema import (
-    FORMAT_VERSION,
-    machine_from_dict,
-    machine_to_dict,
-    snapshot_from_dict,
-    snapshot_to_dict,
+from virtkit.bundle.atomic import atomic_write, fsync_dir
+from virtkit.bundle.document import fresh, merge_text
+from virtkit.bundle.links import (
+    LINKS_NAME,
+    allowed_roots,
+    check_unshared,
+    dependents,
 )
+from virtkit.bundle.paths import (
+    DISKS,
+    check_allow,
+    check_paths,
+    explicit_roots,
+    resolve_disk,
+    resolve_file,
+)
+from virtkit.bundle.schema import FORMAT_VERSION, check_version, machine_from_dict, machine_to_dict
+from virtkit.bundle.snapshots import (
+    SNAPSHOTS,
+    current_snapshot,
+    parse_toml,
+    read_index,
+    read_toml,
+    save_snapshots,
+    snapshot_dir,
+    with_layers,
+)
+from virtkit.bundle.upgrade import LEGACY_LAYERS, apply_v1_layers, read_v1_layers
 from virtkit.errors import ConfigError
 from virtkit.images.args import check_path
 from virtkit.model import Machine, Snapshot
 
 __all__ = [
     "CONFIG_NAME",
+    "DISKS",
+    "FORMAT_VERSION",
+    "LINKS_NAME",
+    "SNAPSHOTS",
+    "allowed_roots",
+    "check_unshared",
     "current_snapshot",
+    "dependents",
     "load",
     "load_snapshots",
     "resolve_disk",
+    "resolve_file",
     "save",
     "save_snapshots",
     "snapshot_dir",
+    "write_machine",
 ]
 
 CONFIG_NAME = "machine.toml"
-DISKS = "disks"
-SNAPSHOTS = "snapshots"
-_INDEX = "_index.toml"
-_MAX_CONFIG = 1024 * 1024  # a machine.toml is a few KiB; refuse to parse megabytes
+_LOCK_WAIT = 5.0  # seconds load() waits for another process persisting the same identity
 
 
-def _inside(path: Path, root: Path) -> bool:
-    real, base = os.path.realpath(path), os.path.realpath(root)
-    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+# -- reading -----------------------------------------------------------------------------
 
 
-def resolve_disk(
-    folder: str | os.PathLike[str],
-    path: str,
-    *,
-    allow: Iterable[str | os.PathLike[str]] | None = None,
-    field: str = "path",
-) -> Path:
-    """Absolute location of a disk image named ``path`` in a VM folder.
-
-    Relative paths are relative to ``folder/disks``. With ``allow`` given, the
-    result (symlinks followed) must lie inside ``folder`` or one of the allowed
-    paths, else ``ConfigError``.
-    """
-    base = Path(folder) / DISKS
-    candidate = Path(path) if os.path.isabs(path) else base / path
-    if allow is not None:
-        roots = [Path(folder), *map(Path, allow)]
-        if not any(_inside(candidate, r) for r in roots):
-            raise ConfigError(
-                f"'{field}' {path!r} points outside the VM folder {folder}; pass "
-                "allow=[...] with that location to use it",
-                field=field,
-                value=path,
-            )
-    return Path(os.path.abspath(candidate))
+def _folder(folder: str | os.PathLike[str]) -> Path:
+    root = Path(check_path(folder, "folder"))
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a folder", file=str(root))
+    return root
 
 
-def _check_paths(
-    machine: Machine, folder: Path, allow: Iterable[str | os.PathLike[str]], file: str
-) -> None:
-    allowed = list(allow)
-    items: list[tuple[str, str]] = []
-    for i, d in enumerate(machine.disks):
-        items.append((f"disks[{i}].path", d.path))
-        if d.backing is not None:
-            # a backing name is resolved relative to the image that names it
-            parent = os.path.dirname(d.path)
-            items.append(
-                (
-                    f"disks[{i}].backing",
-                    d.backing if os.path.isabs(d.backing) else os.path.join(parent, d.backing),
-                )
-            )
-    items.extend(
-        (f"cdroms[{i}].path", c.path) for i, c in enumerate(machine.cdroms) if c.path is not None
+def _parse(root: Path, allowed: list[str | os.PathLike[str]]) -> tuple[Machine, bytes, bool]:
+    """(machine upgraded to version 2 in memory, the file's bytes, identity was missing)."""
+    config = root / CONFIG_NAME
+    raw = read_toml(config, root, allowed)
+    doc = parse_toml(raw, config)
+    machine = machine_from_dict(doc, file=str(config))
+    if check_version(doc, file=str(config)) == 1:
+        legacy = read_v1_layers(root, machine)
+        if legacy is not None:
+            machine = apply_v1_layers(machine, legacy)
+    nics = doc.get("nics", [])
+    missing = "uuid" not in doc or (
+        isinstance(nics, list) and any(isinstance(n, dict) and "mac" not in n for n in nics)
     )
-    for field, path in items:
-        try:
-            resolve_disk(folder, path, allow=allowed, field=field)
-        except ConfigError as exc:
-            raise ConfigError(exc.message, file=file, field=field, value=path) from None
+    return machine, raw, missing
 
 
-def _allowed(allow: Iterable[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
-    """``allow`` as a list of checked paths (ConfigError naming 'allow' otherwise)."""
-    if isinstance(allow, (str, os.PathLike)):
-        raise ConfigError(
-            f"'allow' must be a list of paths, not a single path (got {allow!r})", field="allow"
-        )
+def load(
+    folder: str | os.PathLike[str], *, allow: Iterable[str | os.PathLike[str]] = ()
+) -> Machine:
+    """Read the Machine stored in a VM folder.
+
+    Nothing is executed and no file outside ``folder``, its recorded linked
+    bases (:func:`allowed_roots`) or the allowed paths is read or
+    referenced: a disk, layer, CD-ROM, kernel or backing path that leaves the
+    folder, directly or through a symlink, is refused.
+
+    A version-1 folder is upgraded in memory (including the version-1 qemu
+    backend's ``qemu-layers.json``); :func:`save` writes it as version 2.
+
+    Identity is stable: a ``machine.toml`` written without ``uuid`` or MACs
+    gets generated ones, written back into the file (atomically, keeping its
+    comments) so every later load sees the same machine. When the folder is
+    read-only they are instead derived from the file and its location, so two
+    loads still agree.
+
+    Raises:
+        ConfigError: naming the file and key: missing file, bad TOML, unknown
+            key, wrong type, newer format-version, a path that escapes.
+    """
+    root = _folder(folder)
+    allowed = [*check_allow(allow), *allowed_roots(root)]
+    machine, raw, missing = _parse(root, allowed)
+    check_paths(machine, root, allowed, str(root / CONFIG_NAME))
+    if missing:
+        machine = _persist_identity(root, machine, raw, allowed)
+    return machine
+
+
+# -- identity ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _folder_lock(root: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on the folder for a moment; yields False if it stays busy."""
     try:
-        return [check_path(p, "allow") for p in allow]
-    except TypeError as exc:
-        raise ConfigError(
-            f"'allow' must be a list of paths (got {allow!r})", field="allow"
-        ) from exc
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + _LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield False
+                    return
+                time.sleep(0.02)
+            except OSError:
+                yield False
+                return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _derived(machine: Machine, raw: bytes, root: Path) -> Machine:
+    """Identity derived from the file, the folder's location and the host (read-only folders)."""
+    host = b""
+    with contextlib.suppress(OSError):
+        host = Path("/etc/machine-id").read_bytes().strip()
+    seed = hashlib.sha256(host + b"\0" + os.fsencode(os.path.realpath(root)) + b"\0" + raw)
+    ident = _uuid.UUID(bytes=seed.digest()[:16], version=4)
+    nics = []
+    for i, nic in enumerate(machine.nics):
+        tail = hashlib.sha256(seed.digest() + i.to_bytes(4, "big")).digest()[:3]
+        nics.append(attrs.evolve(nic, mac="52:54:00:" + ":".join(f"{b:02x}" for b in tail)))
+    return attrs.evolve(machine, uuid=ident, nics=nics)
+
+
+def _persist_identity(
+    root: Path, machine: Machine, raw: bytes, allowed: list[str | os.PathLike[str]]
+) -> Machine:
+    """Write generated uuid/MACs back; another process doing the same first wins."""
+    with _folder_lock(root) as locked:
+        if locked:
+            again, raw_now, missing = _parse(root, allowed)
+            if not missing:
+                return again  # someone persisted it while we waited
+            if raw_now != raw:
+                machine, raw = again, raw_now
+            try:
+                _store(root, machine, allowed)
+                return machine
+            except (ConfigError, OSError):
+                pass  # read-only folder: fall through to derived values
+    parsed, raw, _ = _parse(root, allowed)
+    doc = parse_toml(raw, root / CONFIG_NAME)
+    derived = _derived(parsed, raw, root)
+    nics = doc.get("nics", [])
+    keep_macs = [isinstance(n, dict) and "mac" in n for n in nics] if isinstance(nics, list) else []
+    merged_nics = [
+        p if i < len(keep_macs) and keep_macs[i] else d
+        for i, (p, d) in enumerate(zip(parsed.nics, derived.nics, strict=True))
+    ]
+    ident = parsed.uuid if "uuid" in doc else derived.uuid
+    return attrs.evolve(parsed, uuid=ident, nics=merged_nics)
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+def _render(config: Path, machine: Machine) -> bytes | None:
+    """The new machine.toml bytes, merged into the existing file; None when nothing changes."""
+    minimal = machine_to_dict(machine)
+    old: str | None = None
+    try:
+        with open(config, "rb") as fh:
+            old = fh.read(2 * 1024 * 1024).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        old = None
+    candidates = []
+    if old is not None:
+        try:
+            doc = parse_toml(old.encode(), config)
+            if (
+                check_version(doc, file=str(config)) == FORMAT_VERSION
+                and machine_from_dict(doc, file=str(config)) == machine
+            ):
+                return None
+        except ConfigError:
+            pass
+        merged = merge_text(old, minimal, machine_to_dict(machine, minimal=False))
+        if merged is not None:
+            candidates.append(merged)
+    candidates.append(fresh(minimal))
+    for text in candidates:
+        try:
+            if machine_from_dict(parse_toml(text.encode(), config), file=str(config)) == machine:
+                return text.encode()
+        except ConfigError:
+            continue
+    raise ConfigError(  # a bug, not a user error: refuse rather than write a wrong file
+        f"cannot render machine {machine.name!r} as TOML that reads back equal", file=str(config)
+    )
+
+
+def _upgrade_index(root: Path) -> None:
+    """Rewrite a version-1 snapshot index as version 2 (with layers from the legacy JSON)."""
+    found = read_index(root)
+    if found is None or found[0] == FORMAT_VERSION:
+        return
+    save_snapshots(root, load_snapshots(root), current=found[2])
+
+
+def _store(root: Path, machine: Machine, allowed: list[str | os.PathLike[str]]) -> None:
+    """Write machine.toml (and finish a version-1 upgrade): each step atomic and fsynced.
+
+    Order: the snapshot index becomes version 2 first, then machine.toml, then
+    the legacy JSON goes. A crash between steps leaves a folder that loads the
+    same (a version-2 index is read the same with or without the JSON; a
+    version-2 machine.toml ignores it).
+    """
+    config = root / CONFIG_NAME
+    check_paths(machine, root, allowed, str(config))
+    legacy = root / LEGACY_LAYERS
+    if legacy.exists():
+        _upgrade_index(root)
+    data = _render(config, machine)
+    if data is not None:
+        atomic_write(config, data)
+    if legacy.exists():
+        try:
+            legacy.unlink()
+            fsync_dir(root)
+        except OSError as exc:
+            raise ConfigError(f"cannot remove {legacy}: {exc.strerror}", file=str(legacy)) from exc
+
+
+def write_machine(
+    folder: str | os.PathLike[str],
+    machine: Machine,
+    *,
+    allow: Iterable[str | os.PathLike[str]] = (),
+) -> None:
+    """Persist a changed definition into an existing VM folder (what backends call).
+
+    Call it after every change of layers, media or devices. ``machine.toml``
+    is replaced atomically (temp file, fsync, rename, fsync of the folder): a
+    crash leaves the old definition or the new one. The user's comments, key
+    order and spelling of unchanged values are kept; nothing is written when
+    the file already says exactly ``machine``. No disk image is created.
+
+    Raises:
+        ConfigError: ``folder`` is not a VM folder, a path leaves it (absolute
+            paths outside it, the recorded linked bases and ``allow`` are
+            refused), or the file cannot be written.
+    """
+    if not isinstance(machine, Machine):
+        raise ConfigError(f"write_machine() needs a Machine (got {type(machine).__name__})")
+    root = _folder(folder)
+    allowed = [*check_allow(allow), *allowed_roots(root), *explicit_roots(machine)]
+    _store(root, machine, allowed)
 
 
 def save(
@@ -135,9 +333,10 @@ def save(
     """Write ``machine`` as a VM folder; returns the folder.
 
     Creates ``folder``, ``disks/`` and ``snapshots/`` as needed, creates each
-    missing disk image that has a ``size`` (with ``create_disks``), then
-    replaces ``machine.toml`` atomically: a crash leaves the old definition
-    or the new one, never a mix.
+    missing disk image that has a ``size`` and no layers (with
+    ``create_disks``), then replaces ``machine.toml`` atomically (as
+    :func:`write_machine`): a crash leaves the old definition or the new one,
+    never a mix. A version-1 folder is written as version 2.
 
     Raises:
         ConfigError: a path leaves the folder (absolute paths need ``allow``),
@@ -147,14 +346,10 @@ def save(
         raise ConfigError(f"save() needs a Machine (got {type(machine).__name__})")
     root = Path(check_path(folder, "folder"))
     config = root / CONFIG_NAME
-    allowed = _allowed(allow)
-    allowed += [os.path.dirname(d.path) for d in machine.disks if os.path.isabs(d.path)]
-    allowed += [
-        os.path.dirname(c.path)
-        for c in machine.cdroms
-        if c.path is not None and os.path.isabs(c.path)
-    ]
-    _check_paths(machine, root, allowed, str(config))
+    allowed = [*check_allow(allow), *explicit_roots(machine)]
+    if (root / LINKS_NAME).exists():
+        allowed += allowed_roots(root)
+    check_paths(machine, root, allowed, str(config))
     try:
         for sub in (root, root / DISKS, root / SNAPSHOTS):
             sub.mkdir(parents=True, exist_ok=True)
@@ -164,8 +359,7 @@ def save(
         ) from exc
     if create_disks:
         _create_missing_disks(machine, root)
-    text = tomli_w.dumps(machine_to_dict(machine))
-    atomic_write(config, text.encode())
+    _store(root, machine, allowed)
     return root
 
 
@@ -174,7 +368,7 @@ def _create_missing_disks(machine: Machine, root: Path) -> None:
 
     for disk in machine.disks:
         path = resolve_disk(root, disk.path)
-        if disk.size is None or path.exists():
+        if disk.size is None or disk.layers or path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.creating")
@@ -191,135 +385,24 @@ def _create_missing_disks(machine: Machine, root: Path) -> None:
             raise
 
 
-def _read_toml(path: Path, root: Path, allow: list[str | os.PathLike[str]]) -> dict[str, Any]:
-    if not path.exists() and not path.is_symlink():
-        raise ConfigError(
-            f"{path.name} is missing: {root} is not a virtkit VM folder", file=str(path)
-        )
-    if not any(_inside(path, r) for r in [root, *map(Path, allow)]):
-        raise ConfigError(f"{path.name} is a link to a file outside the VM folder", file=str(path))
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(_MAX_CONFIG + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path.name}: {exc.strerror}", file=str(path)) from exc
-    if len(raw) > _MAX_CONFIG:
-        raise ConfigError(f"{path.name} is larger than {_MAX_CONFIG} bytes", file=str(path))
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})", file=str(path)
-        ) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path.name} is not valid TOML: {exc}", file=str(path)) from exc
-    except RecursionError as exc:
-        raise ConfigError(f"{path.name} nests too deeply", file=str(path)) from exc
-
-
-def load(
-    folder: str | os.PathLike[str], *, allow: Iterable[str | os.PathLike[str]] = ()
-) -> Machine:
-    """Read the Machine stored in a VM folder.
-
-    Nothing is executed and no file outside ``folder`` (or the allowed
-    paths) is read or referenced: a disk, CD-ROM or backing path that leaves
-    the folder, directly or through a symlink, is refused.
-
-    Raises:
-        ConfigError: naming the file and key: missing file, bad TOML, unknown
-            key, wrong type, newer format-version, a path that escapes.
-    """
-    root = Path(check_path(folder, "folder"))
-    if not root.is_dir():
-        raise ConfigError(f"{root} is not a folder", file=str(root))
-    allowed = _allowed(allow)
-    config = root / CONFIG_NAME
-    doc = _read_toml(config, root, allowed)
-    machine = machine_from_dict(doc, file=str(config))
-    _check_paths(machine, root, allowed, str(config))
-    return machine
-
-
-# -- snapshot records ------------------------------------------------------------------
-
-
-def snapshot_dir(folder: str | os.PathLike[str], name: str, *, create: bool = True) -> Path:
-    """The folder that holds snapshot ``name``'s saved state.
-
-    Raises:
-        ConfigError: ``name`` is not a single file name (a slash, ``..``, NUL...),
-            which would put the folder outside ``snapshots/state/``.
-    """
-    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\0"):
-        raise ConfigError(
-            f"snapshot 'name' must be a plain file name without slashes (got {name!r})",
-            field="name",
-            value=name,
-        )
-    path = Path(check_path(folder, "folder")) / SNAPSHOTS / "state" / name
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def save_snapshots(
-    folder: str | os.PathLike[str], snapshots: Iterable[Snapshot], *, current: str | None
-) -> None:
-    """Atomically replace the snapshot index of a VM folder."""
-    index = Path(folder) / SNAPSHOTS / _INDEX
-    index.parent.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"format-version": FORMAT_VERSION}
-    if current is not None:
-        doc["current"] = current
-    doc["snapshot"] = [snapshot_to_dict(s) for s in snapshots]
-    atomic_write(index, tomli_w.dumps(doc).encode())
-
-
-def _index(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], str] | None:
-    index = Path(folder) / SNAPSHOTS / _INDEX
-    if not index.exists():
-        return None
-    return _read_toml(index, Path(folder), []), str(index)
+# -- snapshot records ---------------------------------------------------------------------
 
 
 def load_snapshots(folder: str | os.PathLike[str]) -> tuple[Snapshot, ...]:
-    """The snapshot records of a VM folder (empty when it has none)."""
-    found = _index(folder)
+    """The snapshot records of a VM folder (empty when it has none).
+
+    A version-1 index in a folder that still holds the version-1 qemu
+    backend's ``qemu-layers.json`` gets each record's layers from there.
+    """
+    found = read_index(folder)
     if found is None:
         return ()
-    doc, file = found
-    version = doc.get("format-version")
-    if version != FORMAT_VERSION:
-        raise ConfigError(
-            f"unsupported snapshot index format-version {version!r}",
-            file=file,
-            field="format-version",
-        )
-    unknown = set(doc) - {"format-version", "current", "snapshot"}
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))}", file=file)
-    records = doc.get("snapshot", [])
-    if not isinstance(records, list):
-        raise ConfigError("'snapshot' must be an array of tables", file=file, field="snapshot")
-    snaps = []
-    for i, rec in enumerate(records):
-        try:
-            snaps.append(snapshot_from_dict(rec, file=file))
-        except ConfigError as exc:
-            raise ConfigError(exc.message, file=file, field=f"snapshot[{i}]") from None
-    names = [s.name for s in snaps]
-    if len(set(names)) != len(names):
-        raise ConfigError("a snapshot name appears twice", file=file, field="snapshot")
-    return tuple(snaps)
-
-
-def current_snapshot(folder: str | os.PathLike[str]) -> str | None:
-    """The name of the current snapshot recorded in a VM folder, if any."""
-    found = _index(folder)
-    if found is None:
-        return None
-    current = found[0].get("current")
-    if current is not None and not isinstance(current, str):
-        raise ConfigError("'current' must be a snapshot name", file=found[1], field="current")
-    return current
+    version, snaps, _current = found
+    root = Path(folder)
+    if version == 1 and (root / LEGACY_LAYERS).exists():
+        config = root / CONFIG_NAME
+        doc = parse_toml(read_toml(config, root), config)
+        legacy = read_v1_layers(root, machine_from_dict(doc, file=str(config)))
+        if legacy is not None:
+            snaps = with_layers(snaps, legacy.snapshots)
+    return snaps

@@ -1,10 +1,10 @@
-"""machine.toml <-> Machine, with cattrs.
+"""machine.toml <-> Machine: the bundle format's keys (see docs/bundle-format.rst).
 
 The file is human-readable TOML with kebab-case keys, sizes written as
-``"1GiB"`` where exact, and a ``format-version`` so later versions can
-migrate old files and refuse newer ones::
+``"1GiB"`` where exact, defaults left out, and a ``format-version`` so that
+older files are upgraded in memory and newer ones refused::
 
-    format-version = 1
+    format-version = 2
     name = "web"
     uuid = "0b6f..."
     cpus = 2
@@ -13,17 +13,25 @@ migrate old files and refuse newer ones::
     [[disks]]
     path = "root.qcow2"
     size = "4GiB"
+    layers = ["root.s1.qcow2"]
+
+Reading goes through ``cattrs`` (strict types, every error naming its key);
+writing builds plain dicts (:func:`machine_to_dict`) that
+:mod:`virtkit.bundle.document` renders, preserving a hand-written file's
+comments and key order.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 import uuid as _uuid
+from pathlib import Path
 from typing import Any
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.gen import make_dict_structure_fn, override
 
 from virtkit.errors import ConfigError
 from virtkit.model import (
@@ -31,38 +39,42 @@ from virtkit.model import (
     CloudInit,
     CpuTopology,
     Disk,
+    KernelBoot,
     Machine,
     Nic,
     PortForward,
     Serial,
     Snapshot,
 )
-from virtkit.units import exact_size
+from virtkit.units import exact_size, parse_size
 
 __all__ = [
     "FORMAT_VERSION",
+    "check_version",
     "machine_from_dict",
     "machine_to_dict",
     "snapshot_from_dict",
     "snapshot_to_dict",
 ]
 
-FORMAT_VERSION = 1
+#: The bundle format this virtkit writes; it reads this and every older one.
+FORMAT_VERSION = 2
 _SIZE_FIELDS = {"memory", "size"}
-
-
-def _size_text(value: int | None) -> int | str | None:
-    return None if value is None else exact_size(value)
+#: Fields whose default is generated (a fresh value each time): never left out.
+_GENERATED = {(Machine, "uuid"), (Nic, "mac")}
+_MIB = 1024**2
 
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _strict(kind: type) -> Any:
+def _strict(kind: type | tuple[type, ...]) -> Any:
     def hook(value: Any, _type: Any) -> Any:
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"must be {kind.__name__} (got {type(value).__name__} {value!r})")
+        bad_bool = isinstance(value, bool) and kind in (int, (int, float))
+        if not isinstance(value, kind) or bad_bool:
+            names = kind.__name__ if isinstance(kind, type) else kind[0].__name__
+            raise ConfigError(f"must be {names} (got {type(value).__name__} {value!r})")
         return value
 
     return hook
@@ -70,6 +82,10 @@ def _strict(kind: type) -> Any:
 
 def _passthrough(value: Any, _type: Any) -> Any:
     return value
+
+
+def _path(value: Any, _type: Any) -> Path:
+    return Path(_strict(str)(value, str))
 
 
 def _cpus(value: Any, _type: Any) -> int | CpuTopology:
@@ -80,39 +96,24 @@ def _cpus(value: Any, _type: Any) -> int | CpuTopology:
 
 
 def _make_converter() -> cattrs.Converter:
-    conv = cattrs.Converter(forbid_extra_keys=True, omit_if_default=False)
+    conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook(int, _strict(int))
     conv.register_structure_hook(str, _strict(str))
     conv.register_structure_hook(bool, _strict(bool))
-    conv.register_structure_hook(float, _strict((int, float)))  # type: ignore[arg-type]
+    conv.register_structure_hook(float, _strict((int, float)))
+    conv.register_structure_hook(Path, _path)
     conv.register_structure_hook(_uuid.UUID, _passthrough)  # Machine's converter parses it
-    conv.register_unstructure_hook(_uuid.UUID, str)
     conv.register_structure_hook(_dt.datetime, _strict(_dt.datetime))
-    conv.register_unstructure_hook(_dt.datetime, lambda d: d)
     conv.register_structure_hook(int | CpuTopology, _cpus)
-    conv.register_unstructure_hook(
-        int | CpuTopology, lambda v: v if isinstance(v, int) else conv.unstructure(v)
-    )
     # inner classes first: a generated hook captures the hooks of its fields
-    for cls in (CpuTopology, PortForward, Disk, CdRom, Nic, Serial, CloudInit, Snapshot, Machine):
-        fields = attrs.fields(cls)
-        struct_overrides: dict[str, Any] = {}
-        unstruct_overrides: dict[str, Any] = {}
-        for f in fields:
-            if f.name in _SIZE_FIELDS:
-                struct_overrides[f.name] = override(rename=_kebab(f.name), struct_hook=_passthrough)
-                unstruct_overrides[f.name] = override(
-                    rename=_kebab(f.name), unstruct_hook=_size_text
-                )
-            else:
-                struct_overrides[f.name] = override(rename=_kebab(f.name))
-                unstruct_overrides[f.name] = override(rename=_kebab(f.name))
+    classes = (CpuTopology, PortForward, Disk, CdRom, Nic, Serial, CloudInit, KernelBoot)
+    for cls in (*classes, Snapshot, Machine):
+        overrides: dict[str, Any] = {}
+        for f in attrs.fields(cls):
+            hook = _passthrough if f.name in _SIZE_FIELDS else None
+            overrides[f.name] = override(rename=_kebab(f.name), struct_hook=hook)
         conv.register_structure_hook(
-            cls,
-            make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **struct_overrides),
-        )
-        conv.register_unstructure_hook(
-            cls, make_dict_unstructure_fn(cls, conv, **unstruct_overrides)
+            cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides)
         )
     return conv
 
@@ -120,21 +121,85 @@ def _make_converter() -> cattrs.Converter:
 _converter = _make_converter()
 
 
-def _drop_none(value: Any) -> Any:
-    """TOML has no null: leave unset optional fields out."""
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+# -- writing ----------------------------------------------------------------------------
+
+
+def _default_of(obj: Any, field: Any) -> Any:
+    default: Any = field.default
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        return default.factory(obj) if default.takes_self else default.factory()
+    return default
+
+
+def _value(value: Any, name: str, minimal: bool) -> Any:
+    if value is None:
+        return None
+    if attrs.has(type(value)):
+        return _record(value, minimal=minimal)
+    if name in _SIZE_FIELDS and isinstance(value, int):
+        return exact_size(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (_uuid.UUID, Path)):
+        return str(value)
     if isinstance(value, (list, tuple)):
-        return [_drop_none(v) for v in value]
+        return [_value(v, name, minimal) for v in value]
+    if isinstance(value, dict):
+        return {k: _value(v, name, minimal) for k, v in value.items()}
     return value
 
 
-def machine_to_dict(machine: Machine) -> dict[str, Any]:
-    """The TOML document for ``machine`` (``format-version`` first)."""
-    body = _drop_none(_converter.unstructure(machine, Machine))
-    if not body.get("labels"):
-        body.pop("labels", None)
+def _record(obj: Any, *, minimal: bool) -> dict[str, Any]:
+    """One model object as a plain dict; ``minimal`` leaves out values equal to the default."""
+    out: dict[str, Any] = {}
+    for field in attrs.fields(type(obj)):
+        value = getattr(obj, field.name)
+        if value is None:
+            continue  # TOML has no null: an unset optional field is simply absent
+        if (
+            minimal
+            and field.default is not attrs.NOTHING
+            and (type(obj), field.name) not in _GENERATED
+            and value == _default_of(obj, field)
+        ):
+            continue
+        out[_kebab(field.name)] = _value(value, field.name, minimal)
+    return out
+
+
+_NAMED = (("disks", "target"), ("cdroms", "target"), ("nics", "name"))
+
+
+def _automatic_names(machine: Machine) -> dict[str, bool]:
+    """Which device lists get exactly their names back when the names are left out."""
+    out = {}
+    for coll, attr in _NAMED:
+        items = getattr(machine, coll)
+        bare: dict[str, Any] = {coll: [attrs.evolve(i, **{attr: None}) for i in items]}
+        again = getattr(Machine(name="x", **bare), coll)
+        out[coll] = [getattr(i, attr) for i in again] == [getattr(i, attr) for i in items]
+    return out
+
+
+def machine_to_dict(machine: Machine, *, minimal: bool = True) -> dict[str, Any]:
+    """The TOML document for ``machine`` (``format-version`` first).
+
+    With ``minimal`` (what is written), values equal to their default are left
+    out (device names too, when leaving them out assigns the same ones); the
+    generated ``uuid`` and MACs are always written. ``minimal=False`` gives
+    every value, for comparing against a hand-written file.
+    """
+    body = _record(machine, minimal=minimal)
+    if minimal:
+        automatic = _automatic_names(machine)
+        for coll, key in _NAMED:
+            if automatic[coll]:
+                for item in body.get(coll, []):
+                    item.pop(key, None)
     return {"format-version": FORMAT_VERSION, **body}
+
+
+# -- reading ----------------------------------------------------------------------------
 
 
 def _leaves(exc: BaseException, path: str) -> list[tuple[str, BaseException]]:
@@ -176,11 +241,11 @@ def _describe(exc: BaseException, file: str) -> ConfigError:
     return ConfigError(text, file=file, field=path or None)
 
 
-def machine_from_dict(doc: dict[str, Any], *, file: str) -> Machine:
-    """Build a Machine from a parsed machine.toml, checking its format-version.
+def check_version(doc: dict[str, Any], *, file: str) -> int:
+    """The ``format-version`` of a parsed bundle file (1 or 2).
 
     Raises:
-        ConfigError: naming ``file`` and the offending key.
+        ConfigError: missing, not a positive integer, or newer than this virtkit.
     """
     version = doc.get("format-version")
     if version is None:
@@ -200,8 +265,41 @@ def machine_from_dict(doc: dict[str, Any], *, file: str) -> Machine:
             file=file,
             field="format-version",
         )
+    return version
+
+
+def _upgrade_v1(body: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 body in version-2 terms.
+
+    Version 1 had no ``layers``, ``kernel`` or empty CD-ROMs (all additions), and
+    took any memory size; QEMU rounded it up to whole MiB, so that is what the
+    machine really had and what version 2 records.
+    """
+    out = dict(body)
+    if "layers" in out or "kernel" in out:
+        raise ConfigError("'layers' and 'kernel' need format-version = 2")
+    memory = out.get("memory")
+    if memory is not None and not isinstance(memory, bool):
+        try:
+            size = parse_size(memory, field="memory")
+        except ConfigError:
+            return out  # reported by the model with the right key
+        if size % _MIB:
+            out["memory"] = (size // _MIB + 1) * _MIB
+    return out
+
+
+def machine_from_dict(doc: dict[str, Any], *, file: str) -> Machine:
+    """Build a Machine from a parsed machine.toml (format-version 1 or 2).
+
+    Raises:
+        ConfigError: naming ``file`` and the offending key.
+    """
+    version = check_version(doc, file=file)
     body = {k: v for k, v in doc.items() if k != "format-version"}
     try:
+        if version == 1:
+            body = _upgrade_v1(body)
         machine: Machine = _converter.structure(body, Machine)
     except (cattrs.BaseValidationError, ConfigError, ValueError, TypeError, KeyError) as exc:
         raise _describe(exc, file) from exc
@@ -209,9 +307,8 @@ def machine_from_dict(doc: dict[str, Any], *, file: str) -> Machine:
 
 
 def snapshot_to_dict(snap: Snapshot) -> dict[str, Any]:
-    """One snapshot's record for the snapshot index."""
-    result: dict[str, Any] = _drop_none(_converter.unstructure(snap, Snapshot))
-    return result
+    """One snapshot's record for the snapshot index (defaults left out)."""
+    return _record(snap, minimal=True)
 
 
 def snapshot_from_dict(doc: Any, *, file: str) -> Snapshot:
