@@ -1,22 +1,31 @@
-"""A guest's serial console as a stream: ``expect`` like pexpect, ``write``, ``output``.
+"""A guest's serial console as a stream, in pexpect's vocabulary.
 
 Backends call :meth:`Console.feed` with what the guest prints (from any
-thread); users wait for text with :meth:`Console.expect`. The stream is never
-rewound: after a snapshot revert, new output is appended.
+thread); users wait for text with :meth:`Console.expect` (one pattern or a
+list of them), read :attr:`Console.before` / :attr:`Console.after`, send input
+with :meth:`Console.write` / :meth:`Console.sendline`, and run shell commands
+with :meth:`Console.run`. The stream is never rewound: after a snapshot
+revert, new output is appended.
+
+Searching is linear in the output: a literal pattern resumes where the last
+search of the same call stopped; a bytes regex searches the buffer in place,
+from the previous match, without copying it.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from virtkit.backends.aio_guest import refuse_in_loop
+from virtkit.backends.escapes import EscapeStripper
 from virtkit.errors import ConfigError, StateError, TimeoutError
-from virtkit.images.args import check_timeout
+from virtkit.images.args import check_bool, check_timeout
 
 __all__ = ["Console"]
 
@@ -30,6 +39,16 @@ class Console:
         writer: sends bytes to the guest's serial input; ``None`` when the
             guest has no input path (writes then raise ``StateError``).
         log_path: a file that receives a copy of all output, if given.
+
+    Attributes:
+        strip_escapes: the default for :meth:`expect`'s ``strip_escapes``:
+            search (and report in :attr:`before`/:attr:`after`) the output
+            with terminal escape sequences removed.
+        before: what the output held between the previous match and the last
+            match (bytes; escape-free when that expect stripped them).
+        after: the text the last match covered.
+        match: the last match object.
+        exit_status: the exit status of the last :meth:`run` command.
     """
 
     def __init__(
@@ -40,10 +59,17 @@ class Console:
     ) -> None:
         self._writer = writer
         self._buf = bytearray()
-        self._pos = 0  # where the next expect() starts searching
+        self._pos = 0  # where the next expect() starts searching (raw offset)
+        self._stripper: EscapeStripper | None = None  # made on first escape-free search
+        self._clean = bytearray()  # the output without escape sequences, once asked for
         self._cond = threading.Condition()
         self._closed: str | None = "the guest is not running"
         self._log = open(log_path, "ab", buffering=0) if log_path is not None else None  # noqa: SIM115
+        self.strip_escapes = False
+        self.before = b""
+        self.after = b""
+        self.match: re.Match[Any] | None = None
+        self.exit_status: int | None = None
 
     # -- backend side ---------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -52,6 +78,8 @@ class Console:
             return
         with self._cond:
             self._buf += data
+            if self._stripper is not None:
+                self._clean += self._stripper.feed(data)
             if self._log is not None:
                 self._log.write(data)
             self._cond.notify_all()
@@ -106,76 +134,231 @@ class Console:
             raise StateError(f"cannot write to the console: {closed or 'no input'}")
         writer(bytes(data))
 
-    def expect(self, pattern: Pattern, timeout: float | None = 30.0) -> re.Match[Any]:
+    def sendline(self, line: bytes | str = b"") -> None:
+        """Send ``line`` and a newline, as typed at a terminal.
+
+        Raises:
+            StateError: the guest is not running.
+        """
+        if isinstance(line, str):
+            line = line.encode()
+        if not isinstance(line, (bytes, bytearray)):
+            raise ConfigError(
+                f"console 'line' must be bytes or str (got {type(line).__name__})", field="line"
+            )
+        self.write(bytes(line) + b"\n")
+
+    @overload
+    def expect(
+        self,
+        pattern: Pattern,
+        timeout: float | None = 30.0,
+        *,
+        strip_escapes: bool | None = None,
+    ) -> re.Match[Any]: ...
+
+    @overload
+    def expect(
+        self,
+        pattern: list[Pattern] | tuple[Pattern, ...],
+        timeout: float | None = 30.0,
+        *,
+        strip_escapes: bool | None = None,
+    ) -> int: ...
+
+    def expect(
+        self,
+        pattern: Pattern | list[Pattern] | tuple[Pattern, ...],
+        timeout: float | None = 30.0,
+        *,
+        strip_escapes: bool | None = None,
+    ) -> re.Match[Any] | int:
         """Wait until ``pattern`` appears in the output after the previous match.
 
         A ``str`` or ``bytes`` pattern is matched literally; a compiled regex
-        as a regex (a ``str`` regex sees the output decoded as UTF-8). Returns
-        the match; the next ``expect`` searches after its end.
+        as a regex (a ``str`` regex sees the output decoded as UTF-8). Given
+        one pattern, returns the match; given a list, waits for whichever
+        appears first (the earliest in the output; the first listed on a tie)
+        and returns its index, as pexpect does (the match is in
+        :attr:`match`). Either way :attr:`before` and :attr:`after` are set
+        and the next ``expect`` searches after the match's end.
+
+        Args:
+            pattern: a pattern or a non-empty list of patterns.
+            timeout: seconds to wait; ``None`` waits for ever.
+            strip_escapes: search the output with terminal escape sequences
+                (colours, cursor queries such as ``ESC [ 6 n``) removed;
+                default :attr:`strip_escapes`.
 
         Raises:
-            TimeoutError: the pattern did not appear within ``timeout`` seconds.
-            StateError: the guest stopped before the pattern appeared.
+            TimeoutError: no pattern appeared within ``timeout`` seconds.
+            StateError: the guest stopped before a pattern appeared.
             ConfigError: ``pattern`` or ``timeout`` has the wrong type or value.
         """
-        search = _compile(pattern)
+        single = isinstance(pattern, (str, bytes, bytearray, re.Pattern))
+        patterns: list[Pattern] = [pattern] if single else _pattern_list(pattern)  # type: ignore[list-item]
+        searchers = [_Searcher(p) for p in patterns]
         timeout = check_timeout(timeout)
         if timeout != 0:  # a zero timeout only looks (the coroutine twins poll that way)
             refuse_in_loop("expect")
+        clean = (
+            self.strip_escapes
+            if strip_escapes is None
+            else check_bool(strip_escapes, "strip_escapes")
+        )
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            if clean:
+                self._start_stripping()
+            stripper = self._stripper
+            buf = self._clean if clean else self._buf
+            start = stripper.to_clean(self._pos) if clean and stripper is not None else self._pos
             while True:
-                found = search(self._buf, self._pos)
-                if found is not None:
-                    match, end = found
-                    self._pos = end
-                    return match
+                best: tuple[int, int, re.Match[Any], int] | None = None
+                for number, searcher in enumerate(searchers):
+                    found = searcher.search(buf, start)
+                    if found is not None and (best is None or found[1] < best[0]):
+                        best = (found[1], number, found[0], found[2])
+                if best is not None:
+                    match_start, number, match, end = best
+                    self.before = bytes(buf[start:match_start])
+                    self.after = bytes(buf[match_start:end])
+                    self.match = match
+                    self._pos = stripper.to_raw(end) if clean and stripper is not None else end
+                    return match if single else number
                 if self._closed is not None:
                     raise StateError(
-                        f"console pattern {_show(pattern)} did not appear: {self._closed}",
+                        f"console pattern {_show(patterns)} did not appear: {self._closed}",
                         action="expect",
                     )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    tail = bytes(self._buf[max(self._pos, len(self._buf) - 200) :])
+                    tail = bytes(buf[max(start, len(buf) - 200) :])
                     raise TimeoutError(
-                        f"console pattern {_show(pattern)} did not appear within {timeout} s; "
+                        f"console pattern {_show(patterns)} did not appear within {timeout} s; "
                         f"last output: {tail!r}",
                         timeout=timeout,
                     )
                 self._cond.wait(remaining)
 
+    def _start_stripping(self) -> None:
+        """Build the escape-free copy of the output (called with the lock held)."""
+        if self._stripper is None:
+            self._stripper = EscapeStripper()
+            self._clean += self._stripper.feed(bytes(self._buf))
 
-def _show(pattern: Pattern) -> str:
-    return repr(pattern.pattern if isinstance(pattern, re.Pattern) else pattern)
+    def run(
+        self,
+        command: str,
+        *,
+        prompt: Pattern,
+        timeout: float | None = 30.0,
+    ) -> str:
+        """Run ``command`` in the guest's shell on this console; return its output.
 
+        The console must be at a shell prompt. The command runs through
+        ``eval`` between two markers that only the command's output (never
+        the echo of the typed line) can contain, so the result is exactly
+        what it printed: no echo, no prompt, terminal escape sequences
+        removed, line endings as ``\\n`` (however the line editor wrapped
+        the typed line). Its exit status is left in :attr:`exit_status`.
+        Bytes that are not UTF-8 come back as surrogate escapes
+        (``out.encode("utf-8", "surrogateescape")`` restores them). Returns
+        after ``prompt`` appeared again.
 
-Searcher = Callable[[bytearray, int], tuple[re.Match[Any], int] | None]
+        Raises:
+            TimeoutError: the command or the next prompt did not finish in time
+                (``timeout`` covers the whole call).
+            StateError: the guest stopped.
+            ConfigError: a bad argument.
+        """
+        refuse_in_loop("run")
+        if not isinstance(command, str) or "\0" in command:
+            raise ConfigError(
+                f"'command' must be a str without NUL (got {command!r})", field="command"
+            )
+        _Searcher(prompt)  # a bad prompt fails before anything is typed
+        timeout = check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
 
+        def left() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
-def _compile(pattern: Pattern) -> Searcher:
-    if isinstance(pattern, str):
-        pattern = re.compile(re.escape(pattern.encode()))
-    elif isinstance(pattern, (bytes, bytearray)):
-        pattern = re.compile(re.escape(bytes(pattern)))
-    if not isinstance(pattern, re.Pattern):
-        raise ConfigError(
-            f"expect() needs a str, bytes or compiled regex (got {type(pattern).__name__})"
+        nonce = secrets.token_hex(6)
+        quoted = "'" + command.replace("'", "'\\''") + "'"
+        # the markers are split by '' when typed, so the echo never matches them
+        self.sendline(
+            f"printf '%s\\n' VKB''{nonce}; eval {quoted}; printf '\\n%s %d\\n' VKE''{nonce} $?"
         )
-    regex = pattern
-    if isinstance(regex.pattern, bytes):
+        self.expect(re.compile(rf"VKB{nonce}\r?\n".encode()), left(), strip_escapes=True)
+        self.expect(re.compile(rf"\r?\nVKE{nonce} (\d+)\r?\n".encode()), left(), strip_escapes=True)
+        output = self.before.replace(b"\r\n", b"\n")
+        assert self.match is not None  # set by the expect above
+        self.exit_status = int(self.match.group(1))
+        self.expect(prompt, left())
+        return output.decode("utf-8", "surrogateescape")
 
-        def search_bytes(buf: bytearray, pos: int) -> tuple[re.Match[Any], int] | None:
-            m = regex.search(bytes(buf), pos)
-            return None if m is None else (m, m.end())
 
-        return search_bytes
+def _show(patterns: list[Pattern]) -> str:
+    shown = [repr(p.pattern if isinstance(p, re.Pattern) else p) for p in patterns]
+    return shown[0] if len(shown) == 1 else "any of " + ", ".join(shown)
 
-    def search_text(buf: bytearray, pos: int) -> tuple[re.Match[Any], int] | None:
+
+def _pattern_list(value: object) -> list[Pattern]:
+    if isinstance(value, (list, tuple)) and value:
+        return list(value)
+    raise ConfigError(
+        "expect() needs a str, bytes or compiled regex, or a non-empty list of them "
+        f"(got {value!r})",
+        field="pattern",
+    )
+
+
+class _Searcher:
+    """One pattern's search over a growing buffer, for the length of one expect().
+
+    A literal resumes where its previous attempt stopped (less the pattern's
+    length, for a match cut in two); a bytes regex searches the buffer in
+    place; a str regex decodes only the unsearched tail.
+    """
+
+    def __init__(self, pattern: Pattern) -> None:
+        self.literal: bytes | None = None
+        if isinstance(pattern, str):
+            self.literal = pattern.encode()
+        elif isinstance(pattern, (bytes, bytearray)):
+            self.literal = bytes(pattern)
+        if self.literal is not None:
+            if not self.literal:
+                raise ConfigError("an expect() pattern must not be empty", field="pattern")
+            pattern = re.compile(re.escape(self.literal))
+        if not isinstance(pattern, re.Pattern):
+            raise ConfigError(
+                "expect() needs a str, bytes or compiled regex, or a list of them "
+                f"(got {type(pattern).__name__})",
+                field="pattern",
+            )
+        self.regex: re.Pattern[Any] = pattern
+        self._scanned = 0  # literal: bytes already searched without a match
+
+    def search(self, buf: bytearray, pos: int) -> tuple[re.Match[Any], int, int] | None:
+        """(match, start, end) in ``buf`` coordinates, at or after ``pos``; None if absent."""
+        if self.literal is not None:
+            begin = max(pos, self._scanned - len(self.literal) + 1)
+            at = buf.find(self.literal, begin)
+            if at < 0:
+                self._scanned = len(buf)
+                return None
+            found = self.regex.match(buf, at)
+            assert found is not None  # the literal is there
+            return found, at, found.end()
+        if isinstance(self.regex.pattern, bytes):
+            found = self.regex.search(buf, pos)
+            return None if found is None else (found, found.start(), found.end())
         text = bytes(buf[pos:]).decode("utf-8", "surrogateescape")
-        m = regex.search(text)
-        if m is None:
+        matched = self.regex.search(text)
+        if matched is None:
             return None
-        return m, pos + len(text[: m.end()].encode("utf-8", "surrogateescape"))
-
-    return search_text
+        start = pos + len(text[: matched.start()].encode("utf-8", "surrogateescape"))
+        end = start + len(text[matched.start() : matched.end()].encode("utf-8", "surrogateescape"))
+        return matched, start, end
