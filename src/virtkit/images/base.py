@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import abc
 import datetime as _dt
+import os
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Literal
 
 import attrs
 
+from virtkit.errors import UnsupportedFeatureError
+
 __all__ = [
+    "BitmapInfo",
     "CheckProblem",
     "CheckResult",
     "Extent",
@@ -55,6 +59,21 @@ class SnapshotInfo:
     disk_size: int | None
     vm_clock_ns: int = 0
     icount: int | None = None
+
+
+@attrs.frozen
+class BitmapInfo:
+    """One persistent dirty bitmap, as QEMU's ``query-block`` lists it."""
+
+    name: str
+    #: Bytes of guest data per bit.
+    granularity: int
+    #: Whether writes set its bits (qcow2's ``auto`` flag; QMP's ``recording``).
+    enabled: bool
+    #: Left in-use by a writer that did not close cleanly: listed, removable, not usable.
+    inconsistent: bool
+    #: Dirty bytes as QEMU counts them (set bits times the granularity); 0 when inconsistent.
+    count: int
 
 
 @attrs.frozen
@@ -237,6 +256,82 @@ class Image(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Flush and release the file. Idempotent."""
+
+    # Persistent dirty bitmaps (qcow2 only; other formats have none).
+    def bitmaps(self) -> tuple[BitmapInfo, ...]:
+        """Persistent dirty bitmaps, in the image's order (none for formats without them)."""
+        return ()
+
+    def _no_bitmaps(self) -> UnsupportedFeatureError:
+        return UnsupportedFeatureError(
+            f"{self.format} images have no persistent dirty bitmaps; convert to qcow2",
+            feature="bitmaps",
+            path=self.path,
+        )
+
+    def add_bitmap(
+        self, name: str, *, granularity: int | str | None = None, disabled: bool = False
+    ) -> BitmapInfo:
+        """Add an empty persistent dirty bitmap (``qemu-img bitmap --add``).
+
+        Raises:
+            UnsupportedFeatureError: the format has no bitmaps.
+        """
+        raise self._no_bitmaps()
+
+    def remove_bitmap(self, name: str) -> None:
+        """Remove a persistent dirty bitmap (``qemu-img bitmap --remove``).
+
+        Raises:
+            UnsupportedFeatureError: the format has no bitmaps.
+        """
+        raise self._no_bitmaps()
+
+    def clear_bitmap(self, name: str) -> None:
+        """Clear every bit of a bitmap (``qemu-img bitmap --clear``).
+
+        Raises:
+            UnsupportedFeatureError: the format has no bitmaps.
+        """
+        raise self._no_bitmaps()
+
+    def enable_bitmap(self, name: str) -> None:
+        """Make a bitmap record writes (``qemu-img bitmap --enable``).
+
+        Raises:
+            UnsupportedFeatureError: the format has no bitmaps.
+        """
+        raise self._no_bitmaps()
+
+    def disable_bitmap(self, name: str) -> None:
+        """Stop a bitmap recording writes (``qemu-img bitmap --disable``).
+
+        Raises:
+            UnsupportedFeatureError: the format has no bitmaps.
+        """
+        raise self._no_bitmaps()
+
+    def merge_bitmap(
+        self,
+        source: str,
+        target: str,
+        *,
+        source_image: Image | str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Set in ``target`` every bit set in ``source`` (``qemu-img bitmap --merge``).
+
+        Raises:
+            UnsupportedFeatureError: the format has no bitmaps.
+        """
+        raise self._no_bitmaps()
+
+    def bitmap_extents(self, name: str) -> list[tuple[int, int]]:
+        """Dirty ranges of a bitmap as ``(offset, length)`` guest bytes.
+
+        Raises:
+            UnsupportedFeatureError: the format has no bitmaps.
+        """
+        raise self._no_bitmaps()
 
     def __enter__(self) -> Image:
         return self

@@ -19,7 +19,7 @@ import attrs
 
 from virtkit.errors import CorruptImageError
 from virtkit.images.base import CheckProblem, CheckResult
-from virtkit.images.qcow2 import layout, metadata, snapshots
+from virtkit.images.qcow2 import bitmaps, layout, snapshots
 
 if TYPE_CHECKING:  # the image module imports this one lazily
     from virtkit.images.qcow2.image import Qcow2Image
@@ -180,27 +180,33 @@ def _stored(img: Qcow2Image, cluster: int) -> int | None:
 
 
 def _walk_bitmaps(img: Qcow2Image, scan: _Scan, inc: _Inc) -> None:
+    """Count the bitmap directory, tables and data as QEMU's ``qcow2_check_bitmaps_refcounts``.
+
+    A directory that breaks QEMU's constraints is one corruption (nothing
+    under it is counted); a table with an invalid entry is one corruption and
+    ends the walk, as in QEMU (later bitmaps' clusters then show as leaks).
+    """
     if img.meta.bitmaps is None:
         return
     _nb, dsize, doff = img.meta.bitmaps
+    inc(doff, dsize, "bitmap directory")
     try:
-        bitmaps = metadata.read_bitmaps(img.st, img.meta)
+        entries = bitmaps.read_directory(img.st, img.meta)
     except CorruptImageError as exc:
         scan.corrupt(f"ERROR {exc.message}", exc.offset)
         return
-    inc(doff, dsize, "bitmap directory")
-    for bm in bitmaps:
-        if bm.table_size * 8 > metadata.MAX_BITMAP_DIRECTORY or bm.table_offset & (img.cs - 1):
-            scan.corrupt(f"ERROR bitmap {bm.name!r} table is misplaced or too large",
-                         bm.table_offset)  # fmt: skip
-            continue
-        if not inc(bm.table_offset, bm.table_size * 8, f"bitmap {bm.name!r} table"):
-            continue
-        table = layout.decode_u64_table(img.st.pread(bm.table_offset, bm.table_size * 8))
+    for entry in entries:
+        if not inc(entry.table_offset, entry.table_size * 8, f"bitmap {entry.name!r} table"):
+            return
+        try:
+            table = bitmaps.read_table(img.st, entry, img.cs)
+        except CorruptImageError as exc:
+            scan.corrupt(f"ERROR {exc.message}", exc.offset)
+            return
         for e in table:
-            off = e & layout.L2E_OFFSET_MASK
+            off = e & bitmaps.ENTRY_OFFSET_MASK
             if off:
-                inc(off, img.cs, "bitmap data")
+                inc(off, img.cs, f"bitmap {entry.name!r} data")
 
 
 def _compare(img: Qcow2Image, scan: _Scan) -> None:

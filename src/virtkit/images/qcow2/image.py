@@ -31,10 +31,10 @@ Policies, where QEMU leaves a choice:
   refcounts rebuilt when it is opened for writing.
 - An image marked corrupt opens, but refuses writes until
   ``check(repair=True)`` leaves it clean (which clears the flag).
-- Persistent bitmaps are not updated; the first write flags each one
-  in-use (stale), as QEMU does while it has an image open. Other autoclear
-  features are cleared, as the specification asks of programs that do not
-  maintain them.
+- Persistent dirty bitmaps are kept up to date by :mod:`.bitmaps` (flagged
+  in-use before the first change to guest data, stored and consistent again
+  at ``flush()``/``close()``), as QEMU does. Other autoclear features are
+  cleared, as the specification asks of programs that do not maintain them.
 - External data files are read, not written.
 """
 
@@ -61,6 +61,7 @@ from virtkit.errors import (
 )
 from virtkit.images.args import check_bool, check_bytes, check_int, check_name
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.qcow2 import bitmaps as bitmapsmod
 from virtkit.images.qcow2 import chain, layout, metadata, snapshots
 from virtkit.images.qcow2 import check as checkmod
 from virtkit.images.qcow2.allocator import Refcounts
@@ -105,7 +106,7 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class Qcow2Image(Image):
+class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
     """An open qcow2 image (v2 or v3). Create with :func:`virtkit.images.open`."""
 
     format = "qcow2"
@@ -469,6 +470,7 @@ class Qcow2Image(Image):
                     self.hdr.autoclear_features = keep
                     self._write_u64(layout.OFF_AUTOCLEAR, keep)
                     self.st.flush()
+        bitmapsmod.before_write(self)  # bitmaps: in-use on disk before guest data changes
 
     def _mark_bitmaps_in_use(self) -> bool:
         """Flag every persistent bitmap in-use (stale), as QEMU does while writing.
@@ -476,14 +478,7 @@ class Qcow2Image(Image):
         Returns False when the bitmap directory cannot be parsed (the caller
         then clears the bitmaps autoclear bit instead).
         """
-        try:
-            bitmaps = metadata.read_bitmaps(self.st, self.meta)
-        except CorruptImageError:
-            return False
-        for bm in bitmaps:
-            self.st.pwrite(bm.flags_at, (bm.flags | 1).to_bytes(4, "big"))
-        self.st.flush()
-        return bool(bitmaps)
+        return bitmapsmod.begin_write(self)
 
     def _run_write(self, fn: Callable[[], None]) -> None:
         """Run a write step; corruption found on the way sets the corrupt flag."""
@@ -749,6 +744,7 @@ class Qcow2Image(Image):
         mv = check_bytes(data)
         self._check_range(offset, len(mv), "write")
         if len(mv):
+            bitmapsmod.mark(self, offset, len(mv))  # persistent dirty bitmaps
             self._run_write(lambda: self.write_guest(offset, mv))
 
     def write_guest(self, offset: int, mv: memoryview) -> None:
@@ -929,6 +925,7 @@ class Qcow2Image(Image):
         self._run_write(lambda: self._write_compressed(offset, bytes(mv)))
 
     def _write_compressed(self, offset: int, data: bytes) -> None:
+        bitmapsmod.mark(self, offset, len(data))  # persistent dirty bitmaps
         self._prepare_write()
         cs = self.cs
         padded = data + bytes(cs - len(data))
@@ -1011,6 +1008,7 @@ class Qcow2Image(Image):
         self._require_writable("write zeroes")
         self._check_range(offset, length, "write zeroes")
         if length:
+            bitmapsmod.mark(self, offset, length)  # persistent dirty bitmaps
             self._run_write(lambda: self._zero_range(offset, length, discard=False))
 
     @guarded
@@ -1023,6 +1021,7 @@ class Qcow2Image(Image):
         self._require_writable("discard")
         self._check_range(offset, length, "discard")
         if length:
+            bitmapsmod.mark(self, offset, length)  # persistent dirty bitmaps
             self._run_write(lambda: self._zero_range(offset, length, discard=True))
 
     def _zero_range(self, offset: int, length: int, *, discard: bool, full: bool = False) -> None:
@@ -1118,6 +1117,7 @@ class Qcow2Image(Image):
                 is already zero (the image is marked corrupt; nothing changed).
         """
         self._require_writable("empty the image")
+        bitmapsmod.mark(self, 0, self.hdr.size)  # persistent dirty bitmaps: all changes
         self._run_write(self._make_empty)
 
     def _make_empty(self) -> None:
@@ -1229,6 +1229,7 @@ class Qcow2Image(Image):
         self._live()
         if self._writable:
             self._flush()
+            bitmapsmod.store(self)  # persistent dirty bitmaps consistent again
 
     @guarded
     def resize(self, size: int | str, *, shrink: bool = False) -> None:
@@ -1252,7 +1253,9 @@ class Qcow2Image(Image):
             return
         if self.snaps and not self.v3:
             raise ImageError("cannot resize a v2 image that has snapshots", path=self.path)
+        bitmapsmod.check_resize(self)  # QEMU refuses with an inconsistent bitmap
         self._run_write(lambda: self._resize(old, new, shrink))
+        bitmapsmod.resized(self)  # bitmaps follow the new size
 
     def _resize(self, old: int, new: int, shrink: bool) -> None:
         self._prepare_write()
@@ -1309,7 +1312,7 @@ class Qcow2Image(Image):
             spec["lazy-refcounts"] = bool(
                 self.hdr.compatible_features & layout.COMPAT_LAZY_REFCOUNTS
             )
-        bitmaps = metadata.read_bitmaps(self.st, self.meta) if self.v3 else []
+        bitmaps = bitmapsmod.read_directory(self.st, self.meta) if self.v3 else []
         if bitmaps:
             spec["bitmaps"] = [
                 {"flags": b.flag_names(), "name": b.name, "granularity": 1 << b.granularity_bits}
@@ -1371,7 +1374,10 @@ class Qcow2Image(Image):
         """Make the disk (and its size) what it was when snapshot ``name`` was taken."""
         self._require_writable("revert to a snapshot")
 
+        bitmapsmod.mark(self, 0, self.hdr.size)  # persistent dirty bitmaps: all may change
         self._run_write(lambda: snapshots.revert(self, name))
+        bitmapsmod.resized(self)  # the snapshot's size...
+        bitmapsmod.mark(self, 0, self.hdr.size)  # ...and all of it changed
 
     @guarded
     def delete_snapshot(self, name: str) -> None:
@@ -1454,6 +1460,7 @@ class Qcow2Image(Image):
         try:
             if self._writable:
                 self._settle()
+                bitmapsmod.store(self)  # persistent dirty bitmaps consistent again
                 self.st.flush()
         finally:
             self._close_children()

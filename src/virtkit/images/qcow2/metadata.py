@@ -10,8 +10,6 @@ a rewritten header preserves them. Snapshot tables are parsed the same way.
 
 from __future__ import annotations
 
-import struct
-
 import attrs
 
 from virtkit.errors import CorruptImageError, UnsupportedFeatureError
@@ -19,7 +17,7 @@ from virtkit.images.qcow2 import layout
 from virtkit.images.qcow2.layout import Extension, Header, SnapshotEntry
 from virtkit.images.storage import Storage
 
-__all__ = ["Bitmap", "Metadata", "load", "read_bitmaps", "read_snapshot_table"]
+__all__ = ["Metadata", "load", "read_snapshot_table"]
 
 
 @attrs.define
@@ -400,58 +398,3 @@ def read_snapshot_table(st: Storage, hdr: Header) -> tuple[list[SnapshotEntry], 
             )
         )
     return out, pos
-
-
-#: Largest bitmap directory (and bitmap table) virtkit reads.
-MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
-_BITMAP_FLAGS = {0: "in-use", 1: "auto"}
-
-
-@attrs.define
-class Bitmap:
-    """One persistent dirty bitmap's directory entry."""
-
-    name: str
-    granularity_bits: int
-    flags: int
-    table_offset: int
-    table_size: int
-    #: Byte offset of this entry's flags field in the file (to mark it in-use).
-    flags_at: int
-
-    def flag_names(self) -> list[str]:
-        """The flags as ``qemu-img info`` names them."""
-        return [n for bit, n in _BITMAP_FLAGS.items() if self.flags >> bit & 1]
-
-
-def read_bitmaps(st: Storage, meta: Metadata) -> list[Bitmap]:
-    """Parse the bitmap directory (empty when the bitmaps extension is absent or stale).
-
-    Raises:
-        CorruptImageError: the directory is misplaced, oversized or truncated.
-    """
-    path = st.path
-    if meta.bitmaps is None or not meta.header.autoclear_features & layout.AUTOCLEAR_BITMAPS:
-        return []
-    nb, dsize, doff = meta.bitmaps
-    cs = meta.cluster_size
-    if nb > 65535 or dsize > MAX_BITMAP_DIRECTORY:
-        raise _corrupt(f"bitmap directory ({nb} bitmaps, {dsize} bytes) is too large", path, doff)
-    check_table(path, "bitmap directory", doff, dsize, cs=cs, file_size=st.size(), where=doff)
-    raw = st.pread(doff, dsize)
-    out: list[Bitmap] = []
-    pos = 0
-    for _ in range(nb):
-        if pos + 24 > len(raw):
-            raise _corrupt("bitmap directory is truncated", path, doff + pos)
-        t_off, t_size, flags, _type, gbits, name_size, extra = struct.unpack_from(
-            ">QIIBBHI", raw, pos
-        )
-        name_at = pos + 24 + extra
-        if name_at + name_size > len(raw):
-            raise _corrupt("bitmap directory entry runs past its end", path, doff + pos)
-        name = raw[name_at : name_at + name_size].decode(errors="replace")
-        out.append(Bitmap(name, gbits, flags, t_off, t_size, doff + pos + 12))
-        pos = name_at + name_size
-        pos += -pos % 8
-    return out

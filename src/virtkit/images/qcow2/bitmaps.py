@@ -1,0 +1,978 @@
+"""Persistent dirty bitmaps of qcow2 images, kept up to date as QEMU keeps them.
+
+A persistent dirty bitmap records, one bit per *granule* (512 B .. 2 GiB of
+guest data), which parts of the disk were written since the bitmap was added
+or last cleared: what an incremental backup copies. The on-disk structures
+follow QEMU's ``docs/interop/qcow2.txt`` ("Bitmaps extension"):
+
+- a header extension (count, directory size and offset) and the ``bitmaps``
+  autoclear bit, which a program that does not maintain bitmaps must clear;
+- the bitmap directory: one 24-byte entry per bitmap (table offset and size,
+  flags ``in_use``/``auto``, type 1, granularity bits, name length, extra
+  data length), then the name, padded to 8 bytes;
+- each bitmap's table: one 64-bit entry per cluster of bitmap data (bits
+  9..55 the data cluster, 0 and bit 0 clear: all zeroes, 0 and bit 0 set:
+  all ones; bits 1..8 and 56..63 reserved);
+- the data: granule ``k`` is bit ``k % 8`` (least significant first) of
+  byte ``k // 8``, ``cluster_size * 8`` granules per data cluster.
+
+Behaviour mirrors QEMU (``block/qcow2-bitmap.c``):
+
+- Opening reads the directory and refuses one that breaks QEMU's
+  constraints (:func:`read_directory`). A bitmap already flagged ``in_use``
+  was left by a writer that did not close cleanly: it is *inconsistent*,
+  listed and removable but not usable (as QEMU reports it).
+- Before the first change to guest data, every consistent bitmap is loaded
+  and flagged ``in_use`` on disk (flushed before any data is written); each
+  guest write, zeroing or discard then sets the bits of the granules it
+  touches in every enabled (``auto``) bitmap.
+- ``flush()`` and ``close()`` store the bitmaps and clear ``in_use`` again:
+  changed data clusters are written (in place while ``in_use`` says their
+  content is not to be trusted, new clusters for newly dirty parts), then a
+  barrier, then the tables, a barrier, then the flags. Clusters no longer
+  referenced are freed only after that, so a crash at any point leaves the
+  bitmaps either consistent or flagged ``in_use`` (inconsistent), and at
+  worst leaked clusters, never a corrupt image.
+- Adding, removing or resizing rewrites the directory copy-on-write (new
+  clusters, then the header extension, then the old clusters are freed),
+  as QEMU's ``update_ext_header_and_dir``.
+
+Memory is bounded as QEMU bounds it: a bitmap's data is at most 512 MiB
+(``BME_MAX_PHYS_SIZE``), and only data clusters with a bit set are held.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, cast
+
+import attrs
+
+from virtkit.errors import ConfigError, CorruptImageError, ImageError, UnsupportedFeatureError
+from virtkit.images.args import check_bool, check_name
+from virtkit.images.base import BitmapInfo, Image
+from virtkit.images.qcow2 import layout
+from virtkit.images.storage import Storage
+
+if TYPE_CHECKING:  # the image module imports this one
+    from virtkit.images.qcow2.image import Qcow2Image
+    from virtkit.images.qcow2.metadata import Metadata
+
+__all__ = ["BitmapsMixin", "DirEntry", "read_directory"]
+
+# --- the structures (qcow2.txt "Bitmaps extension"; limits of block/qcow2-bitmap.c) ----------
+DIR_ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, gbits, name, extra
+FLAG_IN_USE = 1 << 0
+FLAG_AUTO = 1 << 1
+RESERVED_FLAGS = 0xFFFFFFFC
+TYPE_DIRTY_TRACKING = 1
+ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+ENTRY_RESERVED = 0xFF000000000001FE
+ENTRY_ALL_ONES = 1
+MAX_TABLE_SIZE = 0x8000000  # BME_MAX_TABLE_SIZE (entries)
+MAX_PHYS_SIZE = 0x20000000  # BME_MAX_PHYS_SIZE: bitmap data bytes
+MIN_GRANULARITY_BITS = 9
+MAX_GRANULARITY_BITS = 31
+MAX_NAME = 1023
+MAX_BITMAPS = 65535  # QCOW2_MAX_BITMAPS
+MAX_DIRECTORY = 1024 * MAX_BITMAPS  # QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+_FLAG_NAMES = {0: "in-use", 1: "auto"}
+#: Extensions QEMU writes before the bitmaps extension (qcow2_update_header's order).
+_BEFORE_BITMAPS = {
+    layout.EXT_BACKING_FORMAT,
+    layout.EXT_DATA_FILE,
+    layout.EXT_CRYPTO,
+    layout.EXT_FEATURE_TABLE,
+}
+
+
+def _corrupt(msg: str, path: str, offset: int | None) -> CorruptImageError:
+    return CorruptImageError(
+        msg + "; the image's bitmap metadata is damaged", path=path, offset=offset
+    )
+
+
+@attrs.define
+class DirEntry:
+    """One bitmap directory entry as stored."""
+
+    name: str
+    granularity_bits: int
+    flags: int
+    table_offset: int
+    table_size: int
+    #: File offset of the entry (its flags are at ``at + 12``).
+    at: int = 0
+
+    @property
+    def flags_at(self) -> int:
+        """File offset of this entry's flags field."""
+        return self.at + 12
+
+    def flag_names(self) -> list[str]:
+        """The flags as ``qemu-img info`` names them."""
+        return [n for bit, n in _FLAG_NAMES.items() if self.flags >> bit & 1]
+
+    def encode(self) -> bytes:
+        """The entry, its name and padding to 8 bytes."""
+        name = self.name.encode()
+        raw = DIR_ENTRY.pack(
+            self.table_offset,
+            self.table_size,
+            self.flags,
+            TYPE_DIRTY_TRACKING,
+            self.granularity_bits,
+            len(name),
+            0,
+        )
+        raw += name
+        return raw + bytes(-len(raw) % 8)
+
+
+def table_size_for(size: int, granularity_bits: int, cluster_size: int) -> int:
+    """Bitmap table entries a ``size``-byte disk needs (QEMU's ``size_to_clusters``)."""
+    granules = -(-size >> granularity_bits)
+    return -(-granules // (cluster_size * 8))
+
+
+def read_directory(st: Storage, meta: Metadata) -> list[DirEntry]:
+    """Parse and check the bitmap directory (empty without a live bitmaps extension).
+
+    Every constraint QEMU's ``bitmap_list_load``/``check_dir_entry`` enforce
+    is checked: entry count, reserved flags, type, granularity (9..31 bits),
+    name length, extra data, table placement and size.
+
+    Raises:
+        CorruptImageError: the extension or directory breaks a constraint.
+    """
+    path = st.path
+    if meta.bitmaps is None or not meta.header.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+        return []
+    nb, dsize, doff = meta.bitmaps
+    cs = meta.cluster_size
+    size = meta.header.size
+    if nb == 0:
+        raise _corrupt("the bitmaps extension lists zero bitmaps", path, layout.OFF_AUTOCLEAR)
+    if nb > MAX_BITMAPS:
+        raise _corrupt(f"the bitmaps extension lists {nb} bitmaps (at most 65535)", path, None)
+    if dsize == 0 or dsize > MAX_DIRECTORY:
+        raise _corrupt(f"bitmap directory size {dsize} is out of range", path, doff)
+    if doff & (cs - 1) or doff < cs:
+        raise _corrupt(f"bitmap directory offset {doff:#x} is misplaced", path, doff)
+    if doff + dsize > st.size():
+        raise _corrupt(
+            f"bitmap directory at {doff:#x} ({dsize} bytes) runs past the end of the file",
+            path,
+            doff,
+        )
+    raw = st.pread(doff, dsize)
+    if len(raw) != dsize:
+        raise _corrupt("the bitmap directory is truncated", path, doff)
+    out: list[DirEntry] = []
+    pos = 0
+    while pos < dsize:
+        where = doff + pos
+        if pos + DIR_ENTRY.size > dsize:
+            raise _corrupt("broken bitmap directory (entry runs past its end)", path, where)
+        if len(out) >= nb:
+            raise _corrupt("more bitmaps found than the header extension lists", path, where)
+        fields = DIR_ENTRY.unpack_from(raw, pos)
+        t_off, t_size, flags, _btype, gbits, name_size, extra = fields
+        end = pos + DIR_ENTRY.size + extra + name_size
+        end += -end % 8
+        if end > dsize:
+            raise _corrupt("broken bitmap directory (entry runs past its end)", path, where)
+        if extra:
+            raise _corrupt("bitmap extra data is not supported", path, where)
+        name_at = pos + DIR_ENTRY.size
+        name = raw[name_at : name_at + name_size].decode(errors="replace")
+        problem = _entry_problem(fields, cs=cs, size=size)
+        if problem:
+            raise _corrupt(f"bitmap {name!r} {problem}", path, where)
+        out.append(DirEntry(name, gbits, flags, t_off, t_size, where))
+        pos = end
+    if len(out) != nb:
+        raise _corrupt("fewer bitmaps found than the header extension lists", path, doff)
+    return out
+
+
+def _entry_problem(fields: tuple[int, ...], *, cs: int, size: int) -> str | None:
+    """What makes a directory entry (its unpacked fields) invalid for QEMU, or None."""
+    t_off, t_size, flags, btype, gbits, name_size, _extra = fields
+    if btype != TYPE_DIRTY_TRACKING:
+        return f"has type {btype} (only 1, dirty tracking, exists)"
+    if flags & RESERVED_FLAGS:
+        return f"has reserved flags set ({flags:#x})"
+    if not MIN_GRANULARITY_BITS <= gbits <= MAX_GRANULARITY_BITS:
+        return f"has granularity bits {gbits} (9..31 allowed)"
+    if name_size > MAX_NAME:
+        return f"has a name of {name_size} bytes (at most 1023)"
+    if t_size == 0 or t_off == 0 or t_off & (cs - 1) or t_size > MAX_TABLE_SIZE:
+        return f"has a misplaced or empty table ({t_size} entries at {t_off:#x})"
+    if t_size * cs > MAX_PHYS_SIZE:
+        return f"has a table of {t_size} entries, over QEMU's 512 MiB of bitmap data"
+    if not flags & FLAG_IN_USE and t_size != table_size_for(size, gbits, cs):
+        return (
+            f"has a table of {t_size} entries where the disk size needs "
+            f"{table_size_for(size, gbits, cs)}"
+        )
+    return None
+
+
+def entry_problem(entry: int, cs: int) -> str | None:
+    """What makes one bitmap table entry invalid (QEMU's ``check_table_entry``), or None."""
+    if entry & ENTRY_RESERVED:
+        return f"bitmap table entry {entry:#x} has reserved bits set"
+    off = entry & ENTRY_OFFSET_MASK
+    if off and entry & ENTRY_ALL_ONES:
+        return f"bitmap table entry {entry:#x} has a data cluster and the all-ones bit"
+    if off & (cs - 1):
+        return f"bitmap table entry {entry:#x} points at an unaligned cluster"
+    return None
+
+
+def read_table(st: Storage, entry: DirEntry, cs: int) -> list[int]:
+    """A bitmap's table, every entry checked.
+
+    Raises:
+        CorruptImageError: the table lies outside the file or an entry is invalid.
+    """
+    nbytes = entry.table_size * 8
+    if entry.table_offset + nbytes > st.size():
+        raise _corrupt(
+            f"bitmap {entry.name!r} table at {entry.table_offset:#x} runs past the end of the file",
+            st.path,
+            entry.table_offset,
+        )
+    raw = st.pread(entry.table_offset, nbytes)
+    if len(raw) != nbytes:
+        raise _corrupt(f"bitmap {entry.name!r} table is truncated", st.path, entry.table_offset)
+    table = list(layout.decode_u64_table(raw))
+    for i, e in enumerate(table):
+        problem = entry_problem(e, cs)
+        if problem:
+            raise _corrupt(f"bitmap {entry.name!r}: {problem}", st.path, entry.table_offset + i * 8)
+    return table
+
+
+# --- bit ranges inside one data cluster -------------------------------------------------------
+def _set_bits(buf: bytearray, lo: int, hi: int) -> None:
+    """Set bits ``[lo, hi)`` of ``buf`` (bit ``k`` is bit ``k % 8`` of byte ``k // 8``)."""
+    if lo >= hi:
+        return
+    b0, b1 = lo >> 3, hi >> 3
+    if b0 == b1:
+        buf[b0] |= ((1 << (hi - lo)) - 1) << (lo & 7)
+        return
+    if lo & 7:
+        buf[b0] |= (0xFF << (lo & 7)) & 0xFF
+        b0 += 1
+    buf[b0:b1] = b"\xff" * (b1 - b0)
+    if hi & 7:
+        buf[b1] |= (1 << (hi & 7)) - 1
+
+
+def _clear_bits(buf: bytearray, lo: int, hi: int) -> None:
+    """Clear bits ``[lo, hi)`` of ``buf``."""
+    if lo >= hi:
+        return
+    b0, b1 = lo >> 3, hi >> 3
+    if b0 == b1:
+        buf[b0] &= ~(((1 << (hi - lo)) - 1) << (lo & 7)) & 0xFF
+        return
+    if lo & 7:
+        buf[b0] &= (1 << (lo & 7)) - 1
+        b0 += 1
+    buf[b0:b1] = bytes(b1 - b0)
+    if hi & 7:
+        buf[b1] &= ~((1 << (hi & 7)) - 1) & 0xFF
+
+
+_NONZERO = re.compile(rb"[^\x00]+")
+_ONES = re.compile(r"1+")
+
+
+def _runs(buf: bytes | bytearray) -> Iterable[tuple[int, int]]:
+    """``(first bit, count)`` of each run of set bits in ``buf``."""
+    for m in _NONZERO.finditer(buf):
+        span = m.group()
+        bits = format(int.from_bytes(span, "little"), f"0{len(span) * 8}b")[::-1]
+        base = m.start() * 8
+        for r in _ONES.finditer(bits):
+            yield base + r.start(), r.end() - r.start()
+
+
+# --- one bitmap in memory ---------------------------------------------------------------------
+@attrs.define
+class _Bitmap:
+    """A bitmap as this process sees it: its directory entry and (once loaded) its bits."""
+
+    entry: DirEntry
+    enabled: bool
+    inconsistent: bool
+    #: Data clusters with a bit set, by table index; None until loaded.
+    chunks: dict[int, bytearray] | None = None
+    #: The table as on disk (loaded with the data).
+    table: list[int] = attrs.field(factory=list)
+    #: Bits changed since the last store.
+    changed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.entry.granularity_bits
+
+
+class Tracker:
+    """The bitmaps of one open image: what is on disk and what changed since."""
+
+    def __init__(self, img: Qcow2Image) -> None:
+        self.img = img
+        self.items = [
+            _Bitmap(e, bool(e.flags & FLAG_AUTO), bool(e.flags & FLAG_IN_USE))
+            for e in read_directory(img.st, img.meta)
+        ]
+        #: True while this process has flagged the consistent bitmaps in-use on disk.
+        self.in_use = False
+
+    # ---- lookups ----
+    def find(self, name: str) -> _Bitmap:
+        for bm in self.items:
+            if bm.name == name:
+                return bm
+        raise ImageError(f"no bitmap named {name!r} in this image", path=self.img.path)
+
+    def usable(self, name: str, action: str) -> _Bitmap:
+        bm = self.find(name)
+        if bm.inconsistent:
+            raise ImageError(
+                f"cannot {action} bitmap {name!r}: it is inconsistent (flagged in-use by a "
+                "writer that did not close the image cleanly); remove it and add a new one",
+                path=self.img.path,
+            )
+        return bm
+
+    # ---- data ----
+    def load(self, bm: _Bitmap) -> dict[int, bytearray]:
+        """Read a consistent bitmap's data (once)."""
+        if bm.chunks is not None:
+            return bm.chunks
+        img = self.img
+        cs = img.cs
+        table = read_table(img.st, bm.entry, cs)
+        chunks: dict[int, bytearray] = {}
+        file_size = img.st.size()
+        for i, e in enumerate(table):
+            off = e & ENTRY_OFFSET_MASK
+            if off:
+                if off < cs or off + cs > file_size:
+                    raise _corrupt(
+                        f"bitmap {bm.name!r} data cluster at {off:#x} lies outside the file",
+                        img.path,
+                        bm.entry.table_offset + i * 8,
+                    )
+                data = img.st.pread(off, cs)
+                if data.count(0) != len(data):
+                    chunks[i] = bytearray(data)
+            elif e & ENTRY_ALL_ONES:
+                chunks[i] = bytearray(b"\xff" * cs)
+        bm.table = table
+        bm.chunks = chunks
+        self._trim(bm, img.virtual_size)
+        return chunks
+
+    def _trim(self, bm: _Bitmap, size: int) -> None:
+        """Clear bits past the last granule of a ``size``-byte disk."""
+        assert bm.chunks is not None
+        per = self.img.cs * 8
+        granules = -(-size >> bm.entry.granularity_bits)
+        for i in [i for i in bm.chunks if (i + 1) * per > granules]:
+            lo = max(0, granules - i * per)
+            if lo == 0:
+                del bm.chunks[i]
+            else:
+                _clear_bits(bm.chunks[i], lo, per)
+
+    def set_granules(self, bm: _Bitmap, first: int, stop: int) -> None:
+        """Set granules ``[first, stop)`` of a loaded bitmap."""
+        chunks = self.load(bm)
+        per = self.img.cs * 8
+        for i in range(first // per, (stop - 1) // per + 1 if stop > first else first // per):
+            lo = max(first, i * per) - i * per
+            hi = min(stop, (i + 1) * per) - i * per
+            buf = chunks.get(i)
+            if buf is None:
+                buf = chunks[i] = bytearray(self.img.cs)
+            _set_bits(buf, lo, hi)
+        bm.changed = True
+
+    def mark(self, offset: int, length: int) -> None:
+        """Set the bits of the granules ``[offset, offset+length)`` touches, in enabled bitmaps."""
+        size = self.img.virtual_size
+        end = min(offset + length, size)
+        if end <= offset:
+            return
+        for bm in self.items:
+            if bm.enabled and not bm.inconsistent:
+                gb = bm.entry.granularity_bits
+                self.set_granules(bm, offset >> gb, -(-end >> gb))
+
+    def extents(self, bm: _Bitmap) -> list[tuple[int, int]]:
+        """Dirty ``(offset, length)`` byte ranges of a consistent bitmap, merged."""
+        chunks = self.load(bm)
+        per = self.img.cs * 8
+        gran = bm.granularity
+        size = self.img.virtual_size
+        out: list[tuple[int, int]] = []
+        for i in sorted(chunks):
+            for first, count in _runs(chunks[i]):
+                start = (i * per + first) * gran
+                length = min(count * gran, size - start)
+                if length <= 0:
+                    continue
+                if out and out[-1][0] + out[-1][1] == start:
+                    out[-1] = (out[-1][0], out[-1][1] + length)
+                else:
+                    out.append((start, length))
+        return out
+
+    # ---- the in-use flag ----
+    def begin(self) -> None:
+        """Load every consistent bitmap and flag it in-use on disk (flushed) before data changes."""
+        if self.in_use:
+            return
+        todo = [bm for bm in self.items if not bm.inconsistent]
+        if not todo:
+            return
+        for bm in todo:
+            self.load(bm)
+        img = self.img
+        for bm in todo:
+            img.st.pwrite(bm.entry.flags_at, (bm.entry.flags | FLAG_IN_USE).to_bytes(4, "big"))
+        img._flush()
+        for bm in todo:
+            bm.entry.flags |= FLAG_IN_USE
+        self.in_use = True
+
+    # ---- storing ----
+    def store(self, *, structural: bool = False) -> None:
+        """Write every consistent bitmap back and clear its in-use flag (see the module doc).
+
+        ``structural``: the directory itself changes (a bitmap added or
+        removed): it is rewritten copy-on-write even when no bitmap was in use.
+        """
+        if not self.in_use and not structural:
+            return
+        img = self.img
+        if not structural:
+            self.begin()  # no-op when already in use
+        cs = img.cs
+        size = img.virtual_size
+        drops: list[tuple[int, int]] = []  # (offset, clusters) to free once unreferenced
+        new_tables: dict[int, tuple[int, list[int]]] = {}  # item index -> (offset, table)
+        for k, bm in enumerate(self.items):
+            if bm.inconsistent or bm.chunks is None:
+                continue
+            want = table_size_for(size, bm.entry.granularity_bits, cs)
+            same_table = want == bm.entry.table_size and len(bm.table) == want
+            if not bm.changed and same_table:
+                continue
+            table = list(bm.table[:want]) + [0] * max(0, want - len(bm.table))
+            for i in range(want, len(bm.table)):
+                off = bm.table[i] & ENTRY_OFFSET_MASK
+                if off:
+                    drops.append((off, 1))
+            for i in range(want):
+                buf = bm.chunks.get(i)
+                off = table[i] & ENTRY_OFFSET_MASK
+                if buf is None or buf.count(0) == len(buf):
+                    if off:
+                        drops.append((off, 1))
+                    table[i] = 0
+                    continue
+                if not off:
+                    off = img.refs.allocate(1)
+                img.st.pwrite(off, bytes(buf))  # in place: the bitmap is in-use on disk
+                table[i] = off
+            new_tables[k] = (bm.entry.table_offset if same_table else 0, table)
+        img._flush()  # data and raised refcounts before the tables that reference them
+        moved = structural
+        for k, (in_place, table) in new_tables.items():
+            bm = self.items[k]
+            raw = layout.encode_u64_table(table)
+            if in_place:
+                img.st.pwrite(in_place, raw)
+                continue
+            clusters = -(-len(raw) // cs)
+            t_off = img.refs.allocate(clusters)
+            img.st.pwrite(t_off, raw + bytes(clusters * cs - len(raw)))
+            drops.append((bm.entry.table_offset, -(-bm.entry.table_size * 8 // cs)))
+            new_tables[k] = (t_off, table)
+            moved = True
+        img._flush()  # tables before the directory says the bitmaps are consistent
+        entries = []
+        for k, bm in enumerate(self.items):
+            e = attrs.evolve(bm.entry)
+            if not bm.inconsistent and bm.chunks is not None:
+                e.flags = FLAG_AUTO if bm.enabled else 0
+            if k in new_tables:
+                e.table_offset, e.table_size = new_tables[k][0], len(new_tables[k][1])
+            entries.append(e)
+        if moved:
+            drops.extend(self._write_directory(entries))
+        else:
+            for e in entries:
+                img.st.pwrite(e.flags_at, e.flags.to_bytes(4, "big"))
+            img._flush()
+        # memory follows the file only now
+        for k, bm in enumerate(self.items):
+            bm.entry = entries[k]
+            if k in new_tables:
+                bm.table = new_tables[k][1]
+            bm.changed = False
+        self.in_use = False
+        for off, n in drops:
+            if off and n and img.refs.get(off >> img.cb) > 0:
+                img.refs.free(off, n)
+
+    def _write_directory(self, entries: list[DirEntry]) -> list[tuple[int, int]]:
+        """Write a new directory and header extension; return the old directory to free."""
+        img = self.img
+        cs = img.cs
+        old = img.meta.bitmaps
+        drops: list[tuple[int, int]] = []
+        if old is not None and img.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+            drops.append((old[2], -(-old[1] // cs)))
+        if entries:
+            raw = b"".join(e.encode() for e in entries)
+            if len(raw) > MAX_DIRECTORY:
+                raise ImageError("the bitmap directory would be too large", path=img.path)
+            clusters = -(-len(raw) // cs)
+            doff = img.refs.allocate(clusters)
+            pos = doff
+            for e in entries:
+                e.at = pos
+                pos += len(e.encode())
+            img.st.pwrite(doff, raw + bytes(clusters * cs - len(raw)))
+            img._flush()
+            write_extension(img, (len(entries), len(raw), doff))
+        else:
+            write_extension(img, None)
+        return drops
+
+    def resized(self, size: int) -> None:
+        """The disk changed size: bits past the end go, the tables follow at the next store."""
+        for bm in self.items:
+            if bm.chunks is not None:
+                self._trim(bm, size)
+                bm.changed = True
+
+    def info(self, bm: _Bitmap) -> BitmapInfo:
+        count = 0
+        if not bm.inconsistent:
+            bits = sum(int.from_bytes(c, "little").bit_count() for c in self.load(bm).values())
+            count = bits * bm.granularity  # QEMU's count: whole granules, the last one too
+        return BitmapInfo(
+            name=bm.name,
+            granularity=bm.granularity,
+            enabled=bm.enabled,
+            inconsistent=bm.inconsistent,
+            count=count,
+        )
+
+
+def write_extension(img: Qcow2Image, value: tuple[int, int, int] | None) -> None:
+    """Rewrite the header's extension area with a new bitmaps extension (None: drop it).
+
+    The bitmaps autoclear bit is set with the extension and cleared without
+    it; other extensions keep their order, the new one goes where QEMU puts
+    it (after the feature table).
+    """
+    hdr = img.hdr
+    exts = [e for e in img.meta.extensions if e.type != layout.EXT_BITMAPS]
+    if value is not None:
+        at = 0
+        while at < len(exts) and exts[at].type in _BEFORE_BITMAPS:
+            at += 1
+        nb, dsize, doff = value
+        payload = layout.BITMAPS_EXT.pack(nb, 0, dsize, doff)
+        exts.insert(at, layout.Extension(layout.EXT_BITMAPS, payload))
+    new = attrs.evolve(hdr)
+    if value is None:
+        new.autoclear_features &= ~layout.AUTOCLEAR_BITMAPS
+    else:
+        new.autoclear_features |= layout.AUTOCLEAR_BITMAPS
+    head = bytearray(layout.encode_header(new)) + layout.encode_extensions(exts)
+    name = (img.meta.backing_file or "").encode()
+    new.backing_file_offset = len(head) if name else 0
+    new.backing_file_size = len(name)
+    head[: len(layout.encode_header(new))] = layout.encode_header(new)
+    head += name
+    if len(head) > img.cs:
+        raise ImageError(
+            "the header, its extensions and the backing file name do not fit in one cluster",
+            path=img.path,
+        )
+    img.st.pwrite(0, bytes(head))
+    img._flush()
+    img.hdr = new
+    img.meta.header = new
+    img.meta.extensions = exts
+    img.meta.bitmaps = value
+
+
+# --- the image's side: hooks and public methods ---------------------------------------------
+def tracker(img: Qcow2Image) -> Tracker | None:
+    """The image's bitmap tracker, created on first use; None without bitmaps support.
+
+    Raises:
+        CorruptImageError: the directory is damaged.
+    """
+    got = img._bitmap_tracker
+    if got is None and img.v3:
+        got = img._bitmap_tracker = Tracker(img)
+    return got
+
+
+def begin_write(img: Qcow2Image) -> bool:
+    """First change to guest data: flag the bitmaps in-use. False when they cannot be kept.
+
+    A directory QEMU would refuse leaves the bitmaps unmaintained: the caller
+    then clears the autoclear bit, as the specification asks.
+    """
+    try:
+        t = tracker(img)
+    except CorruptImageError:
+        return False
+    if t is None or not t.items:
+        return False
+    t.begin()
+    return True
+
+
+def before_write(img: Qcow2Image) -> None:
+    """Every change to guest data: bitmaps stored by a flush are flagged in-use again first."""
+    t = img._bitmap_tracker
+    if t is not None and not t.in_use and img.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+        t.begin()
+
+
+def mark(img: Qcow2Image, offset: int, length: int) -> None:
+    """Guest bytes ``[offset, offset+length)`` are about to change: set their dirty bits."""
+    if img.meta.bitmaps is None or not img.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+        return
+    try:
+        t = tracker(img)
+    except CorruptImageError:
+        return  # the write drops the extension (begin_write says so)
+    if t is not None and t.items:
+        t.mark(offset, length)
+
+
+def store(img: Qcow2Image) -> None:
+    """flush()/close(): write the bitmaps back and leave them consistent."""
+    t = img._bitmap_tracker
+    if t is not None and t.in_use:
+        img._run_write(t.store)
+
+
+def check_resize(img: Qcow2Image) -> None:
+    """Refuse a resize QEMU refuses: with an inconsistent bitmap (it cannot follow the size)."""
+    if img.meta.bitmaps is None or not img.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+        return
+    t = tracker(img)
+    if t is None:
+        return
+    for bm in t.items:
+        if bm.inconsistent:
+            raise ImageError(
+                f"cannot resize: bitmap {bm.name!r} is inconsistent (left in-use); remove it first",
+                path=img.path,
+            )
+
+
+def resized(img: Qcow2Image) -> None:
+    """After a resize or a revert to a snapshot of another size."""
+    t = img._bitmap_tracker
+    if t is not None:
+        t.resized(img.virtual_size)
+
+
+def _granularity(value: int | str | None, img: Qcow2Image) -> int:
+    if value is None:
+        return max(4096, img.cs)  # qemu-img bitmap's default: the cluster size, at least 4 KiB
+    from virtkit.images.sizes import parse_size  # noqa: PLC0415 - tiny helper module
+
+    g = parse_size(value, field="granularity")
+    if g < 512 or g > 1 << MAX_GRANULARITY_BITS or g & (g - 1):
+        raise ConfigError(
+            f"'granularity' must be a power of two from 512 B to 2 GiB (got {g})",
+            field="granularity",
+        )
+    return g
+
+
+def _img(obj: object) -> Qcow2Image:
+    return cast("Qcow2Image", obj)
+
+
+class BitmapsMixin:
+    """The persistent dirty bitmap methods of :class:`~.image.Qcow2Image` (``qemu-img bitmap``)."""
+
+    _bitmap_tracker: Tracker | None = None
+
+    def _bitmaps_for(self, action: str, *, write: bool) -> Tracker:
+        img = _img(self)
+        if write:
+            img._require_writable(action)
+        else:
+            img._live()
+        if not img.v3:
+            raise UnsupportedFeatureError(
+                "qcow2 v2 (compat 0.10) images cannot hold persistent bitmaps; convert to "
+                "compat 1.1",
+                feature="bitmaps in v2",
+                path=img.path,
+            )
+        t = tracker(img)
+        assert t is not None  # v3
+        return t
+
+    def bitmaps(self) -> tuple[BitmapInfo, ...]:
+        """The persistent dirty bitmaps, in directory order.
+
+        Raises:
+            CorruptImageError: the bitmap directory or a bitmap's data is damaged.
+        """
+        img = _img(self)
+        img._live()
+        if not img.v3:
+            return ()
+        t = tracker(img)
+        return tuple(t.info(bm) for bm in t.items) if t is not None else ()
+
+    def add_bitmap(
+        self, name: str, *, granularity: int | str | None = None, disabled: bool = False
+    ) -> BitmapInfo:
+        """Add an empty persistent bitmap (``qemu-img bitmap --add``).
+
+        Args:
+            name: 1..1023 bytes of UTF-8, unique in the image.
+            granularity: bytes per bit, a power of two from 512 B to 2 GiB;
+                by default the cluster size (at least 4 KiB), as qemu-img.
+            disabled: start not recording writes (``--disable``).
+
+        Raises:
+            ConfigError: bad name or granularity, or the bitmap would exceed
+                QEMU's 512 MiB limit (use a larger granularity).
+            ImageError: the name exists, or the image is read-only.
+            UnsupportedFeatureError: a v2 image.
+        """
+        check_name(name)
+        check_bool(disabled, "disabled")
+        t = self._bitmaps_for("add a bitmap", write=True)
+        img = _img(self)
+        if len(name.encode()) > MAX_NAME:
+            raise ConfigError("'name' must be at most 1023 bytes", field="name", value=name)
+        gran = _granularity(granularity, img)
+        gbits = gran.bit_length() - 1
+        granules = -(-img.virtual_size // gran)
+        nbytes = -(-granules // 8)
+        if nbytes > MAX_PHYS_SIZE:
+            raise ConfigError(
+                f"a bitmap of granularity {gran} on this disk would take {nbytes} bytes, over "
+                "QEMU's 512 MiB limit; use a larger granularity",
+                field="granularity",
+            )
+        if any(bm.name == name for bm in t.items):
+            raise ImageError(f"a bitmap named {name!r} already exists", path=img.path)
+        if len(t.items) >= MAX_BITMAPS:
+            raise ImageError("the image already holds 65535 bitmaps", path=img.path)
+        bm = _Bitmap(
+            DirEntry(name, gbits, 0 if disabled else FLAG_AUTO, 0, 0),
+            enabled=not disabled,
+            inconsistent=False,
+            chunks={},
+            changed=True,
+        )
+
+        def add() -> None:
+            img._prepare_write()
+            t.items.append(bm)
+            try:
+                t.store(structural=True)
+            except BaseException:
+                t.items.remove(bm)
+                raise
+
+        img._run_write(add)
+        return t.info(bm)
+
+    def remove_bitmap(self, name: str) -> None:
+        """Remove a bitmap, inconsistent ones too, and free its clusters (``--remove``).
+
+        Raises:
+            ImageError: no such bitmap, or the image is read-only.
+        """
+        check_name(name)
+        t = self._bitmaps_for("remove a bitmap", write=True)
+        img = _img(self)
+        bm = t.find(name)
+
+        def remove() -> None:
+            img._prepare_write()
+            k = t.items.index(bm)
+            del t.items[k]
+            try:
+                t.store(structural=True)
+            except BaseException:
+                t.items.insert(k, bm)
+                raise
+            cs = img.cs
+            try:
+                table = read_table(img.st, bm.entry, cs)
+            except CorruptImageError:
+                table = []  # an unreadable table leaks its clusters, as in QEMU
+            for e in table:
+                off = e & ENTRY_OFFSET_MASK
+                if off and img.refs.get(off >> img.cb) > 0:
+                    img.refs.free(off, 1)
+            if img.refs.get(bm.entry.table_offset >> img.cb) > 0:
+                img.refs.free(bm.entry.table_offset, -(-bm.entry.table_size * 8 // cs))
+
+        img._run_write(remove)
+
+    def clear_bitmap(self, name: str) -> None:
+        """Clear every bit of a bitmap (``--clear``).
+
+        Raises:
+            ImageError: no such bitmap, it is inconsistent, or the image is read-only.
+        """
+        self._change(name, "clear", _clear)
+
+    def enable_bitmap(self, name: str) -> None:
+        """Make a bitmap record writes (``--enable``; the ``auto`` flag).
+
+        Raises:
+            ImageError: no such bitmap, it is inconsistent, or the image is read-only.
+        """
+        self._change(name, "enable", _enable)
+
+    def disable_bitmap(self, name: str) -> None:
+        """Stop a bitmap recording writes (``--disable``).
+
+        Raises:
+            ImageError: no such bitmap, it is inconsistent, or the image is read-only.
+        """
+        self._change(name, "disable", _disable)
+
+    def merge_bitmap(
+        self,
+        source: str,
+        target: str,
+        *,
+        source_image: Image | str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Set in ``target`` every bit set in ``source`` (``--merge``; granularities may differ).
+
+        Args:
+            source: the bitmap to read.
+            target: the bitmap to change (in this image).
+            source_image: where ``source`` lives when not in this image: an
+                open qcow2 image, or the path of one (opened read-only).
+
+        Raises:
+            ImageError: a bitmap is missing or inconsistent, the disks differ
+                in size, or this image is read-only.
+        """
+        check_name(source, "source")
+        check_name(target, "target")
+        img = _img(self)
+        if source_image is None:
+            src = self._bitmaps_for("merge into", write=True).usable(source, "merge from")
+            extents = _tracker_of(img).extents(src)
+            size = img.virtual_size
+        elif isinstance(source_image, Image):
+            extents, size = _extents_of(source_image, source)
+        else:
+            from virtkit import images  # noqa: PLC0415 - the public package imports this driver
+
+            with images.open(source_image, format="qcow2", force_share=True) as other:
+                extents, size = _extents_of(other, source)
+        if size != img.virtual_size:
+            raise ImageError(
+                f"cannot merge: the source disk is {size} bytes and this one "
+                f"{img.virtual_size}; bitmaps of different sizes do not merge",
+                path=img.path,
+            )
+
+        def merge(t: Tracker, bm: _Bitmap) -> None:
+            gb = bm.entry.granularity_bits
+            for off, length in extents:
+                t.set_granules(bm, off >> gb, -(-(off + length) >> gb))
+
+        self._change(target, "merge into", merge)
+
+    def bitmap_extents(self, name: str) -> list[tuple[int, int]]:
+        """The dirty ranges of a bitmap as ``(offset, length)`` in guest bytes, merged.
+
+        Ranges cover whole granules (the last one ends at the disk's end).
+
+        Raises:
+            ImageError: no such bitmap, or it is inconsistent.
+            CorruptImageError: its table or data is damaged.
+        """
+        check_name(name)
+        t = self._bitmaps_for("read", write=False)
+        return t.extents(t.usable(name, "read"))
+
+    def _change(self, name: str, action: str, change: Callable[[Tracker, _Bitmap], None]) -> None:
+        check_name(name)
+        t = self._bitmaps_for(f"{action} a bitmap", write=True)
+        img = _img(self)
+        bm = t.usable(name, action)
+
+        def run() -> None:
+            img._prepare_write()
+            t.begin()
+            t.load(bm)
+            change(t, bm)
+            bm.changed = True
+            t.store()
+
+        img._run_write(run)
+
+
+def _clear(t: Tracker, bm: _Bitmap) -> None:
+    t.load(bm).clear()
+
+
+def _enable(t: Tracker, bm: _Bitmap) -> None:
+    bm.enabled = True
+
+
+def _disable(t: Tracker, bm: _Bitmap) -> None:
+    bm.enabled = False
+
+
+def _tracker_of(img: Qcow2Image) -> Tracker:
+    t = tracker(img)
+    assert t is not None
+    return t
+
+
+def _extents_of(other: Image, name: str) -> tuple[list[tuple[int, int]], int]:
+    extents = getattr(other, "bitmap_extents", None)
+    if not callable(extents) or other.format != "qcow2":
+        raise UnsupportedFeatureError(
+            f"{other.format} images have no persistent bitmaps",
+            feature="bitmaps",
+            path=other.path,
+        )
+    return list(extents(name)), other.virtual_size
