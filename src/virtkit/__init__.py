@@ -16,6 +16,7 @@ This module only re-exports the public names.
 from virtkit import images
 from virtkit.backends import Console, Guest, Hypervisor, connect
 from virtkit.bundle import load, save
+from virtkit.clone import clone
 from virtkit.errors import (
     BackendError,
     BackendUnavailable,
@@ -50,6 +51,7 @@ from virtkit.model import (
 
 __all__ = [
     # entry points
+    "clone",
     "connect",
     "load",
     "save",
