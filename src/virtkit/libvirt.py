@@ -1,4 +1,8 @@
-"""``Machine`` <-> libvirt domain XML, without a daemon.
+"""``Machine`` <-> libvirt domain XML (no daemon needed), and adopting existing domains.
+
+:func:`to_xml` and :func:`from_xml` translate; :func:`import_domain` takes a
+domain created elsewhere (virt-install, virsh) into a VM folder and manages it
+through a ``virtkit.connect("libvirt")`` hypervisor.
 
 The mapping (what libvirt 9.0 can express is expressed in its own terms):
 
@@ -44,7 +48,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -61,13 +65,18 @@ from virtkit.model import (
 )
 from virtkit.model.devices import CloudInit
 
+if TYPE_CHECKING:
+    from virtkit.backends.libvirt import LibvirtGuest, LibvirtHypervisor
+
 __all__ = [
+    "DOMAIN_XML_FILE",
     "NAMESPACE",
     "OVMF_CODE",
     "OVMF_VARS",
     "QEMU_NAMESPACE",
     "XmlReport",
     "from_xml",
+    "import_domain",
     "parse_report",
     "to_xml",
 ]
@@ -77,6 +86,8 @@ QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
 OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
 NVRAM_FILE = "OVMF_VARS.fd"
+#: the imported domain's original XML, kept verbatim in the VM folder.
+DOMAIN_XML_FILE = "libvirt-domain.xml"
 MAX_XML = 4 * 1024 * 1024  # a domain XML is a few KiB
 
 _VK = f"{{{NAMESPACE}}}"
@@ -222,8 +233,15 @@ def to_xml(
             order=boot_order.get(str(cd.target)),
         )
     commandline: list[str] = []
-    for nic in machine.nics:
-        _nic_xml(devices, meta, nic, boot_order.get(str(nic.name)), commandline)
+    for index, nic in enumerate(machine.nics):
+        _nic_xml(
+            devices,
+            meta,
+            nic,
+            order=boot_order.get(str(nic.name)),
+            commandline=commandline,
+            index=index,
+        )
     if machine.serial.enabled:
         serial = _sub(devices, "serial", type="pty")
         _sub(serial, "target", port="0")
@@ -326,12 +344,23 @@ def _nic_xml(
     devices: ET.Element,
     meta: ET.Element,
     nic: Nic,
+    *,
     order: str | None,
     commandline: list[str],
+    index: int,
 ) -> None:
     name = str(nic.name)
+    where = str(index)
     if nic.network == "none":
-        _sub(meta, f"{_VK}nic", name=name, network="none", mac=nic.mac, model=nic.model)
+        _sub(
+            meta,
+            f"{_VK}nic",
+            name=name,
+            network="none",
+            mac=nic.mac,
+            model=nic.model,
+            index=where,
+        )
         return
     if nic.forwards:
         netdev = f"vk-{name}"
@@ -343,7 +372,7 @@ def _nic_xml(
         if order is not None:
             device += f",bootindex={order}"
         commandline += ["-netdev", f"user,id={netdev},{fwds}", "-device", device]
-        _sub(meta, f"{_VK}nic", name=name, mac=nic.mac, commandline="yes")
+        _sub(meta, f"{_VK}nic", name=name, mac=nic.mac, commandline="yes", index=where)
         return
     el = _sub(devices, "interface", type="user" if nic.network == "user" else "ethernet")
     _sub(el, "mac", address=nic.mac)
@@ -352,7 +381,7 @@ def _nic_xml(
     _sub(el, "model", type=nic.model)
     if order is not None:
         _sub(el, "boot", order=order)
-    _sub(meta, f"{_VK}nic", name=name, mac=nic.mac)
+    _sub(meta, f"{_VK}nic", name=name, mac=nic.mac, index=where)
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -384,7 +413,6 @@ _IGNORED = {
     "on_reboot",
     "on_crash",
     "currentMemory",
-    "features",
     "title",
     "description",
 }
@@ -464,10 +492,18 @@ def parse_report(xml: str | bytes) -> XmlReport:
     meta_disks = {m.get("target"): m for m in meta.iter(f"{_VK}disk")} if meta is not None else {}
     meta_cds = {m.get("dev"): m for m in meta.iter(f"{_VK}cdrom")} if meta is not None else {}
     meta_nics = {m.get("mac"): m for m in meta.iter(f"{_VK}nic")} if meta is not None else {}
+    nic_index = {
+        m.get("mac"): _int(m.get("index") or "0", "vk:nic/@index") for m in meta_nics.values()
+    }
     fields: dict[str, Any] = {}
     for child in root:
         tag = child.tag
         if tag in ("name", "uuid", "memory", "vcpu", "os", "cpu", "devices", "metadata"):
+            continue
+        if tag == "features":
+            unmapped.extend(
+                "features/" + _describe(f) for f in child if f.tag not in ("acpi", "apic", "pae")
+            )
             continue
         if tag == _QEMU + "commandline" or tag in _IGNORED:
             continue
@@ -506,7 +542,8 @@ def parse_report(xml: str | bytes) -> XmlReport:
     cpu = root.find("cpu")
     if cpu is not None:
         for sub in cpu:
-            if sub.tag != "topology":
+            default_model = sub.tag == "model" and (sub.text or "") in ("qemu64", "")
+            if sub.tag != "topology" and not default_model:
                 unmapped.append("cpu/" + _describe(sub))
     boot: dict[str, int] = {}
     os_el = root.find("os")
@@ -568,7 +605,7 @@ def parse_report(xml: str | bytes) -> XmlReport:
             )
     fields["disks"] = tuple(disks)
     fields["cdroms"] = tuple(cdroms)
-    fields["nics"] = tuple(nics)
+    fields["nics"] = tuple(sorted(nics, key=lambda n: nic_index.get(n.mac, len(nic_index))))
     if boot:
         fields["boot"] = tuple(name for name, _ in sorted(boot.items(), key=lambda kv: kv[1]))
     elif legacy_boot and legacy_boot != ["hd"]:
@@ -862,9 +899,123 @@ def from_xml(xml: str | bytes) -> Machine:
     report = parse_report(xml)
     if report.unmapped:
         warnings.warn(
-            f"domain {report.machine.name!r}: not represented in virtkit's model and left "
-            f"out: {', '.join(report.unmapped)}",
-            CapabilityWarning,
+            CapabilityWarning(
+                f"domain {report.machine.name!r}: not represented in virtkit's model and left "
+                f"out: {', '.join(report.unmapped)}",
+                backend="libvirt",
+            ),
             stacklevel=2,
         )
     return report.machine
+
+
+def import_domain(
+    hv: LibvirtHypervisor,
+    name: str,
+    folder: str | os.PathLike[str],
+    *,
+    copy_disks: bool = False,
+    machine_name: str | None = None,
+) -> LibvirtGuest:
+    """Adopt the existing domain ``name`` on ``hv``'s host into the VM folder ``folder``.
+
+    The domain keeps running (or not) as it is; the returned guest manages it.
+    Its XML is kept verbatim in ``folder/libvirt-domain.xml`` so nothing
+    virtkit's model lacks is lost, and what the model leaves out is reported
+    in one :class:`~virtkit.CapabilityWarning`.
+
+    Args:
+        hv: a ``virtkit.connect("libvirt", ...)`` hypervisor.
+        name: the domain's name on that host.
+        folder: the VM folder to write (``machine.toml``...).
+        copy_disks: copy the disk images into ``folder/disks`` (the domain
+            must be shut off, and the host must share this file system);
+            ``False`` references them in place by absolute path.
+        machine_name: the machine's name when the domain's name is not a DNS
+            label (default: the domain's name).
+
+    Raises:
+        ConfigError: bad arguments, the folder already holds a machine, or the
+            domain's XML cannot be expressed.
+        StateError: ``copy_disks`` of a running domain.
+        BackendError: no such domain, or libvirt failed (names the URI).
+    """
+    from virtkit import bundle  # noqa: PLC0415 - bundle sits above this module's own needs
+    from virtkit.errors import StateError  # noqa: PLC0415
+
+    if getattr(hv, "name", None) != "libvirt" or not hasattr(hv, "attach"):
+        raise ConfigError(
+            f"import_domain() needs a libvirt hypervisor (got {type(hv).__name__})", field="hv"
+        )
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"'name' must be a domain name (got {name!r})", field="name")
+    if not isinstance(folder, (str, os.PathLike)):
+        raise ConfigError(f"'folder' must be a path (got {folder!r})", field="folder")
+    if not isinstance(copy_disks, bool):
+        raise ConfigError(f"'copy_disks' must be True or False (got {copy_disks!r})")
+    target = Path(os.path.abspath(os.fspath(folder)))
+    if (target / bundle.CONFIG_NAME).exists():
+        raise ConfigError(
+            f"{target} already holds a machine ({bundle.CONFIG_NAME}); choose an empty folder",
+            field="folder",
+        )
+    xml, active = hv.read_domain(name)
+    report = parse_report(xml)
+    machine = report.machine
+    if machine_name is not None:
+        machine = _build(Machine, "machine_name", **{**_fields(machine), "name": machine_name})
+    if report.unmapped:
+        warnings.warn(
+            CapabilityWarning(
+                f"domain {name!r}: kept in {DOMAIN_XML_FILE} but not represented in virtkit's "
+                f"model: {', '.join(report.unmapped)}",
+                backend="libvirt",
+            ),
+            stacklevel=2,
+        )
+    if copy_disks:
+        if active:
+            raise StateError(
+                f"cannot copy the disks of domain {name!r} on {hv.uri} while it runs; shut it "
+                "off first or import with copy_disks=False",
+                action="import_domain",
+            )
+        if not hv.local_files:
+            raise ConfigError(
+                f"copy_disks needs the host's files here; {hv.uri} does not share storage",
+                field="copy_disks",
+            )
+        machine = _copy_disks(machine, target)
+    target.mkdir(parents=True, exist_ok=True)
+    bundle.save(machine, target, create_disks=False)
+    from virtkit.bundle.atomic import atomic_write  # noqa: PLC0415
+
+    atomic_write(target / DOMAIN_XML_FILE, xml.encode())
+    return hv.attach(name, machine, target)
+
+
+def _fields(machine: Machine) -> dict[str, Any]:
+    return {f.name: getattr(machine, f.name) for f in attrs.fields(Machine)}
+
+
+def _copy_disks(machine: Machine, folder: Path) -> Machine:
+    import shutil  # noqa: PLC0415
+
+    disks_dir = folder / "disks"
+    disks_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for disk in machine.disks:
+        if disk.layers or disk.backing is not None:
+            raise ConfigError(
+                f"disk {disk.target} of {machine.name!r} has a backing chain; copy_disks "
+                "copies single images only (import with copy_disks=False)",
+                field="copy_disks",
+            )
+        src = Path(disk.path)
+        dest = disks_dir / f"{disk.target}-{src.name}"
+        try:
+            shutil.copyfile(src, dest)
+        except OSError as exc:
+            raise ConfigError(f"cannot copy disk {src} to {dest}: {exc.strerror}") from exc
+        copied.append(attrs.evolve(disk, path=dest.name))
+    return attrs.evolve(machine, disks=tuple(copied))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,10 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def libvirtd() -> Iterator[None]:
+def libvirtd() -> None:
     """The local daemon, started by scripts/libvirtd when the test command did not."""
     subprocess.run([str(ROOT / "scripts" / "libvirtd"), "start"], check=True, capture_output=True)
-    yield
 
 
 class TestLibvirt(ConformanceSuite):

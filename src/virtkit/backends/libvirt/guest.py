@@ -86,6 +86,7 @@ class LibvirtGuest(Guest):
         self._stream: ConsoleStream | None = None
         self._busy = 0  # > 0 while a virtkit call changes the run state itself
         self._expect_stop = False
+        self._gone = False  # migrated away: the domain is no longer ours to undefine
         self._busy_lock = threading.Lock()
         if machine.serial.enabled:
             self.console.set_writer(self._write_console)
@@ -381,6 +382,9 @@ class LibvirtGuest(Guest):
     def _release(self) -> None:
         """Detach the console and undefine the domain (the VM folder stays)."""
         self._detach_console()
+        if self._gone:
+            super()._release()
+            return
         lv = self._conn.lv
         flags = lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
         # already gone when undefined behind our back or the daemon died

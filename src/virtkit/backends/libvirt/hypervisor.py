@@ -38,9 +38,9 @@ import attrs
 from virtkit.backends.base import Guest, Hypervisor
 from virtkit.backends.kvmprobe import PROBE_MARKER, PROBE_TIMEOUT, probe_image
 from virtkit.backends.libvirt.connection import Connection, default_uri, is_remote, libvirt_module
-from virtkit.backends.libvirt.domxml import to_xml
 from virtkit.backends.libvirt.guest import LibvirtGuest
 from virtkit.errors import BackendError, ConfigError
+from virtkit.libvirt import to_xml
 from virtkit.model import HostResources, HypervisorType, Machine, State
 
 __all__ = ["AccelChoice", "LibvirtHypervisor"]
@@ -265,14 +265,26 @@ class LibvirtHypervisor(Hypervisor):
         if source.machine.serial.enabled:
             guest.console.set_writer(guest._write_console)
         guest._lifecycle.set(State.PAUSED if paused else State.RUNNING)
-        with self._lock:
-            self._guests[guest.name] = guest
+        self._register(guest)
         guest._attach_console()
         # snapshot metadata is a convenience on the new host; the folder keeps it
         with contextlib.suppress(BackendError):
             guest.restore_snapshot_metadata()
         guest.record_location()
         return guest
+
+    def read_domain(self, domain_name: str) -> tuple[str, bool]:
+        """The XML of an existing domain on this host, and whether it runs.
+
+        Raises:
+            BackendError: there is no such domain (the message names the URI).
+        """
+        raw = self.connection.raw
+        domain = self.connection.call(
+            f"look up domain {domain_name!r}", raw.lookupByName, domain_name
+        )
+        xml = self.connection.call(f"read the XML of domain {domain_name!r}", domain.XMLDesc, 0)
+        return str(xml), bool(domain.isActive())
 
     def attach(
         self, domain_name: str, machine: Machine, folder: str | os.PathLike[str]
@@ -298,16 +310,27 @@ class LibvirtHypervisor(Hypervisor):
             guest = LibvirtGuest(self, machine, Path(folder), domain)
             state = guest._real_state() or State.SHUTOFF
             guest._lifecycle.set(state)
-            self._guests[machine.name] = guest
+            self._register(guest)
         if state in (State.RUNNING, State.PAUSED):
             guest.console.open()
             guest._attach_console()
         return guest
 
-    def _forget(self, guest: Guest, why: str) -> None:
+    def _register(self, guest: LibvirtGuest) -> None:
+        with self._lock:
+            self._guests[guest.name] = guest
+            created = getattr(self, "_created", None)  # guests close() stops, where tracked
+            if isinstance(created, list):
+                created.append(guest)
+
+    def _forget(self, guest: LibvirtGuest, why: str) -> None:
+        guest._gone = True
         with self._lock:
             if self._guests.get(guest.name) is guest:
                 del self._guests[guest.name]
+            created = getattr(self, "_created", None)
+            if isinstance(created, list) and guest in created:
+                created.remove(guest)
         retire = getattr(guest._lifecycle, "retire", None)
         if retire is not None:
             retire(why)
