@@ -34,6 +34,10 @@ __all__ = ["AsyncConformanceSuite"]
 Factory = Callable[..., Awaitable[Any]]
 
 
+def _state(guest: Any) -> State:
+    return guest.state  # type: ignore[no-any-return]
+
+
 class AsyncConformanceSuite:
     """Conformance tests through the async API; subclass and set ``backend``.
 
@@ -104,9 +108,9 @@ class AsyncConformanceSuite:
             assert guest.console.output == frozen
             await guest.resume()
             await guest.console.expect(re.compile(rb"count \d+"), timeout=self.timeout)
-            assert guest.state is State.RUNNING
+            assert _state(guest) is State.RUNNING
             await guest.kill()
-            assert guest.state is State.SHUTOFF
+            assert _state(guest) is State.SHUTOFF
 
         self.run(tmp_path, body)
 
