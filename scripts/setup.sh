@@ -11,7 +11,13 @@ command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
 command -v nasm >/dev/null || need_apt+=(nasm)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v cpio >/dev/null || need_apt+=(cpio)
+command -v tmux >/dev/null || need_apt+=(tmux)  # the interactive console test
 [ -d /usr/share/OVMF ] || need_apt+=(ovmf)
+# the libvirt backend: daemon, virsh, and what building libvirt-python needs; sshd for remote tests
+for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc tini \
+    openssh-server iproute2; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need_apt+=("$pkg")
+done
 if [ "${VIRTKIT_SKIP_APT:-0}" != 1 ] && [ ${#need_apt[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need_apt[*]}"
     SUDO=""
@@ -30,7 +36,10 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing virtkit and its dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+    .venv/bin/python -m pip install -q -e '.[dev,libvirt]' 2>&1 | grep -v '^WARNING: Location' || true
     .venv/bin/python -c "import virtkit" 
     echo "$want" > "$stamp"
 fi
+# the optional libvirt binding (built against the installed libvirt-dev)
+.venv/bin/python -c "import libvirt" 2>/dev/null ||
+    .venv/bin/python -m pip install -q 'libvirt-python>=9.0' 2>&1 | grep -v '^WARNING: Location' || true
