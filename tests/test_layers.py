@@ -16,6 +16,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": {"errors", "units"},
     "images": {"errors", "units"},
     "bundle": {"errors", "units", "model", "images"},
+    "ova": {"errors", "units", "model", "images", "bundle"},
     "provision": {"errors", "units", "model"},
     "backends": {"errors", "units", "model", "images", "bundle", "provision"},
     "testing": {"errors", "units", "model", "images", "bundle", "provision", "backends", ""},
