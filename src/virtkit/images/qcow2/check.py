@@ -19,7 +19,8 @@ import attrs
 
 from virtkit.errors import CorruptImageError
 from virtkit.images.base import CheckProblem, CheckResult
-from virtkit.images.qcow2 import bitmaps, layout, snapshots
+from virtkit.images.qcow2 import bitmap_format as bitmaps
+from virtkit.images.qcow2 import layout, snapshots
 
 if TYPE_CHECKING:  # the image module imports this one lazily
     from virtkit.images.qcow2.image import Qcow2Image
