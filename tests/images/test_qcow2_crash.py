@@ -70,10 +70,10 @@ def _run(path: Path, limit: int, big: int) -> int:
     img = Qcow2Image(st, metadata.load(st), writable=True)
     try:
         _workload(img, big)
+        img.close()  # write-back: the last metadata reaches the file here
     except Crash:
         st.close()
         return -1
-    img.close()
     return st.writes
 
 

@@ -41,8 +41,9 @@ def open(  # noqa: A001 - the driver protocol's name
     writable: bool = False,
     allow_backing: Iterable[str | os.PathLike[str]] = (),
     force_share: bool = False,
+    cache: str = "writeback",
 ) -> Qcow2Image:
-    """Open an existing qcow2 image.
+    """Open an existing qcow2 image (``cache``: ``"writeback"`` or ``"writethrough"``).
 
     Raises:
         ImageError: the file (or its backing file) cannot be opened or is not allowed.
@@ -57,6 +58,7 @@ def open(  # noqa: A001 - the driver protocol's name
             writable=writable,
             allow_backing=tuple(allow_backing),
             force_share=force_share,
+            cache=cache,
         )
     except VirtkitError:
         st.close()

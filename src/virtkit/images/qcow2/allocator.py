@@ -11,6 +11,13 @@ before it writes a reference to the cluster (:attr:`Refcounts.raised` says a
 flush is due), and a refcount table entry points at a new block only once the
 block is flushed.
 
+With :attr:`Refcounts.defer` set (the write-back cache, :mod:`.cache`),
+updates stay in memory in *dirty* blocks, written by :meth:`Refcounts.write_dirty`
+or when the block cache evicts one. The owner keeps a rule that makes that
+safe at any moment: a count is lowered in memory only once the reference it
+stood for is gone on disk (durably), so what the dirty blocks hold can reach
+the file in any order and at any time, and at worst leaks.
+
 New refcount blocks (and a bigger refcount table) are placed in a fresh area
 at the end of the file that the new blocks themselves describe, the way
 QEMU's ``qcow2_refcount_area`` does.
@@ -78,6 +85,10 @@ class Refcounts:
         self.on_metadata_change: Callable[[], None] = lambda: None
         #: Clusters no refcount block may occupy (header, L1 and other fixed tables).
         self.reserved: Callable[[], set[int]] = set
+        #: Keep updates in memory (write-back) instead of writing them through.
+        self.defer = False
+        #: Block index -> (first, stop) entries changed in memory and not yet written.
+        self.dirty: dict[int, tuple[int, int]] = {}
 
     def _read_table(self) -> array[int]:
         n = self.table_clusters * self.cs
@@ -93,6 +104,7 @@ class Refcounts:
         failed are not trusted later.
         """
         self._cache.clear()
+        self.dirty.clear()
         self.table = self._read_table()
         self.free_hint = 0
         self.frees += 1
@@ -147,8 +159,18 @@ class Refcounts:
         blk = layout.decode_refblock(raw, self.bits)
         self._cache[index] = blk
         if len(self._cache) > self._cache_limit:
-            self._cache.popitem(last=False)
+            self._evict()
         return blk
+
+    def _evict(self) -> None:
+        """Drop the least recently used block; a dirty one is written first (always safe)."""
+        for t in self._cache:
+            if t not in self.dirty:
+                del self._cache[t]
+                return
+        t = next(iter(self._cache))
+        self._write_dirty_block(t)
+        del self._cache[t]
 
     def get(self, cluster: int) -> int:
         """Refcount of host cluster ``cluster`` (0 when no block covers it)."""
@@ -175,6 +197,22 @@ class Refcounts:
             hi += -hi % per
         off = self.block_offset(t)
         self.st.pwrite(off + lo * self.bits // 8, layout.encode_refblock(blk, self.bits, lo, hi))
+
+    def _write_dirty_block(self, t: int) -> None:
+        lo, hi = self.dirty[t]
+        self._write_block_range(t, self._cache[t], lo, hi)
+        del self.dirty[t]
+
+    def write_dirty(self) -> int:
+        """Write every block changed in memory (no flush); return how many were written.
+
+        A block whose write fails stays dirty, so a later call writes it again.
+        """
+        n = 0
+        for t in sorted(self.dirty):
+            self._write_dirty_block(t)
+            n += 1
+        return n
 
     def update(self, changes: Iterable[tuple[int, int]], *, absolute: bool = False) -> None:
         """Add ``delta`` to (or with ``absolute`` set to it) each ``(cluster, delta)``.
@@ -239,6 +277,14 @@ class Refcounts:
                 if new == 0:
                     self.free_hint = min(self.free_hint, t * self.per_block + i)
                     self.frees += 1
+            if self.defer or t in self.dirty:
+                span = self.dirty.get(t)
+                self.dirty[t] = (lo, hi) if span is None else (min(span[0], lo), max(span[1], hi))
+                if t not in self._cache:  # pinned while dirty: the cache must hold it
+                    self._cache[t] = blk
+                if not self.defer:
+                    self._write_dirty_block(t)
+                continue
             try:
                 self._write_block_range(t, blk, lo, hi)
             except ImageError:
@@ -390,6 +436,7 @@ class Refcounts:
                 new_table[t] = off
             table_off = (s + nb) << self.cluster_bits
             self.st.pwrite(table_off, layout.encode_u64_table(new_table))
+            self.write_dirty()  # the area's own counts, in existing blocks, before the switch
             self.st.flush()
             old_off, old_clusters = self.table_offset, self.table_clusters
             self._set_table(table_off, tc)
@@ -400,6 +447,7 @@ class Refcounts:
             self.add_range(old_off >> self.cluster_bits, old_clusters, -1)
         else:
             if block_at:  # a table entry may point only at a block already on disk
+                self.write_dirty()  # and only at an area whose own counts are there too
                 self.st.flush()
             for t, off in block_at.items():
                 self.st.pwrite(self.table_offset + t * 8, layout.encode_u64_table([off]))
@@ -414,5 +462,6 @@ class Refcounts:
         return self.get(cluster)
 
     def drop_cache(self) -> None:
-        """Forget decoded blocks (after the file changed underneath)."""
-        self._cache.clear()
+        """Forget decoded blocks (after the file changed underneath); dirty ones are kept."""
+        for t in [t for t in self._cache if t not in self.dirty]:
+            del self._cache[t]

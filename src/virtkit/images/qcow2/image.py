@@ -7,22 +7,30 @@ positional reads; writes keep QEMU's ordering (data, then the L2 entry, then
 the L1 entry; refcounts raised before a reference exists and lowered after it
 is gone), so a process dying mid-write may leak clusters but never corrupts.
 
-Ordering is enforced with barriers (``flush()``, an fdatasync), as QEMU's
-``qcow2_cache_depends_on_flush`` does, because a disk cache may write back in
-any order: each write request first raises refcounts and writes its data (and
-any new L2 table), then one barrier, then the L2/L1 entries that reference
-them; references it removed are flushed away before their refcounts drop. A
-request needs that constant number of barriers however many clusters it
-allocates, and none when it only overwrites clusters it already owns.
-Consecutive ``write_compressed`` calls (compressed convert) form one such
-request, published with one barrier by the next other call on the image
-(``flush()``, ``close()``, a read...), so they cost no barrier per cluster.
+Each write request works on copies of the L2 tables it changes
+(:class:`~.requests.Request`). How it is published depends on the cache mode
+the image was opened with, named after QEMU's ``cache=`` modes:
 
-Memory never runs ahead of the file: a request changes working copies of its
-L2 tables and publishes them (cache and L1) only after each write succeeded;
-and any :class:`~virtkit.ImageError` from a write step (ENOSPC, EIO) reloads
-the L1 table and drops the L2 and refcount caches, so a retry after the space
-comes back sees exactly what is on disk.
+- ``"writeback"`` (the default): in memory, by the
+  :class:`~.cache.MetadataCache`, which writes the metadata on ``flush()``,
+  when its bounded dirty set is full, and on ``close()``, in dependency order.
+  A run of allocating writes costs no fdatasync per request. What ``flush()``
+  returned for survives any crash; unflushed writes may be lost; the image is
+  never corrupt (at worst clusters leak).
+- ``"writethrough"``: written at once with the barriers of
+  :func:`~.requests.commit_through`, and the file is fdatasynced before each
+  write call returns, so every completed write is durable.
+
+Structural operations (snapshots, resize, check, ``make_empty``, backing
+changes) first write the cache back, then run write-through.
+
+On the write-through path memory never runs ahead of the file: any
+:class:`~virtkit.ImageError` from a write step (ENOSPC, EIO) reloads the L1
+table and drops the L2 and refcount caches, so a retry after the space comes
+back sees exactly what is on disk. In write-back mode a failed request leaves
+the cache as it was before the request (its working copies are dropped; the
+clusters it allocated leak), and a failed write-back keeps everything dirty
+for the next attempt.
 
 Policies, where QEMU leaves a choice:
 
@@ -31,10 +39,10 @@ Policies, where QEMU leaves a choice:
   refcounts rebuilt when it is opened for writing.
 - An image marked corrupt opens, but refuses writes until
   ``check(repair=True)`` leaves it clean (which clears the flag).
-- Persistent dirty bitmaps are kept up to date by :mod:`.bitmaps` (flagged
-  in-use before the first change to guest data, stored and consistent again
-  at ``flush()``/``close()``), as QEMU does. Other autoclear features are
-  cleared, as the specification asks of programs that do not maintain them.
+- Persistent bitmaps are not updated; the first write flags each one
+  in-use (stale), as QEMU does while it has an image open. Other autoclear
+  features are cleared, as the specification asks of programs that do not
+  maintain them.
 - External data files are read, not written.
 """
 
@@ -61,12 +69,13 @@ from virtkit.errors import (
 )
 from virtkit.images.args import check_bool, check_bytes, check_int, check_name
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
-from virtkit.images.qcow2 import bitmaps as bitmapsmod
 from virtkit.images.qcow2 import chain, layout, metadata, snapshots
 from virtkit.images.qcow2 import check as checkmod
 from virtkit.images.qcow2.allocator import Refcounts
+from virtkit.images.qcow2.cache import CACHE_MODES, MetadataCache
 from virtkit.images.qcow2.compress import compress, decompress
 from virtkit.images.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, Mapper, Run
+from virtkit.images.qcow2.requests import Request, coalesce, commit_through
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage, Storage
 
@@ -78,8 +87,9 @@ R = TypeVar("R")
 #: Largest buffer a single internal zero-fill or copy step uses.
 CHUNK = 4 * 1024 * 1024
 
-#: L2 tables a batch of compressed writes may change before it is published.
-PENDING_TABLES = 64
+# The request record under its former name (create.py's preallocation uses it).
+_Request = Request
+_coalesce = coalesce
 
 
 def guarded(fn: Callable[P, R]) -> Callable[P, R]:
@@ -106,7 +116,7 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
+class Qcow2Image(Image):
     """An open qcow2 image (v2 or v3). Create with :func:`virtkit.images.open`."""
 
     format = "qcow2"
@@ -119,7 +129,15 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         writable: bool,
         allow_backing: Iterable[str | os.PathLike[str]] = (),
         force_share: bool = False,
+        cache: str = "writeback",
     ) -> None:
+        if cache not in CACHE_MODES:
+            raise ConfigError(
+                f"'cache' must be one of {', '.join(CACHE_MODES)} (got {cache!r})",
+                field="cache",
+                value=cache,
+            )
+        self.cache_mode = cache
         self.st = storage
         self.path = storage.path
         self.meta = meta
@@ -142,8 +160,8 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         self._cluster_cache: tuple[int, bytes] | None = None
         #: Data written that a coming L2 update depends on (see _barrier).
         self._deps = False
-        #: Compressed writes not yet published (see _write_compressed).
-        self._pending: _Request | None = None
+        #: A write-back request is running: publish into the cache (see _run_write).
+        self._defer = False
         self.backing: Image | None = None
         self.data_st: Storage = storage
         self._data_st_own: Storage | None = None
@@ -167,6 +185,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         )
         self.refs.on_metadata_change = self._meta_changed
         self.refs.reserved = self.table_clusters
+        self._wb = MetadataCache(self)
         self.snaps, self.snap_table_bytes = metadata.read_snapshot_table(storage, self.hdr)
         try:
             self._open_files()
@@ -292,17 +311,25 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
     # ---- properties ----
     @property
     def l1(self) -> array[int]:
-        """The active L1 table as on disk (pending compressed writes published first)."""
-        if self._pending is not None and not self._closed:
-            self._settle()
+        """The active L1 table as on disk (the write-back cache written first)."""
+        self._clean()
         return self._l1
 
     @property
     def mapper(self) -> Mapper:
-        """The active disk's :class:`~.mapping.Mapper` (pending writes published first)."""
-        if self._pending is not None and not self._closed:
-            self._settle()
+        """The active disk's :class:`~.mapping.Mapper` (the write-back cache written first)."""
+        self._clean()
         return self._mapper
+
+    @property
+    def metadata_cache(self) -> MetadataCache:
+        """The write-back :class:`~.cache.MetadataCache` (what is dirty, write-back count)."""
+        return self._wb
+
+    def _clean(self) -> None:
+        """Write the cache back (without fdatasync) so the file holds all metadata."""
+        if self._wb.dirty and not self._defer and not self._closed and self._writable:
+            self._wb.writeback(sync=False)
 
     @property
     def virtual_size(self) -> int:
@@ -345,14 +372,12 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         return self._corrupt
 
     # ---- small helpers ----
-    def _live(self, *, settle: bool = True) -> None:
+    def _live(self) -> None:
         if self._closed:
             raise ImageError("image is closed", path=self.path)
-        if settle and self._pending is not None:
-            self._settle()
 
-    def _check_range(self, offset: int, length: int, action: str, *, settle: bool = True) -> None:
-        self._live(settle=settle)
+    def _check_range(self, offset: int, length: int, action: str) -> None:
+        self._live()
         check_int(offset, "offset")
         check_int(length, "length")
         if offset < 0 or length < 0 or offset + length > self.hdr.size:
@@ -362,8 +387,8 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                 path=self.path,
             )
 
-    def _require_writable(self, action: str, *, settle: bool = True) -> None:
-        self._live(settle=settle)
+    def _require_writable(self, action: str) -> None:
+        self._live()
         if not self._writable:
             raise ImageError(f"cannot {action}: image is open read-only", path=self.path)
 
@@ -470,7 +495,6 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                     self.hdr.autoclear_features = keep
                     self._write_u64(layout.OFF_AUTOCLEAR, keep)
                     self.st.flush()
-        bitmapsmod.before_write(self)  # bitmaps: in-use on disk before guest data changes
 
     def _mark_bitmaps_in_use(self) -> bool:
         """Flag every persistent bitmap in-use (stale), as QEMU does while writing.
@@ -478,10 +502,28 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         Returns False when the bitmap directory cannot be parsed (the caller
         then clears the bitmaps autoclear bit instead).
         """
-        return bitmapsmod.begin_write(self)
+        try:
+            bitmaps = metadata.read_bitmaps(self.st, self.meta)
+        except CorruptImageError:
+            return False
+        for bm in bitmaps:
+            self.st.pwrite(bm.flags_at, (bm.flags | 1).to_bytes(4, "big"))
+        self.st.flush()
+        return bool(bitmaps)
 
-    def _run_write(self, fn: Callable[[], None]) -> None:
-        """Run a write step; corruption found on the way sets the corrupt flag."""
+    def _run_write(self, fn: Callable[[], None], *, request: bool = False) -> None:
+        """Run a write step; corruption found on the way sets the corrupt flag.
+
+        ``request``: a guest write request (write, zeroes, discard, compressed),
+        published into the write-back cache in ``"writeback"`` mode and made
+        durable before returning in ``"writethrough"`` mode. Anything else is a
+        structural operation: the cache is written back first, then it runs
+        write-through.
+        """
+        defer = request and self.cache_mode == "writeback"
+        if not defer:
+            self._clean()
+        self._defer = self.refs.defer = defer
         try:
             fn()
         except CorruptImageError as exc:
@@ -490,9 +532,21 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                     self._mark_corrupt(str(exc.message), exc.offset)
             raise
         except ImageError:
-            # a write or flush failed (ENOSPC, EIO): trust only what the file holds
-            self._resync()
+            if defer:
+                # the request's working copies were never published; what it allocated leaks
+                self._cluster_cache = None
+                self._cfree = 0
+            else:
+                # a write or flush failed (ENOSPC, EIO): trust only what the file holds
+                self._resync()
             raise
+        finally:
+            self._defer = self.refs.defer = False
+        if defer:
+            if self._wb.over_limit():
+                self._wb.writeback(sync=False)  # bounded memory
+        elif request:
+            self._flush()  # writethrough: the write is durable when the call returns
 
     # ---- reading ----
     @guarded
@@ -589,6 +643,8 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                 "larger cluster size",
                 path=self.path,
             )
+        if self._wb.dirty:  # the new table copies the L1 the file has: make it complete
+            self._wb.writeback(sync=False)
         new_n = min(cap, max(needed, old_n + old_n // 2))
         clusters = -(-new_n * 8 // self.cs)
         new_off = self.refs.allocate(clusters)
@@ -597,6 +653,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         self.st.pwrite(
             new_off, layout.encode_u64_table(table) + bytes(clusters * self.cs - new_n * 8)
         )
+        self.refs.write_dirty()  # its refcounts before the header names it
         self.st.flush()
         old_off = self.hdr.l1_table_offset
         self.st.pwrite(layout.OFF_L1, struct.pack(">IQ", new_n, new_off))
@@ -647,7 +704,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
             self._load_l1()
         self._meta_changed()
 
-    def _req_l2(self, req: _Request, l1i: int) -> tuple[int, array[int]]:
+    def _req_l2(self, req: Request, l1i: int) -> tuple[int, array[int]]:
         """``req``'s working copy of the L2 table for L1 index ``l1i`` (ours alone).
 
         An L2 table shared with a snapshot (or missing) gets a new cluster here;
@@ -679,62 +736,12 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         req.new[l1i] = off
         return new, table
 
-    def _commit(self, req: _Request) -> None:
-        """Write ``req``'s metadata in dependency order, then update memory.
-
-        New L2 tables are written first; one barrier makes them, the raised
-        refcounts and the data durable; then the L2 entries and L1 entries that
-        reference them are written (memory follows each successful write);
-        then, after a second barrier, the references the request removed have
-        their refcounts lowered. A request needs at most two barriers, however
-        many clusters it allocates.
-        """
-        step = self._mapper.step
-        for l1i in req.new:
-            off, table = req.tables[l1i]
-            self.st.pwrite(off, layout.encode_u64_table(table))
-        if req.new or req.ranges:
-            self._barrier()
-        l1_off = self.hdr.l1_table_offset
-        for l1i, (off, table) in req.tables.items():
-            if l1i in req.new:
-                self._set_l1_entry(l1i, off | layout.OFLAG_COPIED)
-                self._mapper.put_l2(off, table)
-                self._meta_changed()
-                continue
-            span = req.ranges.get(l1i)
-            if span is None:
-                continue
-            lo, hi = span[0] * step, span[1] * step
-            self.st.pwrite(off + lo * 8, layout.encode_u64_table(table[lo:hi]))
-            cached = self._mapper.load_l2(off, where=l1_off + l1i * 8)
-            cached[lo:hi] = table[lo:hi]
-        changes = self._ref_drops(req.olds)
-        old_tables = [old for old in req.new.values() if old]
-        if changes or old_tables:
-            # QEMU frees the same way: the reference is gone on disk before the count drops
-            self._flush()
-            changes.extend((old >> self.cb, -1) for old in old_tables)
-            self._cfree = 0
-            self.refs.update(changes)
-            for old in old_tables:
-                if self.refs.get(old >> self.cb) == 0:
-                    self._mapper.forget_l2(old)
-
-    def _ref_drops(self, entries: Iterable[int]) -> list[tuple[int, int]]:
-        """Refcount changes dropping the references the given (former) L2 entries held."""
-        changes: list[tuple[int, int]] = []
-        for entry in entries:
-            if entry & layout.OFLAG_COMPRESSED:
-                host, nbytes = self._mapper.compressed_range(entry)
-                first = (host & ~(layout.COMPRESSED_SECTOR - 1)) >> self.cb
-                last = (host + nbytes - 1) >> self.cb
-                changes.extend((c, -1) for c in range(first, last + 1))
-            else:
-                host = entry & layout.L2E_OFFSET_MASK
-                if host:
-                    changes.append((host >> self.cb, -1))
-        return changes
+    def _commit(self, req: Request) -> None:
+        """Publish ``req``: into the write-back cache, or written through now."""
+        if self._defer:
+            self._wb.publish(req)
+        else:
+            commit_through(self, req)
 
     # ---- writing ----
     @guarded
@@ -744,8 +751,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         mv = check_bytes(data)
         self._check_range(offset, len(mv), "write")
         if len(mv):
-            bitmapsmod.mark(self, offset, len(mv))  # persistent dirty bitmaps
-            self._run_write(lambda: self.write_guest(offset, mv))
+            self._run_write(lambda: self.write_guest(offset, mv), request=True)
 
     def write_guest(self, offset: int, mv: memoryview) -> None:
         """Write without the range check (internal; VM state lives past the disk end).
@@ -757,7 +763,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         cs = self.cs
         pos = 0
         n = len(mv)
-        req = _Request()
+        req = Request()
         while pos < n:
             g = offset + pos
             if not g & (cs - 1) and n - pos >= cs:
@@ -771,7 +777,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                 pos += m
         self._commit(req)
 
-    def _write_full(self, req: _Request, ci: int, k: int, mv: memoryview) -> None:
+    def _write_full(self, req: Request, ci: int, k: int, mv: memoryview) -> None:
         cs = self.cs
         step = self._mapper.step
         l1i = ci >> self.l2_bits
@@ -788,7 +794,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                     inplace.append((j, host))
                     continue
             need.append(j)
-        for j0, j1, host in _coalesce(inplace, cs):
+        for j0, j1, host in coalesce(inplace, cs):
             self._check_overlap(host, j1 - j0)
             self._check_in_file(host)
             self.st.pwrite(host, mv[j0 * cs : j1 * cs])
@@ -797,7 +803,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
             new_base = self.refs.allocate(len(need))
             self._check_overlap(new_base, len(need))
             planned = [(j, new_base + t * cs) for t, j in enumerate(need)]
-            for j0, j1, host in _coalesce(planned, cs):
+            for j0, j1, host in coalesce(planned, cs):
                 self.st.pwrite(host, mv[j0 * cs : j1 * cs])
             for j, host in planned:
                 idx = base + j
@@ -818,7 +824,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         if changed:
             req.mark(l1i, base, base + k)
 
-    def _write_partial(self, req: _Request, g: int, mv: memoryview) -> None:
+    def _write_partial(self, req: Request, g: int, mv: memoryview) -> None:
         cs = self.cs
         ci = g >> self.cb
         in_off = g & (cs - 1)
@@ -902,48 +908,60 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         reach exactly the end of the disk for the last, partial cluster). Data
         that does not shrink is written uncompressed, as QEMU does.
 
-        The data is in the file on return, but the mapping to it is published
-        by the next other call on the image (``flush()``, ``close()``, a read),
-        so a run of compressed writes needs a single barrier; an error while
-        publishing is raised by that call.
+        Like every write, in write-back mode the mapping reaches the file at
+        the next ``flush()`` (or ``close()``), so a run of compressed writes
+        needs no barrier per cluster.
 
         Raises:
             ImageError: misaligned, wrong length, or an external data file.
         """
-        self._require_writable("write compressed data", settle=False)
+        self._require_writable("write compressed data")
         mv = check_bytes(data)
-        self._check_range(offset, len(mv), "write", settle=False)
+        self._check_compressed_range(offset, len(mv))
+        self._run_write(lambda: self._write_compressed(offset, bytes(mv)), request=True)
+
+    def write_precompressed(self, offset: int, data: bytes, compressed: bytes) -> None:
+        """Store one cluster that the caller already compressed (parallel convert).
+
+        ``compressed`` must be what :func:`~.compress.compress` returns for
+        ``data`` padded to a cluster, with this image's compression type; the
+        result is byte for byte what ``write_compressed(offset, data)`` stores.
+
+        Raises:
+            ImageError: misaligned, wrong length, or a read-only image.
+        """
+        self._require_writable("write compressed data")
+        mv = check_bytes(data)
+        comp = bytes(check_bytes(compressed, "compressed"))
+        self._check_compressed_range(offset, len(mv))
+        self._run_write(lambda: self._write_compressed(offset, bytes(mv), comp), request=True)
+
+    def _check_compressed_range(self, offset: int, length: int) -> None:
+        self._check_range(offset, length, "write")
         cs = self.cs
         if offset & (cs - 1) or not (
-            len(mv) == cs or (offset + len(mv) == self.hdr.size and len(mv) < cs)
+            length == cs or (offset + length == self.hdr.size and length < cs)
         ):
             raise ImageError(
                 f"compressed writes take one whole aligned cluster ({cs} bytes) "
-                f"(got {len(mv)} bytes at {offset})",
+                f"(got {length} bytes at {offset})",
                 path=self.path,
             )
-        self._run_write(lambda: self._write_compressed(offset, bytes(mv)))
 
-    def _write_compressed(self, offset: int, data: bytes) -> None:
-        bitmapsmod.mark(self, offset, len(data))  # persistent dirty bitmaps
+    def _write_compressed(self, offset: int, data: bytes, comp: bytes | None = None) -> None:
         self._prepare_write()
         cs = self.cs
-        padded = data + bytes(cs - len(data))
-        comp = compress(self.hdr.compression_type, padded)
+        if comp is None:
+            comp = compress(self.hdr.compression_type, data + bytes(cs - len(data)))
         if len(comp) >= cs and len(data) < cs:
-            self._settle()
             self.write_guest(offset, memoryview(data))
             return
         ci = offset >> self.cb
         l1i = ci >> self.l2_bits
-        req = self._pending
-        if req is None:
-            # Batched like one request: consecutive compressed writes (convert) share
-            # one barrier; any other call on the image publishes them first.
-            req = self._pending = _Request()
+        req = Request()
         if len(comp) >= cs:  # does not shrink: stored uncompressed, as QEMU does
             self._write_full(req, ci, 1, memoryview(data))
-            self._settle_if_big(req)
+            self._commit(req)
             return
         _l2off, l2 = self._req_l2(req, l1i)
         idx = ci & (self.l2_entries - 1)
@@ -957,22 +975,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         if step == 2:
             l2[idx * 2 + 1] = 0
         req.mark(l1i, idx, idx + 1)
-        self._settle_if_big(req)
-
-    def _settle_if_big(self, req: _Request) -> None:
-        if len(req.tables) >= PENDING_TABLES or len(req.olds) >= PENDING_TABLES * 64:
-            self._settle()
-
-    def _settle(self) -> None:
-        """Publish the compressed writes held back for batching (one barrier for all).
-
-        Called by every other operation on the image (reads included) and by
-        ``flush()``/``close()``; a failure here is reported by that call, as a
-        write-back cache reports it at the next flush.
-        """
-        req, self._pending = self._pending, None
-        if req is not None:
-            self._run_write(lambda: self._commit(req))
+        self._commit(req)
 
     def _alloc_bytes(self, n: int) -> int:
         cs, cb = self.cs, self.cb
@@ -1008,7 +1011,6 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         self._require_writable("write zeroes")
         self._check_range(offset, length, "write zeroes")
         if length:
-            bitmapsmod.mark(self, offset, length)  # persistent dirty bitmaps
             self._run_write(lambda: self._zero_range(offset, length, discard=False))
 
     @guarded
@@ -1021,7 +1023,6 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         self._require_writable("discard")
         self._check_range(offset, length, "discard")
         if length:
-            bitmapsmod.mark(self, offset, length)  # persistent dirty bitmaps
             self._run_write(lambda: self._zero_range(offset, length, discard=True))
 
     def _zero_range(self, offset: int, length: int, *, discard: bool, full: bool = False) -> None:
@@ -1038,7 +1039,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                 if a < b:
                     self._zero_partial(a, b - a)
         pos = first
-        req = _Request()  # one request: a constant number of barriers for any length
+        req = Request()  # one request: a constant number of barriers for any length
         while pos < last:
             ci = pos >> self.cb
             k = min((last - pos) >> self.cb, self.l2_entries - (ci & (self.l2_entries - 1)))
@@ -1054,7 +1055,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                 continue
             self.write_guest(run.guest, memoryview(bytes(run.length)))
 
-    def _zero_clusters(self, req: _Request, ci: int, k: int, *, discard: bool, full: bool) -> None:
+    def _zero_clusters(self, req: Request, ci: int, k: int, *, discard: bool, full: bool) -> None:
         step = self._mapper.step
         l1i = ci >> self.l2_bits
         backing = self.backing is not None and not full
@@ -1117,7 +1118,6 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                 is already zero (the image is marked corrupt; nothing changed).
         """
         self._require_writable("empty the image")
-        bitmapsmod.mark(self, 0, self.hdr.size)  # persistent dirty bitmaps: all changes
         self._run_write(self._make_empty)
 
     def _make_empty(self) -> None:
@@ -1154,7 +1154,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                     self._mapper.forget_l2(off)
             if callable(punch):  # nothing references these any more: give the space back
                 freed = sorted(c for c in drops if not self.refs.get(c))
-                for first, stop, _ in _coalesce([(c, c << cb) for c in freed], self.cs):
+                for first, stop, _ in coalesce([(c, c << cb) for c in freed], self.cs):
                     if not punch(first << cb, (stop - first) << cb):
                         punch = None
                         break
@@ -1225,11 +1225,12 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
     # ---- flush / resize ----
     @guarded
     def flush(self) -> None:
-        """fdatasync the image file."""
+        """Write the metadata cache back and fdatasync: everything written so far is durable."""
         self._live()
         if self._writable:
-            self._flush()
-            bitmapsmod.store(self)  # persistent dirty bitmaps consistent again
+            self._wb.writeback(sync=True)
+            self._deps = False
+            self.refs.raised = False
 
     @guarded
     def resize(self, size: int | str, *, shrink: bool = False) -> None:
@@ -1253,9 +1254,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
             return
         if self.snaps and not self.v3:
             raise ImageError("cannot resize a v2 image that has snapshots", path=self.path)
-        bitmapsmod.check_resize(self)  # QEMU refuses with an inconsistent bitmap
         self._run_write(lambda: self._resize(old, new, shrink))
-        bitmapsmod.resized(self)  # bitmaps follow the new size
 
     def _resize(self, old: int, new: int, shrink: bool) -> None:
         self._prepare_write()
@@ -1312,7 +1311,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
             spec["lazy-refcounts"] = bool(
                 self.hdr.compatible_features & layout.COMPAT_LAZY_REFCOUNTS
             )
-        bitmaps = bitmapsmod.read_directory(self.st, self.meta) if self.v3 else []
+        bitmaps = metadata.read_bitmaps(self.st, self.meta) if self.v3 else []
         if bitmaps:
             spec["bitmaps"] = [
                 {"flags": b.flag_names(), "name": b.name, "granularity": 1 << b.granularity_bits}
@@ -1374,10 +1373,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         """Make the disk (and its size) what it was when snapshot ``name`` was taken."""
         self._require_writable("revert to a snapshot")
 
-        bitmapsmod.mark(self, 0, self.hdr.size)  # persistent dirty bitmaps: all may change
         self._run_write(lambda: snapshots.revert(self, name))
-        bitmapsmod.resized(self)  # the snapshot's size...
-        bitmapsmod.mark(self, 0, self.hdr.size)  # ...and all of it changed
 
     @guarded
     def delete_snapshot(self, name: str) -> None:
@@ -1456,63 +1452,16 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         """Flush and release the files (and the backing chain). Idempotent."""
         if self._closed:
             return
-        self._closed = True
         try:
             if self._writable:
-                self._settle()
-                bitmapsmod.store(self)  # persistent dirty bitmaps consistent again
-                self.st.flush()
+                self._wb.writeback(sync=True)
         finally:
+            self._closed = True
             self._close_children()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("rw" if self._writable else "ro")
         return f"<Qcow2Image {self.path!r} {self.hdr.size} bytes v{self.hdr.version} {state}>"
-
-
-class _Request:
-    """One request's metadata updates, published by :meth:`Qcow2Image._commit`.
-
-    While a request runs, clusters are allocated and data written; the L2
-    tables it changes are working copies here, so memory never runs ahead of
-    the file: the cached tables and the L1 table change only after their
-    writes succeed.
-
-    Attributes:
-        tables: L1 index -> (L2 table offset, working copy of the table).
-        new: L1 index -> offset of the L2 table the new one replaces (0: none),
-            for tables allocated by this request.
-        ranges: L1 index -> (first, stop) L2 entry indices changed.
-        olds: former L2 entries whose references the request removes.
-    """
-
-    __slots__ = ("new", "olds", "ranges", "tables")
-
-    def __init__(self) -> None:
-        self.tables: dict[int, tuple[int, array[int]]] = {}
-        self.new: dict[int, int] = {}
-        self.ranges: dict[int, tuple[int, int]] = {}
-        self.olds: list[int] = []
-
-    def mark(self, l1i: int, lo: int, hi: int) -> None:
-        """Record that entries ``[lo, hi)`` of the table for ``l1i`` changed."""
-        r = self.ranges.get(l1i)
-        self.ranges[l1i] = (lo, hi) if r is None else (min(r[0], lo), max(r[1], hi))
-
-
-def _coalesce(items: list[tuple[int, int]], cs: int) -> Iterator[tuple[int, int, int]]:
-    """Group ``(index, host)`` pairs into ``(first, stop, host)`` contiguous runs."""
-    start = prev = host0 = -1
-    for j, host in items:
-        if start >= 0 and j == prev + 1 and host == host0 + (j - start) * cs:
-            prev = j
-            continue
-        if start >= 0:
-            yield start, prev + 1, host0
-        start = prev = j
-        host0 = host
-    if start >= 0:
-        yield start, prev + 1, host0
 
 
 def _merge(extents: Iterable[Extent]) -> Iterator[Extent]:

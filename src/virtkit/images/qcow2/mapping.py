@@ -5,6 +5,10 @@ This module answers only that question: for a guest range it yields runs of
 offset, zeroes, unallocated (fall through to the backing file) or a
 compressed cluster. It reads L2 tables (through a bounded cache) and
 validates every entry it hands out; it never reads or writes guest data.
+
+Tables the write-back cache (:mod:`.cache`) holds changed in memory are
+*pinned*: lookups see them first and the bounded LRU never evicts them, so a
+read always sees the newest mapping whether or not it reached the file.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ class Mapper:
         self.l1_offset = 0
         self._cache: OrderedDict[int, array[int]] = OrderedDict()
         self._cache_limit = max(4, L2_CACHE_BYTES // self.cs)
+        #: L2 tables changed in memory and not yet written (offset -> table): never evicted.
+        self.pinned: dict[int, array[int]] = {}
 
     # ---- tables --------------------------------------------------------------------
     def check_table_offset(self, offset: int, what: str, where: int) -> None:
@@ -108,6 +114,9 @@ class Mapper:
 
     def load_l2(self, offset: int, where: int) -> array[int]:
         """The L2 table at file ``offset`` (decoded, cached)."""
+        table = self.pinned.get(offset)
+        if table is not None:
+            return table
         table = self._cache.get(offset)
         if table is not None:
             self._cache.move_to_end(offset)
@@ -122,17 +131,32 @@ class Mapper:
 
     def put_l2(self, offset: int, table: array[int]) -> None:
         """Install ``table`` as the cached content of the L2 table at ``offset``."""
+        if offset in self.pinned:
+            self.pinned[offset] = table
+            return
         self._cache[offset] = table
         self._cache.move_to_end(offset)
         if len(self._cache) > self._cache_limit:
             self._cache.popitem(last=False)
 
+    def pin(self, offset: int, table: array[int]) -> None:
+        """Hold ``table`` (changed in memory, not yet written) until :meth:`unpin`."""
+        self._cache.pop(offset, None)
+        self.pinned[offset] = table
+
+    def unpin(self) -> None:
+        """Every pinned table was written: move them to the ordinary (evictable) cache."""
+        pinned, self.pinned = self.pinned, {}
+        for offset, table in pinned.items():
+            self.put_l2(offset, table)
+
     def forget_l2(self, offset: int) -> None:
         """Drop a cached L2 table (it was freed or rewritten)."""
         self._cache.pop(offset, None)
+        self.pinned.pop(offset, None)
 
     def drop_cache(self) -> None:
-        """Forget every cached L2 table."""
+        """Forget every cached L2 table that the file holds too (pinned ones stay)."""
         self._cache.clear()
 
     def l2_for(self, l1_index: int) -> tuple[int, array[int] | None]:
