@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Structure-aware mutation fuzzing of the qcow2 reader.
+"""Structure-aware mutation fuzzing of the image readers (qcow2, vmdk, vpc).
 
 Seeds are valid images made by the real ``qemu-img`` (v2 and v3, compressed,
 with snapshots, extended L2, 1-bit refcounts, small clusters, a backing file).
@@ -70,6 +70,12 @@ HEADER_FIELDS: list[tuple[str, int, str]] = [
     ("header_length", 100, ">I"),
 ]
 
+#: Formats whose inputs :func:`exercise` also writes to (the others virtkit only reads).
+WRITE_FORMATS = {"qcow2"}
+
+#: Disks up to this size are read whole; of bigger ones, only data extents up to this much.
+READ_ALL = 64 << 20
+
 #: Per-input limits.
 TIME_LIMIT_S = 20
 MEMORY_LIMIT = 96 << 20
@@ -102,6 +108,7 @@ class Seed:
     cluster_size: int = 65536
     table_offsets: list[int] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # companions (backing files)
+    format: str = "qcow2"  # the driver the input is opened with (also its file suffix)
 
 
 def _u(data: bytes, off: int, code: str) -> int:
@@ -266,6 +273,84 @@ def make_seeds(workdir: Path) -> dict[str, Seed]:
     seed = map_image("overlay", top.read_bytes())
     seed.files["base.raw"] = base.read_bytes()
     seeds["overlay"] = seed
+    seeds.update(make_vmdk_seeds(workdir, raw))
+    seeds.update(make_vpc_seeds(workdir, raw))
+    return seeds
+
+
+def map_vmdk(name: str, data: bytes) -> Seed:
+    """Header fields, grain directory and grain table entries (and grain markers) of a VMDK."""
+    seed = Seed(name, data, format="vmdk")
+    names = ("version", "flags", "capacity", "granularity", "desc_offset", "desc_size",
+             "num_gtes_per_gt", "rgd_offset", "gd_offset", "grain_offset")  # fmt: skip
+    codes = ("<I", "<I", "<Q", "<Q", "<Q", "<Q", "<I", "<Q", "<Q", "<Q")
+    pos = 4
+    for n, c in zip(names, codes, strict=True):
+        seed.fields.append(Field(n, pos, c))
+        pos += struct.calcsize(c)
+    seed.fields.append(Field("compress_algorithm", 77, "<H"))
+    header = 0
+    if _u(data, 56, "<Q") == 0xFFFFFFFFFFFFFFFF:  # stream-optimized: the footer has the header
+        header = len(data) - 1024
+        seed.fields += [Field(f"footer.{f.name}", header + f.offset, f.code) for f in seed.fields]
+    gtes, gran = _u(data, header + 44, "<I"), _u(data, header + 20, "<Q")
+    gd = _u(data, header + 56, "<Q") * 512
+    entries = -(-_u(data, header + 12, "<Q") // (gtes * gran))
+    seed.table_offsets = [0, gd]
+    for i in range(entries):
+        seed.fields.append(Field(f"gd[{i}]", gd + 4 * i, "<I"))
+        gt = _u(data, gd + 4 * i, "<I") * 512
+        if not gt:
+            continue
+        seed.table_offsets.append(gt)
+        for j in range(gtes):
+            grain = _u(data, gt + 4 * j, "<I")
+            if grain:
+                seed.fields.append(Field(f"gt@{gt:#x}[{j}]", gt + 4 * j, "<I"))
+                if _u(data, header + 8, "<I") & (1 << 17):  # grain marker: lba, size
+                    seed.fields.append(Field(f"grain@{grain:#x}.size", grain * 512 + 8, "<I"))
+    return seed
+
+
+def make_vmdk_seeds(workdir: Path, raw: Path) -> dict[str, Seed]:
+    """monolithicSparse and streamOptimized VMDKs of ``raw`` made by qemu-img."""
+    seeds: dict[str, Seed] = {}
+    for name, sub in (("vmdk-sparse", "monolithicSparse"), ("vmdk-stream", "streamOptimized")):
+        path = workdir / f"{name}.vmdk"
+        _run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={sub}", raw, path)
+        seeds[name] = map_vmdk(name, path.read_bytes())
+    return seeds
+
+
+def map_vpc(name: str, data: bytes) -> Seed:
+    """Footer fields, dynamic header fields and BAT entries of a VHD."""
+    seed = Seed(name, data, format="vpc", cluster_size=4096)
+    footer = 0 if data[:8] == b"conectix" else len(data) - 512
+    for fname, off, code in (("data_offset", 16, ">Q"), ("current_size", 48, ">Q"),
+                             ("cyls", 56, ">H"), ("heads", 58, ">B"), ("secs", 59, ">B"),
+                             ("type", 60, ">I"), ("creator_app", 28, ">I")):  # fmt: skip
+        seed.fields.append(Field(f"footer.{fname}", footer + off, code))
+    if footer == 0:
+        dyn = _u(data, 16, ">Q")
+        seed.fields += [
+            Field("dyn.table_offset", dyn + 16, ">Q"),
+            Field("dyn.max_table_entries", dyn + 28, ">I"),
+            Field("dyn.block_size", dyn + 32, ">I"),
+        ]
+        bat = _u(data, dyn + 16, ">Q")
+        seed.table_offsets = [0, dyn, bat]
+        for i in range(_u(data, dyn + 28, ">I")):
+            seed.fields.append(Field(f"bat[{i}]", bat + 4 * i, ">I"))
+    return seed
+
+
+def make_vpc_seeds(workdir: Path, raw: Path) -> dict[str, Seed]:
+    """Dynamic and fixed VHDs of ``raw`` made by qemu-img."""
+    seeds: dict[str, Seed] = {}
+    for sub in ("dynamic", "fixed"):
+        path = workdir / f"vpc-{sub}.vhd"
+        _run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", f"subformat={sub}", raw, path)
+        seeds[f"vpc-{sub}"] = map_vpc(f"vpc-{sub}", path.read_bytes())
     return seeds
 
 
@@ -287,17 +372,33 @@ def exercise(path: Path, *, swallow: bool = True, write: bool = True) -> str:
     :class:`Hang`, or MemoryError when the traced peak passes the memory bound.
     With ``swallow=False`` VirtkitErrors are raised too.
     """
+    fmt = path.suffix.lstrip(".") or "qcow2"
     try:
-        with virtkit.images.open(path, format="qcow2") as img:
+        with virtkit.images.open(path, format=fmt) as img:  # type: ignore[arg-type]
             img.info()
             _ = img.snapshots
-            list(img.block_status())
+            extents = list(img.block_status())
             step = 1 << 20
-            for pos in range(0, img.virtual_size, step):
-                img.read(pos, min(step, img.virtual_size - pos))
+            if img.virtual_size <= READ_ALL:
+                for pos in range(0, img.virtual_size, step):
+                    img.read(pos, min(step, img.virtual_size - pos))
+            else:  # a huge sparse disk (legal in VMDK/VHD): its data, up to a bound
+                budget = READ_ALL
+                for ext in extents:
+                    if ext.kind != "data":
+                        continue
+                    for pos in range(ext.start, ext.start + ext.length, step):
+                        n = min(step, ext.start + ext.length - pos, budget)
+                        img.read(pos, n)
+                        budget -= n
+                        if budget <= 0:
+                            break
+                    if budget <= 0:
+                        break
+                img.read(img.virtual_size - 512, 512)
             img.check()
-        if write:
-            with virtkit.images.open(path, writable=True, format="qcow2") as img:
+        if write and fmt in WRITE_FORMATS:
+            with virtkit.images.open(path, writable=True, format=fmt) as img:  # type: ignore[arg-type]
                 size = img.virtual_size
                 if size >= 8192:
                     img.write(size // 3, b"\xa5" * 5000)
@@ -346,7 +447,7 @@ def write_input(folder: Path, seed: Seed, data: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in seed.files.items():
         (folder / name).write_bytes(content)
-    path = folder / "input.qcow2"
+    path = folder / f"input.{seed.format}"
     path.write_bytes(data)
     return path
 

@@ -29,6 +29,9 @@ __all__ = ["FlatExtent", "GrainRun", "SparseExtent"]
 
 #: Grain tables kept in memory per extent (2 KiB each by default).
 _GT_CACHE = 64
+#: Grains up to this size are inflated whole and the last one kept for the next read.
+_CACHE_GRAIN = 1 << 20
+_STEP = 1 << 20
 #: QEMU's bounds (vmdk_add_extent / vmdk_open_vmdk4).
 MAX_GRANULARITY = 0x200000  # sectors (1 GiB)
 MAX_GTES = 512
@@ -169,6 +172,7 @@ class SparseExtent:
         self.cluster_size: int | None = self.grain
         self._file_size = file_size
         self._cache: OrderedDict[int, array[int]] = OrderedDict()
+        self._last: tuple[int, bytes] | None = None
 
     def _footer(self, file_size: int) -> layout.SparseHeader:
         """streamOptimized with the GD at the end: the footer (at -1536) holds the header."""
@@ -249,49 +253,78 @@ class SparseExtent:
         """Read ``length`` bytes at extent offset ``start`` inside ``run``."""
         if run.kind == "data":
             return _read_padded(self.st, run.host + (start - run.start), length)
-        grain = self._inflate(run.host)
         in_grain = start % self.grain
+        if self._last is not None and self._last[0] == run.host:
+            grain = self._last[1]
+        else:
+            keep = (0, self.grain) if self.grain <= _CACHE_GRAIN else (in_grain, in_grain + length)
+            grain = self._inflate(run.host, *keep)
+            if self.grain <= _CACHE_GRAIN:
+                self._last = (run.host, grain)
+            else:
+                in_grain = 0
         if in_grain + length > len(grain):
             raise CorruptImageError(
-                f"compressed grain at {run.host} holds {len(grain)} bytes, "
-                f"fewer than the {in_grain + length} read",
+                f"compressed grain at {run.host} holds fewer bytes than the "
+                f"{start % self.grain + length} read",
                 path=self.path,
                 offset=run.host,
             )
         return grain[in_grain : in_grain + length]
 
-    def _inflate(self, host: int) -> bytes:
-        """The grain stored compressed at ``host`` (QEMU's ``vmdk_read_extent``)."""
-        buf = _read_padded(self.st, host, 2 * self.grain)
-        data, size = buf, self.grain
+    def _inflate(self, host: int, keep_from: int, keep_to: int) -> bytes:
+        """Inflate the grain stored compressed at ``host``; return its bytes ``[keep_from,
+        keep_to)`` (QEMU's ``vmdk_read_extent``: a zlib stream of at most two grains'
+        worth of bytes, inflating to at most one grain, checked to its end).
+
+        Input and output are streamed in 1 MiB pieces, so memory stays bounded
+        by what the caller keeps, however large the header says a grain is.
+        """
+        size = self.grain  # without markers QEMU inflates one grain's worth of bytes
+        pos = host
         if self.header.markers:
-            size = layout.GRAIN_MARKER.unpack_from(buf, 0)[1]
-            data = buf[layout.GRAIN_MARKER.size :]
-        if size == 0 or size > 2 * self.grain:
-            raise CorruptImageError(
-                f"compressed grain size {size} is out of range", path=self.path, offset=host
-            )
-        inflater = zlib.decompressobj()
-        try:
-            out = inflater.decompress(data[:size], self.grain)
-            # a full output: what is left must be only the end of the stream
-            if (
-                not inflater.eof
-                and inflater.unconsumed_tail
-                and inflater.decompress(inflater.unconsumed_tail, 1)
-            ):
+            marker = _read_padded(self.st, host, layout.GRAIN_MARKER.size)
+            size = layout.GRAIN_MARKER.unpack(marker)[1]
+            pos += layout.GRAIN_MARKER.size
+            if size == 0 or size > 2 * self.grain:
                 raise CorruptImageError(
-                    "compressed grain inflates to more than one grain",
-                    path=self.path,
-                    offset=host,
+                    f"compressed grain size {size} is out of range", path=self.path, offset=host
                 )
+        inflater = zlib.decompressobj()
+        kept = bytearray()
+        produced = 0
+        end = pos + size
+        pending = b""
+        try:
+            while not inflater.eof:
+                if not pending and pos < end:
+                    pending = _read_padded(self.st, pos, min(_STEP, end - pos))
+                    pos += len(pending)
+                last = not pending
+                if last:  # no input left: only what zlib still holds
+                    out = inflater.flush()
+                else:
+                    out = inflater.decompress(pending, _STEP)
+                    pending = inflater.unconsumed_tail
+                if produced + len(out) > self.grain:
+                    raise CorruptImageError(
+                        "compressed grain inflates to more than one grain",
+                        path=self.path,
+                        offset=host,
+                    )
+                lo, hi = max(keep_from - produced, 0), min(keep_to - produced, len(out))
+                if lo < hi:
+                    kept += out[lo:hi]
+                produced += len(out)
+                if last:
+                    break
         except zlib.error as exc:
             raise CorruptImageError(
                 f"compressed grain does not inflate: {exc}", path=self.path, offset=host
             ) from exc
         if not inflater.eof:
             raise CorruptImageError("compressed grain is truncated", path=self.path, offset=host)
-        return out
+        return bytes(kept)
 
     def bad_grains(self) -> Iterator[tuple[int, str]]:
         """``(host offset, message)`` for grain-table entries pointing past the file's end."""
