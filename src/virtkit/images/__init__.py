@@ -15,6 +15,7 @@ This package knows nothing about machines; it imports only ``virtkit.errors``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -186,6 +187,7 @@ def open(  # noqa: A001 - mirrors the built-in, as gzip.open and tarfile.open do
     format: Format | None = None,  # noqa: A002 - qemu-img's own word
     allow_backing: Iterable[str | os.PathLike[str]] = (),
     force_share: bool = False,
+    cache: Literal["writeback", "writethrough"] = "writeback",
 ) -> Image:
     """Open an existing image.
 
@@ -197,6 +199,11 @@ def open(  # noqa: A001 - mirrors the built-in, as gzip.open and tarfile.open do
             from; by default only names inside the image's own directory tree.
         force_share: open even if another process holds the image (read-only
             opens only), as ``qemu-img -U`` does.
+        cache: as QEMU's cache modes. ``"writeback"`` (the default): metadata
+            is cached and written at ``flush()``/``close()``; what ``flush()``
+            returned for survives a crash, unflushed writes may be lost, the
+            image is never corrupt. ``"writethrough"``: every write is durable
+            when it returns. See the performance page for the exact contract.
 
     Raises:
         ConfigError: an argument has the wrong type or value.
@@ -223,7 +230,20 @@ def open(  # noqa: A001 - mirrors the built-in, as gzip.open and tarfile.open do
             f"'allow_backing' must be a list of paths (got {allow_backing!r})",
             field="allow_backing",
         ) from exc
+    if cache not in ("writeback", "writethrough"):
+        raise ConfigError(
+            f"'cache' must be 'writeback' or 'writethrough' (got {cache!r})",
+            field="cache",
+            value=cache,
+        )
+    extra: dict[str, Any] = {}
+    if cache != "writeback":  # every driver caches like QEMU's writeback by default
+        if "cache" not in inspect.signature(driver.open).parameters:
+            raise UnsupportedFeatureError(
+                f"{fmt} images have no cache={cache!r} mode", feature=f"cache {cache}", path=path
+            )
+        extra["cache"] = cache
     opened: Image = driver.open(
-        path, writable=writable, allow_backing=allowed, force_share=force_share
+        path, writable=writable, allow_backing=allowed, force_share=force_share, **extra
     )
     return opened
