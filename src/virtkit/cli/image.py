@@ -121,8 +121,30 @@ def _snapshot_line(snap: images.SnapshotInfo) -> str:
     )
 
 
+def _snapshot_json(snap: images.SnapshotInfo) -> dict[str, Any]:
+    """One snapshot as qemu-img info --output=json prints it."""
+    stamp = snap.date.timestamp()
+    out: dict[str, Any] = {}
+    if snap.icount is not None:
+        out["icount"] = snap.icount
+    out.update(
+        {
+            "vm-clock-nsec": snap.vm_clock_ns % 1_000_000_000,
+            "name": snap.name,
+            "date-sec": int(stamp),
+            "date-nsec": snap.date.microsecond * 1000,
+            "vm-clock-sec": snap.vm_clock_ns // 1_000_000_000,
+            "id": snap.id,
+            "vm-state-size": snap.vm_state_size,
+        }
+    )
+    return out
+
+
 def _info_json(info: images.ImageInfo) -> dict[str, Any]:
     data = info.to_json()
+    if info.snapshots:
+        data["snapshots"] = [_snapshot_json(s) for s in info.snapshots]
     backing = info.backing_filename
     if backing is not None:
         data["full-backing-filename"] = (
