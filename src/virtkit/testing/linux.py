@@ -45,6 +45,7 @@ from virtkit.errors import BackendUnavailable, ConfigError
 
 __all__ = [
     "DEFAULT_MODULES",
+    "GUEST_AGENT_PACKAGE",
     "KERNEL_PACKAGE",
     "LINUX_CMDLINE",
     "PROMPT",
@@ -53,11 +54,13 @@ __all__ = [
     "build_initramfs",
     "cache_dir",
     "cpio_newc",
+    "fetch_guest_agent",
     "fetch_kernel",
     "module_load_order",
 ]
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
+GUEST_AGENT_PACKAGE = "qemu-guest-agent"
 """The Debian meta-package whose versioned dependency holds the kernel."""
 
 READY_MARKER = "virtkit-linux: ready"
@@ -181,6 +184,38 @@ def fetch_kernel(cache: Path | None = None) -> LinuxKernel:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return LinuxKernel(version=version, vmlinuz=vmlinuz, modules_dir=modules)
+
+
+def fetch_guest_agent(cache: Path | None = None) -> Path:
+    """Download and unpack Debian's ``qemu-guest-agent`` (once); return its ``qemu-ga``.
+
+    The binary is dynamically linked against libraries the host has (it is
+    the host's own distribution), so it also runs on the host, as the agent
+    protocol tests do, and goes into the test guest's initramfs with them.
+
+    Raises:
+        BackendUnavailable: apt-get/dpkg are missing or the download failed.
+    """
+    root = cache if cache is not None else cache_dir()
+    debs = root / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    deb = _download(GUEST_AGENT_PACKAGE, debs)
+    tree = root / f"guest-agent-{deb.stem.replace('%3a', '-')}"
+    binary = tree / "usr" / "sbin" / "qemu-ga"
+    if not binary.is_file():
+        tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=root))
+        try:
+            proc = _run(["dpkg", "-x", str(deb), str(tmp)])
+            if proc.returncode != 0:
+                raise BackendUnavailable(
+                    f"dpkg -x {deb} failed: {proc.stderr.strip()[-400:]}",
+                    hint="delete the cache folder and try again",
+                )
+            shutil.rmtree(tree, ignore_errors=True)
+            tmp.rename(tree)  # atomic: a half-unpacked tree is never used
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return binary
 
 
 def _modinfo_depends(ko: Path) -> list[str]:
