@@ -189,7 +189,7 @@ def _import(
     total = 0
     wanted: list[tuple[envelope.Hardware, envelope.DiskRef]] = []
     for drive in drives:
-        m = re.match(r"^ovf:/+disk/(.+)$", drive.host_resource)
+        m = re.match(r"^(?:ovf:)?/+disk/(.+)$", drive.host_resource)
         disk = plan.disks.get(m[1]) if m else None
         if disk is None or disk.file is None:
             _warn(f"disk drive {drive.name!r} has no disk file ({drive.host_resource!r}); "
