@@ -12,7 +12,6 @@ import abc
 import contextlib
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import warnings
@@ -26,8 +25,10 @@ import attrs
 from virtkit import bundle, images
 from virtkit.backends.aio_guest import AsyncGuest, GuestTwin, refuse_in_loop
 from virtkit.backends.console import Console
-from virtkit.backends.files import HeldFile, held_files
+from virtkit.backends.devices import DevicesMixin
+from virtkit.backends.files import HeldFile, fit_disk_sizes, held_files
 from virtkit.backends.lifecycle import Lifecycle
+from virtkit.backends.ports import PortsMixin, fixed_forwards
 from virtkit.errors import (
     BackendError,
     CapabilityWarning,
@@ -44,8 +45,6 @@ from virtkit.model import (
     HostResources,
     HypervisorType,
     Machine,
-    Nic,
-    PortForward,
     Snapshot,
     SnapshotKind,
     State,
@@ -218,7 +217,9 @@ class Hypervisor(abc.ABC):
                     available=self._memory_limit() - (memory - guest.machine.memory),
                 )
 
-    def _check_isolation(self, machine: Machine, files: Iterable[HeldFile]) -> None:
+    def _check_isolation(
+        self, machine: Machine, files: Iterable[HeldFile], *, skip: Guest | None = None
+    ) -> None:
         """Two guests may hold one file only if neither writes it.
 
         ``files`` are the new machine's held files (every layer of every disk,
@@ -226,6 +227,8 @@ class Hypervisor(abc.ABC):
         """
         mine = {f.path: f for f in files}
         for other in self._guests.values():
+            if other is skip:
+                continue
             try:
                 theirs_all = other.files()
             except VirtkitError:  # a broken chain of theirs is their problem, not ours
@@ -242,13 +245,15 @@ class Hypervisor(abc.ABC):
                     resource="disk",
                 )
 
-    def _check_ports(self, machine: Machine) -> None:
+    def _check_ports(self, machine: Machine, *, skip: Guest | None = None) -> None:
         """Fixed host ports must not collide with another guest's (host_port=0 never does)."""
         taken: dict[tuple[str, int], tuple[str, str]] = {}
         for other in self._guests.values():
-            for _, fwd in _fixed_forwards(other.machine.nics):
+            if other is skip:
+                continue
+            for _, fwd in fixed_forwards(other.machine.nics):
                 taken[(fwd.protocol, fwd.host_port)] = (other.name, fwd.host_addr)
-        for field, fwd in _fixed_forwards(machine.nics):
+        for field, fwd in fixed_forwards(machine.nics):
             clash = taken.get((fwd.protocol, fwd.host_port))
             if clash is None:
                 continue
@@ -424,71 +429,12 @@ def _allowed(allow: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 def _bundle_roots(folder: Path) -> list[Path]:
     """Outside locations the folder's own bundle records as allowed (a linked clone's base)."""
-    roots = getattr(bundle, "allowed_roots", None)
-    if roots is None or not (folder / bundle.CONFIG_NAME).exists():
+    if not (folder / bundle.CONFIG_NAME).exists():
         return []
-    return [Path(p) for p in roots(folder)]
+    return [Path(p) for p in bundle.allowed_roots(folder)]
 
 
-def _fixed_forwards(nics: Iterable[Nic]) -> Iterable[tuple[str, PortForward]]:
-    for i, nic in enumerate(nics):
-        for j, fwd in enumerate(nic.forwards):
-            if fwd.host_port:
-                yield f"nics[{i}].forwards[{j}].host_port", fwd
-
-
-def fit_disk_sizes(machine: Machine, folder: Path) -> None:
-    """Grow each disk whose ``size`` is larger than its image; refuse a smaller ``size``.
-
-    The active layer is resized (an overlay may be larger than its backing
-    file, as QEMU allows). Never shrinks.
-
-    Raises:
-        ConfigError: a ``Disk.size`` is smaller than the image, or a read-only
-            disk would need growing (naming the field).
-    """
-    for i, disk in enumerate(machine.disks):
-        if disk.size is None:
-            continue
-        path = bundle.resolve_disk(folder, disk.active)
-        if not path.is_file():
-            continue
-        fmt = "qcow2" if disk.layers else disk.format
-        with images.open(path, format=fmt, force_share=True) as image:  # type: ignore[arg-type]
-            current = image.virtual_size
-        field = f"disks[{i}].size"
-        if disk.size < current:
-            raise ConfigError(
-                f"'{field}' is {disk.size} bytes but the image {path} is {current}; virtkit "
-                "never shrinks a disk (that drops data): set size to at least "
-                f"{current} or leave it out",
-                field=field,
-                value=disk.size,
-            )
-        if disk.size > current:
-            if disk.read_only:
-                raise ConfigError(
-                    f"'{field}' is {disk.size} bytes but the read-only image {path} is "
-                    f"{current}; a read-only disk cannot be grown",
-                    field=field,
-                    value=disk.size,
-                )
-            with images.open(path, writable=True, format=fmt) as image:  # type: ignore[arg-type]
-                image.resize(disk.size)
-
-
-def _free_port(protocol: str, addr: str, avoid: set[int]) -> int:
-    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-    for _ in range(64):
-        with socket.socket(socket.AF_INET, kind) as sock:
-            sock.bind((addr, 0))
-            port = int(sock.getsockname()[1])
-        if port not in avoid:
-            return port
-    raise ResourceError(f"no free {protocol} port on {addr}", resource="port")
-
-
-class Guest(abc.ABC):
+class Guest(PortsMixin, DevicesMixin, abc.ABC):
     """A machine placed on a hypervisor: the thing that runs.
 
     Use it as a context manager to kill and undefine it on exit.
@@ -628,96 +574,13 @@ class Guest(abc.ABC):
             self.machine, self.folder, snapshots=self.snapshots, allow=self.allow, chains=chains
         )
 
-    @property
-    def forwards(self) -> tuple[tuple[str, PortForward], ...]:
-        """(NIC name, forward) for every port forward, with the host port in use.
-
-        A ``PortForward(host_port=0)`` shows the port picked at the last start
-        (0 before the first start).
-        """
-        out = []
-        for nic in self.machine.nics:
-            for j, fwd in enumerate(nic.forwards):
-                port = self._ports.get((str(nic.name), j), fwd.host_port)
-                out.append((str(nic.name), attrs.evolve(fwd, host_port=port)))
-        return tuple(out)
-
-    def host_port(self, guest_port: int, *, protocol: str = "tcp", nic: str | None = None) -> int:
-        """The host port forwarded to ``guest_port`` (the one picked at start for host_port=0).
-
-        Raises:
-            ConfigError: no such forward, or it is ambiguous (give ``nic``).
-            StateError: the port is picked at start and the guest was never started,
-                or the handle is dead.
-        """
-        self._lifecycle.check_alive("look up a port of")
-        hits = [
-            (name, fwd)
-            for name, fwd in self.forwards
-            if fwd.guest_port == guest_port
-            and fwd.protocol == protocol
-            and (nic is None or name == nic)
-        ]
-        if not hits:
-            raise ConfigError(
-                f"guest {self.name!r} forwards no {protocol} port to guest port {guest_port!r}",
-                field="guest_port",
-                value=guest_port,
-            )
-        if len(hits) > 1:
-            raise ConfigError(
-                f"guest {self.name!r} forwards {protocol} guest port {guest_port} on several "
-                f"NICs ({', '.join(n for n, _ in hits)}); pass nic=",
-                field="nic",
-            )
-        port = hits[0][1].host_port
-        if port == 0:
-            raise StateError(
-                f"guest {self.name!r} picks the host port for guest port {guest_port} when it "
-                "starts; start it first",
-                state=self.state,
-                action="host_port",
-            )
-        return port
-
-    def _assign_ports(self) -> None:
-        """Pick a free host port for each ``host_port=0`` forward (start)."""
-        taken: set[int] = set()
-        for other in self.hypervisor._created:
-            if other is not self and other.state in _LIVE:
-                taken.update(f.host_port for _, f in other.forwards)
-        self._ports = {}
-        for nic in self.machine.nics:
-            for j, fwd in enumerate(nic.forwards):
-                if fwd.host_port == 0:
-                    port = _free_port(fwd.protocol, fwd.host_addr, taken)
-                    taken.add(port)
-                    self._ports[(str(nic.name), j)] = port
-
-    def launch_machine(self) -> Machine:
-        """The machine as a backend launches it: ``host_port=0`` replaced by the picked ports."""
-        if not self._ports:
-            return self.machine
-        nics = []
-        for nic in self.machine.nics:
-            fwds = tuple(
-                attrs.evolve(f, host_port=self._ports.get((str(nic.name), j), f.host_port))
-                for j, f in enumerate(nic.forwards)
-            )
-            nics.append(attrs.evolve(nic, forwards=fwds))
-        return attrs.evolve(self.machine, nics=tuple(nics))
-
     def _set_machine(self, machine: Machine) -> None:
         """Persist a changed definition to the folder (atomically), then adopt it.
 
         Backends call this after every change of layers, media or devices, so
         a restart, another backend or another process sees the same machine.
         """
-        write = getattr(bundle, "write_machine", None)
-        if write is not None:
-            write(self.folder, machine)
-        else:
-            bundle.save(machine, self.folder, create_disks=False, allow=self.allow)
+        bundle.write_machine(self.folder, machine, allow=self.allow)
         self.machine = machine
 
     def snapshot_dir(self, name: str) -> Path:

@@ -25,11 +25,21 @@ from pathlib import Path
 
 import attrs
 
-from virtkit import bundle
+from virtkit import bundle, images
 from virtkit.errors import ConfigError, ImageError
-from virtkit.model import Machine, Snapshot
+from virtkit.model import Disk, Machine, Snapshot
 
-__all__ = ["NVRAM_FILE", "SEED_FILE", "HeldFile", "held_files", "inside", "resolve_media"]
+__all__ = [
+    "NVRAM_FILE",
+    "SEED_FILE",
+    "HeldFile",
+    "create_disk",
+    "fit_disk_sizes",
+    "held_files",
+    "inside",
+    "kernel_file",
+    "resolve_media",
+]
 
 #: the UEFI variables file in a guest folder
 NVRAM_FILE = "OVMF_VARS.fd"
@@ -74,8 +84,6 @@ def _backing_chain(top: Path, fmt: str, roots: Sequence[Path], what: str) -> lis
     The names come from the image files (untrusted): each must resolve inside
     the directory of the image naming it or one of ``roots``.
     """
-    from virtkit import images  # noqa: PLC0415 - the image engine only when files exist
-
     if not top.is_file() or fmt != "qcow2":
         return []
     chain: list[Path] = []
@@ -163,3 +171,63 @@ def held_files(
 def kernel_file(folder: str | os.PathLike[str], path: Path) -> Path:
     """Absolute path of a kernel or initrd named by ``Machine.kernel`` (relative: the folder)."""
     return _kernel_file(Path(folder), path)
+
+
+def fit_disk_sizes(machine: Machine, folder: Path) -> None:
+    """Grow each disk whose ``size`` is larger than its image; refuse a smaller ``size``.
+
+    The active layer is resized (an overlay may be larger than its backing
+    file, as QEMU allows). Never shrinks.
+
+    Raises:
+        ConfigError: a ``Disk.size`` is smaller than the image, or a read-only
+            disk would need growing (naming the field).
+    """
+    for i, disk in enumerate(machine.disks):
+        if disk.size is None:
+            continue
+        path = bundle.resolve_disk(folder, disk.active)
+        if not path.is_file():
+            continue
+        fmt = "qcow2" if disk.layers else disk.format
+        with images.open(path, format=fmt, force_share=True) as image:  # type: ignore[arg-type]
+            current = image.virtual_size
+        field = f"disks[{i}].size"
+        if disk.size < current:
+            raise ConfigError(
+                f"'{field}' is {disk.size} bytes but the image {path} is {current}; virtkit "
+                "never shrinks a disk (that drops data): set size to at least "
+                f"{current} or leave it out",
+                field=field,
+                value=disk.size,
+            )
+        if disk.size > current:
+            if disk.read_only:
+                raise ConfigError(
+                    f"'{field}' is {disk.size} bytes but the read-only image {path} is "
+                    f"{current}; a read-only disk cannot be grown",
+                    field=field,
+                    value=disk.size,
+                )
+            with images.open(path, writable=True, format=fmt) as image:  # type: ignore[arg-type]
+                image.resize(disk.size)
+
+
+def create_disk(disk: Disk, folder: Path) -> Path | None:
+    """Create a disk's missing image (with a ``size``) atomically; returns it if created."""
+    path = bundle.resolve_disk(folder, disk.path)
+    if disk.size is None or path.exists() or disk.layers:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.creating")
+    tmp.unlink(missing_ok=True)
+    try:
+        options: dict[str, str | None] = {}
+        if disk.backing is not None:
+            options = {"backing": disk.backing, "backing_format": disk.backing_format}
+        images.create(tmp, disk.size, disk.format, **options).close()  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -33,9 +33,13 @@ from virtkit.model import Disk, KernelBoot, Machine
 
 __all__ = [
     "CACHE_MODES",
+    "CD_DRIVER",
+    "HD_DRIVER",
+    "NIC_DRIVERS",
     "AttachedDisk",
     "KernelBoot",
     "LaunchSpec",
+    "blockdev_nodes",
     "build_argv",
     "device_json",
     "node_name",
@@ -51,7 +55,7 @@ CACHE_MODES: dict[str, tuple[bool, bool, bool]] = {
     "unsafe": (False, True, True),
 }
 
-_NIC_DRIVERS = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
+NIC_DRIVERS = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 _MIB = 1024**2
 _CPU_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -140,7 +144,12 @@ def _bootindex(machine: Machine, name: str) -> dict[str, int]:
     return {}
 
 
-def _blockdev_args(disk: Disk, path: Path, node: str) -> list[str]:
+def blockdev_nodes(disk: Disk, path: Path, node: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``file`` and format node (QMP ``blockdev-add`` arguments) that open a disk.
+
+    ``path`` is the disk's active layer: qcow2 when the disk has layers,
+    else the disk's own format.
+    """
     direct, no_flush, _ = CACHE_MODES[disk.cache]
     cache = {"direct": direct, "no-flush": no_flush}
     file_node: dict[str, Any] = {
@@ -154,13 +163,18 @@ def _blockdev_args(disk: Disk, path: Path, node: str) -> list[str]:
     if direct:
         file_node["aio"] = "threads"
     fmt_node: dict[str, Any] = {
-        "driver": disk.format,
+        "driver": "qcow2" if disk.layers else disk.format,
         "node-name": node,
         "file": f"{node}-file",
         "cache": cache,
         "discard": disk.discard,
         "read-only": disk.read_only,
     }
+    return file_node, fmt_node
+
+
+def _blockdev_args(disk: Disk, path: Path, node: str) -> list[str]:
+    file_node, fmt_node = blockdev_nodes(disk, path, node)
     return ["-blockdev", _json(file_node), "-blockdev", _json(fmt_node)]
 
 
@@ -205,8 +219,8 @@ class _Buses:
         return {"bus": "scsi0.0", "scsi-id": i}
 
 
-_HD_DRIVER = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "sata": "ide-hd", "scsi": "scsi-hd"}
-_CD_DRIVER = {"ide": "ide-cd", "sata": "ide-cd", "scsi": "scsi-cd"}
+HD_DRIVER = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "sata": "ide-hd", "scsi": "scsi-hd"}
+CD_DRIVER = {"ide": "ide-cd", "sata": "ide-cd", "scsi": "scsi-cd"}
 
 
 def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
@@ -299,7 +313,7 @@ def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
         props: dict[str, Any] = {"drive": node, "id": target, **buses.place(disk.bus)}
         props["write-cache"] = "on" if CACHE_MODES[disk.cache][2] else "off"
         props.update(_bootindex(machine, target))
-        devices += ["-device", device_json(_HD_DRIVER[disk.bus], **props)]
+        devices += ["-device", device_json(HD_DRIVER[disk.bus], **props)]
     isos: list[tuple[str, str, Path | None]] = [
         (str(c.target), c.bus, p) for c, p in zip(machine.cdroms, spec.cdroms, strict=True)
     ]
@@ -308,7 +322,7 @@ def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
     for target, bus, iso in isos:
         if iso is None:  # an empty drive: media can be inserted later (change_media)
             props = {"id": target, **buses.place(bus), **_bootindex(machine, target)}
-            devices += ["-device", device_json(_CD_DRIVER[bus], **props)]
+            devices += ["-device", device_json(CD_DRIVER[bus], **props)]
             continue
         node = node_name(target)
         file_node = {"filename": os.fspath(iso), "read-only": True}
@@ -319,7 +333,7 @@ def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
             _json({"driver": "raw", "node-name": node, "file": f"{node}-file", "read-only": True}),
         ]
         props = {"drive": node, "id": target, **buses.place(bus), **_bootindex(machine, target)}
-        devices += ["-device", device_json(_CD_DRIVER[bus], **props)]
+        devices += ["-device", device_json(CD_DRIVER[bus], **props)]
     netdevs: list[str] = []
     for nic in machine.nics:
         name = str(nic.name)
@@ -335,7 +349,7 @@ def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
             tap = opt_value(str(nic.tap), what="tap")
             netdevs += ["-netdev", f"tap,id=net-{name},ifname={tap},script=no,downscript=no"]
             props["netdev"] = f"net-{name}"
-        devices += ["-device", device_json(_NIC_DRIVERS[nic.model], **props)]
+        devices += ["-device", device_json(NIC_DRIVERS[nic.model], **props)]
     for controller in buses.controllers:
         argv += ["-device", controller]
     argv += blockdevs + netdevs + devices

@@ -55,6 +55,7 @@ from virtkit.backends.qemu.argv import (
     node_name,
     shell_quote,
 )
+from virtkit.backends.qemu.hotplug import Hotplug
 from virtkit.backends.qemu.layers import Layers, qemu_img
 from virtkit.backends.qemu.process import ExitInfo, QemuProcess, make_runtime_dir
 from virtkit.backends.qemu.qmp import check_command, run_sync
@@ -66,7 +67,7 @@ from virtkit.errors import (
     TimeoutError,
 )
 from virtkit.images.args import check_path
-from virtkit.model import CdRom, Disk, Machine, Snapshot, SnapshotKind, State
+from virtkit.model import CdRom, Disk, Machine, Nic, Snapshot, SnapshotKind, State
 
 if TYPE_CHECKING:
     from virtkit.backends.qemu.aio import AsyncQemuGuest
@@ -112,6 +113,7 @@ class QemuGuest(Guest):
         self._quiet = 0  # > 0 while a virtkit operation causes STOP/RESUME events
         self.last_shutdown: Mapping[str, Any] | None = None  # data of QMP SHUTDOWN
         self._layers = Layers(self)
+        self._hotplug = Hotplug(self)
         self._ids = 0  # for unique QMP job ids and node names
         self._nodes: dict[str, str] = {}
         self._aio: AsyncQemuGuest | None = None
@@ -366,6 +368,8 @@ class QemuGuest(Guest):
             self.last_shutdown = dict(data)
         elif name == "RESET":
             self.resets += 1
+        elif name == "DEVICE_DELETED":
+            self._hotplug.on_device_deleted(data)
         elif name == "GUEST_PANICKED":
             action = data.get("action", "?")
             self._notify_crash(f"the guest kernel panicked (QMP GUEST_PANICKED, action {action})")
@@ -431,6 +435,17 @@ class QemuGuest(Guest):
 
     def _do_kill(self) -> None:
         self._terminate()
+
+    def _do_change_media(self, drive: CdRom) -> None:
+        self._hotplug.change_media(drive)
+
+    def _do_attach(self, device: Disk | Nic) -> None:
+        if isinstance(device, Nic) and any(f.host_port == 0 for f in device.forwards):
+            device = self._with_ports(device)
+        self._hotplug.attach(device)
+
+    def _do_detach(self, device: Disk | Nic) -> None:
+        self._hotplug.detach(device)
 
     def _release(self) -> None:
         with contextlib.suppress(Exception):

@@ -281,6 +281,7 @@ class Layers:
         if guest._proc is not None:
             guest._terminate()
         keep = {os.path.realpath(self.path(n)) for s in guest.snapshots for n in s.layers.values()}
+        keep |= self._read_by_clones()
         changes: dict[int, tuple[str, ...]] = {}
         discard: list[Path] = []
         created: list[Path] = []
@@ -308,6 +309,15 @@ class Layers:
         self._with_layers(changes)
         for path in discard:
             path.unlink(missing_ok=True)
+
+    def _read_by_clones(self) -> set[str]:
+        """Real paths of this folder's files that linked clones read."""
+        folder = self.guest.folder
+        return {
+            os.path.realpath(folder / name)
+            for _, files in bundle.dependents(folder)
+            for name in files
+        }
 
     def removed_by_delete(self, snap: Snapshot) -> dict[str, Path]:
         """disk target -> the layer file deleting disk snapshot ``snap`` would remove."""
@@ -343,6 +353,16 @@ class Layers:
                         f"{other.name!r} first",
                         action="delete_snapshot",
                     )
+        for _, disk in self._writable():  # first refuse, then change: all or nothing
+            layer = snap.layers.get(str(disk.target))
+            if layer is None:
+                continue
+            path = self.path(layer)
+            children = self.children_of(path)
+            if not self.same(path, guest.base_disk_path(disk)) or len(children) == 1:
+                bundle.check_unshared(
+                    guest.folder, [path, *children], action=f"delete disk snapshot {snap.name!r}"
+                )
         for i, disk in self._writable():
             layer = snap.layers.get(str(disk.target))
             if layer is None:
