@@ -68,7 +68,7 @@ CRAFTED: list[tuple[str, bytes, str]] = [
         b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 "
         b"/dev/cloop $1\n" + bytes(64),
         "cloop",
-    ),  # fmt: skip
+    ),
     ("cloop_prefix_only", b"#!/bin/sh\n#V2.0 Format\n", "raw"),
     ("vmdk_text", b"# Disk DescriptorFile\nversion=1\nCID=1\n", "vmdk"),
     ("vmdk_text_crlf", b'# c\r\n  \r\nversion=3\r\ncreateType="x"\r\n', "vmdk"),
