@@ -40,7 +40,7 @@ from typing import Any
 import attrs
 
 from virtkit.bundle.atomic import atomic_write, fsync_dir
-from virtkit.bundle.document import fresh, merge_text
+from virtkit.bundle.document import fresh, merge_text, plain
 from virtkit.bundle.links import (
     LINKS_NAME,
     allowed_roots,
@@ -253,7 +253,7 @@ def _render(config: Path, machine: Machine) -> bytes | None:
         merged = merge_text(old, minimal, machine_to_dict(machine, minimal=False))
         if merged is not None:
             candidates.append(merged)
-    candidates.append(fresh(minimal))
+    candidates += [fresh(minimal), plain(minimal)]
     for text in candidates:
         try:
             if machine_from_dict(parse_toml(text.encode(), config), file=str(config)) == machine:

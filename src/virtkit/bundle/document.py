@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import tomli_w
 import tomlkit
 import tomlkit.exceptions
 from tomlkit.container import Container
@@ -30,14 +31,20 @@ from tomlkit.items import AoT, Array, InlineTable, Item, Table
 from virtkit.errors import VirtkitError
 from virtkit.units import parse_size
 
-__all__ = ["fresh", "merge_text", "to_item"]
+__all__ = ["fresh", "merge_text", "plain", "to_item"]
 
 _SIZE_KEYS = {"memory", "size"}
 
 
 def _string(value: str) -> Item:
+    """Line breaks make a multi-line string, opened on its own line as people write it."""
     if "\n" in value and "\r" not in value:
-        return tomlkit.string(value, multiline=True)
+        text = tomlkit.string(value, multiline=True).as_string()
+        if value.startswith("\n"):
+            return tomlkit.string(value, multiline=True)  # tomlkit already opens a line
+        # TOML drops a newline right after the opening quotes: same value, easier to read
+        parsed: Item = tomlkit.parse(f'v = """\n{text[3:]}')["v"]
+        return parsed
     return tomlkit.item(value)
 
 
@@ -178,3 +185,8 @@ def merge_text(text: str, minimal: Mapping[str, Any], full: Mapping[str, Any]) -
         return None
     merge(doc, minimal, full)
     return tomlkit.dumps(doc)
+
+
+def plain(doc: Mapping[str, Any]) -> str:
+    """The document in tomli-w's plain style (no multi-line strings): the last resort."""
+    return tomli_w.dumps(dict(doc))

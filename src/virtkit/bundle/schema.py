@@ -276,7 +276,9 @@ def _upgrade_v1(body: dict[str, Any]) -> dict[str, Any]:
     machine really had and what version 2 records.
     """
     out = dict(body)
-    if "layers" in out or "kernel" in out:
+    disks = out.get("disks")
+    layered = isinstance(disks, list) and any(isinstance(d, dict) and "layers" in d for d in disks)
+    if layered or "kernel" in out:
         raise ConfigError("'layers' and 'kernel' need format-version = 2")
     memory = out.get("memory")
     if memory is not None and not isinstance(memory, bool):
