@@ -2,13 +2,17 @@
 
 The new file is laid out as QEMU lays it out: header (and extensions, and
 the backing file name) in cluster 0, then the refcount table, the refcount
-blocks describing this metadata, then the L1 table.
+blocks describing this metadata, then the L1 table. It is written under a
+hidden temporary name in the same directory and linked into place only when
+complete (as ``convert`` does), so a create killed half-way leaves no
+half-made image at the destination.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from typing import Any
 
 from virtkit.errors import ConfigError, ImageError
@@ -199,7 +203,12 @@ def create(
             field="cluster_size",
         )
 
-    st = FileStorage(path, writable=True, create=True)
+    if os.path.lexists(path):
+        raise ImageError("file already exists", path=path)
+    # Built under a temporary name and published whole: a create killed at any
+    # point leaves nothing at ``path`` (at most a hidden temporary file).
+    tmp = _temp_name(path)
+    st = FileStorage(tmp, writable=True, create=True)
     try:
         st.pwrite(0, bytes(head) + bytes(cs - len(head)))
         table = [blocks_off + i * cs for i in range(nb)]
@@ -214,19 +223,58 @@ def create(
         if l1_n:
             st.pwrite(l1_off, bytes(l1_clusters * cs))
         st.flush()
-        img = Qcow2Image(st, metadata.load(st), writable=True, allow_backing=allow_backing)
+        if preallocation == "metadata":
+            building = Qcow2Image(st, metadata.load(st), writable=True, allow_backing=allow_backing)
+            _preallocate(building)
+            building.close()
+        st.close()
+        _publish(tmp, path)
     except BaseException:
         st.close()
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            os.unlink(tmp)
         raise
-    if preallocation == "metadata":
-        try:
-            _preallocate(img)
-        except BaseException:
-            img.close()
-            raise
-    return img
+    st = FileStorage(path, writable=True)
+    try:
+        return Qcow2Image(st, metadata.load(st), writable=True, allow_backing=allow_backing)
+    except BaseException:
+        st.close()
+        raise
+
+
+def _temp_name(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.virtkit-{secrets.token_hex(4)}.tmp")
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Give the finished file at ``tmp`` the name ``path``, never replacing a file there.
+
+    A hard link is atomic and fails if ``path`` exists; where links are not
+    supported, a rename after a check. The directory is synced so the name
+    survives a power loss.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError as exc:
+        raise ImageError("file already exists", path=path) from exc
+    except OSError:
+        if os.path.lexists(path):
+            raise ImageError("file already exists", path=path) from None
+        os.rename(tmp, path)
+    else:
+        os.unlink(tmp)
+    folder = os.path.dirname(path) or "."
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync directories; the name is there all the same
+    finally:
+        os.close(fd)
 
 
 def _preallocate(img: Qcow2Image) -> None:
