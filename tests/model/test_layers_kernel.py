@@ -13,6 +13,7 @@ from virtkit import (
     Disk,
     KernelBoot,
     Machine,
+    Nic,
     PortForward,
     Snapshot,
 )
@@ -129,6 +130,10 @@ class TestMediaPortsMemory:
         """host_port=0 is allowed (a free port is picked at start); 0.0.0.0 listens on all."""
         fwd = PortForward(0, 22, host_addr="0.0.0.0")
         assert fwd.host_port == 0
+        nic = Nic(forwards=[PortForward(0, 22), PortForward(0, 80)])  # each picks its own
+        assert [f.host_port for f in nic.forwards] == [0, 0]
+        with pytest.raises(ConfigError, match="twice"):
+            Nic(forwards=[PortForward(8080, 22), PortForward(8080, 80)])
 
     @pytest.mark.parametrize("addr", ["::1", "[::1]", "localhost", "10.0.2.300", "01.2.3.4", ""])
     def test_host_addr_forms_qemu_refuses(self, addr: str) -> None:

@@ -314,7 +314,7 @@ class Nic:
         seen: set[tuple[str, str, int]] = set()
         for fwd in value:
             key = (fwd.protocol, fwd.host_addr, fwd.host_port)
-            if key in seen:
+            if fwd.host_port and key in seen:  # port 0: each picks its own free port
                 raise ConfigError(
                     f"'forwards' uses host port {fwd.protocol}/{fwd.host_addr}:{fwd.host_port} "
                     "twice",
