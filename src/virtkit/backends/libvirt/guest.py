@@ -37,12 +37,15 @@ import datetime as _dt
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from virtkit import bundle
 from virtkit.backends.base import Guest
+from virtkit.backends.libvirt import storage
 from virtkit.backends.libvirt.console import ConsoleStream
+from virtkit.backends.libvirt.storage import Progress
 from virtkit.bundle.atomic import atomic_write
 from virtkit.errors import (
     ConfigError,
@@ -392,6 +395,50 @@ class LibvirtGuest(Guest):
             self.domain.undefineFlags(flags)
         super()._release()
 
+    @contextlib.contextmanager
+    def _exclusive(self, action: str) -> Iterator[None]:
+        """Hold the guest's operation lock for an action the shared state table lacks."""
+        with self._lifecycle._op_lock:
+            self._lifecycle.check_alive(action)
+            yield
+
+    # -- hosts without shared storage ---------------------------------------------------------
+    def pull(self, *, progress: Progress | None = None, remove: bool = False) -> None:
+        """Download this pushed guest's disks back into its VM folder.
+
+        Args:
+            progress: called as ``progress(done_bytes, total_bytes)``.
+            remove: delete the volumes and the pool on the host afterwards.
+
+        Raises:
+            StateError: the guest runs (its disks are changing).
+            ConfigError: the host shares storage (nothing to pull).
+            BackendError: libvirt failed (names the URI).
+        """
+        if progress is not None and not callable(progress):
+            raise ConfigError(f"'progress' must be callable (got {progress!r})", field="progress")
+        if not isinstance(remove, bool):
+            raise ConfigError(f"'remove' must be True or False (got {remove!r})", field="remove")
+        if self.hypervisor.local_files:
+            raise ConfigError(
+                f"{self.hypervisor.uri} shares storage with this machine; the folder already "
+                "holds the disks",
+                field="pull",
+            )
+        with self._exclusive("pull"):
+            if self.state is not State.SHUTOFF:
+                raise StateError(
+                    f"cannot pull the disks of {self.name!r} while it is {self.state.value}",
+                    state=self.state,
+                    action="pull",
+                )
+            files = storage.disk_files(self.machine, self.folder)
+            remote = self.hypervisor.remote_folder(self.name) + "/disks"
+            pool = storage.pool_for(self._conn, self.domain_name, remote, create=False)
+            storage.download_pool(self._conn, pool, files, progress)
+            if remove:
+                storage.delete_pool(self._conn, self.domain_name)
+
     # -- hosts ----------------------------------------------------------------------------------
     def record_location(self) -> None:
         """Write ``location.toml``: the URI and domain this guest runs under now."""
@@ -446,7 +493,7 @@ class LibvirtGuest(Guest):
             if not isinstance(value, bool):
                 raise ConfigError(f"'{name}' must be True or False (got {value!r})", field=name)
         lv = self._conn.lv
-        with self._lifecycle.operation("migrate"):
+        with self._exclusive("migrate"):
             if self.state not in (State.RUNNING, State.PAUSED):
                 raise StateError(
                     f"cannot migrate guest {self.name!r}: it is {self.state.value} (only a running "
@@ -465,29 +512,26 @@ class LibvirtGuest(Guest):
                 flags |= lv.VIR_MIGRATE_NON_SHARED_DISK
             if any(d.cache != "none" for d in self.machine.disks) and not copy_storage:
                 flags |= lv.VIR_MIGRATE_UNSAFE  # shared storage, page cache flushed by QEMU
-            if self.state is State.PAUSED:
-                flags |= lv.VIR_MIGRATE_PAUSED
+            # always arrive paused: the console attaches on the destination before the
+            # guest runs again there, so no output is lost (the source's stream reads
+            # until the source QEMU stops)
+            flags |= lv.VIR_MIGRATE_PAUSED
             params: dict[str, Any] = {}
             if destination.migration_uri:
                 params[lv.VIR_MIGRATE_PARAM_URI] = destination.migration_uri
             paused = self.state is State.PAUSED
             self._busy_enter()
             try:
-                self._detach_console()
-                try:
-                    moved = self._call(
-                        f"migrate to {destination.uri}",
-                        self.domain.migrate3,
-                        destination.connection.raw,
-                        params,
-                        flags,
-                    )
-                except BaseException:
-                    if self._real_state() in (State.RUNNING, State.PAUSED):
-                        self._attach_console()
-                    raise
+                moved = self._call(
+                    f"migrate to {destination.uri}",
+                    self.domain.migrate3,
+                    destination.connection.raw,
+                    params,
+                    flags,
+                )
             finally:
                 self._busy_exit()
+            self._detach_console()
             new = destination._adopt(self, moved, paused=paused)
             self.hypervisor._forget(self, f"it was migrated to {destination.uri}")
             return new

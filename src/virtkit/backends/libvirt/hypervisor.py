@@ -12,6 +12,8 @@ Options (``virtkit.connect("libvirt", ...)``):
 * ``shared_storage``: whether the host sees this machine's files at the same
   paths (default: True for local URIs); without it, :func:`virtkit.libvirt.push`
   uploads a VM folder's disks to the host;
+* ``remote_root``: where pushed guests' disks live on a host without shared
+  storage (default ``/var/lib/libvirt/virtkit``; one storage pool per guest);
 * ``migration_uri``: where other hosts send migration data for guests
   migrating *to* this one (e.g. ``tcp://10.0.0.2``; default: libvirt's choice
   from the host name);
@@ -37,8 +39,10 @@ import attrs
 
 from virtkit.backends.base import Guest, Hypervisor
 from virtkit.backends.kvmprobe import PROBE_MARKER, PROBE_TIMEOUT, probe_image
+from virtkit.backends.libvirt import storage
 from virtkit.backends.libvirt.connection import Connection, default_uri, is_remote, libvirt_module
 from virtkit.backends.libvirt.guest import LibvirtGuest
+from virtkit.backends.libvirt.storage import Progress
 from virtkit.errors import BackendError, ConfigError
 from virtkit.libvirt import to_xml
 from virtkit.model import HostResources, HypervisorType, Machine, State
@@ -93,6 +97,7 @@ class LibvirtHypervisor(Hypervisor):
         name_prefix: str = "",
         shared_storage: bool | None = None,
         migration_uri: str | None = None,
+        remote_root: str = "/var/lib/libvirt/virtkit",
         timeout: float = 30.0,
         **options: Any,
     ) -> None:
@@ -117,6 +122,11 @@ class LibvirtHypervisor(Hypervisor):
                 f"'migration_uri' must be a string like 'tcp://10.0.0.2' (got {migration_uri!r})",
                 field="migration_uri",
             )
+        if not isinstance(remote_root, str) or not remote_root.startswith("/"):
+            raise ConfigError(
+                f"'remote_root' must be an absolute path on the host (got {remote_root!r})",
+                field="remote_root",
+            )
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(
                 f"'timeout' must be a positive number of seconds (got {timeout!r})",
@@ -127,6 +137,7 @@ class LibvirtHypervisor(Hypervisor):
         self.name_prefix = name_prefix
         self.local_files = (not is_remote(self.uri)) if shared_storage is None else shared_storage
         self.migration_uri = migration_uri
+        self.remote_root = remote_root.rstrip("/") or "/"
         self.connection = Connection(self.uri, timeout=float(timeout))
         self._accel: AccelChoice | None = None
         self._callback_id: int | None = None
@@ -224,11 +235,55 @@ class LibvirtHypervisor(Hypervisor):
 
     # -- definitions ----------------------------------------------------------------------------
     def domain_xml(self, machine: Machine, folder: Path) -> str:
-        """The XML :meth:`define` gives libvirt for ``machine`` in ``folder``."""
+        """The XML :meth:`define` gives libvirt for ``machine`` in ``folder``.
+
+        On a host without shared storage the disks are the pushed volumes in
+        :meth:`remote_folder`, not the local files.
+        """
         domain_type = "kvm" if self.accelerator.accel == "kvm" else "qemu"
-        return to_xml(
-            machine, folder, name=self.name_prefix + machine.name, domain_type=domain_type
-        )
+        where = folder if self.local_files else Path(self.remote_folder(machine.name))
+        return to_xml(machine, where, name=self.name_prefix + machine.name, domain_type=domain_type)
+
+    def remote_folder(self, name: str) -> str:
+        """Where a pushed guest's files live on the host (its disks in ``disks/``)."""
+        return f"{self.remote_root}/{self.name_prefix}{name}"
+
+    def push(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        progress: Progress | None = None,
+    ) -> LibvirtGuest:
+        """Define the VM folder ``folder`` here, uploading its disks when storage is not shared.
+
+        With shared storage this is :meth:`define` on the folder's machine (the
+        files are used in place). Otherwise every image file of ``disks/`` is
+        uploaded into a storage pool of the guest's own on the host
+        (:meth:`remote_folder`), reporting ``progress(done_bytes, total_bytes)``;
+        the folder stays the truth for everything else, and
+        :meth:`LibvirtGuest.pull` brings the disks back.
+
+        Raises:
+            ConfigError: the folder does not load, a file is not directly in
+                ``disks/``, or a guest of that name exists.
+            BackendError: libvirt failed (the message names the URI).
+        """
+        from virtkit import bundle  # noqa: PLC0415 - keeps import order light
+
+        if progress is not None and not callable(progress):
+            raise ConfigError(f"'progress' must be callable (got {progress!r})", field="progress")
+        target = Path(os.path.abspath(os.fspath(folder)))
+        machine = bundle.load(target)
+        if not self.local_files:
+            files = storage.disk_files(machine, target)
+            name = self.name_prefix + machine.name
+            pool = storage.pool_for(
+                self.connection, name, self.remote_folder(machine.name) + "/disks", create=True
+            )
+            storage.upload_files(self.connection, pool, files, progress)
+        guest = self.define(machine, folder=target)
+        assert isinstance(guest, LibvirtGuest)
+        return guest
 
     def _create_guest(self, machine: Machine, folder: Path) -> Guest:
         raw = self.connection.raw
@@ -246,6 +301,26 @@ class LibvirtHypervisor(Hypervisor):
                 field="name",
                 value=machine.name,
             )
+        if not self.local_files:
+            try:
+                pool = storage.pool_for(
+                    self.connection, name, self.remote_folder(machine.name) + "/disks", create=False
+                )
+            except BackendError:
+                raise ConfigError(
+                    f"{self.uri} does not share this machine's storage and its disks are not "
+                    f"uploaded; use hv.push(folder) to upload the VM folder",
+                    field="folder",
+                ) from None
+            have = {v.name() for v in pool.listAllVolumes(0)}
+            for i, disk in enumerate(machine.disks):
+                missing = [f for f in disk.files() if os.path.basename(f) not in have]
+                if missing:
+                    raise ConfigError(
+                        f"'disks[{i}]' file {missing[0]!r} is not uploaded to {self.uri}; use "
+                        "hv.push(folder)",
+                        field=f"disks[{i}]",
+                    )
         xml = self.domain_xml(machine, Path(os.path.abspath(folder)))
         domain = self.connection.call(f"define domain {name!r}", raw.defineXML, xml)
         try:
@@ -267,6 +342,12 @@ class LibvirtHypervisor(Hypervisor):
         guest._lifecycle.set(State.PAUSED if paused else State.RUNNING)
         self._register(guest)
         guest._attach_console()
+        if not paused:
+            guest._busy_enter()
+            try:
+                self.connection.call("resume after migration", domain.resume)
+            finally:
+                guest._busy_exit()
         # snapshot metadata is a convenience on the new host; the folder keeps it
         with contextlib.suppress(BackendError):
             guest.restore_snapshot_metadata()
