@@ -33,7 +33,7 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "Machine": {"name": "vm"},
     "Disk": {"path": "d.qcow2"},
     "Nic": {},
-    "CdRom": {"path": "c.iso"},
+    "CdRom": {},  # path=None is an empty drive
     "Serial": {},
     "Snapshot": {"name": "s"},
     "CloudInit": {"user_data": "#cloud-config\n"},
@@ -41,6 +41,7 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "HostResources": {"cpus": 4, "memory": 2**32, "storage": 2**40},
     "AllocationPolicy": {},
     "PortForward": {"host_port": 2222, "guest_port": 22},
+    "KernelBoot": {"kernel": "vmlinuz"},
 }
 BAD_PATHS: list[Any] = [None, True, 0, -1, 1.5, math.nan, b"x", [], {}, "", "a\0b"]
 
