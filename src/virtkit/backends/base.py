@@ -29,6 +29,7 @@ from virtkit.backends.devices import DevicesMixin
 from virtkit.backends.files import HeldFile, fit_disk_sizes, held_files
 from virtkit.backends.lifecycle import Lifecycle
 from virtkit.backends.ports import PortsMixin, fixed_forwards
+from virtkit.bundle.paths import explicit_roots
 from virtkit.errors import (
     BackendError,
     CapabilityWarning,
@@ -229,6 +230,8 @@ class Hypervisor(abc.ABC):
         for other in self._guests.values():
             if other is skip:
                 continue
+            with contextlib.suppress(VirtkitError):
+                other._refresh()  # its folder may have changed (a clone froze its top layer)
             try:
                 theirs_all = other.files()
             except VirtkitError:  # a broken chain of theirs is their problem, not ours
@@ -574,6 +577,19 @@ class Guest(PortsMixin, DevicesMixin, abc.ABC):
             self.machine, self.folder, snapshots=self.snapshots, allow=self.allow, chains=chains
         )
 
+    def _refresh(self) -> None:
+        """Adopt the folder's definition if it changed behind this handle (the folder is the
+        truth: a clone may have put a new layer on the source, a user edited machine.toml).
+
+        Only while the guest is stopped; a running guest's files are locked by its backend.
+        """
+        if self.state in _LIVE or not (self.folder / bundle.CONFIG_NAME).is_file():
+            return
+        allow = [*self.allow, *explicit_roots(self.machine)]
+        fresh = bundle.load(self.folder, allow=allow)
+        if fresh != self.machine and fresh.name == self.machine.name:
+            self.machine = fresh
+
     def _set_machine(self, machine: Machine) -> None:
         """Persist a changed definition to the folder (atomically), then adopt it.
 
@@ -604,6 +620,7 @@ class Guest(PortsMixin, DevicesMixin, abc.ABC):
         """
         refuse_in_loop("start")
         with self._lifecycle.operation("start"):
+            self._refresh()
             self.hypervisor._admit_start(self)
             self.files()  # backing chains still inside the allowed places
             fit_disk_sizes(self.machine, self.folder)
@@ -702,6 +719,7 @@ class Guest(PortsMixin, DevicesMixin, abc.ABC):
         check_bool(memory, "memory")
         refuse_in_loop("snapshot")
         with self._lifecycle.operation("snapshot"):
+            self._refresh()
             if name in self._snapshots:
                 raise ConfigError(
                     f"guest {self.name!r} already has a snapshot named {name!r}",
@@ -739,6 +757,7 @@ class Guest(PortsMixin, DevicesMixin, abc.ABC):
         check_name(name)
         refuse_in_loop("revert")
         with self._lifecycle.operation("revert"):
+            self._refresh()
             snap = self._get_snapshot(name)
             was_live = self.state in _LIVE
             if snap.kind is SnapshotKind.FULL and not was_live:
@@ -757,6 +776,7 @@ class Guest(PortsMixin, DevicesMixin, abc.ABC):
         check_name(name)
         refuse_in_loop("delete_snapshot")
         with self._lifecycle.operation("delete_snapshot"):
+            self._refresh()
             snap = self._get_snapshot(name)
             self._do_delete_snapshot(snap)
             del self._snapshots[name]

@@ -54,6 +54,8 @@ class DevicesMixin:
 
         def _set_machine(self, machine: Machine) -> None: ...
 
+        def _refresh(self) -> None: ...
+
     # -- media and hot-plug ----------------------------------------------------------
     def _cdrom_index(self, cdrom: object) -> int:
         targets = [str(c.target) for c in self.machine.cdroms]
@@ -89,6 +91,7 @@ class DevicesMixin:
         index = self._cdrom_index(cdrom)
         name = None if path is None else os.fspath(check_path(path, "path"))
         with self._lifecycle.operation("change_media"):
+            self._refresh()
             drive = attrs.evolve(self.machine.cdroms[index], path=name)
             if name is not None:
                 medium = bundle.resolve_disk(self.folder, name)
@@ -127,6 +130,7 @@ class DevicesMixin:
                 field="device",
             )
         with self._lifecycle.operation("attach"):
+            self._refresh()
             if isinstance(device, Disk):
                 machine = attrs.evolve(self.machine, disks=(*self.machine.disks, device))
                 added: Disk | Nic = machine.disks[-1]
@@ -167,6 +171,7 @@ class DevicesMixin:
         """
         refuse_in_loop("detach")
         with self._lifecycle.operation("detach"):
+            self._refresh()
             m = self.machine
             disks = [d for d in m.disks if d.target == target]
             nics = [n for n in m.nics if n.name == target]
