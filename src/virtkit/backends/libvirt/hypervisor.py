@@ -32,6 +32,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -253,6 +254,7 @@ class LibvirtHypervisor(Hypervisor):
         folder: str | os.PathLike[str],
         *,
         progress: Progress | None = None,
+        allow: Iterable[str | os.PathLike[str]] = (),
     ) -> LibvirtGuest:
         """Define the VM folder ``folder`` here, uploading its disks when storage is not shared.
 
@@ -261,7 +263,9 @@ class LibvirtHypervisor(Hypervisor):
         uploaded into a storage pool of the guest's own on the host
         (:meth:`remote_folder`), reporting ``progress(done_bytes, total_bytes)``;
         the folder stays the truth for everything else, and
-        :meth:`LibvirtGuest.pull` brings the disks back.
+        :meth:`LibvirtGuest.pull` brings the disks back. ``allow`` lets the
+        folder name files outside it (as in :func:`virtkit.load`; such files
+        can be used only with shared storage).
 
         Raises:
             ConfigError: the folder does not load, a file is not directly in
@@ -273,7 +277,7 @@ class LibvirtHypervisor(Hypervisor):
         if progress is not None and not callable(progress):
             raise ConfigError(f"'progress' must be callable (got {progress!r})", field="progress")
         target = Path(os.path.abspath(os.fspath(folder)))
-        machine = bundle.load(target)
+        machine = bundle.load(target, allow=allow)
         if not self.local_files:
             files = storage.disk_files(machine, target)
             name = self.name_prefix + machine.name

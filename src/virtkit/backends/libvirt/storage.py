@@ -146,7 +146,8 @@ def download_pool(
         (path, conn.call(f"find volume {path.name!r}", pool.storageVolLookupByName, path.name))
         for path in files
     ]
-    total = sum(int(vol.info()[1]) for _, vol in vols)
+    # the file's length: libvirt reports a qcow2 volume's capacity as its virtual size
+    total = sum(int(vol.infoFlags(lv.VIR_STORAGE_VOL_GET_PHYSICAL)[2]) for _, vol in vols)
     done = 0
     for path, vol in vols:
         tmp = path.with_name(f".{path.name}.pull-{os.getpid()}")
