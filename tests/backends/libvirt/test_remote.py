@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from libvirt_hosts import run
 
 import virtkit
 from virtkit import ConfigError, StateError
@@ -17,8 +18,6 @@ from virtkit.backends.libvirt import LibvirtGuest, LibvirtHypervisor
 from virtkit.images import open as open_image
 from virtkit.model import Disk, Machine, State
 from virtkit.testing import guests
-
-from libvirt_hosts import run
 
 TIMEOUT = 60
 
