@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -213,14 +214,14 @@ def define(ctx: click.Context, source: str, root: str) -> int:
     the images that have a size, snapshots/); on libvirt it defines a domain.
     """
     path = Path(source)
-    if path.is_file():
+    if path.is_file() and path.name != "machine.toml":
         import tempfile  # noqa: PLC0415
 
         with tempfile.TemporaryDirectory() as tmp:
-            os.symlink(path.resolve(), Path(tmp) / "machine.toml")
+            shutil.copyfile(path, Path(tmp) / "machine.toml")
             machine = virtkit.load(tmp)
     else:
-        machine = virtkit.load(path)
+        machine = virtkit.load(path.parent if path.is_file() else path)
     with _hypervisor(ctx, root=root) as hv:
         guest = hv.define(machine)
         click.echo(f"Domain '{guest.name}' defined in {guest.folder}")
