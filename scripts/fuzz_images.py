@@ -313,12 +313,16 @@ def map_vmdk(name: str, data: bytes) -> Seed:
 
 
 def make_vmdk_seeds(workdir: Path, raw: Path) -> dict[str, Seed]:
-    """monolithicSparse and streamOptimized VMDKs of ``raw`` made by qemu-img."""
+    """Sparse and streamOptimized VMDKs of ``raw`` by qemu-img, a true stream by virtkit."""
     seeds: dict[str, Seed] = {}
     for name, sub in (("vmdk-sparse", "monolithicSparse"), ("vmdk-stream", "streamOptimized")):
         path = workdir / f"{name}.vmdk"
         _run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={sub}", raw, path)
         seeds[name] = map_vmdk(name, path.read_bytes())
+    # a true stream (grain directory after the grains, header in the footer), as VMware writes
+    path = workdir / "vmdk-vstream.vmdk"
+    virtkit.images.convert(raw, path, format="vmdk", src_format="raw")
+    seeds["vmdk-vstream"] = map_vmdk("vmdk-vstream", path.read_bytes())
     return seeds
 
 

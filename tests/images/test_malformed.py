@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import struct
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +101,21 @@ def _compressed_into_header(seed: fuzz.Seed, data: bytes) -> bytes:
 
 def _ext_len_past_cluster(seed: fuzz.Seed, data: bytes) -> bytes:
     return _set(seed, data, "ext0.len", 0x100000)
+
+
+def _grain_garbage(seed: fuzz.Seed, data: bytes) -> bytes:
+    """Overwrite the first compressed grain's zlib stream with bytes that do not inflate."""
+    fld = _field(seed, "grain@")
+    out = bytearray(data)
+    out[fld.offset + 4 : fld.offset + 36] = b"\xff" * 32
+    return bytes(out)
+
+
+def _vpc_hyperv_huge(seed: fuzz.Seed, data: bytes) -> bytes:
+    """A Hyper-V footer (current_size decides) claiming 3 TiB: past VHD's 2040 GiB."""
+    out = bytearray(_set(seed, _set(seed, data, "footer.creator_app", 0x77696E20),
+                         "footer.current_size", 3 << 40))  # fmt: skip
+    return bytes(out)
 
 
 Damage = Callable[[fuzz.Seed, bytes], bytes]
@@ -198,6 +214,110 @@ CASES: list[Case] = [
     ("compressed_size_past_eof", "compressed", _compressed_past_eof, Corrupt, None),
     ("compressed_entry_into_header", "compressed", _compressed_into_header, Corrupt, None),
     ("virtual_size_2_62", "v3", lambda s, d: _set(s, d, "size", 1 << 62), Corrupt, None),
+    # VMDK (monolithicSparse and streamOptimized made by qemu-img)
+    ("vmdk_version_4", "vmdk-sparse", lambda s, d: _set(s, d, "version", 4), Unsupported, "4"),
+    ("vmdk_cowd", "vmdk-sparse", lambda s, d: b"COWD" + d[4:], Unsupported, "COWD"),
+    ("vmdk_not_kdmv", "vmdk-sparse", lambda s, d: b"KDMX" + d[4:], Corrupt, "createType"),
+    ("vmdk_gtes_1024", "vmdk-sparse", lambda s, d: _set(s, d, "num_gtes", 1024), Corrupt, None),
+    ("vmdk_granularity_0", "vmdk-sparse", lambda s, d: _set(s, d, "granularity", 0), Corrupt, None),
+    (
+        "vmdk_granularity_4m",
+        "vmdk-sparse",
+        lambda s, d: _set(s, d, "granularity", 1 << 22),
+        Corrupt,
+        "granularity",
+    ),
+    (
+        "vmdk_capacity_2_62",
+        "vmdk-sparse",
+        lambda s, d: _set(s, d, "capacity", 1 << 62),
+        Corrupt,
+        None,
+    ),
+    (
+        "vmdk_gd_past_eof",
+        "vmdk-sparse",
+        lambda s, d: _set(s, d, "gd_offset", 1 << 40),
+        Corrupt,
+        None,
+    ),
+    ("vmdk_gt_past_eof", "vmdk-sparse", lambda s, d: _set(s, d, "gd[0]", 1 << 30), Corrupt, None),
+    ("vmdk_stream_truncated", "vmdk-vstream", lambda s, d: d[:-1536], Corrupt, "footer"),
+    (
+        "vmdk_stream_footer_magic",
+        "vmdk-vstream",
+        lambda s, d: d[:-1024] + b"XXXX" + d[-1020:],
+        Corrupt,
+        "footer",
+    ),
+    ("vmdk_grain_size_0", "vmdk-stream", lambda s, d: _set(s, d, "grain@", 0), Corrupt, "size"),
+    (
+        "vmdk_grain_size_huge",
+        "vmdk-stream",
+        lambda s, d: _set(s, d, "grain@", 0xFFFFFFF0),
+        Corrupt,
+        "size",
+    ),
+    ("vmdk_grain_not_zlib", "vmdk-stream", lambda s, d: _grain_garbage(s, d), Corrupt, "inflate"),
+    (
+        "vmdk_stream_compression_2",
+        "vmdk-vstream",
+        lambda s, d: _set(s, d, "footer.compress_algorithm", 2),
+        Unsupported,
+        "compression",
+    ),
+    # VHD (dynamic and fixed made by qemu-img)
+    (
+        "vpc_dyn_header_past_eof",
+        "vpc-dynamic",
+        lambda s, d: _set(s, d, "footer.data_offset", 1 << 40),
+        Corrupt,
+        None,
+    ),
+    (
+        "vpc_block_size_1000",
+        "vpc-dynamic",
+        lambda s, d: _set(s, d, "dyn.block_size", 1000),
+        Corrupt,
+        "block size",
+    ),
+    (
+        "vpc_bat_too_small",
+        "vpc-dynamic",
+        lambda s, d: _set(s, d, "dyn.max_table_entries", 0),
+        Corrupt,
+        "small",
+    ),
+    (
+        "vpc_bat_huge",
+        "vpc-dynamic",
+        lambda s, d: _set(s, d, "dyn.max_table_entries", 0xFFFFFFFF),
+        Corrupt,
+        None,
+    ),
+    (
+        "vpc_bat_past_eof",
+        "vpc-dynamic",
+        lambda s, d: _set(s, d, "dyn.table_offset", 1 << 40),
+        Corrupt,
+        None,
+    ),
+    (
+        "vpc_no_sparse_cookie",
+        "vpc-dynamic",
+        lambda s, d: d[:512] + b"x" + d[513:],
+        Corrupt,
+        "cxsparse",
+    ),
+    (
+        "vpc_differencing",
+        "vpc-dynamic",
+        lambda s, d: _set(s, d, "footer.type", 4),
+        Unsupported,
+        "differencing",
+    ),
+    ("vpc_fixed_no_footer", "vpc-fixed", lambda s, d: d[:-512] + bytes(512), Corrupt, "conectix"),
+    ("vpc_fixed_too_big", "vpc-fixed", _vpc_hyperv_huge, Corrupt, "2040"),
 ]
 
 # Bounds for every input: seconds of wall time (SIGALRM) and traced peak memory.
@@ -312,3 +432,28 @@ class TestBoundedFuzz:
             fuzz.run_bounded(path, write=False)
         except BaseException as exc:
             raise AssertionError(f"{seed.name} {notes}: {exc!r}") from exc
+
+
+class TestCheckFindsDanglingPointers:
+    """Pointers past the end of the file read as zeroes (as in QEMU) and check() reports them."""
+
+    def test_vmdk_grain_past_eof(self, seeds: Seeds, tmp_path: Path) -> None:
+        """A grain-table entry past EOF: reads give zeroes, check() and qemu-img check complain."""
+        seed = seeds["vmdk-sparse"]
+        path = fuzz.write_input(tmp_path, seed, _set(seed, seed.data, "gt@", 1 << 24))
+        with virtkit.images.open(path, format="vmdk") as img:
+            assert img.read(0, 4096) == bytes(4096)
+            result = img.check()
+        assert not result.ok and result.corruptions >= 1
+        assert "past the end" in result.problems[0].message
+        proc = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, check=False)
+        assert proc.returncode != 0
+
+    def test_vpc_block_past_eof(self, seeds: Seeds, tmp_path: Path) -> None:
+        """A BAT entry past EOF reads zeroes and check() reports the block."""
+        seed = seeds["vpc-dynamic"]
+        path = fuzz.write_input(tmp_path, seed, _set(seed, seed.data, "bat[0]", 1 << 24))
+        with virtkit.images.open(path, format="vpc") as img:
+            assert img.read(0, 4096) == bytes(4096)
+            result = img.check()
+        assert result.corruptions == 1
