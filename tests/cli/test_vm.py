@@ -219,3 +219,51 @@ class TestInteractiveConsoleInTmux:
         status, icanon = status_file.read_text().split()
         assert status == "0"
         assert icanon == "icanon"  # canonical mode is back: the terminal was restored
+
+
+class TestCopiesAndDevices:
+    @pytest.mark.parametrize("full", [False, True])
+    def test_clone_then_run(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], full: bool
+    ) -> None:
+        """vm clone (linked or --full) makes a folder that boots and prints what the source does."""
+        src = _vm(tmp_path, "hello", fmt="qcow2")
+        args = ["vm", "clone", str(src), str(tmp_path / "copy")] + (["--full"] if full else [])
+        status, out, err = _run(capsys, *args)
+        assert status == 0, err
+        assert "Domain 'copy' cloned" in out
+        clone = virtkit.load(tmp_path / "copy")
+        assert clone.name == "copy" and clone.uuid != virtkit.load(src).uuid
+        proc = _cli("vm", "run", str(tmp_path / "copy"))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == guests.OUTPUT["hello"]
+
+    def test_attach_detach_change_media_on_a_folder(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """attach --disk/--nic, change-media and detach edit the stopped VM's folder."""
+        folder = _vm(tmp_path, "hello")
+        status, out, err = _run(
+            capsys, "vm", "attach", str(folder), "--disk", "data.qcow2", "--size", "8M"
+        )
+        assert status == 0, err
+        assert "Device attached: vdb" in out
+        assert (folder / "disks" / "data.qcow2").is_file()
+        assert _run(capsys, "vm", "attach", str(folder), "--nic")[0] == 0
+        machine = virtkit.load(folder)
+        assert [d.target for d in machine.disks] == ["vda", "vdb"]
+        assert len(machine.nics) == 1
+        assert _run(capsys, "vm", "detach", str(folder), "vdb")[0] == 0
+        assert [d.target for d in virtkit.load(folder).disks] == ["vda"]
+        status, _, err = _run(capsys, "vm", "change-media", str(folder), "cdrom0", "--eject")
+        assert status == 1 and "cdrom0" in err  # the machine has no CD-ROM drive
+        status, _, err = _run(capsys, "vm", "attach", str(folder))
+        assert status == 2 and "--disk PATH or --nic" in err
+
+    def test_migrate_needs_libvirt(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """vm migrate on the emulator is a clear error (libvirt moves guests between hosts)."""
+        folder = _vm(tmp_path, "hello")
+        status, _, err = _run(capsys, "vm", "migrate", str(folder), "qemu+ssh://b/system")
+        assert status == 1 and "libvirt" in err

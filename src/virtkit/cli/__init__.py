@@ -22,6 +22,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
@@ -31,7 +32,7 @@ from typing import Any
 import click
 
 from virtkit.cli.image import image
-from virtkit.cli.output import error
+from virtkit.cli.output import error, warn
 from virtkit.cli.vm import vm
 from virtkit.errors import VirtkitError
 
@@ -103,11 +104,24 @@ def _signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    del category, filename, lineno, file, line
+    warn(str(message))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``virtkit`` command; return its exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        with _signals():
+        with _signals(), warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one "virtkit: warning:" line each
             try:
                 result: Any = cli.main(args, prog_name="virtkit", standalone_mode=False)
             except KeyboardInterrupt as exc:  # a Ctrl-C arriving outside our handler

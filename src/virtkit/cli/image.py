@@ -822,3 +822,68 @@ def _copy_range(src: images.Image, out: images.Image, skip: int, size: int, bar:
             pos += n
             bar(pos - skip, size)
     bar(size, size)
+
+
+@image.command()
+@_fmt_option()
+@click.option("--add", "add", is_flag=True, help="Add BITMAP (empty).")
+@click.option("--remove", "remove", is_flag=True, help="Remove BITMAP.")
+@click.option("--clear", "clear", is_flag=True, help="Clear every bit of BITMAP.")
+@click.option("--enable", "enable", is_flag=True, help="Make BITMAP record writes.")
+@click.option("--disable", "disable", is_flag=True, help="Stop BITMAP recording writes.")
+@click.option("--merge", "merge", metavar="SOURCE", help="Set in BITMAP every bit of SOURCE.")
+@click.option("-b", "source_file", metavar="FILE", help="Image holding the --merge source.")
+@click.option("-F", "source_fmt", metavar="FMT", help="Format of the -b image.")
+@click.option("-g", "granularity", metavar="SIZE", help="Granularity of an --add'ed bitmap.")
+@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("bitmap")
+def bitmap(
+    fmt: str | None,
+    add: bool,
+    remove: bool,
+    clear: bool,
+    enable: bool,
+    disable: bool,
+    merge: str | None,
+    source_file: str | None,
+    source_fmt: str | None,
+    granularity: str | None,
+    filename: str,
+    bitmap: str,
+) -> int:
+    """Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img bitmap).
+
+    Several actions may be given; they run in this order: --add, --merge,
+    --clear, --enable, --disable, --remove.
+    """
+    if not (add or remove or clear or enable or disable or merge is not None):
+        raise click.UsageError(
+            "give at least one of --add --remove --clear --enable --disable --merge"
+        )
+    if enable and disable:
+        raise click.UsageError("--enable and --disable contradict each other")
+    if granularity is not None and not add:
+        raise click.UsageError("-g only applies to --add")
+    if source_file is not None and merge is None:
+        raise click.UsageError("-b only applies to --merge")
+    with images.open(filename, writable=True, format=_f(fmt)) as img:
+        if add:
+            img.add_bitmap(bitmap, granularity=granularity)
+        if merge is not None:
+            source: Any = None
+            if source_file is not None:
+                source = images.open(source_file, format=_f(source_fmt), force_share=True)
+            try:
+                img.merge_bitmap(merge, bitmap, source_image=source)
+            finally:
+                if source is not None:
+                    source.close()
+        if clear:
+            img.clear_bitmap(bitmap)
+        if enable:
+            img.enable_bitmap(bitmap)
+        if disable:
+            img.disable_bitmap(bitmap)
+        if remove:
+            img.remove_bitmap(bitmap)
+    return 0

@@ -30,6 +30,7 @@ from typing import Any
 import click
 
 import virtkit
+from virtkit.cli import vm_devices
 from virtkit.cli.console import interactive
 from virtkit.cli.output import human_size
 from virtkit.errors import ConfigError, StateError
@@ -456,3 +457,6 @@ def snapshot_delete(ctx: click.Context, vm_arg: str, name: str) -> int:
         _guest(hv, vm_arg).delete_snapshot(name)
     click.echo(f"Domain snapshot {name} deleted")
     return 0
+
+
+vm_devices.register(vm, _hypervisor, _guest, _in_process)
