@@ -10,14 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from fs_crash import Crash, FsCrash
 
 import virtkit
 from virtkit import Disk, Machine
-
-
-class Crash(BaseException):
-    """Stands for the process dying: not an Exception, so nothing catches it."""
-
 
 OLD = Machine(name="vm", memory="256MiB", disks=[Disk(path="root.raw", size="1MiB")])
 NEW = Machine(
@@ -29,62 +25,37 @@ NEW = Machine(
 )
 
 
-def _count_syscalls(monkeypatch: pytest.MonkeyPatch, crash_at: int | None) -> list[str]:
-    """Make the N-th file-system call of save() 'crash' the process."""
-    calls: list[str] = []
-    for name in ("write", "fsync", "replace", "rename", "open", "ftruncate", "mkdir", "unlink"):
-        real = getattr(os, name)
-
-        def wrapper(
-            *args: object, _real: object = real, _name: str = name, **kwargs: object
-        ) -> object:
-            calls.append(_name)
-            if crash_at is not None and len(calls) == crash_at:
-                raise Crash(_name)
-            return _real(*args, **kwargs)  # type: ignore[operator]
-
-        monkeypatch.setattr(os, name, wrapper)
-    return calls
-
-
 class TestSaveCrashes:
-    def test_every_crash_point(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file-system call of save() is cut in turn, as kill -9 would (see fs_crash)."""
+
+    def test_every_crash_point(self, tmp_path: Path) -> None:
         """Crashing at each file-system call of a re-save leaves OLD or NEW loadable."""
-        with monkeypatch.context() as m:
-            folder = tmp_path / "probe"
-            virtkit.save(OLD, folder)
-            calls = _count_syscalls(m, None)
+        folder = tmp_path / "probe"
+        virtkit.save(OLD, folder)
+        with FsCrash(None) as probe:
             virtkit.save(NEW, folder)
-            total = len(calls)
+        total = probe.calls
         assert total > 5
         outcomes = {"old": 0, "new": 0}
         for n in range(1, total + 1):
             folder = tmp_path / f"run{n}"
             virtkit.save(OLD, folder)
-            with monkeypatch.context() as m:
-                _count_syscalls(m, n)
-                with pytest.raises(Crash):
-                    virtkit.save(NEW, folder)
+            with FsCrash(n), pytest.raises(Crash):
+                virtkit.save(NEW, folder)
             loaded = virtkit.load(folder)
             assert loaded in (OLD, NEW), f"crash at call {n} left a mixed folder"
             outcomes["old" if loaded == OLD else "new"] += 1
         assert outcomes["old"] > 0
         assert outcomes["new"] >= 0
 
-    def test_first_save_crash_never_loads_partial(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_first_save_crash_never_loads_partial(self, tmp_path: Path) -> None:
         """A crash during the first save leaves no folder that loads as something else."""
-        with monkeypatch.context() as m:
-            calls = _count_syscalls(m, None)
+        with FsCrash(None) as probe:
             virtkit.save(NEW, tmp_path / "probe")
-            total = len(calls)
-        for n in range(1, total + 1):
+        for n in range(1, probe.calls + 1):
             folder = tmp_path / f"run{n}"
-            with monkeypatch.context() as m:
-                _count_syscalls(m, n)
-                with pytest.raises(Crash):
-                    virtkit.save(NEW, folder)
+            with FsCrash(n), pytest.raises(Crash):
+                virtkit.save(NEW, folder)
             try:
                 loaded = virtkit.load(folder)
             except virtkit.ConfigError:
