@@ -264,3 +264,160 @@ class TestRebuild:
         with images.open(written, writable=True) as img, pytest.raises(CorruptImageError):
             img.write(3 * 1024 * 1024, b"x" * 100)
         assert written.read_bytes()[l1_off : l1_off + 8] == raw[l1_off : l1_off + 8]
+
+
+# --- every corruption qemu-img check flags, flagged by check() too ------------------------
+def _u64(path: Path, offset: int) -> int:
+    return int(struct.unpack_from(">Q", path.read_bytes(), offset)[0])
+
+
+def _layout(path: Path) -> dict[str, int]:
+    """Offsets of the first L1 entry, its L2 table and the header fields we poke."""
+    raw = path.read_bytes()
+    cb = struct.unpack_from(">I", raw, 20)[0]
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+    return {"cs": 1 << cb, "l1": l1, "l2": l2}
+
+
+def _or64(path: Path, offset: int, bits: int) -> None:
+    _patch(path, offset, ">Q", _u64(path, offset) | bits)
+
+
+def _agree(qemu_img: QemuImg, path: Path) -> tuple[int, int]:
+    """check() and qemu-img check report the same corruptions and leaks (and exit code)."""
+    proc = qemu_img("check", "--output=json", path, check=False)
+    theirs = json.loads(proc.stdout)
+    with images.open(path) as img:
+        ours = img.check()
+    counts = (ours.corruptions, ours.leaks)
+    assert counts == (theirs.get("corruptions", 0), theirs.get("leaks", 0)), (
+        [p.message for p in ours.problems],
+        proc.stderr,
+    )
+    rc = 2 if ours.corruptions else 3 if ours.leaks else 0
+    assert proc.returncode == rc
+    return counts
+
+
+def _l2_image(qemu_img: QemuImg, path: Path, options: str = "") -> Path:
+    qemu_img("create", "-q", "-f", "qcow2", *(["-o", options] if options else []), path, "4M")
+    qemu_io(path, "write -P 0xab 0 128k", "write -c -P 0x11 1M 64k")
+    return path
+
+
+class TestQemuCheckParity:
+    """Each corruption qemu-img check flags (block/qcow2-refcount.c), check() flags alike."""
+
+    @pytest.mark.parametrize("bit", [1, 8, 56, 62])
+    def test_l1_entry_reserved_bits(self, tmp_path: Path, qemu_img: QemuImg, bit: int) -> None:
+        """An L1 entry with a reserved bit (1..8, 56..62) set is a corruption."""
+        path = _l2_image(qemu_img, tmp_path / "l1.qcow2")
+        _or64(path, _layout(path)["l1"], 1 << bit)
+        corruptions, _ = _agree(qemu_img, path)
+        assert corruptions >= 1
+
+    @pytest.mark.parametrize("bit", [1, 8, 56, 61])
+    def test_l2_entry_reserved_bits(self, tmp_path: Path, qemu_img: QemuImg, bit: int) -> None:
+        """A standard L2 entry with a reserved bit (1..8, 56..61) set is a corruption."""
+        path = _l2_image(qemu_img, tmp_path / "l2.qcow2")
+        _or64(path, _layout(path)["l2"] + 8, 1 << bit)
+        assert _agree(qemu_img, path) == (1, 0)
+
+    def test_unaligned_data_cluster(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """A data cluster offset inside a cluster is a corruption (its cluster still counted)."""
+        path = _l2_image(qemu_img, tmp_path / "ua.qcow2")
+        _or64(path, _layout(path)["l2"] + 8, 512)
+        assert _agree(qemu_img, path)[0] >= 1
+
+    def test_snapshot_l1_reserved_bits(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """Reserved bits in a snapshot's L1 table count too."""
+        path = _l2_image(qemu_img, tmp_path / "s.qcow2")
+        qemu_img("snapshot", "-c", "s1", path)
+        qemu_io(path, "write -P 0xcd 0 64k")
+        raw = path.read_bytes()
+        snap_table = struct.unpack_from(">Q", raw, 64)[0]
+        snap_l1 = struct.unpack_from(">Q", raw, snap_table)[0]
+        _or64(path, snap_l1, 1 << 57)
+        assert _agree(qemu_img, path)[0] == 1
+
+    def test_extended_alloc_and_zero(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """Extended L2: a subcluster both allocated and zero is a corruption."""
+        path = _l2_image(qemu_img, tmp_path / "x.qcow2", "extended_l2=on,cluster_size=64k")
+        _or64(path, _layout(path)["l2"] + 8, 1 << 32)  # bitmap of entry 0: zero bit 0 too
+        assert _agree(qemu_img, path) == (1, 0)
+
+    def test_extended_unallocated_with_alloc_bits(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """Extended L2: an unallocated cluster with allocation bits is a corruption."""
+        path = _l2_image(qemu_img, tmp_path / "u.qcow2", "extended_l2=on,cluster_size=64k")
+        _or64(path, _layout(path)["l2"] + 5 * 16 + 8, 1 << 3)
+        assert _agree(qemu_img, path) == (1, 0)
+
+    def test_extended_compressed_with_bitmap(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """Extended L2: a compressed cluster with any bitmap bit is a corruption."""
+        path = _l2_image(qemu_img, tmp_path / "c.qcow2", "extended_l2=on,cluster_size=64k")
+        lay = _layout(path)
+        entry = lay["l2"] + (1 << 20) // lay["cs"] * 16
+        assert _u64(path, entry) >> 62 & 1, "expected the compressed cluster there"
+        _or64(path, entry + 8, 1 << 40)
+        assert _agree(qemu_img, path) == (1, 1)  # and its cluster is not counted: a leak
+
+    def test_unaligned_l2_table(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """An L2 table offset inside a cluster is a corruption."""
+        path = _l2_image(qemu_img, tmp_path / "t.qcow2")
+        _or64(path, _layout(path)["l1"], 512)
+        assert _agree(qemu_img, path)[0] >= 1
+
+    def test_refcount_overflow(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """With 1-bit refcounts, a cluster referenced twice overflows: a corruption per reference."""
+        path = tmp_path / "o.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", path, "4M")
+        qemu_io(path, "write -P 0xab 0 128k")
+        l2 = _layout(path)["l2"]
+        _patch(path, l2 + 8, ">Q", _u64(path, l2))  # cluster 1 maps to cluster 0's data
+        assert _agree(qemu_img, path)[0] >= 1
+
+
+class TestBitmapCheckParity:
+    """Damaged persistent bitmaps: check() and qemu-img check agree."""
+
+    def _bitmap_image(self, qemu_img: QemuImg, path: Path) -> tuple[int, int]:
+        """An image with two bitmaps holding data; (directory offset, first table offset)."""
+        qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+        qemu_img("bitmap", "--add", path, "a")
+        qemu_img("bitmap", "--add", path, "b")
+        qemu_io(path, "write 0 1M")
+        raw = path.read_bytes()
+        at = raw.find(bytes.fromhex("23852875"), 0, 65536)
+        doff = struct.unpack_from(">Q", raw, at + 8 + 16)[0]
+        table = struct.unpack_from(">Q", raw, doff)[0]
+        return doff, table
+
+    def test_clean(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """Bitmap data, tables and directory are all counted: no leak."""
+        path = tmp_path / "b.qcow2"
+        self._bitmap_image(qemu_img, path)
+        assert _agree(qemu_img, path) == (0, 0)
+
+    @pytest.mark.parametrize("bits", [1 << 1, 1 << 60, 1 | (1 << 20 << 9)])
+    def test_table_entry_reserved_bits(self, tmp_path: Path, qemu_img: QemuImg, bits: int) -> None:
+        """A bitmap table entry with reserved bits (or all-ones with an offset) is a corruption.
+
+        qemu-img check cannot report it as one: it refuses to open the image
+        (a consistent bitmap is loaded at open), and with the bitmap in-use
+        its check fails ("Check failed: Invalid argument", exit code 1).
+        check() counts one corruption; reading the bitmap is refused.
+        """
+        path = tmp_path / "t.qcow2"
+        doff, table = self._bitmap_image(qemu_img, path)
+        _or64(path, table, bits)
+        assert qemu_img("check", path, check=False).returncode == 1
+        with images.open(path) as img:
+            assert img.check().corruptions == 1
+            with pytest.raises(CorruptImageError, match="bitmap 'a'"):
+                img.bitmap_extents("a")
+        _patch(path, doff + 12, ">I", 3)  # flags: in-use | auto
+        proc = qemu_img("check", path, check=False)
+        assert proc.returncode == 1 and "Check failed" in proc.stderr
+        with images.open(path) as img:
+            assert img.check().corruptions == 1

@@ -53,6 +53,8 @@ def _scan(img: Qcow2Image) -> _Scan:
     scan = _Scan(expected=array("L", bytes(nclusters * array("L").itemsize)))
     exp = scan.expected
 
+    rmax = img.refs.max
+
     def inc(off: int, nbytes: int, what: str) -> bool:
         if nbytes <= 0:
             return True
@@ -61,6 +63,9 @@ def _scan(img: Qcow2Image) -> _Scan:
             scan.corrupt(f"ERROR {what} at {off:#x} lies past the end of the file", off)
             return False
         for c in range(first, last + 1):
+            if exp[c] >= rmax:  # more references than a refcount can hold, as QEMU reports
+                scan.corrupt(f"ERROR: overflow cluster offset={c << cb:#x}", c << cb)
+                continue
             exp[c] += 1
         return True
 
@@ -104,17 +109,32 @@ def _scan(img: Qcow2Image) -> _Scan:
 def _walk_l1(
     img: Qcow2Image, scan: _Scan, inc: _Inc, l1: array[int], l1_off: int, *, active: bool
 ) -> None:
+    """Count an L1 table and what it reaches, with the checks of QEMU's ``check_refcounts_l1``.
+
+    Per entry: reserved bits (1..8, 56..62), an unaligned L2 table (counted
+    all the same, as QEMU does, but not walked), then the L2 table's entries.
+    """
     cs, cb = img.cs, img.cb
-    step = img.mapper.step
     if active:
         inc(l1_off, len(l1) * 8, "L1 table")
     for i, e in enumerate(l1):
+        if not e:
+            continue
+        where = l1_off + i * 8
+        if e & layout.L1E_RESERVED:
+            scan.corrupt(f"ERROR found L1 entry with reserved bits set: {e:x}", where)
         off = e & layout.L1E_OFFSET_MASK
         if not off:
             continue
-        where = l1_off + i * 8
         if off & (cs - 1):
-            scan.corrupt(f"ERROR L2 table offset {off:#x} (L1 index {i}) is unaligned", where)
+            scan.corrupt(
+                f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted",
+                where,
+            )
+            # QEMU counts and walks the table at the offset as given: so do we
+            if inc(off, cs, f"L2 table (L1 index {i})"):
+                raw = img.st.pread(off, cs)
+                _walk_l2(img, scan, inc, layout.decode_u64_table(raw), off, active=active)
             continue
         if not inc(off, cs, f"L2 table (L1 index {i})"):
             continue
@@ -131,45 +151,84 @@ def _walk_l1(
         except CorruptImageError as exc:
             scan.corrupt(f"ERROR {exc.message}", exc.offset)
             continue
-        for idx in range(0, len(l2), step):
-            x = l2[idx]
-            if not x:
-                continue
-            ewhere = off + idx * 8
-            if x & layout.OFLAG_COMPRESSED:
-                if x & layout.OFLAG_COPIED:
-                    scan.corrupt(
-                        f"ERROR compressed cluster entry {x:x} has the COPIED flag set", ewhere
-                    )
-                    if active:
-                        scan.copied_errors += 1
-                host, nbytes = img.mapper.compressed_range(x)
-                if inc(host & ~511, (host & 511) + nbytes, "compressed cluster") and active:
-                    scan.allocated += 1
-                continue
-            host = x & layout.L2E_OFFSET_MASK
-            if img.mapper.external:
-                if active and x & layout.OFLAG_COPIED:
-                    scan.allocated += 1
-                continue  # clusters in an external data file are not refcounted
-            if not host:
-                continue
-            if host & (cs - 1):
+        _walk_l2(img, scan, inc, l2, off, active=active)
+
+
+def _walk_l2(
+    img: Qcow2Image, scan: _Scan, inc: _Inc, l2: array[int], off: int, *, active: bool
+) -> None:
+    """Count one L2 table's clusters, with the checks of QEMU's ``check_refcounts_l2``.
+
+    Standard descriptors: reserved bits (1..8, 56..61); with extended L2
+    entries, a subcluster both allocated and zero, an unallocated cluster
+    with allocation bits, a compressed one with any bitmap bit. Compressed
+    descriptors: the COPIED flag. Data clusters: alignment and COPIED.
+    """
+    cs, cb = img.cs, img.cb
+    step = img.mapper.step
+    extended = step == 2
+    for idx in range(0, len(l2), step):
+        x = l2[idx]
+        bitmap = l2[idx + 1] if extended else 0
+        if not x and not bitmap:
+            continue
+        ewhere = off + idx * 8
+        if x & layout.OFLAG_COMPRESSED:
+            if x & layout.OFLAG_COPIED:
                 scan.corrupt(
-                    f"ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted",
-                    ewhere,
+                    f"ERROR compressed cluster entry {x:x} has the COPIED flag set", ewhere
                 )
-                continue
-            if not inc(host, cs, "data cluster"):
-                continue
-            if active:
-                scan.allocated += 1
-                rc = _stored(img, host >> cb)
-                if rc is not None and (rc == 1) != bool(x & layout.OFLAG_COPIED):
+                if active:
                     scan.copied_errors += 1
-                    scan.corrupt(
-                        f"ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}", ewhere
-                    )
+            if img.mapper.external:
+                scan.corrupt(f"ERROR compressed cluster entry {x:x} with a data file", ewhere)
+                continue
+            if bitmap:
+                scan.corrupt(
+                    f"ERROR compressed cluster entry {x:x} with non-zero subcluster "
+                    f"allocation bitmap, entry={bitmap:#x}",
+                    ewhere + 8,
+                )
+                continue  # not counted, as in QEMU
+            host, nbytes = img.mapper.compressed_range(x)
+            if inc(host & ~511, (host & 511) + nbytes, "compressed cluster") and active:
+                scan.allocated += 1
+            continue
+        if x & layout.L2E_STD_RESERVED:
+            scan.corrupt(f"ERROR found l2 entry with reserved bits set: {x:x}", ewhere)
+        host = x & layout.L2E_OFFSET_MASK
+        if not host and not (img.mapper.external and x & layout.OFLAG_COPIED):
+            if extended and bitmap & layout.BITMAP_ALLOC_ALL:
+                scan.corrupt(
+                    "ERROR: Unallocated cluster has non-zero subcluster allocation map "
+                    f"({bitmap:#x})",
+                    ewhere + 8,
+                )
+            continue
+        if extended and (bitmap >> 32) & bitmap:
+            scan.corrupt(
+                f"ERROR offset={host:x}: Allocated cluster has corrupted subcluster "
+                "allocation bitmap",
+                ewhere + 8,
+            )
+        if img.mapper.external:
+            if active and x & layout.OFLAG_COPIED:
+                scan.allocated += 1
+            continue  # clusters in an external data file are not refcounted
+        if host & (cs - 1):  # reported, then counted and checked all the same, as QEMU
+            scan.corrupt(
+                f"ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted",
+                ewhere,
+            )
+        counted = inc(host, cs, "data cluster")
+        if active:
+            scan.allocated += counted
+            rc = _stored(img, host >> cb)  # past the file: 0, and QEMU's COPIED check says so
+            if rc is not None and (rc == 1) != bool(x & layout.OFLAG_COPIED):
+                scan.copied_errors += 1
+                scan.corrupt(
+                    f"ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}", ewhere
+                )
 
 
 def _stored(img: Qcow2Image, cluster: int) -> int | None:
