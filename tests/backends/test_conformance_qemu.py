@@ -16,3 +16,5 @@ class TestQemu(ConformanceSuite):
     # and QEMU resets the machine on a triple fault (its default -action reboot=reset).
     reports_boot_failure = False
     crashes_on_triple_fault = False
+    live_media = True
+    hot_plug = True

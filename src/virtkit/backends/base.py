@@ -779,14 +779,25 @@ class Guest(PortsMixin, DevicesMixin, abc.ABC):
             self._refresh()
             snap = self._get_snapshot(name)
             self._do_delete_snapshot(snap)
-            del self._snapshots[name]
-            for child_name, child in list(self._snapshots.items()):
-                if child.parent == name:
-                    self._snapshots[child_name] = attrs.evolve(child, parent=snap.parent)
-            if self._current == name:
-                self._current = snap.parent
-            self._persist_snapshots()
+            self._drop_snapshot_record(snap)
             shutil.rmtree(bundle.snapshot_dir(self.folder, name, create=False), ignore_errors=True)
+
+    def _drop_snapshot_record(self, snap: Snapshot) -> None:
+        """Remove ``snap`` from the index (children re-parented) and persist it, once.
+
+        A backend may call it inside ``_do_delete_snapshot`` once it decided the
+        deletion goes ahead and before it changes files, so a crash never leaves
+        a record of a snapshot whose files were already changed.
+        """
+        if self._snapshots.get(snap.name) is not snap:
+            return
+        del self._snapshots[snap.name]
+        for child_name, child in list(self._snapshots.items()):
+            if child.parent == snap.name:
+                self._snapshots[child_name] = attrs.evolve(child, parent=snap.parent)
+        if self._current == snap.name:
+            self._current = snap.parent
+        self._persist_snapshots()
 
     def _get_snapshot(self, name: str) -> Snapshot:
         try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,13 +32,14 @@ import pytest
 import virtkit
 from virtkit import images
 from virtkit.backends import Guest, Hypervisor
-from virtkit.errors import ConfigError, StateError, TimeoutError, VirtkitError
-from virtkit.model import Disk, Machine, Serial, SnapshotKind, State
+from virtkit.errors import CapabilityWarning, ConfigError, StateError, TimeoutError, VirtkitError
+from virtkit.model import CdRom, Disk, Machine, Serial, SnapshotKind, State
 from virtkit.testing import guests
 
 __all__ = [
     "ConformanceSuite",
     "ConsoleTests",
+    "DeviceTests",
     "DiskTests",
     "ErrorTests",
     "GuestFactory",
@@ -47,6 +49,7 @@ __all__ = [
     "SuiteBase",
     "counts",
     "state_of",
+    "stored",
 ]
 
 GuestFactory = Callable[..., Guest]
@@ -56,6 +59,11 @@ _COUNT = re.compile(rb"count (\d+)\r\n")
 def counts(data: bytes) -> list[int]:
     """The numbers of the complete ``count N`` lines in ``data``."""
     return [int(m.group(1)) for m in _COUNT.finditer(data)]
+
+
+def stored(guest: Guest) -> Machine:
+    """The machine as the guest's folder records it (what any other backend would load)."""
+    return virtkit.load(guest.folder, allow=guest.backing_roots())
 
 
 def state_of(guest: Guest) -> State:
@@ -78,6 +86,10 @@ class SuiteBase:
       with a reason (QEMU's SeaBIOS instead waits and retries, RUNNING).
     * ``crashes_on_triple_fault``: a triple fault ends CRASHED (QEMU's
       default is to reset the machine).
+    * ``live_media``: ``change_media()`` works on a running guest (else it
+      raises ``ConfigError`` and changes nothing; stopped guests always work).
+    * ``hot_plug``: ``attach()`` of a virtio disk works on a running guest
+      (else ``ConfigError``, nothing recorded or created).
     """
 
     backend: ClassVar[str]
@@ -87,6 +99,8 @@ class SuiteBase:
     timeout: ClassVar[float] = 30.0
     reports_boot_failure: ClassVar[bool] = False
     crashes_on_triple_fault: ClassVar[bool] = False
+    live_media: ClassVar[bool] = False
+    hot_plug: ClassVar[bool] = False
 
     @pytest.fixture
     def hypervisor(self, tmp_path: Path) -> Iterator[Hypervisor]:
@@ -613,7 +627,117 @@ class ErrorTests(SuiteBase):
         assert state_of(guest) is State.SHUTOFF
 
 
+class DeviceTests(SuiteBase):
+    """The folder records media changes, attached and detached devices; dead handles."""
+
+    def _iso(self, tmp_path: Path) -> Path:
+        path = tmp_path / "medium.iso"
+        path.write_bytes(bytes(64 * 1024))  # the drive reads it as data: no file system needed
+        return path
+
+    def test_media_change_of_a_stopped_guest_is_recorded(
+        self, make_guest: GuestFactory, tmp_path: Path
+    ) -> None:
+        """change_media() on a shut-off guest edits the definition: insert, then eject."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CapabilityWarning)
+            guest = make_guest("hello", cdroms=[CdRom()])
+        iso = self._iso(tmp_path)
+        guest.change_media("cdrom0", iso)
+        assert stored(guest).cdroms[0].path == str(iso)
+        assert guest.machine.cdroms[0].path == str(iso)
+        guest.change_media("cdrom0", None)
+        assert stored(guest).cdroms[0].path is None
+        with pytest.raises(ConfigError, match="cdrom9"):
+            guest.change_media("cdrom9", iso)
+
+    def test_attach_and_detach_of_a_stopped_guest_are_recorded(
+        self, make_guest: GuestFactory
+    ) -> None:
+        """attach() creates a sized disk in the folder and records it; detach() drops the
+        record and keeps the file; the guest still boots."""
+        guest = make_guest("hello")
+        disk = guest.attach(Disk(path="extra.qcow2", size="1MiB"))
+        assert isinstance(disk, Disk)
+        assert disk.target is not None
+        assert stored(guest).disks[-1] == disk
+        assert (guest.folder / "disks" / "extra.qcow2").is_file()
+        assert guest.detach(str(disk.target)) == disk
+        assert len(stored(guest).disks) == 1
+        assert (guest.folder / "disks" / "extra.qcow2").is_file()
+        with pytest.raises(ConfigError):
+            guest.detach("vdz")
+        guest.start()
+        assert guest.wait(timeout=self.timeout) is State.SHUTOFF
+        assert guest.console.output == guests.OUTPUT["hello"]
+
+    def test_live_media_change(self, make_guest: GuestFactory, tmp_path: Path) -> None:
+        """On a running guest: done and recorded (``live_media``), or a ConfigError that
+        changes nothing."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CapabilityWarning)
+            guest = make_guest("counter", cdroms=[CdRom()])
+        guest.start()
+        guest.console.expect("count 0", timeout=self.timeout)
+        iso = self._iso(tmp_path)
+        if self.live_media:
+            guest.change_media("cdrom0", iso)
+            assert stored(guest).cdroms[0].path == str(iso)
+            guest.change_media("cdrom0", None)
+            assert stored(guest).cdroms[0].path is None
+        else:
+            with pytest.raises(ConfigError, match="media"):
+                guest.change_media("cdrom0", iso)
+            assert stored(guest).cdroms[0].path is None
+        assert state_of(guest) is State.RUNNING
+        guest.kill()
+
+    def test_live_attach(self, make_guest: GuestFactory) -> None:
+        """attach() of a virtio disk to a running guest: done and recorded (``hot_plug``), or
+        a ConfigError that records nothing and leaves no file."""
+        guest = make_guest("counter")
+        guest.start()
+        guest.console.expect("count 0", timeout=self.timeout)
+        extra = Disk(path="hot.qcow2", size="1MiB", bus="virtio")
+        if self.hot_plug:
+            disk = guest.attach(extra)
+            assert stored(guest).disks[-1] == disk
+        else:
+            with pytest.raises(ConfigError, match="hot-plug"):
+                guest.attach(extra)
+            assert len(stored(guest).disks) == 1
+            assert not (guest.folder / "disks" / "hot.qcow2").exists()
+        assert state_of(guest) is State.RUNNING
+        guest.kill()
+
+    def test_an_undefined_guest_is_a_dead_handle(
+        self, make_guest: GuestFactory, hypervisor: Hypervisor
+    ) -> None:
+        """After undefine() every call raises StateError and the guest never starts again."""
+        guest = make_guest("counter")
+        hypervisor.undefine(guest)
+        for call in (guest.start, lambda: guest.snapshot("x", memory=False), guest.kill):
+            with pytest.raises(StateError, match="undefined"):
+                call()
+        assert state_of(guest) is State.SHUTOFF
+
+    def test_close_stops_every_running_guest(
+        self, make_guest: GuestFactory, hypervisor: Hypervisor
+    ) -> None:
+        """close() stops running and paused guests; their handles are dead afterwards."""
+        first, second = make_guest("counter"), make_guest("counter")
+        first.start()
+        second.start()
+        second.console.expect("count 0", timeout=self.timeout)
+        second.pause()
+        hypervisor.close()
+        for guest in (first, second):
+            assert state_of(guest) is State.SHUTOFF
+            with pytest.raises(StateError, match="closed"):
+                guest.start()
+
+
 class ConformanceSuite(
-    LifecycleTests, ConsoleTests, DiskTests, PowerTests, SnapshotTests, ErrorTests
+    LifecycleTests, ConsoleTests, DiskTests, PowerTests, SnapshotTests, ErrorTests, DeviceTests
 ):
     """Everything: subclass it as ``TestMyBackend`` and set ``backend``."""

@@ -363,6 +363,8 @@ class Layers:
                 bundle.check_unshared(
                     guest.folder, [path, *children], action=f"delete disk snapshot {snap.name!r}"
                 )
+        # the record goes first: from here on the frozen files change (crash: it is deleted)
+        guest._drop_snapshot_record(snap)
         for i, disk in self._writable():
             layer = snap.layers.get(str(disk.target))
             if layer is None:
