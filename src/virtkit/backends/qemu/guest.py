@@ -599,6 +599,7 @@ class QemuGuest(Guest):
                 self._qmp_sync("stop")
 
     def _full_delete(self, snap: Snapshot) -> None:
+        self._drop_snapshot_record(snap)  # first: a crash never leaves a record without its state
         if self._live():
             nodes = self._full_nodes("delete")
             proc = self._proc
