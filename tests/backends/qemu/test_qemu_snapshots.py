@@ -259,3 +259,33 @@ class TestDiskSnapshots:
         guest.delete_snapshot("disk-a")
         assert not overlay.exists()
         guest.kill()
+
+
+class TestUefiNvram:
+    def test_full_snapshot_keeps_the_nvram_and_revert_restores_it(
+        self, hv: QemuHypervisor, tmp_path: Path
+    ) -> None:
+        """A UEFI guest's full snapshot copies OVMF_VARS.fd into the snapshot's folder; after the
+        variables changed, reverting puts the snapshot's copy back before QEMU reopens it."""
+        disk = tmp_path / "uefi.qcow2"
+        virtkit.images.create(disk, size="8MiB", format="qcow2").close()
+        guest = hv.define(
+            Machine(name="uefi", memory="64MiB", firmware="uefi", disks=[Disk(path=str(disk))])
+        )
+        guest.start()
+        nvram = guest.folder / "OVMF_VARS.fd"
+        snap = guest.snapshot("fw", memory=True)
+        saved = guest.snapshot_dir("fw") / "OVMF_VARS.fd"
+        assert saved.read_bytes() == nvram.read_bytes()
+        assert snap.layers == {"vda": str(disk)}
+        guest.kill()
+        at_snapshot = saved.read_bytes()
+        changed = bytearray(at_snapshot)
+        changed[-16:] = b"changed-after-it"  # as if the firmware stored a variable since
+        nvram.write_bytes(bytes(changed))
+        guest.revert("fw")
+        assert guest.state is State.RUNNING
+        assert nvram.read_bytes() == at_snapshot
+        guest.kill()
+        guest.delete_snapshot("fw")
+        assert not saved.exists()
