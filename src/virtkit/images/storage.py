@@ -114,6 +114,8 @@ class FileStorage:
             raise ImageError("file already exists", path=self.path) from exc
         except OSError as exc:
             raise ImageError(f"cannot open: {exc.strerror}", path=self.path) from exc
+        #: The file length, known while we hold the write lock (None: ask the kernel).
+        self._size: int | None = None
         self.locked = False
         if lock:
             try:
@@ -161,17 +163,31 @@ class FileStorage:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
+            self._size = None  # part may have been written
             raise ImageError(
                 f"write failed: {exc.strerror}", path=self.path, offset=offset + done
             ) from exc
+        if self._size is not None and offset + done > self._size:
+            self._size = offset + done
 
     def size(self) -> int:
-        """Current file length in bytes."""
-        return os.fstat(self._fd()).st_size
+        """Current file length in bytes.
+
+        A writable storage holds the image's write lock, so nobody else changes
+        the length: it is remembered after the first ``fstat`` and kept up to
+        date by ``pwrite``/``truncate`` (a failed write forgets it).
+        """
+        if self._size is not None:
+            return self._size
+        size = os.fstat(self._fd()).st_size
+        if self.writable and self.locked:
+            self._size = size
+        return size
 
     def truncate(self, length: int) -> None:
         """Set the file length."""
         try:
+            self._size = None
             if _fault_hook is not None:
                 _fault_hook(self, "truncate", length, 0, None)
             os.ftruncate(self._fd(), length)

@@ -39,10 +39,10 @@ Policies, where QEMU leaves a choice:
   refcounts rebuilt when it is opened for writing.
 - An image marked corrupt opens, but refuses writes until
   ``check(repair=True)`` leaves it clean (which clears the flag).
-- Persistent bitmaps are not updated; the first write flags each one
-  in-use (stale), as QEMU does while it has an image open. Other autoclear
-  features are cleared, as the specification asks of programs that do not
-  maintain them.
+- Persistent dirty bitmaps are kept up to date by :mod:`.bitmaps` (flagged
+  in-use before the first change to guest data, stored and consistent again
+  at ``flush()``/``close()``), as QEMU does. Other autoclear features are
+  cleared, as the specification asks of programs that do not maintain them.
 - External data files are read, not written.
 """
 
@@ -69,6 +69,7 @@ from virtkit.errors import (
 )
 from virtkit.images.args import check_bool, check_bytes, check_int, check_name
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.qcow2 import bitmaps as bitmapsmod
 from virtkit.images.qcow2 import chain, layout, metadata, snapshots
 from virtkit.images.qcow2 import check as checkmod
 from virtkit.images.qcow2.allocator import Refcounts
@@ -116,7 +117,7 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class Qcow2Image(Image):
+class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
     """An open qcow2 image (v2 or v3). Create with :func:`virtkit.images.open`."""
 
     format = "qcow2"
@@ -495,6 +496,7 @@ class Qcow2Image(Image):
                     self.hdr.autoclear_features = keep
                     self._write_u64(layout.OFF_AUTOCLEAR, keep)
                     self.st.flush()
+        bitmapsmod.before_write(self)  # bitmaps: in-use on disk before guest data changes
 
     def _mark_bitmaps_in_use(self) -> bool:
         """Flag every persistent bitmap in-use (stale), as QEMU does while writing.
@@ -502,14 +504,7 @@ class Qcow2Image(Image):
         Returns False when the bitmap directory cannot be parsed (the caller
         then clears the bitmaps autoclear bit instead).
         """
-        try:
-            bitmaps = metadata.read_bitmaps(self.st, self.meta)
-        except CorruptImageError:
-            return False
-        for bm in bitmaps:
-            self.st.pwrite(bm.flags_at, (bm.flags | 1).to_bytes(4, "big"))
-        self.st.flush()
-        return bool(bitmaps)
+        return bitmapsmod.begin_write(self)
 
     def _run_write(self, fn: Callable[[], None], *, request: bool = False) -> None:
         """Run a write step; corruption found on the way sets the corrupt flag.
@@ -723,7 +718,9 @@ class Qcow2Image(Image):
                 self._mark_corrupt(
                     f"L2 table at {off:#x} (L1 index {l1i}) overlaps other image metadata", where
                 )
-            table = array("Q", self._mapper.load_l2(off, where=where))
+            table = self._mapper.load_l2(off, where=where)
+            if not self._defer:  # write-through: memory changes only after the writes
+                table = array("Q", table)
             req.tables[l1i] = (off, table)
             return off, table
         if off:
@@ -751,6 +748,7 @@ class Qcow2Image(Image):
         mv = check_bytes(data)
         self._check_range(offset, len(mv), "write")
         if len(mv):
+            bitmapsmod.mark(self, offset, len(mv))  # persistent dirty bitmaps
             self._run_write(lambda: self.write_guest(offset, mv), request=True)
 
     def write_guest(self, offset: int, mv: memoryview) -> None:
@@ -776,6 +774,23 @@ class Qcow2Image(Image):
                 self._write_partial(req, g, mv[pos : pos + m])
                 pos += m
         self._commit(req)
+
+    def _write_fresh(self, host: int, in_off: int, mv: memoryview) -> None:
+        """Fill a newly allocated cluster whose other bytes must read as zeroes.
+
+        A cluster past the end of the file needs only the new bytes (the file
+        is extended over the whole cluster first, so the rest reads as zeroes,
+        as QEMU's zero-writing copy-on-write areas do); a reused one is
+        written whole.
+        """
+        cs = self.cs
+        if host >= self.st.size():
+            self.st.truncate(host + cs)
+            self.st.pwrite(host + in_off, mv)
+            return
+        buf = bytearray(cs)
+        buf[in_off : in_off + len(mv)] = mv
+        self.st.pwrite(host, buf)
 
     def _write_full(self, req: Request, ci: int, k: int, mv: memoryview) -> None:
         cs = self.cs
@@ -852,11 +867,14 @@ class Qcow2Image(Image):
                 l2[idx] = host | layout.OFLAG_COPIED
                 req.mark(l1i, idx, idx + 1)
                 return
-            buf = self._current(cluster_start, cs)
-            buf[in_off : in_off + n] = mv
             new = self.refs.allocate(1)
             self._check_overlap(new, 1)
-            self.st.pwrite(new, buf)
+            if (e == 0 and self.backing is None) or (e == layout.OFLAG_ZERO and self.v3):
+                self._write_fresh(new, in_off, mv)  # the rest of the cluster reads as zeroes
+            else:
+                buf = self._current(cluster_start, cs)
+                buf[in_off : in_off + n] = mv
+                self.st.pwrite(new, buf)
             l2[idx] = new | layout.OFLAG_COPIED
             req.mark(l1i, idx, idx + 1)
             req.olds.append(e)
@@ -949,6 +967,7 @@ class Qcow2Image(Image):
             )
 
     def _write_compressed(self, offset: int, data: bytes, comp: bytes | None = None) -> None:
+        bitmapsmod.mark(self, offset, len(data))  # persistent dirty bitmaps
         self._prepare_write()
         cs = self.cs
         if comp is None:
@@ -1011,6 +1030,7 @@ class Qcow2Image(Image):
         self._require_writable("write zeroes")
         self._check_range(offset, length, "write zeroes")
         if length:
+            bitmapsmod.mark(self, offset, length)  # persistent dirty bitmaps
             self._run_write(lambda: self._zero_range(offset, length, discard=False))
 
     @guarded
@@ -1023,6 +1043,7 @@ class Qcow2Image(Image):
         self._require_writable("discard")
         self._check_range(offset, length, "discard")
         if length:
+            bitmapsmod.mark(self, offset, length)  # persistent dirty bitmaps
             self._run_write(lambda: self._zero_range(offset, length, discard=True))
 
     def _zero_range(self, offset: int, length: int, *, discard: bool, full: bool = False) -> None:
@@ -1118,6 +1139,7 @@ class Qcow2Image(Image):
                 is already zero (the image is marked corrupt; nothing changed).
         """
         self._require_writable("empty the image")
+        bitmapsmod.mark(self, 0, self.hdr.size)  # persistent dirty bitmaps: all changes
         self._run_write(self._make_empty)
 
     def _make_empty(self) -> None:
@@ -1231,6 +1253,7 @@ class Qcow2Image(Image):
             self._wb.writeback(sync=True)
             self._deps = False
             self.refs.raised = False
+            bitmapsmod.store(self)  # persistent dirty bitmaps consistent again
 
     @guarded
     def resize(self, size: int | str, *, shrink: bool = False) -> None:
@@ -1254,7 +1277,9 @@ class Qcow2Image(Image):
             return
         if self.snaps and not self.v3:
             raise ImageError("cannot resize a v2 image that has snapshots", path=self.path)
+        bitmapsmod.check_resize(self)  # QEMU refuses with an inconsistent bitmap
         self._run_write(lambda: self._resize(old, new, shrink))
+        bitmapsmod.resized(self)  # bitmaps follow the new size
 
     def _resize(self, old: int, new: int, shrink: bool) -> None:
         self._prepare_write()
@@ -1311,7 +1336,7 @@ class Qcow2Image(Image):
             spec["lazy-refcounts"] = bool(
                 self.hdr.compatible_features & layout.COMPAT_LAZY_REFCOUNTS
             )
-        bitmaps = metadata.read_bitmaps(self.st, self.meta) if self.v3 else []
+        bitmaps = bitmapsmod.read_directory(self.st, self.meta) if self.v3 else []
         if bitmaps:
             spec["bitmaps"] = [
                 {"flags": b.flag_names(), "name": b.name, "granularity": 1 << b.granularity_bits}
@@ -1373,7 +1398,10 @@ class Qcow2Image(Image):
         """Make the disk (and its size) what it was when snapshot ``name`` was taken."""
         self._require_writable("revert to a snapshot")
 
+        bitmapsmod.mark(self, 0, self.hdr.size)  # persistent dirty bitmaps: all may change
         self._run_write(lambda: snapshots.revert(self, name))
+        bitmapsmod.resized(self)  # the snapshot's size...
+        bitmapsmod.mark(self, 0, self.hdr.size)  # ...and all of it changed
 
     @guarded
     def delete_snapshot(self, name: str) -> None:
@@ -1455,6 +1483,7 @@ class Qcow2Image(Image):
         try:
             if self._writable:
                 self._wb.writeback(sync=True)
+                bitmapsmod.store(self)  # persistent dirty bitmaps consistent again
         finally:
             self._closed = True
             self._close_children()
