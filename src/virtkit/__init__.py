@@ -3,6 +3,7 @@
 Layout (imports point downwards only)::
 
     virtkit.cli        the `virtkit` command, over the public API
+    virtkit.aio        the hypervisor API as coroutines (asyncio)
     virtkit.backends   Hypervisor implementations: "emulator" (unicorn), "qemu" (QMP)
     virtkit.bundle     Machine <-> folder of files (machine.toml, disks/, snapshots/)
     virtkit.provision  cloud-init NoCloud seed ISOs
@@ -13,7 +14,7 @@ Layout (imports point downwards only)::
 This module only re-exports the public names.
 """
 
-from virtkit import images
+from virtkit import aio, images
 from virtkit.backends import Console, Guest, Hypervisor, connect
 from virtkit.bundle import load, save
 from virtkit.clone import clone
@@ -56,6 +57,7 @@ __all__ = [
     "load",
     "save",
     "images",
+    "aio",
     # backends
     "Console",
     "Guest",

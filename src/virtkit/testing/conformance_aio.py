@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import pytest
 
 import virtkit
-import virtkit.aio
+
 from virtkit.model import Disk, Machine, State
 from virtkit.testing import guests
 
