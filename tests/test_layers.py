@@ -21,6 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"errors", "units", "model", "images", "bundle", "provision"},
     "testing": {"errors", "units", "model", "images", "bundle", "provision", "backends", ""},
     "cli": {"errors", "units", "model", "images", "bundle", "backends", ""},
+    "aio": {"errors", "units", "model", "images", "backends"},
+    "pytest_plugin": {"errors", "model", "backends", "testing", ""},
 }
 
 
