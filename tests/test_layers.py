@@ -18,8 +18,11 @@ ALLOWED: dict[str, set[str]] = {
     "bundle": {"errors", "units", "model", "images"},
     "ova": {"errors", "units", "model", "images", "bundle"},
     "provision": {"errors", "units", "model"},
-    "backends": {"errors", "units", "model", "images", "bundle", "provision"},
-    "testing": {"errors", "units", "model", "images", "bundle", "provision", "backends", ""},
+    "agent": {"errors"},
+    "backends": {"errors", "units", "model", "images", "bundle", "provision", "agent"},
+    "testing": {
+        *("errors", "units", "model", "images", "bundle", "provision", "agent", "backends", ""),
+    },
     "cli": {"errors", "units", "model", "images", "bundle", "backends", ""},
     "aio": {"errors", "units", "model", "images", "backends"},
     "pytest_plugin": {"errors", "model", "backends", "testing", ""},

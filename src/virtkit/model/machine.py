@@ -202,6 +202,8 @@ class Machine:
         kernel: direct kernel boot (kernel, initrd, command line) instead of
             the firmware's boot loader; relative paths are relative to the
             VM folder.
+        agent: give the guest a QEMU guest agent channel (a virtio-serial
+            port named ``org.qemu.guest_agent.0``) for ``guest.agent``.
 
     Raises:
         ConfigError: any field is invalid; the message names the field.
@@ -228,6 +230,7 @@ class Machine:
     kernel: KernelBoot | None = attrs.field(
         default=None, validator=attrs.validators.optional(instance_of(KernelBoot))
     )
+    agent: bool = attrs.field(default=False, validator=instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
         self._check_files()

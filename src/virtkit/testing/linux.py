@@ -55,6 +55,7 @@ __all__ = [
     "cache_dir",
     "cpio_newc",
     "fetch_guest_agent",
+    "agent_files",
     "fetch_kernel",
     "module_load_order",
 ]
@@ -316,6 +317,70 @@ def cpio_newc(entries: Iterable[tuple[str, int, bytes, int]]) -> bytes:
 _POWER_ACTION = "#!/bin/sh\nsync\npoweroff -f\n"
 
 
+#: where /init finds the agent's port: there is no udev to make the by-name link
+_AGENT_INIT = """for port in /sys/class/virtio-ports/*; do
+  if [ "$(cat $port/name 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
+    mkdir -p /dev/virtio-ports
+    ln -sf /dev/${port##*/} /dev/virtio-ports/org.qemu.guest_agent.0
+    qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /tmp -f /tmp/qga.pid &
+  fi
+done
+"""
+#: user-mode networking: QEMU's DHCP server gives eth0 its address
+_NETWORK_INIT = """ip link set lo up
+if ip link set eth0 up 2>/dev/null; then
+  udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 5 >/dev/null 2>&1
+fi
+"""
+#: qemu-ga's guest-shutdown runs /sbin/shutdown, which busybox does not have
+_SHUTDOWN_SCRIPT = """#!/bin/sh
+sync
+case " $* " in
+  *" -r "*) reboot -f ;;
+  *) poweroff -f ;;
+esac
+"""
+_UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
+    ;;
+esac
+exit 0
+"""
+
+
+def agent_files(binary: Path) -> list[tuple[str, bytes]]:
+    """``qemu-ga`` and every shared library it loads, as (path in the guest, bytes).
+
+    The libraries are the host's (``ldd``): the binary comes from the same
+    Debian release, and QEMU's own dependencies put them on the host.
+
+    Raises:
+        BackendUnavailable: ``ldd`` fails or a library is missing.
+    """
+    proc = _run(["ldd", str(binary)])
+    if proc.returncode != 0:
+        raise BackendUnavailable(
+            f"ldd {binary} failed: {proc.stderr.strip()[-400:]}", hint="apt-get install libc-bin"
+        )
+    files = [("bin/qemu-ga", binary.read_bytes())]
+    for line in proc.stdout.splitlines():
+        match = re.search(r"(/\S+)\s+\(0x", line)
+        if match is None:
+            if "not found" in line:
+                raise BackendUnavailable(
+                    f"qemu-ga needs a library this host lacks: {line.strip()}",
+                    hint="apt-get install qemu-system-x86 (it brings qemu-ga's libraries)",
+                )
+            continue
+        library = Path(match.group(1))
+        files.append((str(library).lstrip("/"), library.read_bytes()))
+    return files
+
+
 def _init_script(modules: Sequence[str], extra: str) -> str:
     insmods = "\n".join(f"insmod /lib/modules/{m}.ko" for m in modules)
     return f"""#!/bin/busybox sh
@@ -340,6 +405,8 @@ def build_initramfs(
     modules: Sequence[str] = DEFAULT_MODULES,
     extra_init: str = "",
     busybox: Path = BUSYBOX,
+    agent: Path | None = None,
+    network: bool = False,
 ) -> Path:
     """Write a gzipped newc initramfs for ``kernel`` to ``out``.
 
@@ -350,6 +417,11 @@ def build_initramfs(
         extra_init: shell lines run after the modules are loaded, before
             :data:`READY_MARKER` is printed.
         busybox: a statically linked busybox (Debian's ``busybox-static``).
+        agent: a ``qemu-ga`` binary (:func:`fetch_guest_agent`) to include with
+            its libraries and ``virtio_console``; ``/init`` starts it on the
+            ``org.qemu.guest_agent.0`` port when the machine has one.
+        network: load ``virtio_net`` and configure ``eth0`` by DHCP (QEMU's
+            user-mode network gives 10.0.2.15).
 
     Raises:
         BackendUnavailable: busybox is missing.
@@ -360,7 +432,14 @@ def build_initramfs(
             f"static busybox not found at {busybox}",
             hint="apt-get install busybox-static",
         )
-    order = module_load_order(kernel.modules_dir, modules)
+    wanted = list(modules)
+    if agent is not None:
+        wanted.append("virtio_console")
+        extra_init = _AGENT_INIT + extra_init
+    if network:
+        wanted.append("virtio_net")
+        extra_init = _NETWORK_INIT + extra_init
+    order = module_load_order(kernel.modules_dir, wanted)
     d, f, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFREG | 0o755
     entries: list[tuple[str, int, bytes, int]] = [
         (name, d, b"", 0)
@@ -378,6 +457,19 @@ def build_initramfs(
         ("init", x, _init_script([m for m, _ in order], extra_init).encode(), 0),
     ]
     entries += [(f"lib/modules/{m}.ko", f, ko.read_bytes(), 0) for m, ko in order]
+    entries.append(("etc/udhcpc.script", x, _UDHCPC_SCRIPT.encode(), 0))
+    if agent is not None:
+        files = agent_files(agent)
+        folders = sorted({str(Path(name).parent) for name, _ in files} - {"bin", "."})
+        for folder in folders:  # parents first: lib64, usr, usr/lib/...
+            parts = Path(folder).parts
+            entries += [
+                ("/".join(parts[: i + 1]), d, b"", 0)
+                for i in range(len(parts))
+                if not any(e[0] == "/".join(parts[: i + 1]) for e in entries)
+            ]
+        entries += [(name, x, data, 0) for name, data in files]
+        entries += [("sbin", d, b"", 0), ("sbin/shutdown", x, _SHUTDOWN_SCRIPT.encode(), 0)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(gzip.compress(cpio_newc(entries), compresslevel=1, mtime=0))

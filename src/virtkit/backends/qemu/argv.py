@@ -113,6 +113,8 @@ class LaunchSpec:
         firmware_code: OVMF code image for ``firmware="uefi"``.
         nvram: the guest's private OVMF variables file for ``firmware="uefi"``.
         paused: start with the vCPUs stopped (``-S``).
+        agent_socket: the UNIX socket QEMU listens on for the guest agent's
+            virtio-serial port (with ``machine.agent``).
         cpu_model: a ``-cpu`` model name (``"qemu64"``, ``"max"``, ``"host"`` with
             KVM); ``None`` keeps QEMU's default for the accelerator.
         extra: extra arguments appended verbatim (an escape hatch; the caller's responsibility).
@@ -131,6 +133,7 @@ class LaunchSpec:
     paused: bool = True
     cpu_model: str | None = None
     extra: tuple[str, ...] = ()
+    agent_socket: Path | None = None
 
 
 def device_json(driver: str, **props: Any) -> str:
@@ -223,6 +226,23 @@ HD_DRIVER = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "sata": "ide-hd", "scs
 CD_DRIVER = {"ide": "ide-cd", "sata": "ide-cd", "scsi": "scsi-cd"}
 
 
+def agent_channel_argv(socket: Path) -> list[str]:
+    """The guest agent's channel: a virtio-serial port ``org.qemu.guest_agent.0``
+    whose host side is a UNIX socket QEMU listens on (virtkit connects when it
+    needs the agent; one client at a time, as QEMU's socket chardev allows)."""
+    path = opt_value(os.fspath(socket), what="agent_socket")
+    return [
+        "-chardev",
+        f"socket,id=vk-agent,path={path},server=on,wait=off",
+        "-device",
+        device_json("virtio-serial-pci", id="vk-vserial"),
+        "-device",
+        device_json(
+            "virtserialport", bus="vk-vserial.0", chardev="vk-agent", name="org.qemu.guest_agent.0"
+        ),
+    ]
+
+
 def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
     """The full command line that runs ``machine``.
 
@@ -302,6 +322,8 @@ def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
             "-device",
             device_json("isa-serial", chardev="serial0", id="com1"),
         ]
+    if machine.agent and spec.agent_socket is not None:
+        argv += agent_channel_argv(spec.agent_socket)
     buses = _Buses(machine.machine_type)
     devices: list[str] = []
     blockdevs: list[str] = []

@@ -37,14 +37,17 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import errno
 import os
 import shutil
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from virtkit.agent import GuestAgent
 from virtkit.backends.base import Guest
 from virtkit.backends.files import NVRAM_FILE, SEED_FILE, kernel_file
 from virtkit.backends.qemu.argv import (
@@ -72,6 +75,9 @@ from virtkit.model import CdRom, Disk, Machine, Nic, Snapshot, SnapshotKind, Sta
 if TYPE_CHECKING:
     from virtkit.backends.qemu.aio import AsyncQemuGuest
     from virtkit.backends.qemu.hypervisor import QemuHypervisor
+
+#: the guest agent channel's socket in the runtime folder
+AGENT_SOCKET = "agent.sock"
 
 __all__ = ["QemuGuest"]
 
@@ -117,6 +123,7 @@ class QemuGuest(Guest):
         self._ids = 0  # for unique QMP job ids and node names
         self._nodes: dict[str, str] = {}
         self._aio: AsyncQemuGuest | None = None
+        self._agent: GuestAgent | None = None
 
     # -- introspection --------------------------------------------------------------
     @property
@@ -124,6 +131,38 @@ class QemuGuest(Guest):
         """QEMU's process id while it runs, else ``None``."""
         proc = self._proc
         return proc.pid if proc is not None and proc.alive else None
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The QEMU guest agent in this guest (``Machine(agent=True)``).
+
+        The client connects to the agent's virtio-serial channel on each
+        launch; its calls need ``qemu-ga`` running in the guest.
+
+        Raises:
+            ConfigError: the machine has no agent channel.
+        """
+        if not self.machine.agent:
+            raise ConfigError(
+                f"guest {self.name!r} has no guest agent channel; define it with "
+                "Machine(agent=True)",
+                field="agent",
+            )
+        if self._agent is None:
+            self._agent = GuestAgent(self._connect_agent, name=self.name)
+        return self._agent
+
+    def _connect_agent(self) -> socket.socket:
+        proc = self._proc
+        if proc is None or not proc.alive:
+            raise OSError(errno.ENOTCONN, f"guest {self.name!r} is not running")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.fspath(proc.runtime_dir / AGENT_SOCKET))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     @property
     def aio(self) -> AsyncQemuGuest:
@@ -183,6 +222,7 @@ class QemuGuest(Guest):
             seed=self.seed_path(),
             qmp_socket=runtime_dir / "qmp.sock",
             console_socket=runtime_dir / "console.sock" if self.machine.serial.enabled else None,
+            agent_socket=runtime_dir / AGENT_SOCKET if self.machine.agent else None,
             kernel=self.kernel,
             firmware_code=code,
             nvram=nvram,
