@@ -23,6 +23,7 @@ from typing import ClassVar
 import attrs
 
 from virtkit import bundle, images
+from virtkit.agent import GuestAgent
 from virtkit.backends.aio_guest import AsyncGuest, GuestTwin, refuse_in_loop
 from virtkit.backends.console import Console
 from virtkit.backends.devices import DevicesMixin
@@ -465,6 +466,20 @@ class Guest(PortsMixin, DevicesMixin, abc.ABC):
     def name(self) -> str:
         """The machine's name."""
         return self.machine.name
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The QEMU guest agent in this guest, on backends that give it a channel.
+
+        Raises:
+            ConfigError: this backend has no guest agent channel (the qemu
+                backend has one with ``Machine(agent=True)``).
+        """
+        raise ConfigError(
+            f"the {self.hypervisor.name} backend gives guest {self.name!r} no guest agent "
+            "channel; use the qemu backend with Machine(agent=True)",
+            field="agent",
+        )
 
     @property
     def aio(self) -> GuestTwin:

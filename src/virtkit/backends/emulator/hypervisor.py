@@ -84,6 +84,8 @@ class EmulatorHypervisor(Hypervisor):
             )
         if machine.kernel is not None:
             ignored.append(("kernel", "direct kernel boot is not supported; the disks are booted"))
+        if machine.agent:
+            ignored.append(("agent", "the emulated PC has no virtio-serial port for a guest agent"))
         return ignored
 
     def _create_guest(self, machine: Machine, folder: Path) -> Guest:
