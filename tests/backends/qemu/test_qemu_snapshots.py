@@ -14,6 +14,7 @@ import virtkit
 import virtkit.images
 from virtkit.backends.qemu import QemuHypervisor
 from virtkit.model import Disk, Machine, SnapshotKind, State
+from virtkit.testing import guests
 
 COUNT = re.compile(rb"count (\d+)\r\n")
 
@@ -289,3 +290,23 @@ class TestUefiNvram:
         guest.kill()
         guest.delete_snapshot("fw")
         assert not saved.exists()
+
+
+class TestRawDiskLayers:
+    def test_a_raw_disk_boots_through_its_qcow2_overlay(
+        self, hv: QemuHypervisor, tmp_path: Path
+    ) -> None:
+        """After a disk snapshot of a raw disk the active layer is a qcow2 overlay: QEMU opens it
+        as qcow2 (it used to open it as raw and boot the qcow2 header), the guest's write lands in
+        the overlay and the raw file keeps its old bytes."""
+        raw = tmp_path / "boot.raw"
+        guests.write_disk(raw, "disk", format="raw")
+        guest = hv.define(_machine("rawlayer", raw))
+        guest.snapshot("s", memory=False)
+        guest.start()
+        assert guest.wait(timeout=30) is State.SHUTOFF
+        assert guest.console.output == guests.OUTPUT["disk"]
+        with guest.open_disk(0) as img:
+            assert img.format == "qcow2"
+            assert img.read(1024, 27) == b"written by the disk guest: "
+        assert raw.read_bytes()[1024:1040] == bytes(16)
