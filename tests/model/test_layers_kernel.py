@@ -105,7 +105,7 @@ class TestKernelBoot:
     def test_machine_kernel_type(self) -> None:
         """Machine(kernel=...) must be a KernelBoot."""
         with pytest.raises(ConfigError) as info:
-            Machine(name="k", kernel="vmlinuz")
+            Machine(name="k", kernel="vmlinuz")  # type: ignore[arg-type]
         assert info.value.field == "kernel"
 
     def test_backend_name_is_the_model_class(self) -> None:

@@ -167,7 +167,7 @@ class TestBadInput:
             (lambda: PortForward(22, 0), "'guest_port' must be an integer from 1 to 65535 (got 0)"),
             (lambda: PortForward(22, 22, host_addr="x"), "'host_addr' must be a dotted IPv4"),
             (lambda: PortForward(22, 22, host_addr="::1"), "QEMU's user network refuses IPv6"),
-            (lambda: PortForward(22, 22, host_addr=2130706433), "'host_addr' must be a dotted"),
+            (lambda: PortForward(22, 22, host_addr=2130706433), "'host_addr' must be a dotted"),  # type: ignore[arg-type]
             (lambda: CpuTopology(sockets=0), "'sockets' must be an integer from 1 to 288"),
             (lambda: Serial(log="../x.log"), "'log' must be a file name inside the guest folder"),
             (
