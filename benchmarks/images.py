@@ -6,6 +6,8 @@ Measures, in one run:
 * raw -> qcow2 convert of a 1 GiB half-allocated raw image;
 * qcow2 -> raw convert of the resulting image;
 * compressed convert (raw -> qcow2 with zlib compression);
+* VMDK and VHD: streamOptimized VMDK and fixed VHD written from raw, and
+  monolithicSparse/streamOptimized VMDK and dynamic VHD read into raw;
 * 4 KiB random reads and writes on a qcow2 image through the virtkit API vs
   the same offsets through ``qemu-io`` (commands fed on stdin, process start-up
   subtracted).
@@ -29,7 +31,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import virtkit.images
 from virtkit.images.sizes import format_size, parse_size
@@ -167,6 +171,37 @@ def bench_random_io(work: Path, image: Path, ops: int) -> None:
         b.unlink()
 
 
+def bench_vmdk_vpc(work: Path, src: Path) -> None:
+    """VMDK and VHD: write (convert from raw) and read (convert to raw), virtkit vs qemu-img."""
+    convert = virtkit.images.convert
+    writes: list[tuple[str, str, list[str], dict[str, Any]]] = [
+        ("vmdk", "streamOptimized", ["-o", "subformat=streamOptimized"], {}),
+        ("vpc", "fixed", ["-o", "subformat=fixed,force_size=on"],
+         {"subformat": "fixed", "force_size": True}),
+    ]  # fmt: skip
+    for fmt, sub, qopts, vopts in writes:
+        ours, theirs = work / f"ours.{fmt}", work / f"theirs.{fmt}"
+        t_ours = _timed(partial(convert, src, ours, format=fmt, **vopts))
+        t_theirs = _timed(partial(_run, "qemu-img", "convert", "-f", "raw", "-O", fmt, *qopts,
+                                  src, theirs))  # fmt: skip
+        _report(f"convert raw -> {fmt} {sub}", t_ours, t_theirs)
+        _run("qemu-img", "compare", "-F", fmt, src, ours)
+        for p in (ours, theirs):
+            p.unlink()
+    reads = [("vmdk", "monolithicSparse"), ("vmdk", "streamOptimized"), ("vpc", "dynamic")]
+    for fmt, sub in reads:
+        image = work / f"in.{fmt}"
+        _run("qemu-img", "convert", "-f", "raw", "-O", fmt, "-o", f"subformat={sub}", src, image)
+        ours_r, theirs_r = work / "ours.raw", work / "theirs.raw"
+        t_ours = _timed(partial(convert, image, ours_r, format="raw", src_format=fmt))
+        t_theirs = _timed(partial(_run, "qemu-img", "convert", "-f", fmt, "-O", "raw", image,
+                                  theirs_r))  # fmt: skip
+        _report(f"convert {fmt} {sub} -> raw", t_ours, t_theirs)
+        _run("qemu-img", "compare", "-f", "raw", "-F", "raw", theirs_r, ours_r)
+        for p in (image, ours_r, theirs_r):
+            p.unlink()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="virtkit vs qemu-img image benchmark")
     parser.add_argument("--size", default="1G", help="virtual size of the source image")
@@ -181,6 +216,7 @@ def main() -> int:
         make_source(src, size)
         print(f"{'':<38} ratio = virtkit/qemu: for seconds lower is better, for op/s higher")
         bench_convert(work, src)
+        bench_vmdk_vpc(work, src)
         bench_random_io(work, work / "ours.qcow2", args.ops)
     return 0
 
