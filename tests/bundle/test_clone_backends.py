@@ -65,3 +65,23 @@ def test_source_and_two_clones_run_at_once(backend: str, gold: Path, tmp_path: P
         with images.open(path, allow_backing=bundle.allowed_roots(folder)) as img:
             assert img.read(1024, 22) == b"written by the disk gu"
     assert c1.disks[0].path == "boot.qcow2"
+
+
+@pytest.mark.parametrize("backend", ["emulator", "qemu"])
+def test_running_source_is_not_cloned(backend: str, tmp_path: Path) -> None:
+    """While the source runs (its disk locked by the backend) clone() is a StateError."""
+    folder = tmp_path / "busy"
+    (folder / "disks").mkdir(parents=True)
+    guests.write_disk(folder / "disks" / "boot.qcow2", "counter", format="qcow2")
+    virtkit.save(Machine(name="busy", memory="32MiB", disks=[Disk(path="boot.qcow2")]), folder)
+    before = (folder / "machine.toml").read_bytes()
+    with virtkit.connect(backend, root=tmp_path / "guests") as hv:
+        guest = _run(hv, folder)
+        guest.console.expect(b"count 1", timeout=TIMEOUT)
+        with pytest.raises(virtkit.StateError, match="in use by a running guest"):
+            virtkit.clone(folder, tmp_path / "c1")
+        assert (folder / "machine.toml").read_bytes() == before
+        assert not (tmp_path / "c1").exists()
+        guest.kill()
+        c = virtkit.clone(folder, tmp_path / "c1")
+        assert c.disks[0].path == "boot.qcow2"
