@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import virtkit
-from virtkit.images.vmdk import layout
+from virtkit.images.vmdk import descriptor, layout
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 KiB = 1 << 10
@@ -179,6 +181,23 @@ class TestParents:
                 e.kind == "unallocated"
                 for e in img.block_status(0, 512 * KiB, include_backing=False)
             )
+
+    def test_zeroed_grains_hide_the_parent(self, qemu_img: Run, tmp_path: Path) -> None:
+        """With zeroed_grain=on, a zeroed grain reads zeroes; an unallocated one reads the parent."""
+        base = tmp_path / "base.vmdk"
+        qemu_img("create", "-f", "vmdk", base, "2M")
+        _qemu_io(base, "vmdk", "write -P 0xaa 0 2M")
+        child = tmp_path / "child.vmdk"
+        qemu_img("create", "-f", "vmdk", "-o", "zeroed_grain=on", "-b", "base.vmdk", "-F",
+                 "vmdk", child)  # fmt: skip
+        _qemu_io(child, "vmdk", "write -z 0 64k", "write -P 0x0c 1M 4k")
+        _same_raw(qemu_img, child, tmp_path)
+        with virtkit.images.open(child) as img:
+            assert img.read(0, 64 * KiB) == bytes(64 * KiB)
+            assert img.read(64 * KiB, 4) == b"\xaa" * 4
+            own = list(img.block_status(include_backing=False))
+            assert own[0] == virtkit.images.Extent(0, 64 * KiB, "zero")
+            assert own[1].kind == "unallocated"
 
     def test_parent_outside_folder_needs_allow(self, qemu_img: Run, tmp_path: Path) -> None:
         """An absolute parent path outside the image's folder is refused unless allowed."""
@@ -422,6 +441,11 @@ class TestStreamWrite:
             assert not (tmp_path / "bad.vmdk").exists()
             assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad.vmdk")]
 
+    @given(st.binary(min_size=512, max_size=512))
+    def test_header_pack_unpack(self, raw: bytes) -> None:
+        """Any 512-byte header unpacks and packs back to its first 79 bytes (the rest is pad)."""
+        assert layout.SparseHeader.unpack(raw).pack()[: layout.HEADER.size] == raw[:79]
+
     def test_header_roundtrip(self) -> None:
         """The header struct packs what it unpacks."""
         hdr = layout.SparseHeader(
@@ -445,3 +469,44 @@ def test_convert_keeps_qemu_img_sizes(qemu_img: Run, tmp_path: Path) -> None:
     back = tmp_path / "b.qcow2"
     virtkit.images.convert(mid, back)
     qemu_img("compare", src, back)
+
+
+_TOKENS = ["RW", "RDONLY", "NOACCESS", "FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE", "ZERO",
+           '"x.bin"', '"../x.bin"', '"/x"', '""', "0", "-1", "8", "99999999999999999999", str(1 << 62),
+           "#", "\\", '"', "createType=", "parentFileNameHint=", 'CID=zz', "\r"]  # fmt: skip
+
+
+class TestDescriptorFuzz:
+    """Random descriptor text parses or raises a VirtkitError; opening one stays in bounds."""
+
+    @given(
+        st.lists(st.lists(st.sampled_from(_TOKENS), max_size=6), max_size=20),
+        st.binary(max_size=64),
+    )
+    def test_parse(self, lines: list[list[str]], junk: bytes) -> None:
+        """parse() never raises anything but CorruptImageError/UnsupportedFeatureError."""
+        text = "\n".join(" ".join(words) for words in lines).encode() + junk
+        try:
+            desc = descriptor.parse(text, path="d.vmdk", extents=True)
+        except (virtkit.CorruptImageError, virtkit.UnsupportedFeatureError):
+            return
+        assert all(e.sectors > 0 and e.offset >= 0 for e in desc.extents)
+        assert len(desc.extents) <= descriptor.MAX_EXTENTS
+
+    @given(st.lists(st.lists(st.sampled_from(_TOKENS), max_size=6), max_size=8))
+    def test_open(self, tmp_path_factory: pytest.TempPathFactory, lines: list[list[str]]) -> None:
+        """open() of a random descriptor next to a small file gives an image or a VirtkitError."""
+        folder = tmp_path_factory.mktemp("d")
+        (folder / "x.bin").write_bytes(b"\x01" * 4096)
+        path = folder / "d.vmdk"
+        body = "\n".join(" ".join(words) for words in lines)
+        path.write_text(f'# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n{body}\n')
+        try:
+            with virtkit.images.open(path) as img:
+                size = img.virtual_size
+                img.read(0, min(size, 8192))
+                if size:
+                    img.read(size - 1, 1)
+                list(img.block_status(0, min(size, 1 << 30)))
+        except virtkit.VirtkitError:
+            pass
