@@ -10,6 +10,8 @@ from pathlib import Path
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from test_bundle import machines
 
 import virtkit
 from virtkit import (
@@ -365,3 +367,31 @@ class TestSnapshotRecords:
         bundle.save_snapshots(tmp_path, snaps, current="b")
         assert bundle.load_snapshots(tmp_path) == tuple(snaps)
         assert bundle.current_snapshot(tmp_path) == "b"
+
+
+class TestMergeProperties:
+    @settings(
+        max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(first=machines(), second=machines())
+    def test_any_rewrite_reads_back(
+        self, tmp_path_factory: pytest.TempPathFactory, first: Machine, second: Machine
+    ) -> None:
+        """Whatever file a machine left, writing another machine over it reads back exactly."""
+        folder = tmp_path_factory.mktemp("merge")
+        virtkit.save(first, folder, create_disks=False)
+        bundle.write_machine(folder, second)
+        assert virtkit.load(folder) == second
+
+    def test_inline_tables_are_merged(self, tmp_path: Path) -> None:
+        """Disks written as an inline array stay inline; a change lands inside them."""
+        (tmp_path / "machine.toml").write_text(
+            'format-version = 2\nname = "i"\nuuid = "7d3c1b52-45c6-4a5c-a4e6-3c9a0e0f3a11"\n'
+            'disks = [{path = "a.qcow2"}, {path = "b.qcow2"}]  # compact\n'
+        )
+        m = virtkit.load(tmp_path)
+        changed = attrs.evolve(m, disks=[attrs.evolve(m.disks[0], layers=["a1.qcow2"]), m.disks[1]])
+        bundle.write_machine(tmp_path, changed)
+        text = (tmp_path / "machine.toml").read_text()
+        assert "# compact" in text and "[[disks]]" not in text
+        assert virtkit.load(tmp_path) == changed
