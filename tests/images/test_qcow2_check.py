@@ -421,3 +421,18 @@ class TestBitmapCheckParity:
         assert proc.returncode == 1 and "Check failed" in proc.stderr
         with images.open(path) as img:
             assert img.check().corruptions == 1
+
+
+class TestRefcountCheckParity:
+    """Damaged refcount tables: check() and qemu-img check agree."""
+
+    @pytest.mark.parametrize("change", ["reserved", "past-eof", "zeroed"])
+    def test_refcount_table_entry(self, tmp_path: Path, qemu_img: QemuImg, change: str) -> None:
+        """A refcount table entry with reserved bits, past the file, or lost."""
+        path = _l2_image(qemu_img, tmp_path / "r.qcow2")
+        rt = _u64(path, 48)
+        entry = _u64(path, rt)
+        value = {"reserved": entry | 0x8, "past-eof": 1 << 40, "zeroed": 0}[change]
+        _patch(path, rt, ">Q", value)
+        corruptions, _ = _agree(qemu_img, path)
+        assert corruptions >= 1

@@ -41,6 +41,12 @@ class _Scan:
     mismatched: dict[int, int] = attrs.field(factory=dict)
     bad_reftable: list[int] = attrs.field(factory=list)
     copied_errors: int = 0
+    #: Refcount blocks read as QEMU reads them despite a bad table entry:
+    #: block index -> offset of the block (reserved bits masked), or 0 (past the
+    #: file end: QEMU reads zeroes).
+    views: dict[int, int] = attrs.field(factory=dict)
+    #: Decoded stored blocks (None: unallocated; False: unreadable).
+    blocks: dict[int, array[int] | bool | None] = attrs.field(factory=dict)
 
     def corrupt(self, message: str, offset: int | None) -> None:
         self.corruptions += 1
@@ -72,20 +78,36 @@ def _scan(img: Qcow2Image) -> _Scan:
     inc(0, cs, "header")
     hdr = img.hdr
     inc(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs, "refcount table")
+    refblocks: list[tuple[int, int]] = []
     for t in range(len(img.refs.table)):
         entry = img.refs.table[t]
         off = entry & layout.REFT_OFFSET_MASK
+        where = hdr.refcount_table_offset + t * 8
+        if not entry:
+            continue
+        # as QEMU's check_refblocks: each bad entry is one corruption, the block not counted
+        if entry & 0x1FF:
+            scan.corrupt(f"ERROR refcount table entry {t} has reserved bits set", where)
+            scan.bad_reftable.append(t)
+            if off and not off & (cs - 1) and off >> cb < nclusters:
+                scan.views[t] = off  # QEMU still reads the block (the bits masked)
+            continue
         if not off:
             continue
-        if off & (cs - 1) or entry & 0x1FF or (off >> cb) >= nclusters:
+        if off & (cs - 1):
             scan.corrupt(
-                f"ERROR refcount block {t} at {off:#x} is not cluster aligned or lies "
-                "outside the image",
-                hdr.refcount_table_offset + t * 8,
+                f"ERROR refcount block {t} is not cluster aligned; refcount table entry corrupted",
+                where,
             )
             scan.bad_reftable.append(t)
             continue
+        if off >> cb >= nclusters:
+            scan.corrupt(f"ERROR refcount block {t} is outside image", where)
+            scan.bad_reftable.append(t)
+            scan.views[t] = 0  # read past the end of the file: zeroes
+            continue
         inc(off, cs, f"refcount block {t}")
+        refblocks.append((t, off >> cb))
     if hdr.nb_snapshots:
         inc(hdr.snapshots_offset, img.snap_table_bytes, "snapshot table")
     _walk_l1(img, scan, inc, img.l1, hdr.l1_table_offset, active=True)
@@ -102,6 +124,9 @@ def _scan(img: Qcow2Image) -> _Scan:
         _walk_l1(img, scan, inc, l1, sn.l1_table_offset, active=False)
     if img.meta.bitmaps is not None and hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS:
         _walk_bitmaps(img, scan, inc)
+    for t, c in refblocks:  # QEMU checks this once everything is counted
+        if exp[c] != 1:
+            scan.corrupt(f"ERROR refcount block {t} refcount={exp[c]}", c << cb)
     _compare(img, scan)
     return scan
 
@@ -139,7 +164,7 @@ def _walk_l1(
         if not inc(off, cs, f"L2 table (L1 index {i})"):
             continue
         if active:
-            rc = _stored(img, off >> cb)
+            rc = _stored(img, scan, off >> cb)
             if rc is not None and (rc == 1) != bool(e & layout.OFLAG_COPIED):
                 scan.copied_errors += 1
                 scan.corrupt(
@@ -223,7 +248,7 @@ def _walk_l2(
         counted = inc(host, cs, "data cluster")
         if active:
             scan.allocated += counted
-            rc = _stored(img, host >> cb)  # past the file: 0, and QEMU's COPIED check says so
+            rc = _stored(img, scan, host >> cb)  # past the file: 0, and QEMU's COPIED check says so
             if rc is not None and (rc == 1) != bool(x & layout.OFLAG_COPIED):
                 scan.copied_errors += 1
                 scan.corrupt(
@@ -231,12 +256,39 @@ def _walk_l2(
                 )
 
 
-def _stored(img: Qcow2Image, cluster: int) -> int | None:
+def _block(img: Qcow2Image, scan: _Scan, t: int) -> array[int] | bool | None:
+    """Stored refcount block ``t`` as QEMU reads it: None if unallocated, False if unreadable."""
+    if t in scan.blocks:
+        return scan.blocks[t]
+    refs = img.refs
+    blk: array[int] | bool | None
+    if t >= len(refs.table):
+        blk = None
+    elif t in scan.views:
+        off = scan.views[t]
+        raw = img.st.pread(off, img.cs) if off else b""
+        raw += bytes(img.cs - len(raw))
+        blk = layout.decode_refblock(raw, refs.bits)
+    elif t in scan.bad_reftable:
+        blk = False
+    else:
+        try:
+            blk = refs.block(t)
+        except CorruptImageError:
+            blk = False
+    scan.blocks[t] = blk
+    return blk
+
+
+def _stored(img: Qcow2Image, scan: _Scan, cluster: int) -> int | None:
     """The stored refcount, or None when its block is unreadable (reported elsewhere)."""
-    try:
-        return img.refs.get(cluster)
-    except CorruptImageError:
+    t, i = divmod(cluster, img.refs.per_block)
+    blk = _block(img, scan, t)
+    if blk is False:
         return None
+    if blk is None or blk is True:
+        return 0
+    return blk[i]
 
 
 def _walk_bitmaps(img: Qcow2Image, scan: _Scan, inc: _Inc) -> None:
@@ -274,17 +326,12 @@ def _compare(img: Qcow2Image, scan: _Scan) -> None:
     exp = scan.expected
     per = refs.per_block
     n = len(exp)
-    bad = set(scan.bad_reftable)
     nblocks = max(len(refs.table), -(-n // per))
     for t in range(nblocks):
         lo = t * per
         hi = min(n, lo + per)
-        blk = None
-        if t < len(refs.table) and t not in bad:
-            try:
-                blk = refs.block(t)
-            except CorruptImageError:
-                blk = None
+        got = _block(img, scan, t)
+        blk = got if isinstance(got, array) else None
         if blk is None:
             for c in range(lo, hi):
                 if exp[c]:
