@@ -1,5 +1,10 @@
 """Sphinx configuration for the virtkit docs (built with -W: warnings are errors)."""
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "_ext"))  # virtkit_clidoc
+
 project = "virtkit"
 author = "the virtkit developers"
 copyright = "2026, the virtkit developers"  # noqa: A001 - Sphinx's setting name
@@ -9,6 +14,7 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.viewcode",
     "sphinx.ext.doctest",
+    "virtkit_clidoc",  # the CLI reference, generated from the click commands
 ]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +202,11 @@ class TestLeakCheck:
         result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
         assert result.ret == 0, result.stdout.str()
         assert "left behind" not in result.stdout.str()
+
+
+class TestExample:
+    def test_the_plugin_example_passes(self, pytester: pytest.Pytester) -> None:
+        """examples/test_vm_definition.py (shown in the docs) passes on the emulator."""
+        example = Path(__file__).resolve().parent.parent / "examples" / "test_vm_definition.py"
+        pytester.makepyfile(test_vm_definition=example.read_text())
+        pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=4)

@@ -193,7 +193,7 @@ def virtkit_linux_boot() -> virtkit.KernelBoot:
 def virtkit_linux(
     request: pytest.FixtureRequest, virtkit_linux_boot: virtkit.KernelBoot, tmp_path: Path
 ) -> Iterator[virtkit.Guest]:
-    """A real Linux guest on qemu, booted to its shell prompt (``vk# ``); killed after."""
+    """A real Linux guest on qemu, booted to its ``vk#`` shell prompt; killed after."""
     from virtkit.testing import linux  # noqa: PLC0415
 
     made: list[virtkit.Guest] = request.node.stash.setdefault(_GUESTS, [])
