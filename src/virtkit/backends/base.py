@@ -30,6 +30,7 @@ from virtkit.backends.devices import DevicesMixin
 from virtkit.backends.files import HeldFile, fit_disk_sizes, held_files
 from virtkit.backends.lifecycle import Lifecycle
 from virtkit.backends.ports import PortsMixin, fixed_forwards
+from virtkit.backends.readiness import ReadinessMixin
 from virtkit.bundle.paths import explicit_roots
 from virtkit.errors import (
     BackendError,
@@ -438,7 +439,7 @@ def _bundle_roots(folder: Path) -> list[Path]:
     return [Path(p) for p in bundle.allowed_roots(folder)]
 
 
-class Guest(PortsMixin, DevicesMixin, abc.ABC):
+class Guest(PortsMixin, DevicesMixin, ReadinessMixin, abc.ABC):
     """A machine placed on a hypervisor: the thing that runs.
 
     Use it as a context manager to kill and undefine it on exit.

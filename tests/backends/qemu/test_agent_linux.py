@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 import virtkit
 from virtkit.agent import AgentError
 from virtkit.backends.qemu import QemuGuest, QemuHypervisor
-from virtkit.model import KernelBoot, Machine, Nic, State
+from virtkit.model import KernelBoot, Machine, Nic, PortForward, State
 from virtkit.testing.linux import (
     LINUX_CMDLINE,
     PROMPT,
@@ -41,21 +42,19 @@ def agent_boot(tmp_path_factory: pytest.TempPathFactory) -> KernelBoot:
 @pytest.fixture
 def guest(hv: QemuHypervisor, agent_boot: KernelBoot) -> Iterator[QemuGuest]:
     """A booted guest with an agent channel and a user-mode NIC, at its prompt."""
-    machine = Machine(name="agent", memory="256MiB", agent=True, kernel=agent_boot, nics=[Nic()])
+    machine = Machine(
+        name="agent",
+        memory="256MiB",
+        agent=True,
+        kernel=agent_boot,
+        nics=[Nic(forwards=[PortForward(host_port=0, guest_port=8080)])],
+    )
     booted = hv.define(machine)
     assert isinstance(booted, QemuGuest)
     booted.start()
-    booted.console.expect(READY_MARKER, timeout=120)
+    booted.wait_ready(via="console", pattern=READY_MARKER, timeout=120)
     booted.console.expect(PROMPT, timeout=30)
-    deadline = time.monotonic() + 30
-    while True:  # qemu-ga starts in the background just before the prompt
-        try:
-            booted.agent.ping(timeout=2)
-            break
-        except (AgentError, virtkit.TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    booted.wait_ready(via="agent", timeout=30)  # qemu-ga starts just before the prompt
     yield booted
     if booted.state is not State.SHUTOFF:
         booted.kill()
@@ -93,6 +92,24 @@ class TestAgentInLinux:
             guest.agent.write_file("/tmp/cut", os.urandom(64 * 1024**2), timeout=20)
         assert time.monotonic() - began < 25
         killer.join()
+
+    def test_tcp_readiness_sees_the_guest_not_slirp(self, guest: QemuGuest) -> None:
+        """A forwarded port with nothing listening in the guest is not ready (slirp accepts
+        anyway); once busybox httpd answers, wait_ready returns its reply; addresses() lists
+        the DHCP address and the forward."""
+        request = b"GET / HTTP/1.0\r\n\r\n"
+        host_port = guest.host_port(8080)
+        with socket.create_connection(("127.0.0.1", host_port), timeout=5):
+            pass  # the false positive: the host side accepts a connection
+        with pytest.raises(virtkit.TimeoutError, match="not ready via tcp"):
+            guest.wait_ready(via="tcp", port=8080, send=request, timeout=3)
+        guest.console.run("mkdir -p /www && echo vk-page > /www/index.html", prompt=PROMPT)
+        guest.console.run("httpd -p 8080 -h /www", prompt=PROMPT)
+        reply = guest.wait_ready(via="tcp", port=8080, send=request, expect=b"vk-page", timeout=60)
+        assert reply is not None and reply.startswith(b"HTTP/1.")
+        found = guest.addresses()
+        assert any(a.address == "10.0.2.15" and a.interface == "eth0" for a in found)
+        assert any(a.host_port == host_port and a.guest_port == 8080 for a in found)
 
     @pytest.mark.slow
     def test_50_mib_file(self, guest: QemuGuest) -> None:
