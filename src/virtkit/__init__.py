@@ -5,6 +5,7 @@ Layout (imports point downwards only)::
     virtkit.cli        the `virtkit` command, over the public API
     virtkit.aio        the hypervisor API as coroutines (asyncio)
     virtkit.backends   Hypervisor implementations: "emulator" (unicorn), "qemu" (QMP)
+    virtkit.ova        OVF/OVA appliances <-> VM folders
     virtkit.bundle     Machine <-> folder of files (machine.toml, disks/, snapshots/)
     virtkit.provision  cloud-init NoCloud seed ISOs
     virtkit.images     qcow2/raw disk image engine
@@ -14,7 +15,7 @@ Layout (imports point downwards only)::
 This module only re-exports the public names.
 """
 
-from virtkit import aio, images
+from virtkit import aio, images, ova
 from virtkit.backends import Console, Guest, Hypervisor, connect
 from virtkit.bundle import load, save
 from virtkit.clone import clone
@@ -58,6 +59,7 @@ __all__ = [
     "save",
     "images",
     "aio",
+    "ova",
     # backends
     "Console",
     "Guest",
