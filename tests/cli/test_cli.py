@@ -98,3 +98,48 @@ class TestVmCommands:
         out, err = capsysbinary.readouterr()
         assert b"count 0" in out
         assert b"did not power off within 0.5 s" in err
+
+
+class TestProgress:
+    def _convert(self, tmp_path: Path, stderr_tty: bool) -> bytes:
+        import os
+        import pty
+        import subprocess
+        import sys
+
+        src = tmp_path / "src.raw"
+        src.write_bytes(os.urandom(1 << 20) * 8)
+        argv = [sys.executable, "-m", "virtkit.cli", "image", "convert", "-p", "-O", "qcow2",
+                str(src), str(tmp_path / "dst.qcow2")]  # fmt: skip
+        if not stderr_tty:
+            proc = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+            assert proc.returncode == 0 and proc.stdout == b""
+            return proc.stderr
+        master, slave = pty.openpty()
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave) as proc:
+            os.close(slave)
+            seen = b""
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            assert proc.wait(timeout=120) == 0
+            assert proc.stdout is not None and proc.stdout.read() == b""
+        os.close(master)
+        return seen
+
+    def test_bar_with_rate_and_eta_on_a_terminal(self, tmp_path: Path) -> None:
+        """-p on a terminal draws a rich bar on stderr: label, 100 %, sizes, rate, time left."""
+        err = self._convert(tmp_path, stderr_tty=True)
+        assert b"convert" in err and b"100%" in err
+        assert b"8.0/8.0 MiB" in err
+        assert b"/s" in err  # the transfer rate column
+        assert b"0:00:00" in err  # the time-left column, at the end
+
+    def test_no_bar_into_a_pipe(self, tmp_path: Path) -> None:
+        """-p with stderr piped prints nothing at all."""
+        assert self._convert(tmp_path, stderr_tty=False) == b""

@@ -216,7 +216,7 @@ def info(
     backing_chain: bool,
     filename: str,
 ) -> int:
-    """Show an image's format, sizes, backing file and snapshots (qemu-img info)."""
+    """Show an image's format, sizes, backing file, snapshots (qemu-img info)."""
     with open_chain(filename, fmt=fmt, force_share=force_share, whole=backing_chain) as chain:
         infos = [layer.image.info() for layer in chain]
     if output == "json" or as_json:
@@ -246,7 +246,10 @@ def create(
     filename: str,
     size: str | None,
 ) -> int:
-    """Create an image of SIZE (1G, 512M, bytes); raw unless -f says otherwise (qemu-img create)."""
+    """Create an image (qemu-img create).
+
+    SIZE is 1G, 512M or bytes; the format is raw unless -f says otherwise.
+    """
     opts = parse_options(options)
     if "size" in opts:
         size = size or opts.pop("size")
@@ -315,7 +318,7 @@ def check(
     repair_all: bool,
     filename: str,
 ) -> int:
-    """Check (and with -r repair) an image's metadata (qemu-img check).
+    """Check an image's metadata, -r repairs (qemu-img check).
 
     Exit status: 0 no problem, 1 the check could not run, 2 corruptions,
     3 only leaked clusters, 63 the format has nothing to check (raw).
@@ -410,7 +413,9 @@ def convert(
     src: str,
     dst: str,
 ) -> int:
-    """Copy SRC (its backing chain flattened) into a new image DST, sparse (qemu-img convert).
+    """Convert SRC into a new image DST (qemu-img convert).
+
+    The backing chain of SRC is flattened and the copy is sparse.
 
     DST is written to a hidden temporary file next to it and renamed over it
     once complete: an interrupted convert leaves DST as it was.
@@ -457,7 +462,7 @@ def snapshot(
     delete_name: str | None,
     filename: str,
 ) -> int:
-    """List, create, apply or delete internal snapshots (qemu-img snapshot)."""
+    """List, create, apply or delete snapshots (qemu-img snapshot)."""
     chosen = [x for x in (do_list, create_name, apply_name, delete_name) if x not in (None, False)]
     if len(chosen) != 1:
         raise click.UsageError("give exactly one of -l, -c NAME, -a NAME, -d NAME")
@@ -489,7 +494,10 @@ def snapshot(
 @click.argument("filename", type=click.Path(dir_okay=False))
 @click.argument("size")
 def resize(fmt: str | None, shrink: bool, quiet: bool, filename: str, size: str) -> int:
-    """Change the virtual size to SIZE, or by +SIZE / -SIZE (qemu-img resize)."""
+    """Change the virtual size (qemu-img resize).
+
+    SIZE is the new size, or +SIZE / -SIZE to grow or shrink by that much.
+    """
     from virtkit.units import parse_size  # noqa: PLC0415 - only this command needs it
 
     with images.open(filename, writable=True, format=_f(fmt)) as img:
@@ -533,7 +541,10 @@ def rebase(
     quiet: bool,
     filename: str,
 ) -> int:
-    """Give an overlay a new backing file, keeping what the guest sees (qemu-img rebase)."""
+    """Change an overlay's backing file (qemu-img rebase).
+
+    Safe mode (the default) keeps what the guest sees; -u only rewrites the header.
+    """
     if fmt is not None and fmt != "qcow2":
         raise UnsupportedFeatureError(
             f"{fmt} images have no backing file to rebase", feature="rebase"
@@ -552,7 +563,7 @@ def rebase(
 @_QUIET
 @click.argument("filename", type=click.Path(dir_okay=False))
 def commit(fmt: str | None, drop: bool, progress: bool, quiet: bool, filename: str) -> int:
-    """Write an overlay's data into its backing file (qemu-img commit)."""
+    """Write an overlay into its backing file (qemu-img commit)."""
     if fmt is not None and fmt != "qcow2":
         raise UnsupportedFeatureError(f"cannot commit {fmt} images", feature="commit")
     with progress_bar("commit", enabled=progress and not quiet) as bar:
@@ -579,7 +590,10 @@ def measure(
     output: str,
     filename: str | None,
 ) -> int:
-    """How big converting FILENAME (or a new image of --size) to -O would be (qemu-img measure)."""
+    """Size needed to convert to -O (qemu-img measure).
+
+    Measures FILENAME, or a new empty image of --size.
+    """
     if (filename is None) == (size is None):
         raise click.UsageError("give either an image file or --size, not both")
     opts = parse_options(options)
@@ -666,7 +680,7 @@ def map_(
     max_length: str | None,
     filename: str,
 ) -> int:
-    """Show where each range of the disk lives in the backing chain (qemu-img map).
+    """Show where each range of the disk lives (qemu-img map).
 
     JSON entries carry start, length, depth, present, zero, data as qemu-img
     prints them; ``offset`` (the host offset) is given for raw layers only.
@@ -708,7 +722,7 @@ def amend(
     force: bool,
     filename: str,
 ) -> int:
-    """Change format options of an existing image (qemu-img amend).
+    """Change options of an existing image (qemu-img amend).
 
     Supported: ``size`` and ``backing_file``/``backing_fmt`` (header only, as
     qemu-img). Other options (compat, refcount_bits, lazy_refcounts...) are
@@ -779,7 +793,9 @@ def _replacing(dst: str) -> Iterator[str]:
 def dd(
     fmt: str | None, out_fmt: str, force_share: bool, progress: bool, operands: tuple[str, ...]
 ) -> int:
-    """Copy part of an image, dd style: if=IN of=OUT [bs=N] [count=N] [skip=N] (qemu-img dd).
+    """Copy part of an image, dd style (qemu-img dd).
+
+    Operands: if=IN of=OUT [bs=N] [count=N] [skip=N].
 
     As qemu-img, the output holds min(count*bs, input size) - skip*bs bytes
     starting at input offset skip*bs. OUT is replaced atomically.
@@ -851,7 +867,7 @@ def bitmap(
     filename: str,
     bitmap: str,
 ) -> int:
-    """Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img bitmap).
+    """Edit persistent dirty bitmaps (qemu-img bitmap).
 
     Several actions may be given; they run in this order: --add, --merge,
     --clear, --enable, --disable, --remove.

@@ -146,7 +146,7 @@ def _summary(machine: virtkit.Machine, folder: str | None, state: str) -> dict[s
 @_JSON
 @click.pass_context
 def list_(ctx: click.Context, root: str, show_all: bool, as_json: bool) -> int:
-    """List VMs: the VM folders under --root, or the guests a persistent hypervisor knows."""
+    """List VMs (folders under --root, or a persistent hypervisor's guests)."""
     del show_all
     rows: list[dict[str, Any]] = []
     if _in_process(ctx):
@@ -175,7 +175,7 @@ def list_(ctx: click.Context, root: str, show_all: bool, as_json: bool) -> int:
 @click.argument("folder", type=click.Path(file_okay=False))
 @_JSON
 def show(folder: str, as_json: bool) -> int:
-    """Summarise the VM in FOLDER: CPUs, memory, disks, NICs."""
+    """Summarise the VM in FOLDER (CPUs, memory, disks, NICs)."""
     machine = virtkit.load(folder)
     data = _summary(machine, folder, "shut off")
     if as_json:
@@ -255,7 +255,7 @@ def _lifecycle(verb: str, done: str, doc: str) -> None:
         with _hypervisor(ctx) as hv:
             guest = _guest(hv, vm_arg)
             if verb == "stop":
-                guest.shutdown(timeout=ctx.params.get("timeout", 60))
+                guest.shutdown(timeout=60)
             else:
                 getattr(guest, verb)()
             click.echo(f"Domain '{guest.name}' {done}")
@@ -263,7 +263,7 @@ def _lifecycle(verb: str, done: str, doc: str) -> None:
 
 
 _lifecycle("start", "started", "Start VM (persistent hypervisors; see 'vm run' otherwise).")
-_lifecycle("stop", "is shut down", "Press VM's ACPI power button and wait until it is off.")
+_lifecycle("stop", "is shut down", "Press VM's ACPI power button; wait (60 s) until it is off.")
 _lifecycle("kill", "destroyed", "Stop VM at once, like pulling the plug.")
 _lifecycle("pause", "suspended", "Freeze VM's CPUs.")
 _lifecycle("resume", "resumed", "Continue a paused VM.")
@@ -304,7 +304,7 @@ def _check_timeout(timeout: float | None) -> None:
 @click.option("--backend", default=None, hidden=True, help="Old spelling of vm --connect.")
 @click.pass_context
 def run(ctx: click.Context, folder: str, timeout: float | None, backend: str | None) -> int:
-    """Boot the VM in FOLDER here and stream its console until it powers off.
+    """Boot FOLDER here and stream its console until power-off.
 
     Exit status 0 when the guest powers off, 1 when it crashes or --timeout
     passes (it is killed then).
@@ -334,7 +334,7 @@ def run(ctx: click.Context, folder: str, timeout: float | None, backend: str | N
 )
 @click.pass_context
 def console(ctx: click.Context, vm_arg: str, escape: str) -> int:
-    """Attach the terminal to VM's serial console; the escape key (Ctrl-]) detaches.
+    """Attach to VM's serial console (Ctrl-] detaches).
 
     On an in-process backend the VM is booted first and killed on detach (it
     runs inside this command); on libvirt the running guest is attached.

@@ -32,7 +32,7 @@ def register(vm: click.Group, hypervisor: Any, guest_of: Any, in_process: Any) -
     )
     @click.option("-p", "progress", is_flag=True, help="Show a progress bar (on a terminal).")
     def clone(src: str, dst: str, name: str | None, full: bool, progress: bool) -> int:
-        """Make a new VM folder DST from the stopped VM in SRC (new UUID and MACs)."""
+        """Copy the stopped VM in SRC to a new folder DST (new UUID, MACs)."""
         with progress_bar("clone", enabled=progress) as bar:
             machine = virtkit.clone(src, dst, name=name, linked=not full, progress=bar)
         kind = "full" if full else "linked"
