@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import virtkit
 from virtkit.images.vpc import layout
@@ -233,3 +235,14 @@ def test_geometry_table() -> None:
     assert layout.geometry(65535 * 16 * 63) == (16191, 16, 255)
     assert layout.geometry(10**12) == (65535, 16, 255)
     assert layout.FOOTER.size == 85 and layout.DYN_HEADER.size == 576
+
+
+@given(st.binary(min_size=512, max_size=512))
+def test_footer_pack_unpack(raw: bytes) -> None:
+    """A footer packs back to its own fields with a checksum that verifies."""
+    footer = layout.Footer.unpack(raw)
+    packed = footer.pack()
+    assert layout.footer_checksum_ok(packed)
+    assert (
+        packed[:64] == raw[:64] and packed[68 : layout.FOOTER.size] == raw[68 : layout.FOOTER.size]
+    )

@@ -135,6 +135,10 @@ def _load(st: FileStorage, path: str, allow: tuple[str, ...], force_share: bool)
                     extents.append(FlatExtent(est, line.sectors, line.offset, shown, line.type))
                 else:
                     extents.append(SparseExtent(est, shown, line.type, real))
+        if sum(ext.size for ext in extents) > descriptor.MAX_DISK:
+            raise CorruptImageError(
+                f"extents add up to more than {descriptor.MAX_DISK} bytes", path=path
+            )
         backing = None
         if desc.parent_hint is not None:
             backing = _open_parent(path, desc.parent_hint, allow, force_share)
