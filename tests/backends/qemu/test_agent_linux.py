@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import virtkit
+import virtkit.images
 from virtkit.agent import AgentError
 from virtkit.backends.qemu import QemuGuest, QemuHypervisor
-from virtkit.model import KernelBoot, Machine, Nic, PortForward, State
+from virtkit.model import Disk, KernelBoot, Machine, Nic, PortForward, State
 from virtkit.testing.linux import (
     LINUX_CMDLINE,
     PROMPT,
@@ -110,6 +111,35 @@ class TestAgentInLinux:
         found = guest.addresses()
         assert any(a.address == "10.0.2.15" and a.interface == "eth0" for a in found)
         assert any(a.host_port == host_port and a.guest_port == 8080 for a in found)
+
+    def test_disk_snapshot_is_quiesced(
+        self, hv: QemuHypervisor, agent_boot: KernelBoot, tmp_path: Path
+    ) -> None:
+        """A file written but not synced in the guest is in the disk snapshot's frozen layer:
+        the agent froze (flushed) the file system around the snapshot, and thawed it after."""
+        data = tmp_path / "data.qcow2"
+        virtkit.images.create(data, size="32MiB").close()
+        machine = Machine(
+            name="quiesce", memory="256MiB", agent=True, kernel=agent_boot, disks=[Disk(str(data))]
+        )
+        guest = hv.define(machine)
+        guest.start()
+        guest.wait_ready(via="console", pattern=READY_MARKER, timeout=120)
+        guest.console.expect(PROMPT, timeout=30)
+        guest.wait_ready(via="agent", timeout=30)
+        run = guest.console.run
+        run("mke2fs -q /dev/vda && mkdir -p /mnt/d && mount /dev/vda /mnt/d", prompt=PROMPT)
+        assert guest.console.exit_status == 0
+        marker = "vk-quiesce-" + os.urandom(6).hex()
+        run(f"echo {marker} > /mnt/d/note", prompt=PROMPT)  # in the page cache, not on disk yet
+        snap = guest.snapshot("quiet", memory=False)
+        frozen = Path(guest.folder, "disks", snap.layers["vda"])
+        with virtkit.images.open(frozen) as image:
+            assert image.check().ok
+            assert marker.encode() in image.read(0, image.virtual_size)
+        assert guest.agent.fsfreeze_status() == "thawed"
+        run("echo after >> /mnt/d/note && cat /mnt/d/note", prompt=PROMPT)
+        guest.kill()
 
     @pytest.mark.slow
     def test_50_mib_file(self, guest: QemuGuest) -> None:

@@ -524,7 +524,9 @@ class QemuGuest(Guest):
 
     def _do_snapshot(self, snap: Snapshot) -> Snapshot:
         if snap.kind is not SnapshotKind.FULL:
-            return self._layers.snapshot(snap)
+            # a disk-only snapshot has no RAM: flush the guest's file systems into it first
+            with self.quiesce():
+                return self._layers.snapshot(snap)
         nodes = self._full_nodes("take")
         proc = self._proc
         assert proc is not None
