@@ -30,6 +30,7 @@ from virtkit.errors import (
     UnsupportedFeatureError,
     VirtkitError,
 )
+from virtkit.images import convert_pipeline
 from virtkit.images.args import check_bool, check_callable, check_name, check_path
 from virtkit.images.base import Extent, Image
 from virtkit.images.sizes import parse_size
@@ -237,39 +238,37 @@ def _copy(src: Image, out: Image, *, compress: bool, progress: Progress | None) 
     if out.backing_file is not None and not compress:
         _copy_over_backing(src, out, progress)
         return
-    total = src.virtual_size
     granule = out.cluster_size if out.format == "qcow2" else RAW_GRANULE
     write_compressed = getattr(out, "write_compressed", None)
     if compress and write_compressed is None:
         raise UnsupportedFeatureError(
             f"{out.format} images cannot store compressed clusters", feature="compression"
         )
-    done = 0
+    if compress and hasattr(out, "write_precompressed") and hasattr(out, "compress_cluster"):
+        convert_pipeline.copy_compressed(src, out, progress)  # every core compresses
+    elif not compress:
+        convert_pipeline.copy_plain(src, out, granule, progress)  # reads ahead on a thread
+    else:
+        assert write_compressed is not None  # refused above
+        _copy_sequential(src, out, write_compressed, progress)
+    out.flush()
+
+
+def _copy_sequential(
+    src: Image,
+    out: Image,
+    write_compressed: Callable[[int, bytes], None],
+    progress: Progress | None,
+) -> None:
+    """One thread, extent by extent: compressed output without the pipeline's hooks."""
+    total = src.virtual_size
     if progress is not None:
         progress(0, total)
     for extent in src.block_status(0, total, include_backing=True):
-        end = extent.start + extent.length
-        if extent.kind != "data":
-            done = end
-            if progress is not None:
-                progress(done, total)
-            continue
-        if write_compressed is not None and compress:
+        if extent.kind == "data":
             _copy_compressed(src, out, extent, write_compressed)
-            done = end
-            if progress is not None:
-                progress(done, total)
-            continue
-        for start, stop in _chunks(extent.start, end, granule):
-            data = src.read(start, stop - start)
-            for a, b in _nonzero_runs(data, granule):
-                out.write(start + a, data[a:b] if (a, b) != (0, len(data)) else data)
-            done = stop
-            if progress is not None:
-                progress(done, total)
-    if progress is not None and done != total:
-        progress(total, total)
-    out.flush()
+        if progress is not None:
+            progress(extent.start + extent.length, total)
 
 
 def _copy_compressed(

@@ -938,6 +938,16 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         self._check_compressed_range(offset, len(mv))
         self._run_write(lambda: self._write_compressed(offset, bytes(mv)), request=True)
 
+    def compress_cluster(self, data: bytes) -> bytes:
+        """Compress one cluster's data (padded to a cluster) as ``write_compressed`` would.
+
+        Pure computation, safe to call from several threads at once: parallel
+        convert compresses on every core, then stores the results in order
+        with :meth:`write_precompressed`.
+        """
+        return compress(self.hdr.compression_type, data + bytes(self.cs - len(data)))
+
+    @guarded
     def write_precompressed(self, offset: int, data: bytes, compressed: bytes) -> None:
         """Store one cluster that the caller already compressed (parallel convert).
 
