@@ -47,6 +47,9 @@ from typing import Any
 
 import virtkit
 import virtkit.images
+from virtkit.images.storage import FileStorage
+from virtkit.images.vhdx import metadata as vhdx_metadata
+from virtkit.images.vhdx.crc import crc32c
 
 #: Header fields: (name, offset, struct code).
 HEADER_FIELDS: list[tuple[str, int, str]] = [
@@ -109,6 +112,8 @@ class Seed:
     table_offsets: list[int] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # companions (backing files)
     format: str = "qcow2"  # the driver the input is opened with (also its file suffix)
+    #: Recomputes checksums after a mutation (VHDX headers and region tables), if any.
+    fixup: Callable[[bytearray], None] | None = None
 
 
 def _u(data: bytes, off: int, code: str) -> int:
@@ -220,6 +225,9 @@ def mutate(seed: Seed, rng: random.Random, count: int) -> tuple[bytes, list[str]
         value = rng.choice(interesting_values(seed, fld, current))
         struct.pack_into(fld.code, data, fld.offset, value)
         notes.append(f"{fld.name} {current:#x}->{value:#x}")
+    if seed.fixup is not None and rng.random() < 0.8:  # else the checksums catch it
+        seed.fixup(data)
+        notes.append("checksums fixed")
     return bytes(data), notes
 
 
@@ -275,6 +283,7 @@ def make_seeds(workdir: Path) -> dict[str, Seed]:
     seeds["overlay"] = seed
     seeds.update(make_vmdk_seeds(workdir, raw))
     seeds.update(make_vpc_seeds(workdir, raw))
+    seeds.update(make_vhdx_vdi_seeds(workdir, raw))
     return seeds
 
 
@@ -355,6 +364,103 @@ def make_vpc_seeds(workdir: Path, raw: Path) -> dict[str, Seed]:
         path = workdir / f"vpc-{sub}.vhd"
         _run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", f"subformat={sub}", raw, path)
         seeds[f"vpc-{sub}"] = map_vpc(f"vpc-{sub}", path.read_bytes())
+    return seeds
+
+
+def _vhdx_fixup(data: bytearray) -> None:
+    """Give both VHDX headers and region tables valid CRC-32C checksums again."""
+    for off, size in ((64 << 10, 4096), (128 << 10, 4096), (192 << 10, 65536), (256 << 10, 65536)):
+        if off + size <= len(data):
+            block = bytearray(data[off : off + size])
+            block[4:8] = bytes(4)
+            struct.pack_into("<I", data, off + 4, crc32c(block))
+
+
+def map_vhdx(name: str, data: bytes, path: Path) -> Seed:
+    """Header, region table, metadata table and item, parent locator and BAT fields of a VHDX."""
+    seed = Seed(name, data, format="vhdx", cluster_size=320 << 10, fixup=_vhdx_fixup)
+    for h in (64 << 10, 128 << 10):
+        seed.fields += [
+            Field(f"hdr@{h:#x}.{n}", h + o, c)
+            for n, o, c in (
+                ("sequence", 8, "<Q"),
+                ("log_guid", 48, "<Q"),
+                ("log_version", 64, "<H"),
+                ("version", 66, "<H"),
+                ("log_length", 68, "<I"),
+                ("log_offset", 72, "<Q"),
+            )
+        ]
+    rt = 192 << 10
+    seed.fields.append(Field("regions.count", rt + 8, "<I"))
+    for i in range(_u(data, rt + 8, "<I")):
+        e = rt + 16 + 32 * i
+        seed.fields += [Field(f"region{i}.offset", e + 16, "<Q"),
+                        Field(f"region{i}.length", e + 24, "<I"),
+                        Field(f"region{i}.flags", e + 28, "<I")]  # fmt: skip
+    st = FileStorage(path, writable=False, lock=False)
+    try:
+        meta = vhdx_metadata.load(st)
+    finally:
+        st.close()
+    base = meta.metadata_offset
+    seed.table_offsets = [0, base, meta.bat_offset, meta.header.log_offset]
+    seed.fields.append(Field("meta.count", base + 10, "<H"))
+    for i in range(_u(data, base + 10, "<H")):
+        e = base + 32 + 32 * i
+        seed.fields += [Field(f"meta{i}.offset", e + 16, "<I"),
+                        Field(f"meta{i}.length", e + 20, "<I"),
+                        Field(f"meta{i}.flags", e + 24, "<I")]  # fmt: skip
+        off = base + _u(data, e + 16, "<I")
+        seed.fields += [Field(f"meta{i}.value32", off, "<I"), Field(f"meta{i}.value64", off, "<Q"),
+                        Field(f"meta{i}.value32b", off + 4, "<I"),
+                        Field(f"meta{i}.locator_count", off + 18, "<H")]  # fmt: skip
+        for k in range(4 if meta.has_parent else 0):
+            seed.fields += [Field(f"meta{i}.kv{k}.{n}", off + 20 + 12 * k + o, c)
+                            for n, o, c in (("key", 0, "<I"), ("value", 4, "<I"),
+                                            ("klen", 8, "<H"), ("vlen", 10, "<H"))]  # fmt: skip
+    for i in range(meta.bat_count):
+        seed.fields.append(Field(f"bat[{i}]", meta.bat_offset + 8 * i, "<Q"))
+    return seed
+
+
+def map_vdi(name: str, data: bytes) -> Seed:
+    """Header fields and block map entries of a VDI."""
+    seed = Seed(name, data, format="vdi", cluster_size=512)
+    for fname, off, code in (("signature", 0x40, "<I"), ("version", 0x44, "<I"),
+                             ("header_size", 0x48, "<I"), ("image_type", 0x4C, "<I"),
+                             ("offset_bmap", 0x154, "<I"), ("offset_data", 0x158, "<I"),
+                             ("sector_size", 0x168, "<I"), ("disk_size", 0x170, "<Q"),
+                             ("block_size", 0x178, "<I"), ("block_extra", 0x17C, "<I"),
+                             ("blocks_in_image", 0x180, "<I"), ("blocks_allocated", 0x184, "<I"),
+                             ("uuid_parent", 0x1B8, "<Q")):  # fmt: skip
+        seed.fields.append(Field(fname, off, code))
+    bmap = _u(data, 0x154, "<I")
+    seed.table_offsets = [0, bmap, _u(data, 0x158, "<I")]
+    for i in range(_u(data, 0x180, "<I")):
+        seed.fields.append(Field(f"bmap[{i}]", bmap + 4 * i, "<I"))
+    return seed
+
+
+def make_vhdx_vdi_seeds(workdir: Path, raw: Path) -> dict[str, Seed]:
+    """Dynamic and fixed VHDX and dynamic and static VDI of ``raw`` (qemu-img), and a VHDX child."""
+    seeds: dict[str, Seed] = {}
+    for sub in ("dynamic", "fixed"):
+        path = workdir / f"vhdx-{sub}.vhdx"
+        _run("qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o",
+             f"subformat={sub},block_size=1M", raw, path)  # fmt: skip
+        seeds[f"vhdx-{sub}"] = map_vhdx(f"vhdx-{sub}", path.read_bytes(), path)
+    base = workdir / "vhdx-dynamic.vhdx"
+    child = workdir / "vhdx-child.vhdx"
+    with virtkit.images.create(child, format="vhdx", backing=base.name) as img:
+        img.write(65536, b"\x42" * 5000)
+    seed = map_vhdx("vhdx-child", child.read_bytes(), child)
+    seed.files[base.name] = base.read_bytes()
+    seeds["vhdx-child"] = seed
+    for static in ("off", "on"):
+        path = workdir / f"vdi-{static}.vdi"
+        _run("qemu-img", "convert", "-f", "raw", "-O", "vdi", "-o", f"static={static}", raw, path)
+        seeds[f"vdi-static-{static}"] = map_vdi(f"vdi-static-{static}", path.read_bytes())
     return seeds
 
 
