@@ -27,10 +27,11 @@ changes) first write the cache back, then run write-through.
 On the write-through path memory never runs ahead of the file: any
 :class:`~virtkit.ImageError` from a write step (ENOSPC, EIO) reloads the L1
 table and drops the L2 and refcount caches, so a retry after the space comes
-back sees exactly what is on disk. In write-back mode a failed request leaves
-the cache as it was before the request (its working copies are dropped; the
-clusters it allocated leak), and a failed write-back keeps everything dirty
-for the next attempt.
+back sees exactly what is on disk. In write-back mode a request changes the
+cached tables in place, each entry only after the data it points at was
+written, so a failed request publishes what it did change (its range then
+reads old or new data); a failed write-back keeps everything dirty for the
+next attempt.
 
 Policies, where QEMU leaves a choice:
 
@@ -163,6 +164,8 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         self._deps = False
         #: A write-back request is running: publish into the cache (see _run_write).
         self._defer = False
+        #: Requests begun and not yet published (nested: zeroing writes partial clusters).
+        self._open: list[Request] = []
         self.backing: Image | None = None
         self.data_st: Storage = storage
         self._data_st_own: Storage | None = None
@@ -528,7 +531,11 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
             raise
         except ImageError:
             if defer:
-                # the request's working copies were never published; what it allocated leaks
+                # Write-back requests change the cached tables in place, and an entry
+                # changes only after the data it points at was written: publish what
+                # the failed request did change, so memory and the coming write-back agree.
+                for req in self._open:
+                    self._wb.publish(req)
                 self._cluster_cache = None
                 self._cfree = 0
             else:
@@ -537,6 +544,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
             raise
         finally:
             self._defer = self.refs.defer = False
+            self._open.clear()
         if defer:
             if self._wb.over_limit():
                 self._wb.writeback(sync=False)  # bounded memory
@@ -733,8 +741,15 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         req.new[l1i] = off
         return new, table
 
+    def _new_request(self) -> Request:
+        req = Request()
+        self._open.append(req)
+        return req
+
     def _commit(self, req: Request) -> None:
         """Publish ``req``: into the write-back cache, or written through now."""
+        if self._open and self._open[-1] is req:
+            self._open.pop()
         if self._defer:
             self._wb.publish(req)
         else:
@@ -761,7 +776,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         cs = self.cs
         pos = 0
         n = len(mv)
-        req = Request()
+        req = self._new_request()
         while pos < n:
             g = offset + pos
             if not g & (cs - 1) and n - pos >= cs:
@@ -987,7 +1002,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
             return
         ci = offset >> self.cb
         l1i = ci >> self.l2_bits
-        req = Request()
+        req = self._new_request()
         if len(comp) >= cs:  # does not shrink: stored uncompressed, as QEMU does
             self._write_full(req, ci, 1, memoryview(data))
             self._commit(req)
@@ -1070,7 +1085,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                 if a < b:
                     self._zero_partial(a, b - a)
         pos = first
-        req = Request()  # one request: a constant number of barriers for any length
+        req = self._new_request()  # one request: a constant number of barriers for any length
         while pos < last:
             ci = pos >> self.cb
             k = min((last - pos) >> self.cb, self.l2_entries - (ci & (self.l2_entries - 1)))
