@@ -16,7 +16,7 @@ class TestExports:
                 "Console", "Guest", "Hypervisor",
                 "AllocationPolicy", "CdRom", "CloudInit", "CpuTopology", "Disk",
                 "HostResources", "HypervisorType", "KernelBoot", "Machine", "Nic", "PortForward",
-                "Serial", "Snapshot", "SnapshotKind", "State",
+                "Serial", "Share", "Snapshot", "SnapshotKind", "State",
                 "BackendError", "BackendUnavailable", "CapabilityWarning", "ConfigError", "CorruptImageError",
                 "ImageError", "ImageLockedError", "ResourceError", "StateError",
                 "TimeoutError", "UnsupportedFeatureError", "VirtkitError",

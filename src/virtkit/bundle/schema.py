@@ -44,6 +44,7 @@ from virtkit.model import (
     Nic,
     PortForward,
     Serial,
+    Share,
     Snapshot,
 )
 from virtkit.units import exact_size, parse_size
@@ -106,7 +107,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(_dt.datetime, _strict(_dt.datetime))
     conv.register_structure_hook(int | CpuTopology, _cpus)
     # inner classes first: a generated hook captures the hooks of its fields
-    classes = (CpuTopology, PortForward, Disk, CdRom, Nic, Serial, CloudInit, KernelBoot)
+    classes = (CpuTopology, PortForward, Disk, CdRom, Nic, Serial, CloudInit, KernelBoot, Share)
     for cls in (*classes, Snapshot, Machine):
         overrides: dict[str, Any] = {}
         for f in attrs.fields(cls):

@@ -5,7 +5,7 @@ the field), compared by value, changed with ``attrs.evolve``. No I/O here.
 """
 
 from virtkit.model.boot import KernelBoot
-from virtkit.model.devices import CdRom, CloudInit, Disk, Nic, PortForward, Serial
+from virtkit.model.devices import CdRom, CloudInit, Disk, Nic, PortForward, Serial, Share
 from virtkit.model.enums import HypervisorType, SnapshotKind, State
 from virtkit.model.host import AllocationPolicy, HostResources
 from virtkit.model.machine import CpuTopology, Machine
@@ -24,6 +24,7 @@ __all__ = [
     "Nic",
     "PortForward",
     "Serial",
+    "Share",
     "Snapshot",
     "SnapshotKind",
     "State",

@@ -27,6 +27,7 @@ from virtkit.model._validate import (
 from virtkit.units import parse_size
 
 __all__ = [
+    "Share",
     "DISK_BUSES",
     "CdRom",
     "CloudInit",
@@ -366,3 +367,38 @@ class CloudInit:
     network_config: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(instance_of(str))
     )
+
+
+_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
+SECURITY_MODELS = ("none", "mapped-xattr", "mapped-file", "passthrough")
+
+
+@call_errors_are_config_errors
+@attrs.frozen
+class Share:
+    """A host folder shared with the guest (virtio-9p on the qemu backend).
+
+    In a Linux guest: ``mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt``.
+
+    Args:
+        host_path: the host folder; a relative path is relative to the VM folder.
+        tag: the mount tag the guest mounts by (1-31 letters, digits, ``_ . -``).
+        read_only: the guest cannot change the folder.
+        security_model: how guest file ownership maps to the host (QEMU's
+            ``security_model``): ``"none"`` (files belong to the QEMU user),
+            ``"mapped-xattr"``, ``"mapped-file"`` or ``"passthrough"``.
+    """
+
+    host_path: str = attrs.field(converter=_fspath, validator=plain_str)
+    tag: str = attrs.field()
+    read_only: bool = attrs.field(default=True, validator=instance_of(bool))
+    security_model: str = attrs.field(default="none", validator=one_of(SECURITY_MODELS))
+
+    @tag.validator
+    def _check_tag(self, attribute: Any, value: Any) -> None:
+        if not isinstance(value, str) or not _TAG_RE.match(value):
+            raise ConfigError(
+                f"'tag' must be 1-31 letters, digits, '_', '.' or '-' (got {value!r})",
+                field="tag",
+                value=value,
+            )

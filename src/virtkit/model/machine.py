@@ -24,7 +24,7 @@ from virtkit.model._validate import (
     tuple_of,
 )
 from virtkit.model.boot import KernelBoot
-from virtkit.model.devices import CdRom, CloudInit, Disk, Nic, Serial
+from virtkit.model.devices import CdRom, CloudInit, Disk, Nic, Serial, Share
 from virtkit.units import parse_size
 
 __all__ = ["MAX_MEMORY", "MAX_VCPUS", "MIN_MEMORY", "CpuTopology", "Machine"]
@@ -167,6 +167,20 @@ def _convert_nics(value: Any) -> tuple[Nic, ...]:
     return _fill_names(nics, "name", lambda _: (f"net{i}" for i in range(64)), "nics")
 
 
+def _convert_shares(value: Any) -> tuple[Share, ...]:
+    shares = tuple_of(Share, "shares")(value)
+    tags: dict[str, int] = {}
+    for i, share in enumerate(shares):
+        if share.tag in tags:
+            raise ConfigError(
+                f"'shares[{i}].tag' {share.tag!r} is already used by shares[{tags[share.tag]}]",
+                field=f"shares[{i}].tag",
+                value=share.tag,
+            )
+        tags[share.tag] = i
+    return shares
+
+
 def _convert_boot(value: Any) -> tuple[str, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise ConfigError(
@@ -204,6 +218,7 @@ class Machine:
             VM folder.
         agent: give the guest a QEMU guest agent channel (a virtio-serial
             port named ``org.qemu.guest_agent.0``) for ``guest.agent``.
+        shares: host folders shared with the guest, each by a unique tag.
 
     Raises:
         ConfigError: any field is invalid; the message names the field.
@@ -231,6 +246,7 @@ class Machine:
         default=None, validator=attrs.validators.optional(instance_of(KernelBoot))
     )
     agent: bool = attrs.field(default=False, validator=instance_of(bool))
+    shares: tuple[Share, ...] = attrs.field(default=(), converter=_convert_shares)
 
     def __attrs_post_init__(self) -> None:
         self._check_files()

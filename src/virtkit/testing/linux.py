@@ -45,6 +45,7 @@ from virtkit.errors import BackendUnavailable, ConfigError
 
 __all__ = [
     "DEFAULT_MODULES",
+    "GENERIC_KERNEL_PACKAGE",
     "GUEST_AGENT_PACKAGE",
     "KERNEL_PACKAGE",
     "LINUX_CMDLINE",
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
+GENERIC_KERNEL_PACKAGE = "linux-image-amd64"
 GUEST_AGENT_PACKAGE = "qemu-guest-agent"
 """The Debian meta-package whose versioned dependency holds the kernel."""
 
@@ -143,11 +145,14 @@ def _download(package: str, debs: Path) -> Path:
     return found[-1]
 
 
-def fetch_kernel(cache: Path | None = None) -> LinuxKernel:
+def fetch_kernel(cache: Path | None = None, *, package: str = KERNEL_PACKAGE) -> LinuxKernel:
     """Download and unpack the Debian cloud kernel into the cache (once).
 
     Args:
         cache: the cache folder; default :func:`cache_dir`.
+        package: the kernel meta-package: the cloud kernel by default, or
+            :data:`GENERIC_KERNEL_PACKAGE` for one with 9p and virtiofs
+            (the cloud kernel is built without them).
 
     Returns:
         The unpacked kernel.
@@ -158,9 +163,9 @@ def fetch_kernel(cache: Path | None = None) -> LinuxKernel:
     root = cache if cache is not None else cache_dir()
     debs = root / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    meta = _download(KERNEL_PACKAGE, debs)
+    meta = _download(package, debs)
     proc = _run(["dpkg-deb", "-f", str(meta), "Depends"])
-    match = re.search(r"linux-image-([0-9][^\s,(]*-cloud-amd64)", proc.stdout)
+    match = re.search(r"linux-image-([0-9][^\s,(]*-amd64)", proc.stdout)
     if proc.returncode != 0 or match is None:
         raise BackendUnavailable(
             f"cannot read the kernel version from {meta}: {proc.stdout.strip()!r}",

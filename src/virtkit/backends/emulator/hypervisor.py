@@ -86,6 +86,10 @@ class EmulatorHypervisor(Hypervisor):
             ignored.append(("kernel", "direct kernel boot is not supported; the disks are booted"))
         if machine.agent:
             ignored.append(("agent", "the emulated PC has no virtio-serial port for a guest agent"))
+        ignored += [
+            (f"shares[{i}]", f"the emulated PC has no virtio-9p device ({share.tag} is not shared)")
+            for i, share in enumerate(machine.shares)
+        ]
         return ignored
 
     def _create_guest(self, machine: Machine, folder: Path) -> Guest:

@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 
 from virtkit.errors import ConfigError
-from virtkit.model import Disk, KernelBoot, Machine
+from virtkit.model import Disk, KernelBoot, Machine, Share
 
 __all__ = [
     "CACHE_MODES",
@@ -115,6 +115,7 @@ class LaunchSpec:
         paused: start with the vCPUs stopped (``-S``).
         agent_socket: the UNIX socket QEMU listens on for the guest agent's
             virtio-serial port (with ``machine.agent``).
+        shares: each of ``machine.shares`` with its host folder.
         cpu_model: a ``-cpu`` model name (``"qemu64"``, ``"max"``, ``"host"`` with
             KVM); ``None`` keeps QEMU's default for the accelerator.
         extra: extra arguments appended verbatim (an escape hatch; the caller's responsibility).
@@ -134,6 +135,7 @@ class LaunchSpec:
     cpu_model: str | None = None
     extra: tuple[str, ...] = ()
     agent_socket: Path | None = None
+    shares: tuple[tuple[Share, Path], ...] = ()
 
 
 def device_json(driver: str, **props: Any) -> str:
@@ -243,6 +245,21 @@ def agent_channel_argv(socket: Path) -> list[str]:
     ]
 
 
+def share_argv(share: Share, folder: Path, number: int) -> list[str]:
+    """A host folder exported to the guest over virtio-9p under ``share.tag``."""
+    path = opt_value(os.fspath(folder), what="shares.host_path")
+    fsdev = f"local,id=vk-share{number},path={path},security_model={share.security_model}"
+    if share.read_only:
+        fsdev += ",readonly=on"
+    return [
+        "-fsdev",
+        fsdev,
+        "-device",
+        # the property is spelled mount_tag (device_json would turn _ into -)
+        _json({"driver": "virtio-9p-pci", "fsdev": f"vk-share{number}", "mount_tag": share.tag}),
+    ]
+
+
 def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
     """The full command line that runs ``machine``.
 
@@ -324,6 +341,8 @@ def build_argv(machine: Machine, spec: LaunchSpec) -> list[str]:
         ]
     if machine.agent and spec.agent_socket is not None:
         argv += agent_channel_argv(spec.agent_socket)
+    for number, (share, folder) in enumerate(spec.shares):
+        argv += share_argv(share, folder, number)
     buses = _Buses(machine.machine_type)
     devices: list[str] = []
     blockdevs: list[str] = []

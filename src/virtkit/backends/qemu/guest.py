@@ -70,7 +70,7 @@ from virtkit.errors import (
     TimeoutError,
 )
 from virtkit.images.args import check_path
-from virtkit.model import CdRom, Disk, Machine, Nic, Snapshot, SnapshotKind, State
+from virtkit.model import CdRom, Disk, Machine, Nic, Share, Snapshot, SnapshotKind, State
 
 if TYPE_CHECKING:
     from virtkit.backends.qemu.aio import AsyncQemuGuest
@@ -223,6 +223,7 @@ class QemuGuest(Guest):
             qmp_socket=runtime_dir / "qmp.sock",
             console_socket=runtime_dir / "console.sock" if self.machine.serial.enabled else None,
             agent_socket=runtime_dir / AGENT_SOCKET if self.machine.agent else None,
+            shares=tuple((share, self.share_path(share)) for share in self.machine.shares),
             kernel=self.kernel,
             firmware_code=code,
             nvram=nvram,
@@ -258,7 +259,19 @@ class QemuGuest(Guest):
         return shell_quote(self.qemu_argv())
 
     # -- checks before a launch ------------------------------------------------------
+    def share_path(self, share: Share) -> Path:
+        """The host folder of ``share`` (a relative ``host_path`` is relative to the VM folder)."""
+        return Path(os.path.abspath(self.folder / share.host_path))
+
     def _check_files(self) -> None:
+        for i, share in enumerate(self.machine.shares):
+            if not self.share_path(share).is_dir():
+                raise ConfigError(
+                    f"'shares[{i}].host_path' {share.host_path!r} is not a folder on the host "
+                    f"({self.share_path(share)})",
+                    field=f"shares[{i}].host_path",
+                    value=share.host_path,
+                )
         for i, disk in enumerate(self.machine.disks):
             path = self.active_disk_path(disk)
             if not path.is_file():
