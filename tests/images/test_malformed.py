@@ -457,3 +457,109 @@ class TestCheckFindsDanglingPointers:
             assert img.read(0, 4096) == bytes(4096)
             result = img.check()
         assert result.corruptions == 1
+
+
+# --- damaged persistent bitmaps (the "v3" seed has bitmap bm0) ---------------------------
+def _dir_entry(seed: fuzz.Seed, data: bytes, at: int, fmt: str, value: int) -> bytes:
+    """Set the field at byte ``at`` of the first bitmap directory entry."""
+    doff = _u(data, _field(seed, "bitmaps.dir_offset"))
+    out = bytearray(data)
+    struct.pack_into(fmt, out, doff + at, value)
+    return bytes(out)
+
+
+def _table_entry(seed: fuzz.Seed, data: bytes, value: Callable[[int], int]) -> bytes:
+    """Change the first entry of the first bitmap's table."""
+    doff = _u(data, _field(seed, "bitmaps.dir_offset"))
+    table = struct.unpack_from(">Q", data, doff)[0]
+    out = bytearray(data)
+    struct.pack_into(">Q", out, table, value(struct.unpack_from(">Q", data, table)[0]))
+    return bytes(out)
+
+
+# (case id, damage, message fragment): each must raise CorruptImageError when read
+BITMAP_CASES: list[tuple[str, Damage, str]] = [
+    ("nb_zero", lambda s, d: _set(s, d, "bitmaps.nb", 0), "zero bitmaps"),
+    ("nb_too_many", lambda s, d: _set(s, d, "bitmaps.nb", 2), "fewer bitmaps"),
+    ("nb_65536", lambda s, d: _set(s, d, "bitmaps.nb", 65536), "65535"),
+    ("dir_size_huge", lambda s, d: _set(s, d, "bitmaps.dir_size", 1 << 40), "size"),
+    ("dir_past_eof", lambda s, d: _set(s, d, "bitmaps.dir_offset", 1 << 40), "end of the file"),
+    ("dir_unaligned", lambda s, d: _set(s, d, "bitmaps.dir_offset", lambda v: v + 8), "misplaced"),
+    ("dir_in_header", lambda s, d: _set(s, d, "bitmaps.dir_offset", 0), "misplaced"),
+    ("type_2", lambda s, d: _dir_entry(s, d, 16, ">B", 2), "type 2"),
+    ("reserved_flag", lambda s, d: _dir_entry(s, d, 12, ">I", 1 << 5 | 2), "reserved flags"),
+    ("granularity_40", lambda s, d: _dir_entry(s, d, 17, ">B", 40), "granularity"),
+    ("granularity_8", lambda s, d: _dir_entry(s, d, 17, ">B", 8), "granularity"),
+    ("extra_data", lambda s, d: _dir_entry(s, d, 20, ">I", 8), "broken bitmap directory"),
+    ("name_past_end", lambda s, d: _dir_entry(s, d, 18, ">H", 2000), "past its end"),
+    ("table_size_0", lambda s, d: _dir_entry(s, d, 8, ">I", 0), "table"),
+    ("table_size_huge", lambda s, d: _dir_entry(s, d, 8, ">I", 1 << 28), "table"),
+    ("table_size_wrong", lambda s, d: _dir_entry(s, d, 8, ">I", 2), "disk size needs"),
+    ("table_unaligned", lambda s, d: _dir_entry(s, d, 0, ">Q", 4096 + 8), "table"),
+    ("table_past_eof", lambda s, d: _dir_entry(s, d, 0, ">Q", 1 << 40), "end of the file"),
+    ("entry_reserved", lambda s, d: _table_entry(s, d, lambda v: v | 2), "reserved bits"),
+    ("entry_high_bits", lambda s, d: _table_entry(s, d, lambda v: v | 1 << 60), "reserved bits"),
+    ("entry_ones_and_data", lambda s, d: _table_entry(s, d, lambda v: 1 | 1 << 30), "all-ones"),
+    ("entry_unaligned", lambda s, d: _table_entry(s, d, lambda v: 0x10200), "unaligned"),
+    ("data_past_eof", lambda s, d: _table_entry(s, d, lambda v: 1 << 40), "outside the file"),
+]
+
+
+def _read_bitmaps(path: Path) -> str:
+    with virtkit.images.open(path, format="qcow2") as img:
+        for info in img.bitmaps():
+            img.bitmap_extents(info.name)
+    return "ok"
+
+
+def _bounded(path: Path, work: Callable[[Path], str]) -> BaseException | None:
+    old = fuzz.exercise
+    fuzz.exercise = lambda p, **kw: work(p)
+    try:
+        fuzz.run_bounded(path)
+    except BaseException as exc:  # the test inspects every kind
+        return exc
+    finally:
+        fuzz.exercise = old
+    return None
+
+
+class TestBitmapDamage:
+    """Damaged bitmap metadata: reading is refused with the reason; writing drops the bitmaps."""
+
+    @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in BITMAP_CASES])
+    def test_read_refused(
+        self, seeds: Seeds, tmp_path: Path, case: tuple[str, Damage, str]
+    ) -> None:
+        """Listing and reading the bitmaps raises CorruptImageError naming the problem."""
+        _, damage, fragment = case
+        seed = seeds["v3"]
+        path = fuzz.write_input(tmp_path, seed, damage(seed, seed.data))
+        outcome = _bounded(path, _read_bitmaps)
+        assert isinstance(outcome, virtkit.CorruptImageError), repr(outcome)
+        assert fragment in str(outcome)
+        assert str(path) in str(outcome)
+
+    @pytest.mark.parametrize("case", [pytest.param(c, id=c[0]) for c in BITMAP_CASES[::3]])
+    def test_write_drops_bitmaps(
+        self, seeds: Seeds, tmp_path: Path, case: tuple[str, Damage, str]
+    ) -> None:
+        """A write still works; the bitmaps that cannot be kept are dropped (autoclear cleared)."""
+        _, damage, _ = case
+        seed = seeds["v3"]
+        path = fuzz.write_input(tmp_path, seed, damage(seed, seed.data))
+
+        def write(p: Path) -> str:
+            with virtkit.images.open(p, writable=True, format="qcow2") as img:
+                img.write(4096, b"w" * 4096)
+                assert img.bitmaps() == ()
+            with virtkit.images.open(p, format="qcow2") as img:
+                assert img.read(4096, 4096) == b"w" * 4096
+                assert "bitmaps" not in img.info().format_specific
+            return "ok"
+
+        assert _bounded(path, write) is None
+        proc = subprocess.run(
+            ["qemu-img", "check", str(path)], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode in (0, 3), proc.stdout + proc.stderr  # QEMU opens it again

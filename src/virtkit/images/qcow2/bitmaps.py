@@ -418,7 +418,9 @@ def tracker(img: Qcow2Image) -> Tracker | None:
         CorruptImageError: the directory is damaged.
     """
     got = img._bitmap_tracker
-    if got is None and img.v3:
+    live = bool(img.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS)
+    if img.v3 and (got is None or (got.items and not live)):
+        # (re)read: a dropped autoclear bit means the bitmaps are gone, as for QEMU
         got = img._bitmap_tracker = Tracker(img)
     return got
 
@@ -431,11 +433,11 @@ def begin_write(img: Qcow2Image) -> bool:
     """
     try:
         t = tracker(img)
+        if t is None or not t.items:
+            return False
+        t.begin()
     except CorruptImageError:
-        return False
-    if t is None or not t.items:
-        return False
-    t.begin()
+        return False  # a table or data cluster QEMU would refuse: the bitmaps are dropped
     return True
 
 
@@ -455,7 +457,10 @@ def mark(img: Qcow2Image, offset: int, length: int) -> None:
     except CorruptImageError:
         return  # the write drops the extension (begin_write says so)
     if t is not None and t.items:
-        t.mark(offset, length)
+        try:
+            t.mark(offset, length)
+        except CorruptImageError:
+            return  # unreadable bitmap data: the write drops the extension (begin_write)
 
 
 def store(img: Qcow2Image) -> None:
