@@ -8,6 +8,8 @@ Measures, in one run:
 * compressed convert (raw -> qcow2 with zlib compression);
 * VMDK and VHD: streamOptimized VMDK and fixed VHD written from raw, and
   monolithicSparse/streamOptimized VMDK and dynamic VHD read into raw;
+* VHDX and VDI: dynamic VHDX written from raw, and dynamic/fixed VHDX and
+  dynamic/static VDI read into raw;
 * 4 KiB random reads and writes on a qcow2 image through the virtkit API vs
   the same offsets through ``qemu-io`` (commands fed on stdin, process start-up
   subtracted).
@@ -202,6 +204,33 @@ def bench_vmdk_vpc(work: Path, src: Path) -> None:
             p.unlink()
 
 
+def bench_vhdx_vdi(work: Path, src: Path) -> None:
+    """VHDX and VDI: dynamic VHDX written from raw; VHDX and VDI read into raw; vs qemu-img."""
+    convert = virtkit.images.convert
+    ours, theirs = work / "ours.vhdx", work / "theirs.vhdx"
+    t_ours = _timed(partial(convert, src, ours, format="vhdx"))
+    t_theirs = _timed(partial(_run, "qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o",
+                              "subformat=dynamic", src, theirs))  # fmt: skip
+    _report("convert raw -> vhdx dynamic", t_ours, t_theirs)
+    _run("qemu-img", "compare", "-F", "vhdx", src, ours)
+    for p in (ours, theirs):
+        p.unlink()
+    reads = [("vhdx", "subformat=dynamic"), ("vhdx", "subformat=fixed"), ("vdi", "static=off"),
+             ("vdi", "static=on")]  # fmt: skip
+    for fmt, opt in reads:
+        image = work / f"in.{fmt}"
+        _run("qemu-img", "convert", "-f", "raw", "-O", fmt, "-o", opt, src, image)
+        ours_r, theirs_r = work / "ours.raw", work / "theirs.raw"
+        t_ours = _timed(partial(convert, image, ours_r, format="raw", src_format=fmt))
+        t_theirs = _timed(partial(_run, "qemu-img", "convert", "-f", fmt, "-O", "raw", image,
+                                  theirs_r))  # fmt: skip
+        _report(f"convert {fmt} {opt.split('=')[1]} -> raw".replace("on ->", "static ->")
+                .replace("off ->", "dynamic ->"), t_ours, t_theirs)  # fmt: skip
+        _run("qemu-img", "compare", "-f", "raw", "-F", "raw", theirs_r, ours_r)
+        for p in (image, ours_r, theirs_r):
+            p.unlink()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="virtkit vs qemu-img image benchmark")
     parser.add_argument("--size", default="1G", help="virtual size of the source image")
@@ -217,6 +246,7 @@ def main() -> int:
         print(f"{'':<38} ratio = virtkit/qemu: for seconds lower is better, for op/s higher")
         bench_convert(work, src)
         bench_vmdk_vpc(work, src)
+        bench_vhdx_vdi(work, src)
         bench_random_io(work, work / "ours.qcow2", args.ops)
     return 0
 
