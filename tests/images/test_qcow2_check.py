@@ -341,6 +341,13 @@ class TestQemuCheckParity:
         _or64(path, snap_l1, 1 << 57)
         assert _agree(qemu_img, path)[0] == 1
 
+    def test_incomplete_snapshot_entry(self, tmp_path: Path, qemu_img: QemuImg) -> None:
+        """v3: a snapshot entry without disk_size in its extra data is a corruption."""
+        path = _l2_image(qemu_img, tmp_path / "i.qcow2")
+        qemu_img("snapshot", "-c", "s1", path)
+        _patch(path, 60, ">I", 2)  # a second entry: the zeroes after the first
+        assert _agree(qemu_img, path) == (1, 0)
+
     def test_extended_alloc_and_zero(self, tmp_path: Path, qemu_img: QemuImg) -> None:
         """Extended L2: a subcluster both allocated and zero is a corruption."""
         path = _l2_image(qemu_img, tmp_path / "x.qcow2", "extended_l2=on,cluster_size=64k")

@@ -110,6 +110,10 @@ def _scan(img: Qcow2Image) -> _Scan:
         refblocks.append((t, off >> cb))
     if hdr.nb_snapshots:
         inc(hdr.snapshots_offset, img.snap_table_bytes, "snapshot table")
+    if img.v3:  # v3 entries must carry vm_state_size_large and disk_size (16 bytes of extra)
+        for k, sn in enumerate(img.snaps):
+            if sn.disk_size is None:
+                scan.corrupt(f"ERROR snapshot table entry {k} is incomplete", hdr.snapshots_offset)
     _walk_l1(img, scan, inc, img.l1, hdr.l1_table_offset, active=True)
     for sn in img.snaps:
         if not sn.l1_size:
