@@ -33,7 +33,7 @@ import virtkit
 from virtkit.cli import vm_devices
 from virtkit.cli.console import interactive
 from virtkit.cli.output import human_size
-from virtkit.errors import ConfigError, StateError
+from virtkit.errors import BackendError, ConfigError, StateError
 
 __all__ = ["IN_PROCESS", "vm"]
 
@@ -53,10 +53,16 @@ def _backend(connect: str) -> tuple[str, dict[str, Any]]:
 @contextlib.contextmanager
 def _hypervisor(ctx: click.Context, root: str | None = None) -> Iterator[virtkit.Hypervisor]:
     name, options = _backend(ctx.obj["connect"])
-    if root is not None and name in IN_PROCESS:
-        options["root"] = root
-    with virtkit.connect(name, **options) as hv:
-        yield hv
+    if name in IN_PROCESS:
+        if root is not None:
+            options["root"] = root
+        with virtkit.connect(name, **options) as hv:
+            yield hv
+        return
+    # A persistent hypervisor is never close()d here: closing stops the guests this
+    # connection touched. The domains stay with the daemon, as after a virsh command,
+    # and the connection ends with the process.
+    yield virtkit.connect(name, **options)
 
 
 def _in_process(ctx: click.Context) -> bool:
@@ -68,16 +74,28 @@ def _is_folder(vm_arg: str) -> bool:
 
 
 def _guest(hv: virtkit.Hypervisor, vm_arg: str) -> virtkit.Guest:
-    """The guest a VM argument names: a folder (defined here) or a defined name."""
-    if _is_folder(vm_arg):
-        machine = virtkit.load(vm_arg)
-        for guest in hv.guests:
-            if guest.name == machine.name:
-                return guest
-        return hv.define(machine, folder=vm_arg)
-    if os.path.isdir(vm_arg):
-        raise ConfigError(f"{vm_arg} is a folder but holds no machine.toml", field="VM")
-    return hv.guest(vm_arg)
+    """The guest a VM argument names: its folder (or a folder of that name here).
+
+    On a persistent hypervisor an existing domain of the machine's name is
+    adopted (``hv.attach``); otherwise the folder's machine is defined.
+    """
+    if not _is_folder(vm_arg):
+        if os.path.isdir(vm_arg):
+            raise ConfigError(f"{vm_arg} is a folder but holds no machine.toml", field="VM")
+        raise ConfigError(
+            f"no VM folder {vm_arg!r} (a folder holding machine.toml) here", field="VM"
+        )
+    machine = virtkit.load(vm_arg)
+    for guest in hv.guests:
+        if guest.name == machine.name:
+            return guest
+    adopt = getattr(hv, "attach", None)
+    if adopt is not None:
+        domain = getattr(hv, "name_prefix", "") + machine.name
+        with contextlib.suppress(BackendError):  # no such domain yet: define it below
+            adopted: virtkit.Guest = adopt(domain, machine, vm_arg)
+            return adopted
+    return hv.define(machine, folder=vm_arg)
 
 
 def _needs_persistent(ctx: click.Context, verb: str) -> None:
@@ -134,6 +152,35 @@ def _summary(machine: virtkit.Machine, folder: str | None, state: str) -> dict[s
     }
 
 
+_DOMAIN_STATES = {
+    0: "no state",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutting down",
+    5: "shut off",
+    6: "crashed",
+    7: "suspended",
+}
+
+
+def _domains(hv: virtkit.Hypervisor) -> list[dict[str, Any]]:
+    """Every domain the host knows (not only this connection's guests), as virsh list --all."""
+    connection = getattr(hv, "connection", None)
+    raw = getattr(connection, "raw", None)
+    if raw is None:
+        return [
+            {"name": g.name, "state": g.state.value, "folder": str(g.folder)} for g in hv.guests
+        ]
+    rows = []
+    for domain in sorted(raw.listAllDomains(), key=lambda d: d.name()):
+        code = int(domain.state()[0])
+        rows.append(
+            {"name": domain.name(), "state": _DOMAIN_STATES.get(code, str(code)), "folder": None}
+        )
+    return rows
+
+
 @vm.command(name="list")
 @click.option(
     "--root",
@@ -157,17 +204,14 @@ def list_(ctx: click.Context, root: str, show_all: bool, as_json: bool) -> int:
             rows.append({"name": machine.name, "state": "shut off", "folder": str(folder)})
     else:
         with _hypervisor(ctx) as hv:
-            for guest in hv.guests:
-                rows.append(
-                    {"name": guest.name, "state": guest.state.value, "folder": str(guest.folder)}
-                )
+            rows = _domains(hv)
     if as_json:
         click.echo(json.dumps(rows, indent=4))
         return 0
     click.echo(f" {'Name':<24} {'State':<10} Folder")
     click.echo("-" * 60)
     for row in rows:
-        click.echo(f" {row['name']:<24} {row['state']:<10} {row['folder']}")
+        click.echo(f" {row['name']:<24} {row['state']:<10} {row['folder'] or '-'}")
     return 0
 
 
@@ -230,7 +274,7 @@ def define(ctx: click.Context, source: str, root: str) -> int:
 
 
 @vm.command()
-@click.argument("name")
+@click.argument("name", metavar="VM")
 @click.pass_context
 def undefine(ctx: click.Context, name: str) -> int:
     """Forget a stopped VM (its files stay). Persistent hypervisors only."""
@@ -241,8 +285,9 @@ def undefine(ctx: click.Context, name: str) -> int:
             action="undefine",
         )
     with _hypervisor(ctx) as hv:
-        hv.undefine(hv.guest(name))
-    click.echo(f"Domain '{name}' has been undefined")
+        guest = _guest(hv, name)
+        hv.undefine(guest)
+    click.echo(f"Domain '{guest.name}' has been undefined")
     return 0
 
 
@@ -347,6 +392,12 @@ def console(ctx: click.Context, vm_arg: str, escape: str) -> int:
         started_here = _in_process(ctx)
         if started_here:
             guest.start()
+        elif guest.state not in (virtkit.State.RUNNING, virtkit.State.PAUSED):
+            raise StateError(
+                f"domain {guest.name!r} is not running ({guest.state.value}); "
+                "'virtkit vm start' it first",
+                action="console",
+            )
         try:
             click.echo(f"Connected to domain '{guest.name}'", file=sys.stderr)
             click.echo(f"Escape character is {escape}", file=sys.stderr)
