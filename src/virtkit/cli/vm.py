@@ -1,7 +1,8 @@
 """``virtkit vm``: virsh's verbs over VM folders and hypervisor connections.
 
-A VM is named by its folder (``vms/web``, holding ``machine.toml``) or, on a
-persistent backend, by its name. ``--connect`` picks the hypervisor: a
+A VM is named by its folder (``vms/web``, holding ``machine.toml``; a bare
+name is a folder in the current directory). On a persistent backend the
+domain of the machine's name is adopted when it exists, else defined. ``--connect`` picks the hypervisor: a
 backend name (``emulator``, ``qemu``) or a libvirt URI (``qemu:///system``).
 
 Where the guest runs matters for a one-shot command. The ``emulator`` and
@@ -11,7 +12,8 @@ by ``virtkit vm start`` would die as the command returns. So with them,
 (boot and attach interactively) are the ways to run a VM, while
 ``start``/``stop``/``kill``/``pause``/``resume``/``reset`` refuse with an
 error saying so; those verbs need a persistent backend such as libvirt,
-where the guest outlives the command. Snapshots, define and show work on
+where the guest outlives the command (the CLI never ``close()``\ s such a
+connection, which would stop the guests it touched). Snapshots, define and show work on
 folders with every backend: the folder is the truth.
 """
 
