@@ -2,8 +2,8 @@
 
 A VM is named by its folder (``vms/web``, holding ``machine.toml``; a bare
 name is a folder in the current directory). On a persistent backend the
-domain of the machine's name is adopted when it exists, else defined. ``--connect`` picks the hypervisor: a
-backend name (``emulator``, ``qemu``) or a libvirt URI (``qemu:///system``).
+domain of the machine's name is adopted when it exists, else defined.
+``--connect`` picks the hypervisor: a backend name (``emulator``, ``qemu``) or a libvirt URI (``qemu:///system``).
 
 Where the guest runs matters for a one-shot command. The ``emulator`` and
 ``qemu`` backends run guests *inside or under this process*: a guest started
@@ -12,9 +12,9 @@ by ``virtkit vm start`` would die as the command returns. So with them,
 (boot and attach interactively) are the ways to run a VM, while
 ``start``/``stop``/``kill``/``pause``/``resume``/``reset`` refuse with an
 error saying so; those verbs need a persistent backend such as libvirt,
-where the guest outlives the command (the CLI never ``close()``\ s such a
-connection, which would stop the guests it touched). Snapshots, define and show work on
-folders with every backend: the folder is the truth.
+where the guest outlives the command (the CLI never closes such a
+connection: closing stops the guests it touched). Snapshots, define and
+show work on folders with every backend: the folder is the truth.
 """
 
 from __future__ import annotations
