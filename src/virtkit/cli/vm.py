@@ -3,7 +3,8 @@
 A VM is named by its folder (``vms/web``, holding ``machine.toml``; a bare
 name is a folder in the current directory). On a persistent backend the
 domain of the machine's name is adopted when it exists, else defined.
-``--connect`` picks the hypervisor: a backend name (``emulator``, ``qemu``) or a libvirt URI (``qemu:///system``).
+``--connect`` picks the hypervisor: a backend name (``emulator``,
+``qemu``) or a libvirt URI (``qemu:///system``).
 
 Where the guest runs matters for a one-shot command. The ``emulator`` and
 ``qemu`` backends run guests *inside or under this process*: a guest started
