@@ -345,6 +345,7 @@ class TestQemuCheckParity:
         """v3: a snapshot entry without disk_size in its extra data is a corruption."""
         path = _l2_image(qemu_img, tmp_path / "i.qcow2")
         qemu_img("snapshot", "-c", "s1", path)
+        qemu_io(path, "write -P 0xcd 0 64k")  # clusters after the snapshot table
         _patch(path, 60, ">I", 2)  # a second entry: the zeroes after the first
         assert _agree(qemu_img, path) == (1, 0)
 
