@@ -61,7 +61,7 @@ class TestKernelBoot:
         with pytest.warns(DeprecationWarning, match="Machine"):
             guest = hv.define(Machine(name="k", memory="16MiB"), kernel=boot)
         assert guest.machine.kernel == boot
-        assert virtkit.load(guest.folder).kernel == boot
+        assert virtkit.load(guest.folder, allow=[tmp_path]).kernel == boot
         assert "-kernel" in guest.qemu_argv()
         with pytest.raises(ConfigError, match="already has a kernel"):
             hv.define(Machine(name="k2", memory="16MiB", kernel=boot), kernel=boot)

@@ -107,16 +107,13 @@ class TestProcessFaults:
     def test_qemu_refusing_a_locked_image_at_start_is_a_backend_error(
         self, hv: QemuHypervisor, boot_disk
     ) -> None:  # type: ignore[no-untyped-def]
-        """The same image attached twice writable: QEMU's lock error surfaces as BackendError with
-        its stderr (never a raw qemu.qmp exception), and nothing is left running."""
+        """An image another writer holds (QEMU-compatible locks): QEMU's lock error surfaces as
+        BackendError with its stderr (never a raw qemu.qmp exception), and nothing is left
+        running. (The same file attached twice in one machine is refused by the model now.)"""
         disk = boot_disk("ignore-acpi")
-        machine = Machine(
-            name="twice-attached",
-            memory="16MiB",
-            disks=[Disk(path=str(disk), bus="ide"), Disk(path=str(disk), bus="ide")],
-        )
+        machine = Machine(name="locked", memory="16MiB", disks=[Disk(path=str(disk), bus="ide")])
         guest = hv.define(machine)
-        with pytest.raises(virtkit.BackendError) as info:
+        with virtkit.images.open(disk, writable=True), pytest.raises(virtkit.BackendError) as info:
             guest.start()
         assert "lock" in (info.value.stderr_tail or "")
         assert guest.state is State.SHUTOFF and guest.pid is None
