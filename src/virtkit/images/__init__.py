@@ -23,6 +23,7 @@ from typing import Any, Literal
 from virtkit.errors import ConfigError, UnsupportedFeatureError
 from virtkit.images.args import check_bool, check_name, check_path
 from virtkit.images.base import (
+    BitmapInfo,
     CheckProblem,
     CheckResult,
     Extent,
@@ -35,6 +36,7 @@ from virtkit.images.probe import PROBED_FORMATS, probe_file
 from virtkit.units import parse_size
 
 __all__ = [
+    "BitmapInfo",
     "CheckProblem",
     "CheckResult",
     "Extent",
