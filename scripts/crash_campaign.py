@@ -14,7 +14,10 @@ for each fault kind:
 
 After each cut the image must open, real ``qemu-img check`` must find no
 corruption (leaks allowed), acknowledged data must read back, and
-``check(repair=True)`` must leave ``qemu-img check`` clean. Prints a table of
+``check(repair=True)`` must leave ``qemu-img check`` clean. "Acknowledged" is
+the durability contract of the cache mode (``--cache``): with ``writeback``
+(the default) what a ``flush()`` returned for; with ``writethrough`` every
+write that returned. Prints a table of
 crash points tried and survived, the first failures of each row, and
 optionally writes the figures as JSON.
 
@@ -25,6 +28,8 @@ Usage::
     .venv/bin/python scripts/crash_campaign.py --workload snapshots --variant v2
     .venv/bin/python scripts/crash_campaign.py --limit 60 --json figures.json
     .venv/bin/python scripts/crash_campaign.py --kind crash --kills 200      # + real kill -9
+    .venv/bin/python scripts/crash_campaign.py --variant all --limit 60    # every qcow2 variant
+    .venv/bin/python scripts/crash_campaign.py --cache writethrough
 
 The default test run samples the same sweeps (``tests/reliability/``).
 """
@@ -52,6 +57,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "refcount1": {"refcount_bits": 1},
     "refcount64": {"refcount_bits": 64},
     "lazy": {"lazy_refcounts": True},
+    "extl2": {"extended_l2": True, "cluster_size": 32768},
+    "c512": {"cluster_size": 512},
 }
 
 
@@ -60,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", action="append", choices=sorted(W.WORKLOADS))
     ap.add_argument("--kind", action="append", choices=W.KINDS)
-    ap.add_argument("--variant", action="append", choices=sorted(VARIANTS))
+    ap.add_argument("--variant", action="append", choices=[*sorted(VARIANTS), "all"])
+    ap.add_argument(
+        "--cache", choices=["writeback", "writethrough"], default="writeback", help="cache mode"
+    )
     ap.add_argument("--limit", type=int, default=None, help="crash points per row (default: all)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--show", type=int, default=2, help="failures printed per row")
@@ -71,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     workloads = args.workload or sorted(W.WORKLOADS)
     kinds = args.kind or list(W.KINDS)
     variants = args.variant or ["v3"]
+    if "all" in variants:
+        variants = list(VARIANTS)
+    W.OPEN.clear()
+    W.OPEN.update(cache=args.cache)
     rows: list[dict[str, Any]] = []
     broken = 0
     print(
@@ -102,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 if figs.failures:
                     broken += 1
                 row = {k: v for k, v in vars(figs).items() if k != "failures"}
-                row.update(variant=variant, seconds=round(secs, 1), failed=len(figs.failures))
+                row.update(
+                    variant=variant,
+                    cache=args.cache,
+                    seconds=round(secs, 1),
+                    failed=len(figs.failures),
+                )
                 row["first_failures"] = [f[:2000] for f in figs.failures[:5]]
                 rows.append(row)
     if args.kills:

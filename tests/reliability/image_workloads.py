@@ -62,6 +62,8 @@ class Model:
         #: Whether verify() compares the snapshot list (off when snapshots are not modelled).
         self.check_snapshots = True
         self.acks = 0
+        #: Writers opened with cache="writethrough": a write is durable once it returns.
+        self.auto_ack = OPEN.get("cache") == "writethrough"
 
     # -- recording: mark the range touched, do the operation, then update the model --
     @contextlib.contextmanager
@@ -87,6 +89,12 @@ class Model:
             img.write(offset, data)
         self.cur[offset : offset + len(data)] = data
         self.cur_known[offset : offset + len(data)] = b"\1" * len(data)
+        self._durable()
+
+    def _durable(self) -> None:
+        """In writethrough mode a completed write is acknowledged on return."""
+        if self.auto_ack:
+            self.ack()
 
     def write_zeroes(self, img: Image, offset: int, length: int) -> None:
         """Zero a range through ``img`` and record it."""
@@ -95,6 +103,7 @@ class Model:
             img.write_zeroes(offset, length)
         self.cur[offset : offset + length] = bytes(length)
         self.cur_known[offset : offset + length] = b"\1" * length
+        self._durable()
 
     def discard(self, img: Image, offset: int, length: int) -> None:
         """Discard a range (its content becomes unknown: zeroes or backing data)."""
@@ -102,6 +111,7 @@ class Model:
         with self._failing(offset, length):
             img.discard(offset, length)
         self.cur_known[offset : offset + length] = bytes(length)
+        self._durable()
 
     def create_snapshot(self, img: Image, name: str) -> None:
         """Take a snapshot and remember its content."""
@@ -224,6 +234,10 @@ class Workload:
 #: ``--variant``): e.g. ``{"compat": "0.10"}`` or ``{"refcount_bits": 1}``.
 VARIANT: dict[str, Any] = {}
 
+#: Extra ``images.open`` options of the workloads' writers (the campaign's ``--cache``):
+#: ``{"cache": "writethrough"}`` makes every completed write acknowledged (see Model).
+OPEN: dict[str, Any] = {}
+
 
 def opts(**more: Any) -> dict[str, Any]:
     """qcow2 creation options: 4 KiB clusters, the current variant, then ``more``."""
@@ -272,7 +286,7 @@ def _scattered_ops(img: Image, m: Model, seed: int, count: int) -> None:
 
 def _scattered_run(d: Path, st: dict[str, Any]) -> None:
     m = st["model"] = Model(bytes(SIZE))
-    with images.open(d / "disk.qcow2", writable=True) as img:
+    with images.open(d / "disk.qcow2", writable=True, **OPEN) as img:
         _scattered_ops(img, m, seed=7, count=40)
     m.ack()
 
@@ -289,7 +303,7 @@ def _chain_setup(d: Path) -> None:
 
 
 def _chain_run(d: Path, st: dict[str, Any]) -> None:
-    with images.open(d / "top.qcow2", writable=True) as img:
+    with images.open(d / "top.qcow2", writable=True, **OPEN) as img:
         m = st["model"] = Model(img.read(0, img.virtual_size))
         rnd = random.Random(21)
         for i in range(24):
@@ -312,7 +326,7 @@ def _snap_setup(d: Path) -> None:
 
 
 def _snap_run(d: Path, st: dict[str, Any]) -> None:
-    with images.open(d / "disk.qcow2", writable=True) as img:
+    with images.open(d / "disk.qcow2", writable=True, **OPEN) as img:
         m = st["model"] = Model(img.read(0, img.virtual_size))
         m.create_snapshot(img, "s1")
         m.flush(img)
@@ -342,7 +356,7 @@ def _resize_setup(d: Path) -> None:
 
 
 def _resize_run(d: Path, st: dict[str, Any]) -> None:
-    with images.open(d / "disk.qcow2", writable=True) as img:
+    with images.open(d / "disk.qcow2", writable=True, **OPEN) as img:
         m = st["model"] = Model(img.read(0, img.virtual_size))
         m.resize(img, 3 * SIZE)
         m.flush(img)
@@ -432,7 +446,7 @@ def _repair_setup(d: Path) -> None:
 
 
 def _repair_run(d: Path, st: dict[str, Any]) -> None:
-    with images.open(d / "disk.qcow2", writable=True) as img:
+    with images.open(d / "disk.qcow2", writable=True, **OPEN) as img:
         m = st["model"] = Model(img.read(0, img.virtual_size))
         m.ack()
         res = img.check(repair=True)

@@ -8,12 +8,19 @@ the image opens; real ``qemu-img check`` finds no corruption (leaks allowed;
 the COPIED-flag window, which QEMU has too, only where it is provably
 harmless); every byte a completed ``flush()`` acknowledged reads back;
 ``check(repair=True)`` reclaims the leaks and ``qemu-img check`` is then clean.
+
+The workloads open their images in the default ``cache="writeback"`` mode, whose
+contract is QEMU's (flushed data survives, unflushed may be lost, never
+corruption); :class:`TestWritethrough` runs a sample in ``"writethrough"`` mode,
+where every write that returned must survive.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import image_workloads
 import pytest
 from image_workloads import (
     CS,
@@ -48,6 +55,37 @@ class TestCrashAfterWrite:
     def test_every_crash_point(self, name: str, tmp_path: Path) -> None:
         """Every single write index of the workload is a survivable crash point."""
         run_sweep(name, "crash", tmp_path, None)
+
+
+@pytest.fixture
+def writethrough() -> Iterator[None]:
+    """The workloads' writers open their images with cache="writethrough"."""
+    image_workloads.OPEN["cache"] = "writethrough"
+    try:
+        yield
+    finally:
+        image_workloads.OPEN.clear()
+
+
+@pytest.mark.usefixtures("writethrough")
+class TestWritethrough:
+    """cache="writethrough": every write that returned survives any crash or power loss."""
+
+    @pytest.mark.parametrize("kind", ["crash", "reorder"])
+    @pytest.mark.parametrize("name", ["scattered", "chain"])
+    def test_every_returned_write_survives(self, name: str, kind: str, tmp_path: Path) -> None:
+        """A sample of cut points: each write the workload saw return reads back."""
+        run_sweep(name, kind, tmp_path, DEFAULT_POINTS // 2)
+
+    def test_model_acknowledges_each_write(self, tmp_path: Path) -> None:
+        """The model counts one acknowledgement per completed write in this mode."""
+        path = tmp_path / "disk.qcow2"
+        images.create(path, SIZE, cluster_size=CS).close()
+        m = Model(bytes(SIZE))
+        with images.open(path, writable=True, cache="writethrough") as img:
+            m.write(img, 0, b"a" * 100)
+            m.write_zeroes(img, CS, CS)
+        assert m.acks == 2
 
 
 class TestTheCheckerBites:

@@ -1056,7 +1056,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         self._check_range(offset, length, "write zeroes")
         if length:
             bitmapsmod.mark(self, offset, length)  # persistent dirty bitmaps
-            self._run_write(lambda: self._zero_range(offset, length, discard=False))
+            self._run_write(lambda: self._zero_range(offset, length, discard=False), request=True)
 
     @guarded
     def discard(self, offset: int, length: int) -> None:
@@ -1069,7 +1069,7 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         self._check_range(offset, length, "discard")
         if length:
             bitmapsmod.mark(self, offset, length)  # persistent dirty bitmaps
-            self._run_write(lambda: self._zero_range(offset, length, discard=True))
+            self._run_write(lambda: self._zero_range(offset, length, discard=True), request=True)
 
     def _zero_range(self, offset: int, length: int, *, discard: bool, full: bool = False) -> None:
         self._prepare_write()
