@@ -22,16 +22,16 @@ from typing import ClassVar
 
 import attrs
 
-from virtkit import bundle, images
+from virtkit import bundle
 from virtkit.agent import GuestAgent
 from virtkit.backends.aio_guest import AsyncGuest, GuestTwin, refuse_in_loop
 from virtkit.backends.console import Console
 from virtkit.backends.devices import DevicesMixin
 from virtkit.backends.files import HeldFile, fit_disk_sizes, held_files
+from virtkit.backends.folder import FolderMixin
 from virtkit.backends.lifecycle import Lifecycle
 from virtkit.backends.ports import PortsMixin, fixed_forwards
 from virtkit.backends.readiness import ReadinessMixin
-from virtkit.bundle.paths import explicit_roots
 from virtkit.errors import (
     BackendError,
     CapabilityWarning,
@@ -43,8 +43,6 @@ from virtkit.errors import (
 from virtkit.images.args import check_bool, check_name, check_path, check_timeout
 from virtkit.model import (
     AllocationPolicy,
-    CdRom,
-    Disk,
     HostResources,
     HypervisorType,
     Machine,
@@ -439,7 +437,7 @@ def _bundle_roots(folder: Path) -> list[Path]:
     return [Path(p) for p in bundle.allowed_roots(folder)]
 
 
-class Guest(PortsMixin, DevicesMixin, ReadinessMixin, abc.ABC):
+class Guest(FolderMixin, PortsMixin, DevicesMixin, ReadinessMixin, abc.ABC):
     """A machine placed on a hypervisor: the thing that runs.
 
     Use it as a context manager to kill and undefine it on exit.
@@ -496,124 +494,6 @@ class Guest(PortsMixin, DevicesMixin, ReadinessMixin, abc.ABC):
     def crash_reason(self) -> str | None:
         """Why the guest is CRASHED (None otherwise)."""
         return self._lifecycle.crash_reason
-
-    def _attached(self, disk: Disk | CdRom) -> Disk | CdRom:
-        """The guest's own attachment with ``disk``'s target (its layers may have moved on)."""
-        devices: tuple[Disk | CdRom, ...] = (*self.machine.disks, *self.machine.cdroms)
-        for dev in devices:
-            if type(dev) is type(disk) and dev.target == disk.target:
-                return dev
-        return disk
-
-    def disk_path(self, disk: Disk | CdRom) -> Path:
-        """Absolute path of the file an attachment reads and writes now.
-
-        For a disk that is its active (top) layer, whose backing chain leads
-        to :meth:`base_disk_path`; ``virtkit.images.open()`` on it sees the
-        guest's current disk. Relative paths live in the folder's ``disks/``.
-
-        Raises:
-            ConfigError: not a Disk or CdRom, or a CD-ROM drive that is empty.
-        """
-        if not isinstance(disk, (Disk, CdRom)):
-            raise ConfigError(
-                f"disk_path() needs a Disk or CdRom (got {type(disk).__name__} {disk!r})",
-                field="disk",
-            )
-        current = self._attached(disk)
-        if isinstance(current, CdRom):
-            if current.path is None:
-                raise ConfigError(
-                    f"CD-ROM drive {current.target} of {self.name!r} is empty", field="disk"
-                )
-            return bundle.resolve_disk(self.folder, current.path)
-        return bundle.resolve_disk(self.folder, current.active)
-
-    def base_disk_path(self, disk: Disk) -> Path:
-        """Absolute path of the file ``Disk.path`` names: the bottom of the disk's chain."""
-        if not isinstance(disk, Disk):
-            raise ConfigError(
-                f"base_disk_path() needs a Disk (got {type(disk).__name__} {disk!r})",
-                field="disk",
-            )
-        return bundle.resolve_disk(self.folder, disk.path)
-
-    def backing_roots(self) -> tuple[Path, ...]:
-        """Where this guest's backing chains may lead: its folder, the directories of
-        the machine's absolute disk paths, and the roots allowed at ``define()``."""
-        explicit = [
-            Path(os.path.dirname(d.path)) for d in self.machine.disks if os.path.isabs(d.path)
-        ]
-        return (self.folder, *explicit, *self.allow)
-
-    def open_disk(self, disk: Disk | int = 0, *, writable: bool = False) -> images.Image:
-        """Open a disk's active layer with :func:`virtkit.images.open`, backing chain allowed.
-
-        Args:
-            disk: a Disk of this machine or its index in ``machine.disks``.
-            writable: open for writing (refused while a backend runs the guest:
-                the image lock is held).
-
-        Raises:
-            ConfigError: no such disk.
-            ImageError: the image cannot be opened (locked, corrupt...).
-        """
-        if isinstance(disk, int) and not isinstance(disk, bool):
-            if not 0 <= disk < len(self.machine.disks):
-                raise ConfigError(
-                    f"guest {self.name!r} has {len(self.machine.disks)} disks (got index {disk})",
-                    field="disk",
-                    value=disk,
-                )
-            disk = self.machine.disks[disk]
-        if not isinstance(disk, Disk):
-            raise ConfigError(f"open_disk() needs a Disk or an index (got {disk!r})", field="disk")
-        current = self._attached(disk)
-        assert isinstance(current, Disk)
-        fmt = "qcow2" if current.layers else current.format
-        return images.open(
-            self.disk_path(current),
-            writable=writable,
-            format=fmt,  # type: ignore[arg-type]  # "qcow2" | "raw", checked by the model
-            allow_backing=self.backing_roots(),
-        )
-
-    def files(self, *, chains: bool = True) -> tuple[HeldFile, ...]:
-        """Every file this guest holds, with whether it writes it.
-
-        All layers of every disk (and, with ``chains``, the backing files
-        below them, checked against the allowed places), the snapshots'
-        frozen layers, CD-ROM media, the UEFI variables file, the cloud-init
-        seed and the kernel. This drives isolation between guests.
-
-        Raises:
-            ConfigError: (``chains``) a backing file lies outside the allowed places.
-        """
-        return held_files(
-            self.machine, self.folder, snapshots=self.snapshots, allow=self.allow, chains=chains
-        )
-
-    def _refresh(self) -> None:
-        """Adopt the folder's definition if it changed behind this handle (the folder is the
-        truth: a clone may have put a new layer on the source, a user edited machine.toml).
-
-        Only while the guest is stopped; a running guest's files are locked by its backend.
-        """
-        if self.state in _LIVE or not (self.folder / bundle.CONFIG_NAME).is_file():
-            return
-        allow = [*self.allow, *explicit_roots(self.machine)]
-        fresh = bundle.load(self.folder, allow=allow)
-        if fresh != self.machine and fresh.name == self.machine.name:
-            self.machine = fresh
-
-    def _set_machine(self, machine: Machine) -> None:
-        """Persist a changed definition to the folder (atomically), then adopt it.
-
-        Backends call this after every change of layers, media or devices, so
-        a restart, another backend or another process sees the same machine.
-        """
-        bundle.write_machine(self.folder, machine, allow=self.allow)
-        self.machine = machine
 
     def snapshot_dir(self, name: str) -> Path:
         """A folder where a backend may keep a snapshot's saved state."""
