@@ -207,7 +207,7 @@ def image() -> None:
 @OUTPUT
 @click.option("--json", "as_json", is_flag=True, help="Same as --output=json.")
 @click.option("--backing-chain", is_flag=True, help="Show every image of the backing chain.")
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 def info(
     fmt: str | None,
     force_share: bool,
@@ -235,7 +235,7 @@ def info(
 @click.option("-F", "backing_fmt", metavar="FMT", help="Backing file format.")
 @_OPTIONS
 @_QUIET
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 @click.argument("size", required=False)
 def create(
     fmt: str,
@@ -257,7 +257,7 @@ def create(
     backing = backing if backing is not None else opts.pop("backing", None)
     backing_fmt = backing_fmt if backing_fmt is not None else opts.pop("backing_format", None)
     _check_parent(filename, "the image")
-    if backing is not None and backing_fmt is None:
+    if backing and backing_fmt is None:  # "" is left for images.create to refuse
         folder = os.path.dirname(os.path.abspath(filename))
         probe = backing if os.path.isabs(backing) else os.path.join(folder, backing)
         backing_fmt = images.probe_format(probe)
@@ -308,7 +308,7 @@ def _check_json(result: images.CheckResult, filename: str, fmt: str) -> dict[str
     help="Repair leaks only, or leaks and corruptions.",
 )
 @click.option("--repair", "repair_all", is_flag=True, help="Same as -r all.")
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 def check(
     fmt: str | None,
     force_share: bool,
@@ -398,8 +398,8 @@ def _print_check(result: images.CheckResult, corrupt: int, leaks: int) -> None:
 @_SHARE
 @_PROGRESS
 @_QUIET
-@click.argument("src", type=click.Path(dir_okay=False))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("src")
+@click.argument("dst")
 def convert(
     fmt: str | None,
     out_fmt: str,
@@ -423,10 +423,13 @@ def convert(
     opts = parse_options(options)
     if backing is not None:
         opts["backing"] = backing
-        opts["backing_format"] = backing_fmt or images.probe_format(
+        opts["backing_format"] = backing_fmt or (
             backing
-            if os.path.isabs(backing)
-            else os.path.join(os.path.dirname(os.path.abspath(dst)), backing)
+            and images.probe_format(
+                backing
+                if os.path.isabs(backing)
+                else os.path.join(os.path.dirname(os.path.abspath(dst)), backing)
+            )
         )
     _check_parent(dst, "the output image")
     with progress_bar("convert", enabled=progress and not quiet) as bar:
@@ -451,7 +454,7 @@ def convert(
 @click.option("-c", "create_name", metavar="NAME", help="Create snapshot NAME.")
 @click.option("-a", "apply_name", metavar="NAME", help="Revert the disk to snapshot NAME.")
 @click.option("-d", "delete_name", metavar="NAME", help="Delete snapshot NAME.")
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 def snapshot(
     fmt: str | None,
     force_share: bool,
@@ -491,7 +494,7 @@ def snapshot(
     "--shrink", is_flag=True, help="Allow making the image smaller (data past the end is lost)."
 )
 @_QUIET
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 @click.argument("size")
 def resize(fmt: str | None, shrink: bool, quiet: bool, filename: str, size: str) -> int:
     """Change the virtual size (qemu-img resize).
@@ -531,7 +534,7 @@ def resize(fmt: str | None, shrink: bool, quiet: bool, filename: str, size: str)
 )
 @_PROGRESS
 @_QUIET
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 def rebase(
     fmt: str | None,
     backing: str,
@@ -561,7 +564,7 @@ def rebase(
 )
 @_PROGRESS
 @_QUIET
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 def commit(fmt: str | None, drop: bool, progress: bool, quiet: bool, filename: str) -> int:
     """Write an overlay into its backing file (qemu-img commit)."""
     if fmt is not None and fmt != "qcow2":
@@ -581,7 +584,7 @@ def commit(fmt: str | None, drop: bool, progress: bool, quiet: bool, filename: s
 @_OPTIONS
 @click.option("--size", metavar="SIZE", help="Measure a new empty image of SIZE instead of a file.")
 @OUTPUT
-@click.argument("filename", required=False, type=click.Path(dir_okay=False))
+@click.argument("filename", required=False)
 def measure(
     fmt: str | None,
     out_fmt: str,
@@ -617,8 +620,8 @@ def measure(
 @_SHARE
 @_PROGRESS
 @_QUIET
-@click.argument("filename1", type=click.Path(dir_okay=False))
-@click.argument("filename2", type=click.Path(dir_okay=False))
+@click.argument("filename1")
+@click.argument("filename2")
 def compare(
     fmt1: str | None,
     fmt2: str | None,
@@ -671,7 +674,7 @@ def _map_json(entries: list[MapEntry]) -> str:
 @OUTPUT
 @click.option("--start-offset", default="0", metavar="OFFSET", help="Start at this guest offset.")
 @click.option("--max-length", default=None, metavar="LENGTH", help="Map at most this many bytes.")
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 def map_(
     fmt: str | None,
     force_share: bool,
@@ -713,7 +716,7 @@ def _hex(value: int) -> str:
 @_PROGRESS
 @_QUIET
 @click.option("--force", is_flag=True, help="Accepted for qemu-img compatibility.")
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 def amend(
     fmt: str | None,
     options: tuple[str, ...],
@@ -851,7 +854,7 @@ def _copy_range(src: images.Image, out: images.Image, skip: int, size: int, bar:
 @click.option("-b", "source_file", metavar="FILE", help="Image holding the --merge source.")
 @click.option("-F", "source_fmt", metavar="FMT", help="Format of the -b image.")
 @click.option("-g", "granularity", metavar="SIZE", help="Granularity of an --add'ed bitmap.")
-@click.argument("filename", type=click.Path(dir_okay=False))
+@click.argument("filename")
 @click.argument("bitmap")
 def bitmap(
     fmt: str | None,

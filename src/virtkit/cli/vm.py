@@ -189,7 +189,6 @@ def _domains(hv: virtkit.Hypervisor) -> list[dict[str, Any]]:
     "--root",
     default=".",
     show_default=True,
-    type=click.Path(file_okay=False),
     help="Folder whose subfolders are VMs (in-process backends).",
 )
 @click.option("--all", "show_all", is_flag=True, help="Accepted for virsh compatibility.")
@@ -219,7 +218,7 @@ def list_(ctx: click.Context, root: str, show_all: bool, as_json: bool) -> int:
 
 
 @vm.command()
-@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("folder")
 @_JSON
 def show(folder: str, as_json: bool) -> int:
     """Summarise the VM in FOLDER (CPUs, memory, disks, NICs)."""
@@ -246,12 +245,11 @@ def show(folder: str, as_json: bool) -> int:
 
 
 @vm.command()
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")
 @click.option(
     "--root",
     default=".",
     show_default=True,
-    type=click.Path(file_okay=False),
     help="Where the VM folder is created (in-process backends).",
 )
 @click.pass_context
@@ -347,7 +345,7 @@ def _check_timeout(timeout: float | None) -> None:
 
 
 @vm.command()
-@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("folder")
 @click.option("--timeout", type=float, default=None, help="Seconds before giving up (killing it).")
 @click.option("--backend", default=None, hidden=True, help="Old spelling of vm --connect.")
 @click.pass_context

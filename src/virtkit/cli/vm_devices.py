@@ -22,8 +22,8 @@ def register(vm: click.Group, hypervisor: Any, guest_of: Any, in_process: Any) -
     """Add the commands to the ``vm`` group (``hypervisor``/``guest_of`` from vm.py)."""
 
     @vm.command()
-    @click.argument("src", type=click.Path(file_okay=False, exists=True))
-    @click.argument("dst", type=click.Path(file_okay=False))
+    @click.argument("src")
+    @click.argument("dst")
     @click.option("--name", default=None, help="The clone's name (default: DST's folder name).")
     @click.option(
         "--full",
