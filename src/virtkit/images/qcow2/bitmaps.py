@@ -485,8 +485,29 @@ def check_resize(img: Qcow2Image) -> None:
             )
 
 
+def check_revert(img: Qcow2Image) -> None:
+    """Refuse a snapshot revert while the image has persistent bitmaps, as QEMU does.
+
+    (``qemu-img snapshot -a``: "Device has active dirty bitmaps", even for
+    disabled ones: a revert changes the disk behind every bitmap's back.)
+
+    Raises:
+        ImageError: the image has bitmaps.
+    """
+    if img.meta.bitmaps is None or not img.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+        return
+    t = tracker(img)
+    if t is not None and t.items:
+        names = ", ".join(repr(bm.name) for bm in t.items)
+        raise ImageError(
+            f"cannot revert to a snapshot while the image has persistent dirty bitmaps "
+            f"({names}); QEMU refuses too: remove them first",
+            path=img.path,
+        )
+
+
 def resized(img: Qcow2Image) -> None:
-    """After a resize or a revert to a snapshot of another size."""
+    """After a resize: the bitmaps follow the new size."""
     t = img._bitmap_tracker
     if t is not None:
         t.resized(img.virtual_size)

@@ -1164,7 +1164,6 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
                 is already zero (the image is marked corrupt; nothing changed).
         """
         self._require_writable("empty the image")
-        bitmapsmod.mark(self, 0, self.hdr.size)  # persistent dirty bitmaps: all changes
         self._run_write(self._make_empty)
 
     def _make_empty(self) -> None:
@@ -1423,10 +1422,8 @@ class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
         """Make the disk (and its size) what it was when snapshot ``name`` was taken."""
         self._require_writable("revert to a snapshot")
 
-        bitmapsmod.mark(self, 0, self.hdr.size)  # persistent dirty bitmaps: all may change
+        bitmapsmod.check_revert(self)  # QEMU refuses with persistent dirty bitmaps
         self._run_write(lambda: snapshots.revert(self, name))
-        bitmapsmod.resized(self)  # the snapshot's size...
-        bitmapsmod.mark(self, 0, self.hdr.size)  # ...and all of it changed
 
     @guarded
     def delete_snapshot(self, name: str) -> None:
