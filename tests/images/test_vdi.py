@@ -58,6 +58,7 @@ class TestReadMatrix:
             ours = img.info().to_json()
             ours["filename"] = str(path)
             assert ours == qemu_img_info(path)
+            assert list(ours) == list(qemu_img_info(path))  # qemu-img's key order too
             kinds = {e.kind for e in img.block_status()}
             assert kinds <= ({"data"} if static == "on" else {"data", "zero"})
             for ext in img.block_status():

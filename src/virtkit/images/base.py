@@ -109,6 +109,23 @@ class CheckResult:
         )
 
 
+#: The order ``qemu-img info --output=json`` prints its top-level keys in (QEMU's QDict
+#: hash order, the same for every format).
+_QEMU_INFO_ORDER = (
+    "backing-filename-format",
+    "snapshots",
+    "virtual-size",
+    "filename",
+    "cluster-size",
+    "format",
+    "actual-size",
+    "format-specific",
+    "full-backing-filename",
+    "backing-filename",
+    "dirty-flag",
+)
+
+
 @attrs.frozen
 class ImageInfo:
     """The fields ``qemu-img info --output=json`` gives, in Python form."""
@@ -152,7 +169,8 @@ class ImageInfo:
             ]
         if self.format_specific:
             out["format-specific"] = {"type": self.format, "data": self.format_specific}
-        return out
+        rank = {key: i for i, key in enumerate(_QEMU_INFO_ORDER)}
+        return {key: out[key] for key in sorted(out, key=lambda k: rank.get(k, len(rank)))}
 
 
 class Image(abc.ABC):
