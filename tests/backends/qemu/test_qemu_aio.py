@@ -9,7 +9,7 @@ import pytest
 
 import virtkit
 from virtkit.backends.qemu import QemuHypervisor
-from virtkit.model import Disk, Machine, State
+from virtkit.model import CdRom, Disk, Machine, State
 
 
 class TestAsync:
@@ -85,3 +85,23 @@ class TestAsync:
             return await guest.aio.wait(30)
 
         assert asyncio.run(main()) is State.SHUTOFF
+
+
+class TestAioDevices:
+    def test_media_and_attach_through_the_coroutine_twin(self, hv: QemuHypervisor) -> None:
+        """await guest.aio.change_media / attach on a running guest: recorded in the folder."""
+        guest = hv.define(Machine(name="aiodev", memory="16MiB", cdroms=[CdRom()]))
+
+        async def run() -> None:
+            await guest.aio.start()
+            iso = guest.folder / "disks" / "m.iso"
+            iso.write_bytes(bytes(4096))
+            await guest.aio.change_media("cdrom0", "m.iso")
+            disk = await guest.aio.attach(Disk(path="hot.qcow2", size="1MiB"))
+            assert disk.target == "vda"
+            await guest.aio.kill()
+
+        asyncio.run(run())
+        stored = virtkit.load(guest.folder)
+        assert stored.cdroms[0].path == "m.iso"
+        assert [d.path for d in stored.disks] == ["hot.qcow2"]

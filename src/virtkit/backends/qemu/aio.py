@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from virtkit.errors import TimeoutError
 from virtkit.images.args import check_timeout
-from virtkit.model import Snapshot, State
+from virtkit.model import Disk, Nic, Snapshot, State
 
 if TYPE_CHECKING:
     from virtkit.backends.console import Pattern
@@ -146,6 +147,18 @@ class AsyncQemuGuest:
     async def delete_snapshot(self, name: str) -> None:
         """Coroutine twin of ``Guest.delete_snapshot``."""
         await _in_thread(self.guest.delete_snapshot, name)
+
+    async def change_media(self, cdrom: str, path: str | os.PathLike[str] | None) -> None:
+        """Coroutine twin of ``Guest.change_media``."""
+        await _in_thread(self.guest.change_media, cdrom, path)
+
+    async def attach(self, device: Disk | Nic) -> Disk | Nic:
+        """Coroutine twin of ``Guest.attach``."""
+        return await _in_thread(self.guest.attach, device)
+
+    async def detach(self, target: str) -> Disk | Nic:
+        """Coroutine twin of ``Guest.detach`` (the guest's release is awaited in a worker)."""
+        return await _in_thread(self.guest.detach, target)
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run a raw QMP command (awaited on the backend's loop, no thread).
