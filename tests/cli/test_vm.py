@@ -267,3 +267,33 @@ class TestCopiesAndDevices:
         folder = _vm(tmp_path, "hello")
         status, _, err = _run(capsys, "vm", "migrate", str(folder), "qemu+ssh://b/system")
         assert status == 1 and "libvirt" in err
+
+
+class TestAppliances:
+    def test_export_then_import_ova(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """export-ova then import-ova gives a folder that boots like the original."""
+        src = _vm(tmp_path, "hello", fmt="qcow2")
+        status, out, err = _run(capsys, "vm", "export-ova", str(src), str(tmp_path / "h.ova"))
+        assert status == 0, err
+        assert (tmp_path / "h.ova").is_file()
+        status, out, err = _run(
+            capsys, "vm", "import-ova", str(tmp_path / "h.ova"), str(tmp_path / "back")
+        )
+        assert status == 0, err
+        assert "imported into" in out
+        assert "Traceback" not in err
+        proc = _cli("vm", "run", str(tmp_path / "back"), "--timeout", "60")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == guests.OUTPUT["hello"]
+
+    def test_import_of_a_missing_file_is_one_error_line(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A missing appliance: exit 1, one line naming it, no folder made."""
+        status, _, err = _run(
+            capsys, "vm", "import-ova", str(tmp_path / "nope.ova"), str(tmp_path / "x")
+        )
+        assert status == 1 and "nope.ova" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x").exists()

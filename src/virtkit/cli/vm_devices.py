@@ -1,4 +1,6 @@
-"""``virtkit vm clone|attach|detach|change-media|migrate``: copies, devices, moves.
+"""``virtkit vm clone|attach|detach|change-media|migrate|import-ova|export-ova``.
+
+Copies, devices, moves and appliances.
 
 Registered on the ``vm`` group by :mod:`virtkit.cli.vm`. Device changes on a
 stopped VM edit its folder (on every backend); on a running guest of a
@@ -37,6 +39,28 @@ def register(vm: click.Group, hypervisor: Any, guest_of: Any, in_process: Any) -
             machine = virtkit.clone(src, dst, name=name, linked=not full, progress=bar)
         kind = "full" if full else "linked"
         click.echo(f"Domain '{machine.name}' cloned ({kind}) into {dst}")
+        return 0
+
+    @vm.command(name="import-ova")
+    @click.argument("appliance", metavar="OVA")
+    @click.argument("folder")
+    @click.option("-p", "progress", is_flag=True, help="Show a progress bar (on a terminal).")
+    def import_ova(appliance: str, folder: str, progress: bool) -> int:
+        """Make the VM folder FOLDER from an OVA (or .ovf) appliance; disks become qcow2."""
+        with progress_bar("import", enabled=progress) as bar:
+            machine = virtkit.ova.import_ova(appliance, folder, progress=bar)
+        click.echo(f"Domain '{machine.name}' imported into {folder}")
+        return 0
+
+    @vm.command(name="export-ova")
+    @click.argument("folder")
+    @click.argument("appliance", metavar="OVA")
+    @click.option("-p", "progress", is_flag=True, help="Show a progress bar (on a terminal).")
+    def export_ova(folder: str, appliance: str, progress: bool) -> int:
+        """Write the VM in FOLDER as an OVA appliance (OVF 1.1, streamOptimized VMDK disks)."""
+        with progress_bar("export", enabled=progress) as bar:
+            virtkit.ova.export_ova(folder, appliance, progress=bar)
+        click.echo(f"Exported {folder} to {appliance}")
         return 0
 
     @vm.command()
