@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import warnings
 from pathlib import Path
@@ -86,12 +87,12 @@ class TestRoundTrip:
         """Backing chains, CD-ROMs, forwards, UEFI, kernel boot, serial, hostile strings."""
         machine = rich_machine()
         xml_file = tmp_path / "in.xml"
-        xml_file.write_text(to_xml(machine, tmp_path / "vm", name="vkt-xml-rich"))
+        xml_file.write_text(to_xml(machine, tmp_path / "vm", name=f"vkt-{os.getpid()}-xml-rich"))
         virsh("define", str(xml_file))
         try:
-            dumped = virsh("dumpxml", "--inactive", "vkt-xml-rich")
+            dumped = virsh("dumpxml", "--inactive", f"vkt-{os.getpid()}-xml-rich")
         finally:
-            virsh("undefine", "--nvram", "vkt-xml-rich")
+            virsh("undefine", "--nvram", f"vkt-{os.getpid()}-xml-rich")
         assert "pc-i440fx" in dumped  # libvirt really rewrote it
         report = parse_report(dumped)
         assert report.unmapped == ()
@@ -228,7 +229,7 @@ class TestImportDomain:
     @pytest.mark.parametrize("copy", [False, True])
     def test_import_then_run(self, libvirtd: None, tmp_path: Path, copy: bool) -> None:
         """The imported guest boots its disk; its XML is kept; disks referenced or copied."""
-        name = f"vkt-import-{int(copy)}"
+        name = f"vkt-{os.getpid()}-import-{int(copy)}"
         disk = self._define_foreign(tmp_path, name)
         hv = virtkit.connect("libvirt", uri=URI, accel="tcg", root=tmp_path / "guests")
         try:

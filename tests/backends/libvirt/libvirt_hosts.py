@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import attrs
 
 ROOT = Path(__file__).resolve().parents[3]
 LOCAL = "qemu:///system"
+#: domain-name prefix of this test process (other test runs may share the daemon)
+PREFIX = f"vkt-{os.getpid()}-"
 
 
 def run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -48,7 +51,8 @@ class SecondHost:
             f"mount --bind {self.work}/lib /var/lib/libvirt && "
             f"mount --bind {self.work}/cache /var/cache/libvirt && "
             f"mount --bind {self.work}/log /var/log/libvirt && "
-            "exec tini -s -- taskset -c 0 libvirtd --listen -f /etc/libvirt/libvirtd.conf"
+            "exec tini -s -- taskset -c 0 libvirtd --listen -f /etc/libvirt/libvirtd.conf "
+            "-p /run/libvirt/libvirtd.pid"
         )
         log = (self.work / "stdout").open("ab")
         self.proc = subprocess.Popen(
@@ -77,8 +81,27 @@ class SecondHost:
                 raise AssertionError(f"second libvirtd did not come up: {out}")
             time.sleep(0.1)
 
+    def _pids(self, pattern: str) -> list[int]:
+        pids = []
+        for file in self.work.glob(pattern):
+            try:
+                pids.append(int(file.read_text().strip()))
+            except (OSError, ValueError):
+                continue
+        return pids
+
+    def kill_daemon(self) -> None:
+        """SIGKILL libvirtd only (its guests' QEMU processes live on), as a crash would."""
+        for pid in self._pids("run/libvirtd.pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def kill(self) -> None:
-        """SIGKILL the daemon (and everything in its session: tini, QEMU)."""
+        """SIGKILL the daemon, its QEMU processes and the tini above it."""
+        self.kill_daemon()
+        for pid in self._pids("run/qemu/*.pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
@@ -90,10 +113,10 @@ class SecondHost:
             names = run("virsh", "-q", "-c", self.uri, "list", "--name", check=False).stdout
             for name in names.split():
                 run("virsh", "-q", "-c", self.uri, "destroy", name, check=False)
+        for pid in self._pids("run/libvirtd.pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
+        self.kill()

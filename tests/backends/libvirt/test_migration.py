@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from libvirt_hosts import LOCAL, SecondHost
+from libvirt_hosts import LOCAL, PREFIX, SecondHost
 
 import virtkit
 from virtkit import ConfigError, StateError
@@ -19,7 +19,7 @@ TIMEOUT = 60
 
 
 def connect(uri: str, root: Path, **options: object) -> LibvirtHypervisor:
-    hv = virtkit.connect("libvirt", uri=uri, accel="tcg", root=root, name_prefix="vkt-", **options)
+    hv = virtkit.connect("libvirt", uri=uri, accel="tcg", root=root, name_prefix=PREFIX, **options)
     assert isinstance(hv, LibvirtHypervisor)
     return hv
 
@@ -53,7 +53,7 @@ class TestLiveMigration:
             assert seen == list(range(len(seen)))  # no restart, no gap: the same run
             where = tomllib.loads((moved.folder / LOCATION_FILE).read_text())
             assert where["uri"] == second_host.uri
-            assert where["domain"] == "vkt-mig"
+            assert where["domain"] == PREFIX + "mig"
             back = moved.migrate(a)
             last = counts(back.console.output)[-1]
             back.console.expect(f"count {last + 1}\r\n", timeout=TIMEOUT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from libvirt_hosts import run
+from libvirt_hosts import PREFIX, run
 
 import virtkit
 from virtkit import ConfigError, StateError
@@ -23,7 +23,7 @@ TIMEOUT = 60
 
 
 def connect(uri: str, root: Path, **options: object) -> LibvirtHypervisor:
-    hv = virtkit.connect("libvirt", uri=uri, accel="tcg", root=root, name_prefix="vkt-", **options)
+    hv = virtkit.connect("libvirt", uri=uri, accel="tcg", root=root, name_prefix=PREFIX, **options)
     assert isinstance(hv, LibvirtHypervisor)
     return hv
 
@@ -91,7 +91,8 @@ class TestPushPull:
             with open_image(folder / "disks" / "root.qcow2") as image:
                 assert image.read(1024, 27) == b"written by the disk guest: "
             assert (
-                "virtkit-vkt-pushed" not in run("virsh", "-c", ssh_uri, "pool-list", "--all").stdout
+                f"virtkit-{PREFIX}pushed"
+                not in run("virsh", "-c", ssh_uri, "pool-list", "--all").stdout
             )
         finally:
             hv.close()

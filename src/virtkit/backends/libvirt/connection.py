@@ -23,9 +23,10 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, TypeVar
 
-from virtkit.errors import BackendError, BackendUnavailable, StateError, TimeoutError
+from virtkit.errors import BackendError, BackendUnavailable, StateError
 
 __all__ = [
+    "EVENT_THREAD_NAME",
     "INSTALL_HINT",
     "Connection",
     "default_uri",
@@ -40,6 +41,8 @@ INSTALL_HINT = (
     "libvirt-dev pkg-config gcc) and run a libvirt daemon (Debian: apt-get install "
     "libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients; virtkit's scripts/libvirtd start)"
 )
+#: the thread that runs libvirt's event loop (callbacks run there).
+EVENT_THREAD_NAME = "virtkit-libvirt-events"
 #: seconds ``Connection.open`` waits for libvirt to connect.
 OPEN_TIMEOUT = 30.0
 
@@ -80,7 +83,7 @@ def ensure_event_loop() -> None:
             while True:
                 lv.virEventRunDefaultImpl()
 
-        threading.Thread(target=run, name="virtkit-libvirt-events", daemon=True).start()
+        threading.Thread(target=run, name=EVENT_THREAD_NAME, daemon=True).start()
         _loop_state["started"] = True
 
 
@@ -144,10 +147,9 @@ class Connection:
         threading.Thread(target=opener, name=f"virtkit-libvirt-open {uri}", daemon=True).start()
         if not done.wait(timeout):
             abandoned.set()
-            raise TimeoutError(
+            raise BackendError(
                 f"libvirt at {uri}: no connection within {timeout} s (host unreachable or the "
-                "daemon does not answer)",
-                timeout=timeout,
+                "daemon does not answer)"
             )
         if "error" in result:
             exc = result["error"]

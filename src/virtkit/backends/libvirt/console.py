@@ -1,18 +1,21 @@
 """A libvirt console stream feeding a :class:`virtkit.backends.Console`.
 
-``virDomain.openConsole`` on a non-blocking ``virStream``; the event loop
-thread calls back when bytes are readable and they go to ``Console.feed``.
-End of file (the QEMU behind the domain stopped, or a snapshot revert
-restarted it) detaches the stream; the guest opens a new one when the domain
-runs again. Writes are sent in pieces, bounded by a timeout, so a stalled
-stream cannot hang the caller.
+``virDomain.openConsole`` on a blocking ``virStream``, read by a small
+thread of its own that hands each chunk to ``Console.feed``. End of file (the
+QEMU behind the domain stopped, or a snapshot revert restarted it) ends the
+thread; the guest opens a new stream when the domain runs again. Closing
+aborts the stream, which wakes the reader.
+
+A thread per console rather than a stream event callback: libvirt-python
+keeps a callback's data (which refers to the stream, which refers to the
+connection) alive after ``eventRemoveCallback`` on remote connections, so
+every console would pin its connection open for good.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +24,8 @@ from virtkit.errors import BackendError, StateError
 
 __all__ = ["ConsoleStream"]
 
-WRITE_TIMEOUT = 10.0
+_CHUNK = 65536
+_JOIN = 10.0
 
 
 class ConsoleStream:
@@ -30,88 +34,74 @@ class ConsoleStream:
     Args:
         conn: the connection the domain lives on.
         domain: the ``virDomain``.
-        on_data: called with each chunk the guest prints (from the event thread).
+        on_data: called with each chunk the guest prints (from the reader thread).
     """
 
     def __init__(self, conn: Connection, domain: Any, on_data: Callable[[bytes], None]) -> None:
-        lv = conn.lv
         self._conn = conn
         self._lock = threading.Lock()
         self._on_data = on_data
         self.eof = False
-        self._stream: Any = conn.call(
-            "open a console stream", conn.raw.newStream, lv.VIR_STREAM_NONBLOCK
-        )
+        name = domain.name()
+        self._stream: Any = conn.call("open a console stream", conn.raw.newStream, 0)
         try:
             conn.call(
-                f"open the console of domain {domain.name()!r}",
+                f"open the console of domain {name!r}",
                 domain.openConsole,
                 None,
                 self._stream,
-                lv.VIR_DOMAIN_CONSOLE_FORCE,
-            )
-            events = (
-                lv.VIR_STREAM_EVENT_READABLE
-                | lv.VIR_STREAM_EVENT_ERROR
-                | lv.VIR_STREAM_EVENT_HANGUP
-            )
-            conn.call(
-                "watch the console stream", self._stream.eventAddCallback, events, self._ready, None
+                conn.lv.VIR_DOMAIN_CONSOLE_FORCE,
             )
         except BaseException:
-            self._drop(abort=True)
+            self._stream = None
             raise
+        self._reader = threading.Thread(
+            target=self._read, args=(self._stream,), name=f"virtkit-console {name}", daemon=True
+        )
+        self._reader.start()
 
-    def _ready(self, stream: Any, events: int, _opaque: Any) -> None:
+    def _read(self, stream: Any) -> None:
         lv = self._conn.lv
+        ended_cleanly = False
+        while True:
+            try:
+                data = stream.recv(_CHUNK)
+            except lv.libvirtError:
+                break  # aborted by close(), or the connection broke
+            if not data or data == -2:
+                ended_cleanly = True
+                break
+            self._on_data(bytes(data))
         with self._lock:
-            if self._stream is not stream:
-                return
-            while True:
-                try:
-                    data = stream.recv(65536)
-                except lv.libvirtError:
-                    self._drop_locked(abort=True)
-                    return
-                if data == -2:  # EAGAIN: nothing more for now
-                    break
-                if not data:
-                    self._drop_locked(abort=False)
-                    return
-                self._on_data(bytes(data))
-            if events & (lv.VIR_STREAM_EVENT_ERROR | lv.VIR_STREAM_EVENT_HANGUP):
-                self._drop_locked(abort=True)
+            mine = self._stream is stream
+            if mine:
+                self._stream = None
+            self.eof = True
+        if mine:
+            with contextlib.suppress(lv.libvirtError):
+                stream.finish() if ended_cleanly else stream.abort()
 
-    def write(self, data: bytes, timeout: float = WRITE_TIMEOUT) -> None:
+    def write(self, data: bytes) -> None:
         """Send ``data`` to the guest's serial input.
 
         Raises:
             StateError: the stream has ended.
-            BackendError: libvirt failed, or the guest did not take the bytes in time.
+            BackendError: libvirt failed.
         """
         lv = self._conn.lv
-        deadline = time.monotonic() + timeout
         view = memoryview(data)
         while view:
             with self._lock:
                 stream = self._stream
-                if stream is None:
-                    raise StateError("cannot write to the console: the console stream has ended")
-                try:
-                    sent = stream.send(bytes(view))
-                except lv.libvirtError as exc:
-                    raise BackendError(
-                        f"libvirt at {self._conn.uri}: console write failed: "
-                        f"{exc.get_error_message()}"
-                    ) from exc
-            if sent == -2:
-                if time.monotonic() > deadline:
-                    raise BackendError(
-                        f"libvirt at {self._conn.uri}: the console took no input for {timeout} s"
-                    )
-                time.sleep(0.01)
-                continue
-            view = view[sent:]
+            if stream is None:
+                raise StateError("cannot write to the console: the console stream has ended")
+            try:
+                sent = stream.send(bytes(view))
+            except lv.libvirtError as exc:
+                raise BackendError(
+                    f"libvirt at {self._conn.uri}: console write failed: {exc.get_error_message()}"
+                ) from exc
+            view = view[max(sent, 0) :]
 
     @property
     def open(self) -> bool:
@@ -119,26 +109,19 @@ class ConsoleStream:
         with self._lock:
             return self._stream is not None
 
-    def _drop_locked(self, *, abort: bool) -> None:
-        stream, self._stream = self._stream, None
-        self.eof = True
-        if stream is None:
-            return
-        lv = self._conn.lv
-        with contextlib.suppress(lv.libvirtError):
-            stream.eventRemoveCallback()
-        try:
-            if abort:
-                stream.abort()
-            else:
-                stream.finish()
-        except lv.libvirtError:
-            pass
-
-    def _drop(self, *, abort: bool) -> None:
-        with self._lock:
-            self._drop_locked(abort=abort)
+    def drain(self, timeout: float = _JOIN) -> None:
+        """Wait until the guest's last bytes are read (the stream hits end of file), then close."""
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout)
+        self.close()
 
     def close(self) -> None:
-        """Detach from the console (idempotent)."""
-        self._drop(abort=True)
+        """Detach from the console and wait for the reader to end (idempotent)."""
+        with self._lock:
+            stream, self._stream = self._stream, None
+            self.eof = True
+        if stream is not None:
+            with contextlib.suppress(self._conn.lv.libvirtError):
+                stream.abort()
+        if threading.current_thread() is not self._reader:
+            self._reader.join(_JOIN)

@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import os
 import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from virtkit import bundle
 from virtkit.backends.base import Guest
@@ -54,7 +57,7 @@ from virtkit.errors import (
     TimeoutError,
     UnsupportedFeatureError,
 )
-from virtkit.model import Machine, Snapshot, SnapshotKind, State
+from virtkit.model import Disk, Machine, Snapshot, SnapshotKind, State
 
 if TYPE_CHECKING:
     from virtkit.backends.libvirt.hypervisor import LibvirtHypervisor
@@ -90,6 +93,9 @@ class LibvirtGuest(Guest):
         self._busy = 0  # > 0 while a virtkit call changes the run state itself
         self._expect_stop = False
         self._gone = False  # migrated away: the domain is no longer ours to undefine
+        #: virtkit writes the domain's XML from the machine (False for an imported
+        #: domain, whose own XML holds more than the model: it is left as it is)
+        self.owns_definition = True
         self._busy_lock = threading.Lock()
         if machine.serial.enabled:
             self.console.set_writer(self._write_console)
@@ -146,7 +152,7 @@ class LibvirtGuest(Guest):
         lv = self._conn.lv
         if self._busy or self._real_state() in (State.RUNNING, State.PAUSED):
             return  # ours (revert, kill, migrate), or an old event of an earlier run
-        self._detach_console()
+        self._detach_console(drain=True)
         if detail == lv.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
             self._notify_poweroff()
         elif detail == lv.VIR_DOMAIN_EVENT_STOPPED_DESTROYED:
@@ -168,10 +174,14 @@ class LibvirtGuest(Guest):
         if self.machine.serial.enabled:
             self._stream = ConsoleStream(self._conn, self.domain, self.console.feed)
 
-    def _detach_console(self) -> None:
+    def _detach_console(self, *, drain: bool = False) -> None:
+        """Stop reading the console; ``drain``: first read what QEMU wrote before it exited."""
         stream, self._stream = self._stream, None
         if stream is not None:
-            stream.close()
+            if drain:
+                stream.drain()
+            else:
+                stream.close()
 
     def _write_console(self, data: bytes) -> None:
         stream = self._stream
@@ -194,6 +204,7 @@ class LibvirtGuest(Guest):
     def _do_start(self) -> None:
         lv = self._conn.lv
         self._check_files()
+        self._redefine()  # the folder may have changed while the guest was off
         self._busy_enter()
         try:
             self._expect_stop = False
@@ -243,8 +254,9 @@ class LibvirtGuest(Guest):
         )
         deadline = time.monotonic() + timeout
         while True:
-            if self._real_state() is State.SHUTOFF:
-                self._detach_console()
+            state = self._call("read the state", self.domain.state)[0]
+            if state == lv.VIR_DOMAIN_SHUTOFF:
+                self._detach_console(drain=True)
                 return
             if time.monotonic() >= deadline:
                 raise TimeoutError(
@@ -280,13 +292,18 @@ class LibvirtGuest(Guest):
             ET.SubElement(root, "memory", snapshot="no")
             disks = ET.SubElement(root, "disks")
             for disk in self.machine.disks:
+                if disk.read_only:
+                    ET.SubElement(disks, "disk", name=str(disk.target), snapshot="no")
+                    continue
                 el = ET.SubElement(disks, "disk", name=str(disk.target), snapshot="external")
                 ET.SubElement(el, "driver", type="qcow2")
-                overlay = self.folder / "disks" / f"{disk.target}.{snap.name}.qcow2"
-                ET.SubElement(el, "source", file=str(overlay))
+                ET.SubElement(el, "source", file=str(self._overlay(disk, snap)))
         return ET.tostring(root, encoding="unicode")
 
-    def _do_snapshot(self, snap: Snapshot) -> None:
+    def _overlay(self, disk: Disk, snap: Snapshot) -> Path:
+        return bundle.resolve_disk(self.folder, _overlay_name(disk, snap))
+
+    def _do_snapshot(self, snap: Snapshot) -> Snapshot | None:
         lv = self._conn.lv
         live = self.state in (State.RUNNING, State.PAUSED)
         external = snap.kind is SnapshotKind.DISK and live
@@ -310,6 +327,27 @@ class LibvirtGuest(Guest):
         finally:
             self._busy_exit()
         self._save_snapshot_xml(snap.name, made)
+        if not external:
+            return None
+        # the folder is the truth: each disk now writes to its new overlay
+        frozen = {str(d.target): d.active for d in self.machine.disks if not d.read_only}
+        disks = tuple(
+            d if d.read_only else attrs.evolve(d, layers=(*d.layers, _overlay_name(d, snap)))
+            for d in self.machine.disks
+        )
+        self._set_machine(attrs.evolve(self.machine, disks=disks))
+        return attrs.evolve(snap, layers=frozen)
+
+    def _set_machine(self, machine: Machine) -> None:
+        """Persist the changed definition, then give libvirt the same one."""
+        super()._set_machine(machine)
+        self._redefine()
+
+    def _redefine(self) -> None:
+        if not self.owns_definition:
+            return
+        xml = self.hypervisor.domain_xml(self.machine, self.folder)
+        self.domain = self._call("update the domain definition", self._conn.raw.defineXML, xml)
 
     def _save_snapshot_xml(self, name: str, snapshot: Any) -> None:
         try:
@@ -385,7 +423,11 @@ class LibvirtGuest(Guest):
     def _release(self) -> None:
         """Detach the console and undefine the domain (the VM folder stays)."""
         self._detach_console()
+        if isinstance(self.domain, _Released):  # released before (undefine, then close)
+            super()._release()
+            return
         if self._gone:
+            self.domain = _Released(self.domain_name)
             super()._release()
             return
         lv = self._conn.lv
@@ -393,6 +435,7 @@ class LibvirtGuest(Guest):
         # already gone when undefined behind our back or the daemon died
         with contextlib.suppress(lv.libvirtError):
             self.domain.undefineFlags(flags)
+        self.domain = _Released(self.domain_name)  # drops libvirt's reference to the connection
         super()._release()
 
     @contextlib.contextmanager
@@ -535,6 +578,27 @@ class LibvirtGuest(Guest):
             new = destination._adopt(self, moved, paused=paused)
             self.hypervisor._forget(self, f"it was migrated to {destination.uri}")
             return new
+
+
+class _Released:
+    """Stands in for a released domain: any use is a StateError, not a crash."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        raise StateError(
+            f"domain {self._name!r} is no longer managed by this handle (undefined, migrated "
+            "or its connection closed)"
+        )
+
+
+def _overlay_name(disk: Disk, snap: Snapshot) -> str:
+    """The overlay a running disk-only snapshot puts on ``disk``, next to its active file."""
+    active = disk.active
+    name = f"{disk.target}.{snap.name}.qcow2"
+    parent = os.path.dirname(active)
+    return os.path.join(parent, name) if parent else name
 
 
 def _toml_str(value: str) -> str:

@@ -44,7 +44,7 @@ from virtkit.backends.libvirt import storage
 from virtkit.backends.libvirt.connection import Connection, default_uri, is_remote, libvirt_module
 from virtkit.backends.libvirt.guest import LibvirtGuest
 from virtkit.backends.libvirt.storage import Progress
-from virtkit.errors import BackendError, ConfigError
+from virtkit.errors import BackendError, ConfigError, ResourceError
 from virtkit.libvirt import to_xml
 from virtkit.model import HostResources, HypervisorType, Machine, State
 
@@ -189,6 +189,68 @@ class LibvirtHypervisor(Hypervisor):
     def free_memory(self) -> int:
         """The node's free memory now, in bytes."""
         return int(self.connection.call("read free memory", self.connection.raw.getFreeMemory))
+
+    def usage(self) -> tuple[int, int]:
+        """vCPUs and memory (bytes) of every domain running on the host now, virtkit's or not."""
+        raw = self.connection.raw
+        lv = self.connection.lv
+        domains = self.connection.call(
+            "list running domains", raw.listAllDomains, lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        )
+        cpus = memory = 0
+        for dom in domains:
+            try:
+                info = dom.info()
+            except lv.libvirtError:
+                continue  # stopped while we looked
+            cpus += int(info[3])
+            memory += int(info[1]) * 1024
+        return cpus, memory
+
+    @property
+    def host(self) -> HostResources:
+        """Host capacity (node info) and what runs there now: the CPUs and memory of every
+        active domain on the host (also those virtkit did not start), defined guests' storage."""
+        base = super().host
+        if self._closed:
+            return base
+        cpus, memory = self.usage()
+        return attrs.evolve(
+            base,
+            allocated_cpus=max(cpus, base.allocated_cpus),
+            allocated_memory=max(memory, base.allocated_memory),
+        )
+
+    def _admit_start(self, guest: Guest) -> None:
+        """The base policy check, plus the host's real load: domains virtkit did not start
+        count too, and the node must have the memory free."""
+        super()._admit_start(guest)
+        cpus, memory = self.usage()
+        own = [
+            g for g in self.guests if g is not guest and g.state in (State.RUNNING, State.PAUSED)
+        ]
+        foreign_cpus = max(cpus - sum(g.machine.vcpus for g in own), 0)
+        foreign_memory = max(memory - sum(g.machine.memory for g in own), 0)
+        total_cpus = cpus + guest.machine.vcpus
+        total_memory = memory + guest.machine.memory
+        if total_cpus > self._cpu_limit():
+            raise ResourceError(
+                f"starting {guest.name!r} on {self.uri} would run {total_cpus} vCPUs "
+                f"({foreign_cpus} of them in domains virtkit did not start); the policy allows "
+                f"{self._cpu_limit()}",
+                resource="cpus",
+                requested=guest.machine.vcpus,
+                available=max(self._cpu_limit() - cpus, 0),
+            )
+        if total_memory > self._memory_limit():
+            raise ResourceError(
+                f"starting {guest.name!r} on {self.uri} would commit {total_memory} bytes "
+                f"({foreign_memory} in domains virtkit did not start); the policy allows "
+                f"{self._memory_limit()}",
+                resource="memory",
+                requested=guest.machine.memory,
+                available=max(self._memory_limit() - memory, 0),
+            )
 
     def _choose_accel(self) -> AccelChoice:
         if self.requested_accel != "auto":
@@ -393,6 +455,7 @@ class LibvirtHypervisor(Hypervisor):
                     f"a guest named {machine.name!r} is already defined", field="name"
                 )
             guest = LibvirtGuest(self, machine, Path(folder), domain)
+            guest.owns_definition = False
             state = guest._real_state() or State.SHUTOFF
             guest._lifecycle.set(state)
             self._register(guest)
