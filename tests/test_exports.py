@@ -12,7 +12,7 @@ class TestExports:
         """virtkit.__all__ is exactly the documented public names."""
         assert sorted(virtkit.__all__) == sorted(
             [
-                "clone", "connect", "load", "save", "images", "aio", "ova",
+                "clone", "connect", "load", "save", "images", "aio", "ova", "libvirt", "Fleet",
                 "Console", "Guest", "Hypervisor",
                 "AllocationPolicy", "CdRom", "CloudInit", "CpuTopology", "Disk",
                 "HostResources", "HypervisorType", "KernelBoot", "Machine", "Nic", "PortForward",

@@ -4,7 +4,9 @@ Layout (imports point downwards only)::
 
     virtkit.cli        the `virtkit` command, over the public API
     virtkit.aio        the hypervisor API as coroutines (asyncio)
-    virtkit.backends   Hypervisor implementations: "emulator" (unicorn), "qemu" (QMP)
+    virtkit.fleet      Fleet: guests across libvirt hosts, placement, migration
+    virtkit.backends   Hypervisor implementations: "emulator" (unicorn), "qemu" (QMP), "libvirt"
+    virtkit.libvirt    Machine <-> libvirt domain XML, import of existing domains
     virtkit.ova        OVF/OVA appliances <-> VM folders
     virtkit.bundle     Machine <-> folder of files (machine.toml, disks/, snapshots/)
     virtkit.provision  cloud-init NoCloud seed ISOs
@@ -15,10 +17,11 @@ Layout (imports point downwards only)::
 This module only re-exports the public names.
 """
 
-from virtkit import aio, images, ova
+from virtkit import aio, images, libvirt, ova
 from virtkit.backends import Console, Guest, Hypervisor, connect
 from virtkit.bundle import load, save
 from virtkit.clone import clone
+from virtkit.fleet import Fleet
 from virtkit.errors import (
     BackendError,
     BackendUnavailable,
@@ -61,6 +64,8 @@ __all__ = [
     "images",
     "aio",
     "ova",
+    "libvirt",
+    "Fleet",
     # backends
     "Console",
     "Guest",
