@@ -189,20 +189,17 @@ def copy_plain(src: Image, out: Image, granule: int, progress: Progress | None) 
 
 
 def _compress_chunk(
-    pos: int, data: bytes, cluster: int, size: int, compress: Callable[[bytes], bytes]
-) -> list[tuple[int, bytes, bytes | None]]:
-    """``(offset, cluster data, compressed or None)`` of each non-zero cluster in a chunk.
+    pos: int, data: bytes, cluster: int, compress: Callable[[bytes], bytes]
+) -> list[tuple[int, bytes, bytes]]:
+    """``(offset, cluster data, compressed)`` of each non-zero cluster in a chunk.
 
-    ``None``: the short last cluster of a disk, stored uncompressed as QEMU does.
+    The short last cluster of a disk whose size is no multiple of the cluster
+    is compressed zero-padded, as QEMU does.
     """
-    out: list[tuple[int, bytes, bytes | None]] = []
+    out: list[tuple[int, bytes, bytes]] = []
     for at in range(0, len(data), cluster):
         piece = data[at : at + cluster]
-        if _is_zero(piece):
-            continue
-        if len(piece) < cluster and pos + at + len(piece) == size:
-            out.append((pos + at, piece, None))
-        else:
+        if not _is_zero(piece):
             out.append((pos + at, piece, compress(piece)))
     return out
 
@@ -217,11 +214,10 @@ def copy_compressed(
     """
     total = src.virtual_size
     cluster = out.cluster_size
-    size = out.virtual_size
     n = workers or default_workers()
     depth = _depth(n)
     reader = _Reader(src, cluster, depth, whole=True)
-    pending: deque[tuple[int, Future[list[tuple[int, bytes, bytes | None]]] | None]] = deque()
+    pending: deque[tuple[int, Future[list[tuple[int, bytes, bytes]]] | None]] = deque()
     done = 0
     _report(progress, 0, total)
 
@@ -230,10 +226,7 @@ def copy_compressed(
         end, fut = pending.popleft()
         if fut is not None:
             for offset, piece, comp in fut.result():
-                if comp is None:
-                    out.write(offset, piece)
-                else:
-                    out.write_precompressed(offset, piece, comp)
+                out.write_precompressed(offset, piece, comp)
         done = end
         _report(progress, done, total)
 
@@ -243,9 +236,7 @@ def copy_compressed(
                 if data is None:
                     pending.append((pos, None))
                 else:
-                    job = pool.submit(
-                        _compress_chunk, pos, data, cluster, size, out.compress_cluster
-                    )
+                    job = pool.submit(_compress_chunk, pos, data, cluster, out.compress_cluster)
                     pending.append((pos + len(data), job))
                 while len(pending) >= depth:
                     drain_one()
