@@ -146,6 +146,11 @@ class TestProbeAgainstQemuImg:
         assert virtkit.images.probe_format(named) == "dmg"
         assert _qemu_format(qemu_img, named) is None  # dmg claims it, then cannot open it
         assert virtkit.images.probe_format(other) == "raw"
+        cloop = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+        named.write_bytes(cloop + bytes(MiB))  # a tie at score 2: qemu-img picks dmg
+        assert virtkit.images.probe_format(named) == "dmg"
+        proc = qemu_img("info", named, check=False)
+        assert proc.returncode and "UDIF" in proc.stderr
 
     def test_mutated_heads_agree(self, qemu_img: Run, tmp_path: Path) -> None:
         """Single-byte mutations of real heads probe the same way qemu-img probes them."""

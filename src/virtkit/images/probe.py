@@ -23,12 +23,13 @@ parallels  100   ``WithoutFreeSpace`` or ``WithouFreSpacExt``, version 2
 bochs      100   ``Bochs Virtual HD Image`` / ``Redolog`` / ``Growing``,
                  version 1.0 or 2.0
 luks       100   ``LUKS\\xba\\xbe`` magic with header version 1 (``crypto.c``)
-cloop      2     the cloop 2.0 shell-script preamble
 dmg        2     a file name ending in ``.dmg`` (content is not examined)
+cloop      2     the cloop 2.0 shell-script preamble
 raw        1     anything
 ========== ===== ============================================================
 
-Ties keep the first format in the table order above.
+Ties keep the first format in the table order above (only dmg and cloop can tie:
+qemu-img picks dmg).
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ _PROBES: tuple[tuple[str, Callable[[bytes, str], int]], ...] = (
     ("parallels", _parallels),
     ("bochs", _bochs),
     ("luks", _luks),
+    ("dmg", _dmg),  # before cloop: qemu-img picks dmg for a ".dmg" file with cloop's preamble
     ("cloop", _cloop),
-    ("dmg", _dmg),
 )
 
 #: Every format probing can answer, raw included.
