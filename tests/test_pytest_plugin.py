@@ -210,3 +210,28 @@ class TestExample:
         example = Path(__file__).resolve().parent.parent / "examples" / "test_vm_definition.py"
         pytester.makepyfile(test_vm_definition=example.read_text())
         pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=4)
+
+
+@pytest.mark.qemu
+class TestLinuxFixture:
+    def test_a_ready_linux_shell(self, pytester: pytest.Pytester) -> None:
+        """virtkit_linux is at the shell prompt; its initramfs is cached for the next run."""
+        from virtkit.testing import linux
+
+        pytester.makepyfile(
+            """
+            import virtkit
+
+            def test_shell(virtkit_linux, virtkit_linux_boot):
+                assert virtkit_linux.state is virtkit.State.RUNNING
+                virtkit_linux.console.write("echo $((6 * 7))x\\n")
+                virtkit_linux.console.expect("42x", timeout=60)
+                print("INITRD=" + str(virtkit_linux_boot.initrd) + "=")
+            """
+        )
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+        result.assert_outcomes(passed=1)
+        line = next(x for x in result.outlines if "INITRD=" in x)
+        initrd = Path(line.split("INITRD=", 1)[1].split("=", 1)[0])
+        assert initrd.parent == linux.cache_dir() and initrd.is_file()
+        assert "left behind" not in result.stdout.str()
