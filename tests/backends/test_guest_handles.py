@@ -255,3 +255,20 @@ def _zombie(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+class TestFolderIsTheTruth:
+    def test_a_size_raised_in_machine_toml_grows_the_disk_at_start(
+        self, hv: Hypervisor, tmp_path: Path
+    ) -> None:
+        """Another process raises Disk.size in the folder: the stopped guest re-reads its folder
+        at start() and grows the image (it used to do nothing)."""
+        disk = _disk(tmp_path, "hello")
+        guest = hv.define(Machine(name="edited", memory="32MiB", disks=[disk]))
+        edited = attrs.evolve(guest.machine, disks=(attrs.evolve(disk, size="4MiB"),))
+        virtkit.bundle.write_machine(guest.folder, edited)  # as `virtkit vm edit` would
+        guest.start()
+        assert guest.wait(timeout=20) is State.SHUTOFF
+        assert guest.machine.disks[0].size == 4 * 1024**2
+        with guest.open_disk(0) as img:
+            assert img.virtual_size == 4 * 1024**2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import attrs
@@ -96,3 +97,29 @@ class TestLinuxGuest:
             names = {s.name: s for s in img.snapshots}
         assert "booted" in names
         assert names["booted"].vm_state_size > 0
+
+
+class TestKernelBootFolder:
+    def test_a_kernel_booted_folder_is_saved_loaded_and_run_again(
+        self, hv: QemuHypervisor, linux_boot: KernelBoot, tmp_path: Path
+    ) -> None:
+        """Machine.kernel with paths relative to the folder: save, load in a fresh connection
+        (what `virtkit vm run` does), and the Linux guest boots from the folder's own files."""
+        folder = tmp_path / "kvm"
+        folder.mkdir()
+        shutil.copyfile(linux_boot.kernel, folder / "vmlinuz")
+        assert linux_boot.initrd is not None
+        shutil.copyfile(linux_boot.initrd, folder / "initrd.gz")
+        boot = KernelBoot(kernel="vmlinuz", initrd="initrd.gz", append=linux_boot.append)
+        virtkit.save(Machine(name="kboot", memory="256MiB", kernel=boot), folder)
+        moved = tmp_path / "moved"
+        folder.rename(moved)  # relocatable: nothing names the old place
+        loaded = virtkit.load(moved)
+        assert loaded.kernel == boot
+        guest = hv.define(loaded, folder=moved)
+        assert str(moved / "vmlinuz") in guest.qemu_argv()
+        _boot(guest)
+        out = _run(guest, "echo kernel=$(uname -r)", "ENDK")
+        assert b"kernel=" in out
+        guest.shutdown(timeout=60)
+        assert guest.state is State.SHUTOFF
