@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from libvirt_hosts import LOCAL, PREFIX, SecondHost
@@ -16,7 +17,7 @@ from virtkit.testing.conformance import counts
 TIMEOUT = 60
 
 
-def fleet(second: SecondHost, tmp_path: Path, **options: object) -> virtkit.Fleet:
+def fleet(second: SecondHost, tmp_path: Path, **options: Any) -> virtkit.Fleet:
     return virtkit.Fleet(
         [LOCAL, second.uri],
         root=tmp_path / "fleet",
