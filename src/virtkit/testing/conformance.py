@@ -90,6 +90,9 @@ class SuiteBase:
       raises ``ConfigError`` and changes nothing; stopped guests always work).
     * ``hot_plug``: ``attach()`` of a virtio disk works on a running guest
       (else ``ConfigError``, nothing recorded or created).
+    * ``reverts_live_disk_snapshots``: a disk-only snapshot taken while the
+      guest ran can be reverted to (libvirt 9.0 cannot revert to such an
+      external snapshot: it raises a ``VirtkitError`` and changes nothing).
     """
 
     backend: ClassVar[str]
@@ -101,6 +104,7 @@ class SuiteBase:
     crashes_on_triple_fault: ClassVar[bool] = False
     live_media: ClassVar[bool] = False
     hot_plug: ClassVar[bool] = False
+    reverts_live_disk_snapshots: ClassVar[bool] = True
 
     @pytest.fixture
     def hypervisor(self, tmp_path: Path) -> Iterator[Hypervisor]:
@@ -528,6 +532,29 @@ class SnapshotTests(SuiteBase):
         guest.start()
         guest.wait(timeout=self.timeout)
         assert guest.console.output[mark:] == guests.OUTPUT["disk"]
+
+    def test_disk_snapshot_of_a_running_guest(self, make_guest: GuestFactory) -> None:
+        """memory=False on a running guest captures its disks; reverting restores them and
+        leaves it shut off (or, without ``reverts_live_disk_snapshots``, a VirtkitError)."""
+        guest = make_guest("counter")
+        guest.start()
+        guest.console.expect("count 0", timeout=self.timeout)
+        snap = guest.snapshot("live-disk", memory=False)
+        assert snap.kind is SnapshotKind.DISK
+        assert snap.state is State.RUNNING
+        guest.console.expect("count 2", timeout=self.timeout)  # still running on
+        guest.kill()
+        if self.reverts_live_disk_snapshots:
+            guest.revert("live-disk")
+            assert state_of(guest) is State.SHUTOFF
+        else:
+            with pytest.raises(VirtkitError):
+                guest.revert("live-disk")
+            assert state_of(guest) is State.SHUTOFF
+            assert [s.name for s in guest.snapshots] == ["live-disk"]
+        guest.start()
+        guest.console.expect("counter starts", timeout=self.timeout)
+        guest.kill()
 
     def test_full_snapshot_needs_a_running_guest(self, make_guest: GuestFactory) -> None:
         """memory=True on a shut-off guest is a StateError and records nothing."""
