@@ -17,6 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "images": {"errors", "units"},
     "bundle": {"errors", "units", "model", "images"},
     "ova": {"errors", "units", "model", "images", "bundle"},
+    "clone": {"errors", "units", "model", "images", "bundle"},
     "provision": {"errors", "units", "model"},
     "agent": {"errors"},
     "backends": {"errors", "units", "model", "images", "bundle", "provision", "agent"},
