@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
+from array import array
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -201,7 +202,7 @@ def entry_problem(entry: int, cs: int) -> str | None:
     return None
 
 
-def read_table(st: Storage, entry: DirEntry, cs: int) -> list[int]:
+def read_table(st: Storage, entry: DirEntry, cs: int) -> array[int]:
     """A bitmap's table, every entry checked.
 
     Raises:
@@ -217,7 +218,7 @@ def read_table(st: Storage, entry: DirEntry, cs: int) -> list[int]:
     raw = st.pread(entry.table_offset, nbytes)
     if len(raw) != nbytes:
         raise corrupt(f"bitmap {entry.name!r} table is truncated", st.path, entry.table_offset)
-    table = list(layout.decode_u64_table(raw))
+    table = layout.decode_u64_table(raw)
     for i, e in enumerate(table):
         problem = entry_problem(e, cs)
         if problem:

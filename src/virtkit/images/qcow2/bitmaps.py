@@ -44,6 +44,7 @@ Memory is bounded as QEMU bounds it: a bitmap's data is at most 512 MiB
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -96,10 +97,11 @@ class _Bitmap:
     entry: DirEntry
     enabled: bool
     inconsistent: bool
-    #: Data clusters with a bit set, by table index; None until loaded.
-    chunks: dict[int, bytearray] | None = None
+    #: Data clusters with a bit set, by table index; None until loaded. A
+    #: cluster of all ones is the tracker's shared, immutable ``full`` bytes.
+    chunks: dict[int, bytearray | bytes] | None = None
     #: The table as on disk (loaded with the data).
-    table: list[int] = attrs.field(factory=list)
+    table: array[int] = attrs.field(factory=lambda: array("Q"))
     #: Bits changed since the last store.
     changed: bool = False
 
@@ -123,6 +125,8 @@ class Tracker:
         ]
         #: True while this process has flagged the consistent bitmaps in-use on disk.
         self.in_use = False
+        #: One cluster of set bits, shared by every all-ones cluster of every bitmap.
+        self.full = b"\xff" * img.cs
 
     # ---- lookups ----
     def find(self, name: str) -> _Bitmap:
@@ -142,14 +146,14 @@ class Tracker:
         return bm
 
     # ---- data ----
-    def load(self, bm: _Bitmap) -> dict[int, bytearray]:
+    def load(self, bm: _Bitmap) -> dict[int, bytearray | bytes]:
         """Read a consistent bitmap's data (once)."""
         if bm.chunks is not None:
             return bm.chunks
         img = self.img
         cs = img.cs
         table = read_table(img.st, bm.entry, cs)
-        chunks: dict[int, bytearray] = {}
+        chunks: dict[int, bytearray | bytes] = {}
         file_size = img.st.size()
         for i, e in enumerate(table):
             off = e & ENTRY_OFFSET_MASK
@@ -161,10 +165,12 @@ class Tracker:
                         bm.entry.table_offset + i * 8,
                     )
                 data = img.st.pread(off, cs)
-                if data.count(0) != len(data):
+                if data == self.full:
+                    chunks[i] = self.full
+                elif data.count(0) != len(data):
                     chunks[i] = bytearray(data)
             elif e & ENTRY_ALL_ONES:
-                chunks[i] = bytearray(b"\xff" * cs)
+                chunks[i] = self.full  # shared: memory follows the file, not the disk size
         bm.table = table
         bm.chunks = chunks
         self._trim(bm, img.virtual_size)
@@ -180,7 +186,8 @@ class Tracker:
             if lo == 0:
                 del bm.chunks[i]
             else:
-                clear_bits(bm.chunks[i], lo, per)
+                buf = bm.chunks[i] = bytearray(bm.chunks[i])
+                clear_bits(buf, lo, per)
 
     def set_granules(self, bm: _Bitmap, first: int, stop: int) -> None:
         """Set granules ``[first, stop)`` of a loaded bitmap."""
@@ -190,6 +197,11 @@ class Tracker:
             lo = max(first, i * per) - i * per
             hi = min(stop, (i + 1) * per) - i * per
             buf = chunks.get(i)
+            if isinstance(buf, bytes):
+                continue  # all ones already
+            if lo == 0 and hi == per:
+                chunks[i] = self.full
+                continue
             if buf is None:
                 buf = chunks[i] = bytearray(self.img.cs)
             set_bits(buf, lo, hi)
@@ -258,7 +270,7 @@ class Tracker:
         cs = img.cs
         size = img.virtual_size
         drops: list[tuple[int, int]] = []  # (offset, clusters) to free once unreferenced
-        new_tables: dict[int, tuple[int, list[int]]] = {}  # item index -> (offset, table)
+        new_tables: dict[int, tuple[int, array[int]]] = {}  # item index -> (offset, table)
         for k, bm in enumerate(self.items):
             if bm.inconsistent or bm.chunks is None:
                 continue
@@ -266,7 +278,9 @@ class Tracker:
             same_table = want == bm.entry.table_size and len(bm.table) == want
             if not bm.changed and same_table:
                 continue
-            table = list(bm.table[:want]) + [0] * max(0, want - len(bm.table))
+            table = array("Q", bm.table[:want])
+            if want > len(table):
+                table.extend([0] * (want - len(table)))
             for i in range(want, len(bm.table)):
                 off = bm.table[i] & ENTRY_OFFSET_MASK
                 if off:
@@ -647,7 +661,7 @@ class BitmapsMixin:
             try:
                 table = read_table(img.st, bm.entry, cs)
             except CorruptImageError:
-                table = []  # an unreadable table leaks its clusters, as in QEMU
+                table = array("Q")  # an unreadable table leaks its clusters, as in QEMU
             for e in table:
                 off = e & ENTRY_OFFSET_MASK
                 if off and img.refs.get(off >> img.cb) > 0:
