@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from qcow2_helpers import qemu_io, qemu_raw
-from vhdx_helpers import MiB, dirty_log, headers, meta_of
+from vhdx_helpers import MiB, dirty_log, headers, meta_of, qemu_style_entry, set_headers
 
 import virtkit
 from virtkit.images.vhdx import layout as L
@@ -249,18 +249,58 @@ class TestDifferencing:
 
 
 class TestLog:
-    """A log left by an unclean shutdown is refused (naming the replay), an empty one is not."""
+    """A dirty log is replayed in memory exactly as qemu-img replays it into the file."""
 
-    def test_pending_log_refused_like_qemu(self, tmp_path: Path, qemu_img: Run) -> None:
-        """Both virtkit and qemu-img refuse to read a file whose log needs replay."""
-        path = _qemu_vhdx(qemu_img, tmp_path / "a.vhdx", "8M")
-        qemu_io(path, "write -P 0x61 0 4k", fmt="vhdx")
-        dirty_log(path)
-        with pytest.raises(virtkit.UnsupportedFeatureError, match="replay") as err:
-            virtkit.images.open(path)
-        assert err.value.feature == "vhdx log replay"
-        proc = qemu_img("info", path, check=False)
+    def _dirty(self, tmp_path: Path, qemu_img: Run) -> tuple[Path, bytes]:
+        """A file whose BAT update and some data live only in a two-entry log."""
+        path = _qemu_vhdx(qemu_img, tmp_path / "a.vhdx", "8M", "-o", "block_size=1M")
+        qemu_io(path, "write -P 0x61 0 12k", fmt="vhdx")
+        meta: Any = meta_of(path)
+        data = bytearray(path.read_bytes())
+        bat_sector = bytes(data[meta.bat_offset : meta.bat_offset + 4096])
+        block0 = struct.unpack_from("<Q", bat_sector, 0)[0] & L.OFFSET_MASK
+        data[meta.bat_offset : meta.bat_offset + 4096] = bytes(4096)  # the BAT update never landed
+        path.write_bytes(bytes(data))
+        guid = os.urandom(16)
+        size = len(data)
+        first = qemu_style_entry(guid, 7, [(meta.bat_offset, bat_sector)], [], size)
+        second = qemu_style_entry(
+            guid, 8, [(block0 + 8192, b"\x7e" * 4096)], [(block0, 4096)], size
+        )
+        set_headers(path, log_guid=guid, log_version=0)
+        log_offset = headers(path)[0].log_offset
+        with path.open("r+b") as fh:
+            fh.seek(log_offset)
+            fh.write(first + second)
+        return path, path.read_bytes()
+
+    def test_replayed_like_qemu(self, tmp_path: Path, qemu_img: Run) -> None:
+        """virtkit reads a dirty file as qemu-img reads it after 'check -r all', file untouched."""
+        path, before = self._dirty(tmp_path, qemu_img)
+        proc = qemu_img("info", path, check=False)  # qemu-img will not read it read-only
         assert proc.returncode != 0 and "replay" in proc.stderr.lower()
+        copy = tmp_path / "copy.vhdx"
+        copy.write_bytes(before)
+        qemu_img("check", "-r", "all", copy, check=False)  # QEMU's own replay, into the copy
+        want = qemu_raw(qemu_img, copy, tmp_path / "ref.raw")
+        assert want[:4096] == bytes(4096) and want[4096:8192] == b"a" * 4096
+        assert want[8192:12288] == b"\x7e" * 4096
+        with virtkit.images.open(path) as img:
+            assert img.read(0, img.virtual_size) == want
+            assert img.check().ok
+        virtkit.images.convert(path, tmp_path / "out.qcow2")
+        qemu_img("compare", copy, tmp_path / "out.qcow2")
+        assert path.read_bytes() == before  # a read-only open wrote nothing
+
+    def test_bad_checksum_entry_ignored(self, tmp_path: Path, qemu_img: Run) -> None:
+        """An entry whose CRC fails is not part of any sequence: nothing is replayed."""
+        path, _ = self._dirty(tmp_path, qemu_img)
+        log_offset = headers(path)[0].log_offset
+        with path.open("r+b") as fh:  # damage the first entry's data sector
+            fh.seek(log_offset + 4096 + 100)
+            fh.write(b"\x00\x01")
+        with virtkit.images.open(path) as img:  # the second entry alone: zero + 0x7e, no BAT
+            assert img.read(0, 12288) == bytes(12288)
 
     def test_log_guid_without_entries_opens(self, tmp_path: Path, qemu_img: Run) -> None:
         """A log GUID with no valid entry behind it needs no replay."""
@@ -269,6 +309,15 @@ class TestLog:
         dirty_log(path, entries=False)
         with virtkit.images.open(path) as img:
             assert img.read(0, 4) == b"aaaa"
+
+    def test_too_large_log_refused(self, tmp_path: Path, qemu_img: Run) -> None:
+        """A dirty log too long to replay in memory is refused, naming the replay."""
+        path = _qemu_vhdx(qemu_img, tmp_path / "a.vhdx", "8M")
+        dirty_log(path)
+        set_headers(path, log_length=64 << 20)
+        with pytest.raises(virtkit.UnsupportedFeatureError, match="replay") as err:
+            virtkit.images.open(path)
+        assert err.value.feature == "vhdx log replay"
 
 
 class TestHostile:

@@ -66,3 +66,38 @@ def vdi_patch(path: Path, offset: int, code: str, value: int | bytes) -> None:
     with path.open("r+b") as fh:
         fh.seek(offset)
         fh.write(struct.pack(code, value))
+
+
+def qemu_style_entry(
+    log_guid: bytes,
+    sequence: int,
+    writes: list[tuple[int, bytes]],
+    zeros: list[tuple[int, int]],
+    file_size: int,
+) -> bytes:
+    """A log entry laid out as QEMU's vhdx_log_write does: header, descriptors, data sectors.
+
+    ``writes`` are ``(file offset, 4096 bytes)``, ``zeros`` ``(file offset, length)``.
+    """
+    count = len(writes) + len(zeros)
+    desc_sectors = -(-(count + 2) // 128)
+    length = (desc_sectors + len(writes)) * 4096
+    entry = bytearray(length)
+    L.LOG_HEADER.pack_into(entry, 0, L.LOG_SIGNATURE, 0, length, 0, sequence, count, 0,
+                           log_guid, file_size, file_size)  # fmt: skip
+    pos = L.LOG_HEADER.size
+    for offset, length_zero in zeros:
+        struct.pack_into("<4sIQQQ", entry, pos, b"zero", 0, length_zero, offset, sequence)
+        pos += 32
+    for i, (offset, data) in enumerate(writes):
+        assert len(data) == 4096
+        lead, trail = struct.unpack_from("<Q", data, 0)[0], struct.unpack_from("<I", data, 4092)[0]
+        struct.pack_into("<4sIQQQ", entry, pos, b"desc", trail, lead, offset, sequence)
+        pos += 32
+        sector = (desc_sectors + i) * 4096
+        entry[sector : sector + 4] = b"data"
+        struct.pack_into("<I", entry, sector + 4, sequence >> 32)
+        entry[sector + 8 : sector + 4092] = data[8:4092]
+        struct.pack_into("<I", entry, sector + 4092, sequence & 0xFFFFFFFF)
+    struct.pack_into("<I", entry, 4, crc32c(entry))
+    return bytes(entry)

@@ -28,7 +28,7 @@ from virtkit.images.base import CheckProblem, CheckResult, Extent, Image, ImageI
 from virtkit.images.qcow2 import chain
 from virtkit.images.storage import FileStorage, Storage
 from virtkit.images.vhdx import layout as L
-from virtkit.images.vhdx import metadata
+from virtkit.images.vhdx import log, metadata
 from virtkit.images.vhdx.mapping import Mapper
 from virtkit.images.vhdx.metadata import VhdxMeta
 
@@ -455,7 +455,7 @@ def open_image(
     allow_backing: tuple[str | os.PathLike[str], ...] = (),
     force_share: bool = False,
 ) -> VhdxImage:
-    """Open an existing VHDX file read-only (the driver's ``open`` without its checks).
+    """Open an existing VHDX file read-only, replaying a dirty log in memory.
 
     Raises:
         ImageError: the file (or its parent) cannot be opened or is not allowed.
@@ -464,8 +464,10 @@ def open_image(
     """
     st = FileStorage(path, writable=False, force_share=force_share)
     try:
+        header, _index = metadata.active_header(st)
+        view = log.replayed_view(st, header)
         return VhdxImage(
-            st, metadata.load(st), allow_backing=allow_backing, force_share=force_share
+            view, metadata.load(view), allow_backing=allow_backing, force_share=force_share
         )
     except VirtkitError:
         st.close()

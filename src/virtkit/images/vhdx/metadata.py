@@ -16,9 +16,9 @@ from virtkit.errors import CorruptImageError, UnsupportedFeatureError
 from virtkit.images.storage import Storage
 from virtkit.images.vhdx import layout as L
 from virtkit.images.vhdx.crc import crc32c
-from virtkit.images.vhdx.log import pending_log_entries
+from virtkit.images.vhdx.log import find_sequence
 
-__all__ = ["VhdxMeta", "load"]
+__all__ = ["VhdxMeta", "active_header", "load"]
 
 _KNOWN_ITEMS = {
     L.FILE_PARAMS_GUID: ("file parameters", 8),
@@ -72,7 +72,14 @@ def _valid_crc(block: bytes) -> bool:
     return crc32c(block[:4] + b"\0\0\0\0" + block[8:]) == stored
 
 
-def _headers(st: Storage) -> tuple[L.Header, int]:
+def active_header(st: Storage) -> tuple[L.Header, int]:
+    """The current header (the valid one with the highest sequence number) and its index.
+
+    Raises:
+        CorruptImageError: not a VHDX file, or no valid header.
+    """
+    if _read(st, 0, 8) != L.FILE_ID_SIGNATURE:
+        raise _corrupt(st.path, "no 'vhdxfile' signature", 0)
     found: list[tuple[L.Header, int, bytes]] = []
     for index, offset in enumerate((L.HEADER1_OFFSET, L.HEADER2_OFFSET)):
         block = _read(st, offset, L.HEADER_SIZE)
@@ -159,26 +166,22 @@ def load(st: Storage) -> VhdxMeta:
             log that must be replayed.
     """
     path = st.path
-    if _read(st, 0, 8) != L.FILE_ID_SIGNATURE:
-        raise _corrupt(path, "no 'vhdxfile' signature", 0)
     file_size = st.size()
-    header, header_index = _headers(st)
+    header, header_index = active_header(st)
     regions: list[tuple[int, int]] = [(0, L.HEADER_SECTION)]
     if header.log_length:
         if header.log_offset % L.MiB or header.log_length % L.MiB:
             raise _corrupt(path, "log region is not aligned to 1 MiB", header.log_offset)
         _add_region(path, regions, header.log_offset, header.log_length, "log")
-    if header.log_guid != L.NULL_GUID:
-        pending = pending_log_entries(st, header, file_size)
-        if pending:
-            raise UnsupportedFeatureError(
-                f"VHDX: the log holds {pending} entries that must be replayed (the file was not "
-                "closed cleanly); virtkit does not replay VHDX logs. Replay it with "
-                "'qemu-img check -r all' or by attaching the disk in Hyper-V, then retry",
-                feature="vhdx log replay",
-                path=path,
-                offset=header.log_offset,
-            )
+    if not getattr(st, "replayed", False) and find_sequence(st, header):
+        raise UnsupportedFeatureError(
+            "VHDX: the log holds entries that must be replayed (the file was not closed "
+            "cleanly); open it through virtkit.images.open, which replays them in memory, or "
+            "replay them into the file with 'qemu-img check -r all'",
+            feature="vhdx log replay",
+            path=path,
+            offset=header.log_offset,
+        )
     bat: L.RegionEntry | None = None
     meta: L.RegionEntry | None = None
     for entry in _region_table(st):
