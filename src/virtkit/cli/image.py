@@ -8,99 +8,29 @@ script can switch from ``qemu-img`` to ``virtkit image`` (and back).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from virtkit import images
-from virtkit.cli.chain import MapEntry, compare_images, map_chain, open_chain
+from virtkit.cli import image_tools
+from virtkit.cli.chain import open_chain
+from virtkit.cli.options import (
+    OPTIONS,
+    PROGRESS,
+    QUIET,
+    SHARE,
+    as_format,
+    check_parent,
+    fmt_option,
+    parse_options,
+)
 from virtkit.cli.output import OUTPUT, emit_json, error, human_bool, human_size
 from virtkit.cli.progress import progress_bar
-from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError, VirtkitError
+from virtkit.errors import ConfigError, UnsupportedFeatureError
 
 __all__ = ["image", "parse_options"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _f(fmt: str | None) -> Any:
-    """A format name from the command line; virtkit.images checks it (and names the choices)."""
-    return fmt
-
-
-#: -o options that are switches: on/off (or true/false), nothing else.
-_SWITCHES = ("lazy_refcounts", "extended_l2")
-#: qemu-img's -o spelling -> virtkit.images keyword
-_OPTION_NAMES = {"backing_file": "backing", "backing_fmt": "backing_format"}
-_INT_OPTIONS = ("refcount_bits",)
-
-
-def parse_options(values: tuple[str, ...]) -> dict[str, Any]:
-    """Turn qemu-img ``-o a=b,c=d`` (repeatable) into keyword arguments.
-
-    Raises:
-        ConfigError: an item is not ``key=value`` or a switch is not on/off.
-    """
-    out: dict[str, Any] = {}
-    for value in values:
-        for pair in value.split(","):
-            if not pair:
-                continue
-            key, sep, raw = pair.partition("=")
-            name = key.strip().replace("-", "_")
-            if not sep or not name:
-                raise ConfigError(f"-o expects key=value (got {pair!r})", field="-o")
-            lowered = raw.lower()
-            if name in _SWITCHES:
-                if lowered not in ("on", "off", "true", "false"):
-                    raise ConfigError(f"-o {key} takes on or off (got {raw!r})", field=key)
-                out[name] = lowered in ("on", "true")
-                continue
-            if name in _INT_OPTIONS:
-                if not raw.isdigit():
-                    raise ConfigError(f"-o {key} takes a number (got {raw!r})", field=key)
-                out[name] = int(raw)
-                continue
-            out[_OPTION_NAMES.get(name, name)] = raw
-    return out
-
-
-def _fmt_option(
-    help_text: str = "Image format (probed from the file when omitted).",
-) -> Callable[[F], F]:
-    return click.option("-f", "fmt", metavar="FMT", default=None, help=help_text)
-
-
-_SHARE = click.option(
-    "-U",
-    "--force-share",
-    "force_share",
-    is_flag=True,
-    help="Open the image even if another process (a running VM) holds it.",
-)
-_QUIET = click.option("-q", "quiet", is_flag=True, help="Print nothing but errors.")
-_PROGRESS = click.option(
-    "-p", "progress", is_flag=True, help="Show a progress bar (on a terminal, on stderr)."
-)
-_OPTIONS = click.option(
-    "-o",
-    "options",
-    metavar="KEY=VALUE[,...]",
-    multiple=True,
-    help="Format options, as qemu-img -o (cluster_size, compat, refcount_bits, "
-    "lazy_refcounts, extended_l2, preallocation, compression_type, backing_file...).",
-)
-
-
-def _check_parent(path: str, what: str) -> None:
-    """Refuse early when ``path``'s folder is missing, naming ``path`` (not a temp file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ImageError(f"cannot create {what}: the folder {folder} does not exist", path=path)
 
 
 def _local_time(value: Any) -> str:
@@ -202,8 +132,8 @@ def image() -> None:
 
 
 @image.command()
-@_fmt_option()
-@_SHARE
+@fmt_option()
+@SHARE
 @OUTPUT
 @click.option("--json", "as_json", is_flag=True, help="Same as --output=json.")
 @click.option("--backing-chain", is_flag=True, help="Show every image of the backing chain.")
@@ -233,8 +163,8 @@ def info(
 @click.option("-f", "fmt", metavar="FMT", default="raw", show_default=True, help="Image format.")
 @click.option("-b", "backing", metavar="FILE", help="Backing file (stored as given).")
 @click.option("-F", "backing_fmt", metavar="FMT", help="Backing file format.")
-@_OPTIONS
-@_QUIET
+@OPTIONS
+@QUIET
 @click.argument("filename")
 @click.argument("size", required=False)
 def create(
@@ -256,13 +186,18 @@ def create(
         opts.pop("size", None)
     backing = backing if backing is not None else opts.pop("backing", None)
     backing_fmt = backing_fmt if backing_fmt is not None else opts.pop("backing_format", None)
-    _check_parent(filename, "the image")
+    check_parent(filename, "the image")
     if backing and backing_fmt is None:  # "" is left for images.create to refuse
         folder = os.path.dirname(os.path.abspath(filename))
         probe = backing if os.path.isabs(backing) else os.path.join(folder, backing)
         backing_fmt = images.probe_format(probe)
     created = images.create(
-        filename, size, _f(fmt), backing=backing, backing_format=_f(backing_fmt), **opts
+        filename,
+        size,
+        as_format(fmt),
+        backing=backing,
+        backing_format=as_format(backing_fmt),
+        **opts,
     )
     try:
         virtual = created.virtual_size
@@ -296,10 +231,10 @@ def _check_json(result: images.CheckResult, filename: str, fmt: str) -> dict[str
 
 
 @image.command()
-@_fmt_option()
-@_SHARE
+@fmt_option()
+@SHARE
 @OUTPUT
-@_QUIET
+@QUIET
 @click.option(
     "-r",
     "repair",
@@ -326,7 +261,7 @@ def check(
     fix = repair is not None or repair_all
     if fix and force_share:
         raise ConfigError("-r cannot be used with -U (repairing needs the image to itself)")
-    with images.open(filename, writable=fix, format=_f(fmt), force_share=force_share) as img:
+    with images.open(filename, writable=fix, format=as_format(fmt), force_share=force_share) as img:
         if img.format == "raw":
             error("this image format (raw) does not support checks")
             return 63
@@ -382,7 +317,7 @@ def _print_check(result: images.CheckResult, corrupt: int, leaks: int) -> None:
 
 
 @image.command()
-@_fmt_option("Source format (probed when omitted).")
+@fmt_option("Source format (probed when omitted).")
 @click.option(
     "-O", "out_fmt", metavar="FMT", default="raw", show_default=True, help="Output format."
 )
@@ -394,10 +329,10 @@ def _print_check(result: images.CheckResult, corrupt: int, leaks: int) -> None:
     help="Backing file of the output (only differences are written).",
 )
 @click.option("-F", "backing_fmt", metavar="FMT", help="Format of the -B backing file.")
-@_OPTIONS
-@_SHARE
-@_PROGRESS
-@_QUIET
+@OPTIONS
+@SHARE
+@PROGRESS
+@QUIET
 @click.argument("src")
 @click.argument("dst")
 def convert(
@@ -431,7 +366,7 @@ def convert(
                 else os.path.join(os.path.dirname(os.path.abspath(dst)), backing)
             )
         )
-    _check_parent(dst, "the output image")
+    check_parent(dst, "the output image")
     with progress_bar("convert", enabled=progress and not quiet) as bar:
         images.convert(
             src,
@@ -439,7 +374,7 @@ def convert(
             format=out_fmt,
             compress=compress,
             progress=bar,
-            src_format=_f(fmt),
+            src_format=as_format(fmt),
             force_share=force_share,
             **opts,
         )
@@ -447,9 +382,9 @@ def convert(
 
 
 @image.command()
-@_fmt_option()
-@_SHARE
-@_QUIET
+@fmt_option()
+@SHARE
+@QUIET
 @click.option("-l", "do_list", is_flag=True, help="List the snapshots.")
 @click.option("-c", "create_name", metavar="NAME", help="Create snapshot NAME.")
 @click.option("-a", "apply_name", metavar="NAME", help="Revert the disk to snapshot NAME.")
@@ -471,7 +406,7 @@ def snapshot(
         raise click.UsageError("give exactly one of -l, -c NAME, -a NAME, -d NAME")
     writable = not do_list
     with images.open(
-        filename, writable=writable, format=_f(fmt), force_share=force_share and not writable
+        filename, writable=writable, format=as_format(fmt), force_share=force_share and not writable
     ) as img:
         if do_list:
             if img.snapshots and not quiet:
@@ -489,11 +424,11 @@ def snapshot(
 
 
 @image.command(context_settings={"ignore_unknown_options": True})
-@_fmt_option()
+@fmt_option()
 @click.option(
     "--shrink", is_flag=True, help="Allow making the image smaller (data past the end is lost)."
 )
-@_QUIET
+@QUIET
 @click.argument("filename")
 @click.argument("size")
 def resize(fmt: str | None, shrink: bool, quiet: bool, filename: str, size: str) -> int:
@@ -503,7 +438,7 @@ def resize(fmt: str | None, shrink: bool, quiet: bool, filename: str, size: str)
     """
     from virtkit.units import parse_size  # noqa: PLC0415 - only this command needs it
 
-    with images.open(filename, writable=True, format=_f(fmt)) as img:
+    with images.open(filename, writable=True, format=as_format(fmt)) as img:
         if size[:1] in "+-" and size[:1]:
             delta = parse_size(size[1:], field="size")
             new = img.virtual_size + delta if size[0] == "+" else img.virtual_size - delta
@@ -524,7 +459,7 @@ def resize(fmt: str | None, shrink: bool, quiet: bool, filename: str, size: str)
 
 
 @image.command()
-@_fmt_option()
+@fmt_option()
 @click.option(
     "-b", "backing", metavar="FILE", required=True, help='The new backing file ("" for none).'
 )
@@ -532,8 +467,8 @@ def resize(fmt: str | None, shrink: bool, quiet: bool, filename: str, size: str)
 @click.option(
     "-u", "unsafe", is_flag=True, help="Only rewrite the header (the file was moved or renamed)."
 )
-@_PROGRESS
-@_QUIET
+@PROGRESS
+@QUIET
 @click.argument("filename")
 def rebase(
     fmt: str | None,
@@ -553,17 +488,17 @@ def rebase(
             f"{fmt} images have no backing file to rebase", feature="rebase"
         )
     with progress_bar("rebase", enabled=progress and not quiet) as bar:
-        images.rebase(filename, backing or None, _f(backing_fmt), unsafe, progress=bar)
+        images.rebase(filename, backing or None, as_format(backing_fmt), unsafe, progress=bar)
     return 0
 
 
 @image.command()
-@_fmt_option()
+@fmt_option()
 @click.option(
     "-d", "drop", is_flag=True, help="Delete the overlay afterwards instead of emptying it."
 )
-@_PROGRESS
-@_QUIET
+@PROGRESS
+@QUIET
 @click.argument("filename")
 def commit(fmt: str | None, drop: bool, progress: bool, quiet: bool, filename: str) -> int:
     """Write an overlay into its backing file (qemu-img commit)."""
@@ -577,11 +512,11 @@ def commit(fmt: str | None, drop: bool, progress: bool, quiet: bool, filename: s
 
 
 @image.command()
-@_fmt_option("Source format (probed when omitted).")
+@fmt_option("Source format (probed when omitted).")
 @click.option(
     "-O", "out_fmt", metavar="FMT", default="raw", show_default=True, help="Target format."
 )
-@_OPTIONS
+@OPTIONS
 @click.option("--size", metavar="SIZE", help="Measure a new empty image of SIZE instead of a file.")
 @OUTPUT
 @click.argument("filename", required=False)
@@ -600,7 +535,7 @@ def measure(
     if (filename is None) == (size is None):
         raise click.UsageError("give either an image file or --size, not both")
     opts = parse_options(options)
-    result = images.measure(filename, out_fmt, size=size, src_format=_f(fmt), **opts)
+    result = images.measure(filename, out_fmt, size=size, src_format=as_format(fmt), **opts)
     if output == "json":
         emit_json(result)
         return 0
@@ -611,298 +546,5 @@ def measure(
     return 0
 
 
-@image.command()
-@click.option("-f", "fmt1", metavar="FMT", help="Format of the first image.")
-@click.option("-F", "fmt2", metavar="FMT", help="Format of the second image.")
-@click.option(
-    "-s", "strict", is_flag=True, help="Strict: a size or allocation difference is a difference."
-)
-@_SHARE
-@_PROGRESS
-@_QUIET
-@click.argument("filename1")
-@click.argument("filename2")
-def compare(
-    fmt1: str | None,
-    fmt2: str | None,
-    strict: bool,
-    force_share: bool,
-    progress: bool,
-    quiet: bool,
-    filename1: str,
-    filename2: str,
-) -> int:
-    """Compare what two images show the guest (qemu-img compare).
-
-    Exit status: 0 identical, 1 they differ, 2 an error (cannot open, I/O).
-    """
-    try:
-        with progress_bar("compare", enabled=progress and not quiet) as bar:
-            verdict = compare_images(
-                filename1, filename2, fmt1=fmt1, fmt2=fmt2, strict=strict,
-                force_share=force_share, progress=bar,
-            )  # fmt: skip
-    except VirtkitError as exc:
-        error(str(exc))
-        return 2
-    if not quiet:
-        for line in verdict.messages:
-            click.echo(line)
-    return 0 if verdict.same else 1
-
-
-def _map_json(entries: list[MapEntry]) -> str:
-    rows = []
-    for e in entries:
-        parts = [
-            f'"start": {e.start}',
-            f'"length": {e.length}',
-            f'"depth": {e.depth}',
-            f'"present": {human_bool(e.present)}',
-            f'"zero": {human_bool(e.zero)}',
-            f'"data": {human_bool(e.data)}',
-        ]
-        if e.offset is not None:
-            parts.append(f'"offset": {e.offset}')
-        rows.append("{ " + ", ".join(parts) + "}")
-    return "[" + ",\n".join(rows) + "]"
-
-
-@image.command(name="map")
-@_fmt_option()
-@_SHARE
-@OUTPUT
-@click.option("--start-offset", default="0", metavar="OFFSET", help="Start at this guest offset.")
-@click.option("--max-length", default=None, metavar="LENGTH", help="Map at most this many bytes.")
-@click.argument("filename")
-def map_(
-    fmt: str | None,
-    force_share: bool,
-    output: str,
-    start_offset: str,
-    max_length: str | None,
-    filename: str,
-) -> int:
-    """Show where each range of the disk lives (qemu-img map).
-
-    JSON entries carry start, length, depth, present, zero, data as qemu-img
-    prints them; ``offset`` (the host offset) is given for raw layers only.
-    """
-    from virtkit.units import parse_size  # noqa: PLC0415
-
-    start = parse_size(start_offset, field="--start-offset")
-    limit = None if max_length is None else parse_size(max_length, field="--max-length")
-    with open_chain(filename, fmt=fmt, force_share=force_share, whole=True) as chain:
-        entries = map_chain(chain, start, limit)
-        names = [layer.path for layer in chain]
-    if output == "json":
-        click.echo(_map_json(entries))
-        return 0
-    click.echo(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
-    for e in entries:
-        if e.data:
-            mapped = "-" if e.offset is None else hex(e.offset)
-            click.echo(f"{_hex(e.start):<16}{_hex(e.length):<16}{mapped:<16}{names[e.depth]}")
-    return 0
-
-
-def _hex(value: int) -> str:
-    return "0" if value == 0 else hex(value)
-
-
-@image.command()
-@_fmt_option()
-@_OPTIONS
-@_PROGRESS
-@_QUIET
-@click.option("--force", is_flag=True, help="Accepted for qemu-img compatibility.")
-@click.argument("filename")
-def amend(
-    fmt: str | None,
-    options: tuple[str, ...],
-    progress: bool,
-    quiet: bool,
-    force: bool,
-    filename: str,
-) -> int:
-    """Change options of an existing image (qemu-img amend).
-
-    Supported: ``size`` and ``backing_file``/``backing_fmt`` (header only, as
-    qemu-img). Other options (compat, refcount_bits, lazy_refcounts...) are
-    refused with an error: virtkit.images cannot rewrite them in place.
-    """
-    del progress, quiet, force
-    opts = parse_options(options)
-    if not opts:
-        raise click.UsageError("amend needs -o KEY=VALUE options")
-    unknown = sorted(set(opts) - {"size", "backing", "backing_format"})
-    if unknown:
-        raise UnsupportedFeatureError(
-            f"amend cannot change {', '.join(unknown)}: virtkit can change only size, "
-            "backing_file and backing_fmt of an existing image",
-            feature=f"amend {unknown[0]}",
-        )
-    if "backing" in opts or "backing_format" in opts:
-        with images.open(filename, format=_f(fmt), force_share=True) as img:
-            current = img.backing_file
-        backing = opts.get("backing", current)
-        images.rebase(filename, backing or None, _f(opts.get("backing_format")), unsafe=True)
-    if "size" in opts:
-        with images.open(filename, writable=True, format=_f(fmt)) as img:
-            img.resize(opts["size"])
-    return 0
-
-
-def _dd_operands(operands: tuple[str, ...]) -> dict[str, str]:
-    known = ("if", "of", "bs", "count", "skip")
-    out: dict[str, str] = {}
-    for item in operands:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise click.UsageError(f"unknown dd operand {item!r} (known: {', '.join(known)})")
-        out[key] = value
-    for needed in ("if", "of"):
-        if needed not in out:
-            raise click.UsageError(f"dd needs {needed}=FILE")
-    return out
-
-
-def _temp_next_to(path: str) -> str:
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.virtkit-{secrets.token_hex(4)}.tmp")
-
-
-@contextlib.contextmanager
-def _replacing(dst: str) -> Iterator[str]:
-    """Yield a temp path next to ``dst``; rename it over ``dst`` on success, delete it otherwise."""
-    _check_parent(dst, "the output image")
-    tmp = _temp_next_to(dst)
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@image.command()
-@_fmt_option("Input format (probed when omitted).")
-@click.option(
-    "-O", "out_fmt", metavar="FMT", default="raw", show_default=True, help="Output format."
-)
-@_SHARE
-@_PROGRESS
-@click.argument("operands", nargs=-1, required=True)
-def dd(
-    fmt: str | None, out_fmt: str, force_share: bool, progress: bool, operands: tuple[str, ...]
-) -> int:
-    """Copy part of an image, dd style (qemu-img dd).
-
-    Operands: if=IN of=OUT [bs=N] [count=N] [skip=N].
-
-    As qemu-img, the output holds min(count*bs, input size) - skip*bs bytes
-    starting at input offset skip*bs. OUT is replaced atomically.
-    """
-    from virtkit.units import parse_size  # noqa: PLC0415
-
-    ops = _dd_operands(operands)
-    bs = parse_size(ops.get("bs", "512"), field="bs")
-    if bs <= 0:
-        raise ConfigError("bs must be at least 1 byte", field="bs")
-    with images.open(ops["if"], format=_f(fmt), force_share=force_share) as src:
-        size = src.virtual_size
-        if "count" in ops:
-            size = min(size, parse_size(ops["count"], field="count") * bs)
-        skip = parse_size(ops["skip"], field="skip") * bs if "skip" in ops else 0
-        if skip > size:
-            raise ConfigError(f"skip={ops['skip']} is past the end of the input", field="skip")
-        size -= skip
-        with _replacing(ops["of"]) as tmp, progress_bar("dd", enabled=progress) as bar:
-            out = images.create(tmp, size, _f(out_fmt))
-            try:
-                _copy_range(src, out, skip, size, bar)
-            finally:
-                out.close()
-    return 0
-
-
-def _copy_range(src: images.Image, out: images.Image, skip: int, size: int, bar: Any) -> None:
-    chunk = 1 << 20
-    for ext in list(src.block_status(skip, size)):
-        if ext.kind != "data":
-            continue
-        pos = ext.start
-        end = ext.start + ext.length
-        while pos < end:
-            n = min(chunk, end - pos)
-            data = src.read(pos, n)
-            if data.count(0) != len(data):
-                out.write(pos - skip, data)
-            pos += n
-            bar(pos - skip, size)
-    bar(size, size)
-
-
-@image.command()
-@_fmt_option()
-@click.option("--add", "add", is_flag=True, help="Add BITMAP (empty).")
-@click.option("--remove", "remove", is_flag=True, help="Remove BITMAP.")
-@click.option("--clear", "clear", is_flag=True, help="Clear every bit of BITMAP.")
-@click.option("--enable", "enable", is_flag=True, help="Make BITMAP record writes.")
-@click.option("--disable", "disable", is_flag=True, help="Stop BITMAP recording writes.")
-@click.option("--merge", "merge", metavar="SOURCE", help="Set in BITMAP every bit of SOURCE.")
-@click.option("-b", "source_file", metavar="FILE", help="Image holding the --merge source.")
-@click.option("-F", "source_fmt", metavar="FMT", help="Format of the -b image.")
-@click.option("-g", "granularity", metavar="SIZE", help="Granularity of an --add'ed bitmap.")
-@click.argument("filename")
-@click.argument("bitmap")
-def bitmap(
-    fmt: str | None,
-    add: bool,
-    remove: bool,
-    clear: bool,
-    enable: bool,
-    disable: bool,
-    merge: str | None,
-    source_file: str | None,
-    source_fmt: str | None,
-    granularity: str | None,
-    filename: str,
-    bitmap: str,
-) -> int:
-    """Edit persistent dirty bitmaps (qemu-img bitmap).
-
-    Several actions may be given; they run in this order: --add, --merge,
-    --clear, --enable, --disable, --remove.
-    """
-    if not (add or remove or clear or enable or disable or merge is not None):
-        raise click.UsageError(
-            "give at least one of --add --remove --clear --enable --disable --merge"
-        )
-    if enable and disable:
-        raise click.UsageError("--enable and --disable contradict each other")
-    if granularity is not None and not add:
-        raise click.UsageError("-g only applies to --add")
-    if source_file is not None and merge is None:
-        raise click.UsageError("-b only applies to --merge")
-    with images.open(filename, writable=True, format=_f(fmt)) as img:
-        if add:
-            img.add_bitmap(bitmap, granularity=granularity)
-        if merge is not None:
-            source: Any = None
-            if source_file is not None:
-                source = images.open(source_file, format=_f(source_fmt), force_share=True)
-            try:
-                img.merge_bitmap(merge, bitmap, source_image=source)
-            finally:
-                if source is not None:
-                    source.close()
-        if clear:
-            img.clear_bitmap(bitmap)
-        if enable:
-            img.enable_bitmap(bitmap)
-        if disable:
-            img.disable_bitmap(bitmap)
-        if remove:
-            img.remove_bitmap(bitmap)
-    return 0
+for _command in image_tools.COMMANDS:
+    image.add_command(_command)
