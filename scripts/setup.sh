@@ -13,6 +13,9 @@ command -v nasm >/dev/null || need_apt+=(nasm)
 command -v cpio >/dev/null || need_apt+=(cpio)
 command -v tmux >/dev/null || need_apt+=(tmux)  # the interactive console test
 [ -d /usr/share/OVMF ] || need_apt+=(ovmf)
+# independent VMDK/VHD readers (libyal, following VMware's and Microsoft's specs) for the format tests
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import pyvmdk, pyvhdi' 2>/dev/null ||
+    need_apt+=(python3 python3-libvmdk python3-libvhdi)
 # the libvirt backend: daemon, virsh, and what building libvirt-python needs; sshd for remote tests
 for pkg in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc tini \
     openssh-server iproute2; do

@@ -3,6 +3,7 @@ checked against qemu-img 7.2 (bytes, info, map, compare, check)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -227,6 +228,32 @@ class TestParents:
                 img.read(0, 4096)
 
 
+_LIBYAL = """
+import hashlib, sys
+import pyvmdk, pyvhdi
+if sys.argv[1] == "pyvmdk":
+    h = pyvmdk.handle(); h.open(sys.argv[2]); h.open_extent_data_files()
+else:
+    h = pyvhdi.file(); h.open(sys.argv[2])
+size = h.get_media_size()
+digest = hashlib.sha256()
+pos = 0
+while pos < size:
+    chunk = h.read_buffer(min(1 << 22, size - pos))
+    digest.update(chunk)
+    pos += len(chunk)
+print(size, digest.hexdigest())
+"""
+
+
+def _libyal(module: str, path: Path) -> tuple[int, str]:
+    """Media size and SHA-256 of ``path`` as libyal's reader (Debian's python3-lib*) sees it."""
+    proc = subprocess.run(["/usr/bin/python3", "-c", _LIBYAL, module, str(path)],
+                          capture_output=True, text=True, check=True, timeout=300)  # fmt: skip
+    size, digest = proc.stdout.split()
+    return int(size), digest
+
+
 def _descriptor(*lines: str, create_type: str = "monolithicFlat", extra: str = "") -> str:
     body = "".join(f"{line}\n" for line in lines)
     return (
@@ -403,6 +430,21 @@ class TestStreamWrite:
         assert gd_marker[2] == layout.MARKER_GD
         with virtkit.images.open(dst) as img:
             assert img.read(size // 3, 100 * KiB) == b"\x63" * (100 * KiB)
+
+    def test_libvmdk_reads_ours(self, tmp_path: Path) -> None:
+        """libyal's libvmdk (VMware's spec, not QEMU's code) reads our stream byte for byte,
+        including a grain table left out because its 32 MiB hold no data."""
+        size = 100 * MiB
+        src = tmp_path / "src.raw"
+        with open(src, "wb") as fh:
+            fh.truncate(size)
+        _qemu_io(src, "raw", "write -P 0x31 0 1M", "write -P 0x32 33M 64k",
+                 f"write -P 0x33 {size - 4096} 4k")  # fmt: skip
+        dst = tmp_path / "out.vmdk"
+        virtkit.images.convert(src, dst, format="vmdk", src_format="raw")
+        assert _libyal("pyvmdk", dst) == (size, hashlib.sha256(src.read_bytes()).hexdigest())
+        info = subprocess.run(["vmdkinfo", str(dst)], capture_output=True, text=True, check=True)
+        assert "Stream optimized" in info.stdout
 
     def test_from_vmdk_and_empty(self, qemu_img: Run, tmp_path: Path) -> None:
         """vmdk -> vmdk works; an all-zero disk gives a small stream with no grains."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Callable
@@ -195,6 +196,28 @@ class TestFixedWrite:
         with virtkit.images.open(azure, format="vpc") as img:
             assert img.read(23 * MiB, 4096) == b"\x5d" * 4096
 
+    @pytest.mark.parametrize("force_size", [False, True])
+    def test_libvhdi_reads_ours(self, force_size: bool, qemu_img: Run, tmp_path: Path) -> None:
+        """libyal's libvhdi (Microsoft's spec, not QEMU's code) reads our fixed VHD byte for byte."""
+        src = _pattern_raw(tmp_path / "src.raw", 12 * MiB)
+        dst = tmp_path / "out.vhd"
+        virtkit.images.convert(src, dst, format="vpc", subformat="fixed", force_size=force_size,
+                               src_format="raw")  # fmt: skip
+        with virtkit.images.open(dst, format="vpc") as img:
+            size = img.virtual_size
+        assert size == 12 * MiB if force_size else size > 12 * MiB
+        expected = src.read_bytes() + bytes(size - 12 * MiB)
+        assert _libyal_vhd(dst) == (size, hashlib.sha256(expected).hexdigest())
+
+    def test_libvhdi_reads_dynamic_like_us(self, qemu_img: Run, tmp_path: Path) -> None:
+        """A dynamic VHD made by qemu-img: libvhdi and virtkit read the same bytes."""
+        src = _pattern_raw(tmp_path / "src.raw", 7 * MiB)
+        image = tmp_path / "d.vhd"
+        qemu_img("convert", "-f", "raw", "-O", "vpc", src, image)
+        with virtkit.images.open(image) as img:
+            ours = hashlib.sha256(img.read(0, img.virtual_size)).hexdigest()
+            assert _libyal_vhd(image) == (img.virtual_size, ours)
+
     def test_bad_options(self, tmp_path: Path) -> None:
         """Dynamic output, odd sizes and unknown options are refused with no file left."""
         for kwargs, error in (
@@ -221,6 +244,24 @@ class TestFixedWrite:
         assert layout.footer_checksum_ok(path.read_bytes()[-512:])
         with virtkit.images.open(path, format="vpc") as img:
             assert img.read(2 * MiB - 4, 4) == b"\xee" * 4
+
+
+_LIBVHDI = """
+import hashlib, sys
+import pyvhdi
+f = pyvhdi.file()
+f.open(sys.argv[1])
+size = f.get_media_size()
+print(size, hashlib.sha256(f.read_buffer(size) if size else b"").hexdigest())
+"""
+
+
+def _libyal_vhd(path: Path) -> tuple[int, str]:
+    """Media size and SHA-256 of a VHD as libyal's libvhdi (Debian's python3-libvhdi) reads it."""
+    proc = subprocess.run(["/usr/bin/python3", "-c", _LIBVHDI, str(path)],
+                          capture_output=True, text=True, check=True, timeout=300)  # fmt: skip
+    size, digest = proc.stdout.split()
+    return int(size), digest
 
 
 def _tail(path: Path) -> bytes:
