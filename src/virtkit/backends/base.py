@@ -521,7 +521,7 @@ class Guest(FolderMixin, PortsMixin, DevicesMixin, ReadinessMixin, abc.ABC):
             self.files()  # backing chains still inside the allowed places
             fit_disk_sizes(self.machine, self.folder)
             self._assign_ports()
-            self.console.open()
+            self.console.open(hold_input=True)
             try:
                 self._do_start()
             except BaseException:

@@ -14,6 +14,7 @@ from the previous match, without copying it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import threading
@@ -24,7 +25,7 @@ from typing import Any, overload
 
 from virtkit.backends.aio_guest import refuse_in_loop
 from virtkit.backends.escapes import EscapeStripper
-from virtkit.errors import ConfigError, StateError, TimeoutError
+from virtkit.errors import ConfigError, StateError, TimeoutError, VirtkitError
 from virtkit.images.args import check_bool, check_timeout
 
 __all__ = ["Console"]
@@ -64,6 +65,7 @@ class Console:
         self._clean = bytearray()  # the output without escape sequences, once asked for
         self._cond = threading.Condition()
         self._closed: str | None = "the guest is not running"
+        self._held: bytearray | None = None  # input queued until the guest first prints
         self._log = open(log_path, "ab", buffering=0) if log_path is not None else None  # noqa: SIM115
         self.strip_escapes = False
         self.before = b""
@@ -83,11 +85,37 @@ class Console:
             if self._log is not None:
                 self._log.write(data)
             self._cond.notify_all()
+        if self._held is not None:
+            self.release_input()  # the guest printed: its serial port is set up
 
-    def open(self) -> None:
-        """Mark the console live (the guest started)."""
+    def release_input(self) -> None:
+        """Send the input held since the guest started (see :meth:`open`) now.
+
+        Backends call it when the guest first prints or reads its serial
+        port; call it yourself for a guest that reads input without ever
+        printing on a backend that cannot see it read (QEMU).
+        """
+        with self._cond:
+            held, self._held = self._held, None
+            writer = self._writer
+        if held and writer is not None:
+            with contextlib.suppress(VirtkitError, OSError):
+                writer(bytes(held))
+
+    def open(self, *, hold_input: bool = False) -> None:
+        """Mark the console live (the guest started).
+
+        Args:
+            hold_input: queue what is written until the guest prints its
+                first byte (or the backend sees it read its serial port), then
+                send it. A guest that sets up its serial port resets the
+                port's receive FIFO, which would drop input typed before (on a
+                real 16550 and on QEMU's alike); a freshly booted guest has
+                set its port up by the time it prints.
+        """
         with self._cond:
             self._closed = None
+            self._held = bytearray() if hold_input else None
             self._cond.notify_all()
 
     def close(self, reason: str) -> None:
@@ -95,6 +123,7 @@ class Console:
         match what is already buffered raise ``StateError(reason)``."""
         with self._cond:
             self._closed = reason
+            self._held = None
             self._cond.notify_all()
 
     def set_writer(self, writer: Callable[[bytes], None] | None) -> None:
@@ -130,6 +159,9 @@ class Console:
             )
         with self._cond:
             writer, closed = self._writer, self._closed
+            if closed is None and writer is not None and self._held is not None:
+                self._held += data  # sent when the guest first prints (see open())
+                return
         if writer is None or closed is not None:
             raise StateError(f"cannot write to the console: {closed or 'no input'}")
         writer(bytes(data))

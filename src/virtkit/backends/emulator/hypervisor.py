@@ -212,6 +212,8 @@ class EmulatorGuest(Guest):
             on_crash=self._notify_crash,
         )
         self.console.set_writer(pc.send_input)
+        # input typed before the guest looks for it waits in the console (see Console.open)
+        pc.uart.input_wanted = self.console.release_input
         return pc
 
     def _on_state(self, old: State, new: State) -> None:

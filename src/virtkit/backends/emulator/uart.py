@@ -55,6 +55,8 @@ class Uart16550:
         self._output = output
         self._lock = threading.Lock()
         self._rx: deque[int] = deque()
+        #: called (once, then cleared) the first time the guest looks for input
+        self.input_wanted: Callable[[], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -74,18 +76,27 @@ class Uart16550:
             room = FIFO_LIMIT - len(self._rx)
             self._rx.extend(data[: max(room, 0)])
 
+    def _wanted(self) -> None:
+        """The guest is looking for input: tell the console once (outside our lock)."""
+        hook, self.input_wanted = self.input_wanted, None
+        if hook is not None:
+            hook()
+
     def has_input(self) -> bool:
         """Whether received bytes are waiting."""
+        self._wanted()
         with self._lock:
             return bool(self._rx)
 
     def peek_input(self) -> int | None:
         """The next received byte, left in the queue."""
+        self._wanted()
         with self._lock:
             return self._rx[0] if self._rx else None
 
     def pop_input(self) -> int | None:
         """Take the next received byte (the BIOS keyboard shares this queue)."""
+        self._wanted()
         with self._lock:
             return self._rx.popleft() if self._rx else None
 
