@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
+import tracemalloc
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -436,6 +438,35 @@ class TestBitmapCommands:
             with pytest.raises(ConfigError, match="larger granularity"):
                 img.add_bitmap("b", granularity=512)
             assert img.add_bitmap("b", granularity="1M").granularity == MiB
+
+
+class TestBounds:
+    """Bitmap data in memory follows what the file holds, not the disk size."""
+
+    def test_all_ones_bitmap_of_a_huge_disk(self, tmp_path: Path, qemu_img: Run) -> None:
+        """512 MiB of set bits (QEMU's limit), all as all-ones table entries: small and quick."""
+        path = _image(qemu_img, tmp_path / "h.qcow2", options="")
+        qemu_img("resize", path, "2T")
+        qemu_img("bitmap", "--add", "-g", "512", path, "fine")
+        raw = bytearray(path.read_bytes())
+        at = raw.find(bytes.fromhex("23852875"), 0, 65536)
+        doff = struct.unpack_from(">Q", raw, at + 24)[0]
+        toff, tsize = struct.unpack_from(">QI", raw, doff)
+        assert tsize == 8192
+        struct.pack_into(f">{tsize}Q", raw, toff, *([1] * tsize))  # every cluster: all ones
+        path.write_bytes(raw)
+        tracemalloc.start()
+        try:
+            with images.open(path) as img:
+                (info,) = img.bitmaps()
+                extents = img.bitmap_extents("fine")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert extents == [(0, 2 << 40)] and info.count == 2 << 40
+        assert peak < 32 << 20, f"peak {peak} bytes"
+        view = qemu_view(path, ["fine"])
+        assert view["fine"]["count"] == 2 << 40
 
 
 # --- resize and snapshots ----------------------------------------------------------------------

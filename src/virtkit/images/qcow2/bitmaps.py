@@ -226,7 +226,9 @@ class Tracker:
         size = self.img.virtual_size
         out: list[tuple[int, int]] = []
         for i in sorted(chunks):
-            for first, count in runs(chunks[i]):
+            buf = chunks[i]
+            spans = [(0, per)] if buf is self.full else runs(buf)
+            for first, count in spans:
                 start = (i * per + first) * gran
                 length = min(count * gran, size - start)
                 if length <= 0:
@@ -373,7 +375,11 @@ class Tracker:
     def info(self, bm: _Bitmap) -> BitmapInfo:
         count = 0
         if not bm.inconsistent:
-            bits = sum(int.from_bytes(c, "little").bit_count() for c in self.load(bm).values())
+            per = self.img.cs * 8
+            bits = sum(
+                per if c is self.full else int.from_bytes(c, "little").bit_count()
+                for c in self.load(bm).values()
+            )
             count = bits * bm.granularity  # QEMU's count: whole granules, the last one too
         return BitmapInfo(
             name=bm.name,
