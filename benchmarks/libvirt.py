@@ -55,6 +55,10 @@ def virsh(*args: str) -> str:
     return proc.stdout
 
 
+def destroy(name: str) -> None:
+    subprocess.run(["virsh", "-q", "-c", URI, "destroy", name], capture_output=True, check=False)
+
+
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
@@ -119,7 +123,7 @@ def bench_first_line(work: Path) -> tuple[float, float]:
             virsh("start", "--paused", name)
             virsh_console_until(name, FIRST_LINE, lambda n=name: virsh("resume", n))
             theirs.append(time.perf_counter() - start)
-            subprocess.run(["virsh", "-q", "-c", URI, "destroy", name], capture_output=True, check=False)
+            destroy(name)
             virsh("undefine", name)
     finally:
         hv.close()
@@ -163,7 +167,7 @@ def bench_snapshots(work: Path) -> tuple[tuple[float, float], tuple[float, float
                 virsh("snapshot-revert", name, f"s{i}", "--running")
                 rev_theirs.append(time.perf_counter() - start)
         finally:
-            subprocess.run(["virsh", "-q", "-c", URI, "destroy", name], capture_output=True, check=False)
+            destroy(name)
             virsh("undefine", "--snapshots-metadata", name)
     finally:
         hv.close()
