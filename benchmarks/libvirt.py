@@ -20,6 +20,7 @@ never asserted.
 
 from __future__ import annotations
 
+import functools
 import os
 import pty
 import select
@@ -53,6 +54,10 @@ def virsh(*args: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"virsh {' '.join(args)}: {proc.stderr.strip()}")
     return proc.stdout
+
+
+def resume(name: str) -> None:
+    virsh("resume", name)
 
 
 def destroy(name: str) -> None:
@@ -121,7 +126,7 @@ def bench_first_line(work: Path) -> tuple[float, float]:
             start = time.perf_counter()
             virsh("define", str(xml))
             virsh("start", "--paused", name)
-            virsh_console_until(name, FIRST_LINE, lambda n=name: virsh("resume", n))
+            virsh_console_until(name, FIRST_LINE, functools.partial(resume, name))
             theirs.append(time.perf_counter() - start)
             destroy(name)
             virsh("undefine", name)
