@@ -563,3 +563,27 @@ class TestBitmapDamage:
             ["qemu-img", "check", str(path)], capture_output=True, text=True, check=False
         )
         assert proc.returncode in (0, 3), proc.stdout + proc.stderr  # QEMU opens it again
+
+
+class TestBoundedFuzzVmdkVpc:
+    """The bounded fuzz run again, on the VMDK and VHD seeds only (read side)."""
+
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(rng_seed=st.integers(0, 2**32 - 1), count=st.integers(1, 3))
+    def test_mutated_images(self, seeds: Seeds, tmp_path: Path, rng_seed: int, count: int) -> None:
+        """Mutated VMDK/VHD images never escape as a non-virtkit error, in time and memory."""
+        rng = random.Random(rng_seed)
+        names = sorted(n for n in seeds if n.startswith(("vmdk-", "vpc-")))
+        seed = seeds[rng.choice(names)]
+        data, notes = fuzz.mutate(seed, rng, count)
+        path = fuzz.write_input(tmp_path / "fz", seed, data)
+        try:
+            fuzz.run_bounded(path, write=False)
+        except BaseException as exc:
+            raise AssertionError(f"{seed.name} {notes}: {exc!r}") from exc
