@@ -12,17 +12,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 __all__ = ["ProgressCallback", "progress_bar"]
 
 ProgressCallback = Callable[[int, int], None]
@@ -44,6 +33,18 @@ def progress_bar(label: str, *, enabled: bool = True) -> Iterator[ProgressCallba
     if not enabled or not sys.stderr.isatty():
         yield _noop
         return
+    # rich is imported only when a bar is drawn: it is most of the CLI's own start-up time
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     console = Console(file=sys.stderr)
     with Progress(
         TextColumn("{task.description}"),
