@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from qcow2_helpers import qemu_io
 
 import virtkit
@@ -583,3 +585,56 @@ class TestCrashWhileStoring:
             seen["consistent"] += 1
         print(f"bitmap store cut at each of {rec.writes} writes: {seen}")
         assert seen["consistent"] and seen["in-use"]
+
+
+# --- random operation sequences against the model and QEMU ----------------------------------
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["write", "zeroes", "discard", "flush", "clear", "toggle", "reopen"]),
+        st.integers(0, SIZE - 1),
+        st.integers(1, 3 * MiB),
+    ),
+    max_size=12,
+)
+
+
+class TestRandomSequences:
+    """Any sequence of writes, flushes, clears and toggles leaves what the model predicts."""
+
+    @settings(max_examples=20, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+    @given(ops=_OPS, gran_bits=st.integers(9, 22))
+    def test_model(
+        self, tmp_path: Path, qemu_img: Run, ops: list[tuple[str, int, int]], gran_bits: int
+    ) -> None:
+        """virtkit's extents and QEMU's bit hash equal the model after each sequence."""
+        path = tmp_path / f"m{gran_bits}.qcow2"
+        path.unlink(missing_ok=True)
+        model = Model(SIZE, 1 << gran_bits)
+        enabled = True
+        img = images.create(path, SIZE, cluster_size=4096)
+        try:
+            img.add_bitmap("m", granularity=1 << gran_bits)
+            for kind, offset, asked in ops:
+                length = min(asked, SIZE - offset)
+                if kind in ("write", "zeroes", "discard"):
+                    _apply(img, kind, offset, length)
+                    if enabled:
+                        model.touch(offset, length)
+                elif kind == "flush":
+                    img.flush()
+                elif kind == "clear":
+                    img.clear_bitmap("m")
+                    model.granules.clear()
+                elif kind == "toggle":
+                    enabled = not enabled
+                    (img.enable_bitmap if enabled else img.disable_bitmap)("m")
+                else:
+                    img.close()
+                    img = images.open(path, writable=True)
+                assert img.bitmap_extents("m") == model.extents()
+        finally:
+            img.close()
+        view = qemu_view(path, ["m"])
+        assert (view["m"]["count"], view["m"]["sha256"]) == (model.count, model.sha256)
+        assert view["m"]["recording"] is enabled
