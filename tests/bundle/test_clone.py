@@ -123,9 +123,10 @@ class TestLinked:
         _write(tmp_path / "c1", c1.disks[0], b"c1-bytes")
         c11 = virtkit.clone(tmp_path / "c1", tmp_path / "c11")
         _write(tmp_path / "c1", virtkit.load(tmp_path / "c1").disks[0], b"c1-later")
-        # c11's chain reaches gold through c1: gold must be allowed too when opening by hand
+        # c11's chain reaches gold through c1: both are its allowed roots
+        assert bundle.allowed_roots(tmp_path / "c11") == [tmp_path / "c1", source]
         path = bundle.resolve_disk(tmp_path / "c11", c11.disks[0].active)
-        with images.open(path, allow_backing=[tmp_path / "c1", source]) as img:
+        with images.open(path, allow_backing=bundle.allowed_roots(tmp_path / "c11")) as img:
             assert img.read(0, 8) == b"c1-bytes"
             assert img.read(3 * MIB, 8) == b"rootdata"
 
@@ -155,6 +156,22 @@ class TestLinked:
         assert set(rec["files"]) >= {"disks/root.qcow2", "disks/data.raw", "disks/shared.raw"}
         for path in [*rec["files"], rec["folder"], base["base"][0]["folder"]]:
             assert not os.path.isabs(path)
+
+    def test_forged_base_is_not_allowed(self, source: Path, tmp_path: Path) -> None:
+        """A folder naming '/' (or any folder that does not confirm it) as its base gains nothing."""
+        evil = tmp_path / "evil"
+        virtkit.save(Machine(name="evil"), evil)
+        (evil / "links.toml").write_text(
+            f'format-version = 2\n[[base]]\nfolder = "../../../../../../.."\nuuid = "{virtkit.load(evil).uuid}"\n'
+            f'[[base]]\nfolder = "../gold"\nuuid = "{virtkit.load(source).uuid}"\n'
+        )
+        assert bundle.allowed_roots(evil) == []
+        (evil / "machine.toml").write_text(
+            (evil / "machine.toml").read_text()
+            + '\n[[disks]]\npath = "../../gold/disks/root.qcow2"\n'
+        )
+        with pytest.raises(ConfigError, match="points outside the VM folder"):
+            virtkit.load(evil)
 
     def test_moved_together(self, source: Path, tmp_path: Path) -> None:
         """Base and clone moved together keep working (every link is relative)."""

@@ -44,6 +44,7 @@ from virtkit.errors import ConfigError, StateError
 
 __all__ = [
     "LINKS_NAME",
+    "MAX_DEPTH",
     "Link",
     "Links",
     "allowed_roots",
@@ -185,17 +186,66 @@ def relative_folder(frm: Path, to: Path) -> str:
     return os.path.relpath(os.path.abspath(to), os.path.abspath(frm))
 
 
+#: How many linked bases deep allowed_roots() follows (a clone of a clone of ...).
+MAX_DEPTH = 16
+
+
+def _confirmed_bases(here: Path) -> list[Path]:
+    """The ``[[base]]`` folders of ``here`` that confirm the link from their side.
+
+    A base counts only if it is a VM folder with the recorded uuid whose own
+    ``links.toml`` lists ``here`` (with ``here``'s uuid) as its clone: a
+    folder cannot make itself allowed to read arbitrary places by writing
+    ``[[base]] folder = "/"`` into its own file.
+    """
+    mine = _machine_uuid(here)
+    real = os.path.realpath(here)
+    out = []
+    for link in read_links(here).base:
+        other = link.location(here)
+        if not other.is_dir() or _machine_uuid(other) != link.uuid:
+            continue
+        try:
+            clones = read_links(other).clone
+        except ConfigError:
+            continue
+        if any(c.uuid == mine and os.path.realpath(c.location(other)) == real for c in clones):
+            out.append(other)
+    return out
+
+
 def allowed_roots(folder: str | os.PathLike[str]) -> list[Path]:
     """Folders outside ``folder`` whose files its disks may reference: its linked bases.
 
+    The bases of the bases are included (a clone of a clone reads through
+    both). A base counts only when its own ``links.toml`` confirms the link.
     A backend's ``define()`` adds these to the caller's ``allow=`` list, so a
     linked clone defines and starts without one.
 
     Raises:
-        ConfigError: ``links.toml`` is malformed.
+        ConfigError: this folder's ``links.toml`` is malformed.
     """
     here = Path(folder)
-    return [link.location(here) for link in read_links(here).base]
+    roots: list[Path] = []
+    todo = [(here, 0)]
+    seen = {os.path.realpath(here)}
+    while todo:
+        current, depth = todo.pop(0)
+        if depth >= MAX_DEPTH:
+            break
+        try:
+            bases = _confirmed_bases(current)
+        except ConfigError:
+            if current == here:
+                raise
+            continue
+        for base in bases:
+            key = os.path.realpath(base)
+            if key not in seen:
+                seen.add(key)
+                roots.append(base)
+                todo.append((base, depth + 1))
+    return roots
 
 
 def _machine_uuid(folder: Path) -> _uuid.UUID | None:
