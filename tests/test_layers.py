@@ -20,7 +20,9 @@ ALLOWED: dict[str, set[str]] = {
     "clone": {"errors", "units", "model", "images", "bundle"},
     "provision": {"errors", "units", "model"},
     "agent": {"errors"},
-    "backends": {"errors", "units", "model", "images", "bundle", "provision", "agent"},
+    "libvirt": {"errors", "units", "model", "bundle"},
+    "backends": {"errors", "units", "model", "images", "bundle", "provision", "agent", "libvirt"},
+    "fleet": {"errors", "units", "model", "backends"},
     "testing": {
         *("errors", "units", "model", "images", "bundle", "provision", "agent", "backends", ""),
     },

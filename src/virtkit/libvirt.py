@@ -48,7 +48,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -65,11 +65,25 @@ from virtkit.model import (
 )
 from virtkit.model.devices import CloudInit
 
-if TYPE_CHECKING:
-    from virtkit.backends.libvirt import LibvirtGuest, LibvirtHypervisor
+
+class LibvirtHost(Protocol):
+    """What :func:`import_domain` needs of a libvirt hypervisor connection
+    (``virtkit.connect("libvirt")`` gives one; this module sits below the backends)."""
+
+    name: str
+    uri: str
+    local_files: bool
+
+    def read_domain(self, domain_name: str) -> tuple[str, bool]:
+        """The domain's XML and whether it runs."""
+
+    def attach(self, domain_name: str, machine: Machine, folder: str | os.PathLike[str]) -> Any:
+        """Manage the existing domain as a guest with this machine and folder."""
+
 
 __all__ = [
     "DOMAIN_XML_FILE",
+    "LibvirtHost",
     "NAMESPACE",
     "OVMF_CODE",
     "OVMF_VARS",
@@ -910,13 +924,13 @@ def from_xml(xml: str | bytes) -> Machine:
 
 
 def import_domain(
-    hv: LibvirtHypervisor,
+    hv: LibvirtHost,
     name: str,
     folder: str | os.PathLike[str],
     *,
     copy_disks: bool = False,
     machine_name: str | None = None,
-) -> LibvirtGuest:
+) -> Any:
     """Adopt the existing domain ``name`` on ``hv``'s host into the VM folder ``folder``.
 
     The domain keeps running (or not) as it is; the returned guest manages it.
@@ -933,6 +947,9 @@ def import_domain(
             ``False`` references them in place by absolute path.
         machine_name: the machine's name when the domain's name is not a DNS
             label (default: the domain's name).
+
+    Returns:
+        the :class:`~virtkit.backends.libvirt.LibvirtGuest` managing the domain.
 
     Raises:
         ConfigError: bad arguments, the folder already holds a machine, or the
