@@ -442,6 +442,49 @@ def map_vdi(name: str, data: bytes) -> Seed:
     return seed
 
 
+def _vhdx_dirty_seed(workdir: Path, clean: Path) -> Seed:
+    """A VHDX whose BAT update lives only in its log: one entry (a data and a zero descriptor)."""
+    data = bytearray(clean.read_bytes())
+    seed = map_vhdx("vhdx-dirty", bytes(data), clean)
+    bat = next(f.offset for f in seed.fields if f.name == "bat[0]")
+    log_off = _u(bytes(data), (64 << 10) + 72, "<Q")
+    sector = bytes(data[bat : bat + 4096])
+    data[bat : bat + 4096] = bytes(4096)
+    guid = bytes(range(1, 17))
+    entry = bytearray(3 * 4096)  # header+descriptors, one data sector, room to spare
+    struct.pack_into("<4sIIIQII16sQQ", entry, 0, b"loge", 0, 2 * 4096, 0, 5, 2, 0, guid,
+                     len(data), len(data))  # fmt: skip
+    lead, trail = _u(sector, 0, "<Q"), _u(sector, 4092, "<I")
+    struct.pack_into("<4sIQQQ", entry, 64, b"desc", trail, lead, bat, 5)
+    struct.pack_into("<4sIQQQ", entry, 96, b"zero", 0, 4096, bat + 4096, 5)
+    entry[4096:4100] = b"data"
+    struct.pack_into("<I", entry, 4100, 0)
+    entry[4104:8188] = sector[8:4092]
+    struct.pack_into("<I", entry, 8188, 5)
+    data[log_off : log_off + len(entry)] = entry
+    for h in (64 << 10, 128 << 10):
+        data[h + 48 : h + 64] = guid
+    fields = [("length", 8, "<I"), ("tail", 12, "<I"), ("sequence", 16, "<Q"),
+              ("descriptors", 24, "<I"), ("flushed", 48, "<Q"), ("last", 56, "<Q"),
+              ("desc0.offset", 80, "<Q"), ("desc0.lead", 72, "<Q"), ("desc0.seq", 88, "<Q"),
+              ("desc1.length", 104, "<Q"), ("desc1.offset", 112, "<Q"),
+              ("data.seq_high", 4100, "<I"), ("data.seq_low", 8188, "<I")]  # fmt: skip
+    seed.fields += [Field(f"log.{n}", log_off + o, c) for n, o, c in fields]
+
+    def fixup(buf: bytearray) -> None:
+        _vhdx_fixup(buf)
+        length = min(_u(bytes(buf), log_off + 8, "<I"), 1 << 20)
+        if length >= 64 and log_off + length <= len(buf):
+            block = bytearray(buf[log_off : log_off + length])
+            block[4:8] = bytes(4)
+            struct.pack_into("<I", buf, log_off + 4, crc32c(block))
+
+    fixup(data)
+    seed.data = bytes(data)
+    seed.fixup = fixup
+    return seed
+
+
 def make_vhdx_vdi_seeds(workdir: Path, raw: Path) -> dict[str, Seed]:
     """Dynamic and fixed VHDX and dynamic and static VDI of ``raw`` (qemu-img), and a VHDX child."""
     seeds: dict[str, Seed] = {}
@@ -457,6 +500,7 @@ def make_vhdx_vdi_seeds(workdir: Path, raw: Path) -> dict[str, Seed]:
     seed = map_vhdx("vhdx-child", child.read_bytes(), child)
     seed.files[base.name] = base.read_bytes()
     seeds["vhdx-child"] = seed
+    seeds["vhdx-dirty"] = _vhdx_dirty_seed(workdir, workdir / "vhdx-dynamic.vhdx")
     for static in ("off", "on"):
         path = workdir / f"vdi-{static}.vdi"
         _run("qemu-img", "convert", "-f", "raw", "-O", "vdi", "-o", f"static={static}", raw, path)
