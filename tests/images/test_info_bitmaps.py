@@ -105,8 +105,10 @@ class TestInfoBitmaps:
             stderr=subprocess.DEVNULL,
         )
         try:
-            for _ in range(400):  # wait until it holds the write lock (bitmaps marked by then)
-                if locking.probe(path).writer:
+            for _ in range(400):  # wait until it holds the write lock and marked the bitmaps
+                if locking.probe(path).writer and _theirs(qemu_img, path)["bitmaps"][0]["flags"][
+                    :1
+                ] == ["in-use"]:
                     break
                 time.sleep(0.025)
             else:
