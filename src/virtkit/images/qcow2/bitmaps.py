@@ -18,14 +18,19 @@ follow QEMU's ``docs/interop/qcow2.txt`` ("Bitmaps extension"):
 
 Behaviour mirrors QEMU (``block/qcow2-bitmap.c``):
 
-- Opening reads the directory and refuses one that breaks QEMU's
-  constraints (:func:`read_directory`). A bitmap already flagged ``in_use``
-  was left by a writer that did not close cleanly: it is *inconsistent*,
-  listed and removable but not usable (as QEMU reports it).
+- The directory is read on first use (``info()``, ``bitmaps()``, the first
+  write) and one that breaks QEMU's constraints is refused
+  (:mod:`.bitmap_format`); QEMU refuses to open such an image at all. A
+  write to it drops the bitmaps (clears the autoclear bit) rather than
+  failing. A bitmap already flagged ``in_use`` was left by a writer that
+  did not close cleanly: it is *inconsistent*, listed and removable but not
+  usable (as QEMU reports it), and kept as it is.
 - Before the first change to guest data, every consistent bitmap is loaded
-  and flagged ``in_use`` on disk (flushed before any data is written); each
-  guest write, zeroing or discard then sets the bits of the granules it
-  touches in every enabled (``auto``) bitmap.
+  and flagged ``in_use`` on disk (flushed before any data is written; QEMU
+  does this when it opens the image writable, virtkit at the first write,
+  so opening and reading leaves the file untouched); each guest write,
+  zeroing, discard or compressed write then sets the bits of the granules
+  it touches in every enabled (``auto``) bitmap.
 - ``flush()`` and ``close()`` store the bitmaps and clear ``in_use`` again:
   changed data clusters are written (in place while ``in_use`` says their
   content is not to be trusted, new clusters for newly dirty parts), then a
@@ -35,10 +40,14 @@ Behaviour mirrors QEMU (``block/qcow2-bitmap.c``):
   worst leaked clusters, never a corrupt image.
 - Adding, removing or resizing rewrites the directory copy-on-write (new
   clusters, then the header extension, then the old clusters are freed),
-  as QEMU's ``update_ext_header_and_dir``.
+  as QEMU's ``update_ext_header_and_dir``. A resize carries the bitmaps to
+  the new size (refused with an inconsistent one, as QEMU); a snapshot
+  revert is refused while bitmaps exist, as ``qemu-img snapshot -a``
+  refuses it.
 
 Memory is bounded as QEMU bounds it: a bitmap's data is at most 512 MiB
-(``BME_MAX_PHYS_SIZE``), and only data clusters with a bit set are held.
+(``BME_MAX_PHYS_SIZE``), only data clusters with a bit set are held, and
+every all-ones cluster shares one buffer.
 """
 
 from __future__ import annotations
