@@ -154,6 +154,16 @@ class Connection:
         if "error" in result:
             exc = result["error"]
             if isinstance(exc, self.lv.libvirtError):
+                lv = self.lv
+                unreachable = exc.get_error_code() == lv.VIR_ERR_NO_CONNECT or (
+                    exc.get_error_code() == lv.VIR_ERR_SYSTEM_ERROR
+                    and exc.get_error_domain() == lv.VIR_FROM_RPC
+                )
+                if not is_remote(uri) and unreachable:
+                    raise BackendUnavailable(
+                        f"libvirt at {uri}: no daemon answers here ({exc.get_error_message()})",
+                        hint=INSTALL_HINT,
+                    ) from exc
                 raise self._translate(exc, "connect") from exc
             raise BackendError(f"libvirt at {uri}: cannot connect: {exc}") from exc
         return result["conn"]
