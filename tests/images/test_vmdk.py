@@ -472,6 +472,14 @@ class TestStreamWrite:
         virtkit.images.convert(first, second, format="vmdk", subformat="streamOptimized")
         qemu_img("compare", "-f", "raw", "-F", "vmdk", src, second)
 
+    def test_empty_disk_refused(self, tmp_path: Path) -> None:
+        """A 0-byte disk is refused: capacity 0 reads as "descriptor only" (qemu-img fails too)."""
+        empty = tmp_path / "e.raw"
+        empty.write_bytes(b"")
+        with pytest.raises(virtkit.ConfigError, match="empty"):
+            virtkit.images.convert(empty, tmp_path / "e.vmdk", format="vmdk", src_format="raw")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["e.raw"]
+
     def test_options(self, qemu_img: Run, tmp_path: Path) -> None:
         """adapter_type and hwversion land in the descriptor; bad options leave no file."""
         src = _pattern_raw(tmp_path / "p.raw", 2 * MiB)

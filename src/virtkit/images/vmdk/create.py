@@ -134,6 +134,8 @@ def write_stream(
     opts = check_options(options)
     size = src.virtual_size
     sectors = -(-size // layout.SECTOR)
+    if sectors == 0:  # capacity 0 means "descriptor only" to readers: nobody could open it
+        raise ConfigError("cannot write an empty (0-byte) disk as VMDK", field="size", value=0)
     grain = GRANULARITY * layout.SECTOR
     span = grain * GTES
     gd = array("I", bytes(4 * (-(-sectors // (GRANULARITY * GTES)))))
