@@ -229,6 +229,8 @@ class TestFixedWrite:
             with pytest.raises(error):
                 virtkit.images.create(tmp_path / "x.vhd", "1M", format="vpc", **kwargs)
             assert not (tmp_path / "x.vhd").exists()
+        with pytest.raises(virtkit.ConfigError, match="empty"):
+            virtkit.images.create(tmp_path / "x.vhd", 0, format="vpc")
         with pytest.raises(virtkit.ConfigError, match="512"):
             virtkit.images.create(tmp_path / "x.vhd", 1000, format="vpc")
         with pytest.raises(virtkit.ConfigError, match="2040"):

@@ -186,6 +186,8 @@ def create(path: str | os.PathLike[str], size: int | None, **options: Any) -> Vp
         )
     if not isinstance(force, bool):
         raise ConfigError(f"'force_size' must be True or False (got {force!r})", field="force_size")
+    if size == 0:  # the lone footer would sit at offset 0, where readers expect a dynamic disk
+        raise ConfigError("cannot create an empty (0-byte) fixed VHD", field="size", value=0)
     if size % layout.SECTOR:
         raise ConfigError(
             f"a VHD's size must be a multiple of 512 bytes (got {size})", field="size", value=size
