@@ -38,8 +38,8 @@ from pathlib import Path
 import attrs
 
 from virtkit import bundle, images
-from virtkit.bundle.atomic import fsync_dir
-from virtkit.bundle.links import Link, Links, read_links, relative_folder, write_links
+from virtkit.bundle.atomic import folder_lock, fsync_dir
+from virtkit.bundle.links import Link, Links, live, read_links, relative_folder, write_links
 from virtkit.errors import ConfigError, ImageLockedError, StateError
 from virtkit.images.args import check_bool, check_callable, check_path
 from virtkit.model import CdRom, Disk, KernelBoot, Machine, Nic
@@ -50,6 +50,7 @@ __all__ = ["clone"]
 #: Files of a VM folder (besides disks) a clone copies when present.
 _COPIED_FILES = ("OVMF_VARS.fd",)
 _COPY_CHUNK = 1024 * 1024
+_LOCK_WAIT = 30.0  # seconds a clone waits for another clone of the same source
 
 Progress = Callable[[int, int], object]
 
@@ -347,8 +348,20 @@ def clone(
     check_bool(linked, "linked")
     check_callable(progress, "progress")
     _check_folders(src, dst)
-    source = bundle.load(src)
+    bundle.load(src)  # writes back a generated identity first (it takes the lock itself)
     clone_name = _clone_name(name, dst)
+    with folder_lock(src, wait=_LOCK_WAIT) as locked:
+        if not locked:
+            raise StateError(
+                f"cannot clone {src}: another clone of it is in progress", action="clone"
+            )
+        return _clone_locked(src, dst, clone_name, linked=linked, progress=progress)
+
+
+def _clone_locked(
+    src: Path, dst: Path, clone_name: str, *, linked: bool, progress: Progress | None
+) -> Machine:
+    source = bundle.load(src)
     _not_running(src, source)
     plan = _Plan(src, dst, source, progress)
     stage = dst.parent / f".{dst.name}.clone-tmp"
@@ -415,5 +428,6 @@ def _freeze_source(src: Path, dst: Path, source: Machine, clone: Machine, plan: 
     fsync_dir(src / bundle.DISKS)
     links = read_links(src)
     record = Link(folder=relative_folder(src, dst), uuid=clone.uuid, files=tuple(plan.shared))
-    write_links(src, attrs.evolve(links, clone=(*links.clone, record)))
+    kept = tuple(c for c in links.clone if live(src, c))  # drop clones deleted since
+    write_links(src, attrs.evolve(links, clone=(*kept, record)))
     bundle.write_machine(src, attrs.evolve(source, disks=disks))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -143,6 +145,34 @@ class TestLinked:
         shutil.rmtree(tmp_path / "c1")
         assert bundle.dependents(source) == []
         bundle.check_unshared(source, ["disks/root.qcow2"], action="x")
+        virtkit.clone(source, tmp_path / "c2")  # the stale record is dropped
+        records = tomllib.loads((source / "links.toml").read_text())["clone"]
+        assert [r["folder"] for r in records] == ["../c2"]
+
+    def test_one_clone_of_a_source_at_a_time(
+        self, source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While another process holds the source folder's lock, clone() waits, then says so."""
+        # virtkit.clone is the function; its module is in sys.modules
+        monkeypatch.setattr(sys.modules["virtkit.clone"], "_LOCK_WAIT", 0.2)
+        code = (
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)"
+        )
+        holder = subprocess.Popen(
+            [sys.executable, "-c", code, str(source)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+            with pytest.raises(StateError, match="another clone of it is in progress"):
+                virtkit.clone(source, tmp_path / "c1")
+        finally:
+            holder.kill()
+            holder.wait()
+            if holder.stdout is not None:
+                holder.stdout.close()
+        assert not (tmp_path / "c1").exists()
+        virtkit.clone(source, tmp_path / "c1")
 
     def test_recorded_in_both_folders(self, source: Path, tmp_path: Path) -> None:
         """links.toml in both folders, with relative paths only."""

@@ -28,18 +28,16 @@ the caller (or the folder's recorded linked bases) allows it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
-import time
 import uuid as _uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from virtkit.bundle.atomic import atomic_write, fsync_dir
+from virtkit.bundle.atomic import atomic_write, folder_lock, fsync_dir
 from virtkit.bundle.document import fresh, merge_text, plain
 from virtkit.bundle.links import (
     LINKS_NAME,
@@ -81,6 +79,7 @@ __all__ = [
     "check_unshared",
     "current_snapshot",
     "dependents",
+    "folder_lock",
     "load",
     "load_snapshots",
     "resolve_disk",
@@ -157,33 +156,6 @@ def load(
 # -- identity ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _folder_lock(root: Path) -> Iterator[bool]:
-    """Hold an exclusive flock on the folder for a moment; yields False if it stays busy."""
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        yield False
-        return
-    try:
-        deadline = time.monotonic() + _LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    yield False
-                    return
-                time.sleep(0.02)
-            except OSError:
-                yield False
-                return
-        yield True
-    finally:
-        os.close(fd)
-
-
 def _derived(machine: Machine, raw: bytes, root: Path) -> Machine:
     """Identity derived from the file, the folder's location and the host (read-only folders)."""
     host = b""
@@ -202,7 +174,7 @@ def _persist_identity(
     root: Path, machine: Machine, raw: bytes, allowed: list[str | os.PathLike[str]]
 ) -> Machine:
     """Write generated uuid/MACs back; another process doing the same first wins."""
-    with _folder_lock(root) as locked:
+    with folder_lock(root, wait=_LOCK_WAIT) as locked:
         if locked:
             again, raw_now, missing = _parse(root, allowed)
             if not missing:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from virtkit.errors import ConfigError
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["atomic_write", "folder_lock", "fsync_dir"]
 
 
 def fsync_dir(folder: Path) -> None:
@@ -42,3 +45,35 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise ConfigError(f"cannot write {path}: {exc.strerror}", file=str(path)) from exc
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, *, wait: float) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on a VM folder; yields False if it stays busy ``wait`` s.
+
+    Serialises read-modify-write sequences on one folder between processes
+    (writing back a generated identity, cloning). Held briefly; the lock goes
+    with the process if it dies.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + wait
+        acquired = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                acquired = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            except OSError:
+                break
+        yield acquired
+    finally:
+        os.close(fd)

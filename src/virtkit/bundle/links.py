@@ -50,6 +50,7 @@ __all__ = [
     "allowed_roots",
     "check_unshared",
     "dependents",
+    "live",
     "read_links",
     "write_links",
 ]
@@ -259,7 +260,7 @@ def _machine_uuid(folder: Path) -> _uuid.UUID | None:
         return None
 
 
-def _live(here: Path, link: Link) -> bool:
+def live(here: Path, link: Link) -> bool:
     """Is the clone a ``clone`` record names still there and still based on ``here``?"""
     other = link.location(here)
     if not other.is_dir() or _machine_uuid(other) != link.uuid:
@@ -276,7 +277,7 @@ def dependents(folder: str | os.PathLike[str]) -> list[tuple[Path, tuple[str, ..
     """The live linked clones of ``folder``: (clone folder, files of ``folder`` it reads)."""
     here = Path(folder)
     return [
-        (link.location(here), link.files) for link in read_links(here).clone if _live(here, link)
+        (link.location(here), link.files) for link in read_links(here).clone if live(here, link)
     ]
 
 
