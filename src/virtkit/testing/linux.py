@@ -24,7 +24,8 @@ Typical use::
 
     kernel = fetch_kernel()
     initrd = build_initramfs(kernel, tmp_path / "initrd.gz")
-    guest = hv.define(machine, kernel=KernelBoot(kernel.vmlinuz, initrd, LINUX_CMDLINE))
+    boot = KernelBoot(kernel.vmlinuz, initrd, LINUX_CMDLINE)
+    guest = hv.define(attrs.evolve(machine, kernel=boot))  # or Machine(..., kernel=boot)
 """
 
 from __future__ import annotations
