@@ -44,6 +44,10 @@ class ImageMachine(RuleBasedStateMachine):
     fmt = "qcow2"
     create_options: dict[str, object] = {}  # noqa: RUF012 - overridden per subclass
     has_snapshots = True
+    #: qcow2 cache mode the image is (re)opened with.
+    cache = "writeback"
+    #: Pinned L2 tables before the write-back cache writes itself back (None: default).
+    dirty_limit: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,12 +64,30 @@ class ImageMachine(RuleBasedStateMachine):
         self.img = virtkit.images.create(
             self.path,
             SIZE,
-            format=self.fmt,
+            format=self.fmt,  # type: ignore[arg-type]
             **options,  # type: ignore[arg-type]
         )
         self.snaps: dict[str, bytes] = {}
         self.counter = 0
         self.log: list[str] = []
+        if self.fmt == "qcow2":
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Close and open again in this machine's cache mode."""
+        self.img.close()
+        if self.fmt != "qcow2":
+            self.img = virtkit.images.open(self.path, writable=True)
+            return
+        self.img = virtkit.images.open(self.path, writable=True, cache=self.cache)  # type: ignore[arg-type]
+        if self.dirty_limit is not None:
+            self.img.metadata_cache._limit = self.dirty_limit  # type: ignore[attr-defined]
+
+    @rule()
+    def flush(self) -> None:
+        """flush() changes nothing visible."""
+        self.log.append("flush()")
+        self.img.flush()
 
     @rule(offset=offsets, length=lengths, seed=st.integers(0, 255))
     def write(self, offset: int, length: int, seed: int) -> None:
@@ -110,8 +132,7 @@ class ImageMachine(RuleBasedStateMachine):
     def reopen(self) -> None:
         """Closing and reopening keeps every byte."""
         self.log.append("reopen()")
-        self.img.close()
-        self.img = virtkit.images.open(self.path, writable=True)
+        self._reopen()
 
     @precondition(lambda self: self.has_snapshots and len(self.snaps) < 4)
     @rule()
@@ -184,9 +205,28 @@ class Qcow2Machine(ImageMachine):
 
 
 class Qcow2V2Machine(ImageMachine):
-    """qcow2 v2 (compat 0.10: no zero flag) with 512-byte clusters."""
+    """qcow2 v2 (compat 0.10: no zero flag) with 512-byte clusters.
+
+    The write-back cache may pin one L2 table (of 64 entries) only, so it
+    writes itself back in the middle of most requests.
+    """
 
     create_options = {"cluster_size": 512, "compat": "0.10"}  # noqa: RUF012
+    dirty_limit = 1
+
+
+class Qcow2WritethroughMachine(ImageMachine):
+    """qcow2 v3 with 4 KiB clusters opened with cache="writethrough"."""
+
+    create_options = {"cluster_size": 4096}  # noqa: RUF012
+    cache = "writethrough"
+
+
+class Qcow2OverlayWritethroughMachine(ImageMachine):
+    """A qcow2 v3 overlay (4 KiB clusters) on a raw backing file, cache="writethrough"."""
+
+    create_options = {"cluster_size": 4096, "with_backing": True}  # noqa: RUF012
+    cache = "writethrough"
 
 
 class Qcow2ExtendedL2Machine(ImageMachine):
@@ -216,5 +256,9 @@ TestQcow2ExtendedL2 = Qcow2ExtendedL2Machine.TestCase
 TestQcow2ExtendedL2.settings = _SETTINGS
 TestQcow2Overlay = Qcow2OverlayMachine.TestCase
 TestQcow2Overlay.settings = _SETTINGS
+TestQcow2Writethrough = Qcow2WritethroughMachine.TestCase
+TestQcow2Writethrough.settings = _SETTINGS
+TestQcow2OverlayWritethrough = Qcow2OverlayWritethroughMachine.TestCase
+TestQcow2OverlayWritethrough.settings = _SETTINGS
 TestRaw = RawMachine.TestCase
 TestRaw.settings = _SETTINGS

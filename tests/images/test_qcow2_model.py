@@ -35,6 +35,7 @@ _ops = st.lists(
     min_size=1,
     max_size=25,
 )
+_caches = st.sampled_from(["writeback", "writethrough", "writeback-tiny"])
 _variants = st.sampled_from(
     [
         {"cluster_size": 16384},
@@ -111,11 +112,15 @@ class TestModel:
         database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
-    @given(ops=_ops, variant=_variants)
+    @given(ops=_ops, variant=_variants, cache=_caches)
     def test_random_sequences(
-        self, qemu_img: QemuImg, ops: list[tuple[Any, ...]], variant: dict[str, Any]
+        self, qemu_img: QemuImg, ops: list[tuple[Any, ...]], variant: dict[str, Any], cache: str
     ) -> None:
-        """Writes, zeroes, discards, compressed writes and snapshots match a bytearray."""
+        """Writes, zeroes, discards, compressed writes and snapshots match a bytearray.
+
+        In each cache mode: writethrough, writeback, and writeback with a dirty
+        set of one table (a write-back after nearly every request).
+        """
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.qcow2"
             opts = dict(variant)
@@ -134,7 +139,11 @@ class TestModel:
                 opts.update(backing=base_path.name, backing_format=fmt)
             model = bytearray(base)
             snaps: dict[str, bytes] = {}
-            with images.create(path, SIZE, cluster_size=cs, **opts) as img:
+            images.create(path, SIZE, cluster_size=cs, **opts).close()
+            mode = "writethrough" if cache == "writethrough" else "writeback"
+            with images.open(path, writable=True, cache=mode) as img:  # type: ignore[arg-type]
+                if cache == "writeback-tiny":
+                    img.metadata_cache._limit = 1  # type: ignore[attr-defined]
                 assert img.read(0, SIZE) == model
                 for op in ops:
                     _apply(img, model, snaps, op, base)
