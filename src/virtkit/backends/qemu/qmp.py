@@ -129,11 +129,15 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         )
     target = loop()
     future = asyncio.run_coroutine_threadsafe(coro, target)
-    done, _ = concurrent.futures.wait([future], timeout)
-    if not done:
+    try:
+        return future.result(timeout)  # waits on the future's own condition: no extra waiter
+    except concurrent.futures.TimeoutError:
+        if future.done():  # it finished with a TimeoutError of its own: re-raise that
+            return future.result()
         future.cancel()
-        raise TimeoutError(f"QEMU operation did not finish within {timeout} s", timeout=timeout)
-    return future.result()
+        raise TimeoutError(
+            f"QEMU operation did not finish within {timeout} s", timeout=timeout
+        ) from None
 
 
 async def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -243,9 +247,9 @@ class QmpSession:
             raise BackendError(f"no QMP connection to {self.name} (QEMU is not running)")
         limit = DEFAULT_QMP_TIMEOUT if timeout is None else timeout
         try:
-            return await asyncio.wait_for(
-                self._client.execute(command, dict(args) if args else None), limit
-            )
+            # asyncio.timeout, not wait_for: no extra task per command on the hot path
+            async with asyncio.timeout(limit):
+                return await self._client.execute(command, dict(args) if args else None)
         except builtins.TimeoutError:
             raise TimeoutError(
                 f"QEMU ({self.name}) did not answer QMP command {command!r} within {limit} s",
