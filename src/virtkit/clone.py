@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid as _uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import attrs
@@ -40,6 +40,7 @@ import attrs
 from virtkit import bundle, images
 from virtkit.bundle.atomic import folder_lock, fsync_dir
 from virtkit.bundle.links import Link, Links, live, read_links, relative_folder, write_links
+from virtkit.bundle.paths import check_allow
 from virtkit.errors import ConfigError, ImageLockedError, StateError
 from virtkit.images.args import check_bool, check_callable, check_path
 from virtkit.model import CdRom, Disk, KernelBoot, Machine, Nic
@@ -95,7 +96,7 @@ def _clone_name(name: str | None, dst: Path) -> str:
     return candidate
 
 
-def _not_running(src: Path, machine: Machine) -> None:
+def _not_running(src: Path, machine: Machine, roots: list[str]) -> None:
     """Refuse a source that a running guest holds (its active layers are write-locked)."""
     for i, disk in enumerate(machine.disks):
         if disk.read_only:
@@ -103,7 +104,7 @@ def _not_running(src: Path, machine: Machine) -> None:
         path = bundle.resolve_disk(src, disk.active)
         fmt = "qcow2" if disk.layers else disk.format
         try:
-            with images.open(path, format=fmt, allow_backing=_roots(src)):  # type: ignore[arg-type]
+            with images.open(path, format=fmt, allow_backing=roots):  # type: ignore[arg-type]
                 pass
         except ImageLockedError as exc:
             raise StateError(
@@ -113,8 +114,9 @@ def _not_running(src: Path, machine: Machine) -> None:
             ) from exc
 
 
-def _roots(src: Path) -> list[str]:
-    return [str(src), *map(str, bundle.allowed_roots(src))]
+def _roots(src: Path, allow: list[str]) -> list[str]:
+    """Where the source's files and backing chains may be: its folder, its bases, ``allow``."""
+    return [str(src), *map(str, bundle.allowed_roots(src)), *allow]
 
 
 def _file_name(disk: Disk, suffix: str | None, used: set[str]) -> str:
@@ -176,8 +178,11 @@ def _copy_kernel(src: Path, stage: Path, kernel: KernelBoot | None) -> None:
 class _Plan:
     """What a clone creates: its machine, and the source's changes for a linked clone."""
 
-    def __init__(self, src: Path, dst: Path, machine: Machine, progress: Progress | None) -> None:
+    def __init__(
+        self, src: Path, dst: Path, machine: Machine, progress: Progress | None, roots: list[str]
+    ) -> None:
         self.src, self.dst = src, dst
+        self.roots = roots
         self.machine = machine
         self.progress = progress
         self.disks: list[Disk] = []
@@ -192,7 +197,7 @@ class _Plan:
     def _size(self, disk: Disk) -> int:
         path = bundle.resolve_disk(self.src, disk.active)
         fmt = "qcow2" if disk.layers else disk.format
-        with images.open(path, format=fmt, force_share=True, allow_backing=_roots(self.src)) as img:  # type: ignore[arg-type]
+        with images.open(path, format=fmt, force_share=True, allow_backing=self.roots) as img:  # type: ignore[arg-type]
             return img.virtual_size
 
     def _advance(self, n: int) -> None:
@@ -253,7 +258,7 @@ class _Plan:
                 "qcow2",
                 backing=backing,
                 backing_format=fmt,  # type: ignore[arg-type]
-                allow_backing=tuple(_roots(self.src)),
+                allow_backing=tuple(self.roots),
             )
             img.close()
             self.disks.append(
@@ -291,7 +296,7 @@ class _Plan:
                 fmt,
                 progress=step,
                 src_format="qcow2" if disk.layers else disk.format,
-                allow_backing=tuple(_roots(self.src)),
+                allow_backing=tuple(self.roots),
             )
             self.done = start + self.sizes[i]
             self.disks.append(
@@ -317,6 +322,7 @@ def clone(
     name: str | None = None,
     linked: bool = True,
     progress: Progress | None = None,
+    allow: Iterable[str | os.PathLike[str]] = (),
 ) -> Machine:
     """Make a new VM folder ``dst_folder`` from the VM folder ``src_folder``.
 
@@ -333,6 +339,8 @@ def clone(
             copies (sparse).
         progress: called as ``progress(done_bytes, total_bytes)`` over the
             disks' virtual sizes.
+        allow: places outside the source folder its disks may come from (as
+            for :func:`virtkit.load`); a linked clone's own bases need none.
 
     Returns:
         The clone's machine, as saved in ``dst_folder``.
@@ -348,22 +356,30 @@ def clone(
     check_bool(linked, "linked")
     check_callable(progress, "progress")
     _check_folders(src, dst)
-    bundle.load(src)  # writes back a generated identity first (it takes the lock itself)
+    allowed = [os.fspath(p) for p in check_allow(allow)]
+    bundle.load(src, allow=allowed)  # writes back a generated identity first (takes the lock)
     clone_name = _clone_name(name, dst)
     with folder_lock(src, wait=_LOCK_WAIT) as locked:
         if not locked:
             raise StateError(
                 f"cannot clone {src}: another clone of it is in progress", action="clone"
             )
-        return _clone_locked(src, dst, clone_name, linked=linked, progress=progress)
+        return _clone_locked(src, dst, clone_name, linked=linked, progress=progress, allow=allowed)
 
 
 def _clone_locked(
-    src: Path, dst: Path, clone_name: str, *, linked: bool, progress: Progress | None
+    src: Path,
+    dst: Path,
+    clone_name: str,
+    *,
+    linked: bool,
+    progress: Progress | None,
+    allow: list[str],
 ) -> Machine:
-    source = bundle.load(src)
-    _not_running(src, source)
-    plan = _Plan(src, dst, source, progress)
+    source = bundle.load(src, allow=allow)
+    roots = _roots(src, allow)
+    _not_running(src, source, roots)
+    plan = _Plan(src, dst, source, progress, roots)
     stage = dst.parent / f".{dst.name}.clone-tmp"
     if stage.exists():
         shutil.rmtree(stage)  # left by a clone that crashed: never referenced by anything
@@ -383,7 +399,7 @@ def _clone_locked(
         )
         if linked:
             write_links(stage, Links(base=(_base_link(dst, src, source),)))
-        bundle.save(machine, stage, create_disks=False, allow=[src, *bundle.allowed_roots(src)])
+        bundle.save(machine, stage, create_disks=False, allow=roots)
         for sub in (stage / bundle.DISKS, stage / bundle.SNAPSHOTS, stage):
             fsync_dir(sub)
         if linked:
@@ -421,7 +437,7 @@ def _freeze_source(src: Path, dst: Path, source: Machine, clone: Machine, plan: 
             "qcow2",
             backing=os.path.relpath(below, target.parent),
             backing_format="qcow2" if disk.layers else disk.format,  # type: ignore[arg-type]
-            allow_backing=tuple(_roots(src)),
+            allow_backing=tuple(plan.roots),
         )
         img.close()
         disks[i] = attrs.evolve(disk, layers=(*disk.layers, name))

@@ -305,3 +305,17 @@ class TestBadInput:
         (tmp_path / "empty").mkdir()
         c = virtkit.clone(source, tmp_path / "empty", linked=False)
         assert virtkit.load(tmp_path / "empty") == c
+
+    def test_outside_disk_needs_allow(self, tmp_path: Path) -> None:
+        """A source disk outside its folder is cloned only when the caller allows that place."""
+        outside = tmp_path / "store"
+        outside.mkdir()
+        with images.create(outside / "big.qcow2", "1MiB") as img:
+            img.write(0, b"outside!")
+        src = tmp_path / "src"
+        virtkit.save(Machine(name="src", disks=[Disk(path=str(outside / "big.qcow2"))]), src)
+        with pytest.raises(ConfigError, match="points outside the VM folder"):
+            virtkit.clone(src, tmp_path / "c1")
+        c = virtkit.clone(src, tmp_path / "c1", allow=[outside], linked=False)
+        assert c.disks[0].path == "big.qcow2"
+        assert _read(tmp_path / "c1", c.disks[0]) == b"outside!"
