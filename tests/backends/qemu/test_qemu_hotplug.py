@@ -53,12 +53,13 @@ _MOUNT = (
 
 
 class TestHotplug:
-    def test_hot_plugged_disk_is_seen_and_written_by_the_guest_then_unplugged(
+    def test_hot_plugged_disk_and_nic_are_seen_by_the_guest_then_unplugged(
         self, hv: QemuHypervisor, linux_boot: KernelBoot
     ) -> None:
         """attach(Disk(size=...)) on a running guest: the image is created in the folder, the
         Linux guest sees a new virtio disk and writes it; detach() waits for the guest to release
-        it; machine.toml records both steps; the host reads the guest's bytes back."""
+        it; then a NIC is plugged and unplugged the same way. machine.toml records every step;
+        the host reads the guest's bytes back."""
         guest = hv.define(Machine(name="hot", memory="256MiB", kernel=linux_boot))
         _boot(guest)
         assert b"vda" not in _run(guest, "cat /proc/partitions", "ENDP")
@@ -79,6 +80,17 @@ class TestHotplug:
         guest.detach("vda")
         assert b"vda" not in _run(guest, "cat /proc/partitions", "ENDQ")
         assert _load(guest).disks == ()
+        # a NIC the same way: a virtio-net PCI device (vendor 0x1af4, device 0x1000) appears
+        count = "grep -l 0x1000 /sys/bus/pci/devices/*/device | wc -l"
+        assert _run(guest, count, "ENDN").strip().endswith(b"0")
+        nic = guest.attach(Nic())
+        assert isinstance(nic, Nic)
+        assert nic.name == "net0"
+        assert _load(guest).nics == (nic,)
+        assert _run(guest, f"sleep 2; {count}", "ENDO").strip().endswith(b"1")
+        guest.detach("net0")
+        assert _run(guest, count, "ENDX").strip().endswith(b"0")
+        assert _load(guest).nics == ()
         assert guest.state is State.RUNNING
         guest.kill()
         with virtkit.images.open(guest.folder / "disks" / "hot.qcow2") as img:
@@ -107,25 +119,6 @@ class TestHotplug:
         _boot(guest)  # the medium recorded in the folder is in the drive after a restart
         out = _run(guest, f"{_MOUNT}; cat /m/hello.txt", "ENDR")
         assert b"hello-from-the-first-iso" in out
-        guest.kill()
-
-    def test_nic_hot_plug_is_seen_by_the_guest(
-        self, hv: QemuHypervisor, linux_boot: KernelBoot
-    ) -> None:
-        """attach(Nic()) live: a virtio-net PCI device with the recorded MAC appears in the guest's
-        PCI bus (virtio vendor 0x1af4, net device 0x1000); detach removes it."""
-        guest = hv.define(Machine(name="nic", memory="256MiB", kernel=linux_boot))
-        _boot(guest)
-        count = "grep -l 0x1000 /sys/bus/pci/devices/*/device | wc -l"
-        assert _run(guest, count, "END0").strip().endswith(b"0")
-        nic = guest.attach(Nic())
-        assert isinstance(nic, Nic) and nic.name == "net0"
-        assert _load(guest).nics == (nic,)
-        out = _run(guest, f"sleep 2; {count}", "END1")
-        assert out.strip().endswith(b"1")
-        guest.detach("net0")
-        assert _run(guest, count, "END2").strip().endswith(b"0")
-        assert _load(guest).nics == ()
         guest.kill()
 
     def test_ide_disks_cannot_be_hot_plugged(self, hv: QemuHypervisor, tmp_path: Path) -> None:
