@@ -85,3 +85,24 @@ def test_running_source_is_not_cloned(backend: str, tmp_path: Path) -> None:
         guest.kill()
         c = virtkit.clone(folder, tmp_path / "c1")
         assert c.disks[0].path == "boot.qcow2"
+
+
+@pytest.mark.parametrize("backend", ["qemu"])
+def test_source_keeps_layers_its_clones_read(backend: str, gold: Path, tmp_path: Path) -> None:
+    """Deleting the source's snapshot whose layers a clone reads is refused, naming the clone."""
+    with virtkit.connect(backend, root=tmp_path / "guests") as hv:
+        guest = hv.define(virtkit.load(gold), folder=gold)
+        guest.snapshot("before", memory=False)
+        hv.undefine(guest)
+        virtkit.clone(gold, tmp_path / "c1")
+        guest = hv.define(virtkit.load(gold), folder=gold)
+        with pytest.raises(virtkit.StateError, match="linked clone"):
+            guest.delete_snapshot("before")
+        assert [s.name for s in guest.snapshots] == ["before"]
+        guest.start()
+        assert FIRST_RUN in _finish(guest)
+    c1 = virtkit.load(tmp_path / "c1")
+    with virtkit.connect(backend, root=tmp_path / "guests2") as hv:
+        clone = _run(hv, tmp_path / "c1")
+        assert FIRST_RUN in _finish(clone)  # the source's run did not reach it
+    assert c1.disks[0].active == "boot.qcow2"
