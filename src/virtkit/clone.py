@@ -162,17 +162,26 @@ def _copy_file(src: Path, dst: Path) -> None:
     shutil.copymode(src, dst)
 
 
-def _copy_kernel(src: Path, stage: Path, kernel: KernelBoot | None) -> None:
-    """Copy a kernel/initrd that lives inside the source folder (paths stay the same)."""
+def _copy_kernel(src: Path, dst: Path, stage: Path, kernel: KernelBoot | None) -> KernelBoot | None:
+    """Copy a kernel/initrd that lives inside the source folder (its path stays the same).
+
+    One outside the folder is referenced: an absolute path as it is, a
+    relative one re-based on the clone's folder.
+    """
     if kernel is None:
-        return
+        return None
+    paths: list[Path | None] = []
     for path in (kernel.kernel, kernel.initrd):
         if path is None or path.is_absolute():
-            continue
-        origin = bundle.resolve_file(src, path, allow=[], field="kernel")
-        target = stage / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _copy_file(origin, target)
+            paths.append(path)
+        elif os.path.normpath(path).startswith(".."):
+            paths.append(Path(os.path.relpath(_abs(src / path), dst)))
+        else:
+            target = stage / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _copy_file(bundle.resolve_file(src, path), target)
+            paths.append(path)
+    return attrs.evolve(kernel, kernel=paths[0], initrd=paths[1])
 
 
 class _Plan:
@@ -390,12 +399,12 @@ def _clone_locked(
             plan.linked(stage)
         else:
             plan.full(stage)
-        _copy_kernel(src, stage, source.kernel)
+        kernel = _copy_kernel(src, dst, stage, source.kernel)
         for extra in _COPIED_FILES:
             if (src / extra).is_file():
                 _copy_file(src / extra, stage / extra)
         machine = attrs.evolve(
-            _new_identity(source, clone_name), disks=plan.disks, cdroms=plan.cdroms
+            _new_identity(source, clone_name), disks=plan.disks, cdroms=plan.cdroms, kernel=kernel
         )
         if linked:
             write_links(stage, Links(base=(_base_link(dst, src, source),)))
