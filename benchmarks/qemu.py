@@ -188,7 +188,18 @@ def bench_qmp(hv: QemuHypervisor, work: Path, calls: int) -> tuple[float, float]
     return _median_ms(ours), _median_ms(bare)
 
 
-def bench_snapshot(hv: QemuHypervisor, work: Path, repeats: int) -> tuple[str, float, float, int]:
+def _fill_command() -> str:
+    # touch ~96 MiB so the snapshot carries real RAM contents
+    return "dd if=/dev/urandom of=/dev/shm/fill bs=1M count=96 2>/dev/null; echo fil''led\n"
+
+
+def bench_snapshot(
+    hv: QemuHypervisor, work: Path, repeats: int
+) -> tuple[str, float, float, int, tuple[float, float] | None]:
+    """virtkit's full snapshot save/load vs a bare QEMU's savevm/loadvm on the same guest.
+
+    Returns (what, save ms, load ms, vm-state bytes, (bare savevm ms, bare loadvm ms)).
+    """
     disk = work / "snap.qcow2"
     kernel: KernelBoot | None = None
     try:
@@ -209,12 +220,11 @@ def bench_snapshot(hv: QemuHypervisor, work: Path, repeats: int) -> tuple[str, f
     guest: QemuGuest = hv.define(
         Machine(name="bench-snap", memory="256MiB", disks=[Disk(str(disk))], kernel=kernel)
     )
+    argv = bare_argv(guest.qemu_argv())
     guest.start()
     if kernel is not None:
         guest.console.expect(READY_MARKER, timeout=120)
-        # touch ~128 MiB so the snapshot carries real RAM contents
-        guest.console.write("dd if=/dev/urandom of=/dev/shm/fill bs=1M count=96 2>/dev/null\n")
-        guest.console.write("echo filled\n")
+        guest.console.write(_fill_command())
         guest.console.expect("filled\r\n", timeout=120)
     save: list[float] = []
     load: list[float] = []
@@ -235,7 +245,60 @@ def bench_snapshot(hv: QemuHypervisor, work: Path, repeats: int) -> tuple[str, f
     )
     vmstate = max(s.get("vm-state-size", 0) for s in info.get("snapshots", [{}]))
     guest.kill()
-    return what, _median_ms(save), _median_ms(load), vmstate
+    bare = None
+    if kernel is not None:
+        bare = _bare_savevm(argv, guest.active_disk_path(guest.machine.disks[0]), work, repeats)
+    return what, _median_ms(save), _median_ms(load), vmstate, bare
+
+
+def _bare_savevm(argv: list[str], disk: Path, work: Path, repeats: int) -> tuple[float, float]:
+    """The same guest in a bare QEMU: HMP savevm/loadvm through a raw QMP client."""
+    from virtkit.testing.linux import READY_MARKER  # noqa: PLC0415
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    sock = work / "bare-snap.sock"
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [*argv, "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    seen = b""
+    while READY_MARKER.encode() not in seen:
+        seen += proc.stdout.read1(65536)
+    proc.stdin.write(_fill_command().encode())
+    proc.stdin.flush()
+    while b"filled\r\n" not in seen:
+        seen += proc.stdout.read1(65536)
+
+    async def run() -> tuple[list[float], list[float]]:
+        client = QMPClient("bare-snap")
+        for _ in range(200):
+            try:
+                await client.connect(str(sock))
+                break
+            except Exception:
+                await asyncio.sleep(0.02)
+        saves, loads = [], []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            await client.execute("human-monitor-command", {"command-line": f"savevm b{i}"})
+            saves.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await client.execute("human-monitor-command", {"command-line": f"loadvm b{i}"})
+            loads.append(time.perf_counter() - t0)
+        await client.disconnect()
+        return saves, loads
+
+    try:
+        saves, loads = asyncio.run(run())
+    finally:
+        proc.kill()
+        proc.wait()
+    return _median_ms(saves), _median_ms(loads)
 
 
 def _raw_agent_call(sock: socket.socket, buf: bytearray, command: dict[str, object]) -> object:
@@ -368,11 +431,19 @@ def main() -> None:
                     f"raw JSON {agent['write_raw']:6.2f} MiB/s   "
                     f"ratio {agent['write_raw'] / agent['write_ours']:.2f} (time)"
                 )
-            what, save, load, vmstate = bench_snapshot(hv, work, max(3, args.repeats // 3))
+            what, save, load, vmstate, bare_snap = bench_snapshot(
+                hv, work, max(3, args.repeats // 3)
+            )
             print(
                 f"full snapshot ({what}, vm state {vmstate / 2**20:.1f} MiB)   "
                 f"save {save:8.1f} ms   load (revert) {load:8.1f} ms"
             )
+            if bare_snap is not None:
+                print(
+                    f"  bare QEMU savevm/loadvm (same guest)   save {bare_snap[0]:8.1f} ms   "
+                    f"load {bare_snap[1]:8.1f} ms   ratio save {save / bare_snap[0]:.2f}, "
+                    f"load {load / bare_snap[1]:.2f}"
+                )
     os.sync()
 
 
