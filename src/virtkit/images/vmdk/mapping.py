@@ -254,8 +254,9 @@ class SparseExtent:
         if run.kind == "data":
             return _read_padded(self.st, run.host + (start - run.start), length)
         in_grain = start % self.grain
-        if self._last is not None and self._last[0] == run.host:
-            grain = self._last[1]
+        last = self._last  # one read: other threads may inflate grains of this extent too
+        if last is not None and last[0] == run.host:
+            grain = last[1]
         else:
             keep = (0, self.grain) if self.grain <= _CACHE_GRAIN else (in_grain, in_grain + length)
             grain = self._inflate(run.host, *keep)
@@ -270,6 +271,8 @@ class SparseExtent:
                 path=self.path,
                 offset=run.host,
             )
+        if in_grain == 0 and length == len(grain):
+            return grain
         return grain[in_grain : in_grain + length]
 
     def _inflate(self, host: int, keep_from: int, keep_to: int) -> bytes:
@@ -291,7 +294,7 @@ class SparseExtent:
                     f"compressed grain size {size} is out of range", path=self.path, offset=host
                 )
         inflater = zlib.decompressobj()
-        kept = bytearray()
+        kept: list[bytes] = []
         produced = 0
         end = pos + size
         pending = b""
@@ -314,7 +317,7 @@ class SparseExtent:
                     )
                 lo, hi = max(keep_from - produced, 0), min(keep_to - produced, len(out))
                 if lo < hi:
-                    kept += out[lo:hi]
+                    kept.append(out if (lo, hi) == (0, len(out)) else out[lo:hi])
                 produced += len(out)
                 if last:
                     break
@@ -324,7 +327,7 @@ class SparseExtent:
             ) from exc
         if not inflater.eof:
             raise CorruptImageError("compressed grain is truncated", path=self.path, offset=host)
-        return bytes(kept)
+        return kept[0] if len(kept) == 1 else b"".join(kept)
 
     def bad_grains(self) -> Iterator[tuple[int, str]]:
         """``(host offset, message)`` for grain-table entries pointing past the file's end."""
