@@ -70,6 +70,16 @@ class TestReadMatrix:
         virtkit.images.convert(path, tmp_path / "out.vhdx", format="vhdx")
         qemu_img("compare", "-f", "vdi", "-F", "vhdx", path, tmp_path / "out.vhdx")
 
+    def test_huge_sparse_disk(self, tmp_path: Path, qemu_img: Run) -> None:
+        """A 2 TiB dynamic disk with one written block: block status and check stay cheap."""
+        path = _qemu_vdi(qemu_img, tmp_path / "big.vdi", "2T")
+        qemu_io(path, "write -P 7 1T 4k", fmt="vdi")
+        with virtkit.images.open(path) as img:
+            kinds = [(e.kind, e.length) for e in img.block_status()]
+            assert kinds == [("zero", 1 << 40), ("data", MiB), ("zero", (1 << 40) - MiB)]
+            assert img.check().ok
+            assert img.read((1 << 40) - 2, 4) == b"\0\0\x07\x07"
+
     def test_odd_disk_size_rounds_up(
         self, tmp_path: Path, qemu_img: Run, qemu_img_info: Callable[[Path], dict[str, Any]]
     ) -> None:

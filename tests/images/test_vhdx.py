@@ -71,6 +71,17 @@ class TestReadMatrix:
         virtkit.images.convert(path, tmp_path / "out.qcow2")
         qemu_img("compare", "-f", "vhdx", "-F", "qcow2", path, tmp_path / "out.qcow2")
 
+    def test_huge_sparse_disk(self, tmp_path: Path, qemu_img: Run) -> None:
+        """A 60 TiB disk with one written block: block status, check and reads stay cheap."""
+        path = _qemu_vhdx(qemu_img, tmp_path / "big.vhdx", "60T")
+        qemu_io(path, "write -P 7 40T 4k", fmt="vhdx")
+        with virtkit.images.open(path) as img:
+            kinds = [(e.kind, e.length) for e in img.block_status()]
+            assert kinds == [("zero", 40 << 40), ("data", 64 * MiB),
+                             ("zero", (20 << 40) - 64 * MiB)]  # fmt: skip
+            assert img.check().ok and img.check().allocated_clusters == 1
+            assert img.read((40 << 40) - 2, 4) == b"\0\0\x07\x07"
+
     @pytest.mark.parametrize(("zero", "kind"), [("on", "zero"), ("off", "unallocated")])
     def test_block_states(self, tmp_path: Path, qemu_img: Run, zero: str, kind: str) -> None:
         """Unwritten blocks are zero (state ZERO) or unallocated (NOT_PRESENT), written ones data."""

@@ -34,6 +34,7 @@ def _fuzz() -> ModuleType:
 class TestLayout:
     """Each structure is described once and used both ways."""
 
+    @settings(deadline=None)
     @given(st.binary(min_size=L.HEADER.size, max_size=L.HEADER.size))
     def test_header_round_trip(self, raw: bytes) -> None:
         """unpack then pack gives back the bytes (with the checksum recomputed)."""
@@ -49,6 +50,7 @@ class TestLayout:
         """The VDI header packs back to the same 512 bytes."""
         assert VL.VdiHeader.unpack(raw).pack() == raw
 
+    @settings(max_examples=20, deadline=None)
     @given(
         st.lists(
             st.tuples(

@@ -245,10 +245,7 @@ class VdiImage(Image):
         problems: list[CheckProblem] = []
         seen: dict[int, int] = {}
         allocated = 0
-        for block in range(total):
-            e = self._map.entry(block)
-            if e >= L.DISCARDED:
-                continue
+        for block, e in self._map.allocated():
             where = self.header.offset_bmap + 4 * block
             if e >= total:
                 problems.append(CheckProblem(

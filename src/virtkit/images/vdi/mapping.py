@@ -7,7 +7,8 @@ the header declares.
 
 from __future__ import annotations
 
-import struct
+import array
+import sys
 from collections.abc import Iterator
 from typing import Literal
 
@@ -21,7 +22,7 @@ RunKind = Literal["data", "zero", "unallocated"]
 Run = tuple[int, int, RunKind, int | None]
 
 _PAGE = 16384  # entries per page (64 KiB)
-_MAX_PAGES = 256
+_MAX_PAGES = 64  # 4 MiB of block map in memory at most
 
 
 class BlockMap:
@@ -32,22 +33,44 @@ class BlockMap:
         self.offset = offset
         self.count = count
         self.data_offset = data_offset
-        self._pages: dict[int, tuple[int, ...]] = {}
+        self._pages: dict[int, array.array[int]] = {}
+        self._empty: dict[int, bool] = {}
 
-    def entry(self, block: int) -> int:
-        """The map entry of ``block``."""
-        page, slot = divmod(block, _PAGE)
+    def page(self, page: int) -> array.array[int]:
+        """Block map page ``page`` (16384 entries, fewer at the end)."""
         entries = self._pages.get(page)
         if entries is None:
             first = page * _PAGE
             n = min(_PAGE, self.count - first)
             raw = self.st.pread(self.offset + first * 4, n * 4)
             raw += b"\xff" * (n * 4 - len(raw))
-            entries = struct.unpack(f"<{n}I", raw)
+            entries = array.array("I", raw)
+            if sys.byteorder == "big":
+                entries.byteswap()
             if len(self._pages) >= _MAX_PAGES:
                 self._pages.pop(next(iter(self._pages)))
             self._pages[page] = entries
-        return entries[slot]
+            self._empty[page] = min(entries, default=L.UNALLOCATED) >= L.DISCARDED
+        return entries
+
+    def page_empty(self, page: int) -> bool:
+        """Whether no block of map page ``page`` is allocated."""
+        self.page(page)
+        return self._empty[page]
+
+    def entry(self, block: int) -> int:
+        """The map entry of ``block``."""
+        page, slot = divmod(block, _PAGE)
+        return self.page(page)[slot]
+
+    def allocated(self) -> Iterator[tuple[int, int]]:
+        """``(block, entry)`` of every allocated block, empty pages skipped whole."""
+        for page in range(-(-self.count // _PAGE)):
+            if self.page_empty(page):
+                continue
+            for slot, e in enumerate(self.page(page)):
+                if e < L.DISCARDED:
+                    yield page * _PAGE + slot, e
 
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         """Yield merged runs of ``[offset, offset+length)``: data (with file offset) or not."""
@@ -55,9 +78,13 @@ class BlockMap:
         pos, end = offset, offset + length
         while pos < end:
             block, within = divmod(pos, L.BLOCK_SIZE)
-            n = min(L.BLOCK_SIZE - within, end - pos)
-            e = self.entry(block)
             piece: Run
+            if self.page_empty(block // _PAGE):  # a whole page of unallocated blocks at once
+                n = min((block // _PAGE + 1) * _PAGE * L.BLOCK_SIZE - pos, end - pos)
+                e = L.UNALLOCATED
+            else:
+                n = min(L.BLOCK_SIZE - within, end - pos)
+                e = self.entry(block)
             if e < L.DISCARDED:
                 piece = (pos, n, "data", self.data_offset + e * L.BLOCK_SIZE + within)
             else:

@@ -364,11 +364,11 @@ class VhdxImage(Image):
         used: dict[int, int] = {}
         ratio = self.meta.chunk_ratio
         allocated = 0
-        for index in range(self.meta.bat_count):
-            entry = self._map.entry(index)
-            if not entry:
-                continue
+        benign = (L.PAYLOAD_UNDEFINED, L.PAYLOAD_ZERO, L.PAYLOAD_UNMAPPED, L.PAYLOAD_UNMAPPED_V095)
+        for index, entry in self._map.nonzero_entries():
             bitmap = index % (ratio + 1) == ratio
+            if not bitmap and entry in benign:  # a zero or absent block: nothing in the file
+                continue
             where = self.meta.bat_offset + index * 8
             state = entry & L.STATE_MASK
             try:

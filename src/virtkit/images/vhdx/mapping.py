@@ -14,7 +14,9 @@ checked against the file and the other structures before use.
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 from collections.abc import Iterator
 from typing import Literal
 
@@ -30,7 +32,7 @@ RunKind = Literal["data", "zero", "unallocated"]
 Run = tuple[int, int, RunKind, int | None]
 
 _PAGE_ENTRIES = 8192
-_MAX_PAGES = 256  # 16 MiB of BAT in memory at most
+_MAX_PAGES = 64  # 4 MiB of BAT in memory at most
 _ZERO_STATES = (L.PAYLOAD_ZERO, L.PAYLOAD_UNMAPPED, L.PAYLOAD_UNMAPPED_V095)
 _ABSENT_STATES = (L.PAYLOAD_NOT_PRESENT, L.PAYLOAD_UNDEFINED)
 
@@ -42,25 +44,66 @@ class Mapper:
         self.st = st
         self.meta = meta
         self.file_size = st.size()
-        self._pages: dict[int, list[int]] = {}
+        self._pages: dict[int, array.array[int]] = {}
+        self._empty: dict[int, bool] = {}
+        self._uniform: dict[int, int | None] = {}
 
     # -- the BAT ----------------------------------------------------------------
-    def entry(self, index: int) -> int:
-        """BAT entry ``index`` (payload or sector bitmap)."""
-        if not 0 <= index < self.meta.bat_count:
-            raise CorruptImageError(f"VHDX: BAT index {index} out of range", path=self.st.path)
-        page, slot = divmod(index, _PAGE_ENTRIES)
+    def page(self, page: int) -> array.array[int]:
+        """BAT page ``page`` (8192 entries, fewer at the end), from the cache or the file."""
         entries = self._pages.get(page)
         if entries is None:
             first = page * _PAGE_ENTRIES
             count = min(_PAGE_ENTRIES, self.meta.bat_count - first)
             raw = self.st.pread(self.meta.bat_offset + first * 8, count * 8)
             raw += bytes(count * 8 - len(raw))  # a BAT cut short by the file reads as absent
-            entries = list(struct.unpack(f"<{count}Q", raw))
+            entries = array.array("Q", raw)
+            if sys.byteorder == "big":
+                entries.byteswap()
             if len(self._pages) >= _MAX_PAGES:
                 self._pages.pop(next(iter(self._pages)))
             self._pages[page] = entries
-        return entries[slot]
+            self._empty[page] = not any(entries)
+            self._uniform[page] = self._uniform_state(page, entries)
+        return entries
+
+    def _uniform_state(self, page: int, entries: array.array[int]) -> int | None:
+        """The one state every payload entry of a page has, when none points into the file."""
+        ratio = self.meta.chunk_ratio
+        first = page * _PAGE_ENTRIES
+        states = {e for i, e in enumerate(entries) if (first + i) % (ratio + 1) != ratio}
+        if len(states) != 1:
+            return None
+        (value,) = states
+        if value & L.OFFSET_MASK or value not in (*_ZERO_STATES, *_ABSENT_STATES):
+            return None
+        return value
+
+    def page_empty(self, page: int) -> bool:
+        """Whether every entry of BAT page ``page`` is zero (nothing allocated there)."""
+        self.page(page)
+        return self._empty[page]
+
+    def page_uniform(self, page: int) -> int | None:
+        """The state every payload block of BAT page ``page`` shares (zero or absent), or None."""
+        self.page(page)
+        return self._uniform[page]
+
+    def nonzero_entries(self) -> Iterator[tuple[int, int]]:
+        """``(index, entry)`` of every non-zero BAT entry, empty pages skipped whole."""
+        for page in range(-(-self.meta.bat_count // _PAGE_ENTRIES)):
+            if self.page_empty(page):
+                continue
+            for slot, entry in enumerate(self.page(page)):
+                if entry:
+                    yield page * _PAGE_ENTRIES + slot, entry
+
+    def entry(self, index: int) -> int:
+        """BAT entry ``index`` (payload or sector bitmap)."""
+        if not 0 <= index < self.meta.bat_count:
+            raise CorruptImageError(f"VHDX: BAT index {index} out of range", path=self.st.path)
+        page, slot = divmod(index, _PAGE_ENTRIES)
+        return self.page(page)[slot]
 
     def set_entry(self, index: int, value: int) -> None:
         """Write BAT entry ``index`` to the file, then to the cache."""
@@ -68,10 +111,21 @@ class Mapper:
         page, slot = divmod(index, _PAGE_ENTRIES)
         if page in self._pages:
             self._pages[page][slot] = value
+            self._empty[page] = self._empty[page] and not value
+            self._uniform[page] = self._uniform_state(page, self._pages[page])
 
     def payload_index(self, block: int) -> int:
         """BAT index of payload block ``block``."""
         return block + block // self.meta.chunk_ratio
+
+    def _last_block_in_page(self, page: int) -> int:
+        """The last payload block whose BAT entry is in ``page``."""
+        ratio = self.meta.chunk_ratio
+        limit = (page + 1) * _PAGE_ENTRIES  # first BAT index of the next page
+        block = max(limit * ratio // (ratio + 1) - 2, 0)
+        while self.payload_index(block + 1) < limit:
+            block += 1
+        return block
 
     def bitmap_index(self, block: int) -> int:
         """BAT index of the sector bitmap block covering payload block ``block``."""
@@ -161,6 +215,14 @@ class Mapper:
         end = offset + length
         while pos < end:
             block, within = divmod(pos, bs)
+            index = self.payload_index(block)
+            uniform = self.page_uniform(index // _PAGE_ENTRIES)
+            if uniform is not None:  # a page of blocks all zero or all absent, at once
+                last = self._last_block_in_page(index // _PAGE_ENTRIES)
+                n = min((last + 1) * bs - pos, end - pos)
+                yield pos, n, "zero" if uniform in _ZERO_STATES else "unallocated", None
+                pos += n
+                continue
             n = min(bs - within, end - pos)
             state, host = self.block(block)
             if state == L.PAYLOAD_FULLY_PRESENT:

@@ -197,6 +197,13 @@ def load(st: Storage) -> VhdxMeta:
         if entry.file_offset % L.MiB or entry.file_offset < L.MiB or not entry.length:
             raise _corrupt(path, f"{what} at {entry.file_offset:#x} is not 1 MiB aligned "
                            "past the header section, or empty", L.REGION1_OFFSET)  # fmt: skip
+        if entry.file_offset + entry.length > file_size:
+            raise _corrupt(
+                path,
+                f"the {what} ({entry.length} bytes at {entry.file_offset:#x}) runs past the "
+                f"end of the {file_size}-byte file",
+                L.REGION1_OFFSET,
+            )
         _add_region(path, regions, entry.file_offset, entry.length, what)
         if what == "BAT":
             bat = entry
@@ -273,7 +280,6 @@ def load(st: Storage) -> VhdxMeta:
     if count_bat * 8 > bat.length:
         raise _corrupt(path, f"the BAT region ({bat.length} bytes) cannot hold its {count_bat} "
                        "entries", bat.file_offset)  # fmt: skip
-    del file_size
     return VhdxMeta(
         header=header,
         header_index=header_index,
