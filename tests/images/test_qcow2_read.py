@@ -247,8 +247,11 @@ class TestHeaderFeatures:
         assert [b["name"] for b in ours["bitmaps"]] == ["b0", "other"]
         with images.open(path, writable=True) as img:
             img.write(1024 * 1024, b"w" * 70_000)
-        # our write marks the bitmap in-use (stale) and keeps its clusters accounted
-        assert "in-use" in qemu_img("info", path).stdout
+        # our write is recorded in the enabled bitmap, left consistent at close
+        assert "in-use" not in qemu_img("info", path).stdout
+        with images.open(path) as img:
+            assert img.bitmap_extents("b0") == [(512 * 1024, 65536), (1024 * 1024, 131072)]
+            assert img.bitmap_extents("other") == []
         qemu_img("check", path)
 
     def test_unknown_incompatible_bit(self, qemu_img: QemuImg, tmp_path: Path) -> None:
