@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 import pytest
 
 import virtkit
-
 from virtkit.model import Disk, Machine, State
 from virtkit.testing import guests
 
