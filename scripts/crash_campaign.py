@@ -10,7 +10,11 @@ for each fault kind:
 * ``crash``: the process dies before write N (``faults.CrashAfter``);
 * ``power``: every unflushed write is lost, then death (``faults.PowerLoss``);
 * ``reorder``: a seeded random half of the unflushed writes is lost
-  (``faults.PowerLoss(keep=0.5)``), as a disk cache may reorder them.
+  (``faults.PowerLoss(keep=0.5)``), as a disk cache may reorder them;
+* ``enospc`` (``--enospc``): the disk is full from write N of a scattered-write
+  workload (``faults.NoSpace``); the writer gets an ``ImageError``, retries
+  once the space is back, and the image must be clean afterwards;
+* ``sigkill`` (``--kills``): a real writer process killed with ``kill -9``.
 
 After each cut the image must open, real ``qemu-img check`` must find no
 corruption (leaks allowed), acknowledged data must read back, and
@@ -47,6 +51,7 @@ from typing import Any
 
 import virtkit
 from virtkit import images
+from virtkit.testing import faults
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "reliability"))
 W: Any = importlib.import_module("image_workloads")  # the test suite's workloads
@@ -76,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show", type=int, default=2, help="failures printed per row")
     ap.add_argument(
         "--kills", type=int, default=0, help="also SIGKILL a real writer process this many times"
+    )
+    ap.add_argument(
+        "--enospc", type=int, default=0, help="also fill the disk at this many sampled writes"
     )
     args = ap.parse_args(argv)
     workloads = args.workload or sorted(W.WORKLOADS)
@@ -124,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 row["first_failures"] = [f[:2000] for f in figs.failures[:5]]
                 rows.append(row)
+    if args.enospc:
+        broken += enospc_campaign(variants, args.enospc, rows)
     if args.kills:
-        broken += kill_campaign(args.kills, rows)
+        broken += kill_campaign(variants, args.kills, rows)
     tried = sum(r["tried"] for r in rows)
     survived = sum(r["survived"] for r in rows)
     print(f"total: {tried} crash points tried, {survived} survived, {broken} rows with failures")
@@ -134,17 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if broken == 0 else 1
 
 
-def kill_campaign(kills: int, rows: list[dict[str, Any]]) -> int:
-    """``kill -9`` a real writer ``kills`` times per image kind; return rows that failed."""
+def kill_campaign(variants: list[str], kills: int, rows: list[dict[str, Any]]) -> int:
+    """``kill -9`` a real writer ``kills`` times per variant; return rows that failed."""
     k9: Any = importlib.import_module("test_image_kill9")
     failed = 0
-    for label, opts, seed in [
-        ("v3", {}, 11),
-        ("v2-512", {"compat": "0.10", "cluster_size": 512}, 12),
-    ]:
+    for seed, label in enumerate(variants, start=11):
         with tempfile.TemporaryDirectory(prefix="virtkit-kill-") as tmp:
             path = Path(tmp) / "disk.qcow2"
-            create: dict[str, Any] = {"cluster_size": W.CS, **opts}
+            create: dict[str, Any] = {"cluster_size": W.CS, **VARIANTS[label]}
             images.create(path, W.SIZE, **create).close()
             started = time.monotonic()
             try:
@@ -153,7 +160,7 @@ def kill_campaign(kills: int, rows: list[dict[str, Any]]) -> int:
             except AssertionError as exc:
                 figs, error = {}, str(exc)
                 failed += 1
-        print(f"kill -9 {label:<8} {figs or 'FAILED'} {time.monotonic() - started:.1f}s")
+        print(f"kill -9 {label:<10} {figs or 'FAILED'} {time.monotonic() - started:.1f}s")
         if error:
             print("    FAIL " + error[:1500])
         rows.append(
@@ -164,6 +171,68 @@ def kill_campaign(kills: int, rows: list[dict[str, Any]]) -> int:
                 **figs,
                 "tried": figs.get("kills", 0),
                 "survived": figs.get("survived", 0),
+            }
+        )
+    return failed
+
+
+def enospc_campaign(variants: list[str], points: int, rows: list[dict[str, Any]]) -> int:
+    """Fill the disk at ``points`` sampled writes of a scattered workload, per variant."""
+    ns: Any = importlib.import_module("test_image_enospc")
+    failed = 0
+    for label in variants:
+        W.VARIANT.clear()
+        W.VARIANT.update(VARIANTS[label])
+        with tempfile.TemporaryDirectory(prefix="virtkit-enospc-") as tmp:
+            started = time.monotonic()
+            probe = Path(tmp) / "probe.qcow2"
+            images.create(probe, W.SIZE, **W.opts()).close()
+            total = ns.count_writes(probe)
+            tried = survived = raised = 0
+            failures: list[str] = []
+            for k in W.sample(total, points):
+                path = Path(tmp) / f"disk{k}.qcow2"
+                images.create(path, W.SIZE, **W.opts()).close()
+                m = W.Model(bytes(W.SIZE))
+                tried += 1
+                try:
+                    with images.open(path, writable=True, **W.OPEN) as img:
+                        plan = faults.NoSpace(at_write=k)
+                        with faults.inject(plan, only=path):
+                            try:
+                                ns.scattered(img, m)
+                            except virtkit.ImageError as exc:
+                                raised += 1
+                                plan.release()
+                                ns.scattered(img, m, start=exc.op_index)  # type: ignore[attr-defined]
+                            plan.release()
+                            m.flush(img)
+                    m.ack()
+                    ns.assert_clean_after(path, m)
+                    survived += 1
+                except (AssertionError, virtkit.VirtkitError) as exc:
+                    failures.append(f"disk full from write {k}/{total}: {exc}")
+                path.unlink()
+        secs = time.monotonic() - started
+        print(
+            f"{label:<10} {'scattered':<10} {'enospc':<8} {total:>6} {tried:>6} {survived:>8} "
+            f"raised={raised} {secs:>6.1f}",
+            flush=True,
+        )
+        for failure in failures[:2]:
+            print("    FAIL " + failure[:1200])
+        failed += bool(failures)
+        rows.append(
+            {
+                "workload": "scattered",
+                "variant": label,
+                "kind": "enospc",
+                "writes": total,
+                "tried": tried,
+                "survived": survived,
+                "raised": raised,
+                "failed": len(failures),
+                "seconds": round(secs, 1),
             }
         )
     return failed
