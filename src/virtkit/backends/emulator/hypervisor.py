@@ -23,9 +23,11 @@ from typing import Any, ClassVar
 
 from virtkit import images
 from virtkit.backends.base import Guest, Hypervisor
+from virtkit.backends.emulator.bootparams import LinuxBoot
 from virtkit.backends.emulator.disks import DriveSpec
 from virtkit.backends.emulator.machine import PcMachine
 from virtkit.backends.emulator.state import load_machine, save_machine
+from virtkit.backends.files import kernel_file
 from virtkit.errors import BackendError, ConfigError, ImageError, StateError, TimeoutError
 from virtkit.model import Disk, HypervisorType, Machine, Snapshot, SnapshotKind, State
 
@@ -67,7 +69,7 @@ class EmulatorHypervisor(Hypervisor):
         return HypervisorType.TYPE2
 
     def _ignored_devices(self, machine: Machine) -> list[tuple[str, str]]:
-        """What the emulated PC cannot run: NICs, CD-ROMs, cloud-init, extra vCPUs, kernel boot."""
+        """What the emulated PC cannot run: NICs, CD-ROMs, cloud-init, extra vCPUs, agent."""
         ignored = [
             (f"nics[{i}]", f"the emulated PC has no network card ({nic.name} is not attached)")
             for i, nic in enumerate(machine.nics)
@@ -82,8 +84,6 @@ class EmulatorHypervisor(Hypervisor):
             ignored.append(
                 ("cpus", f"one vCPU is emulated; {machine.vcpus} count for admission control only")
             )
-        if machine.kernel is not None:
-            ignored.append(("kernel", "direct kernel boot is not supported; the disks are booted"))
         if machine.agent:
             ignored.append(("agent", "the emulated PC has no virtio-serial port for a guest agent"))
         ignored += [
@@ -199,6 +199,17 @@ class EmulatorGuest(Guest):
             )
         return specs, problems
 
+    def _linux_boot(self) -> LinuxBoot | None:
+        """``Machine.kernel`` read and checked (paths resolved against the folder)."""
+        boot = self.machine.kernel
+        if boot is None:
+            return None
+        return LinuxBoot.from_files(
+            kernel_file(self.folder, boot.kernel),
+            None if boot.initrd is None else kernel_file(self.folder, boot.initrd),
+            boot.append,
+        )
+
     def _new_machine(self) -> PcMachine:
         specs, problems = self._drive_specs()
         pc = PcMachine(
@@ -210,6 +221,7 @@ class EmulatorGuest(Guest):
             output=self.console.feed,
             on_poweroff=self._notify_poweroff,
             on_crash=self._notify_crash,
+            kernel=self._linux_boot(),
         )
         self.console.set_writer(pc.send_input)
         # input typed before the guest looks for it waits in the console (see Console.open)

@@ -35,6 +35,7 @@ from virtkit.backends.emulator.bios import (
     Bios,
     stub_address,
 )
+from virtkit.backends.emulator.bootparams import LinuxBoot
 from virtkit.backends.emulator.chipset import Chipset, Request
 from virtkit.backends.emulator.clock import NS_PER_INSTRUCTION, Clock
 from virtkit.backends.emulator.cpu import (
@@ -162,6 +163,7 @@ class PcMachine:
         output: receives the bytes the guest sends to COM1.
         on_poweroff: called (from the worker) when the guest powers off.
         on_crash: called (from the worker) with a reason when the guest crashes.
+        kernel: boot this Linux kernel directly (boot protocol) instead of a disk.
 
     Raises:
         ImageError: a disk cannot be opened.
@@ -179,8 +181,10 @@ class PcMachine:
         output: Callable[[bytes], None],
         on_poweroff: Callable[[], None],
         on_crash: Callable[[str], None],
+        kernel: LinuxBoot | None = None,
     ) -> None:
         self.clock = Clock(clock)
+        self.kernel = kernel
         self._output = output
         self._on_poweroff = on_poweroff
         self._on_crash = on_crash
@@ -675,6 +679,9 @@ class PcMachine:
         No bootable device crashes the guest with the reason, as SeaBIOS
         prints ``No bootable device``.
         """
+        if self.kernel is not None:
+            self.kernel.load(self.cpu)
+            return
         problems = list(self._boot_problems)
         for drive in self.drives:
             try:

@@ -1,0 +1,293 @@
+"""Direct kernel boot: the Linux x86 boot protocol, as a boot loader does it.
+
+The kernel file (a bzImage) starts with the real-mode setup code and its
+*setup header* (``HdrS`` at offset 0x202); the protected-mode kernel follows
+the ``(setup_sects + 1) * 512`` bytes of setup. This module checks the header
+(the file is untrusted: every size and offset is bounded), builds the
+``boot_params`` "zero page" with an e820 map matching the machine's memory,
+places the command line and the initrd where the header allows, and leaves
+the CPU at the 32-bit protected-mode entry (``code32_start``) with a flat
+GDT (``__BOOT_CS`` 0x10, ``__BOOT_DS`` 0x18), paging off, interrupts off and
+``ESI`` pointing at ``boot_params`` — the 32-bit boot protocol of
+``Documentation/x86/boot.rst``.
+
+Memory layout used (guest-physical):
+
+* ``0x07000`` boot_params (one page), ``0x08000`` GDT,
+  ``0x20000`` the command line (up to ``cmdline_size`` bytes),
+* ``0x100000`` the protected-mode kernel (the decompressor moves itself
+  where it wants inside RAM, up to ``init_size``),
+* the initrd at the highest page-aligned address below both the end of low
+  RAM and ``initrd_addr_max``.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import attrs
+from unicorn import x86_const as x86
+
+from virtkit.backends.emulator.cpu import Cpu
+from virtkit.errors import ConfigError
+
+__all__ = [
+    "BOOT_PARAMS",
+    "CMDLINE",
+    "KERNEL_LOAD",
+    "LinuxBoot",
+    "E820_RAM",
+    "E820_RESERVED",
+    "BzImage",
+    "e820_map",
+    "load_linux",
+]
+
+BOOT_PARAMS = 0x7000
+GDT = 0x8000
+CMDLINE = 0x20000
+KERNEL_LOAD = 0x100000
+E820_RAM = 1
+E820_RESERVED = 2
+E820_ACPI = 3
+_E820_MAX = 128
+#: the lowest protocol with the fields used here (initrd_addr_max, cmd_line_ptr, cmdline_size)
+_MIN_PROTOCOL = 0x0206
+_LOW_RAM_END = 0x9FC00  # conventional memory: the EBDA follows
+_HOLE_START = 0xE000_0000  # RAM above this is mapped from 4 GiB (see Cpu)
+_LOADED_HIGH = 0x01
+_CAN_USE_HEAP = 0x80
+
+
+@attrs.frozen
+class BzImage:
+    """A parsed bzImage: the setup header fields a loader needs.
+
+    Use :meth:`parse`.
+    """
+
+    setup_size: int
+    protocol: int
+    header: bytes  # the setup header as in the file (copied into boot_params)
+    code32_start: int
+    initrd_addr_max: int
+    cmdline_size: int
+    init_size: int
+    relocatable: bool
+    payload: bytes  # the protected-mode kernel
+
+    @classmethod
+    def parse(cls, data: bytes, *, source: str = "kernel") -> BzImage:
+        """Check ``data`` as a bzImage and read its header.
+
+        Raises:
+            ConfigError: not a bzImage, a protocol older than 2.06, or a
+                header whose sizes do not fit the file.
+        """
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"{source} is not a bootable bzImage: {why}", field="kernel")
+
+        if len(data) < 0x1000:
+            raise bad(f"{len(data)} bytes is too small for setup code and a kernel")
+        if data[0x1FE:0x200] != b"\x55\xaa":
+            raise bad("no boot flag 0xAA55 at offset 0x1FE")
+        if data[0x202:0x206] != b"HdrS":
+            raise bad("no 'HdrS' setup header signature at offset 0x202 (a pre-2.0 zImage?)")
+        protocol = struct.unpack_from("<H", data, 0x206)[0]
+        if protocol < _MIN_PROTOCOL:
+            raise bad(f"boot protocol {protocol >> 8}.{protocol & 0xFF:02d} is older than 2.06")
+        if not data[0x211] & _LOADED_HIGH:
+            raise bad("not a bzImage (loadflags LOADED_HIGH clear: a zImage loads below 1 MiB)")
+        setup_sects = data[0x1F1] or 4
+        setup_size = (setup_sects + 1) * 512
+        if setup_size >= len(data):
+            raise bad(f"setup_sects {setup_sects} leaves no kernel in a {len(data)}-byte file")
+        header_end = 0x202 + data[0x201]
+        if header_end > setup_size or header_end < 0x264:
+            raise bad(f"setup header end {header_end:#x} is outside the setup code")
+        code32_start, _, _ = struct.unpack_from("<III", data, 0x214)
+        (initrd_addr_max,) = struct.unpack_from("<I", data, 0x22C)
+        relocatable = bool(data[0x234])
+        (cmdline_size,) = struct.unpack_from("<I", data, 0x238)
+        (init_size,) = struct.unpack_from("<I", data, 0x260)
+        payload = data[setup_size:]
+        init_size = max(init_size, len(payload))
+        return cls(
+            setup_size=setup_size,
+            protocol=protocol,
+            header=bytes(data[0x1F1:header_end]),
+            code32_start=code32_start,
+            initrd_addr_max=initrd_addr_max or 0x37FF_FFFF,
+            cmdline_size=cmdline_size or 255,
+            init_size=init_size,
+            relocatable=relocatable,
+            payload=bytes(payload),
+        )
+
+
+@attrs.frozen
+class LinuxBoot:
+    """A kernel, initrd and command line to boot directly, read once at definition time.
+
+    Use :meth:`from_files`.
+    """
+
+    image: BzImage
+    initrd: bytes | None
+    cmdline: str
+
+    @classmethod
+    def from_files(cls, kernel: Path, initrd: Path | None, cmdline: str) -> LinuxBoot:
+        """Read and check the kernel (and initrd).
+
+        Raises:
+            ConfigError: a file cannot be read or the kernel is not a bzImage.
+        """
+        try:
+            data = kernel.read_bytes()
+            ramdisk = initrd.read_bytes() if initrd is not None else None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {exc.filename}: {exc.strerror}", field="kernel"
+            ) from exc
+        return cls(BzImage.parse(data, source=str(kernel)), ramdisk, cmdline)
+
+    def load(self, cpu: Cpu) -> None:
+        """Place everything in RAM and leave the CPU at the kernel's entry.
+
+        Raises:
+            ConfigError: it does not fit the machine's memory.
+        """
+        load_linux(cpu, self.image, initrd=self.initrd, cmdline=self.cmdline)
+
+
+def e820_map(
+    memory: int, reserved: tuple[tuple[int, int, int], ...] = ()
+) -> list[tuple[int, int, int]]:
+    """The BIOS memory map for ``memory`` bytes of RAM: (address, size, type) entries.
+
+    Conventional memory up to the EBDA, the EBDA and BIOS areas reserved,
+    RAM from 1 MiB to the end of low RAM (below the PCI hole at
+    0xE0000000), and the rest from 4 GiB — as :class:`Cpu` maps it.
+    ``reserved`` entries (e.g. ACPI tables) are carved out of RAM.
+    """
+    low = min(memory, _HOLE_START)
+    entries = [
+        (0, _LOW_RAM_END, E820_RAM),
+        (_LOW_RAM_END, 0xA0000 - _LOW_RAM_END, E820_RESERVED),
+        (0xF0000, 0x10000, E820_RESERVED),
+    ]
+    ram = [(0x100000, low - 0x100000)]
+    for start, size, _kind in reserved:
+        split = []
+        for base, length in ram:
+            end = base + length
+            if start >= end or start + size <= base:
+                split.append((base, length))
+                continue
+            if start > base:
+                split.append((base, start - base))
+            if start + size < end:
+                split.append((start + size, end - start - size))
+        ram = split
+    entries += [(base, length, E820_RAM) for base, length in ram if length > 0]
+    entries += list(reserved)
+    if memory > low:
+        entries.append((1 << 32, memory - low, E820_RAM))
+    return sorted(entries)
+
+
+def load_linux(
+    cpu: Cpu,
+    image: BzImage,
+    *,
+    initrd: bytes | None,
+    cmdline: str,
+    acpi_rsdp: int = 0,
+    reserved: tuple[tuple[int, int, int], ...] = (),
+) -> None:
+    """Put the kernel, boot_params, command line and initrd in RAM and enter the kernel.
+
+    Raises:
+        ConfigError: the kernel, the initrd or the command line does not fit
+            the machine's memory or the kernel's limits.
+    """
+    memory = cpu.memory_size
+    low_end = min(memory, _HOLE_START)
+    kernel_end = KERNEL_LOAD + max(image.init_size, len(image.payload))
+    if kernel_end > low_end:
+        raise ConfigError(
+            f"the kernel needs {kernel_end - KERNEL_LOAD} bytes from 1 MiB "
+            f"(init_size) but the machine has {memory} bytes of RAM",
+            field="memory",
+        )
+    line = cmdline.encode()
+    if len(line) >= image.cmdline_size:
+        raise ConfigError(
+            f"the kernel command line is {len(line)} bytes; this kernel takes at most "
+            f"{image.cmdline_size - 1}",
+            field="append",
+        )
+    params = bytearray(0x1000)
+    params[0x1F1 : 0x1F1 + len(image.header)] = image.header
+    params[0x210] = 0xFF  # type_of_loader: undefined loader
+    params[0x211] = (params[0x211] | _CAN_USE_HEAP) & 0xFF
+    struct.pack_into("<H", params, 0x224, 0xFE00)  # heap_end_ptr (unused by the 32-bit entry)
+    struct.pack_into("<I", params, 0x228, CMDLINE)
+    if initrd:
+        top = min(
+            [low_end, image.initrd_addr_max + 1] + [s for s, _, _ in reserved if s >= kernel_end]
+        )
+        address = (top - len(initrd)) & ~0xFFF
+        if address < kernel_end:
+            raise ConfigError(
+                f"the initrd ({len(initrd)} bytes) does not fit between the kernel "
+                f"(ending at {kernel_end:#x}) and {top:#x}; give the machine more memory",
+                field="memory",
+            )
+        cpu.write(address, initrd)
+        struct.pack_into("<II", params, 0x218, address, len(initrd))
+    if acpi_rsdp and image.protocol >= 0x020E:
+        struct.pack_into("<Q", params, 0x070, acpi_rsdp)  # boot_params.acpi_rsdp_addr
+    table = e820_map(memory, reserved)[:_E820_MAX]
+    params[0x1E8] = len(table)
+    for index, (base, size, kind) in enumerate(table):
+        struct.pack_into("<QQI", params, 0x2D0 + 20 * index, base, size, kind)
+    # screen_info: an 80x25 colour text console, so a VGA-less guest does not probe
+    params[0x06] = 0  # orig_video_mode
+    params[0x07] = 80  # orig_video_cols
+    params[0x0E] = 25  # orig_video_lines
+    params[0x0F] = 1  # orig_video_isVGA
+    struct.pack_into("<H", params, 0x10, 16)  # orig_video_points
+    cpu.write(CMDLINE, line + b"\0")
+    cpu.write(KERNEL_LOAD, image.payload)
+    struct.pack_into("<I", params, 0x214, KERNEL_LOAD)  # code32_start: where it was put
+    cpu.write(BOOT_PARAMS, bytes(params))
+    _enter_protected(cpu, KERNEL_LOAD)
+
+
+def _enter_protected(cpu: Cpu, entry: int) -> None:
+    """Flat 32-bit protected mode, paging off, as the boot protocol requires."""
+    gdt = bytes(16) + struct.pack(
+        "<QQ",
+        0x00CF_9A00_0000_FFFF,  # 0x10 __BOOT_CS: 4 GiB execute/read, 32-bit
+        0x00CF_9200_0000_FFFF,  # 0x18 __BOOT_DS: 4 GiB read/write
+    )
+    cpu.write(GDT, gdt)
+    uc = cpu.uc
+    uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT, len(gdt) - 1, 0))
+    uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))
+    uc.reg_write(x86.UC_X86_REG_CR0, 0x11)
+    for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
+        cpu.set_reg(reg, 0x18)
+    cpu.set_reg(x86.UC_X86_REG_FS, 0x18)
+    cpu.set_reg(x86.UC_X86_REG_GS, 0x18)
+    cpu.set_reg(x86.UC_X86_REG_CS, 0x10)
+    for reg in (x86.UC_X86_REG_EBP, x86.UC_X86_REG_EDI, x86.UC_X86_REG_EBX, x86.UC_X86_REG_EAX):
+        uc.reg_write(reg, 0)
+    uc.reg_write(x86.UC_X86_REG_ESI, BOOT_PARAMS)
+    uc.reg_write(x86.UC_X86_REG_ESP, BOOT_PARAMS)  # the decompressor sets its own stack
+    uc.reg_write(x86.UC_X86_REG_EFLAGS, 0x2)
+    cpu.set_rip(entry)
