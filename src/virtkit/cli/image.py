@@ -210,24 +210,20 @@ def create(
 
 
 def _check_json(result: images.CheckResult, filename: str, fmt: str) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    if result.image_end_offset:
-        data["image-end-offset"] = result.image_end_offset
-    if result.total_clusters:
-        data["total-clusters"] = result.total_clusters
-    data["check-errors"] = result.errors
-    if result.allocated_clusters:
-        data["allocated-clusters"] = result.allocated_clusters
-    data["filename"] = filename
-    data["format"] = fmt
-    remaining = {
-        "corruptions": result.corruptions - result.corruptions_fixed,
-        "leaks": result.leaks - result.leaks_fixed,
-        "corruptions-fixed": result.corruptions_fixed,
-        "leaks-fixed": result.leaks_fixed,
-    }
-    data.update({k: v for k, v in remaining.items() if v})
-    return data
+    """The dict ``qemu-img check --output=json`` prints, keys in its order; zeros left out."""
+    fields: list[tuple[str, int | str]] = [
+        ("image-end-offset", result.image_end_offset or 0),
+        ("total-clusters", result.total_clusters),
+        ("corruptions", result.corruptions - result.corruptions_fixed),
+        ("corruptions-fixed", result.corruptions_fixed),
+        ("check-errors", result.errors),
+        ("leaks", result.leaks - result.leaks_fixed),
+        ("leaks-fixed", result.leaks_fixed),
+        ("allocated-clusters", result.allocated_clusters),
+        ("filename", filename),
+        ("format", fmt),
+    ]
+    return {k: v for k, v in fields if v or k in ("check-errors", "filename", "format")}
 
 
 @image.command()
