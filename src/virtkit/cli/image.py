@@ -71,7 +71,29 @@ def _snapshot_json(snap: images.SnapshotInfo) -> dict[str, Any]:
     return out
 
 
+#: the order qemu-img info --output=json prints its keys in
+_INFO_ORDER = (
+    "snapshots",
+    "backing-filename-format",
+    "virtual-size",
+    "filename",
+    "cluster-size",
+    "format",
+    "actual-size",
+    "format-specific",
+    "full-backing-filename",
+    "backing-filename",
+    "dirty-flag",
+)
+
+
 def _info_json(info: images.ImageInfo) -> dict[str, Any]:
+    data = _info_fields(info)
+    ordered = {k: data.pop(k) for k in _INFO_ORDER if k in data}
+    return {**ordered, **data}
+
+
+def _info_fields(info: images.ImageInfo) -> dict[str, Any]:
     data = info.to_json()
     if info.snapshots:
         data["snapshots"] = [_snapshot_json(s) for s in info.snapshots]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from typing import Any
 
@@ -51,9 +52,17 @@ def human_bool(value: Any) -> str:
     return str(value)
 
 
+_EMPTY = re.compile(r"^( *)(.*)(\[\]|\{\})(,?)$", re.M)
+
+
 def emit_json(data: Any) -> None:
-    """Print ``data`` as indented JSON on stdout, as qemu-img does."""
-    click.echo(json.dumps(data, indent=4))
+    """Print ``data`` as indented JSON on stdout, byte for byte as qemu-img does.
+
+    qemu-img writes an empty list or object over two lines (``[`` then ``]``).
+    """
+    text = json.dumps(data, indent=4)
+    text = _EMPTY.sub(lambda m: f"{m[1]}{m[2]}{m[3][0]}\n{m[1]}{m[3][1]}{m[4]}", text)
+    click.echo(text)
 
 
 def error(message: str) -> None:
