@@ -137,6 +137,13 @@ def register(vm: click.Group, hypervisor: Any, guest_of: Any, in_process: Any) -
     @click.option("--offline", is_flag=True, help="Pause-copy-resume instead of a live migration.")
     @click.option("--copy-storage", is_flag=True, help="Copy the disks too (no shared storage).")
     @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds.")
+    @click.option(
+        "--migration-uri",
+        default=None,
+        metavar="URI",
+        help="Where the destination receives migration data (tcp://ADDRESS; default: "
+        "libvirt's choice from its host name).",
+    )
     @click.pass_context
     def migrate(
         ctx: click.Context,
@@ -145,6 +152,7 @@ def register(vm: click.Group, hypervisor: Any, guest_of: Any, in_process: Any) -
         offline: bool,
         copy_storage: bool,
         timeout: float,
+        migration_uri: str | None,
     ) -> int:
         """Move the running VM to the libvirt host DEST_URI (libvirt only)."""
         if in_process(ctx):
@@ -158,7 +166,10 @@ def register(vm: click.Group, hypervisor: Any, guest_of: Any, in_process: Any) -
                 f"DEST_URI must be a libvirt URI such as qemu+ssh://host/system (got {dest_uri!r})",
                 field="DEST_URI",
             )
-        with hypervisor(ctx) as hv, virtkit.connect("libvirt", uri=dest_uri) as dest:
+        extra = {} if migration_uri is None else {"migration_uri": migration_uri}
+        # neither connection is closed: closing would stop the guest on either side
+        dest = virtkit.connect("libvirt", uri=dest_uri, **extra)
+        with hypervisor(ctx) as hv:
             guest = guest_of(hv, vm_arg)
             migrate_to = getattr(guest, "migrate", None)
             if migrate_to is None:
