@@ -249,6 +249,9 @@ class Tracker:
         return out
 
     # ---- the in-use flag ----
+    # Barriers here are plain fdatasyncs of the image file (``st.flush()``): they
+    # order this module's own writes and leave the access layer's bookkeeping of
+    # its pending requests alone.
     def begin(self) -> None:
         """Load every consistent bitmap and flag it in-use on disk (flushed) before data changes."""
         if self.in_use:
@@ -261,7 +264,7 @@ class Tracker:
         img = self.img
         for bm in todo:
             img.st.pwrite(bm.entry.flags_at, (bm.entry.flags | FLAG_IN_USE).to_bytes(4, "big"))
-        img._flush()
+        img.st.flush()
         for bm in todo:
             bm.entry.flags |= FLAG_IN_USE
         self.in_use = True
@@ -309,7 +312,7 @@ class Tracker:
                 img.st.pwrite(off, bytes(buf))  # in place: the bitmap is in-use on disk
                 table[i] = off
             new_tables[k] = (bm.entry.table_offset if same_table else 0, table)
-        img._flush()  # data and raised refcounts before the tables that reference them
+        img.st.flush()  # data and raised refcounts before the tables that reference them
         moved = structural
         for k, (in_place, table) in new_tables.items():
             bm = self.items[k]
@@ -323,7 +326,7 @@ class Tracker:
             drops.append((bm.entry.table_offset, -(-bm.entry.table_size * 8 // cs)))
             new_tables[k] = (t_off, table)
             moved = True
-        img._flush()  # tables before the directory says the bitmaps are consistent
+        img.st.flush()  # tables before the directory says the bitmaps are consistent
         entries = []
         for k, bm in enumerate(self.items):
             e = attrs.evolve(bm.entry)
@@ -337,7 +340,7 @@ class Tracker:
         else:
             for e in entries:
                 img.st.pwrite(e.flags_at, e.flags.to_bytes(4, "big"))
-            img._flush()
+            img.st.flush()
         # memory follows the file only now
         for k, bm in enumerate(self.items):
             bm.entry = entries[k]
@@ -368,7 +371,7 @@ class Tracker:
                 e.at = pos
                 pos += len(e.encode())
             img.st.pwrite(doff, raw + bytes(clusters * cs - len(raw)))
-            img._flush()
+            img.st.flush()
             write_extension(img, (len(entries), len(raw), doff))
         else:
             write_extension(img, None)
@@ -432,7 +435,7 @@ def write_extension(img: Qcow2Image, value: tuple[int, int, int] | None) -> None
             path=img.path,
         )
     img.st.pwrite(0, bytes(head))
-    img._flush()
+    img.st.flush()
     img.hdr = new
     img.meta.header = new
     img.meta.extensions = exts
