@@ -460,3 +460,30 @@ class TestRefcountCheckParity:
         assert qemu_io(path, "read -P 0xab 0 128k", "read -P 0x11 1M 64k").count("read") == (
             before.count("read")
         )
+
+
+class TestPastTheEndParity:
+    """References past the end of the file (and an L1 entry of reserved bits only)."""
+
+    @pytest.mark.parametrize(
+        "case", ["data", "data-just-past", "l2-table", "compressed", "l1-reserved-only"]
+    )
+    def test_counts_match(self, tmp_path: Path, qemu_img: QemuImg, case: str) -> None:
+        """check() and qemu-img check count the same corruptions and leaks."""
+        path = _l2_image(qemu_img, tmp_path / "p.qcow2")
+        lay = _layout(path)
+        end = -(-path.stat().st_size // lay["cs"]) * lay["cs"]
+        compressed = lay["l2"] + (1 << 20) // lay["cs"] * 8
+        entry, value = {
+            "data": (lay["l2"] + 8, (1 << 63) | (end + 3 * lay["cs"])),
+            "data-just-past": (lay["l2"] + 8, (1 << 63) | end),
+            "l2-table": (lay["l1"], (1 << 63) | (end + 2 * lay["cs"])),
+            "compressed": (
+                compressed,
+                (_u64(path, compressed) >> 54 << 54) | (end + 4 * lay["cs"]),
+            ),
+            "l1-reserved-only": (lay["l1"], 1 << 58),
+        }[case]
+        _patch(path, entry, ">Q", value)
+        corruptions, _ = _agree(qemu_img, path)
+        assert corruptions >= 1

@@ -140,8 +140,10 @@ def _walk_l1(
 ) -> None:
     """Count an L1 table and what it reaches, with the checks of QEMU's ``check_refcounts_l1``.
 
-    Per entry: reserved bits (1..8, 56..62), an unaligned L2 table (counted
-    all the same, as QEMU does, but not walked), then the L2 table's entries.
+    Per entry: reserved bits (1..8, 56..62), an unaligned L2 table, the
+    COPIED flag, then the L2 table's entries. Like QEMU, a table at an
+    unaligned offset (or at offset 0, when only reserved bits are set) is
+    counted and walked where the entry points.
     """
     cs, cb = img.cs, img.cb
     if active:
@@ -153,21 +155,14 @@ def _walk_l1(
         if e & layout.L1E_RESERVED:
             scan.corrupt(f"ERROR found L1 entry with reserved bits set: {e:x}", where)
         off = e & layout.L1E_OFFSET_MASK
-        if not off:
-            continue
         if off & (cs - 1):
             scan.corrupt(
                 f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted",
                 where,
             )
-            # QEMU counts and walks the table at the offset as given: so do we
-            if inc(off, cs, f"L2 table (L1 index {i})"):
-                raw = img.st.pread(off, cs)
-                _walk_l2(img, scan, inc, layout.decode_u64_table(raw), off, active=active)
-            continue
-        if not inc(off, cs, f"L2 table (L1 index {i})"):
-            continue
-        if active:
+        # QEMU counts the table wherever the entry points, offset 0 (the header) too
+        counted = inc(off, cs, f"L2 table (L1 index {i})")
+        if active and off:  # QEMU's check_oflag_copied: also for a table past the file end
             rc = _stored(img, scan, off >> cb)
             if rc is not None and (rc == 1) != bool(e & layout.OFLAG_COPIED):
                 scan.copied_errors += 1
@@ -175,6 +170,13 @@ def _walk_l1(
                     f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}",
                     where,
                 )
+        if not counted:
+            continue
+        if not off or off & (cs - 1):
+            # and walks what lies there (an unaligned table, or the header as one)
+            raw = img.st.pread(off, cs)
+            _walk_l2(img, scan, inc, layout.decode_u64_table(raw), off, active=active and off > 0)
+            continue
         try:
             l2 = img.mapper.load_l2(off, where=where)
         except CorruptImageError as exc:
