@@ -36,6 +36,16 @@ class TestImageCommands:
         with virtkit.images.open(tmp_path / "b.raw") as img:
             assert img.read(4096, 7) == b"virtkit"
 
+    def test_convert_fixed_vhd_with_force_size(self, tmp_path: Path) -> None:
+        """-o force_size=on is a switch: the fixed VHD keeps the exact size (Azure's rule)."""
+        src = tmp_path / "a.raw"
+        virtkit.images.create(src, 3 * 1024**2 + 512 * 7, "raw").close()
+        dst = tmp_path / "b.vhd"
+        argv = ["image", "convert", str(src), str(dst), "-O", "vpc"]
+        assert main([*argv, "-o", "subformat=fixed,force_size=on"]) == 0
+        with virtkit.images.open(dst, format="vpc") as img:
+            assert img.virtual_size == 3 * 1024**2 + 512 * 7
+
     def test_error_exit_code(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A virtkit error prints one line on stderr and exits 1."""
         assert main(["image", "info", str(tmp_path / "missing.qcow2")]) == 1

@@ -30,7 +30,7 @@ def as_format(fmt: str | None) -> Any:
 
 
 #: -o options that are switches: on/off (or true/false), nothing else.
-_SWITCHES = ("lazy_refcounts", "extended_l2")
+_SWITCHES = ("lazy_refcounts", "extended_l2", "force_size")
 #: qemu-img's -o spelling -> virtkit.images keyword
 _OPTION_NAMES = {"backing_file": "backing", "backing_fmt": "backing_format"}
 _INT_OPTIONS = ("refcount_bits",)
