@@ -16,8 +16,11 @@ segment registers are written with 16-bit semantics, as the BIOS needs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import mmap
+import struct
 from typing import Any
 
 import unicorn as _unicorn_module
@@ -32,7 +35,6 @@ unicorn: Any = _unicorn_module
 #: unicorn's exception (``.errno`` holds a ``UC_ERR_*`` code)
 UcError: type[Exception] = unicorn.UcError
 
-_UNTIL = 0xFFFF_FFFF_FFFF_FFF0  # an address guest code never reaches: slices end by time/count
 CR0_PE = 0x1
 CR0_PG = 0x8000_0000
 EFER = 0xC000_0080
@@ -103,6 +105,12 @@ class Cpu:
             ) from exc
         self._mode = _engine_mode(self.uc)
         self._mode.value = unicorn.UC_MODE_64
+        # No exit address: slices end by time, count or stop. With an ``until``
+        # address unicorn translates ``until - 1`` through the guest's page
+        # tables when a slice ends; unmapped there (as in Linux), that
+        # overwrites CR2 after a page fault and turns the next one into #DF.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
 
     # -- registers ---------------------------------------------------------------------------------
     def reg(self, reg: int) -> int:
@@ -160,6 +168,27 @@ class Cpu:
         ctx.__setstate__((blob, ctx.size, ctx.arch, ctx.mode))
         self.uc.context_restore(ctx)
         self.uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+
+    def end_exception(self) -> None:
+        """Tell the engine the exception it reported has been delivered.
+
+        QEMU's CPU remembers the exception being delivered until its own
+        interrupt entry finishes, and turns a second #PF (or contributory
+        fault) into #DF. Unicorn hands exceptions to our hook instead and
+        never finishes that entry, so the memory would stay set and the
+        guest's next page fault would be a double fault. This clears it in
+        the engine's context (a no-op when nothing is pending).
+        """
+        offset = _old_exception_offset()
+        if offset is None:
+            return
+        ctx = self.uc.context_save()
+        blob = bytes(ctx)
+        if blob[offset : offset + 4] == _NO_EXCEPTION:
+            return
+        patched = blob[:offset] + _NO_EXCEPTION + blob[offset + 4 :]
+        ctx.__setstate__((patched, ctx.size, ctx.arch, ctx.mode))
+        self.uc.context_restore(ctx)
 
     def gpr64(self, index: int) -> int:
         """General register ``index`` (0=RAX ... 15=R15), all 64 bits."""
@@ -250,7 +279,7 @@ class Cpu:
             unicorn.UcError: the engine stopped on an error (invalid opcode, bad memory).
         """
         # in 64-bit engine mode emu_start sets RIP to ``begin`` as is
-        self.uc.emu_start(self.rip, _UNTIL, timeout=timeout_us, count=count)
+        self.uc.emu_start(self.rip, 0, timeout=timeout_us, count=count)
 
     def stop(self) -> None:
         """Ask a running slice to end soon (callable from any thread)."""
@@ -321,6 +350,50 @@ _SEGMENTS = (
     x86.UC_X86_REG_FS,
     x86.UC_X86_REG_GS,
 )
+
+
+_NO_EXCEPTION = b"\xff\xff\xff\xff"  # old_exception = -1
+
+
+@functools.cache
+def _old_exception_offset() -> int | None:
+    """Where unicorn's context holds ``env->old_exception`` (found by experiment).
+
+    A scratch engine takes one page fault; the one 32-bit field that went
+    from -1 to 14 is it. None if this unicorn build shows no such field.
+    """
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0, 0x20000)
+    uc.mem_write(0x1000, struct.pack("<Q", 0x2003))  # PML4 -> PDPT
+    uc.mem_write(0x2000, struct.pack("<Q", 0x3003))  # PDPT -> PD
+    uc.mem_write(0x3000, struct.pack("<Q", 0x83))  # one 2 MiB page at 0
+    code = b"\x48\xb8" + struct.pack("<Q", 0x4000_0000) + b"\x8b\x00"  # mov rax, 1G; mov eax,[rax]
+    uc.mem_write(0x10000, code)
+    uc.reg_write(x86.UC_X86_REG_CR3, 0x1000)
+    uc.reg_write(x86.UC_X86_REG_CR4, 0x20 | int(uc.reg_read(x86.UC_X86_REG_CR4)))
+    uc.reg_write(x86.UC_X86_REG_CR0, CR0_PG | int(uc.reg_read(x86.UC_X86_REG_CR0)))
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    seen: list[int] = []
+
+    def hook(engine: Any, vector: int, _data: Any) -> None:
+        seen.append(vector)
+        engine.emu_stop()
+
+    uc.hook_add(unicorn.UC_HOOK_INTR, hook)
+    before = bytes(uc.context_save())
+    with contextlib.suppress(UcError):
+        uc.emu_start(0x10000, 0, count=4)
+    after = bytes(uc.context_save())
+    if seen != [14]:
+        return None
+    found = [
+        offset
+        for offset in range(0, len(before) - 3, 4)
+        if before[offset : offset + 4] == _NO_EXCEPTION
+        and struct.unpack_from("<i", after, offset)[0] == 14
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def _engine_mode(uc: Any) -> ctypes.c_int32:

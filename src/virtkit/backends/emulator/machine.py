@@ -564,6 +564,7 @@ class PcMachine:
     def _hook_interrupt(self, uc: Any, vector: int, user_data: Any) -> None:
         try:
             self._interrupt(vector)
+            self.cpu.end_exception()
         except TripleFault as exc:
             self.fail(f"triple fault: {exc}")
         except CpuFault as exc:
