@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pytest
-
 from libvirt_hosts import PREFIX
+
 from virtkit.testing.conformance_aio import AsyncConformanceSuite
 
 

@@ -67,6 +67,11 @@ __all__ = ["LOCATION_FILE", "LibvirtGuest"]
 #: a small TOML file in the VM folder saying which host runs the guest now.
 LOCATION_FILE = "location.toml"
 _SNAPSHOT_XML = "libvirt-snapshot.xml"
+#: QEMU's own copy of the serial output of the current run (local hosts): a pty drops
+#: what the console stream had not read yet when QEMU exits, so the tail is taken here
+SERIAL_RUN_LOG = ".serial-run.log"
+_LOG_SETTLE = 0.1
+_LOG_WAIT = 2.0
 _STOP_POLL = 0.05
 
 
@@ -97,6 +102,7 @@ class LibvirtGuest(Guest):
         #: domain, whose own XML holds more than the model: it is left as it is)
         self.owns_definition = True
         self._busy_lock = threading.Lock()
+        self._run_mark: int | None = None  # console offset where this handle's run began
         if machine.serial.enabled:
             self.console.set_writer(self._write_console)
 
@@ -149,10 +155,30 @@ class LibvirtGuest(Guest):
             self._notify_crash("the guest kernel panicked (libvirt CRASHED event)")
 
     def _on_stopped(self, detail: int) -> None:
+        # Decided on a thread of its own, never on the event thread: draining the console
+        # waits for its reader, and a virtkit call under way (ours: kill, revert, migrate;
+        # or start() still returning when a quick guest already powered off) must finish
+        # first; the operation lock orders both.
+        threading.Thread(
+            target=self._stopped_after_operation,
+            args=(detail,),
+            name=f"virtkit-libvirt-stop {self.domain_name}",
+            daemon=True,
+        ).start()
+
+    def _stopped_after_operation(self, detail: int) -> None:
+        with self._lifecycle._op_lock:
+            if self._gone or isinstance(self.domain, _Released):
+                return  # migrated away or released: this handle no longer follows it
+            if self.state in (State.RUNNING, State.PAUSED) and not self._busy:
+                self._handle_stop(detail)
+
+    def _handle_stop(self, detail: int) -> None:
         lv = self._conn.lv
-        if self._busy or self._real_state() in (State.RUNNING, State.PAUSED):
-            return  # ours (revert, kill, migrate), or an old event of an earlier run
+        if self._real_state() in (State.RUNNING, State.PAUSED):
+            return  # an old event of an earlier run
         self._detach_console(drain=True)
+        self._recover_console_tail()
         if detail == lv.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN:
             self._notify_poweroff()
         elif detail == lv.VIR_DOMAIN_EVENT_STOPPED_DESTROYED:
@@ -169,6 +195,36 @@ class LibvirtGuest(Guest):
             self._notify_poweroff()
 
     # -- console ---------------------------------------------------------------------------
+    def _recover_console_tail(self) -> None:
+        """Append what the guest printed just before it stopped and the stream missed.
+
+        QEMU writes the run's serial output to :data:`SERIAL_RUN_LOG` as well;
+        the stream delivered a prefix of it. Only for runs this handle started
+        (a revert or migration restarts QEMU under another log).
+        """
+        mark, self._run_mark = self._run_mark, None
+        if mark is None or not self.hypervisor.local_files:
+            return
+        path = self.folder / SERIAL_RUN_LOG
+        deadline = time.monotonic() + _LOG_WAIT
+        size = -1
+        while time.monotonic() < deadline:  # virtlogd writes the file after QEMU
+            try:
+                now = path.stat().st_size
+            except OSError:
+                return
+            if now == size:
+                break
+            size = now
+            time.sleep(_LOG_SETTLE)
+        try:
+            logged = path.read_bytes()
+        except OSError:
+            return
+        seen = self.console.output[mark:]
+        if len(logged) > len(seen) and logged.startswith(seen):
+            self.console.feed(logged[len(seen) :])
+
     def _attach_console(self) -> None:
         self._detach_console()
         if self.machine.serial.enabled:
@@ -211,6 +267,7 @@ class LibvirtGuest(Guest):
             self._call("start", self.domain.createWithFlags, lv.VIR_DOMAIN_START_PAUSED)
             try:
                 self._attach_console()
+                self._run_mark = len(self.console.output)
                 self._call("resume after start", self.domain.resume)
             except BaseException:
                 self._kill_quietly()
@@ -409,6 +466,7 @@ class LibvirtGuest(Guest):
             )
             self._expect_stop = False
             self._attach_console()
+            self._run_mark = len(self.console.output)  # QEMU restarted: a fresh run log
             if snap.state is State.RUNNING:
                 self._call("resume after revert", self.domain.resume)
         finally:

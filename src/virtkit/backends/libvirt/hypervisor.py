@@ -32,6 +32,7 @@ import os
 import tempfile
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,7 +43,7 @@ from virtkit.backends.base import Guest, Hypervisor
 from virtkit.backends.kvmprobe import PROBE_MARKER, PROBE_TIMEOUT, probe_image
 from virtkit.backends.libvirt import storage
 from virtkit.backends.libvirt.connection import Connection, default_uri, is_remote, libvirt_module
-from virtkit.backends.libvirt.guest import LibvirtGuest
+from virtkit.backends.libvirt.guest import SERIAL_RUN_LOG, LibvirtGuest
 from virtkit.backends.libvirt.storage import Progress
 from virtkit.errors import BackendError, ConfigError, ResourceError
 from virtkit.libvirt import to_xml
@@ -305,7 +306,10 @@ class LibvirtHypervisor(Hypervisor):
         """
         domain_type = "kvm" if self.accelerator.accel == "kvm" else "qemu"
         where = folder if self.local_files else Path(self.remote_folder(machine.name))
-        return to_xml(machine, where, name=self.name_prefix + machine.name, domain_type=domain_type)
+        xml = to_xml(machine, where, name=self.name_prefix + machine.name, domain_type=domain_type)
+        if self.local_files and machine.serial.enabled:
+            xml = _with_serial_log(xml, folder / SERIAL_RUN_LOG)
+        return xml
 
     def remote_folder(self, name: str) -> str:
         """Where a pushed guest's files live on the host (its disks in ``disks/``)."""
@@ -498,6 +502,16 @@ def _undefine(conn: Connection, domain: Any) -> None:
     flags = lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | lv.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
     with contextlib.suppress(lv.libvirtError):
         domain.undefineFlags(flags)
+
+
+def _with_serial_log(xml: str, path: Path) -> str:
+    """``xml`` with QEMU logging the serial port's output of each run to ``path``."""
+    root = ET.fromstring(xml)
+    serial = root.find("devices/serial")
+    if serial is None:
+        return xml
+    ET.SubElement(serial, "log", file=str(path), append="off")
+    return ET.tostring(root, encoding="unicode")
 
 
 def _existing(root: object) -> str:
