@@ -21,7 +21,6 @@ from virtkit import aio, images, libvirt, ova
 from virtkit.backends import Console, Guest, Hypervisor, connect
 from virtkit.bundle import load, save
 from virtkit.clone import clone
-from virtkit.fleet import Fleet
 from virtkit.errors import (
     BackendError,
     BackendUnavailable,
@@ -36,6 +35,7 @@ from virtkit.errors import (
     UnsupportedFeatureError,
     VirtkitError,
 )
+from virtkit.fleet import Fleet
 from virtkit.model import (
     AllocationPolicy,
     CdRom,
