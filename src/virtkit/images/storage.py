@@ -193,6 +193,8 @@ class FileStorage:
             os.ftruncate(self._fd(), length)
         except OSError as exc:
             raise ImageError(f"truncate failed: {exc.strerror}", path=self.path) from exc
+        if self.writable and self.locked:
+            self._size = length
 
     def flush(self) -> None:
         """fdatasync the file."""

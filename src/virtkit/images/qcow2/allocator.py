@@ -277,19 +277,23 @@ class Refcounts:
                 if new == 0:
                     self.free_hint = min(self.free_hint, t * self.per_block + i)
                     self.frees += 1
-            if self.defer or t in self.dirty:
-                span = self.dirty.get(t)
-                self.dirty[t] = (lo, hi) if span is None else (min(span[0], lo), max(span[1], hi))
-                if t not in self._cache:  # pinned while dirty: the cache must hold it
-                    self._cache[t] = blk
-                if not self.defer:
-                    self._write_dirty_block(t)
-                continue
-            try:
-                self._write_block_range(t, blk, lo, hi)
-            except ImageError:
-                self._cache.pop(t, None)  # the file has the old counts: re-read them
-                raise
+            self._store(t, blk, lo, hi)
+
+    def _store(self, t: int, blk: array[int], lo: int, hi: int) -> None:
+        """Entries ``[lo, hi)`` of block ``t`` changed: mark them dirty or write them through."""
+        if self.defer or t in self.dirty:
+            span = self.dirty.get(t)
+            self.dirty[t] = (lo, hi) if span is None else (min(span[0], lo), max(span[1], hi))
+            if t not in self._cache:  # pinned while dirty: the cache must hold it
+                self._cache[t] = blk
+            if not self.defer:
+                self._write_dirty_block(t)
+            return
+        try:
+            self._write_block_range(t, blk, lo, hi)
+        except ImageError:
+            self._cache.pop(t, None)  # the file has the old counts: re-read them
+            raise
 
     def add_range(self, cluster: int, count: int, delta: int) -> None:
         """Add ``delta`` to ``count`` consecutive clusters from ``cluster``."""
@@ -340,7 +344,8 @@ class Refcounts:
             if missing:
                 self.ensure_blocks(missing)
                 continue
-            self.add_range(start, n, 1)
+            if not self._take_run(start, n):
+                self.add_range(start, n, 1)
             self.free_hint = start + n
             return start << self.cluster_bits
         raise CorruptImageError(  # pragma: no cover - each round creates the blocks it needs
@@ -348,6 +353,23 @@ class Refcounts:
             path=self.path,
             offset=self.table_offset,
         )
+
+    def _take_run(self, start: int, n: int) -> bool:
+        """Fast path of :meth:`allocate`: free clusters inside one existing block get count 1.
+
+        Returns False (changing nothing) when the run is not that simple; the
+        caller then goes through :meth:`update`.
+        """
+        t, i0 = divmod(start, self.per_block)
+        if i0 + n > self.per_block or self.block_offset(t) == 0:
+            return False
+        blk = self.block(t)
+        if blk is None or blk[i0 : i0 + n].count(0) != n:
+            return False
+        blk[i0 : i0 + n] = array(blk.typecode, [1]) * n
+        self.raised = True
+        self._store(t, blk, i0, i0 + n)
+        return True
 
     def try_allocate_at(self, cluster: int, n: int) -> bool:
         """Allocate exactly clusters ``[cluster, cluster+n)`` if all are free; else False."""

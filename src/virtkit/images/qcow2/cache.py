@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from virtkit.errors import CorruptImageError
 from virtkit.images.qcow2 import layout
 from virtkit.images.qcow2.requests import Request, ref_drops
 
@@ -80,6 +81,8 @@ class MetadataCache:
         self.l1: set[int] = set()
         self.frees: list[tuple[int, int]] = []
         self.old_tables: list[int] = []
+        #: Cluster -> references ``frees`` will drop from it (checked against its count).
+        self._dropping: dict[int, int] = {}
         self.writebacks = 0
         self._limit = max(8, DIRTY_BYTES // img.cs)
 
@@ -97,6 +100,9 @@ class MetadataCache:
         img = self.img
         mapper = img._mapper
         step = mapper.step
+        drops = ref_drops(mapper, req.olds)
+        drops.extend((old >> img.cb, -1) for old in req.new.values() if old)
+        self._check_drops(drops)
         for l1i, (off, table) in req.tables.items():
             if l1i in req.new:
                 old = req.new[l1i]
@@ -106,7 +112,6 @@ class MetadataCache:
                 self.l1.add(l1i)
                 img._meta_changed()
                 if old:
-                    self.frees.append((old >> img.cb, -1))
                     self.old_tables.append(old)
                 continue
             span = req.ranges.get(l1i)
@@ -118,7 +123,29 @@ class MetadataCache:
             lo, hi = span[0] * step, span[1] * step
             cur = self.ranges.get(off)
             self.ranges[off] = (lo, hi) if cur is None else (min(cur[0], lo), max(cur[1], hi))
-        self.frees.extend(ref_drops(mapper, req.olds))
+        self.frees.extend(drops)
+
+    def _check_drops(self, drops: list[tuple[int, int]]) -> None:
+        """Refuse references whose clusters do not have the counts to drop (corruption).
+
+        The drops happen at the next write-back; checking now reports the
+        damage on the request that found it, as a write-through update would.
+        """
+        refs = self.img.refs
+        want: dict[int, int] = {}
+        for cluster, delta in drops:
+            want[cluster] = want.get(cluster, 0) - delta
+        for cluster, n in want.items():
+            have = refs.get(cluster) - self._dropping.get(cluster, 0)
+            if have < n:
+                raise CorruptImageError(
+                    f"refcount of cluster {cluster} would drop below zero (it has {have} "
+                    f"references left, {n} more are removed); run check(repair=True)",
+                    path=self.img.path,
+                    offset=cluster << self.img.cb,
+                )
+        for cluster, n in want.items():
+            self._dropping[cluster] = self._dropping.get(cluster, 0) + n
 
     def writeback(self, *, sync: bool = True) -> None:
         """Write every dirty structure in dependency order (see the module docstring).
@@ -148,6 +175,7 @@ class MetadataCache:
         if self.frees:
             st.flush()  # the references are gone on disk before their counts drop
             frees, self.frees = self.frees, []
+            self._dropping.clear()
             img._cfree = 0
             deferring, refs.defer = refs.defer, True  # one write per block, below
             try:
