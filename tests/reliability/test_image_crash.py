@@ -75,7 +75,7 @@ class TestWritethrough:
     @pytest.mark.parametrize("name", ["scattered", "chain"])
     def test_every_returned_write_survives(self, name: str, kind: str, tmp_path: Path) -> None:
         """A sample of cut points: each write the workload saw return reads back."""
-        run_sweep(name, kind, tmp_path, DEFAULT_POINTS // 2)
+        run_sweep(name, kind, tmp_path, DEFAULT_POINTS // 4)
 
     def test_model_acknowledges_each_write(self, tmp_path: Path) -> None:
         """The model counts one acknowledgement per completed write in this mode."""
