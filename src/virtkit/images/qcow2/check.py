@@ -41,6 +41,8 @@ class _Scan:
     mismatched: dict[int, int] = attrs.field(factory=dict)
     bad_reftable: list[int] = attrs.field(factory=list)
     copied_errors: int = 0
+    #: Clusters whose stored refcount could not be read (QEMU's check errors).
+    errors: int = 0
     #: Refcount blocks read as QEMU reads them despite a bad table entry:
     #: block index -> offset of the block (reserved bits masked), or 0 (past the
     #: file end: QEMU reads zeroes).
@@ -61,13 +63,24 @@ def _scan(img: Qcow2Image) -> _Scan:
 
     rmax = img.refs.max
 
+    file_size = img.st.size()
+
     def inc(off: int, nbytes: int, what: str) -> bool:
         if nbytes <= 0:
             return True
-        first, last = off >> cb, (off + nbytes - 1) >> cb
-        if last >= nclusters:
-            scan.corrupt(f"ERROR {what} at {off:#x} lies past the end of the file", off)
+        # as QEMU's qcow2_inc_refcounts_imrt: a region ending a cluster or more past
+        # the end of the file is a corruption and not counted; one ending less far
+        # past it is counted (its clusters then have no stored refcount)
+        if off + nbytes - file_size >= cs:
+            scan.corrupt(
+                f"ERROR {what} at {off:#x} ({nbytes} bytes) lies past the end of the file "
+                "by one cluster or more",
+                off,
+            )
             return False
+        first, last = off >> cb, (off + nbytes - 1) >> cb
+        if last >= len(exp):
+            exp.extend(array("L", bytes((last + 1 - len(exp)) * exp.itemsize)))
         for c in range(first, last + 1):
             if exp[c] >= rmax:  # more references than a refcount can hold, as QEMU reports
                 scan.corrupt(f"ERROR: overflow cluster offset={c << cb:#x}", c << cb)
@@ -89,8 +102,8 @@ def _scan(img: Qcow2Image) -> _Scan:
         if entry & 0x1FF:
             scan.corrupt(f"ERROR refcount table entry {t} has reserved bits set", where)
             scan.bad_reftable.append(t)
-            if off and not off & (cs - 1) and off >> cb < nclusters:
-                scan.views[t] = off  # QEMU still reads the block (the bits masked)
+            if not off & (cs - 1):  # QEMU still reads the block, the bits masked
+                scan.views[t] = off if off >> cb < nclusters else 0  # (past the end: zeroes)
             continue
         if not off:
             continue
@@ -337,6 +350,23 @@ def _compare(img: Qcow2Image, scan: _Scan) -> None:
         lo = t * per
         hi = min(n, lo + per)
         got = _block(img, scan, t)
+        if got is False:
+            # unreadable block (an unaligned table entry): QEMU cannot read these
+            # counts either, a check error per cluster ("Can't get refcount")
+            for c in range(lo, hi):
+                if exp[c]:
+                    scan.mismatched[c] = exp[c]  # what a repair writes
+            if hi > lo:
+                scan.errors += hi - lo
+                scan.problems.append(
+                    CheckProblem(
+                        "error",
+                        f"Can't get refcount for clusters {lo}..{hi - 1}: their refcount "
+                        "block is unreadable",
+                        lo * img.cs,
+                    )
+                )
+            continue
         blk = got if isinstance(got, array) else None
         if blk is None:
             for c in range(lo, hi):
@@ -384,7 +414,7 @@ def _result(img: Qcow2Image, scan: _Scan, first: _Scan | None = None) -> CheckRe
     return CheckResult(
         leaks=base.leaks,
         corruptions=base.corruptions,
-        errors=0,
+        errors=scan.errors,
         leaks_fixed=max(0, base.leaks - scan.leaks) if first else 0,
         corruptions_fixed=max(0, base.corruptions - scan.corruptions) if first else 0,
         problems=tuple(base.problems),
