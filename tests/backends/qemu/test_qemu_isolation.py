@@ -40,7 +40,7 @@ class TestPrivateFiles:
         runtime = proc.runtime_dir
         assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
         socks = sorted(runtime.iterdir())
-        assert [s.name for s in socks] == ["console.sock", "qmp.sock"]
+        assert [s.name for s in socks] == ["console.sock", "qmp-sync.sock", "qmp.sock"]
         assert all(
             stat.S_ISSOCK(s.stat().st_mode) and stat.S_IMODE(s.stat().st_mode) == 0o600
             for s in socks

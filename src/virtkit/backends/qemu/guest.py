@@ -407,7 +407,10 @@ class QemuGuest(Guest):
             ConfigError: ``command``, ``arguments`` or ``timeout`` has the wrong type.
         """
         timeout = check_command(command, arguments, timeout)
-        return self._qmp_sync(command, arguments, timeout=timeout)
+        proc = self._proc
+        if proc is None or not proc.alive:
+            raise StateError(f"QEMU for guest {self.name!r} is not running", action=command)
+        return proc.qmp.call(command, arguments, timeout=timeout)  # the thin sync path
 
     # -- events from the loop thread ------------------------------------------------------
     def _on_event(self, name: str, data: Mapping[str, Any]) -> None:

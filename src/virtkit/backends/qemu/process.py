@@ -5,6 +5,9 @@ Per launch:
 * a private runtime directory (mode 0700) holds the QMP socket and the
   console socket (both 0600); virtkit listens on them and QEMU connects as a
   client during its start-up, before any guest code runs;
+* a second QMP monitor, ``qmp-sync.sock`` in the same directory, is the
+  thin path for blocking callers (:class:`~virtkit.backends.qemu.qmp.SyncChannel`):
+  QEMU listens on it and virtkit connects on the first blocking QMP call;
 * QEMU runs as a child of the backend's private event-loop thread, which
   lives as long as the Python process; ``PR_SET_PDEATHSIG`` = SIGKILL (set
   by ``setpriv --pdeathsig KILL``, which then execs QEMU) kills it if that
@@ -34,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from virtkit.backends.qemu.argv import opt_value
 from virtkit.backends.qemu.qmp import QmpSession, at_exit
 from virtkit.errors import BackendError, TimeoutError
 
@@ -183,8 +187,17 @@ class QemuProcess:
                 and stderr tail included) or could not be executed.
             TimeoutError: QEMU did not connect within ``timeout`` seconds.
         """
-        qmp = QmpSession(name, qmp_socket, on_event)
-        self = cls(name, list(argv), runtime_dir, qmp, on_console, on_exit)
+        sync_socket = runtime_dir / "qmp-sync.sock"
+        sync_path = opt_value(os.fspath(sync_socket), what="runtime_dir")
+        qmp = QmpSession(name, qmp_socket, on_event, sync_socket=sync_socket)
+        argv = [
+            *argv,
+            "-chardev",
+            f"socket,id=qmp-sync,path={sync_path},server=on,wait=off",
+            "-mon",
+            "chardev=qmp-sync,mode=control",
+        ]
+        self = cls(name, argv, runtime_dir, qmp, on_console, on_exit)
         self.exited = asyncio.Event()
         self._console_ready = asyncio.Event()
         try:
@@ -254,6 +267,10 @@ class QemuProcess:
                     argv=self.argv,
                     stderr_tail=self.stderr_tail(),
                 )
+            # QEMU created the sync monitor's socket during its start-up (the
+            # directory is 0700, so it was private all along): 0600 like the others
+            with contextlib.suppress(OSError):
+                os.chmod(sync_socket, 0o600)
             self._tasks.append(loop.create_task(self._watch_exit(exit_task)))
             return self
         except BaseException:

@@ -14,6 +14,14 @@ fsspec's ``asyn.py``). Async callers use the coroutines directly through
 turns ``ExecuteError``/disconnects into virtkit errors in one place
 (:func:`translate`), dispatches events to a callback, and resolves job
 waiters on ``JOB_STATUS_CHANGE``.
+
+:class:`SyncChannel` is the thin path for blocking callers: a second QMP
+monitor (QEMU listens on it; connected on first use) spoken to with a plain
+blocking socket from the calling thread. A round trip through the private
+loop costs two thread wake-ups (caller -> loop, loop -> caller), about a
+quarter of a ``query-status`` round trip on a loaded host; the channel
+costs none. Events are also broadcast on it; they are discarded there
+(the main session delivers them).
 """
 
 from __future__ import annotations
@@ -23,9 +31,13 @@ import atexit
 import builtins
 import concurrent.futures
 import contextlib
+import itertools
+import json
 import logging
 import os
+import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +50,7 @@ from virtkit.images.args import check_name, check_timeout
 __all__ = [
     "DEFAULT_QMP_TIMEOUT",
     "QmpSession",
+    "SyncChannel",
     "check_command",
     "loop",
     "run_async",
@@ -106,6 +119,24 @@ def in_loop_thread() -> bool:
     return _thread is not None and threading.current_thread() is _thread
 
 
+def _refuse_in_loop(coro: Coroutine[Any, Any, Any] | None = None) -> None:
+    """Raise StateError when a blocking call is made from inside a running event loop."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not None:
+        if coro is not None:
+            coro.close()
+        raise StateError(
+            "a blocking virtkit QEMU call was made from inside a running asyncio event loop; "
+            "it would freeze that loop. Use the coroutine twin instead "
+            "(await guest.aio.start(), ...) or call it from a worker thread "
+            "(await asyncio.to_thread(guest.start))",
+            action="sync-call",
+        )
+
+
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run ``coro`` on the private loop and wait for its result.
 
@@ -114,19 +145,7 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
             ``guest.aio`` coroutines there) or from the private loop itself.
         TimeoutError: ``timeout`` seconds passed (the coroutine is cancelled).
     """
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is not None:
-        coro.close()
-        raise StateError(
-            "a blocking virtkit QEMU call was made from inside a running asyncio event loop; "
-            "it would freeze that loop. Use the coroutine twin instead "
-            "(await guest.aio.start(), ...) or call it from a worker thread "
-            "(await asyncio.to_thread(guest.start))",
-            action="sync-call",
-        )
+    _refuse_in_loop(coro)
     target = loop()
     future = asyncio.run_coroutine_threadsafe(coro, target)
     try:
@@ -178,6 +197,180 @@ def translate(exc: BaseException, command: str, *, what: str = "QEMU") -> BaseEx
     return exc
 
 
+class SyncChannel:
+    """A second QMP monitor spoken to with a blocking socket from the caller's thread.
+
+    QEMU listens on ``socket_path`` (``-chardev socket,server=on,wait=off``,
+    added by :class:`~virtkit.backends.qemu.process.QemuProcess`); the
+    channel connects on first use and negotiates capabilities once. One
+    caller at a time: :meth:`try_execute` returns ``(False, None)`` when
+    another thread is using it, and that caller goes through the loop.
+    Events broadcast on this monitor are discarded (the main session
+    delivers them); :meth:`drain` keeps them from piling up between calls.
+
+    Args:
+        name: the guest's name, for messages.
+        socket_path: the UNIX socket QEMU listens on.
+    """
+
+    MAX_MESSAGE = 64 * 1024 * 1024
+    """Largest QMP message accepted (bytes); a longer one breaks the connection."""
+
+    def __init__(self, name: str, socket_path: Path) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.closed = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._ids = itertools.count(1)
+
+    def try_execute(
+        self, command: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> tuple[bool, Any]:
+        """Run a QMP command: ``(True, result)``, or ``(False, None)`` if the channel is busy.
+
+        Raises:
+            StateError: called from inside a running asyncio event loop.
+            BackendError: QEMU refused the command or the connection broke.
+            TimeoutError: no reply within ``timeout`` (default 30 s).
+        """
+        _refuse_in_loop()
+        if not self._lock.acquire(blocking=False):
+            return False, None
+        try:
+            return True, self._execute(command, args, timeout)
+        finally:
+            self._lock.release()
+
+    def _execute(self, command: str, args: Mapping[str, Any] | None, timeout: float | None) -> Any:
+        what = f"QEMU ({self.name})"
+        if self.closed:
+            raise BackendError(f"no QMP connection to {self.name} (QEMU is not running)")
+        limit = DEFAULT_QMP_TIMEOUT if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        ident = next(self._ids)
+        message: dict[str, Any] = {"execute": command, "id": ident}
+        if args:
+            message["arguments"] = dict(args)
+        try:
+            sock = self._sock if self._sock is not None else self._connect(deadline)
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            reply = self._read(deadline)
+            while reply.get("id") != ident:  # events (and nothing else: ids are never reused)
+                reply = self._read(deadline)
+        except builtins.TimeoutError:
+            self._drop()  # a late reply must not meet the next command
+            raise TimeoutError(
+                f"{what} did not answer QMP command {command!r} within {limit} s", timeout=limit
+            ) from None
+        except EOFError:
+            self._drop()
+            raise BackendError(
+                f"the QMP connection to {what} closed while {command!r} was running "
+                "(QEMU probably exited; see the guest's crash reason)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            self._drop()
+            raise BackendError(f"QMP command {command!r} to {what} failed: {exc!r}") from exc
+        error = reply.get("error")
+        if error is not None:
+            desc = error.get("desc") if isinstance(error, dict) else error
+            kind = error.get("class") if isinstance(error, dict) else "GenericError"
+            raise BackendError(f"{what} refused QMP command {command!r}: {desc} ({kind})")
+        return reply.get("return")
+
+    def _connect(self, deadline: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = sock
+        self._buf.clear()
+        sock.settimeout(max(deadline - time.monotonic(), 0.0))
+        sock.connect(os.fspath(self.socket_path))
+        if "QMP" not in self._read(deadline):
+            raise ValueError("no QMP greeting on the synchronous monitor")
+        sock.sendall(b'{"execute": "qmp_capabilities", "id": 0}\n')
+        reply = self._read(deadline)
+        while reply.get("id") != 0:
+            reply = self._read(deadline)
+        if "error" in reply:
+            raise ValueError(f"qmp_capabilities refused: {reply['error']!r}")
+        return sock
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        """The next JSON object from the socket (blocking until ``deadline``)."""
+        sock = self._sock
+        assert sock is not None
+        while True:
+            end = self._buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buf[:end])
+                del self._buf[: end + 1]
+                if not line.strip():
+                    continue
+                value = json.loads(line)
+                if not isinstance(value, dict):
+                    raise ValueError(f"QMP message is not a JSON object: {line[:80]!r}")
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise builtins.TimeoutError
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
+            if len(self._buf) > self.MAX_MESSAGE:
+                raise ValueError(f"QMP message longer than {self.MAX_MESSAGE} bytes")
+
+    def drain(self) -> None:
+        """Discard events queued on the channel, without blocking (no-op while it is in use)."""
+        if self._sock is None or not self._lock.acquire(blocking=False):
+            return
+        try:
+            sock = self._sock
+            if sock is None:
+                return
+            sock.setblocking(False)  # a timeout would poll before each recv
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    self._drop()
+                    return
+                if not chunk:
+                    self._drop()
+                    return
+                self._buf += chunk
+            end = self._buf.rfind(b"\n")  # whole lines here are events: no call is in flight
+            if end >= 0:
+                del self._buf[: end + 1]
+        finally:
+            self._lock.release()
+
+    def _drop(self) -> None:
+        """Forget the connection (the next call connects again)."""
+        sock, self._sock = self._sock, None
+        self._buf.clear()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def close(self) -> None:
+        """Refuse further calls; a call in flight ends with BackendError (safe from any thread)."""
+        self.closed = True
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a caller blocked in recv
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop()
+            finally:
+                self._lock.release()
+
+
 class QmpSession:
     """One QMP connection to one QEMU process, living on the private loop.
 
@@ -185,6 +378,7 @@ class QmpSession:
         name: used in messages and qemu.qmp's logger.
         socket_path: the UNIX socket to listen on; QEMU connects to it.
         on_event: called (on the loop thread) with each event's name and data.
+        sync_socket: where QEMU listens for the :class:`SyncChannel` (None: no thin path).
     """
 
     def __init__(
@@ -192,9 +386,11 @@ class QmpSession:
         name: str,
         socket_path: Path,
         on_event: Callable[[str, Mapping[str, Any]], None],
+        sync_socket: Path | None = None,
     ) -> None:
         self.name = name
         self.socket_path = socket_path
+        self.sync = SyncChannel(name, sync_socket) if sync_socket is not None else None
         self._on_event = on_event
         self._client = QMPClient(name)
         self._pump: asyncio.Task[None] | None = None
@@ -231,8 +427,31 @@ class QmpSession:
             if job_id in self._job_seen:
                 self._job_seen[job_id].append(str(data.get("status")))
                 self._job_events[job_id].set()
+        if self.sync is not None:  # the same event is queued on the sync monitor: drop it there
+            self.sync.drain()
         with contextlib.suppress(Exception):
             self._on_event(name, data)
+
+    def call(
+        self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Run a QMP command for a blocking caller (not on the loop) and return its result.
+
+        Uses the :class:`SyncChannel` when there is one and no other thread
+        is using it (no thread hop), else :meth:`execute` through the loop.
+        Events the command causes are delivered by the loop as usual, possibly
+        just after this returns.
+
+        Raises:
+            StateError: called from inside a running asyncio event loop.
+            BackendError: QEMU refused the command or the connection broke.
+            TimeoutError: no reply within ``timeout`` (default 30 s).
+        """
+        if self.sync is not None and self.connected:
+            done, result = self.sync.try_execute(command, args, timeout)
+            if done:
+                return result
+        return run_sync(self.execute(command, args, timeout=timeout))
 
     async def execute(
         self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
@@ -325,6 +544,8 @@ class QmpSession:
     async def close(self) -> None:
         """Disconnect (a connection QEMU already closed is fine)."""
         self.connected = False
+        if self.sync is not None:
+            self.sync.close()
         for event in self._job_events.values():
             event.set()
         with contextlib.suppress(Exception):
