@@ -9,8 +9,10 @@ Measures, in one run (medians over repeats; TCG unless ``--accel`` says otherwis
   launched bare with ``subprocess`` reading stdout; plus virtkit's exact
   command (socket chardevs and the QMP handshake) driven by blocking
   Python, which separates QEMU's own cost of that set-up from virtkit's;
-* QMP ``query-status`` round trip through ``guest.qmp()`` (sync API over the
-  private event loop) vs a raw ``qemu.qmp.QMPClient`` awaited directly;
+* QMP ``query-status`` round trip through ``guest.qmp()`` (the sync channel:
+  a second monitor on a blocking socket) vs a raw ``qemu.qmp.QMPClient``
+  awaited directly, interleaved; plus the same command through the private
+  event loop and the cost of the loop's two thread wake-ups alone;
 * guest agent: ``guest.agent.exec(["/bin/true"])`` round trip and an 8 MiB
   ``write_file``, vs the same commands as raw JSON lines on the agent's socket
   (qemu-ga has no QMP greeting, so ``qemu.qmp`` cannot speak to it);
@@ -140,52 +142,83 @@ def _same_command_plain(guest: QemuGuest, work: Path) -> float:
     return elapsed
 
 
-def bench_qmp(hv: QemuHypervisor, work: Path, calls: int) -> tuple[float, float]:
+def bench_qmp(hv: QemuHypervisor, work: Path, calls: int) -> dict[str, float]:
+    """Median ``query-status`` round trips (ms), interleaved in batches of 50.
+
+    ``virtkit``: ``guest.qmp()`` (the sync channel: a second monitor on a
+    blocking socket, no thread hop); ``loop``: the same command through the
+    private event loop (``run_sync(session.execute(...))``, two thread
+    wake-ups); ``raw``: a ``qemu.qmp.QMPClient`` awaited directly on the
+    caller's own loop; ``hop``: ``run_sync`` of an empty coroutine (the two
+    wake-ups alone).
+    """
+    from virtkit.backends.qemu.qmp import run_sync  # noqa: PLC0415
+
     disk = guests.write_disk(work / "idle.qcow2", "ignore-acpi", format="qcow2")
     guest = hv.define(Machine(name="bench-qmp", memory="32MiB", disks=[Disk(str(disk))]))
     guest.start()
-    for _ in range(20):
-        guest.qmp("query-status")
-    ours = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        guest.qmp("query-status")
-        ours.append(time.perf_counter() - t0)
-    guest.kill()
-    hv.undefine(guest)
+    proc = guest._proc
+    assert proc is not None
     sock = work / "raw-qmp.sock"
     argv = [
         hv.binary, "-nodefaults", "-no-user-config", "-display", "none", "-accel",
         hv.accelerator.accel, "-m", "32M", "-qmp", f"unix:{sock},server=on,wait=off",
     ]  # fmt: skip
-    proc = subprocess.Popen(
+    bare_proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    raw_loop = asyncio.new_event_loop()
+    client = QMPClient("raw")
 
-    async def raw() -> list[float]:
-        client = QMPClient("raw")
+    async def connect() -> None:
         for _ in range(200):
             try:
                 await client.connect(str(sock))
-                break
+                return
             except Exception:  # socket not there yet
                 await asyncio.sleep(0.02)
-        for _ in range(20):
-            await client.execute("query-status")
+
+    async def raw_batch(n: int) -> list[float]:
         samples = []
-        for _ in range(calls):
+        for _ in range(n):
             t0 = time.perf_counter()
             await client.execute("query-status")
             samples.append(time.perf_counter() - t0)
-        await client.disconnect()  # then kill QEMU: a "quit" races the disconnect (EOFError)
         return samples
 
+    async def nothing() -> None:
+        return None
+
+    out: dict[str, list[float]] = {"virtkit": [], "loop": [], "raw": [], "hop": []}
     try:
-        bare = asyncio.run(raw())
+        raw_loop.run_until_complete(connect())
+        raw_loop.run_until_complete(raw_batch(20))
+        for _ in range(20):
+            guest.qmp("query-status")
+        batch = 50
+        for _ in range(max(1, calls // batch)):  # interleaved: load swings hit all sides alike
+            out["raw"] += raw_loop.run_until_complete(raw_batch(batch))
+            for _ in range(batch):
+                t0 = time.perf_counter()
+                guest.qmp("query-status")
+                out["virtkit"].append(time.perf_counter() - t0)
+            for _ in range(batch):
+                t0 = time.perf_counter()
+                run_sync(proc.qmp.execute("query-status"))
+                out["loop"].append(time.perf_counter() - t0)
+            for _ in range(batch):
+                t0 = time.perf_counter()
+                run_sync(nothing())
+                out["hop"].append(time.perf_counter() - t0)
+        # then kill QEMU: a "quit" races the disconnect (EOFError)
+        raw_loop.run_until_complete(client.disconnect())
     finally:
-        proc.kill()
-        proc.wait()
-    return _median_ms(ours), _median_ms(bare)
+        raw_loop.close()
+        bare_proc.kill()
+        bare_proc.wait()
+        guest.kill()
+        hv.undefine(guest)
+    return {key: _median_ms(samples) for key, samples in out.items()}
 
 
 def _fill_command() -> str:
@@ -414,10 +447,15 @@ def main() -> None:
                 f"  virtkit's exact command, sockets served by blocking Python: {same:.1f} ms "
                 f"median, {same_min:.1f} ms best (QEMU's own cost of sockets + QMP)"
             )
-            ours, bare = bench_qmp(hv, work, args.calls)
+            q = bench_qmp(hv, work, args.calls)
             print(
-                f"QMP query-status round trip  virtkit {ours:8.3f} ms   raw qemu.qmp {bare:6.3f} ms"
-                f"   overhead {ours - bare:+.3f} ms"
+                f"QMP query-status round trip  virtkit {q['virtkit']:8.3f} ms   raw qemu.qmp "
+                f"{q['raw']:6.3f} ms   ratio {q['virtkit'] / q['raw']:.2f}"
+            )
+            print(
+                f"  through the private loop instead: {q['loop']:.3f} ms "
+                f"(ratio {q['loop'] / q['raw']:.2f}); the two thread wake-ups alone "
+                f"{q['hop']:.3f} ms"
             )
             agent = bench_agent(hv, work, max(20, args.calls // 20))
             if agent is not None:
