@@ -69,13 +69,13 @@ class BzImage:
 
     setup_size: int
     protocol: int
-    header: bytes  # the setup header as in the file (copied into boot_params)
+    header: bytes = attrs.field(repr=False)  # the setup header (copied into boot_params)
     code32_start: int
     initrd_addr_max: int
     cmdline_size: int
     init_size: int
     relocatable: bool
-    payload: bytes  # the protected-mode kernel
+    payload: bytes = attrs.field(repr=False)  # the protected-mode kernel
 
     @classmethod
     def parse(cls, data: bytes, *, source: str = "kernel") -> BzImage:
@@ -224,10 +224,10 @@ def load_linux(
             field="memory",
         )
     line = cmdline.encode()
-    if len(line) >= image.cmdline_size:
+    if len(line) > image.cmdline_size:
         raise ConfigError(
             f"the kernel command line is {len(line)} bytes; this kernel takes at most "
-            f"{image.cmdline_size - 1}",
+            f"{image.cmdline_size}",
             field="append",
         )
     params = bytearray(0x1000)

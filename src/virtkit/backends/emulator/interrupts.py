@@ -33,7 +33,7 @@ from virtkit.backends.emulator.cpu import (
     TripleFault,
 )
 
-__all__ = ["ERROR_CODE_VECTORS", "Mmu", "PageFault", "deliver"]
+__all__ = ["ERROR_CODE_VECTORS", "Mmu", "PageFault", "deliver", "page_fault_error_code"]
 
 #: exceptions that push an error code
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
@@ -120,6 +120,43 @@ class Mmu:
             self.cpu.write(self.translate(linear), data[:chunk])
             linear += chunk
             data = data[chunk:]
+
+
+PF_PRESENT = 0x1
+PF_WRITE = 0x2
+PF_USER = 0x4
+
+
+def page_fault_error_code(cpu: Cpu, linear: int) -> int:
+    """A #PF error code for a fault at ``linear``, rebuilt from the page tables.
+
+    Unicorn reports the fault (and sets CR2) but not the error code the CPU
+    computed. The code is rebuilt: P if the page is mapped, U if the CPU was
+    at CPL 3, and W if the page is mapped but not writable (a read of a
+    mapped page does not fault, so that fault was a write). A write to a
+    page that is not present is reported as a read: the kernel maps the
+    page, the write faults again as P|W, and takes its copy-on-write path
+    then — one extra fault, the same outcome.
+    """
+    code = PF_USER if cpu.cs & 3 == 3 else 0
+    mmu = Mmu(cpu)
+    if not mmu.cr0 & CR0_PG or not mmu.long:
+        return code
+    table = mmu.cr3 & _ADDR
+    writable = user = True
+    for shift in (39, 30, 21, 12):
+        entry = mmu._entry(table, (linear >> shift) & 0x1FF, 8)
+        if not entry & 1:
+            return code
+        writable &= bool(entry & 0x2)
+        user &= bool(entry & 0x4)
+        if shift == 12 or (shift < 39 and entry & 0x80):
+            break
+        table = entry & _ADDR
+    code |= PF_PRESENT
+    if not writable and (user or not code & PF_USER):  # not a user/supervisor violation
+        code |= PF_WRITE
+    return code
 
 
 def deliver(

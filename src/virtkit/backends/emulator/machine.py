@@ -48,7 +48,7 @@ from virtkit.backends.emulator.cpu import (
     unicorn,
 )
 from virtkit.backends.emulator.disks import SECTOR, Drive, DriveSpec, open_drives
-from virtkit.backends.emulator.interrupts import Mmu, deliver
+from virtkit.backends.emulator.interrupts import Mmu, deliver, page_fault_error_code
 from virtkit.backends.emulator.uart import COM1_BASE, Uart16550
 from virtkit.errors import BackendError, ConfigError, ImageError
 
@@ -574,7 +574,10 @@ class PcMachine:
         cpu = self.cpu
         if not cpu.real_mode:
             software, return_ip = self._software_int_pm(vector)
-            deliver(cpu, vector, return_ip, software=software)
+            code = None
+            if vector == 14 and not software:
+                code = page_fault_error_code(cpu, cpu.reg(x86.UC_X86_REG_CR2))
+            deliver(cpu, vector, return_ip, software=software, error_code=code)
             return
         ip = cpu.rip & 0xFFFF
         cs = cpu.cs
