@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -110,3 +111,54 @@ class TestLiveMigration:
             emu.close()
             b.close()
             a.close()
+
+
+class TestWithoutSharedStorage:
+    """copy_storage=True: the second host does not see the disk; libvirt copies it over."""
+
+    def test_copy_storage(self, second_host: SecondHost, tmp_path: Path) -> None:
+        """The disk lives where only the first host sees it (the second host's
+        /var/lib/libvirt is private); after migrate(copy_storage=True) the guest runs
+        on the second host from its own copy and keeps counting."""
+        here = Path("/var/lib/libvirt") / f"{PREFIX}nonshared"
+        here.mkdir(parents=True, exist_ok=True)
+        a = connect(LOCAL, tmp_path / "a", migration_uri=second_host.local_migration_uri)
+        b = connect(
+            second_host.uri,
+            tmp_path / "b",
+            migration_uri=second_host.migration_uri,
+            shared_storage=False,
+        )
+        pool = None
+        try:
+            disk = here / "counter.qcow2"
+            guests.write_disk(disk, "counter", format="qcow2")
+            # a directory pool at the same path on the second host: libvirt creates the
+            # destination image in it before copying
+            pool_xml = (
+                f"<pool type='dir'><name>{PREFIX}nonshared</name>"
+                f"<target><path>{here}</path></target></pool>"
+            )
+            pool = b.connection.raw.storagePoolDefineXML(pool_xml, 0)
+            pool.build(0)
+            pool.create(0)
+            assert pool.listAllVolumes(0) == []  # it really does not see the first host's file
+            guest = a.define(Machine(name="copy", memory="32MiB", disks=(Disk(str(disk)),)))
+            assert isinstance(guest, LibvirtGuest)
+            guest.start()
+            guest.console.expect("count 1\r\n", timeout=TIMEOUT)
+            moved = guest.migrate(b, copy_storage=True)
+            last = counts(moved.console.output)[-1]
+            moved.console.expect(f"count {last + 2}\r\n", timeout=TIMEOUT)
+            pool.refresh(0)
+            assert [v.name() for v in pool.listAllVolumes(0)] == ["counter.qcow2"]
+            moved.kill()
+        finally:
+            b.close()
+            a.close()
+            if pool is not None:
+                for vol in pool.listAllVolumes(0):
+                    vol.delete(0)
+                pool.destroy()
+                pool.undefine()
+            shutil.rmtree(here, ignore_errors=True)

@@ -620,6 +620,8 @@ class LibvirtGuest(Guest):
             params: dict[str, Any] = {}
             if destination.migration_uri:
                 params[lv.VIR_MIGRATE_PARAM_URI] = destination.migration_uri
+                if copy_storage:  # the disks' NBD stream goes to the same address
+                    params[lv.VIR_MIGRATE_PARAM_DISKS_URI] = destination.migration_uri
             paused = self.state is State.PAUSED
             self._busy_enter()
             try:
