@@ -90,6 +90,7 @@ class TestPushPull:
             assert pulled[-1][0] == pulled[-1][1]
             with open_image(folder / "disks" / "root.qcow2") as image:
                 assert image.read(1024, 27) == b"written by the disk guest: "
+            assert not Path(hv.remote_folder("pushed")).exists()  # the "remote" is this host
             assert (
                 f"virtkit-{PREFIX}pushed"
                 not in run("virsh", "-c", ssh_uri, "pool-list", "--all").stdout

@@ -538,7 +538,9 @@ class LibvirtGuest(Guest):
             pool = storage.pool_for(self._conn, self.domain_name, remote, create=False)
             storage.download_pool(self._conn, pool, files, progress)
             if remove:
-                storage.delete_pool(self._conn, self.domain_name)
+                storage.delete_pool(
+                    self._conn, self.domain_name, self.hypervisor.remote_folder(self.name)
+                )
 
     # -- hosts ----------------------------------------------------------------------------------
     def record_location(self) -> None:

@@ -177,8 +177,28 @@ def download_pool(
             raise
 
 
-def delete_pool(conn: Connection, domain: str) -> None:
-    """Remove the pushed guest's volumes and pool from the host."""
+def delete_pool(conn: Connection, domain: str, folder: str | None = None) -> None:
+    """Remove the pushed guest's volumes and pool from the host, and its (then empty)
+    ``folder`` there."""
+    _delete_disks_pool(conn, domain)
+    if folder is None:
+        return
+    lv = conn.lv
+    # libvirt removes a directory only as a pool's target: a short-lived one for the folder
+    root = ET.Element("pool", type="dir")
+    ET.SubElement(root, "name").text = pool_name(domain) + "-folder"
+    ET.SubElement(ET.SubElement(root, "target"), "path").text = folder
+    try:
+        pool = conn.raw.storagePoolDefineXML(ET.tostring(root, encoding="unicode"), 0)
+    except lv.libvirtError:
+        return
+    with contextlib.suppress(lv.libvirtError):
+        pool.delete(0)  # rmdir: only when empty, as it should be
+    with contextlib.suppress(lv.libvirtError):
+        pool.undefine()
+
+
+def _delete_disks_pool(conn: Connection, domain: str) -> None:
     lv = conn.lv
     try:
         pool = conn.raw.storagePoolLookupByName(pool_name(domain))
