@@ -25,7 +25,6 @@ _PROBE_HEX = (
 )
 
 
-
 def probe_image() -> bytes:
     """The 512-byte probe boot sector."""
     code = bytes.fromhex(_PROBE_HEX)

@@ -43,6 +43,8 @@ from virtkit.errors import ConfigError
 __all__ = ["ACCELERATORS", "AccelChoice", "choose_accel", "probe_image", "probe_kvm"]
 
 ACCELERATORS = ("auto", "kvm", "tcg")
+
+
 @attrs.frozen
 class AccelChoice:
     """The accelerator a guest runs with, and why.
