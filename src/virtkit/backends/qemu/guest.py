@@ -342,8 +342,7 @@ class QemuGuest(Guest):
         try:
             if self.machine.serial.enabled:
                 self.console.set_writer(self._write_console)
-            kvm = run_sync(proc.qmp.execute("query-kvm"))
-            self.accelerator = "kvm" if kvm.get("enabled") else "tcg"
+            self.accelerator = "kvm" if proc.kvm_enabled else "tcg"  # asked during launch
         except BaseException:
             self._terminate()
             raise

@@ -164,6 +164,7 @@ class QemuProcess:
         self.exited: asyncio.Event | None = None
         self.exit_info: ExitInfo | None = None
         self.pid: int | None = None
+        self.kvm_enabled: bool | None = None  # QMP query-kvm, asked during launch()
 
     # -- start-up -----------------------------------------------------------------
     @classmethod
@@ -271,11 +272,25 @@ class QemuProcess:
             # directory is 0700, so it was private all along): 0600 like the others
             with contextlib.suppress(OSError):
                 os.chmod(sync_socket, 0o600)
+            self.kvm_enabled = await self._query_kvm()
             self._tasks.append(loop.create_task(self._watch_exit(exit_task)))
             return self
         except BaseException:
             await self._teardown()
             raise
+
+    async def _query_kvm(self) -> bool:
+        """Whether KVM runs the guest: asked here, on the loop, so start() pays no thread hop.
+
+        A guest that powered off at once (QEMU gone before the question) is
+        reported with the accelerator its command line asked for.
+        """
+        try:
+            reply = await self.qmp.execute("query-kvm")
+        except BackendError:
+            accel = self.argv[self.argv.index("-accel") + 1] if "-accel" in self.argv else ""
+            return accel.startswith("kvm")
+        return bool(reply.get("enabled"))
 
     async def _wait_connected(self) -> None:
         assert self._console_ready is not None
