@@ -30,6 +30,9 @@ __all__ = ["check"]
 
 _Inc = Callable[[int, int, str], bool]
 
+#: QEMU reads nothing past this file offset (``BDRV_MAX_LENGTH``): an I/O error there.
+_MAX_READ = (1 << 63) - (1 << 30)
+
 
 @attrs.define
 class _Scan:
@@ -102,7 +105,7 @@ def _scan(img: Qcow2Image) -> _Scan:
         if entry & 0x1FF:
             scan.corrupt(f"ERROR refcount table entry {t} has reserved bits set", where)
             scan.bad_reftable.append(t)
-            if not off & (cs - 1):  # QEMU still reads the block, the bits masked
+            if not off & (cs - 1) and off + cs <= _MAX_READ:  # QEMU reads it, bits masked
                 scan.views[t] = off if off >> cb < nclusters else 0  # (past the end: zeroes)
             continue
         if not off:
@@ -117,7 +120,8 @@ def _scan(img: Qcow2Image) -> _Scan:
         if off >> cb >= nclusters:
             scan.corrupt(f"ERROR refcount block {t} is outside image", where)
             scan.bad_reftable.append(t)
-            scan.views[t] = 0  # read past the end of the file: zeroes
+            if off + cs <= _MAX_READ:
+                scan.views[t] = 0  # read past the end of the file: zeroes (else unreadable)
             continue
         inc(off, cs, f"refcount block {t}")
         refblocks.append((t, off >> cb))
@@ -294,7 +298,11 @@ def _block(img: Qcow2Image, scan: _Scan, t: int) -> array[int] | bool | None:
         try:
             blk = refs.block(t)
         except CorruptImageError:
-            blk = False
+            # the allocator refuses a block on top of other metadata; QEMU reads it
+            off = refs.table[t] & layout.REFT_OFFSET_MASK
+            raw = img.st.pread(off, img.cs)
+            raw += bytes(img.cs - len(raw))
+            blk = layout.decode_refblock(raw, refs.bits)
     scan.blocks[t] = blk
     return blk
 
