@@ -74,6 +74,7 @@ from virtkit.images.qcow2 import bitmaps as bitmapsmod
 from virtkit.images.qcow2 import chain, layout, metadata, snapshots
 from virtkit.images.qcow2 import check as checkmod
 from virtkit.images.qcow2.allocator import Refcounts
+from virtkit.images.qcow2.bitmap_methods import BitmapsMixin
 from virtkit.images.qcow2.cache import CACHE_MODES, MetadataCache
 from virtkit.images.qcow2.compress import compress, decompress
 from virtkit.images.qcow2.mapping import COMPRESSED, DATA, UNALLOCATED, ZERO, Mapper, Run
@@ -118,7 +119,7 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class Qcow2Image(bitmapsmod.BitmapsMixin, Image):
+class Qcow2Image(BitmapsMixin, Image):
     """An open qcow2 image (v2 or v3). Create with :func:`virtkit.images.open`."""
 
     format = "qcow2"
