@@ -34,12 +34,15 @@ import asyncio
 import base64
 import json
 import os
+import random
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # this file is named qemu.py: keep its folder off sys.path so ``qemu.qmp`` is the package
@@ -84,33 +87,61 @@ def bare_argv(argv: list[str]) -> list[str]:
 
 def bench_first_line(
     hv: QemuHypervisor, work: Path, repeats: int
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float, float]]:
+    """Start -> first serial line: (median ms, best ms, median of paired ratios to bare).
+
+    Rounds are interleaved and each round's order shuffled, so load swings on
+    the host hit every side alike; the paired ratio (this round's time over
+    this round's bare time) is steadier than a ratio of medians.
+    ``setpriv``: the bare command behind ``setpriv --pdeathsig KILL`` (what
+    virtkit adds to the exec); ``same``: virtkit's exact command (socket
+    chardevs, both QMP monitors) served by blocking Python, i.e. QEMU's own
+    cost of that set-up.
+    """
     disk = guests.write_disk(work / "hello.qcow2", "hello", format="qcow2")
     machine = Machine(name="bench-hello", memory="32MiB", disks=[Disk(str(disk))])
     guest = hv.define(machine)
     argv = bare_argv(guest.qemu_argv())
-    ours: list[float] = []
-    bare: list[float] = []
-    same: list[float] = []
-    for _ in range(repeats):  # interleaved, so load changes on the host hit all alike
-        same.append(_same_command_plain(guest, work))
+    setpriv = shutil.which("setpriv")
+
+    def ours() -> float:
         t0 = time.perf_counter()
         guest.start()
         guest.console.expect(b"\n", timeout=30)
-        ours.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
         guest.wait(timeout=30)
+        return elapsed
+
+    def bare(prefix: list[str]) -> float:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        proc = subprocess.Popen([*prefix, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         assert proc.stdout is not None
         proc.stdout.readline()
-        bare.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
         proc.wait(timeout=30)
-    hv.undefine(guest)
-    return {
-        "virtkit": (_median_ms(ours), min(ours) * 1000),
-        "bare": (_median_ms(bare), min(bare) * 1000),
-        "same": (_median_ms(same), min(same) * 1000),
+        proc.stdout.close()
+        return elapsed
+
+    sides: dict[str, Callable[[], float]] = {
+        "virtkit": ours,
+        "bare": lambda: bare([]),
+        "same": lambda: _same_command_plain(guest, work),
     }
+    if setpriv is not None:
+        sides["setpriv"] = lambda: bare([setpriv, "--pdeathsig", "KILL", "--"])
+    samples: dict[str, list[float]] = {key: [] for key in sides}
+    shuffle = random.Random(14)
+    for _ in range(repeats):
+        order = list(sides)
+        shuffle.shuffle(order)
+        for key in order:
+            samples[key].append(sides[key]())
+    hv.undefine(guest)
+    out = {}
+    for key, values in samples.items():
+        paired = [a / b for a, b in zip(values, samples["bare"], strict=True)]
+        out[key] = (_median_ms(values), min(values) * 1000, statistics.median(paired))
+    return out
 
 
 def _same_command_plain(guest: QemuGuest, work: Path) -> float:
@@ -119,7 +150,13 @@ def _same_command_plain(guest: QemuGuest, work: Path) -> float:
     run.mkdir(exist_ok=True)
     for name in ("qmp.sock", "console.sock"):
         (run / name).unlink(missing_ok=True)
-    argv = guest.qemu_argv(runtime_dir=run)
+    sync = run / "qmp-sync.sock"  # the second monitor virtkit's launch adds (QEMU listens)
+    sync.unlink(missing_ok=True)
+    argv = [
+        *guest.qemu_argv(runtime_dir=run),
+        "-chardev", f"socket,id=qmp-sync,path={sync},server=on,wait=off",
+        "-mon", "chardev=qmp-sync,mode=control",
+    ]  # fmt: skip
     with socket.socket(socket.AF_UNIX) as con, socket.socket(socket.AF_UNIX) as mon:
         con.bind(str(run / "console.sock"))
         con.listen(1)
@@ -432,21 +469,25 @@ def main() -> None:
         with QemuHypervisor(accel=args.accel, root=work / "guests") as hv:
             first = bench_first_line(hv, work, args.repeats)
             print(f"QEMU {hv.binary}, accel {hv.accelerator.accel} ({hv.accelerator.reason})")
-            (ours, ours_min), (bare, bare_min) = first["virtkit"], first["bare"]
-            same, same_min = first["same"]
+            bare_med, bare_best, _ = first["bare"]
             print(
-                f"start -> first serial line   virtkit {ours:8.1f} ms   bare QEMU {bare:8.1f} ms"
-                f"   overhead {ours - bare:+.1f} ms ({(ours / bare - 1) * 100:+.1f} %)"
+                f"start -> first serial line ({args.repeats} interleaved rounds)   "
+                f"bare QEMU {bare_med:7.1f} ms median, {bare_best:7.1f} ms best"
             )
-            print(
-                f"  (best of {args.repeats})           virtkit {ours_min:8.1f} ms   bare QEMU "
-                f"{bare_min:8.1f} ms   overhead {ours_min - bare_min:+.1f} ms "
-                f"({(ours_min / bare_min - 1) * 100:+.1f} %)"
-            )
-            print(
-                f"  virtkit's exact command, sockets served by blocking Python: {same:.1f} ms "
-                f"median, {same_min:.1f} ms best (QEMU's own cost of sockets + QMP)"
-            )
+            labels = {
+                "virtkit": "virtkit guest.start()",
+                "setpriv": "bare behind setpriv --pdeathsig",
+                "same": "virtkit's argv, blocking Python",
+            }
+            for key, label in labels.items():
+                if key not in first:
+                    continue
+                med, best, paired = first[key]
+                print(
+                    f"  {label:34s} {med:7.1f} ms ({(med / bare_med - 1) * 100:+5.1f} %)   "
+                    f"best {best:7.1f} ms ({(best / bare_best - 1) * 100:+5.1f} %)   "
+                    f"paired median ratio {paired:.3f}"
+                )
             q = bench_qmp(hv, work, args.calls)
             print(
                 f"QMP query-status round trip  virtkit {q['virtkit']:8.3f} ms   raw qemu.qmp "
