@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from virtkit.errors import CorruptImageError, ImageError, UnsupportedFeatureError
 
-__all__ = ["OpenStack", "resolve"]
+__all__ = ["BACKING_FORMATS", "OpenStack", "backing_format", "resolve"]
 
 MAX_CHAIN_DEPTH = 64
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -87,12 +87,16 @@ class OpenStack(threading.local):
 STACK = OpenStack()
 
 
+#: formats a qcow2 image may name as its backing file's (each has a native reader)
+BACKING_FORMATS = ("qcow2", "raw", "vmdk", "vpc", "vhdx", "vdi")
+
+
 def backing_format(recorded: str | None, real: str, image_path: str) -> str:
     """The format to open a backing file with (see the module docstring)."""
     if recorded is not None:
-        if recorded not in ("qcow2", "raw"):
+        if recorded not in BACKING_FORMATS:
             raise UnsupportedFeatureError(
-                f"backing format {recorded!r} is not supported (qcow2, raw)",
+                f"backing format {recorded!r} is not supported ({', '.join(BACKING_FORMATS)})",
                 feature=f"backing format {recorded}",
                 path=image_path,
             )

@@ -121,9 +121,10 @@ def create(
         if backing_format is None:
             real = chain.resolve(path, backing, allow_backing, what="backing file")
             backing_format = chain.backing_format(None, real, path)
-        if backing_format not in ("qcow2", "raw"):
+        if backing_format not in chain.BACKING_FORMATS:
             raise ConfigError(
-                f"'backing_format' must be 'qcow2' or 'raw' (got {backing_format!r})",
+                f"'backing_format' must be one of {', '.join(chain.BACKING_FORMATS)} "
+                f"(got {backing_format!r})",
                 field="backing_format",
             )
         if size is None:
