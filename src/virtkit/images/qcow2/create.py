@@ -230,6 +230,14 @@ def create(
             building.close()
         st.close()
         _publish(tmp, path)
+    except ImageError as exc:
+        st.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if type(exc) is ImageError and exc.path == tmp:  # name the file the caller asked for
+            message = exc.message.rsplit(" [", 1)[0]
+            raise ImageError(message, path=path, offset=exc.offset) from exc.__cause__
+        raise
     except BaseException:
         st.close()
         with contextlib.suppress(OSError):
