@@ -114,3 +114,29 @@ class TestPublish:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["base.qcow2", "top.qcow2"]
         proc = qemu_img("check", top, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class TestKilledRawCreate:
+    """A raw create with full preallocation, killed at any write, leaves no file behind."""
+
+    def test_killed_at_each_write(self, tmp_path: Path) -> None:
+        """Each cut leaves nothing at the path or the whole zero-filled image."""
+        path = tmp_path / "new.raw"
+        size = 4 * 1024 * 1024 + 4096
+
+        def create() -> None:
+            images.create(path, size, format="raw", preallocation="full").close()
+
+        outcomes = set()
+        for n in range(1, 12):
+            if path.exists():
+                path.unlink()
+            code = _die_at(n, create, tmp_path)
+            if path.exists():  # only a create that finished publishes the name
+                assert code == 0, (n, code)
+                assert path.stat().st_size == size, (n, code)
+                outcomes.add("complete")
+            else:
+                assert code == 137, (n, code)
+                outcomes.add("nothing")
+        assert outcomes == {"nothing", "complete"}

@@ -10,6 +10,7 @@ backing files and no internal snapshots.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError
 from virtkit.images.args import check_bool, check_bytes, check_int
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.publish import publish, temp_name
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage, Storage
 
@@ -306,7 +308,13 @@ def create(path: str | os.PathLike[str], size: int | None, **options: Any) -> Ra
     for name, value in options.items():
         if value is not None:
             raise ConfigError(f"raw images have no option {name!r}", field=name)
-    storage = FileStorage(path, writable=True, create=True)
+    target = os.fspath(path)
+    if os.path.lexists(target):
+        raise ImageError("file already exists", path=target)
+    # built under a hidden name and published whole, as qcow2 images are: a
+    # create killed half-way (a preallocation cut short) leaves nothing at ``path``
+    tmp = temp_name(target)
+    storage = FileStorage(tmp, writable=True, create=True)
     try:
         storage.truncate(size)
         if prealloc == "falloc" and size:
@@ -315,15 +323,27 @@ def create(path: str | os.PathLike[str], size: int | None, **options: Any) -> Ra
             zeros = bytes(_ZERO_CHUNK)
             for pos in range(0, size, _ZERO_CHUNK):
                 storage.pwrite(pos, zeros[: min(_ZERO_CHUNK, size - pos)])
+        storage.flush()
+        storage.close()
+        publish(tmp, target)
     except OSError as exc:
         storage.close()
-        os.unlink(storage.path)
-        raise ImageError(f"cannot preallocate: {exc.strerror}", path=storage.path) from exc
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ImageError(f"cannot preallocate: {exc.strerror}", path=target) from exc
+    except ImageError as exc:
+        storage.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if type(exc) is ImageError and exc.path == tmp:  # name the file the caller asked for
+            raise ImageError(exc.message.rsplit(" [", 1)[0], path=target) from exc.__cause__
+        raise
     except BaseException:
         storage.close()
-        os.unlink(storage.path)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
-    return RawImage(storage, writable=True)
+    return RawImage(FileStorage(target, writable=True), writable=True)
 
 
 def open(  # noqa: A001 - the driver protocol's name

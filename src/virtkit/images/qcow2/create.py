@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from typing import Any
 
 from virtkit.errors import ConfigError, ImageError
+from virtkit.images.publish import publish, temp_name
 from virtkit.images.qcow2 import chain, layout, metadata
 from virtkit.images.qcow2.image import Qcow2Image, _Request
 from virtkit.images.storage import FileStorage
@@ -208,7 +208,7 @@ def create(
         raise ImageError("file already exists", path=path)
     # Built under a temporary name and published whole: a create killed at any
     # point leaves nothing at ``path`` (at most a hidden temporary file).
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     st = FileStorage(tmp, writable=True, create=True)
     try:
         st.pwrite(0, bytes(head) + bytes(cs - len(head)))
@@ -229,7 +229,7 @@ def create(
             _preallocate(building)
             building.close()
         st.close()
-        _publish(tmp, path)
+        publish(tmp, path)
     except ImageError as exc:
         st.close()
         with contextlib.suppress(OSError):
@@ -249,41 +249,6 @@ def create(
     except BaseException:
         st.close()
         raise
-
-
-def _temp_name(path: str) -> str:
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.virtkit-{secrets.token_hex(4)}.tmp")
-
-
-def _publish(tmp: str, path: str) -> None:
-    """Give the finished file at ``tmp`` the name ``path``, never replacing a file there.
-
-    A hard link is atomic and fails if ``path`` exists; where links are not
-    supported, a rename after a check. The directory is synced so the name
-    survives a power loss.
-    """
-    try:
-        os.link(tmp, path)
-    except FileExistsError as exc:
-        raise ImageError("file already exists", path=path) from exc
-    except OSError:
-        if os.path.lexists(path):
-            raise ImageError("file already exists", path=path) from None
-        os.rename(tmp, path)
-    else:
-        os.unlink(tmp)
-    folder = os.path.dirname(path) or "."
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync directories; the name is there all the same
-    finally:
-        os.close(fd)
 
 
 def _preallocate(img: Qcow2Image) -> None:
