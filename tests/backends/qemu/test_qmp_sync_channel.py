@@ -235,3 +235,22 @@ class TestFaults:
         channel = SyncChannel("busy", tmp_path / "none.sock")
         with channel._lock:
             assert channel.try_execute("query-status") == (False, None)
+
+    def test_a_large_command_after_a_drain(self, server) -> None:  # type: ignore[no-untyped-def]
+        """drain() leaves the socket non-blocking; the next call must still send all of it."""
+
+        def script(conn: socket.socket) -> None:
+            ident = _command_id(conn)
+            conn.sendall(json.dumps({"return": {}, "id": ident}).encode() + b"\r\n")
+            buf = b""
+            while b"\n" not in buf:
+                buf += conn.recv(1 << 20)
+            second = json.loads(buf.split(b"\n")[0])["id"]
+            conn.sendall(json.dumps({"return": len(buf), "id": second}).encode() + b"\r\n")
+
+        channel = server(script)
+        assert channel.try_execute("first") == (True, {})
+        channel.drain()
+        done, size = channel.try_execute("big", {"blob": "x" * (8 << 20)})
+        assert done
+        assert size > 8 << 20

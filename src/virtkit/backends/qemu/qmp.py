@@ -255,6 +255,7 @@ class SyncChannel:
             message["arguments"] = dict(args)
         try:
             sock = self._sock if self._sock is not None else self._connect(deadline)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))  # drain() left it non-blocking
             sock.sendall(json.dumps(message).encode() + b"\n")
             reply = self._read(deadline)
             while reply.get("id") != ident:  # events (and nothing else: ids are never reused)
