@@ -285,7 +285,7 @@ class SyncChannel:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock = sock
         self._buf.clear()
-        sock.settimeout(max(deadline - time.monotonic(), 0.0))
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))  # 0 would mean non-blocking
         sock.connect(os.fspath(self.socket_path))
         if "QMP" not in self._read(deadline):
             raise ValueError("no QMP greeting on the synchronous monitor")
