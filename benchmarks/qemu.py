@@ -183,8 +183,9 @@ def bench_qmp(hv: QemuHypervisor, work: Path, calls: int) -> dict[str, float]:
     """Median ``query-status`` round trips (ms), interleaved in batches of 50.
 
     ``virtkit``: ``guest.qmp()`` (the sync channel: a second monitor on a
-    blocking socket, no thread hop); ``loop``: the same command through the
-    private event loop (``run_sync(session.execute(...))``, two thread
+    blocking socket, no thread hop); ``aio``: ``await guest.aio.qmp()`` on
+    the raw client's loop (the same channel driven by that loop); ``loop``:
+    the same command through the private event loop (``run_sync(session.execute(...))``, two thread
     wake-ups); ``raw``: a ``qemu.qmp.QMPClient`` awaited directly on the
     caller's own loop; ``hop``: ``run_sync`` of an empty coroutine (the two
     wake-ups alone).
@@ -223,10 +224,18 @@ def bench_qmp(hv: QemuHypervisor, work: Path, calls: int) -> dict[str, float]:
             samples.append(time.perf_counter() - t0)
         return samples
 
+    async def aio_batch(n: int) -> list[float]:
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await guest.aio.qmp("query-status")
+            samples.append(time.perf_counter() - t0)
+        return samples
+
     async def nothing() -> None:
         return None
 
-    out: dict[str, list[float]] = {"virtkit": [], "loop": [], "raw": [], "hop": []}
+    out: dict[str, list[float]] = {"virtkit": [], "aio": [], "loop": [], "raw": [], "hop": []}
     try:
         raw_loop.run_until_complete(connect())
         raw_loop.run_until_complete(raw_batch(20))
@@ -235,6 +244,7 @@ def bench_qmp(hv: QemuHypervisor, work: Path, calls: int) -> dict[str, float]:
         batch = 50
         for _ in range(max(1, calls // batch)):  # interleaved: load swings hit all sides alike
             out["raw"] += raw_loop.run_until_complete(raw_batch(batch))
+            out["aio"] += raw_loop.run_until_complete(aio_batch(batch))
             for _ in range(batch):
                 t0 = time.perf_counter()
                 guest.qmp("query-status")
@@ -492,6 +502,10 @@ def main() -> None:
             print(
                 f"QMP query-status round trip  virtkit {q['virtkit']:8.3f} ms   raw qemu.qmp "
                 f"{q['raw']:6.3f} ms   ratio {q['virtkit'] / q['raw']:.2f}"
+            )
+            print(
+                f"  guest.aio.qmp() on the same loop as the raw client: {q['aio']:.3f} ms "
+                f"(ratio {q['aio'] / q['raw']:.2f})"
             )
             print(
                 f"  through the private loop instead: {q['loop']:.3f} ms "

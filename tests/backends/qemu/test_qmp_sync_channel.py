@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,6 +111,31 @@ class TestWithQemu:
 
         with pytest.raises(virtkit.StateError, match="event loop"):
             asyncio.run(call())
+        guest.kill()
+
+    def test_aio_qmp_drives_the_sync_monitor_from_the_callers_loop(
+        self, hv: QemuHypervisor, boot_disk: Callable[..., Path]
+    ) -> None:
+        """guest.aio.qmp() answers over the sync channel; many at once all answer."""
+        guest = hv.define(_machine("aio", boot_disk("counter")))
+        guest.start()
+        proc = guest._proc
+        assert proc is not None
+        assert proc.qmp.sync is not None
+
+        async def calls() -> list[Any]:
+            first = await guest.aio.qmp("query-status")
+            assert proc.qmp.sync is not None
+            assert proc.qmp.sync._sock is not None  # connected by the async path
+            many = await asyncio.gather(*(guest.aio.qmp("query-name") for _ in range(10)))
+            return [first, *many]
+
+        results = asyncio.run(calls())
+        assert results[0]["running"] is True
+        assert all(r == {"name": "aio"} for r in results[1:])
+        assert guest.qmp("query-status")["running"] is True  # the sync path after the async one
+        with pytest.raises(virtkit.BackendError, match="no-such-command"):
+            asyncio.run(guest.aio.qmp("no-such-command"))
         guest.kill()
 
 
@@ -254,3 +280,39 @@ class TestFaults:
         done, size = channel.try_execute("big", {"blob": "x" * (8 << 20)})
         assert done
         assert size > 8 << 20
+
+    def test_async_silence_times_out_and_cancel_drops_the_connection(self, server) -> None:  # type: ignore[no-untyped-def]
+        """The coroutine twin: a timeout forgets the connection and frees the channel."""
+        done = threading.Event()
+
+        def script(conn: socket.socket) -> None:
+            _command_id(conn)
+            done.wait(10)
+
+        channel = server(script)
+        with pytest.raises(virtkit.TimeoutError, match="within 0.2 s"):
+            asyncio.run(channel.try_execute_async("query-status", timeout=0.2))
+        assert channel._sock is None
+        assert not channel._lock.locked()
+        done.set()
+
+    def test_async_cancel_drops_the_connection(self, server) -> None:  # type: ignore[no-untyped-def]
+        done = threading.Event()
+
+        def script(conn: socket.socket) -> None:
+            _command_id(conn)
+            done.wait(10)
+
+        channel = server(script)
+
+        async def cancel() -> None:
+            task = asyncio.ensure_future(channel.try_execute_async("query-status"))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancel())
+        assert channel._sock is None
+        assert not channel._lock.locked()
+        done.set()

@@ -161,12 +161,12 @@ class AsyncQemuGuest:
         return await _in_thread(self.guest.detach, target)
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run a raw QMP command (awaited on the backend's loop, no thread).
+        """Run a raw QMP command (on the caller's loop over the sync monitor, no thread).
 
         Raises:
             ConfigError: ``command`` or ``arguments`` has the wrong type.
         """
-        from virtkit.backends.qemu.qmp import check_command, run_async  # noqa: PLC0415
+        from virtkit.backends.qemu.qmp import check_command  # noqa: PLC0415
 
         check_command(command, arguments)
         proc = self.guest._proc
@@ -174,4 +174,4 @@ class AsyncQemuGuest:
             from virtkit.errors import StateError  # noqa: PLC0415
 
             raise StateError(f"QEMU for guest {self.guest.name!r} is not running", action=command)
-        return await run_async(proc.qmp.execute(command, arguments))
+        return await proc.qmp.call_async(command, arguments)

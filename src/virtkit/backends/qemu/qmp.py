@@ -243,43 +243,134 @@ class SyncChannel:
         finally:
             self._lock.release()
 
-    def _execute(self, command: str, args: Mapping[str, Any] | None, timeout: float | None) -> Any:
-        what = f"QEMU ({self.name})"
+    async def try_execute_async(
+        self, command: str, args: Mapping[str, Any] | None = None, timeout: float | None = None
+    ) -> tuple[bool, Any]:
+        """Coroutine twin of :meth:`try_execute`, on the caller's own event loop.
+
+        The socket is driven with the running loop's ``sock_*`` calls: no
+        thread hop to the private loop. Cancelling the caller drops the
+        connection (a late reply must not meet the next command).
+        """
+        if not self._lock.acquire(blocking=False):
+            return False, None
+        try:
+            return True, await self._execute_async(command, args, timeout)
+        finally:
+            self._lock.release()
+
+    def _message(self, command: str, args: Mapping[str, Any] | None) -> tuple[int, bytes]:
         if self.closed:
             raise BackendError(f"no QMP connection to {self.name} (QEMU is not running)")
-        limit = DEFAULT_QMP_TIMEOUT if timeout is None else timeout
-        deadline = time.monotonic() + limit
         ident = next(self._ids)
         message: dict[str, Any] = {"execute": command, "id": ident}
         if args:
             message["arguments"] = dict(args)
-        try:
-            sock = self._sock if self._sock is not None else self._connect(deadline)
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))  # drain() left it non-blocking
-            sock.sendall(json.dumps(message).encode() + b"\n")
-            reply = self._read(deadline)
-            while reply.get("id") != ident:  # events (and nothing else: ids are never reused)
-                reply = self._read(deadline)
-        except builtins.TimeoutError:
-            self._drop()  # a late reply must not meet the next command
-            raise TimeoutError(
+        return ident, json.dumps(message).encode() + b"\n"
+
+    def _failure(self, exc: BaseException, command: str, limit: float) -> BaseException:
+        """Forget the connection; the virtkit error for ``exc``."""
+        self._drop()  # a late reply must not meet the next command
+        what = f"QEMU ({self.name})"
+        if isinstance(exc, builtins.TimeoutError):
+            return TimeoutError(
                 f"{what} did not answer QMP command {command!r} within {limit} s", timeout=limit
-            ) from None
-        except EOFError:
-            self._drop()
-            raise BackendError(
+            )
+        if isinstance(exc, EOFError):
+            return BackendError(
                 f"the QMP connection to {what} closed while {command!r} was running "
                 "(QEMU probably exited; see the guest's crash reason)"
-            ) from None
-        except (OSError, ValueError) as exc:
-            self._drop()
-            raise BackendError(f"QMP command {command!r} to {what} failed: {exc!r}") from exc
+            )
+        return BackendError(f"QMP command {command!r} to {what} failed: {exc!r}")
+
+    def _result(self, reply: dict[str, Any], command: str) -> Any:
         error = reply.get("error")
         if error is not None:
             desc = error.get("desc") if isinstance(error, dict) else error
             kind = error.get("class") if isinstance(error, dict) else "GenericError"
-            raise BackendError(f"{what} refused QMP command {command!r}: {desc} ({kind})")
+            raise BackendError(
+                f"QEMU ({self.name}) refused QMP command {command!r}: {desc} ({kind})"
+            )
         return reply.get("return")
+
+    def _execute(self, command: str, args: Mapping[str, Any] | None, timeout: float | None) -> Any:
+        ident, payload = self._message(command, args)
+        limit = DEFAULT_QMP_TIMEOUT if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        try:
+            sock = self._sock if self._sock is not None else self._connect(deadline)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))  # drain() left it non-blocking
+            sock.sendall(payload)
+            reply = self._read(deadline)
+            while reply.get("id") != ident:  # events (and nothing else: ids are never reused)
+                reply = self._read(deadline)
+        except (OSError, EOFError, ValueError) as exc:  # TimeoutError is an OSError
+            raise self._failure(exc, command, limit) from None
+        return self._result(reply, command)
+
+    async def _execute_async(
+        self, command: str, args: Mapping[str, Any] | None, timeout: float | None
+    ) -> Any:
+        ident, payload = self._message(command, args)
+        limit = DEFAULT_QMP_TIMEOUT if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(limit):
+                if self._sock is None:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self._sock = sock
+                    self._buf.clear()
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, os.fspath(self.socket_path))
+                    if "QMP" not in await self._read_async(loop):
+                        raise ValueError("no QMP greeting on the synchronous monitor")
+                    await loop.sock_sendall(sock, b'{"execute": "qmp_capabilities", "id": 0}\n')
+                    reply = await self._read_async(loop)
+                    while reply.get("id") != 0:
+                        reply = await self._read_async(loop)
+                    if "error" in reply:
+                        raise ValueError(f"qmp_capabilities refused: {reply['error']!r}")
+                sock = self._sock
+                sock.setblocking(False)
+                await loop.sock_sendall(sock, payload)
+                reply = await self._read_async(loop)
+                while reply.get("id") != ident:
+                    reply = await self._read_async(loop)
+        except asyncio.CancelledError:
+            self._drop()
+            raise
+        except (OSError, EOFError, ValueError) as exc:
+            raise self._failure(exc, command, limit) from None
+        return self._result(reply, command)
+
+    def _pop(self) -> dict[str, Any] | None:
+        """The next whole JSON object in the buffer, or None."""
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > self.MAX_MESSAGE:
+                    raise ValueError(f"QMP message longer than {self.MAX_MESSAGE} bytes")
+                return None
+            line = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            if not line.strip():
+                continue
+            value = json.loads(line)
+            if not isinstance(value, dict):
+                raise ValueError(f"QMP message is not a JSON object: {line[:80]!r}")
+            return value
+
+    async def _read_async(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            value = self._pop()
+            if value is not None:
+                return value
+            chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
 
     def _connect(self, deadline: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -302,15 +393,8 @@ class SyncChannel:
         sock = self._sock
         assert sock is not None
         while True:
-            end = self._buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buf[:end])
-                del self._buf[: end + 1]
-                if not line.strip():
-                    continue
-                value = json.loads(line)
-                if not isinstance(value, dict):
-                    raise ValueError(f"QMP message is not a JSON object: {line[:80]!r}")
+            value = self._pop()
+            if value is not None:
                 return value
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -320,8 +404,6 @@ class SyncChannel:
             if not chunk:
                 raise EOFError
             self._buf += chunk
-            if len(self._buf) > self.MAX_MESSAGE:
-                raise ValueError(f"QMP message longer than {self.MAX_MESSAGE} bytes")
 
     def drain(self) -> None:
         """Discard events queued on the channel, without blocking (no-op while it is in use)."""
@@ -453,6 +535,24 @@ class QmpSession:
             if done:
                 return result
         return run_sync(self.execute(command, args, timeout=timeout))
+
+    async def call_async(
+        self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Coroutine twin of :meth:`call`, awaited from any event loop.
+
+        Drives the :class:`SyncChannel` with the caller's own loop when it is
+        free (no hop to the private loop), else awaits :meth:`execute` there.
+
+        Raises:
+            BackendError: QEMU refused the command or the connection broke.
+            TimeoutError: no reply within ``timeout`` (default 30 s).
+        """
+        if self.sync is not None and self.connected:
+            done, result = await self.sync.try_execute_async(command, args, timeout)
+            if done:
+                return result
+        return await run_async(self.execute(command, args, timeout=timeout))
 
     async def execute(
         self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
