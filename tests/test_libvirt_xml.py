@@ -22,6 +22,7 @@ from virtkit.model import (
     Nic,
     PortForward,
     Serial,
+    Share,
     State,
 )
 from virtkit.model.devices import CloudInit
@@ -77,6 +78,8 @@ def rich_machine() -> Machine:
         boot=("vda", "cdrom0", "net0"),
         labels={"team": "x<y>&'z' ]]>"},
         cloud_init=CloudInit(user_data="#cloud-config\nhostname: rich\n"),
+        agent=True,
+        shares=(Share("/srv/shared", "data", read_only=False), Share("docs", "docs")),
     )
 
 
@@ -148,18 +151,20 @@ class TestForeignXml:
     """XML written elsewhere: what maps is read, what does not is reported, never dropped silently."""
 
     def test_unknown_elements_are_reported(self) -> None:
-        """graphics, video, channel and a libvirt network NIC are named in one warning."""
+        """graphics, video and a libvirt network NIC are named in one warning; the guest agent
+        channel becomes agent=True."""
         with pytest.warns(CapabilityWarning) as caught:
             machine = from_xml(FOREIGN)
         message = str(caught[0].message)
         for what in (
             "graphics[type=vnc]",
             "video",
-            "channel[type=unix]",
             "interface[type=network]",
             "hyperv",
         ):
             assert what in message
+        assert "channel" not in message
+        assert machine.agent is True
         assert machine.memory == 1024**3
         assert machine.disks[0].path == "/var/lib/libvirt/images/legacy.qcow2"
         assert machine.cdroms[0].path == "/iso/install.iso"

@@ -13,7 +13,17 @@ import attrs
 
 from virtkit.errors import CapabilityWarning, ConfigError
 from virtkit.libvirt.schema import DEVICE_NIC, MAX_XML, QEMU_TAG, VK_TAG
-from virtkit.model import CdRom, CpuTopology, Disk, KernelBoot, Machine, Nic, PortForward, Serial
+from virtkit.model import (
+    CdRom,
+    CpuTopology,
+    Disk,
+    KernelBoot,
+    Machine,
+    Nic,
+    PortForward,
+    Serial,
+    Share,
+)
 from virtkit.model.devices import CloudInit
 
 __all__ = ["XmlReport", "build", "from_xml", "parse_report"]
@@ -205,6 +215,7 @@ def parse_report(xml: str | bytes) -> XmlReport:
     cdroms: list[CdRom] = []
     nics: list[Nic] = []
     serial_seen = False
+    shares: list[Share] = []
     devices = root.find("devices")
     for dev in devices if devices is not None else ():
         if dev.tag == "disk":
@@ -221,6 +232,10 @@ def parse_report(xml: str | bytes) -> XmlReport:
             _parse_interface(dev, meta_nics, nics, boot, unmapped)
         elif dev.tag == "serial":
             serial_seen = True
+        elif dev.tag == "channel" and _is_agent_channel(dev):
+            fields["agent"] = True
+        elif dev.tag == "filesystem" and dev.get("type", "mount") == "mount":
+            shares.append(_parse_share(dev, meta, unmapped))
         elif dev.tag == "console" or dev.tag in _IGNORED_DEVICES:
             continue
         else:
@@ -239,6 +254,8 @@ def parse_report(xml: str | bytes) -> XmlReport:
                 )
             )
     fields["disks"] = tuple(disks)
+    if shares:
+        fields["shares"] = tuple(shares)
     fields["cdroms"] = tuple(cdroms)
     fields["nics"] = tuple(sorted(nics, key=lambda n: nic_index.get(n.mac, len(nic_index))))
     if boot:
@@ -542,3 +559,41 @@ def from_xml(xml: str | bytes) -> Machine:
             stacklevel=2,
         )
     return report.machine
+
+
+_FROM_ACCESS = {"squash": "none", "mapped": "mapped-xattr", "passthrough": "passthrough"}
+
+
+def _is_agent_channel(dev: ET.Element) -> bool:
+    target = dev.find("target")
+    return target is not None and target.get("name") == "org.qemu.guest_agent.0"
+
+
+def _parse_share(dev: ET.Element, meta: ET.Element | None, unmapped: list[str]) -> Share:
+    """A 9p ``<filesystem type='mount'>`` as a Share (virtkit's metadata keeps the exact model)."""
+    source, target = dev.find("source"), dev.find("target")
+    host = source.get("dir") if source is not None else None
+    tag = target.get("dir") if target is not None else None
+    if not host or not tag:
+        raise ConfigError(
+            f"domain XML: a <filesystem> needs source and target dirs ({host!r}, {tag!r})"
+        )
+    model = _FROM_ACCESS.get(dev.get("accessmode", "passthrough"), "passthrough")
+    record = None
+    if meta is not None:
+        record = next((r for r in meta.iter(f"{VK_TAG}share") if r.get("tag") == tag), None)
+    if record is not None:
+        model = record.get("security_model", model)
+        host = record.get("path", host)
+    driver = dev.find("driver")
+    if driver is not None and driver.get("type") not in (None, "path"):
+        unmapped.append(f"devices/filesystem[{tag}]/driver[type={driver.get('type')}]")
+    share: Share = build(
+        Share,
+        f"<filesystem {tag}>",
+        host_path=host,
+        tag=tag,
+        read_only=dev.find("readonly") is not None,
+        security_model=model,
+    )
+    return share

@@ -25,6 +25,16 @@ from virtkit.model import CdRom, CpuTopology, Disk, KernelBoot, Machine, Nic
 __all__ = ["to_xml"]
 
 
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+#: virtio-9p security models -> libvirt's accessmode (the exact model is kept in the metadata)
+_ACCESS = {
+    "none": "squash",
+    "mapped-xattr": "mapped",
+    "mapped-file": "mapped",
+    "passthrough": "passthrough",
+}
+
+
 def _first_file(candidates: Iterable[str]) -> str:
     for path in candidates:
         if os.path.isfile(path):
@@ -178,6 +188,21 @@ def to_xml(
             f"{VK_TAG}serial",
             enabled="yes" if machine.serial.enabled else "no",
             **({"log": machine.serial.log} if machine.serial.log is not None else {}),
+        )
+    if machine.agent:  # libvirt picks the socket; virsh domfsinfo & co. use the agent
+        channel = _sub(devices, "channel", type="unix")
+        _sub(channel, "target", type="virtio", name=AGENT_CHANNEL)
+    for share in machine.shares:
+        fs = _sub(devices, "filesystem", type="mount", accessmode=_ACCESS[share.security_model])
+        host = share.host_path
+        _sub(fs, "source", dir=host if os.path.isabs(host) else str(base / host))
+        _sub(fs, "target", dir=share.tag)
+        if share.read_only:
+            _sub(fs, "readonly")
+        ET.SubElement(
+            meta,
+            f"{VK_TAG}share",
+            {"tag": share.tag, "path": share.host_path, "security_model": share.security_model},
         )
     _sub(devices, "memballoon", model="none")
     for key, value in machine.labels.items():
