@@ -74,6 +74,7 @@ class Chipset:
         # PIT: per channel reload value, access mode, latch and the low/high toggle
         self.pit_reload = [0x10000, 0x10000, 0x10000]
         self.pit_access = [3, 3, 3]
+        self.pit_mode = [3, 3, 3]  # counting mode (0-5) from the control word
         self.pit_latch: list[int | None] = [None, None, None]
         self.pit_read_hi = [False, False, False]
         self.pit_write_hi = [False, False, False]
@@ -117,7 +118,7 @@ class Chipset:
         if port == 0x61:
             # bit 4 toggles with the 15 us DRAM refresh; bit 5 is PIT channel 2's output
             refresh = (self.clock.now_ns() // 15_085) & 1
-            return (self.port61 & 0x0F) | (refresh << 4)
+            return (self.port61 & 0x0F) | (refresh << 4) | (self._pit_output(2) << 5)
         if port == 0x70:
             return self.cmos_index
         if port == 0x71:
@@ -218,6 +219,22 @@ class Chipset:
         reload = self.pit_reload[channel]
         return (reload - (elapsed % reload)) & 0xFFFF
 
+    def _pit_output(self, channel: int) -> int:
+        """The counter's OUT line (channel 2's is bit 5 of port 0x61), from the clock.
+
+        Modes 0 and 1 raise OUT when the count written runs out (Linux's TSC
+        calibration waits for that); mode 2 pulses it low for one tick per
+        period; mode 3 (and 4, 5, approximated) is a square wave.
+        """
+        elapsed = (self.clock.now_ns() - self.pit_start_ns[channel]) * PIT_HZ // 1_000_000_000
+        reload = self.pit_reload[channel]
+        mode = self.pit_mode[channel]
+        if mode in (0, 1):
+            return int(elapsed >= reload)
+        if mode == 2:
+            return int(elapsed % reload != reload - 1)
+        return int(elapsed % reload < (reload + 1) // 2)
+
     def _pit_control(self, value: int) -> None:
         channel = value >> 6
         if channel == 3:
@@ -228,6 +245,9 @@ class Chipset:
             self.pit_read_hi[channel] = False
             return
         self.pit_access[channel] = access
+        mode = (value >> 1) & 7
+        self.pit_mode[channel] = mode - 4 if mode > 5 else mode  # 6, 7 alias 2, 3
+        self.pit_start_ns[channel] = self.clock.now_ns()
         self.pit_read_hi[channel] = False
         self.pit_write_hi[channel] = False
 
@@ -335,6 +355,7 @@ class Chipset:
             "kbc": [self.kbc_cmd, self.kbc_out],
             "cmos_index": self.cmos_index,
             "cmos": bytes(self.cmos).hex(),
+            "pit_mode": self.pit_mode,
             "pit": [
                 self.pit_reload,
                 self.pit_access,
@@ -358,6 +379,7 @@ class Chipset:
         reload, access, latch, read_hi, write_hi, start = state["pit"]
         self.pit_reload = [int(v) for v in reload]
         self.pit_access = [int(v) for v in access]
+        self.pit_mode = [int(v) for v in state.get("pit_mode", [3, 3, 3])]
         self.pit_latch = [None if v is None else int(v) for v in latch]
         self.pit_read_hi = [bool(v) for v in read_hi]
         self.pit_write_hi = [bool(v) for v in write_hi]
