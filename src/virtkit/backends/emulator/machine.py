@@ -565,6 +565,13 @@ class PcMachine:
         try:
             self._interrupt(vector)
             self.cpu.end_exception()
+            if not self.clock.virtual:
+                # end the wall-clock slice at the handler: the next one starts there
+                # cleanly (with the slice timer's stop landing at random points
+                # around exception delivery, Linux runs sometimes derailed)
+                with self._cv:
+                    self._stop_requested = True
+                self.cpu.stop()
         except TripleFault as exc:
             self.fail(f"triple fault: {exc}")
         except CpuFault as exc:
