@@ -35,6 +35,7 @@ from virtkit.errors import BackendError, ConfigError, TimeoutError
 
 __all__ = [
     "AgentError",
+    "CommandAgent",
     "ExecResult",
     "GuestAgent",
     "IPAddress",
@@ -305,29 +306,11 @@ class GuestAgent:
     def _answer(self, command: str, deadline: float) -> Any:
         line = self._line(command, deadline)
         try:
-            reply = json.loads(line)
-        except ValueError:
-            self._synced = False
-            raise AgentError(
-                f"the guest agent of {self.name!r} answered {command!r} with garbage: "
-                f"{line[:120]!r}",
-                command=command,
-            ) from None
-        if isinstance(reply, dict) and "return" in reply:
-            return reply["return"]
-        if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
-            error = reply["error"]
-            raise AgentError(
-                f"guest agent of {self.name!r}: {command} failed: {error.get('desc', error)}",
-                command=command,
-                error_class=str(error.get("class")),
-            )
-        self._synced = False
-        raise AgentError(
-            f"the guest agent of {self.name!r} answered {command!r} with an unexpected "
-            f"message: {line[:120]!r}",
-            command=command,
-        )
+            return _reply(self.name, command, line)
+        except AgentError as exc:
+            if exc.error_class is None:
+                self._synced = False  # garbage: resync before the next call
+            raise
 
     # -- commands -------------------------------------------------------------------------------
     def ping(self, *, timeout: float | None = None) -> None:
@@ -528,6 +511,106 @@ class GuestAgent:
     def fsfreeze_status(self, *, timeout: float | None = None) -> str:
         """``"thawed"`` or ``"frozen"``."""
         return str(self.call("guest-fsfreeze-status", timeout=timeout))
+
+
+def _reply(name: str, command: str, line: bytes) -> Any:
+    """The ``return`` value of one agent reply line, or the AgentError it carries."""
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise AgentError(
+            f"the guest agent of {name!r} answered {command!r} with garbage: {line[:120]!r}",
+            command=command,
+        ) from None
+    if isinstance(reply, dict) and "return" in reply:
+        return reply["return"]
+    if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
+        error = reply["error"]
+        raise AgentError(
+            f"guest agent of {name!r}: {command} failed: {error.get('desc', error)}",
+            command=command,
+            error_class=str(error.get("class")),
+        )
+    raise AgentError(
+        f"the guest agent of {name!r} answered {command!r} with an unexpected message: "
+        f"{line[:120]!r}",
+        command=command,
+    )
+
+
+class CommandAgent(GuestAgent):
+    """A guest agent reached through a request/reply pipe rather than a byte stream.
+
+    libvirt owns its domains' agent channel and passes whole commands through
+    (``virDomainQemuAgentCommand``); ``send(request_json, timeout_seconds)``
+    returns the reply's JSON text. The pipe does the synchronising, so there
+    is no ``guest-sync-delimited`` here; every command has the same methods
+    and deadlines as :class:`GuestAgent`.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[str, float], str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        name: str = "guest",
+    ) -> None:
+        if not callable(send):
+            raise ConfigError("'send' must be a callable", field="send")
+        super().__init__(_no_stream, timeout=timeout, name=name)
+        self._send_command = send
+
+    def call(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run one agent command through the pipe and return its ``return`` value.
+
+        Raises:
+            AgentError: the agent answered with an error, or the pipe failed.
+            TimeoutError: no answer before the deadline.
+            ConfigError: a bad command name or arguments.
+        """
+        if not isinstance(command, str) or not command:
+            raise ConfigError(
+                f"'command' must be a non-empty str (got {command!r})", field="command"
+            )
+        if arguments is not None and not isinstance(arguments, Mapping):
+            raise ConfigError(
+                f"'arguments' must be a mapping (got {arguments!r})", field="arguments"
+            )
+        deadline = _deadline(self.timeout if timeout is None else timeout)
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = dict(arguments)
+        with self._lock:
+            text = self._send_command(json.dumps(request), _left(deadline))
+        return _reply(self.name, command, text.encode())
+
+    def shutdown(self, mode: str = "powerdown", *, timeout: float | None = None) -> None:
+        """Ask the guest OS to power down; the agent never answers a shutdown that works."""
+        if mode not in ("powerdown", "halt", "reboot"):
+            raise ConfigError(
+                f"'mode' must be 'powerdown', 'halt' or 'reboot' (got {mode!r})", field="mode"
+            )
+        try:
+            self.call("guest-shutdown", {"mode": mode}, timeout=min(timeout or 2.0, 2.0))
+        except TimeoutError:
+            pass  # no answer: the guest is going down
+        except AgentError as exc:
+            if exc.error_class is not None:
+                raise  # the agent refused
+            # the pipe closed under the command: the agent exited with the guest
+
+    def close(self) -> None:
+        """Nothing to close: the pipe belongs to its owner."""
+
+
+def _no_stream() -> socket.socket:
+    raise OSError("this agent is reached through a command pipe, not a stream")
 
 
 def _left(deadline: float) -> float:
