@@ -121,8 +121,12 @@ def _add(table: Any, key: str, value: Any, *, top: bool) -> None:
     container = _container(table)
     last = _last_key(table)
     if container is not None and last is not None and not isinstance(item, (Table, AoT)):
-        container._insert_after(last, key, item)
-        return
+        # tomlkit has no public "insert after"; its private one went away in 0.15.3,
+        # where a plain append already lands before the sub-tables
+        insert_after = getattr(container, "_insert_after", None)
+        if insert_after is not None:
+            insert_after(last, key, item)
+            return
     if isinstance(item, (Table, AoT)) and container is not None:
         container.append(None, tomlkit.nl())
     table[key] = item
