@@ -188,3 +188,16 @@ class TestCacheOption:
         with pytest.raises(virtkit.UnsupportedFeatureError, match="writethrough"):
             images.open(path, cache="writethrough")
         images.open(path, cache="writeback").close()
+
+
+def test_check_of_an_open_writeback_image_sees_cached_metadata(tmp_path: Path) -> None:
+    """check() writes back cached tables first: a COW after a snapshot made a new L2 table that
+    lived only in the cache, past the file's end, and check() reported it as corruption."""
+    path = tmp_path / "m.qcow2"
+    images.create(path, 1024 * 1024, cluster_size=16384).close()
+    with images.open(path, writable=True, cache="writeback") as img:
+        img.write(0, b"\x01")
+        img.create_snapshot("s0")
+        img.write_zeroes(0, 16384)
+        result = img.check()
+        assert result.ok, result.problems

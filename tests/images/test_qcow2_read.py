@@ -188,9 +188,9 @@ class TestBackingPolicy:
             ("missing.qcow2", "qcow2", ImageError, "does not exist"),
             ("nbd://example.org/disk", "raw", ImageError, "protocol"),
             ("json:{}", "raw", ImageError, "protocol"),
-            ("base.raw", "vmdk", UnsupportedFeatureError, "vmdk"),
+            ("base.raw", "qed", UnsupportedFeatureError, "qed"),
         ],
-        ids=["missing", "nbd", "json", "vmdk"],
+        ids=["missing", "nbd", "json", "qed"],
     )
     def test_refused_names(
         self, qemu_img: QemuImg, tmp_path: Path, case: tuple[str, str, type[Exception], str]

@@ -1396,7 +1396,10 @@ class Qcow2Image(BitmapsMixin, Image):
         check_bool(repair, "repair")
         if repair and not self._writable:
             raise ImageError("check(repair=True) needs the image open writable", path=self.path)
-
+        if self._writable:
+            # check reads the file's own structures: write back cached metadata first
+            # (a new L2 table may exist only in the cache, past the file's end)
+            self.flush()
         return checkmod.check(self, repair=repair)
 
     # ---- snapshots ----
