@@ -510,7 +510,8 @@ def _with_serial_log(xml: str, path: Path) -> str:
     serial = root.find("devices/serial")
     if serial is None:
         return xml
-    ET.SubElement(serial, "log", file=str(path), append="off")
+    # libvirt resolves nothing: a relative folder (a CLI run from the VM's parent) goes in whole
+    ET.SubElement(serial, "log", file=os.path.abspath(path), append="off")
     return ET.tostring(root, encoding="unicode")
 
 
