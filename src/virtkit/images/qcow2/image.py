@@ -335,6 +335,9 @@ class Qcow2Image(BitmapsMixin, Image):
         """Write the cache back (without fdatasync) so the file holds all metadata."""
         if self._wb.dirty and not self._defer and not self._closed and self._writable:
             self._wb.writeback(sync=False)
+            # the frees it applied sit in dirty refcount blocks: write them too, or a
+            # failing structural step (which reloads from the file) would drop them
+            self.refs.write_dirty()
 
     @property
     def virtual_size(self) -> int:
