@@ -79,7 +79,7 @@ def _apply(
         img.write_compressed(off, data)
         model[off : off + cs] = data
     elif kind == "snapshot":
-        name = f"s{len(snaps)}-{id(op) % 1000}"
+        name = next(f"s{i}" for i in range(5) if f"s{i}" not in snaps)  # unique among live ones
         if len(snaps) < 4:
             try:
                 img.create_snapshot(name)
