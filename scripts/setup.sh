@@ -11,6 +11,7 @@ command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
 command -v nasm >/dev/null || need_apt+=(nasm)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v cpio >/dev/null || need_apt+=(cpio)
+command -v iasl >/dev/null || need_apt+=(acpica-tools)  # the emulator's ACPI table tests
 command -v tmux >/dev/null || need_apt+=(tmux)  # the interactive console test
 [ -d /usr/share/OVMF ] || need_apt+=(ovmf)
 # independent VMDK/VHD readers (libyal, following VMware's and Microsoft's specs) for the format tests
