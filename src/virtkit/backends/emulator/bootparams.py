@@ -154,13 +154,29 @@ class LinuxBoot:
             ) from exc
         return cls(BzImage.parse(data, source=str(kernel)), ramdisk, cmdline)
 
-    def load(self, cpu: Cpu) -> None:
+    def load(
+        self,
+        cpu: Cpu,
+        *,
+        acpi_rsdp: int = 0,
+        reserved: tuple[tuple[int, int, int], ...] = (),
+    ) -> None:
         """Place everything in RAM and leave the CPU at the kernel's entry.
+
+        ``acpi_rsdp`` and ``reserved`` are passed to :func:`load_linux` (the
+        ACPI tables' RSDP and their e820 range).
 
         Raises:
             ConfigError: it does not fit the machine's memory.
         """
-        load_linux(cpu, self.image, initrd=self.initrd, cmdline=self.cmdline)
+        load_linux(
+            cpu,
+            self.image,
+            initrd=self.initrd,
+            cmdline=self.cmdline,
+            acpi_rsdp=acpi_rsdp,
+            reserved=reserved,
+        )
 
 
 def e820_map(

@@ -49,6 +49,7 @@ from virtkit.backends.emulator.cpu import (
 )
 from virtkit.backends.emulator.disks import SECTOR, Drive, DriveSpec, open_drives
 from virtkit.backends.emulator.interrupts import Mmu, deliver, page_fault_error_code
+from virtkit.backends.emulator.platform import PlatformDevices
 from virtkit.backends.emulator.uart import COM1_BASE, Uart16550
 from virtkit.errors import BackendError, ConfigError, ImageError
 
@@ -61,6 +62,9 @@ SLICE_INSTRUCTIONS = 100_000
 TRACE_LIMIT = 100_000  # serial trace entries kept (virtual clock); later output is not traced
 BOOT_ADDRESS = 0x7C00
 _PARK_TIMEOUT = 10.0
+#: ACPI tables and virtio-mmio disks for a directly booted kernel (see platform.py); off by
+#: default until Linux boots with ACPI on the emulator. ``PcMachine(platform=...)`` overrides it.
+PLATFORM_DEVICES = False
 
 
 #: machines whose worker runs; stopped at interpreter exit, because a CPU thread
@@ -164,6 +168,8 @@ class PcMachine:
         on_poweroff: called (from the worker) when the guest powers off.
         on_crash: called (from the worker) with a reason when the guest crashes.
         kernel: boot this Linux kernel directly (boot protocol) instead of a disk.
+        platform: give a directly booted kernel ACPI tables and its disks as
+            virtio-mmio block devices (default: ``PLATFORM_DEVICES``).
 
     Raises:
         ImageError: a disk cannot be opened.
@@ -182,6 +188,7 @@ class PcMachine:
         on_poweroff: Callable[[], None],
         on_crash: Callable[[str], None],
         kernel: LinuxBoot | None = None,
+        platform: bool | None = None,
     ) -> None:
         self.clock = Clock(clock)
         self.kernel = kernel
@@ -197,6 +204,16 @@ class PcMachine:
             for drive in self.drives:
                 drive.close()
             raise
+        self.platform: PlatformDevices | None = None
+        if kernel is not None and (PLATFORM_DEVICES if platform is None else platform):
+            try:
+                self.platform = PlatformDevices(self.cpu, self.drives)
+                self.platform.map()
+            except BaseException:
+                for drive in self.drives:
+                    drive.close()
+                self.cpu.close()
+                raise
         self.uart = Uart16550(self._transmit)
         self.chipset = Chipset(self.clock, self.cpu.memory_size, self._device_request)
         self.bios = Bios(self)
@@ -422,7 +439,10 @@ class PcMachine:
         cpu = self.cpu
         if not cpu.eflags & FLAG_IF:
             return
-        for irq, pending in ((0, self._irq0_pending), (4, self.uart.irq_pending())):
+        lines = [(0, self._irq0_pending), (4, self.uart.irq_pending())]
+        if self.platform is not None:  # virtio-mmio disks: level-triggered lines
+            lines += [(irq, True) for irq in self.platform.pending_irqs()]
+        for irq, pending in lines:
             vector = self.chipset.irq_vector(irq) if pending else None
             if vector is None:
                 continue
@@ -437,6 +457,10 @@ class PcMachine:
         if not self.cpu.eflags & FLAG_IF:
             return False
         if self._irq0_pending and self.chipset.irq_vector(0) is not None:
+            return True
+        if self.platform is not None and any(
+            self.chipset.irq_vector(irq) is not None for irq in self.platform.pending_irqs()
+        ):
             return True
         return self.uart.irq_pending() and self.chipset.irq_vector(4) is not None
 
@@ -691,7 +715,13 @@ class PcMachine:
         prints ``No bootable device``.
         """
         if self.kernel is not None:
-            self.kernel.load(self.cpu)
+            if self.platform is None:
+                self.kernel.load(self.cpu)
+                return
+            self.platform.install()
+            self.kernel.load(
+                self.cpu, acpi_rsdp=self.platform.rsdp_address, reserved=self.platform.e820
+            )
             return
         problems = list(self._boot_problems)
         for drive in self.drives:
@@ -734,6 +764,7 @@ class PcMachine:
             "irq0_pending": self._irq0_pending,
             "disk_status": {str(k): v for k, v in self.disk_status.items()},
             "drives": [d.spec.name for d in self.drives],
+            "platform": None if self.platform is None else self.platform.save(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -756,6 +787,8 @@ class PcMachine:
         self._next_tick_ns = int(state["next_tick_ns"])
         self._irq0_pending = bool(state["irq0_pending"])
         self.disk_status = {int(k): int(v) for k, v in state["disk_status"].items()}
+        if self.platform is not None and state.get("platform") is not None:
+            self.platform.load(state["platform"])
 
     # -- inspection --------------------------------------------------------------------------------
     def screen_text(self) -> str:

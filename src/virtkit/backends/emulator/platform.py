@@ -22,19 +22,20 @@ from virtkit.backends.emulator.acpi import (
     MmioDeviceInfo,
     build_tables,
 )
+from virtkit.backends.emulator.bootparams import E820_ACPI
 from virtkit.backends.emulator.cpu import Cpu, UcError
 from virtkit.backends.emulator.disks import Drive
 from virtkit.backends.emulator.virtio_blk import VirtioBlock
 from virtkit.backends.emulator.virtio_mmio import MMIO_WINDOW, GuestMemory, MmioTransport
 from virtkit.errors import BackendError, ConfigError
 
-__all__ = ["E820_ACPI", "VIRTIO_BASE", "VIRTIO_IRQS", "PlatformDevices"]
+__all__ = ["VIRTIO_BASE", "VIRTIO_IRQS", "PlatformDevices"]
 
 VIRTIO_BASE = 0xFEB0_0000  # as QEMU's microvm, inside the hole below 4 GiB
 VIRTIO_STRIDE = 0x1000  # unicorn maps whole pages
 #: free master-PIC lines (3: COM2, 5, 6: floppy, 7: LPT1 are not emulated)
 VIRTIO_IRQS = (5, 6, 7, 3)
-E820_ACPI = 3
+
 _HOLE = 0xE000_0000
 
 
