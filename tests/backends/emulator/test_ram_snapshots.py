@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,26 +124,37 @@ class TestRevert:
             assert ram_of(guest) == expected
             guest.kill()
 
-    def test_legacy_whole_ram_state_still_loads(
-        self, hv: EmulatorHypervisor, define: Define
+    @pytest.mark.parametrize("ram", ["whole", "index"])
+    def test_legacy_states_still_load(
+        self, hv: EmulatorHypervisor, define: Define, ram: str
     ) -> None:
-        """A ``VKRAM001`` state (saved before the pack existed) reverts exactly."""
+        """States saved before ``state.bin`` (``cpu.bin``, ``devices.json``, ``ram.bin``
+        holding the whole RAM as ``VKRAM001`` or a pack index) revert exactly."""
         guest = define(hv, "counter", memory="32MiB")
         guest.start()
         guest.pause()
         expected = counted_snapshot(guest, "old", 2)
         folder = guest.snapshot_dir("old")
-        records = [struct.pack("<8sQI", RAM_MAGIC, len(expected), ramstore.CHUNK)]
-        for index in range(len(expected) // ramstore.CHUNK):
-            chunk = expected[index * ramstore.CHUNK : (index + 1) * ramstore.CHUNK]
-            if any(chunk):
-                records += [struct.pack("<Q", index), chunk]
-        (folder / "ram.bin").write_bytes(b"".join(records))
+        saved = ramstore.read_state(folder)
+        assert saved.extra is not None
+        (length,) = struct.unpack_from("<I", saved.extra)
+        (folder / "cpu.bin").write_bytes(saved.extra[4 : 4 + length])
+        (folder / "devices.json").write_bytes(saved.extra[4 + length :])
+        if ram == "whole":
+            records = [struct.pack("<8sQI", RAM_MAGIC, len(expected), ramstore.CHUNK)]
+            for index in range(len(expected) // ramstore.CHUNK):
+                chunk = expected[index * ramstore.CHUNK : (index + 1) * ramstore.CHUNK]
+                if any(chunk):
+                    records += [struct.pack("<Q", index), chunk]
+            (folder / "ram.bin").write_bytes(b"".join(records))
+        else:
+            (folder / "ram.bin").write_bytes(saved.index.encode())
+        (folder / ramstore.STATE_FILE).unlink()
         guest.resume()
         guest.console.expect("count 4\r\n", timeout=TIMEOUT)
         revert_paused(guest, "old")
         assert ram_of(guest) == expected
-        guest.snapshot("new")  # and a pack-based snapshot follows it
+        guest.snapshot("new")  # and a state-file snapshot follows it
         revert_paused(guest, "new")
         assert ram_of(guest) == expected
         guest.kill()
@@ -151,7 +163,9 @@ class TestRevert:
 class TestDamage:
     """A damaged index or pack is a BackendError naming the file, never a wrong RAM image."""
 
-    @pytest.mark.parametrize("damage", ["entry-past-end", "truncated-index", "missing-pack"])
+    @pytest.mark.parametrize(
+        "damage", ["entry-past-end", "flipped-byte", "truncated-state", "missing-pack"]
+    )
     def test_damaged_state_is_refused(
         self, hv: EmulatorHypervisor, define: Define, damage: str
     ) -> None:
@@ -161,17 +175,22 @@ class TestDamage:
         guest.pause()
         counted_snapshot(guest, "s", 1)
         guest.kill()
-        index = guest.snapshot_dir("s") / "ram.bin"
-        data = bytearray(index.read_bytes())
+        path = guest.snapshot_dir("s") / ramstore.STATE_FILE
+        data = bytearray(path.read_bytes())
         if damage == "entry-past-end":
+            # a well-formed file (its checksum fixed up) naming data past the pack's end
             data[-8:] = struct.pack("<Q", 1 << 40)
-            index.write_bytes(bytes(data))
-        elif damage == "truncated-index":
-            index.write_bytes(bytes(data[:-3]))
+            data[8:12] = struct.pack("<I", zlib.crc32(data[12:]))
+            path.write_bytes(bytes(data))
+        elif damage == "flipped-byte":
+            data[len(data) // 2] ^= 0x40
+            path.write_bytes(bytes(data))
+        elif damage == "truncated-state":
+            path.write_bytes(bytes(data[:-3]))
         else:
             for name in packs(guest):
-                (index.parent.parent.parent / name).unlink()
-        with pytest.raises(virtkit.BackendError, match=r"ram\.bin|pack"):
+                (path.parent.parent.parent / name).unlink()
+        with pytest.raises(virtkit.BackendError, match=r"state\.bin|pack"):
             guest.revert("s")
 
 

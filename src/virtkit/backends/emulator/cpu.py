@@ -26,6 +26,7 @@ from typing import Any
 import unicorn as _unicorn_module
 from unicorn import x86_const as x86
 
+from virtkit.backends.emulator import ramstore
 from virtkit.errors import BackendError
 
 __all__ = ["Cpu", "CpuFault", "TripleFault", "UcError", "unicorn"]
@@ -261,6 +262,9 @@ class Cpu:
 
     def clear_ram(self) -> None:
         """Zero all RAM (pages are given back to the host) and drop translated code."""
+        # after a snapshot RAM is copy-on-write over the snapshot's copy, where
+        # MADV_DONTNEED alone would bring that copy back: ramstore zeroes it then
+        ramstore.forget(self)
         try:
             self.ram.madvise(mmap.MADV_DONTNEED)
         except (AttributeError, OSError):

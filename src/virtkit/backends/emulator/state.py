@@ -1,23 +1,26 @@
 """Saving and restoring a whole machine: CPU context, RAM and device state.
 
-A full snapshot's folder holds three files, each written atomically
-(temporary name, then rename):
+A full snapshot's folder holds one file, ``state.bin``, written atomically
+(temporary name, ``fsync``, rename, ``fsync`` of the folder) after the RAM
+chunks it names are durable (see :mod:`virtkit.backends.emulator.ramstore`,
+which owns the file's layout and its checksum). Its machine state part is:
 
-* ``cpu.bin``: unicorn's CPU context (every register, including segment
-  caches, control registers and MSRs). It is tied to the unicorn build:
-  ``devices.json`` records the version and restoring checks it.
-* ``ram.bin``: an index into the guest's RAM pack (see
-  :mod:`virtkit.backends.emulator.ramstore`): a second snapshot stores only the
-  chunks that changed since the first. States saved before the pack existed
-  (``VKRAM001``: the RAM size, the chunk size, then each non-zero chunk) still
-  load.
-* ``devices.json``: UART, chipset, clock and machine state.
+* unicorn's CPU context (u32 length, then the bytes: every register,
+  including segment caches, control registers and MSRs). It is tied to the
+  unicorn build: the device state records the version and restoring checks
+  it;
+* the device state: UART, chipset, clock and machine, as JSON.
+
+The RAM index follows: a second snapshot stores only the chunks that changed
+since the first. States saved before ``state.bin`` existed (``cpu.bin``,
+``devices.json`` and ``ram.bin``, holding the index or, older still, the
+whole RAM as ``VKRAM001``: the RAM size, the chunk size, then each non-zero
+chunk) still load.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,20 +39,8 @@ RAM_MAGIC = b"VKRAM001"
 CHUNK = 64 * 1024
 _HEADER = struct.Struct("<8sQI")
 _RECORD = struct.Struct("<Q")
+_CONTEXT_LENGTH = struct.Struct("<I")
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, chunks: list[bytes] | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        if isinstance(chunks, bytes):
-            fh.write(chunks)
-        else:
-            for chunk in chunks:
-                fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_machine(machine: PcMachine, folder: Path) -> int:
@@ -61,8 +52,6 @@ def save_machine(machine: PcMachine, folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     cpu = machine.cpu
     context = cpu.context()
-    _atomic_write(folder / "cpu.bin", context)
-    written = len(context) + ramstore.save_ram(cpu, folder)
     devices = {
         "format": FORMAT_VERSION,
         "unicorn": unicorn.__version__,
@@ -73,8 +62,38 @@ def save_machine(machine: PcMachine, folder: Path) -> int:
         "clock": machine.clock.save(),
     }
     data = json.dumps(devices, indent=1, sort_keys=True).encode()
-    _atomic_write(folder / "devices.json", data)
-    return written + len(data)
+    extra = _CONTEXT_LENGTH.pack(len(context)) + context + data
+    return len(extra) + ramstore.save_ram(cpu, folder, extra)
+
+
+def _read_machine_state(folder: Path) -> tuple[dict[str, Any], bytes, ramstore.SavedState | None]:
+    """(devices, CPU context, parsed state file or None for the legacy layout)."""
+    if (folder / ramstore.STATE_FILE).exists():
+        saved = ramstore.read_state(folder)
+        extra = saved.extra or b""
+        if len(extra) < _CONTEXT_LENGTH.size:
+            raise BackendError(f"{saved.path} is truncated (no CPU context)")
+        (length,) = _CONTEXT_LENGTH.unpack_from(extra)
+        start = _CONTEXT_LENGTH.size
+        if length > len(extra) - start:
+            raise BackendError(f"{saved.path} is truncated (CPU context of {length} bytes)")
+        context, data = extra[start : start + length], extra[start + length :]
+        where = saved.path
+    else:
+        saved = None
+        where = folder / "devices.json"
+        try:
+            data = where.read_bytes()
+            context = (folder / "cpu.bin").read_bytes()
+        except OSError as exc:
+            raise BackendError(f"saved machine state in {folder} cannot be read: {exc}") from exc
+    try:
+        devices = json.loads(data)
+    except ValueError as exc:
+        raise BackendError(f"the device state in {where} is not valid JSON: {exc}") from exc
+    if not isinstance(devices, dict) or devices.get("format") != FORMAT_VERSION:
+        raise BackendError(f"the device state in {where} has an unknown format")
+    return devices, context, saved
 
 
 def load_machine(machine: PcMachine, folder: Path) -> None:
@@ -85,28 +104,28 @@ def load_machine(machine: PcMachine, folder: Path) -> None:
         BackendError: the files are missing or damaged, or were written by
             another unicorn version.
     """
-    try:
-        devices: dict[str, Any] = json.loads((folder / "devices.json").read_bytes())
-        context = (folder / "cpu.bin").read_bytes()
-        with open(folder / "ram.bin", "rb") as fh:
-            magic = fh.read(len(RAM_MAGIC))
-    except (OSError, ValueError) as exc:
-        raise BackendError(f"saved machine state in {folder} cannot be read: {exc}") from exc
-    if not isinstance(devices, dict) or devices.get("format") != FORMAT_VERSION:
-        raise BackendError(f"{folder / 'devices.json'} has an unknown format")
+    devices, context, saved = _read_machine_state(folder)
     if devices.get("unicorn") != unicorn.__version__:
         raise BackendError(
             f"the snapshot's CPU state was saved by unicorn {devices.get('unicorn')}, "
             f"this is unicorn {unicorn.__version__}; it cannot be restored"
         )
     cpu = machine.cpu
-    if magic == ramstore.INDEX_MAGIC:
-        ramstore.load_ram(cpu, folder)
-    elif magic == RAM_MAGIC:
-        ramstore.forget(cpu)
-        _load_full_ram(cpu, folder / "ram.bin")
+    if saved is None:
+        try:
+            with open(folder / "ram.bin", "rb") as fh:
+                magic = fh.read(len(RAM_MAGIC))
+        except OSError as exc:
+            raise BackendError(f"saved machine state in {folder} cannot be read: {exc}") from exc
+        if magic == ramstore.INDEX_MAGIC:
+            ramstore.load_ram(cpu, folder)
+        elif magic == RAM_MAGIC:
+            ramstore.forget(cpu)
+            _load_full_ram(cpu, folder / "ram.bin")
+        else:
+            raise BackendError(f"{folder / 'ram.bin'} is not a virtkit RAM image")
     else:
-        raise BackendError(f"{folder / 'ram.bin'} is not a virtkit RAM image")
+        ramstore.load_ram(cpu, folder, saved)
     cpu.restore_context(context)
     cpu.flush_code()
     machine.load_state(devices["machine"])
