@@ -342,7 +342,8 @@ def build_fadt(*, facs: int, dsdt: int) -> bytes:
     put(112, "<I", _WBINVD | _PROC_C1 | _SLP_BUTTON | _FIX_RTC | _RESET_REG_SUP)
     put_bytes(116, _gas_io(RESET_PORT, 8))
     put(128, "<B", RESET_VALUE)
-    put(132, "<QQ", facs, dsdt)  # X_FIRMWARE_CTRL, X_DSDT
+    # X_FIRMWARE_CTRL stays 0: with both set ACPICA installs the FACS twice (as QEMU, 32-bit only)
+    put(140, "<Q", dsdt)  # X_DSDT
     put_bytes(148, _gas_io(PM_BASE, 32))  # X_PM1a_EVT_BLK
     put_bytes(172, _gas_io(PM_BASE + 4, 16))  # X_PM1a_CNT_BLK
     put_bytes(208, _gas_io(PM_BASE + 8, 32))  # X_PM_TMR_BLK
