@@ -26,6 +26,8 @@ from unicorn import x86_const as x86
 
 from virtkit.backends.emulator.cpu import (
     CR0_PG,
+    EFER,
+    EFER_LMA,
     FLAG_IF,
     FLAG_TF,
     Cpu,
@@ -33,7 +35,15 @@ from virtkit.backends.emulator.cpu import (
     TripleFault,
 )
 
-__all__ = ["ERROR_CODE_VECTORS", "Mmu", "PageFault", "deliver", "page_fault_error_code"]
+__all__ = [
+    "ERROR_CODE_VECTORS",
+    "Mmu",
+    "PageFault",
+    "deliver",
+    "enter_syscall",
+    "page_fault_error_code",
+    "syscall_length",
+]
 
 #: exceptions that push an error code
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
@@ -371,3 +381,73 @@ def _deliver_long(
     cpu.set_reg(x86.UC_X86_REG_CS, (selector & ~3) | target_dpl)
     cpu.set_gpr64(4, rsp)
     cpu.set_rip(offset)
+
+
+MSR_STAR = 0xC000_0081
+MSR_LSTAR = 0xC000_0082
+MSR_CSTAR = 0xC000_0083
+MSR_FMASK = 0xC000_0084
+EFER_SCE = 0x1
+_SYSCALL_OPCODE = b"\x0f\x05"
+_CS_LONG = 0x2000  # the L bit, in _descriptor()'s flags word
+
+
+def syscall_length(cpu: Cpu, rip: int, cs_base: int = 0) -> int:
+    """The length of the SYSCALL instruction at ``rip`` (prefixes included).
+
+    Raises:
+        PageFault: the instruction's bytes are not mapped.
+    """
+    mmu = Mmu(cpu)
+    code = b""
+    for _ in range(15):  # the longest x86 instruction
+        code += mmu.read(cs_base + rip + len(code), 1)
+        if code.endswith(_SYSCALL_OPCODE):
+            return len(code)
+    raise CpuFault(f"no SYSCALL instruction at {rip:#x}")  # pragma: no cover - unicorn said so
+
+
+def enter_syscall(cpu: Cpu, length: int) -> None:
+    """Do what SYSCALL does, for the instruction of ``length`` bytes at RIP.
+
+    Unicorn does not implement SYSCALL: it reports it to an instruction hook
+    and then moves RIP past it, as if it were a NOP. This does the entry the
+    CPU would (Intel SDM vol. 2B, SYSCALL): RCX gets the return address, R11
+    RFLAGS, RFLAGS is masked with IA32_FMASK, CS and SS are loaded from
+    IA32_STAR[47:32] (ring 0), and RIP from IA32_LSTAR (IA32_CSTAR from
+    compatibility mode; STAR[31:0] outside long mode). With EFER.SCE clear
+    it is #UD instead. Because unicorn adds ``length`` to RIP once the hook
+    returns, RIP is left ``length`` bytes before the target.
+
+    Raises:
+        TripleFault: the #UD could not be delivered.
+    """
+    uc = cpu.uc
+    rip = cpu.rip
+    efer = int(uc.msr_read(EFER))
+    if not efer & EFER_SCE:
+        deliver(cpu, 6, rip)
+        cpu.set_rip(cpu.rip - length)
+        return
+    star = int(uc.msr_read(MSR_STAR))
+    selector = (star >> 32) & 0xFFFC
+    flags = cpu.eflags
+    if efer & EFER_LMA:
+        try:
+            _, _, cs_flags = _descriptor(cpu, Mmu(cpu), cpu.cs)
+        except (_Undeliverable, PageFault):
+            cs_flags = _CS_LONG  # a user CS the GDT does not hold: treat as 64-bit
+        code64 = bool(cs_flags & _CS_LONG)
+        target = int(uc.msr_read(MSR_LSTAR if code64 else MSR_CSTAR))
+        cpu.set_gpr64(1, rip + length)  # RCX
+        cpu.set_gpr64(11, flags & ~_RF)  # R11
+        new_flags = flags & ~(int(uc.msr_read(MSR_FMASK)) | _RF)
+    else:
+        target = star & 0xFFFF_FFFF
+        cpu.set_gpr64(1, (rip + length) & 0xFFFF_FFFF)
+        new_flags = flags & ~(FLAG_IF | _RF | _VM)
+    cpu.set_reg(x86.UC_X86_REG_EFLAGS, new_flags)
+    cpu.enter_ring0()
+    cpu.set_reg(x86.UC_X86_REG_CS, selector)
+    cpu.set_reg(x86.UC_X86_REG_SS, selector + 8)
+    cpu.set_rip(target - length)

@@ -48,7 +48,13 @@ from virtkit.backends.emulator.cpu import (
     unicorn,
 )
 from virtkit.backends.emulator.disks import SECTOR, Drive, DriveSpec, open_drives
-from virtkit.backends.emulator.interrupts import Mmu, deliver, page_fault_error_code
+from virtkit.backends.emulator.interrupts import (
+    Mmu,
+    deliver,
+    enter_syscall,
+    page_fault_error_code,
+    syscall_length,
+)
 from virtkit.backends.emulator.platform import PlatformDevices
 from virtkit.backends.emulator.uart import COM1_BASE, Uart16550
 from virtkit.errors import BackendError, ConfigError, ImageError
@@ -246,6 +252,7 @@ class PcMachine:
         uc.hook_add(unicorn.UC_HOOK_INSN, self._hook_in, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._hook_out, None, 1, 0, x86.UC_X86_INS_OUT)
         uc.hook_add(unicorn.UC_HOOK_INTR, self._hook_interrupt)
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
 
     def power_on(self) -> None:
         """Run the BIOS start-up (data areas) and load the boot sector; no code runs yet."""
@@ -600,6 +607,16 @@ class PcMachine:
             self.fail(f"triple fault: {exc}")
         except CpuFault as exc:
             self.fail(str(exc))
+
+    def _hook_syscall(self, uc: Any, user_data: Any) -> None:
+        # unicorn treats SYSCALL as a NOP that calls this hook: do the entry
+        cpu = self.cpu
+        try:
+            enter_syscall(cpu, syscall_length(cpu, cpu.rip, self._cs_base()))
+        except TripleFault as exc:
+            self.fail(f"triple fault: {exc}")
+        except CpuFault as exc:
+            self.fail(f"SYSCALL at {cpu.where()}: {exc}")
 
     def _interrupt(self, vector: int) -> None:
         cpu = self.cpu
