@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import functools
 import mmap
+import os
 import struct
 from typing import Any
 
@@ -112,6 +113,11 @@ class Cpu:
         # overwrites CR2 after a page fault and turns the next one into #DF.
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
+        offset = _counter_offset()
+        self._counter: Any = (
+            None if offset is None else ctypes.c_size_t.from_address(self.uc._uch.value + offset)
+        )
+        self._last_count = 0
 
     # -- registers ---------------------------------------------------------------------------------
     def reg(self, reg: int) -> int:
@@ -283,7 +289,21 @@ class Cpu:
             unicorn.UcError: the engine stopped on an error (invalid opcode, bad memory).
         """
         # in 64-bit engine mode emu_start sets RIP to ``begin`` as is
+        self._last_count = count
         self.uc.emu_start(self.rip, 0, timeout=timeout_us, count=count)
+
+    def budget_used(self) -> bool | None:
+        """Whether the last count-limited :meth:`run` executed its whole budget.
+
+        False means it ended early: on ``hlt``, an error or a stop. None when
+        this unicorn build's instruction counter was not found (see
+        :func:`_counter_offset`) or the slice had no count.
+        """
+        if self._counter is None or not self._last_count:
+            return None
+        # unicorn counts an instruction before running it and stops when the
+        # count passes the budget: count + 1 means the budget ran out
+        return int(self._counter.value) > self._last_count
 
     def stop(self) -> None:
         """Ask a running slice to end soon (callable from any thread)."""
@@ -396,6 +416,46 @@ def _old_exception_offset() -> int | None:
         for offset in range(0, len(before) - 3, 4)
         if before[offset : offset + 4] == _NO_EXCEPTION
         and struct.unpack_from("<i", after, offset)[0] == 14
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+@functools.cache
+def _counter_offset() -> int | None:
+    """Where unicorn's engine handle keeps ``emu_counter`` (found by experiment).
+
+    ``emu_start(count=n)`` counts instructions in ``uc_struct.emu_counter``,
+    followed by ``emu_count`` (n). A scratch engine runs a one-instruction
+    loop with two budgets; the one offset holding ``(n + 1, n)`` after both
+    is it. The handle is read through ``/proc/self/mem``, which fails
+    cleanly instead of crashing on an unmapped page. None if not found (or
+    not on Linux): callers then cannot tell a ``hlt`` from a used budget.
+    """
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0, 0x2000)
+    uc.mem_write(0x1000, b"\xeb\xfe")  # jmp $
+    address = uc._uch.value
+    span = 0x4000
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        seen = []
+        for budget in (1000, 777):
+            uc.emu_start(0x1000, 0, count=budget)
+            seen.append((budget, os.pread(fd, span, address)))
+    except (OSError, UcError):
+        return None
+    finally:
+        os.close(fd)
+    found = [
+        offset
+        for offset in range(0, span - 15, 8)
+        if all(
+            len(blob) >= offset + 16 and struct.unpack_from("<QQ", blob, offset) == (n + 1, n)
+            for n, blob in seen
+        )
     ]
     return found[0] if len(found) == 1 else None
 

@@ -539,7 +539,12 @@ class PcMachine:
         # unicorn returns right after a hlt; a slice can also end there by chance
         # (an instruction ending in 0xF4). A wrong "not halted" only wakes the
         # guest early, so when in doubt (the timer fired, we asked for a stop) say no.
-        may_be_hlt = clock.virtual or (cut_short and not requested)
+        # In virtual-clock slices the engine's instruction counter tells a hlt
+        # (budget not used up) from a budget that ran out with 0xF4 before RIP
+        # as part of another instruction (which, with interrupts off, would
+        # idle forever).
+        used = cpu.budget_used() if clock.virtual else None
+        may_be_hlt = (clock.virtual and not used) or (cut_short and not requested)
         if self._event is None and may_be_hlt and self._stopped_by_hlt():
             self.halted = True
 
