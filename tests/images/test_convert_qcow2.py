@@ -82,7 +82,12 @@ class TestConvertToQcow2:
                  text_raw, theirs)  # fmt: skip
         assert qemu_img("check", ours).returncode == 0
         assert qemu_img("compare", "-F", "raw", ours, text_raw).returncode == 0
-        assert _data_ranges(qemu_img, ours) == _data_ranges(qemu_img, theirs)
+        ours_ranges, theirs_ranges = _data_ranges(qemu_img, ours), _data_ranges(qemu_img, theirs)
+        if options.get("extended_l2"):
+            # qemu-img allocates the 4 KiB blocks it writes, virtkit the non-zero subclusters
+            assert all(any(a <= s and e <= b for a, b in theirs_ranges) for s, e in ours_ranges)
+        else:
+            assert ours_ranges == theirs_ranges
 
     def test_qcow2_chain_to_qcow2_flattens(self, tmp_path: Path, qemu_img: Run) -> None:
         """A qemu-img backing chain converts into one self-contained image with the same bytes."""

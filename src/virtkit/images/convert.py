@@ -33,6 +33,7 @@ from virtkit.errors import (
 from virtkit.images import convert_pipeline
 from virtkit.images.args import check_bool, check_callable, check_name, check_path
 from virtkit.images.base import Extent, Image
+from virtkit.images.qcow2.bulk import BulkWriter
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage
 
@@ -194,8 +195,13 @@ def convert(
             convert_into(src_img, tmp, dst_path, progress=progress, **create_options)
         else:
             out = images.create(tmp, total, format=format, **create_options)
-            _copy(src_img, out, compress=compress, progress=progress)
-            out.close()
+            if _bulk_target(out, create_options):
+                out.close()  # a new, empty qcow2 image: filled front to back instead
+                out = None
+                _copy_bulk(src_img, tmp, compress=compress, progress=progress)
+            else:
+                _copy(src_img, out, compress=compress, progress=progress)
+                out.close()
         os.replace(tmp, dst_path)
         out = None
         _sync_dir(dst_path)
@@ -210,6 +216,28 @@ def convert(
         src_img.close()
         if guard is not None:
             guard.close()
+
+
+def _bulk_target(out: Image, create_options: dict[str, Any]) -> bool:
+    """Whether the new ``out`` can be filled by :class:`~.qcow2.bulk.BulkWriter`."""
+    return (
+        out.format == "qcow2"
+        and out.backing_file is None
+        and create_options.get("preallocation") in (None, "off")
+    )
+
+
+def _copy_bulk(src: Image, path: str, *, compress: bool, progress: Progress | None) -> None:
+    """Fill the new qcow2 image at ``path`` sequentially: data, then metadata, one flush."""
+    writer = BulkWriter(path)
+    try:
+        if compress:
+            convert_pipeline.copy_compressed(src, writer, progress)  # every core compresses
+        else:
+            convert_pipeline.copy_clusters(src, writer, progress)
+        writer.finish()
+    finally:
+        writer.close()
 
 
 def _copy_over_backing(src: Image, out: Image, progress: Progress | None) -> None:

@@ -13,12 +13,19 @@ Because the writer stores the chunks in order, with exactly the bytes the
 sequential path would compute, the output file is byte-identical to a
 sequential convert and the same on every run, whatever the thread timing.
 
-Memory is bounded by the pipeline depth: at most ``depth`` chunks are read
-but not yet written (each with, for compressed output, its compressed
-clusters, never bigger than the chunk itself), so a convert holds at most
-``depth * 2 * CHUNK`` bytes of data (:func:`memory_bound`), 20 MiB by
-default, however large the image. The destination's own metadata caches are
-bounded separately (the qcow2 write-back cache: 16 MiB of dirty L2 tables).
+A raw file source is read with ``os.preadv`` into a small pool of reused
+buffers (no fresh allocation, and no page faults, per chunk); other sources
+through ``Image.read``. Zero clusters are found by comparing in place.
+
+Memory is bounded by the pipeline depth (``depth = 2 x workers + 1``): at
+most ``depth + 2`` read buffers of :data:`CHUNK` bytes, and for compressed
+output the compressed clusters of at most ``depth`` chunks (never bigger
+than the chunks), so a convert holds at most ``(2 x depth + 2) x CHUNK``
+bytes of data (:func:`memory_bound`), 24 MiB on two cores, however large
+the image. The destination's own metadata is bounded separately (a new
+qcow2 target filled by :class:`~virtkit.images.qcow2.bulk.BulkWriter`: one
+L2 table and a few refcount blocks; otherwise the qcow2 write-back cache,
+16 MiB of dirty L2 tables).
 """
 
 from __future__ import annotations
@@ -32,16 +39,26 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from virtkit.errors import ImageError
 from virtkit.images.base import Image
+from virtkit.images.storage import FileStorage
 
-__all__ = ["CHUNK", "copy_compressed", "copy_plain", "default_workers", "memory_bound"]
+__all__ = [
+    "CHUNK",
+    "copy_clusters",
+    "copy_compressed",
+    "copy_plain",
+    "default_workers",
+    "memory_bound",
+]
 
 #: Bytes read, compressed and written as one unit of the pipeline.
 CHUNK = 2 << 20
 
 Progress = Callable[[int, int], None]
-#: (offset, data) of a chunk to write, or (end, None) for a range that needs no write.
-Item = tuple[int, bytes | None]
+#: (offset, buffer, length) of a chunk whose data is ``buffer[:length]``, or
+#: (end, None, 0) for a range up to ``end`` that needs no write.
+Item = tuple[int, bytes | bytearray | None, int]
 
 
 def default_workers() -> int:
@@ -56,21 +73,36 @@ def _depth(workers: int) -> int:
     return 2 * workers + 1
 
 
+def _buffers(depth: int) -> int:
+    """Read buffers: the reader's queue (``depth``), one being filled, one of slack."""
+    return depth + 2
+
+
 def memory_bound(workers: int | None = None) -> int:
-    """Most bytes of image data the pipeline holds at once (read, compressed, unwritten)."""
-    return _depth(workers or default_workers()) * 2 * CHUNK
+    """Most bytes of image data the pipeline holds at once (read, compressed, unwritten).
+
+    ``depth + 2`` read buffers of :data:`CHUNK` bytes, and the compressed
+    clusters of at most ``depth`` chunks (never bigger than the chunks).
+    """
+    depth = _depth(workers or default_workers())
+    return (_buffers(depth) + depth) * CHUNK
 
 
-def _is_zero(data: bytes | memoryview) -> bool:
-    return not any(data) if len(data) < 64 else data == bytes(len(data))
+_ZERO = bytes(CHUNK)
 
 
-def _extents(src: Image, granule: int, *, whole: bool) -> Iterator[Item]:
-    """What the reader produces: data chunks split at ``granule`` multiples, skipped ranges.
+def _zero(buf: bytes | bytearray, start: int, end: int) -> bool:
+    """Whether ``buf[start:end]`` is all zero bytes (compared in place, no copy)."""
+    return buf.startswith(_ZERO[: end - start], start, end)
 
-    ``whole``: chunks cover whole granules (compressed clusters), so a data
-    extent is widened to its clusters; chunks still never overlap and offsets
-    only grow. Otherwise chunks cover exactly the data extents.
+
+def _plan(src: Image, granule: int, *, whole: bool) -> Iterator[tuple[int, int, bool]]:
+    """The reads to make: ``(start, end, is_data)`` chunks split at ``granule`` multiples.
+
+    ``whole``: chunks cover whole granules (clusters of a qcow2 target), so a
+    data extent is widened to its clusters; chunks still never overlap and
+    offsets only grow. Otherwise chunks cover exactly the data extents.
+    A range that needs no read comes as ``(done, end, False)``.
     """
     total = src.virtual_size
     step = max(CHUNK // granule, 1) * granule
@@ -79,7 +111,7 @@ def _extents(src: Image, granule: int, *, whole: bool) -> Iterator[Item]:
         end = extent.start + extent.length
         if extent.kind != "data":
             if end > done:
-                yield end, None
+                yield done, end, False
             continue
         if whole:
             pos = max(extent.start // granule * granule, done)
@@ -88,19 +120,61 @@ def _extents(src: Image, granule: int, *, whole: bool) -> Iterator[Item]:
             pos, stop_all = extent.start, end
         while pos < stop_all:
             nxt = min((pos // step + 1) * step, stop_all)
-            yield pos, src.read(pos, nxt - pos)
+            yield pos, nxt, True
             pos = nxt
         done = max(done, stop_all)
 
 
+def _file_reader(src: Image) -> Callable[[bytearray, int, int], None] | None:
+    """A way to read a raw file source straight into a buffer, or None (use ``src.read``).
+
+    A raw image's bytes are its file's bytes: ``os.preadv`` into a reused
+    buffer spares a fresh allocation (and its page faults) per chunk.
+    """
+    if src.format != "raw":
+        return None
+    # the raw driver's FileStorage (``_st``; ``_storage`` in older versions of raw.py)
+    st = getattr(src, "_st", None) or getattr(src, "_storage", None)
+    fd = st.fd if isinstance(st, FileStorage) else None
+    if fd is None:
+        return None
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def read(buf: bytearray, pos: int, n: int) -> None:
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < n:
+                k = os.preadv(fd, [view[got:n]], pos + got)
+                if k <= 0:  # the file shrank under us: the missing tail reads as zeroes
+                    view[got:n] = _ZERO[: n - got]
+                    break
+                got += k
+        except OSError as exc:
+            raise ImageError(f"read failed: {exc.strerror}", path=src.path, offset=pos) from exc
+        finally:
+            view.release()
+
+    return read
+
+
 class _Reader:
-    """Runs :func:`_extents` on a thread, at most ``depth`` items ahead of the consumer."""
+    """Reads the source on a thread, at most ``depth`` chunks ahead of the consumer.
+
+    Chunks of a raw file source are read into a bounded pool of reused
+    buffers; the consumer hands each back with :meth:`release` once it no
+    longer needs the bytes.
+    """
 
     _DONE = object()
 
     def __init__(self, src: Image, granule: int, depth: int, *, whole: bool) -> None:
         self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._room = _buffers(depth)  # buffers not made yet
+        self._read_into = _file_reader(src)
         self._thread = threading.Thread(
             target=self._run, args=(src, granule, whole), name="virtkit-convert-reader", daemon=True
         )
@@ -115,9 +189,32 @@ class _Reader:
                 continue
         return False
 
+    def _buffer(self) -> bytearray | None:
+        """A free read buffer (made while the pool has room), None once stopped."""
+        with contextlib.suppress(queue.Empty):
+            return self._free.get_nowait()
+        if self._room:
+            self._room -= 1
+            return bytearray(CHUNK)
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Empty):
+                return self._free.get(timeout=0.1)
+        return None
+
     def _run(self, src: Image, granule: int, whole: bool) -> None:
         try:
-            for item in _extents(src, granule, whole=whole):
+            for start, end, is_data in _plan(src, granule, whole=whole):
+                item: Item
+                if not is_data:
+                    item = (end, None, 0)
+                elif self._read_into is None:
+                    item = (start, src.read(start, end - start), end - start)
+                else:
+                    buf = self._buffer()
+                    if buf is None:
+                        return
+                    self._read_into(buf, start, end - start)
+                    item = (start, buf, end - start)
                 if not self._put(item):
                     return
         except BaseException as exc:  # handed to the consumer, raised there
@@ -134,6 +231,11 @@ class _Reader:
                 raise item
             yield item
 
+    def release(self, buf: bytes | bytearray | None) -> None:
+        """Give a chunk's buffer back for reuse (bytes from ``src.read`` are simply dropped)."""
+        if isinstance(buf, bytearray):
+            self._free.put(buf)
+
     def close(self) -> None:
         """Stop the thread (after a failure downstream) and wait for it."""
         self._stop.set()
@@ -148,16 +250,13 @@ def _report(progress: Progress | None, done: int, total: int) -> None:
         progress(done, total)
 
 
-def _nonzero_runs(data: bytes, granule: int) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` runs of ``data`` whose ``granule``-sized pieces are not all zero."""
-    if data == bytes(len(data)):
+def _nonzero_runs(buf: bytes | bytearray, n: int, granule: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` runs of ``buf[:n]`` whose ``granule``-sized pieces are not all zero."""
+    if _zero(buf, 0, n):
         return
-    zero = bytes(granule)
     run_start: int | None = None
-    n = len(data)
     for pos in range(0, n, granule):
-        piece = data[pos : pos + granule]
-        if piece == zero[: len(piece)]:
+        if _zero(buf, pos, min(pos + granule, n)):
             if run_start is not None:
                 yield run_start, pos
                 run_start = None
@@ -174,13 +273,45 @@ def copy_plain(src: Image, out: Image, granule: int, progress: Progress | None) 
     done = 0
     try:
         _report(progress, 0, total)
-        for pos, data in reader:
+        for pos, data, n in reader:
             if data is None:
                 done = pos
             else:
-                for a, b in _nonzero_runs(data, granule):
-                    out.write(pos + a, data[a:b] if (a, b) != (0, len(data)) else data)
-                done = pos + len(data)
+                with memoryview(data) as view:
+                    for a, b in _nonzero_runs(data, n, granule):
+                        out.write(pos + a, view[a:b])
+                reader.release(data)
+                done = pos + n
+            _report(progress, done, total)
+    finally:
+        reader.close()
+    if done != total:
+        _report(progress, total, total)
+
+
+def copy_clusters(src: Image, out: Any, progress: Progress | None) -> None:
+    """Write every non-zero cluster of ``src`` into a new qcow2 image, in guest order.
+
+    ``out`` is a :class:`~virtkit.images.qcow2.bulk.BulkWriter`: reads are
+    widened to whole clusters (a qcow2 target allocates clusters, so a cluster
+    with any data is stored whole, as qemu-img stores it) and each run of
+    non-zero clusters goes out in one write.
+    """
+    total = src.virtual_size
+    cluster = out.cluster_size
+    reader = _Reader(src, cluster, _depth(default_workers()), whole=True)
+    done = 0
+    try:
+        _report(progress, 0, total)
+        for pos, data, n in reader:
+            if data is None:
+                done = pos
+            else:
+                with memoryview(data) as view:
+                    for a, b in _nonzero_runs(data, n, cluster):
+                        out.write_clusters(pos + a, view[a:b])
+                reader.release(data)
+                done = pos + n
             _report(progress, done, total)
     finally:
         reader.close()
@@ -189,18 +320,20 @@ def copy_plain(src: Image, out: Image, granule: int, progress: Progress | None) 
 
 
 def _compress_chunk(
-    pos: int, data: bytes, cluster: int, compress: Callable[[bytes], bytes]
+    pos: int, data: bytes | bytearray, n: int, cluster: int, compress: Callable[[bytes], bytes]
 ) -> list[tuple[int, bytes, bytes]]:
-    """``(offset, cluster data, compressed)`` of each non-zero cluster in a chunk.
+    """``(offset, cluster data, compressed)`` of each non-zero cluster in ``data[:n]``.
 
     The short last cluster of a disk whose size is no multiple of the cluster
     is compressed zero-padded, as QEMU does.
     """
     out: list[tuple[int, bytes, bytes]] = []
-    for at in range(0, len(data), cluster):
-        piece = data[at : at + cluster]
-        if not _is_zero(piece):
-            out.append((pos + at, piece, compress(piece)))
+    with memoryview(data) as view:
+        for at in range(0, n, cluster):
+            end = min(at + cluster, n)
+            if not _zero(data, at, end):
+                piece = bytes(view[at:end])
+                out.append((pos + at, piece, compress(piece)))
     return out
 
 
@@ -210,41 +343,45 @@ def copy_compressed(
     """Write each non-zero cluster of ``src`` into qcow2 ``out`` compressed, on all cores.
 
     ``out`` must offer ``compress_cluster(data) -> bytes`` (thread-safe, no
-    I/O) and ``write_precompressed(offset, data, compressed)``.
+    I/O) and ``write_precompressed(offset, data, compressed)``: a
+    :class:`~virtkit.images.qcow2.bulk.BulkWriter` or a
+    :class:`~virtkit.images.qcow2.Qcow2Image`.
     """
     total = src.virtual_size
     cluster = out.cluster_size
-    n = workers or default_workers()
-    depth = _depth(n)
+    n_workers = workers or default_workers()
+    depth = _depth(n_workers)
     reader = _Reader(src, cluster, depth, whole=True)
-    pending: deque[tuple[int, Future[list[tuple[int, bytes, bytes]]] | None]] = deque()
+    Job = Future[list[tuple[int, bytes, bytes]]]
+    pending: deque[tuple[int, Job | None, bytes | bytearray | None]] = deque()
     done = 0
     _report(progress, 0, total)
 
     def drain_one() -> None:
         nonlocal done
-        end, fut = pending.popleft()
+        end, fut, data = pending.popleft()
         if fut is not None:
             for offset, piece, comp in fut.result():
                 out.write_precompressed(offset, piece, comp)
+            reader.release(data)
         done = end
         _report(progress, done, total)
 
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="virtkit-compress") as pool:
+    with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="virtkit-compress") as pool:
         try:
-            for pos, data in reader:
+            for pos, data, n in reader:
                 if data is None:
-                    pending.append((pos, None))
+                    pending.append((pos, None, None))
                 else:
-                    job = pool.submit(_compress_chunk, pos, data, cluster, out.compress_cluster)
-                    pending.append((pos + len(data), job))
+                    job = pool.submit(_compress_chunk, pos, data, n, cluster, out.compress_cluster)
+                    pending.append((pos + n, job, data))
                 while len(pending) >= depth:
                     drain_one()
             while pending:
                 drain_one()
         finally:
             reader.close()
-            for _end, fut in pending:
+            for _end, fut, _data in pending:
                 if fut is not None:
                     fut.cancel()
     if done != total:
