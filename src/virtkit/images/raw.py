@@ -15,9 +15,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError
+from virtkit.errors import ConfigError, ImageError
 from virtkit.images.args import check_bool, check_bytes, check_int
-from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.base import CheckResult, Extent, ImageInfo
+from virtkit.images.plain import SingleFileImage
 from virtkit.images.publish import publish, temp_name
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage, Storage
@@ -36,7 +37,7 @@ def _check_size(size: int) -> None:
         )
 
 
-class RawImage(Image):
+class RawImage(SingleFileImage):
     """A raw disk image on a :class:`~virtkit.images.storage.Storage`.
 
     Args:
@@ -44,20 +45,17 @@ class RawImage(Image):
         writable: whether writes are allowed.
     """
 
+    format_label = "raw"
+
     format = "raw"
 
     def __init__(self, storage: Storage, *, writable: bool) -> None:
-        self._storage: Storage | None = storage
+        self._st: Storage | None = storage
         self.path = storage.path
         self._writable = writable
         self._size = storage.size()
 
     # -- properties -----------------------------------------------------
-    @property
-    def virtual_size(self) -> int:
-        """Size of the virtual disk: the file's length."""
-        return self._size
-
     @property
     def cluster_size(self) -> int:
         """512: raw has no clusters; the sector is the natural unit."""
@@ -68,52 +66,7 @@ class RawImage(Image):
         """Always None: raw images have no backing file."""
         return None
 
-    @property
-    def writable(self) -> bool:
-        """Whether the image was opened for writing."""
-        return self._writable
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` has been called."""
-        return self._storage is None
-
-    @property
-    def snapshots(self) -> tuple[SnapshotInfo, ...]:
-        """Always empty: raw images have no internal snapshots."""
-        self._live()
-        return ()
-
     # -- guards ---------------------------------------------------------
-    def _live(self) -> Storage:
-        if self._storage is None:
-            raise ImageError("image is closed", path=self.path)
-        return self._storage
-
-    def _writable_storage(self, action: str) -> Storage:
-        storage = self._live()
-        if not self._writable:
-            raise ImageError(
-                f"cannot {action}: image is open read-only; open it with writable=True",
-                path=self.path,
-            )
-        return storage
-
-    def _check_range(self, offset: int, length: int, action: str) -> None:
-        check_int(offset, "offset")
-        check_int(length, "length")
-        if offset < 0 or length < 0:
-            raise ImageError(
-                f"{action}: negative offset or length ({offset}, {length})", path=self.path
-            )
-        if offset + length > self._size:
-            raise ImageError(
-                f"{action} of {length} bytes at {offset} runs past the end of the "
-                f"{self._size}-byte disk",
-                path=self.path,
-                offset=offset,
-            )
-
     # -- data path ------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` bytes at ``offset``.
@@ -237,37 +190,9 @@ class RawImage(Image):
         check_bool(repair, "repair")
         return CheckResult()
 
-    def create_snapshot(self, name: str, *, vm_state: bytes | None = None) -> SnapshotInfo:
-        """Raw images cannot hold snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always; convert to qcow2 first.
-        """
-        raise UnsupportedFeatureError(
-            "raw images have no internal snapshots; convert to qcow2 first",
-            feature="snapshots",
-            path=self.path,
-        )
-
-    def revert_snapshot(self, name: str) -> None:
-        """Raw images cannot hold snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
-
-    def delete_snapshot(self, name: str) -> None:
-        """Raw images cannot hold snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
-
     def close(self) -> None:
         """Flush (if writable) and release the file. Idempotent."""
-        storage, self._storage = self._storage, None
+        storage, self._st = self._st, None
         if storage is None:
             return
         try:

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 from virtkit.errors import CorruptImageError, ImageError, UnsupportedFeatureError, VirtkitError
 from virtkit.images.args import check_bool, check_bytes, check_int
-from virtkit.images.base import CheckProblem, CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.base import CheckProblem, CheckResult, Extent, ImageInfo
+from virtkit.images.plain import SingleFileImage
 from virtkit.images.storage import FileStorage, Storage
 from virtkit.images.vdi import layout as L
 from virtkit.images.vdi.mapping import BlockMap
@@ -68,13 +69,15 @@ def _validate(path: str, h: L.VdiHeader, file_size: int) -> int:
     return size
 
 
-class VdiImage(Image):
+class VdiImage(SingleFileImage):
     """A VDI image opened read-only.
 
     Args:
         storage: the file.
         header: its header.
     """
+
+    format_label = "VDI"
 
     format = "vdi"
 
@@ -85,11 +88,6 @@ class VdiImage(Image):
         self._size = _validate(self.path, header, storage.size())
         self._map = BlockMap(storage, header.offset_bmap, header.blocks_in_image,
                              header.offset_data)  # fmt: skip
-
-    @property
-    def virtual_size(self) -> int:
-        """Size of the virtual disk in bytes."""
-        return self._size
 
     @property
     def cluster_size(self) -> int:
@@ -105,32 +103,6 @@ class VdiImage(Image):
     def writable(self) -> bool:
         """Always False: virtkit reads VDI only."""
         return False
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` has been called."""
-        return self._st is None
-
-    @property
-    def snapshots(self) -> tuple[SnapshotInfo, ...]:
-        """Always empty."""
-        self._live()
-        return ()
-
-    def _live(self) -> Storage:
-        if self._st is None:
-            raise ImageError("image is closed", path=self.path)
-        return self._st
-
-    def _check_range(self, offset: int, length: int, action: str) -> None:
-        check_int(offset, "offset")
-        check_int(length, "length")
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise ImageError(
-                f"{action} of {length} bytes at {offset} is outside the {self._size}-byte disk",
-                path=self.path,
-                offset=offset,
-            )
 
     def _read_only(self, action: str) -> UnsupportedFeatureError:
         self._live()
@@ -269,34 +241,6 @@ class VdiImage(Image):
             allocated_clusters=allocated,
             total_clusters=total,
         )
-
-    def create_snapshot(self, name: str, *, vm_state: bytes | None = None) -> SnapshotInfo:
-        """Not supported.
-
-        Raises:
-            UnsupportedFeatureError: always; convert to qcow2 first.
-        """
-        raise UnsupportedFeatureError(
-            "VDI images have no internal snapshots; convert to qcow2 first",
-            feature="snapshots",
-            path=self.path,
-        )
-
-    def revert_snapshot(self, name: str) -> None:
-        """Not supported.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
-
-    def delete_snapshot(self, name: str) -> None:
-        """Not supported.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
 
     def close(self) -> None:
         """Release the file. Idempotent."""

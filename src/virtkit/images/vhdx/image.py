@@ -24,7 +24,8 @@ from collections.abc import Iterator
 
 from virtkit.errors import CorruptImageError, ImageError, UnsupportedFeatureError, VirtkitError
 from virtkit.images.args import check_bool, check_bytes, check_int
-from virtkit.images.base import CheckProblem, CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.base import CheckProblem, CheckResult, Extent, ImageInfo
+from virtkit.images.plain import SingleFileImage
 from virtkit.images.qcow2 import chain
 from virtkit.images.storage import FileStorage, Storage
 from virtkit.images.vhdx import layout as L
@@ -65,7 +66,7 @@ def _linkage(value: str | None) -> bytes | None:
         return None
 
 
-class VhdxImage(Image):
+class VhdxImage(SingleFileImage):
     """A VHDX image (fixed, dynamic or differencing).
 
     Args:
@@ -75,6 +76,8 @@ class VhdxImage(Image):
         allow_backing: where a differencing disk's parent may come from.
         force_share: passed on to the parent's open.
     """
+
+    format_label = "VHDX"
 
     format = "vhdx"
 
@@ -153,45 +156,7 @@ class VhdxImage(Image):
         """A differencing disk's parent path as the locator stores it, else None."""
         return self._backing_name
 
-    @property
-    def writable(self) -> bool:
-        """Whether the image was opened for writing."""
-        return self._writable
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` has been called."""
-        return self._st is None
-
-    @property
-    def snapshots(self) -> tuple[SnapshotInfo, ...]:
-        """Always empty: VHDX has no internal snapshots."""
-        self._live()
-        return ()
-
     # -- guards -------------------------------------------------------------------
-    def _live(self) -> Storage:
-        if self._st is None:
-            raise ImageError("image is closed", path=self.path)
-        return self._st
-
-    def _check_range(self, offset: int, length: int, action: str) -> None:
-        check_int(offset, "offset")
-        check_int(length, "length")
-        if offset < 0 or length < 0 or offset + length > self.meta.virtual_size:
-            raise ImageError(
-                f"{action} of {length} bytes at {offset} is outside the "
-                f"{self.meta.virtual_size}-byte disk",
-                path=self.path,
-                offset=offset,
-            )
-
-    def _writable_storage(self, action: str) -> Storage:
-        st = self._live()
-        if not self._writable:
-            raise ImageError(f"cannot {action}: image is open read-only", path=self.path)
-        return st
-
     # -- reads --------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         """Return ``length`` guest bytes at ``offset`` (parent data where this disk has none).
@@ -402,34 +367,6 @@ class VhdxImage(Image):
             allocated_clusters=allocated,
             total_clusters=blocks,
         )
-
-    def create_snapshot(self, name: str, *, vm_state: bytes | None = None) -> SnapshotInfo:
-        """VHDX has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always; convert to qcow2 first.
-        """
-        raise UnsupportedFeatureError(
-            "VHDX images have no internal snapshots; convert to qcow2 first",
-            feature="snapshots",
-            path=self.path,
-        )
-
-    def revert_snapshot(self, name: str) -> None:
-        """VHDX has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
-
-    def delete_snapshot(self, name: str) -> None:
-        """VHDX has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
 
     def close(self) -> None:
         """Flush (if writable) and release the file and its parent. Idempotent."""

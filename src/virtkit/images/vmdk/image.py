@@ -17,7 +17,8 @@ from typing import Any
 
 from virtkit.errors import CorruptImageError, ImageError, UnsupportedFeatureError
 from virtkit.images.args import check_bool, check_int
-from virtkit.images.base import CheckProblem, CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.base import CheckProblem, CheckResult, Extent, Image, ImageInfo
+from virtkit.images.plain import PlainImage
 from virtkit.images.storage import Storage
 from virtkit.images.vmdk.descriptor import Descriptor
 from virtkit.images.vmdk.mapping import FlatExtent, GrainRun, SparseExtent
@@ -29,7 +30,7 @@ AnyExtent = FlatExtent | SparseExtent
 _PARALLEL_GRAINS = 4
 
 
-class VmdkImage(Image):
+class VmdkImage(PlainImage):
     """An open VMDK disk (read-only). Build it with :func:`virtkit.images.vmdk.open`.
 
     Args:
@@ -40,6 +41,8 @@ class VmdkImage(Image):
         create_type: qemu-img's ``create-type``.
         backing: the opened parent disk, or None.
     """
+
+    format_label = "VMDK"
 
     format = "vmdk"
 
@@ -70,11 +73,6 @@ class VmdkImage(Image):
 
     # -- properties -----------------------------------------------------
     @property
-    def virtual_size(self) -> int:
-        """Size of the disk: the sum of its extents."""
-        return self._size
-
-    @property
     def cluster_size(self) -> int:
         """The first sparse extent's grain size, or 512 for flat disks."""
         first = self.extents[0].cluster_size if self.extents else None
@@ -95,31 +93,10 @@ class VmdkImage(Image):
         """Whether ``close()`` has been called."""
         return self._storages is None
 
-    @property
-    def snapshots(self) -> tuple[SnapshotInfo, ...]:
-        """Always empty: VMDK has no internal snapshots."""
-        self._live()
-        return ()
-
     # -- guards ---------------------------------------------------------
     def _live(self) -> None:
         if self._storages is None:
             raise ImageError("image is closed", path=self.path)
-
-    def _check_range(self, offset: int, length: int, action: str) -> None:
-        check_int(offset, "offset")
-        check_int(length, "length")
-        if offset < 0 or length < 0:
-            raise ImageError(
-                f"{action}: negative offset or length ({offset}, {length})", path=self.path
-            )
-        if offset + length > self._size:
-            raise ImageError(
-                f"{action} of {length} bytes at {offset} runs past the end of the "
-                f"{self._size}-byte disk",
-                path=self.path,
-                offset=offset,
-            )
 
     def _read_only(self, action: str) -> ImageError:
         return UnsupportedFeatureError(
@@ -349,34 +326,6 @@ class VmdkImage(Image):
             for offset, message in ext.bad_grains()
         ]
         return CheckResult(corruptions=len(problems), problems=tuple(problems))
-
-    def create_snapshot(self, name: str, *, vm_state: bytes | None = None) -> SnapshotInfo:
-        """VMDK has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always; convert to qcow2 first.
-        """
-        raise UnsupportedFeatureError(
-            "VMDK images have no internal snapshots; convert to qcow2 first",
-            feature="snapshots",
-            path=self.path,
-        )
-
-    def revert_snapshot(self, name: str) -> None:
-        """VMDK has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
-
-    def delete_snapshot(self, name: str) -> None:
-        """VMDK has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
 
     def close(self) -> None:
         """Release every file (and the parent). Idempotent."""

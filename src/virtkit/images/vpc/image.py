@@ -13,16 +13,17 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
-from virtkit.errors import ImageError, UnsupportedFeatureError
+from virtkit.errors import UnsupportedFeatureError
 from virtkit.images.args import check_bool, check_bytes, check_int
-from virtkit.images.base import CheckProblem, CheckResult, Extent, Image, ImageInfo, SnapshotInfo
+from virtkit.images.base import CheckProblem, CheckResult, Extent, ImageInfo
+from virtkit.images.plain import SingleFileImage
 from virtkit.images.storage import Storage
 from virtkit.images.vpc import layout
 
 __all__ = ["VpcImage"]
 
 
-class VpcImage(Image):
+class VpcImage(SingleFileImage):
     """An open VHD. Build it with :func:`virtkit.images.vpc.open`.
 
     Args:
@@ -33,6 +34,8 @@ class VpcImage(Image):
         bat: the block allocation table (dynamic disks), else None.
         block_size: bytes per block (dynamic disks).
     """
+
+    format_label = "VHD"
 
     format = "vpc"
 
@@ -58,11 +61,6 @@ class VpcImage(Image):
 
     # -- properties -----------------------------------------------------
     @property
-    def virtual_size(self) -> int:
-        """Size of the virtual disk in bytes."""
-        return self._size
-
-    @property
     def cluster_size(self) -> int:
         """The block size of a dynamic disk; 512 for a fixed one."""
         return self.block_size or layout.SECTOR
@@ -72,52 +70,7 @@ class VpcImage(Image):
         """Always None (differencing VHDs are not opened)."""
         return None
 
-    @property
-    def writable(self) -> bool:
-        """Whether the image was opened for writing."""
-        return self._writable
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` has been called."""
-        return self._st is None
-
-    @property
-    def snapshots(self) -> tuple[SnapshotInfo, ...]:
-        """Always empty: VHD has no internal snapshots."""
-        self._live()
-        return ()
-
     # -- guards ---------------------------------------------------------
-    def _live(self) -> Storage:
-        if self._st is None:
-            raise ImageError("image is closed", path=self.path)
-        return self._st
-
-    def _writable_storage(self, action: str) -> Storage:
-        st = self._live()
-        if not self._writable:
-            raise ImageError(
-                f"cannot {action}: image is open read-only; open it with writable=True",
-                path=self.path,
-            )
-        return st
-
-    def _check_range(self, offset: int, length: int, action: str) -> None:
-        check_int(offset, "offset")
-        check_int(length, "length")
-        if offset < 0 or length < 0:
-            raise ImageError(
-                f"{action}: negative offset or length ({offset}, {length})", path=self.path
-            )
-        if offset + length > self._size:
-            raise ImageError(
-                f"{action} of {length} bytes at {offset} runs past the end of the "
-                f"{self._size}-byte disk",
-                path=self.path,
-                offset=offset,
-            )
-
     # -- mapping --------------------------------------------------------
     def _runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int | None]]:
         """``(guest, length, host or None)`` runs; None for an unallocated block."""
@@ -264,34 +217,6 @@ class VpcImage(Image):
                         )
                     )
         return CheckResult(corruptions=len(problems), problems=tuple(problems))
-
-    def create_snapshot(self, name: str, *, vm_state: bytes | None = None) -> SnapshotInfo:
-        """VHD has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always; convert to qcow2 first.
-        """
-        raise UnsupportedFeatureError(
-            "VHD images have no internal snapshots; convert to qcow2 first",
-            feature="snapshots",
-            path=self.path,
-        )
-
-    def revert_snapshot(self, name: str) -> None:
-        """VHD has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
-
-    def delete_snapshot(self, name: str) -> None:
-        """VHD has no internal snapshots.
-
-        Raises:
-            UnsupportedFeatureError: always.
-        """
-        self.create_snapshot(name)
 
     def close(self) -> None:
         """Flush (if writable) and release the file. Idempotent."""
