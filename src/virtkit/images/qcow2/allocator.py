@@ -335,6 +335,18 @@ class Refcounts:
 
     def allocate(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1); return the file offset."""
+        if n == 1:
+            # Fast path: the hint is where the search starts, so when it names a free
+            # cluster in a block already in memory, that cluster is the search's answer.
+            c = self.free_hint or 1
+            t, i = divmod(c, self.per_block)
+            blk = self._cache.get(t)
+            if blk is not None and not blk[i]:
+                blk[i] = 1
+                self.raised = True
+                self._store(t, blk, i, i + 1)
+                self.free_hint = c + 1
+                return c << self.cluster_bits
         if n <= 0:
             raise ImageError(f"cannot allocate {n} clusters", path=self.path)
         for _ in range(64):

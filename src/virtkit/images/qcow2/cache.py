@@ -36,6 +36,7 @@ final fdatasync) runs on its own.
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING
 
 from virtkit.errors import CorruptImageError
@@ -124,6 +125,23 @@ class MetadataCache:
             cur = self.ranges.get(off)
             self.ranges[off] = (lo, hi) if cur is None else (min(cur[0], lo), max(cur[1], hi))
         self.frees.extend(drops)
+
+    def note(self, off: int, table: array[int], idx: int) -> None:
+        """Slot ``idx`` of the existing L2 table at ``off`` changed in memory, nothing dropped.
+
+        What :meth:`publish` does for a request that changed one entry of a
+        table it did not allocate and removed no reference: the table is
+        pinned and the entry joins the range to write. The caller checks
+        :meth:`over_limit` when this pinned a table.
+        """
+        mapper = self.img._mapper
+        if off not in mapper.pinned:
+            mapper.pin(off, table)
+        if off not in self.new_tables:
+            cur = self.ranges.get(off)
+            self.ranges[off] = (
+                (idx, idx + 1) if cur is None else (min(cur[0], idx), max(cur[1], idx + 1))
+            )
 
     def _check_drops(self, drops: list[tuple[int, int]]) -> None:
         """Refuse references whose clusters do not have the counts to drop (corruption).

@@ -455,23 +455,8 @@ class Qcow2Image(BitmapsMixin, Image):
         self._defer = self.refs.defer = defer
         try:
             fn()
-        except CorruptImageError as exc:
-            if not self._corrupt:
-                with contextlib.suppress(CorruptImageError):
-                    self._mark_corrupt(str(exc.message), exc.offset)
-            raise
-        except ImageError:
-            if defer:
-                # Write-back requests change the cached tables in place, and an entry
-                # changes only after the data it points at was written: publish what
-                # the failed request did change, so memory and the coming write-back agree.
-                for req in self._open:
-                    self._wb.publish(req)
-                self._cluster_cache = None
-                self._cfree = 0
-            else:
-                # a write or flush failed (ENOSPC, EIO): trust only what the file holds
-                self._resync()
+        except ImageError as exc:
+            self._write_failed(exc, defer=defer)
             raise
         finally:
             self._defer = self.refs.defer = False
@@ -481,6 +466,24 @@ class Qcow2Image(BitmapsMixin, Image):
                 self._wb.writeback(sync=False)  # bounded memory
         elif request:
             self._flush()  # writethrough: the write is durable when the call returns
+
+    def _write_failed(self, exc: ImageError, *, defer: bool) -> None:
+        """A write step raised ``exc``: flag corruption, or make memory agree with the file."""
+        if isinstance(exc, CorruptImageError):
+            if not self._corrupt:
+                with contextlib.suppress(CorruptImageError):
+                    self._mark_corrupt(str(exc.message), exc.offset)
+        elif defer:
+            # Write-back requests change the cached tables in place, and an entry
+            # changes only after the data it points at was written: publish what
+            # the failed request did change, so memory and the coming write-back agree.
+            for req in self._open:
+                self._wb.publish(req)
+            self._cluster_cache = None
+            self._cfree = 0
+        else:
+            # a write or flush failed (ENOSPC, EIO): trust only what the file holds
+            self._resync()
 
     # ---- reading ----
     @guarded
@@ -556,7 +559,8 @@ class Qcow2Image(BitmapsMixin, Image):
         self._check_range(offset, len(mv), "write")
         if len(mv):
             bitmapsmod.mark(self, offset, len(mv))  # persistent dirty bitmaps
-            self._run_write(lambda: writes.write_guest(self, offset, mv), request=True)
+            if not writes.write_small(self, offset, mv):
+                self._run_write(lambda: writes.write_guest(self, offset, mv), request=True)
 
     def write_guest(self, offset: int, mv: memoryview) -> None:
         """Write without the range check (internal; VM state lives past the disk end)."""

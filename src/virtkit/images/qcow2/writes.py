@@ -38,6 +38,7 @@ __all__ = [
     "write_guest",
     "write_fresh",
     "write_partial",
+    "write_small",
     "zero_clusters",
     "zero_partial",
     "zero_range",
@@ -156,17 +157,90 @@ def write_guest(img: Qcow2Image, offset: int, mv: memoryview) -> None:
     commit(img, req)
 
 
+def write_small(img: Qcow2Image, offset: int, mv: memoryview) -> bool:
+    """The fast path of a write-back request inside one cluster; False: take the general one.
+
+    Handles the two common cases without a :class:`~.requests.Request`: a
+    cluster the active disk owns is overwritten in place, or an unallocated
+    (or zero-flagged, v3) cluster without a backing file gets a new cluster,
+    its data, and then its entry in the cached L2 table (which the
+    write-back cache pins and writes later, as :meth:`.MetadataCache.publish`
+    would). Only for an existing L2 table the active disk owns, on images
+    without extended L2 entries. Anything else, including every entry that
+    looks damaged, returns False having changed nothing, and the general
+    path (:func:`write_guest`) handles it and reports what is wrong.
+    """
+    cs = img.cs
+    in_off = offset & (cs - 1)
+    if in_off + len(mv) > cs or img.cache_mode != "writeback" or img.extended:
+        return False
+    cb = img.cb
+    ci = offset >> cb
+    l1i = ci >> img.l2_bits
+    l1 = img._l1
+    if l1i >= len(l1):
+        return False
+    entry = l1[l1i]
+    off = entry & layout.L1E_OFFSET_MASK
+    if not off or not entry & layout.OFLAG_COPIED:
+        return False
+    if img._corrupt or not img._autoclear_done or img._bitmap_tracker is not None:
+        img._prepare_write()
+    mapper = img._mapper
+    table = mapper.pinned.get(off)
+    if table is None:  # checked as req_l2 does, once per write-back
+        if off >> cb in img.table_clusters() or off >> cb in img._refblocks():
+            return False
+        table = mapper.load_l2(off, where=img.hdr.l1_table_offset + l1i * 8)
+        pinned = False
+    else:
+        pinned = True
+    idx = ci & (img.l2_entries - 1)
+    e = table[idx]
+    st = img.st
+    if e & layout.OFLAG_COPIED and not e & (layout.OFLAG_COMPRESSED | layout.OFLAG_ZERO):
+        host = e & layout.L2E_OFFSET_MASK
+        if host < cs or host & (cs - 1) or host >> cb in img.metadata_clusters():
+            return False
+        if host >= st.size():
+            return False
+        try:
+            st.pwrite(host + in_off, mv)
+        except ImageError as exc:
+            img._write_failed(exc, defer=True)
+            raise
+        return True
+    if not ((e == 0 and img.backing is None) or (e == layout.OFLAG_ZERO and img.v3)):
+        return False
+    refs = img.refs
+    img._defer = refs.defer = True
+    try:
+        new = refs.allocate(1)
+        img._check_overlap(new, 1)
+        write_fresh(img, new, in_off, mv)
+    except ImageError as exc:
+        img._write_failed(exc, defer=True)
+        raise
+    finally:
+        img._defer = refs.defer = False
+    table[idx] = new | layout.OFLAG_COPIED
+    img._wb.note(off, table, idx)
+    if not pinned and img._wb.over_limit():
+        img._wb.writeback(sync=False)  # bounded memory
+    return True
+
+
 def write_fresh(img: Qcow2Image, host: int, in_off: int, mv: memoryview) -> None:
     """Fill a newly allocated cluster whose other bytes must read as zeroes.
 
-    A cluster past the end of the file needs only the new bytes (the file
-    is extended over the whole cluster first, so the rest reads as zeroes,
-    as QEMU's zero-writing copy-on-write areas do); a reused one is
-    written whole.
+    A cluster past the end of the file needs only the new bytes, in one
+    write: the file then has a hole before them or ends inside the cluster,
+    and both read as zeroes (QEMU leaves its last cluster short too, and
+    reads past the end of the file as zeroes). A reused cluster is written
+    whole.
     """
     cs = img.cs
     if host >= img.st.size():
-        img.st.truncate(host + cs)
         img.st.pwrite(host + in_off, mv)
         return
     buf = bytearray(cs)
