@@ -18,12 +18,17 @@ also reads the chunks whose pack entries differ. Where the kernel cannot
 report written pages, RAM is compared with the base instead (``memcmp``).
 
 Crash safety: chunks are appended and ``fdatasync``-ed before the state file
-that names them is written (temporary name, ``fsync``, rename, ``fsync`` of
-the folder). A crash leaves at most unreferenced bytes at the pack's end and
-a temporary file. Deleted snapshots leave garbage in the pack; when garbage
-outweighs live data the next snapshot writes a new pack generation, rewrites
-every index to it (each index names its own pack, so a crash part-way leaves
-every index valid), and removes the old pack.
+that names them is written (temporary name, ``fsync``, rename); the state
+file carries a checksum, so a torn file is refused, never loaded. A
+crash leaves at most unreferenced bytes at the pack's end and a temporary
+file. The new folder and its rename become durable with the journal commit
+of the snapshot list's ``fsync``, which follows; files rewritten in place
+(compaction, below) have their folder synced before the old pack goes.
+
+Deleted snapshots leave garbage in the pack; when garbage outweighs live
+data the next snapshot writes a new pack generation, rewrites every index to
+it (each index names its own pack, so a crash part-way leaves every index
+valid), and removes the old pack.
 
 On-disk formats (little-endian):
 
@@ -238,15 +243,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a crash leaves the old file or the new one, whole."""
+def _atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data``: a crash leaves the old file or the new one, whole.
+
+    ``sync_dir=False`` leaves the rename to the file system's next journal
+    commit: for a new snapshot's state file, whose folder the snapshot list
+    (written next, with its own ``fsync`` calls) makes reachable.
+    """
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 class _Pack:
@@ -492,7 +503,8 @@ def save_ram(cpu: Cpu, folder: Path, extra: bytes = b"") -> int:
         appended = pack.appended
         pack.sync()
         index = _Index(cpu.memory_size, pack_name, entries)
-        _atomic_write(folder / STATE_FILE, SavedState(folder / STATE_FILE, extra, index).encode())
+        state = SavedState(folder / STATE_FILE, extra, index)
+        _atomic_write(state.path, state.encode(), sync_dir=False)
     except BaseException:
         if fresh is not None:
             fresh.close()
