@@ -199,6 +199,55 @@ class TestDevicesOnTheBus:
             assert image.read(0, 8 * MiB) == bytes(8 * MiB)
 
 
+class TestSci:
+    @staticmethod
+    def _program_pics(pc: PcMachine) -> None:
+        """What Linux's init_8259A writes: vectors 0x30/0x38, cascade on 2, only 2 and 9 open."""
+        for port, value in (
+            (0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01),
+            (0xA0, 0x11), (0xA1, 0x38), (0xA1, 0x02), (0xA1, 0x01),
+            (0x21, 0xFB), (0xA1, 0xFD),
+        ):  # fmt: skip
+            pc.chipset.write(port, 1, value)
+        pc.cpu.set_reg(x86_const.UC_X86_REG_EFLAGS, pc.cpu.eflags | FLAG_IF)
+
+    def test_power_button_raises_the_sci_on_irq_9(self, pc: PcMachine) -> None:
+        """PWRBTN_STS with PWRBTN_EN is a level on IRQ 9, through the slave PIC and EOIs."""
+        assert pc.platform is not None
+        self._program_pics(pc)
+        pc.press_power_button()  # not enabled by the guest yet: nothing latches
+        assert pc.platform.pending_irqs() == []
+        pc.chipset.write(0x602, 2, 0x0100)  # PM1_EN.PWRBTN_EN
+        pc.press_power_button()
+        assert pc.platform.pending_irqs() == [9]
+        assert pc.chipset.irq_vector(9) == 0x39
+        assert pc._irq_ready()
+        pc.chipset.acknowledge(9)  # the CPU took it
+        assert pc.chipset.irq_vector(9) is None  # in service
+        pc.chipset.write(0xA0, 1, 0x61)  # Linux: specific EOI to the slave (line 1)...
+        pc.chipset.write(0x20, 1, 0x62)  # ...and to the master's cascade line
+        assert pc.chipset.pic_isr == 0
+        assert pc._irq_ready()  # level: still pending until the status bit is cleared
+        pc.chipset.write(0x600, 2, 0x0100)  # write-1-to-clear PWRBTN_STS
+        assert pc.platform.pending_irqs() == []
+        assert not pc._irq_ready()
+
+    def test_a_masked_cascade_blocks_the_slave(self, pc: PcMachine) -> None:
+        """With the master's IRQ 2 masked, or a slave IRQ in service, IRQ 9 waits."""
+        self._program_pics(pc)
+        pc.chipset.write(0x602, 2, 0x0100)
+        pc.press_power_button()
+        pc.chipset.write(0x21, 1, 0xFF)
+        assert pc.chipset.irq_vector(9) is None
+        assert not pc._irq_ready()
+        pc.chipset.write(0x21, 1, 0xFB)
+        pc.chipset.acknowledge(8)  # the RTC's line, higher priority
+        assert pc.chipset.irq_vector(9) is None
+        pc.chipset.write(0xA0, 1, 0x20)  # non-specific EOI to the slave: clears IRQ 8
+        pc.chipset.write(0x20, 1, 0x20)  # and the master's cascade
+        assert pc.chipset.irq_vector(9) == 0x39
+
+
 @pytest.mark.slow
 def test_the_cloud_kernel_reads_the_tables(
     hv: EmulatorHypervisor,

@@ -182,6 +182,10 @@ class Chipset:
         if self.pm1_en & PWRBTN:
             self.pm1_sts |= PWRBTN
 
+    def sci_pending(self) -> bool:
+        """The level of the ACPI SCI: an enabled fixed event's status bit is set."""
+        return bool(self.pm1_sts & self.pm1_en & PWRBTN)
+
     def _pm_read(self, offset: int, size: int) -> int:
         regs = bytearray(12)
         regs[0:2] = self.pm1_sts.to_bytes(2, "little")
@@ -313,13 +317,13 @@ class Chipset:
             if value & 0x10:  # ICW1: ICW2, ICW3 (and ICW4 if bit 0) follow on the data port
                 self._pic_icw[chip] = 3 if value & 0x01 else 2
                 self._pic_icw_seen[chip] = 0
-                if chip == 0:
-                    self.pic_isr = 0
-            elif value & 0x18 == 0 and value & 0x20 and chip == 0:  # OCW2 with EOI
+                self.pic_isr &= 0xFF00 if chip == 0 else 0x00FF
+            elif value & 0x18 == 0 and value & 0x20:  # OCW2 with EOI
+                isr = (self.pic_isr >> (8 * chip)) & 0xFF
                 if value & 0x40:
-                    self.eoi(value & 7)  # specific EOI
-                elif self.pic_isr:
-                    self.eoi((self.pic_isr & -self.pic_isr).bit_length() - 1)
+                    self.eoi(8 * chip + (value & 7))  # specific EOI
+                elif isr:
+                    self.eoi(8 * chip + (isr & -isr).bit_length() - 1)
             return  # OCW3 (register selects) needs no state here
         if self._pic_icw[chip] == 0:
             self.pic_mask[chip] = value  # OCW1
@@ -331,15 +335,30 @@ class Chipset:
             self._pic_icw[chip] = 0
 
     def irq_vector(self, irq: int) -> int | None:
-        """The vector master-PIC ``irq`` would be delivered on now, or None
-        while it is masked or an IRQ of equal or higher priority awaits EOI."""
+        """The vector ``irq`` would be delivered on now, or None while it is
+        masked or an IRQ of equal or higher priority awaits EOI.
+
+        IRQs 8-15 are the slave PIC's, cascaded through the master's IRQ 2;
+        ``pic_isr`` holds the master's in-service bits in bits 0-7 and the
+        slave's in bits 8-15.
+        """
+        if irq >= 8:
+            line = irq - 8
+            if self.pic_mask[0] & 0x04 or self.pic_mask[1] & (1 << line):
+                return None
+            if self.pic_isr & 0x07 or (self.pic_isr >> 8) & ((2 << line) - 1):
+                return None
+            return self.pic_base[1] + line
         if self.pic_mask[0] & (1 << irq) or self.pic_isr & ((2 << irq) - 1):
             return None
         return self.pic_base[0] + irq
 
     def acknowledge(self, irq: int) -> None:
-        """The CPU took ``irq``: it is in service until EOI."""
+        """The CPU took ``irq``: it is in service until EOI (a slave IRQ also
+        puts the master's cascade line 2 in service)."""
         self.pic_isr |= 1 << irq
+        if irq >= 8:
+            self.pic_isr |= 0x04
 
     def eoi(self, irq: int) -> None:
         """End of interrupt for ``irq``."""

@@ -210,18 +210,18 @@ class PcMachine:
             for drive in self.drives:
                 drive.close()
             raise
+        self.uart = Uart16550(self._transmit)
+        self.chipset = Chipset(self.clock, self.cpu.memory_size, self._device_request)
         self.platform: PlatformDevices | None = None
         if kernel is not None and (PLATFORM_DEVICES if platform is None else platform):
             try:
-                self.platform = PlatformDevices(self.cpu, self.drives)
+                self.platform = PlatformDevices(self.cpu, self.drives, sci=self.chipset.sci_pending)
                 self.platform.map()
             except BaseException:
                 for drive in self.drives:
                     drive.close()
                 self.cpu.close()
                 raise
-        self.uart = Uart16550(self._transmit)
-        self.chipset = Chipset(self.clock, self.cpu.memory_size, self._device_request)
         self.bios = Bios(self)
         self.disk_status: dict[int, int] = {}
         self.trace: list[tuple[int, bytes]] = []  # virtual clock: (instructions, output)

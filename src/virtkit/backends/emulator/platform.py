@@ -7,7 +7,9 @@ space (``uc.mmio_map`` at ``VIRTIO_BASE``, one 4 KiB page each, the first
 and writes the tables into RAM: the RSDP at ``RSDP_ADDRESS`` in the BIOS
 area, everything else in the last ``TABLES_SIZE`` bytes of low RAM, which
 the e820 map then reports as ACPI reclaimable memory. Each device's
-interrupt is a level on ``VIRTIO_IRQS[n]`` of the master PIC.
+interrupt is a level on ``VIRTIO_IRQS[n]`` of the master PIC; the ACPI SCI
+(a fixed event such as the power button, enabled by the guest) is a level
+on IRQ 9, through the slave PIC.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from virtkit.backends.emulator.acpi import (
     RSDP_ADDRESS,
+    SCI_IRQ,
     TABLES_SIZE,
     AcpiTables,
     MmioDeviceInfo,
@@ -45,13 +48,17 @@ class PlatformDevices:
     Args:
         cpu: the machine's CPU (its RAM and engine).
         drives: the disks, each becoming ``/dev/vda``, ``/dev/vdb``...
+        sci: the level of the ACPI SCI (the chipset's PM1 events), raised on
+            ``SCI_IRQ`` (9, on the slave PIC) as the FADT declares.
 
     Raises:
         ConfigError: more disks than free interrupt lines, or too little RAM
             for the tables.
     """
 
-    def __init__(self, cpu: Cpu, drives: Sequence[Drive]) -> None:
+    def __init__(
+        self, cpu: Cpu, drives: Sequence[Drive], *, sci: Callable[[], bool] = lambda: False
+    ) -> None:
         if len(drives) > len(VIRTIO_IRQS):
             raise ConfigError(
                 f"the emulator gives at most {len(VIRTIO_IRQS)} disks to a Linux guest "
@@ -62,6 +69,7 @@ class PlatformDevices:
         if low < 0x200000 + TABLES_SIZE:
             raise ConfigError("the machine has too little memory for ACPI tables", field="memory")
         self.cpu = cpu
+        self._sci = sci
         self.memory = GuestMemory(cpu.read, cpu.write, cpu.memory_size)
         self.transports: list[MmioTransport] = []
         self.irqs: list[int] = []
@@ -131,8 +139,9 @@ class PlatformDevices:
             transport.reset()
 
     def pending_irqs(self) -> list[int]:
-        """The interrupt lines raised now."""
-        return [irq for irq, t in zip(self.irqs, self.transports, strict=True) if t.irq_pending()]
+        """The interrupt lines raised now: the disks' and the SCI."""
+        lines = [irq for irq, t in zip(self.irqs, self.transports, strict=True) if t.irq_pending()]
+        return [*lines, SCI_IRQ] if self._sci() else lines
 
     def save(self) -> list[dict[str, Any]]:
         """Device state for a snapshot."""
