@@ -363,3 +363,26 @@ class TestBadInput:
             assert img.read(65536, 65536) == data[:65536]
             assert img.read(MiB, 512) == tail
             assert img.read(131072, 4096) == bytes(4096)
+
+
+class TestBoundedMetadata:
+    """The writer keeps one L2 table and a few refcount blocks in memory, however much it writes."""
+
+    def test_blocks_behind_the_end_are_written(self, tmp_path: Path, qemu_img: Run) -> None:
+        """512 B clusters, 64-bit counts (a block per 32 KiB): a shared cluster holds back only its own."""
+        path = tmp_path / "new.qcow2"
+        images.create(path, 4 * MiB, cluster_size=512, refcount_bits=64).close()
+        w = BulkWriter(path)
+        text = b"compressible " * 40
+        w.write_precompressed(0, text[:512], w.compress_cluster(text[:512]))  # a shared cluster
+        rng = random.Random(2)
+        most = 0
+        for pos in range(4096, 3 * MiB, 4096):
+            w.write_clusters(pos, rng.randbytes(4096))
+            most = max(most, len(w.blocks))
+        w.write_precompressed(3 * MiB, text[:512], w.compress_cluster(text[:512]))
+        w.finish()
+        assert most <= 4
+        qemu_img("check", path)
+        with images.open(path) as img:
+            assert img.read(0, 512) == text[:512] == img.read(3 * MiB, 512)

@@ -99,7 +99,11 @@ class BulkWriter:
             or hdr.nb_snapshots
             or hdr.incompatible_features & (layout.INCOMPAT_DIRTY | layout.INCOMPAT_CORRUPT)
         ):
-            raise ImageError("bulk writing needs a new image with no backing file", path=path)
+            raise ImageError(
+                "bulk writing needs a new image with no backing file, external data file, "
+                "bitmaps or snapshots",
+                path=path,
+            )
         self.cs = cs = meta.cluster_size
         self.cb = hdr.cluster_bits
         self.virtual_size = hdr.size
@@ -133,7 +137,6 @@ class BulkWriter:
             if not off or off % cs or off >= end:
                 raise ImageError(f"refcount block {k} at {off:#x} is not usable", path=path)
             self.blocks[k] = layout.decode_refblock(self.st.pread(off, cs), self.bits)
-        #: Byte offset where the next allocation starts (mid-cluster after compressed data).
         #: Offset of the next free cluster at the end of the file.
         self.front = end
         # QEMU compresses into a buffer of cluster_size - 1 bytes, and zlib's deflate
@@ -172,11 +175,12 @@ class BulkWriter:
 
     def _new_block(self, k: int) -> None:
         """Place refcount block ``k`` at the next free cluster (counted by its own block)."""
-        c = self.front >> self.cb
-        home = c // self.per_block
-        if home != k and not self._has_block(home):
-            self._new_block(home)
+        while True:  # the cluster it lands on must be counted by some block first
             c = self.front >> self.cb
+            home = c // self.per_block
+            if home == k or self._has_block(home):
+                break
+            self._new_block(home)
         if k >= len(self.reftable):
             self.reftable.extend([0] * (k + 1 - len(self.reftable)))
         self.reftable[k] = c << self.cb
@@ -249,10 +253,9 @@ class BulkWriter:
     def _retire(self) -> None:
         """Write the refcount blocks no later allocation can touch."""
         done = (self.front >> self.cb) // self.per_block
-        if self._cfree:  # the partly used cluster may still be shared
-            done = min(done, (self._cfree >> self.cb) // self.per_block)
-        for k in [k for k in self.blocks if k < done]:
-            self._write_block(k)
+        shared = (self._cfree >> self.cb) // self.per_block if self._cfree else -1
+        for k in [k for k in self.blocks if k < done and k != shared]:
+            self._write_block(k)  # (the partly used cluster's block waits: it may count more)
 
     def _write_block(self, k: int) -> None:
         blk = self.blocks.pop(k)
