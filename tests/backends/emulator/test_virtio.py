@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from virtkit import images
 from virtkit.backends.emulator import virtio_mmio as vm
@@ -528,3 +530,63 @@ class TestSnapshot:
         assert driver.reg(vm.REG_STATUS) == 0x0F
         assert driver.request(T_IN, 4, read=512)[1] == bytes([5]) * 512
         drives[0].close()
+
+
+class TestRandomRings:
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        descriptors=st.lists(
+            st.tuples(
+                st.sampled_from([HEADER, STATUS, DATA, RAM - 512, RAM - 1, RAM, 0xE000_0000])
+                | st.integers(0, (1 << 64) - 1),
+                st.sampled_from([0, 1, 16, 512, 4096, SIZE_MAX, SIZE_MAX + 1])
+                | st.integers(0, (1 << 32) - 1),
+                st.integers(0, 0xFFFF),
+                st.integers(0, 0xFFFF),
+            ),
+            min_size=QUEUE,
+            max_size=QUEUE,
+        ),
+        heads=st.lists(st.integers(0, 0xFFFF), min_size=QUEUE, max_size=QUEUE),
+        avail_idx=st.integers(0, 0xFFFF),
+        header=st.tuples(st.integers(0, 12), st.integers(0, (1 << 64) - 1)),
+    )
+    def test_nothing_escapes_and_the_device_recovers(
+        self,
+        random_rig: Cpu,
+        descriptors: list[tuple[int, int, int, int]],
+        heads: list[int],
+        avail_idx: int,
+        header: tuple[int, int],
+    ) -> None:
+        """Random descriptor tables, heads and indexes: no exception leaves the device,
+        it either serves every available chain or needs a reset, and a reset recovers it."""
+        cpu = random_rig
+        driver = Driver(cpu)
+        driver.probe()
+        cpu.write(HEADER, struct.pack("<IIQ", header[0], 0, header[1]))
+        for i, (address, length, flags, nxt) in enumerate(descriptors):
+            cpu.write(DESC + 16 * i, struct.pack("<QIHH", address, length, flags, nxt))
+        cpu.write(AVAIL + 4, struct.pack(f"<{QUEUE}H", *heads))
+        cpu.write(AVAIL + 2, struct.pack("<H", avail_idx))
+        driver.kick()  # must not raise
+        used_idx = struct.unpack("<H", cpu.read(USED + 2, 2))[0]
+        needs_reset = bool(driver.reg(vm.REG_STATUS) & vm.DEVICE_NEEDS_RESET)
+        if avail_idx > QUEUE:
+            assert needs_reset and used_idx == 0
+        assert needs_reset or used_idx == avail_idx
+        assert used_idx <= min(avail_idx, QUEUE)
+        driver.probe()
+        assert driver.request(T_GET_ID, 0, read=20)[0] == S_OK
+
+
+@pytest.fixture(scope="module")
+def random_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cpu]:
+    """One CPU and a raw disk for all the random examples (a fresh engine each is slow)."""
+    path = tmp_path_factory.mktemp("fuzz") / "disk.raw"
+    images.create(path, DISK, format="raw").close()
+    engine = Cpu(RAM)
+    drives, _ = _attach(engine, path, "raw")
+    yield engine
+    drives[0].close()
+    engine.close()
