@@ -120,6 +120,7 @@ def bench_convert(work: Path, src: Path) -> None:
     )  # fmt: skip
     _report("convert raw -> qcow2", t_ours, t_theirs, cpu=(c_ours, c_theirs))
     _run("qemu-img", "compare", src, ours_q)
+    _run("qemu-img", "check", ours_q)  # the output is a valid image, every run
 
     ours_r = work / "ours.raw"
     theirs_r = work / "theirs.raw"
@@ -149,6 +150,7 @@ def bench_convert(work: Path, src: Path) -> None:
     print(f"{'  compressed sizes':<38} virtkit {format_size(size_ours):>11}   "
           f"qemu {format_size(size_theirs):>11}   ratio {ratio:6.3f}")  # fmt: skip
     _run("qemu-img", "compare", src, ours_c)
+    _run("qemu-img", "check", ours_c)
     for p in (ours_c, theirs_c, theirs_q):
         p.unlink()
 
