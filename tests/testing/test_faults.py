@@ -162,6 +162,19 @@ class TestPowerLoss:
         assert outcomes <= {b"\0\0\0\0", b"1111", b"\0\x0022", b"1122"}
         assert len(outcomes) >= 3
 
+    def test_surviving_write_past_the_end_lands_at_its_offset(self, tmp_path: Path) -> None:
+        """A kept write that started past the end of the file is replayed where it was made,
+        leaving a hole before it (it used to be replayed at the old end of the file)."""
+        path = tmp_path / "a.raw"
+        path.write_bytes(bytes(4096))
+        st = storage.FileStorage(path, writable=True, lock=False)
+        with faults.inject(faults.PowerLoss(2, keep=1.0)):
+            st.pwrite(10000, b"far")
+            with pytest.raises(faults.SimulatedCrash):
+                st.pwrite(0, b"x")
+        data = path.read_bytes()
+        assert len(data) == 10003 and data[4096:10000] == bytes(5904) and data[10000:] == b"far"
+
     def test_renamed_file_is_restored(self, tmp_path: Path) -> None:
         """Undo follows the file, not its name: a rename does not save unflushed writes."""
         path, moved = tmp_path / "a.raw", tmp_path / "b.raw"

@@ -223,8 +223,8 @@ class _Undo:
         # A second open file description of the same inode: it survives the
         # storage's close and a rename, and holds none of the storage's locks.
         self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-        # (start, old bytes, old size, op, new bytes or None, new length)
-        self.entries: list[tuple[int, bytes, int, str, bytes | None, int]] = []
+        # (start, old bytes, old size, op, new bytes or None, new length, write offset)
+        self.entries: list[tuple[int, bytes, int, str, bytes | None, int, int]] = []
 
     def record(self, op: str, offset: int, length: int, data: memoryview | None) -> None:
         size = os.fstat(self.fd).st_size
@@ -235,7 +235,7 @@ class _Undo:
         old = os.pread(self.fd, max(0, min(stop, size) - start), start) if start < size else b""
         new = bytes(data) if data is not None else None
         self.entries.append(
-            (min(start, size), old, size, op, new, offset if op == "truncate" else length)
+            (min(start, size), old, size, op, new, offset if op == "truncate" else length, offset)
         )
 
     def restore(self, survive: Callable[[], bool]) -> int:
@@ -244,12 +244,12 @@ class _Undo:
             _write_all(self.fd, old, start)
             os.ftruncate(self.fd, size)
         lost = 0
-        for start, _old, _size, op, new, length in self.entries:
+        for start, _old, _size, op, new, length, offset in self.entries:
             if not survive():
                 lost += 1
                 continue
             if op == "pwrite" and new is not None:
-                _write_all(self.fd, new, start)
+                _write_all(self.fd, new, offset)  # past the end of the file too: a hole first
             elif op == "truncate":
                 os.ftruncate(self.fd, length)
             elif op == "punch_hole":
