@@ -213,7 +213,7 @@ def bench_random_io(work: Path, image: Path, ops: int) -> None:
     strided = [(i * step) % size for i in range(ops)]
     block = b"\xa5" * 4096  # the pattern qemu-io -P / qemu-img bench --pattern write
 
-    def ours(path: Path, offsets: list[int], write: bool) -> float:
+    def ours(path: Path, offsets: list[int], write: bool) -> tuple[float, float]:
         def run() -> None:
             with virtkit.images.open(path, writable=write) as img:
                 if write:
@@ -223,38 +223,46 @@ def bench_random_io(work: Path, image: Path, ops: int) -> None:
                     for off in offsets:
                         img.read(off, 4096)
 
-        return _timed(run)
+        return _cpu_timed(run)
 
-    def qemu_io(path: Path, offsets: list[int], write: bool) -> float:
+    def minus(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+        return a[0] - b[0], a[1] - b[1]
+
+    def qemu_io(path: Path, offsets: list[int], write: bool) -> tuple[float, float]:
         cmd = "write -P 0xa5" if write else "read"
         script = "".join(f"{cmd} {off} 4k\n" for off in offsets).encode()
         argv: list[str | Path] = ["qemu-io", "-f", "qcow2"]
         if not write:
             argv.append("-r")
-        base = _timed(lambda: _run(*argv, path, stdin=b""))
-        return _timed(lambda: _run(*argv, path, stdin=script)) - base
+        base = _cpu_timed(lambda: _run(*argv, path, stdin=b""))
+        return minus(_cpu_timed(lambda: _run(*argv, path, stdin=script)), base)
 
-    def qemu_bench(path: Path, write: bool) -> float:
+    def qemu_bench(path: Path, write: bool) -> tuple[float, float]:
         argv: list[str | Path] = ["qemu-img", "bench", "-f", "qcow2", "-c", str(ops), "-d", "1",
                                   "-s", "4k", "-S", str(step)]  # fmt: skip
         if write:
             argv += ["-w", "--pattern=165"]
-        base = _timed(lambda: _run(*argv[:4], "-c", "1", *argv[6:], path))
-        return _timed(lambda: _run(*argv, path)) - base
+        base = _cpu_timed(lambda: _run(*argv[:4], "-c", "1", *argv[6:], path))
+        return minus(_cpu_timed(lambda: _run(*argv, path)), base)
 
     for write in (False, True):
         kind = "writes" if write else "reads"
         a, b = work / "a.qcow2", work / "b.qcow2"
         shutil.copy(image, a)
         shutil.copy(image, b)
-        t_ours, t_theirs = ours(a, random_offsets, write), qemu_io(b, random_offsets, write)
-        _report(f"4k random {kind} vs qemu-io", ops / t_ours, ops / t_theirs, "op/s")
+        (t_ours, c_ours), (t_theirs, c_theirs) = (
+            ours(a, random_offsets, write),
+            qemu_io(b, random_offsets, write),
+        )
+        _report(f"4k random {kind} vs qemu-io", ops / t_ours, ops / t_theirs, "op/s",
+                cpu=(c_ours, c_theirs))  # fmt: skip
         if write:
             _run("qemu-img", "compare", a, b)
         shutil.copy(image, a)
         shutil.copy(image, b)
-        t_ours, t_theirs = ours(a, strided, write), qemu_bench(b, write)
-        _report(f"4k strided {kind} vs qemu-img bench", ops / t_ours, ops / t_theirs, "op/s")
+        (t_ours, c_ours), (t_theirs, c_theirs) = ours(a, strided, write), qemu_bench(b, write)
+        _report(f"4k strided {kind} vs qemu-img bench", ops / t_ours, ops / t_theirs, "op/s",
+                cpu=(c_ours, c_theirs))  # fmt: skip
         _run("qemu-img", "check", a)
         if write:
             _run("qemu-img", "compare", a, b)
