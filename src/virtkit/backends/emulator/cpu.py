@@ -282,15 +282,18 @@ class Cpu:
         self.uc.ctl_flush_tb()
 
     # -- running -----------------------------------------------------------------------------------
-    def run(self, *, timeout_us: int = 0, count: int = 0) -> None:
-        """Run from the current CS:RIP until stopped, halted, or the slice ends.
+    def run(self, *, count: int) -> None:
+        """Run from the current CS:RIP for at most ``count`` instructions.
+
+        The slice ends early on ``hlt``, an engine error, or a :meth:`stop`
+        from a hook.
 
         Raises:
             unicorn.UcError: the engine stopped on an error (invalid opcode, bad memory).
         """
         # in 64-bit engine mode emu_start sets RIP to ``begin`` as is
         self._last_count = count
-        self.uc.emu_start(self.rip, 0, timeout=timeout_us, count=count)
+        self.uc.emu_start(self.rip, 0, count=count)
 
     def budget_used(self) -> bool | None:
         """Whether the last count-limited :meth:`run` executed its whole budget.
@@ -306,7 +309,11 @@ class Cpu:
         return int(self._counter.value) > self._last_count
 
     def stop(self) -> None:
-        """Ask a running slice to end soon (callable from any thread)."""
+        """End the running slice (from a hook on the CPU thread).
+
+        Stopping the engine from another thread at a random point derailed
+        Linux guests now and then; the machine never does it.
+        """
         self.uc.emu_stop()
 
     # -- reset -------------------------------------------------------------------------------------

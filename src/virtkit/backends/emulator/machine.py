@@ -1,13 +1,17 @@
 """The PC: CPU, RAM, BIOS, chipset, UART and disks, run on a worker thread.
 
-The worker runs the CPU in bounded slices: at most ``SLICE_US`` of host time
-(wall clock) or ``SLICE_INSTRUCTIONS`` instructions (virtual clock). Between
-slices it delivers the timer interrupt, idles a halted CPU on a condition
-variable (no host CPU burnt), and parks when the API asks (pause, snapshot,
-reset), so every operation takes effect within one slice.
+The worker runs the CPU in bounded slices of at most ``SLICE_INSTRUCTIONS``
+instructions. Between slices it delivers the timer interrupt, idles a halted
+CPU on a condition variable (no host CPU burnt), and parks when the API asks
+(pause, snapshot, reset), so every operation takes effect within one slice
+(a few milliseconds).
 
-In virtual-clock mode nothing from outside ends a slice early: slices have
-a fixed instruction budget, guest time is the sum of budgets spent (a halted
+Nothing from another thread ends a slice: only the slice's instruction
+budget, a ``hlt``, or the CPU thread itself (a device request, a crash).
+Stopping the engine from another thread (unicorn's ``emu_stop``) at random
+points derailed Linux now and then; with budgets it is not needed. In
+wall-clock mode the host clock decides when the next timer interrupt is
+due; in virtual-clock mode guest time is the sum of budgets spent (a halted
 CPU skips to the next timer tick), so execution and the times it observes
 are a deterministic function of the machine's inputs.
 """
@@ -59,11 +63,10 @@ from virtkit.backends.emulator.platform import PlatformDevices
 from virtkit.backends.emulator.uart import COM1_BASE, Uart16550
 from virtkit.errors import BackendError, ConfigError, ImageError
 
-__all__ = ["SLICE_INSTRUCTIONS", "SLICE_US", "PcMachine"]
+__all__ = ["SLICE_INSTRUCTIONS", "PcMachine"]
 
 log = logging.getLogger("virtkit.emulator")
 
-SLICE_US = 20_000
 SLICE_INSTRUCTIONS = 100_000
 TRACE_LIMIT = 100_000  # serial trace entries kept (virtual clock); later output is not traced
 BOOT_ADDRESS = 0x7C00
@@ -101,63 +104,6 @@ class _Event(enum.Enum):
     CRASH = "crash"
     WAIT_INPUT = "wait-input"
     WAIT_UNTIL = "wait-until"
-
-
-class SliceTimer:
-    """Ends wall-clock slices from one long-lived thread.
-
-    Unicorn's own ``timeout`` starts a thread for every ``emu_start``; this
-    one is armed and disarmed per slice. Once the deadline passes it keeps
-    calling ``stop`` every millisecond until disarmed, because a stop that
-    lands just before ``emu_start`` begins is forgotten by unicorn.
-    """
-
-    def __init__(self, stop: Callable[[], None]) -> None:
-        self._stop = stop
-        self._cv = threading.Condition()
-        self._deadline: float | None = None
-        self._fired = False
-        self._quit = False
-        self._thread = threading.Thread(
-            target=self._run, name="virtkit-emulator-timer", daemon=True
-        )
-        self._thread.start()
-
-    def arm(self, seconds: float) -> None:
-        """Stop the CPU ``seconds`` from now unless disarmed first."""
-        with self._cv:
-            self._deadline = time.monotonic() + seconds
-            self._fired = False
-            self._cv.notify()
-
-    def disarm(self) -> bool:
-        """Cancel; return whether the deadline had passed (the slice timed out)."""
-        with self._cv:
-            self._deadline = None
-            fired, self._fired = self._fired, False
-            return fired
-
-    def close(self) -> None:
-        """End the thread."""
-        with self._cv:
-            self._quit = True
-            self._cv.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join(_PARK_TIMEOUT)
-
-    def _run(self) -> None:
-        with self._cv:
-            while not self._quit:
-                if self._deadline is None:
-                    self._cv.wait()
-                    continue
-                remaining = self._deadline - time.monotonic()
-                if remaining > 0:
-                    self._cv.wait(remaining)
-                    continue
-                self._fired = True
-                self._stop()
-                self._cv.wait(0.001)
 
 
 class PcMachine:
@@ -240,10 +186,7 @@ class PcMachine:
         self._park = False
         self._parked = False
         self._quit = False
-        self._in_slice = False
-        self._stop_requested = False
         self._thread: threading.Thread | None = None
-        self._slice_timer: SliceTimer | None = None
         self._install_hooks()
 
     # -- construction ------------------------------------------------------------------------------
@@ -267,8 +210,6 @@ class PcMachine:
     def start(self, *, parked: bool = False) -> None:
         """Start the worker thread; it waits for :meth:`release` before running."""
         self._park = parked
-        if not self.clock.virtual:
-            self._slice_timer = SliceTimer(self.cpu.stop)
         self._thread = threading.Thread(target=self._worker, name="virtkit-emulator", daemon=True)
         _RUNNING.add(self)
         _register_exit_hook()
@@ -287,9 +228,6 @@ class PcMachine:
         with self._cv:
             self._park = True
             self._cv.notify_all()
-            if not self.clock.virtual and self._in_slice:
-                self._stop_requested = True
-                self.cpu.stop()
             deadline = time.monotonic() + _PARK_TIMEOUT
             while not self._parked and self.finished is None and self._thread is not None:
                 if not self._gate.is_set():
@@ -338,9 +276,6 @@ class PcMachine:
         with self._cv:
             self._quit = True
             self._cv.notify_all()
-            if self._in_slice:
-                self._stop_requested = True
-                self.cpu.stop()
         self._gate.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -351,9 +286,6 @@ class PcMachine:
 
     def _release_resources(self) -> None:
         _RUNNING.discard(self)
-        if self._slice_timer is not None:
-            self._slice_timer.close()
-            self._slice_timer = None
         for drive in self.drives:
             try:
                 drive.close()
@@ -507,44 +439,29 @@ class PcMachine:
         with self._cv:
             if self._park or self._quit:
                 return
-            self._in_slice = True
-            self._stop_requested = False
-        cut_short = False
+        budget = SLICE_INSTRUCTIONS
+        if clock.virtual:
+            to_tick = -(-(self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION)
+            budget = max(min(SLICE_INSTRUCTIONS, to_tick), 1)
+        start = clock.instructions
         try:
-            if clock.virtual:
-                to_tick = -(-(self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION)
-                budget = max(min(SLICE_INSTRUCTIONS, to_tick), 1)
-                start = clock.instructions
-                cpu.run(count=budget)
-                clock.advance(budget)
-                if self._slice_out:
-                    if len(self.trace) < TRACE_LIMIT:
-                        self.trace.append((start, bytes(self._slice_out)))
-                    self._slice_out.clear()
-            else:
-                until_tick = (self._next_tick_ns - clock.now_ns()) // 1000
-                timer = self._slice_timer
-                assert timer is not None  # started with the worker in wall-clock mode
-                timer.arm(min(max(until_tick, 1000), SLICE_US) / 1e6)
-                try:
-                    cpu.run()
-                finally:
-                    cut_short = not timer.disarm()
+            cpu.run(count=budget)
         except UcError as exc:
             self._engine_error(exc)
-        finally:
-            with self._cv:
-                self._in_slice = False
-                requested = self._stop_requested
-        # unicorn returns right after a hlt; a slice can also end there by chance
-        # (an instruction ending in 0xF4). A wrong "not halted" only wakes the
-        # guest early, so when in doubt (the timer fired, we asked for a stop) say no.
-        # In virtual-clock slices the engine's instruction counter tells a hlt
-        # (budget not used up) from a budget that ran out with 0xF4 before RIP
-        # as part of another instruction (which, with interrupts off, would
-        # idle forever).
-        used = cpu.budget_used() if clock.virtual else None
-        may_be_hlt = (clock.virtual and not used) or (cut_short and not requested)
+        if clock.virtual:
+            clock.advance(budget)
+            if self._slice_out:
+                if len(self.trace) < TRACE_LIMIT:
+                    self.trace.append((start, bytes(self._slice_out)))
+                self._slice_out.clear()
+        # unicorn returns right after a hlt; a slice can also end with 0xF4 before
+        # RIP as part of another instruction. The engine's instruction counter
+        # tells them apart: a hlt ends the slice before its budget is used up
+        # (taking such a byte for hlt, with interrupts off, would idle forever).
+        # Without the counter, a wrong "halted" only delays the guest to the
+        # next tick when interrupts are on.
+        used = cpu.budget_used()
+        may_be_hlt = not used if used is not None else bool(cpu.eflags & FLAG_IF)
         if self._event is None and may_be_hlt and self._stopped_by_hlt():
             self.halted = True
 
@@ -601,13 +518,6 @@ class PcMachine:
         try:
             self._interrupt(vector)
             self.cpu.end_exception()
-            if not self.clock.virtual:
-                # end the wall-clock slice at the handler: the next one starts there
-                # cleanly (with the slice timer's stop landing at random points
-                # around exception delivery, Linux runs sometimes derailed)
-                with self._cv:
-                    self._stop_requested = True
-                self.cpu.stop()
         except TripleFault as exc:
             self.fail(f"triple fault: {exc}")
         except CpuFault as exc:
