@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import virtkit
-from virtkit.backends.emulator import EmulatorGuest, EmulatorHypervisor, ramstore
+from virtkit.backends.emulator import EmulatorGuest, EmulatorHypervisor, ramformat, ramstore
 from virtkit.backends.emulator.state import RAM_MAGIC
 from virtkit.model import Disk, Machine
 
@@ -126,10 +126,11 @@ class TestRevert:
 
     @pytest.mark.parametrize("ram", ["whole", "index"])
     def test_legacy_states_still_load(
-        self, hv: EmulatorHypervisor, define: Define, ram: str
+        self, hv: EmulatorHypervisor, define: Define, ram: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """States saved before ``state.bin`` (``cpu.bin``, ``devices.json``, ``ram.bin``
         holding the whole RAM as ``VKRAM001`` or a pack index) revert exactly."""
+        monkeypatch.setattr(ramstore, "_INLINE_LIMIT", 0)  # legacy indexes name only the pack
         guest = define(hv, "counter", memory="32MiB")
         guest.start()
         guest.pause()
@@ -164,7 +165,8 @@ class TestDamage:
     """A damaged index or pack is a BackendError naming the file, never a wrong RAM image."""
 
     @pytest.mark.parametrize(
-        "damage", ["entry-past-end", "flipped-byte", "truncated-state", "missing-pack"]
+        "damage",
+        ["entry-past-end", "inline-past-end", "flipped-byte", "truncated-state", "missing-pack"],
     )
     def test_damaged_state_is_refused(
         self, hv: EmulatorHypervisor, define: Define, damage: str
@@ -177,11 +179,16 @@ class TestDamage:
         guest.kill()
         path = guest.snapshot_dir("s") / ramstore.STATE_FILE
         data = bytearray(path.read_bytes())
-        if damage == "entry-past-end":
-            # a well-formed file (its checksum fixed up) naming data past the pack's end
-            data[-8:] = struct.pack("<Q", 1 << 40)
-            data[8:12] = struct.pack("<I", zlib.crc32(data[12:]))
-            path.write_bytes(bytes(data))
+        if damage in ("entry-past-end", "inline-past-end"):
+            # a well-formed file (its checksum right) naming data past the pack's end,
+            # or past its own inline chunks
+            saved = ramstore.read_state(path.parent)
+            last = len(saved.index.entries) - 1
+            if damage == "entry-past-end":
+                saved.index.entries[last] = 1 << 40
+            else:
+                saved.index.entries[last] = ramformat.INLINE | len(saved.index.inline)
+            path.write_bytes(saved.encode())
         elif damage == "flipped-byte":
             data[len(data) // 2] ^= 0x40
             path.write_bytes(bytes(data))
@@ -224,4 +231,92 @@ class TestCompaction:
         for name in ("s3", "s4", "s3"):
             revert_paused(guest, name)
             assert ram_of(guest) == captured[name], name
+        guest.kill()
+
+
+class TestInlineChunks:
+    """A snapshot adding a few chunks carries them in its state file: one fsync."""
+
+    def test_inline_state_survives_losing_the_pack_copies(
+        self, tmp_path: Path, boot_disk: Callable[..., Path]
+    ) -> None:
+        """Cut the pack back to before the snapshot (its copies never reached the disk):
+        the snapshot still reverts exactly, and the next one stores the chunks again."""
+        machine = Machine(
+            name="inline", memory="32MiB", disks=(Disk(str(boot_disk("counter", "qcow2"))),)
+        )
+        with virtkit.connect("emulator", root=tmp_path / "root") as hv:
+            guest = hv.define(machine)
+            assert isinstance(guest, EmulatorGuest)
+            guest.start()
+            guest.pause()
+            counted_snapshot(guest, "a", 1)
+            (pack,) = (guest.folder / "snapshots").glob("emulator-ram-*.pack")
+            before = pack.stat().st_size
+            pc = guest._pc
+            assert pc is not None
+            pc.cpu.write(9 << 20, b"inline" * 100)
+            expected = counted_snapshot(guest, "b", 3)
+            saved = ramstore.read_state(guest.snapshot_dir("b"))
+            assert any(entry & ramformat.INLINE for entry in saved.index.entries)
+            assert pack.stat().st_size > before
+            guest.kill()
+        with open(pack, "r+b") as fh:
+            fh.truncate(before)
+        with virtkit.connect("emulator", root=tmp_path / "root") as hv:
+            guest = hv.define(machine)
+            assert isinstance(guest, EmulatorGuest)
+            revert_paused(guest, "b")
+            assert ram_of(guest) == expected
+            guest.snapshot("c")  # names no pack copy of b's inline chunks: stores them again
+            guest.kill()
+            revert_paused(guest, "a")
+            revert_paused(guest, "c")
+            assert ram_of(guest) == expected
+            guest.kill()
+
+    def test_pending_pack_copies_are_synced_before_a_state_names_them(
+        self, hv: EmulatorHypervisor, define: Define, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With the helper thread's sync held back, the next snapshot that reuses the
+        chunks syncs the pack itself, before its state file is renamed into place."""
+        guest = define(hv, "counter", memory="32MiB")
+        guest.start()
+        guest.pause()
+        counted_snapshot(guest, "a", 1)
+        pc = guest._pc
+        assert pc is not None
+        events: list[str] = []
+        real_fdatasync, real_replace = os.fdatasync, os.replace
+
+        def fdatasync(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(".pack"):
+                events.append("sync")
+            real_fdatasync(fd)
+
+        def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+            if Path(dst).name == ramformat.STATE_FILE:
+                events.append(f"state {Path(dst).parent.name}")
+            real_replace(src, dst)
+
+        def held_back(work: Callable[[], None]) -> None:  # the helper's sync never happens
+            events.append("deferred")
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(ramformat, "_in_background", held_back)
+        pc.cpu.write(9 << 20, b"first")
+        guest.snapshot("b")
+        assert events == ["state b", "deferred"]  # inline: no pack sync on the way
+        events.clear()
+        pc.cpu.write(17 << 20, b"second")  # b's chunk at 9 MiB is reused from the pack
+        guest.snapshot("c")
+        assert events.index("sync") < events.index("state c")
+        saved = ramstore.read_state(guest.snapshot_dir("c"))
+        chunk = (9 << 20) // ramstore.CHUNK
+        assert not saved.index.entries[chunk] & ramformat.INLINE
+        guest.kill()
+        for name, where, data in (("b", 9 << 20, b"first"), ("c", 17 << 20, b"second")):
+            revert_paused(guest, name)
+            assert ram_of(guest)[where : where + len(data)] == data
         guest.kill()

@@ -4,7 +4,8 @@ Every full snapshot of a guest stores its RAM as an *index* (inside the
 snapshot's state file, ``state.bin``) into a *pack* shared by all of that
 guest's snapshots (``snapshots/emulator-ram-<generation>.pack``). The pack
 holds 64 KiB chunks, appended once and never overwritten; an index maps each
-chunk of guest RAM to a chunk in the pack, or to zero.
+chunk of guest RAM to a chunk in the pack, to zero, or to a copy inside the
+state file itself (the formats: :mod:`~virtkit.backends.emulator.ramformat`).
 
 A running machine keeps a *baseline*: RAM as it was at the last snapshot or
 revert (the *base*, see :mod:`~virtkit.backends.emulator.dirtytrack`) and
@@ -14,47 +15,54 @@ a new snapshot looks only at the chunks holding such pages, appends those
 that really differ from the base and reuses the baseline's pack entries for
 the rest. Its cost follows what changed, not the memory size. A revert to the
 baseline's snapshot drops the written pages; a revert to another snapshot
-also reads the chunks whose pack entries differ. Where the kernel cannot
-report written pages, RAM is compared with the base instead (``memcmp``).
+also reads the chunks whose entries differ. Where the kernel cannot report
+written pages, RAM is compared with the base instead (``memcmp``).
 
-Crash safety: chunks are appended and ``fdatasync``-ed before the state file
-that names them is written (temporary name, ``fsync``, rename); the state
-file carries a checksum, so a torn file is refused, never loaded. A
-crash leaves at most unreferenced bytes at the pack's end and a temporary
-file. The new folder and its rename become durable with the journal commit
-of the snapshot list's ``fsync``, which follows; files rewritten in place
-(compaction, below) have their folder synced before the old pack goes.
+Crash safety: a state file is written under a temporary name, ``fsync``-ed
+and renamed; it carries a checksum, so a torn file is refused, never loaded.
+Every pack chunk it names is durable before it is written: chunks of earlier
+snapshots were synced, and a snapshot that adds a few chunks carries them
+inline, so its one ``fsync`` covers them (their pack copies, which later
+snapshots name, are synced on a helper thread or, at the latest, before the
+next state file naming them). A snapshot that adds many chunks syncs the pack
+first. A crash leaves at most unreferenced bytes at the pack's end and a
+temporary file. The new folder and its rename become durable with the
+journal commit of the snapshot list's ``fsync``, which follows.
 
 Deleted snapshots leave garbage in the pack; when garbage outweighs live
 data the next snapshot writes a new pack generation, rewrites every index to
 it (each index names its own pack, so a crash part-way leaves every index
-valid), and removes the old pack.
-
-On-disk formats (little-endian):
-
-* pack: ``VKPACK01``, then chunk data at the offsets the indexes give;
-* index: ``VKRAM002``, RAM size (u64), chunk size (u32), pack file name length
-  (u16) and name (UTF-8, a plain name in ``snapshots/``), then one u64 per
-  chunk: 0 for a zero chunk, else the chunk's byte offset in the pack;
-* state file: ``VKSTAT01``, a CRC-32 (u32) of everything after it, the length
-  (u32) of the caller's machine state, that state (CPU context and devices,
-  see :mod:`~virtkit.backends.emulator.state`), then the index. States saved
-  before it held the index alone in ``ram.bin``; they still load.
+valid; each rewrite is synced with its folder), and removes the old pack.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import re
-import struct
 import weakref
-import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from virtkit.backends.emulator import dirtytrack
+from virtkit.backends.emulator.ramformat import (
+    CHUNK,
+    INDEX_MAGIC,
+    INLINE,
+    LEGACY_INDEX_FILE,
+    PACK_MAGIC,
+    PACK_NAME,
+    STATE_FILE,
+    STATE_MAGIC,
+    Pack,
+    RamIndex,
+    SavedState,
+    atomic_write,
+    chunk_count,
+    chunk_length,
+    fsync_dir,
+    read_state,
+)
 from virtkit.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -72,23 +80,16 @@ __all__ = [
     "save_ram",
 ]
 
-CHUNK = 64 * 1024
-INDEX_MAGIC = b"VKRAM002"
-PACK_MAGIC = b"VKPACK01"
-STATE_MAGIC = b"VKSTAT01"
-#: a snapshot folder's state file (machine state and RAM index)
-STATE_FILE = "state.bin"
-#: the index alone, as states saved before the state file hold it
-LEGACY_INDEX_FILE = "ram.bin"
-_INDEX_HEADER = struct.Struct("<8sQIH")
-_STATE_HEADER = struct.Struct("<8sII")
-_PACK_NAME = re.compile(r"^emulator-ram-(\d{1,9})\.pack$")
 #: compact when the pack is this much bigger than what indexes still use
 _GARBAGE_RATIO = 2
 _GARBAGE_FLOOR = 64 * 1024**2
+#: a snapshot adding at most this much carries it inline (one fsync, no pack sync)
+_INLINE_LIMIT = 4 * 1024**2
 #: chunks compared with one memcmp before looking at each of them (untracked RAM)
 _BLOCK = 16
 _PAGES_PER_CHUNK = CHUNK // dirtytrack.PAGE
+#: a baseline entry with no pack copy known: the next snapshot stores the chunk again
+_UNKNOWN = -1
 
 _libc = ctypes.CDLL(None)
 _memcmp = _libc.memcmp
@@ -98,116 +99,13 @@ _ZERO = (ctypes.c_char * CHUNK)()
 _ZERO_PTR = ctypes.addressof(_ZERO)
 
 
-class _Index:
-    """Where each chunk of one snapshot's RAM lives: a pack name and offsets."""
-
-    def __init__(self, size: int, pack: str, entries: list[int]) -> None:
-        self.size = size
-        self.pack = pack
-        self.entries = entries
-
-    def encode(self) -> bytes:
-        name = self.pack.encode()
-        header = _INDEX_HEADER.pack(INDEX_MAGIC, self.size, CHUNK, len(name))
-        return header + name + struct.pack(f"<{len(self.entries)}Q", *self.entries)
-
-    @classmethod
-    def decode(cls, data: bytes | memoryview, where: Path) -> _Index:
-        """Parse an index (bounds within the pack are checked by :meth:`check_bounds`).
-
-        Raises:
-            BackendError: truncated, not an index, or an invalid pack name.
-        """
-        if len(data) < _INDEX_HEADER.size:
-            raise BackendError(f"{where} is truncated (no RAM index header)")
-        magic, size, chunk, name_len = _INDEX_HEADER.unpack_from(data)
-        if magic != INDEX_MAGIC or chunk != CHUNK:
-            raise BackendError(f"{where} is not a virtkit RAM index")
-        start = _INDEX_HEADER.size + name_len
-        try:
-            pack = bytes(data[_INDEX_HEADER.size : start]).decode()
-        except UnicodeDecodeError:
-            raise BackendError(f"{where} names a pack that is not UTF-8") from None
-        if not _PACK_NAME.match(pack):
-            raise BackendError(f"{where} names an invalid pack file {pack!r}")
-        count = _chunks(size)
-        if len(data) != start + 8 * count:
-            raise BackendError(
-                f"{where} has {len(data) - start} bytes of RAM index entries, not {8 * count}"
-            )
-        return cls(size, pack, list(struct.unpack_from(f"<{count}Q", data, start)))
-
-    def check_bounds(self, path: Path, pack_size: int) -> None:
-        for number, offset in enumerate(self.entries):
-            if offset and (
-                offset < len(PACK_MAGIC) or offset + _length(self.size, number) > pack_size
-            ):
-                raise BackendError(
-                    f"{path} is damaged: chunk {number} points at {offset}, outside its pack "
-                    f"({pack_size} bytes)"
-                )
-
-
-class SavedState:
-    """A snapshot's state file, parsed: the caller's machine state and the RAM index.
-
-    ``extra`` is None for a state saved before the state file existed (its
-    machine state lives in separate files); ``path`` is the file the index
-    came from.
-    """
-
-    def __init__(self, path: Path, extra: bytes | None, index: _Index) -> None:
-        self.path = path
-        self.extra = extra
-        self.index = index
-
-    def encode(self) -> bytes:
-        """The file's bytes (the legacy index file for a state without ``extra``)."""
-        if self.extra is None:
-            return self.index.encode()
-        body = struct.pack("<I", len(self.extra)) + self.extra + self.index.encode()
-        return STATE_MAGIC + struct.pack("<I", zlib.crc32(body)) + body
-
-
-def read_state(folder: Path) -> SavedState:
-    """Read and check a snapshot folder's state file (or its legacy ``ram.bin`` index).
-
-    Raises:
-        BackendError: the file is missing, truncated, fails its checksum or is
-            not a virtkit state.
-    """
-    path = folder / STATE_FILE
-    if not path.exists() and (folder / LEGACY_INDEX_FILE).exists():
-        legacy = folder / LEGACY_INDEX_FILE
-        return SavedState(legacy, None, _Index.decode(_read(legacy), legacy))
-    data = _read(path)
-    if len(data) < _STATE_HEADER.size:
-        raise BackendError(f"{path} is truncated (no header)")
-    magic, crc, extra_len = _STATE_HEADER.unpack_from(data)
-    if magic != STATE_MAGIC:
-        raise BackendError(f"{path} is not a virtkit machine state")
-    if zlib.crc32(memoryview(data)[len(STATE_MAGIC) + 4 :]) != crc:
-        raise BackendError(f"{path} is damaged (checksum mismatch)")
-    start = _STATE_HEADER.size
-    if extra_len > len(data) - start:
-        raise BackendError(f"{path} is truncated (machine state of {extra_len} bytes)")
-    extra = data[start : start + extra_len]
-    return SavedState(path, extra, _Index.decode(memoryview(data)[start + extra_len :], path))
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise BackendError(f"{path} cannot be read: {exc.strerror}") from exc
-
-
 class _Baseline:
     """A machine's RAM as of its last snapshot or revert, and that snapshot's index.
 
     The base is a :class:`~virtkit.backends.emulator.dirtytrack.Tracker`'s
     memory file; when the kernel tracks writes (``tracked``), RAM is mapped
-    copy-on-write over it once the base is filled.
+    copy-on-write over it once the base is filled. The index's entries are
+    pack offsets, zero, or :data:`_UNKNOWN` (never an inline entry).
     """
 
     def __init__(self, cpu: Cpu, packs_dir: Path) -> None:
@@ -215,7 +113,7 @@ class _Baseline:
         self.tracked = dirtytrack.supported()
         self.ptr = self.tracker.base_ptr
         self.base = memoryview(self.tracker.base)
-        self.index: _Index | None = None
+        self.index: RamIndex | None = None
         self.packs_dir = packs_dir
 
     def close(self) -> None:
@@ -227,70 +125,8 @@ class _Baseline:
 _baselines: weakref.WeakKeyDictionary[Cpu, _Baseline] = weakref.WeakKeyDictionary()
 
 
-def _chunks(size: int) -> int:
-    return size // CHUNK + (1 if size % CHUNK else 0)
-
-
-def _length(size: int, number: int) -> int:
-    return min(CHUNK, size - number * CHUNK)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data``: a crash leaves the old file or the new one, whole.
-
-    ``sync_dir=False`` leaves the rename to the file system's next journal
-    commit: for a new snapshot's state file, whose folder the snapshot list
-    (written next, with its own ``fsync`` calls) makes reachable.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if sync_dir:
-        _fsync_dir(path.parent)
-
-
-class _Pack:
-    """An append-only chunk file, opened for appending."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self.end = os.fstat(self.fd).st_size
-        if self.end == 0:
-            os.pwrite(self.fd, PACK_MAGIC, 0)
-            self.end = len(PACK_MAGIC)
-        elif os.pread(self.fd, len(PACK_MAGIC), 0) != PACK_MAGIC:
-            os.close(self.fd)
-            raise BackendError(f"{path} is not a virtkit RAM pack")
-        self.appended = 0
-
-    def append(self, data: memoryview | bytes) -> int:
-        offset = self.end
-        written = os.pwrite(self.fd, data, offset)
-        if written != len(data):
-            raise BackendError(f"short write to {self.path} ({written} of {len(data)} bytes)")
-        self.end += written
-        self.appended += written
-        return offset
-
-    def sync(self) -> None:
-        if self.appended:
-            os.fdatasync(self.fd)
-            self.appended = 0
-
-    def close(self) -> None:
-        os.close(self.fd)
+def _in_pack(entry: int) -> bool:
+    return entry > 0 and not entry & INLINE
 
 
 def _current_pack(packs_dir: Path) -> str:
@@ -298,7 +134,7 @@ def _current_pack(packs_dir: Path) -> str:
     generations = [
         int(match.group(1))
         for entry in (os.listdir(packs_dir) if packs_dir.is_dir() else ())
-        if (match := _PACK_NAME.match(entry))
+        if (match := PACK_NAME.match(entry))
     ]
     return f"emulator-ram-{max(generations, default=1)}.pack"
 
@@ -335,15 +171,15 @@ def _compact_if_worth_it(packs_dir: Path, pack_name: str, baseline: _Baseline | 
     if pack_size < _GARBAGE_FLOOR:
         return pack_name  # not worth reading every index for
     users = [saved for saved in _states(packs_dir) if saved.index.pack == pack_name]
-    live_offsets = {off for saved in users for off in saved.index.entries if off}
+    live_offsets = {off for saved in users for off in saved.index.entries if _in_pack(off)}
     if baseline is not None and baseline.index is not None and baseline.index.pack == pack_name:
-        live_offsets.update(off for off in baseline.index.entries if off)
+        live_offsets.update(off for off in baseline.index.entries if _in_pack(off))
     live = len(live_offsets) * CHUNK
-    if pack_size < _GARBAGE_FLOOR or pack_size < _GARBAGE_RATIO * live:
+    if pack_size < _GARBAGE_RATIO * live:
         return pack_name
     generation = int(pack_name.removeprefix("emulator-ram-").removesuffix(".pack"))
     new_name = f"emulator-ram-{generation + 1}.pack"
-    new_pack = _Pack(packs_dir / new_name)
+    new_pack = Pack(packs_dir / new_name)
     moved: dict[int, int] = {}
     try:
         old_fd = os.open(pack_path, os.O_RDONLY)
@@ -355,14 +191,18 @@ def _compact_if_worth_it(packs_dir: Path, pack_name: str, baseline: _Baseline | 
         new_pack.sync()
     finally:
         new_pack.close()
-    _fsync_dir(packs_dir)
+    fsync_dir(packs_dir)
     for saved in users:
         saved.index.pack = new_name
-        saved.index.entries = [moved.get(off, 0) if off else 0 for off in saved.index.entries]
-        _atomic_write(saved.path, saved.encode())
+        saved.index.entries = [
+            moved.get(off, 0) if _in_pack(off) else off for off in saved.index.entries
+        ]
+        atomic_write(saved.path, saved.encode())
     if baseline is not None and baseline.index is not None and baseline.index.pack == pack_name:
         baseline.index.pack = new_name
-        baseline.index.entries = [moved[off] if off else 0 for off in baseline.index.entries]
+        baseline.index.entries = [
+            moved[off] if _in_pack(off) else off for off in baseline.index.entries
+        ]
     pack_path.unlink()
     return new_name
 
@@ -384,7 +224,7 @@ def forget(cpu: Cpu) -> None:
         baseline.close()
 
 
-def _store(pack: _Pack, ram: memoryview, ram_ptr: int, start: int, length: int) -> int:
+def _store(pack: Pack, ram: memoryview, ram_ptr: int, start: int, length: int) -> int:
     """The index entry for one changed chunk: 0 when it is zero, else where it was appended."""
     if _memcmp(ram_ptr + start, _ZERO_PTR, length) == 0:
         return 0
@@ -401,12 +241,12 @@ def _chunks_of(runs: list[tuple[int, int]]) -> list[int]:
 
 def _pages_of(chunks: list[int], size: int) -> list[tuple[int, int]]:
     """The page runs covering ``chunks``."""
-    return [(n * _PAGES_PER_CHUNK, _length(size, n) // dirtytrack.PAGE) for n in chunks]
+    return [(n * _PAGES_PER_CHUNK, chunk_length(size, n) // dirtytrack.PAGE) for n in chunks]
 
 
 def _differing(cpu: Cpu, baseline: _Baseline) -> list[int]:
     """Chunks of untracked RAM that differ from the base (a full ``memcmp``)."""
-    size, count = cpu.memory_size, _chunks(cpu.memory_size)
+    size, count = cpu.memory_size, chunk_count(cpu.memory_size)
     out: list[int] = []
     for first in range(0, count, _BLOCK):
         start = first * CHUNK
@@ -415,18 +255,18 @@ def _differing(cpu: Cpu, baseline: _Baseline) -> list[int]:
             continue  # most of RAM is unchanged: one call for a block of chunks
         for number in range(first, min(first + _BLOCK, count)):
             start = number * CHUNK
-            if _memcmp(cpu._ram_ptr + start, baseline.ptr + start, _length(size, number)):
+            if _memcmp(cpu._ram_ptr + start, baseline.ptr + start, chunk_length(size, number)):
                 out.append(number)
     return out
 
 
 def _save_changes(
-    cpu: Cpu, baseline: _Baseline, base_index: _Index, pack: _Pack
-) -> tuple[list[int], Callable[[], None]]:
+    cpu: Cpu, baseline: _Baseline, base_index: RamIndex, pack: Pack
+) -> tuple[list[int], list[int], Callable[[], None]]:
     """Entries of a snapshot made from the baseline's plus the changed chunks.
 
-    Returns the entries and what makes RAM's contents the new base (run once
-    the snapshot is durable).
+    Returns the entries, the chunks appended to the pack, and what makes
+    RAM's contents the new base (run once the snapshot is durable).
     """
     size = cpu.memory_size
     ram = memoryview(cpu.ram)
@@ -437,13 +277,16 @@ def _save_changes(
         runs = []
         candidates = _differing(cpu, baseline)
     entries = list(base_index.entries)
+    unknown = {n for n, entry in enumerate(entries) if entry == _UNKNOWN}
     changed: list[int] = []
-    for number in candidates:
-        start, length = number * CHUNK, _length(size, number)
-        if _memcmp(cpu._ram_ptr + start, baseline.ptr + start, length) == 0:
+    for number in sorted(unknown.union(candidates)):
+        start, length = number * CHUNK, chunk_length(size, number)
+        same = _memcmp(cpu._ram_ptr + start, baseline.ptr + start, length) == 0
+        if same and number not in unknown:
             continue  # written with what it held: the baseline's entry still holds
         entries[number] = _store(pack, ram, cpu._ram_ptr, start, length)
-        changed.append(number)
+        if not same:
+            changed.append(number)
 
     def settle() -> None:
         if baseline.tracked:
@@ -451,20 +294,22 @@ def _save_changes(
         else:
             for number in changed:
                 start = number * CHUNK
-                ctypes.memmove(baseline.ptr + start, cpu._ram_ptr + start, _length(size, number))
+                length = chunk_length(size, number)
+                ctypes.memmove(baseline.ptr + start, cpu._ram_ptr + start, length)
 
-    return entries, settle
+    appended = [n for n in sorted(unknown.union(changed)) if entries[n]]
+    return entries, appended, settle
 
 
-def _save_all(cpu: Cpu, packs_dir: Path, pack: _Pack) -> tuple[list[int], _Baseline]:
+def _save_all(cpu: Cpu, packs_dir: Path, pack: Pack) -> tuple[list[int], _Baseline]:
     """Entries storing every non-zero chunk, and a new baseline holding them as its base."""
     size = cpu.memory_size
     ram = memoryview(cpu.ram)
     baseline = _Baseline(cpu, packs_dir)
     try:
         entries: list[int] = []
-        for number in range(_chunks(size)):
-            start, length = number * CHUNK, _length(size, number)
+        for number in range(chunk_count(size)):
+            start, length = number * CHUNK, chunk_length(size, number)
             entry = _store(pack, ram, cpu._ram_ptr, start, length)
             if entry:
                 ctypes.memmove(baseline.ptr + start, cpu._ram_ptr + start, length)
@@ -473,6 +318,36 @@ def _save_all(cpu: Cpu, packs_dir: Path, pack: _Pack) -> tuple[list[int], _Basel
         baseline.close()
         raise
     return entries, baseline
+
+
+def _durable_index(
+    cpu: Cpu, pack: Pack, entries: list[int], appended: list[int], pack_name: str
+) -> RamIndex:
+    """The index to write, once every pack chunk it names is durable.
+
+    A few new chunks go inline (copied from RAM) and their pack copies are
+    synced later; otherwise the pack is synced now.
+    """
+    size = cpu.memory_size
+    new = set(appended)
+    inline_bytes = sum(chunk_length(size, n) for n in appended)
+    if not pack.appended or inline_bytes > _INLINE_LIMIT:
+        if pack.appended or not pack.durable(entries):
+            pack.sync()
+        return RamIndex(size, pack_name, entries)
+    if not pack.durable([entry for n, entry in enumerate(entries) if n not in new]):
+        pack.sync()  # earlier chunks are not known durable yet: sync them (and these)
+        return RamIndex(size, pack_name, entries)
+    ram = memoryview(cpu.ram)
+    parts: list[bytes] = []
+    where = 0
+    file_entries = list(entries)
+    for number in appended:
+        start, length = number * CHUNK, chunk_length(size, number)
+        parts.append(bytes(ram[start : start + length]))
+        file_entries[number] = INLINE | where
+        where += length
+    return RamIndex(size, pack_name, file_entries, b"".join(parts))
 
 
 def save_ram(cpu: Cpu, folder: Path, extra: bytes = b"") -> int:
@@ -494,31 +369,33 @@ def save_ram(cpu: Cpu, folder: Path, extra: bytes = b"") -> int:
     pack_name = _compact_if_worth_it(packs_dir, _current_pack(packs_dir), baseline)
     base_index = baseline.index if baseline is not None else None
     fresh: _Baseline | None = None
-    pack = _Pack(packs_dir / pack_name)
+    pack = Pack(packs_dir / pack_name)
     try:
         if baseline is not None and base_index is not None and base_index.pack == pack_name:
-            entries, settle = _save_changes(cpu, baseline, base_index, pack)
+            entries, appended, settle = _save_changes(cpu, baseline, base_index, pack)
         else:
             entries, fresh = _save_all(cpu, packs_dir, pack)
-        appended = pack.appended
-        pack.sync()
-        index = _Index(cpu.memory_size, pack_name, entries)
+            appended = [number for number, entry in enumerate(entries) if entry]
+        written = pack.appended
+        index = _durable_index(cpu, pack, entries, appended, pack_name)
         state = SavedState(folder / STATE_FILE, extra, index)
-        _atomic_write(state.path, state.encode(), sync_dir=False)
+        atomic_write(state.path, state.encode(), sync_dir=False)
+        pack.sync_later()
     except BaseException:
         if fresh is not None:
             fresh.close()
         raise
     finally:
         pack.close()
+    memory = RamIndex(cpu.memory_size, pack_name, entries)
     if fresh is None:
         assert baseline is not None
         settle()
-        baseline.index = index
-        return appended
+        baseline.index = memory
+        return written
     _adopt(cpu, fresh)
-    fresh.index = index
-    return appended
+    fresh.index = memory
+    return written
 
 
 def _adopt(cpu: Cpu, fresh: _Baseline) -> None:
@@ -569,40 +446,64 @@ def load_ram(cpu: Cpu, folder: Path, saved: SavedState | None = None) -> None:
         if os.pread(fd, len(PACK_MAGIC), 0) != PACK_MAGIC:
             raise BackendError(f"{pack_path} is not a virtkit RAM pack")
         baseline = _baselines.get(cpu)
+        reader = _ChunkReader(fd, pack_path, header)
         if (
             baseline is not None
             and baseline.packs_dir == packs_dir
             and baseline.index is not None
             and baseline.index.pack == header.pack
         ):
-            _revert_changes(cpu, baseline, header, fd, pack_path)
+            _revert_changes(cpu, baseline, header, reader)
         else:
-            _load_all(cpu, packs_dir, header, fd, pack_path)
+            _load_all(cpu, packs_dir, header, reader)
     finally:
         os.close(fd)
 
 
-def _read_chunk(fd: int, into: memoryview, offset: int, pack_path: Path, number: int) -> None:
-    if os.preadv(fd, [into], offset) != len(into):
-        raise BackendError(f"{pack_path} is truncated at chunk {number}")
+class _ChunkReader:
+    """Copies a snapshot's chunks, from its pack or its inline data, into the base."""
+
+    def __init__(self, fd: int, pack_path: Path, index: RamIndex) -> None:
+        self.fd = fd
+        self.pack_path = pack_path
+        self.inline = memoryview(index.inline)
+
+    def read(self, into: memoryview, entry: int, number: int) -> None:
+        if entry & INLINE:
+            offset = entry & ~INLINE
+            into[:] = self.inline[offset : offset + len(into)]
+        elif os.preadv(self.fd, [into], entry) != len(into):
+            raise BackendError(f"{self.pack_path} is truncated at chunk {number}")
 
 
-def _revert_changes(
-    cpu: Cpu, baseline: _Baseline, header: _Index, fd: int, pack_path: Path
-) -> None:
+def _baseline_entries(header: RamIndex) -> list[int]:
+    """A loaded snapshot's entries as a baseline keeps them: inline ones unknown.
+
+    An inline chunk's pack copy may never have reached the disk, so the next
+    snapshot stores it again rather than naming it.
+    """
+    return [_UNKNOWN if entry & INLINE else entry for entry in header.entries]
+
+
+def _revert_changes(cpu: Cpu, baseline: _Baseline, header: RamIndex, reader: _ChunkReader) -> None:
     """Bring RAM from the baseline's snapshot (plus what was written since) to ``header``'s."""
     assert baseline.index is not None
     size = cpu.memory_size
     known = baseline.index.entries
     baseline.index = None  # until every chunk is in place: a failure leaves it unknown
-    differ = [n for n, offset in enumerate(header.entries) if known[n] != offset]
+    # an inline or unknown entry never matches: its chunk is always copied
+    differ = [
+        n
+        for n, entry in enumerate(header.entries)
+        if known[n] != entry or entry & INLINE or known[n] == _UNKNOWN
+    ]
     for number in differ:
-        start, length = number * CHUNK, _length(size, number)
-        offset = header.entries[number]
-        if offset == 0:
+        start, length = number * CHUNK, chunk_length(size, number)
+        entry = header.entries[number]
+        if entry == 0:
             baseline.tracker.zero_base(start, length)
         else:
-            _read_chunk(fd, baseline.base[start : start + length], offset, pack_path, number)
+            reader.read(baseline.base[start : start + length], entry, number)
     if baseline.tracked:
         # the written pages, and the changed chunks for good measure, read the base again
         runs = baseline.tracker.runs(baseline.tracker.dirty())
@@ -610,23 +511,23 @@ def _revert_changes(
     else:
         for number in sorted(set(differ).union(_differing(cpu, baseline))):
             start = number * CHUNK
-            ctypes.memmove(cpu._ram_ptr + start, baseline.ptr + start, _length(size, number))
-    baseline.index = header
+            ctypes.memmove(cpu._ram_ptr + start, baseline.ptr + start, chunk_length(size, number))
+    baseline.index = RamIndex(size, header.pack, _baseline_entries(header))
 
 
-def _load_all(cpu: Cpu, packs_dir: Path, header: _Index, fd: int, pack_path: Path) -> None:
+def _load_all(cpu: Cpu, packs_dir: Path, header: RamIndex, reader: _ChunkReader) -> None:
     """Read every non-zero chunk of ``header`` into a new base and make it RAM."""
     size = cpu.memory_size
     fresh = _Baseline(cpu, packs_dir)
     try:
-        for number, offset in enumerate(header.entries):
-            if offset:
-                start, length = number * CHUNK, _length(size, number)
-                _read_chunk(fd, fresh.base[start : start + length], offset, pack_path, number)
+        for number, entry in enumerate(header.entries):
+            if entry:
+                start, length = number * CHUNK, chunk_length(size, number)
+                reader.read(fresh.base[start : start + length], entry, number)
         if not fresh.tracked:
             ctypes.memmove(cpu._ram_ptr, fresh.ptr, size)
     except BaseException:
         fresh.close()
         raise
     _adopt(cpu, fresh)
-    fresh.index = header
+    fresh.index = RamIndex(size, header.pack, _baseline_entries(header))
