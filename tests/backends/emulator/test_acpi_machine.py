@@ -199,6 +199,23 @@ class TestDevicesOnTheBus:
             assert image.read(0, 8 * MiB) == bytes(8 * MiB)
 
 
+class TestSnapshotState:
+    def test_device_state_round_trips_through_the_machine(self, pc: PcMachine) -> None:
+        """save_state() carries each transport's registers; load_state() puts them back."""
+        assert pc.platform is not None
+        transport = pc.platform.transports[0]
+        transport.write(vm.REG_STATUS, 4, vm.ACKNOWLEDGE | vm.DRIVER)
+        transport.write(vm.REG_QUEUE_NUM, 4, 8)
+        transport.interrupt_status = vm.INT_CONFIG
+        state = pc.save_state()
+        transport.reset()
+        assert pc.platform.pending_irqs() == []
+        pc.load_state(state)
+        assert transport.read(vm.REG_STATUS, 4) == vm.ACKNOWLEDGE | vm.DRIVER
+        assert transport.queues[0].num == 8
+        assert pc.platform.pending_irqs() == [pc.platform.irqs[0]]
+
+
 class TestSci:
     @staticmethod
     def _program_pics(pc: PcMachine) -> None:
