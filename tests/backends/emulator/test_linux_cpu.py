@@ -2,7 +2,9 @@
 
 Each guest is a boot sector that brings up long mode (the bring-up of the
 ``interrupts64`` test guest) and then exercises one thing: SYSCALL entry
-(which unicorn reports to a hook and otherwise skips as a NOP), ...
+(which unicorn reports to a hook and otherwise skips as a NOP), CPUID and the
+time-stamp counter (answered by the emulator: see
+``virtkit.backends.emulator.instructions``).
 The guests print what they saw on COM1 and power off; a wrong entry prints
 ``bad ...`` or crashes.
 """
@@ -200,6 +202,55 @@ count: db 0
 )
 
 
+#: CPUID without the local APIC and RDRAND bits; RDTSC across a counted loop on the
+#: virtual clock (8 TSC ticks per instruction: 1003 instructions from one RDTSC to
+#: the next); RDTSCP's ECX from IA32_TSC_AUX.
+TSC_GUEST = (
+    _PRELUDE
+    + """
+main:
+    mov eax, 1
+    cpuid
+    mov al, 'A'
+    test edx, 1 << 9            ; APIC
+    jnz .nope
+    test ecx, 1 << 30           ; RDRAND
+    jnz .nope
+    mov al, 'C'
+.nope:
+    call putc64
+    rdtsc
+    mov esi, eax
+    mov ecx, 1000
+.spin:
+    loop .spin
+    rdtsc
+    sub eax, esi
+    cmp eax, 1003 * 8
+    mov al, 't'
+    jne .tsc
+    mov al, 'T'
+.tsc:
+    call putc64
+    mov ecx, 0xC0000103         ; IA32_TSC_AUX
+    mov eax, 0x55
+    xor edx, edx
+    wrmsr
+    xor ecx, ecx
+    rdtscp
+    cmp ecx, 0x55
+    mov al, 'p'
+    jne .aux
+    mov al, 'P'
+.aux:
+    call putc64
+    jmp off
+"""
+    + _TABLES
+    + "times 510 - ($ - $$) db 0\ndw 0xAA55\n"
+)
+
+
 def _run(hv: EmulatorHypervisor, tmp_path: Path, name: str, text: str) -> bytes:
     path = tmp_path / f"{name}.raw"
     with images.create(path, size="1MiB", format="raw") as image:
@@ -214,3 +265,9 @@ def test_syscall_and_sysret(hv: EmulatorHypervisor, tmp_path: Path) -> None:
     """SYSCALL enters LSTAR at ring 0 with RCX/R11 saved and RFLAGS masked; #UD without
     EFER.SCE; SYSRET reaches ring 3 and SYSCALL comes back from there."""
     assert _run(hv, tmp_path, "syscall", SYSCALL_GUEST) == b"U03"
+
+
+def test_cpuid_and_the_tsc_on_the_virtual_clock(vhv: EmulatorHypervisor, tmp_path: Path) -> None:
+    """CPUID hides what the PC lacks; RDTSC counts 8 ticks per instruction (1 GHz of
+    guest time at 8 ns per instruction), exactly, inside a slice; RDTSCP gives TSC_AUX."""
+    assert _run(vhv, tmp_path, "tsc", TSC_GUEST) == b"CTP"

@@ -295,6 +295,13 @@ class Cpu:
         self._last_count = count
         self.uc.emu_start(self.rip, 0, count=count)
 
+    def slice_progress(self) -> int:
+        """Instructions the running slice has executed so far (this one included).
+
+        Read from a hook on the CPU thread; 0 without the engine's counter.
+        """
+        return 0 if self._counter is None else int(self._counter.value)
+
     def budget_used(self) -> bool | None:
         """Whether the last count-limited :meth:`run` executed its whole budget.
 

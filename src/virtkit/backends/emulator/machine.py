@@ -31,6 +31,7 @@ from typing import Any
 
 from unicorn import x86_const as x86
 
+from virtkit.backends.emulator import instructions
 from virtkit.backends.emulator.bios import (
     BDA,
     BIOS_SEGMENT,
@@ -196,6 +197,14 @@ class PcMachine:
         uc.hook_add(unicorn.UC_HOOK_INSN, self._hook_out, None, 1, 0, x86.UC_X86_INS_OUT)
         uc.hook_add(unicorn.UC_HOOK_INTR, self._hook_interrupt)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        instructions.install(self.cpu, self._tsc, self.fail)
+
+    def _tsc(self) -> int:
+        """The time-stamp counter: guest nanoseconds (exact to the instruction when virtual)."""
+        clock = self.clock
+        if clock.virtual:
+            return (clock.instructions + self.cpu.slice_progress()) * NS_PER_INSTRUCTION
+        return clock.now_ns()
 
     def power_on(self) -> None:
         """Run the BIOS start-up (data areas) and load the boot sector; no code runs yet."""
