@@ -28,6 +28,7 @@ the next state file that refers to them is written, whichever comes first.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import struct
 import threading
@@ -243,8 +244,24 @@ _unsynced: dict[Path, tuple[int, int]] = {}
 _unsynced_lock = threading.Lock()
 
 
+_work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+_worker: threading.Thread | None = None
+
+
 def _in_background(work: Callable[[], None]) -> None:
-    threading.Thread(target=work, name="virtkit-ram-sync", daemon=True).start()
+    """Run ``work`` on the one helper thread (started once; handing over costs no wake-up
+    wait, unlike starting a thread per snapshot)."""
+    global _worker  # noqa: PLW0603 - one helper per process
+    with _unsynced_lock:
+        if _worker is None or not _worker.is_alive():
+            _worker = threading.Thread(target=_serve, name="virtkit-ram-sync", daemon=True)
+            _worker.start()
+    _work.put(work)
+
+
+def _serve() -> None:
+    while True:
+        _work.get()()
 
 
 class Pack:
