@@ -89,11 +89,12 @@ def memory_bound(workers: int | None = None) -> int:
 
 
 _ZERO = bytes(CHUNK)
+_ZERO_VIEW = memoryview(_ZERO)
 
 
 def _zero(buf: bytes | bytearray, start: int, end: int) -> bool:
-    """Whether ``buf[start:end]`` is all zero bytes (compared in place, no copy)."""
-    return buf.startswith(_ZERO[: end - start], start, end)
+    """Whether ``buf[start:end]`` is all zero bytes (compared in place: no copy of either)."""
+    return buf.startswith(_ZERO_VIEW[: end - start], start, end)
 
 
 def _plan(src: Image, granule: int, *, whole: bool) -> Iterator[tuple[int, int, bool]]:
