@@ -38,7 +38,7 @@ _POLL = 0.01  # seconds between looks at the console/state in the waiting corout
 _STOPPED = (State.SHUTOFF, State.CRASHED)
 
 #: bounded blocking operations awaited through a twin run here (sized for many guests)
-_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="virtkit-aio")
+_POOL = ThreadPoolExecutor(max_workers=128, thread_name_prefix="virtkit-aio")
 
 
 def refuse_in_loop(action: str) -> None:
