@@ -120,12 +120,19 @@ def command(guest: EmulatorGuest, byte: bytes) -> None:
     assert guest.console.output[mark:].count(b"k") == 1
 
 
-@pytest.fixture(params=["tracked", "compared"])
+@pytest.fixture(params=["tracked", "compared", "no-memfd"])
 def tracking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run with the kernel's tracking, and again with the ``memcmp`` fallback."""
+    """Run with the kernel's tracking, with the ``memcmp`` fallback, and with the
+    fallback on a plain anonymous copy (a system without ``memfd_create``)."""
     assert dirtytrack.supported(), "this kernel should report written pages"
     if request.param == "compared":
         monkeypatch.setattr(dirtytrack, "supported", lambda: False)
+    elif request.param == "no-memfd":
+
+        def missing(*args: object) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "memfd_create", missing)
     return str(request.param)
 
 

@@ -100,26 +100,47 @@ class Tracker:
         self.ram_ptr = ram_ptr
         self.size = size
         self.attached = False
+        self._pagemap = -1
         try:
             self._fd = os.memfd_create("virtkit-ram-base", os.MFD_CLOEXEC)
-        except (AttributeError, OSError) as exc:
-            raise BackendError(f"cannot make a memory file for guest RAM: {exc}") from exc
+        except (AttributeError, OSError):
+            self._fd = -1  # no memory files here: a plain copy, compared, never attached
         try:
-            os.ftruncate(self._fd, size)
-            self.base = mmap.mmap(self._fd, size, mmap.MAP_SHARED)
-            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            if self._fd >= 0:
+                os.ftruncate(self._fd, size)
+                self.base = mmap.mmap(self._fd, size, mmap.MAP_SHARED)
+            else:
+                self.base = mmap.mmap(-1, size)
         except OSError as exc:
-            os.close(self._fd)
-            raise BackendError(f"cannot map a memory file for guest RAM: {exc}") from exc
+            if self._fd >= 0:
+                os.close(self._fd)
+            raise BackendError(f"cannot map a copy of guest RAM ({size} bytes): {exc}") from exc
         self._base_c = (ctypes.c_char * size).from_buffer(self.base)
         self.base_ptr = ctypes.addressof(self._base_c)
+        self._closed = False
+
+    @property
+    def can_attach(self) -> bool:
+        """Whether the base is a memory file RAM can be mapped over."""
+        return self._fd >= 0
 
     def attach(self) -> None:
         """Map RAM copy-on-write over the base; RAM now reads exactly as the base.
 
         The base must hold what RAM holds (the caller copied it): RAM's own
         pages are replaced, not copied.
+
+        Raises:
+            BackendError: the base is not a memory file, ``/proc/self/pagemap``
+                cannot be opened, or the mapping fails.
         """
+        if not self.can_attach:
+            raise BackendError("guest RAM cannot be tracked: no memory file for its copy")
+        if self._pagemap < 0:
+            try:
+                self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise BackendError(f"cannot open /proc/self/pagemap: {exc.strerror}") from exc
         _map_fixed(self.ram_ptr, self.size, mmap.MAP_PRIVATE, self._fd)
         self.attached = True
 
@@ -166,13 +187,14 @@ class Tracker:
 
     def close(self) -> None:
         """Release the base (RAM keeps whatever mapping it has)."""
-        if self._fd < 0:
+        if self._closed:
             return
+        self._closed = True
         del self._base_c
         self.base.close()
-        os.close(self._pagemap)
-        os.close(self._fd)
-        self._fd = -1
+        for fd in (self._pagemap, self._fd):
+            if fd >= 0:
+                os.close(fd)
 
 
 @functools.cache

@@ -110,7 +110,7 @@ class _Baseline:
 
     def __init__(self, cpu: Cpu, packs_dir: Path) -> None:
         self.tracker = dirtytrack.Tracker(cpu._ram_ptr, cpu.memory_size)
-        self.tracked = dirtytrack.supported()
+        self.tracked = self.tracker.can_attach and dirtytrack.supported()
         self.ptr = self.tracker.base_ptr
         self.base = memoryview(self.tracker.base)
         self.index: RamIndex | None = None
