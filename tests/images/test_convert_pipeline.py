@@ -7,8 +7,10 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,6 +152,46 @@ class TestParallelCompression:
         with pytest.raises(virtkit.ImageError, match="simulated read failure"):
             images.convert(mixed_raw, tmp_path / "out.qcow2", compress=True)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["src.raw"]
+
+    @pytest.mark.parametrize("compress", [False, True], ids=["plain", "compressed"])
+    def test_chunks_out_are_bounded(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, compress: bool
+    ) -> None:
+        """Chunks read through Image.read and not yet handed back never exceed depth + 2."""
+        dense = tmp_path / "dense.raw"
+        rng = random.Random(8)
+        dense.write_bytes(b"".join(rng.randbytes(512) + bytes(3584) for _ in range(2048)))
+        monkeypatch.setattr(convert_pipeline, "_file_reader", lambda src: None)  # use src.read
+        monkeypatch.setattr(convert_pipeline, "CHUNK", 128 * 1024)  # many chunks in 24 MiB
+        counts = {"read": 0, "released": 0, "most": 0}
+        real_open, real_release = images.open, convert_pipeline._Reader.release
+
+        def counting_open(path: object, *args: object, **kwargs: object) -> images.Image:
+            img = real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+            inner = img.read
+
+            def read(offset: int, length: int) -> bytes:
+                counts["read"] += 1
+                counts["most"] = max(counts["most"], counts["read"] - counts["released"])
+                return inner(offset, length)
+
+            img.read = read  # type: ignore[method-assign]
+            return img
+
+        def release(self: Any, buf: bytes | bytearray | None) -> None:
+            if buf is not None:
+                counts["released"] += 1
+            real_release(self, buf)
+
+        def slow(done: int, total: int) -> None:
+            time.sleep(0.001)  # the reader gets ahead of the writer
+
+        monkeypatch.setattr(images, "open", counting_open)
+        monkeypatch.setattr(convert_pipeline._Reader, "release", release)
+        images.convert(dense, tmp_path / "out.qcow2", compress=compress, progress=slow)
+        depth = 2 * convert_pipeline.default_workers() + 1
+        assert counts["read"] > 3 * depth
+        assert counts["most"] <= depth + 2
 
     def test_memory_bound_is_stated(self) -> None:
         """The bound the docs state: (depth + 2) read buffers and depth compressed chunks."""

@@ -74,7 +74,7 @@ def _depth(workers: int) -> int:
 
 
 def _buffers(depth: int) -> int:
-    """Read buffers: the reader's queue (``depth``), one being filled, one of slack."""
+    """Chunks out at once: the reader's queue (``depth``), one being read, one spare."""
     return depth + 2
 
 
@@ -163,9 +163,9 @@ def _file_reader(src: Image) -> Callable[[bytearray, int, int], None] | None:
 class _Reader:
     """Reads the source on a thread, at most ``depth`` chunks ahead of the consumer.
 
-    Chunks of a raw file source are read into a bounded pool of reused
-    buffers; the consumer hands each back with :meth:`release` once it no
-    longer needs the bytes.
+    At most ``depth + 2`` chunks are read and not yet handed back: the
+    consumer returns each with :meth:`release` once it no longer needs the
+    bytes. Chunks of a raw file source are read into reused buffers.
     """
 
     _DONE = object()
@@ -174,7 +174,7 @@ class _Reader:
         self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._free: queue.Queue[bytearray] = queue.Queue()
-        self._room = _buffers(depth)  # buffers not made yet
+        self._slots = threading.Semaphore(_buffers(depth))  # chunks read, not yet released
         self._read_into = _file_reader(src)
         self._thread = threading.Thread(
             target=self._run, args=(src, granule, whole), name="virtkit-convert-reader", daemon=True
@@ -190,17 +190,19 @@ class _Reader:
                 continue
         return False
 
-    def _buffer(self) -> bytearray | None:
-        """A free read buffer (made while the pool has room), None once stopped."""
-        with contextlib.suppress(queue.Empty):
-            return self._free.get_nowait()
-        if self._room:
-            self._room -= 1
-            return bytearray(CHUNK)
+    def _slot(self) -> bool:
+        """Wait until fewer than ``depth + 2`` chunks are out; False once stopped."""
         while not self._stop.is_set():
-            with contextlib.suppress(queue.Empty):
-                return self._free.get(timeout=0.1)
-        return None
+            if self._slots.acquire(timeout=0.1):
+                return True
+        return False
+
+    def _buffer(self) -> bytearray:
+        """A read buffer: a released one, else a new one (the slots bound how many exist)."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return bytearray(CHUNK)
 
     def _run(self, src: Image, granule: int, whole: bool) -> None:
         try:
@@ -208,12 +210,12 @@ class _Reader:
                 item: Item
                 if not is_data:
                     item = (end, None, 0)
+                elif not self._slot():
+                    return
                 elif self._read_into is None:
                     item = (start, src.read(start, end - start), end - start)
                 else:
                     buf = self._buffer()
-                    if buf is None:
-                        return
                     self._read_into(buf, start, end - start)
                     item = (start, buf, end - start)
                 if not self._put(item):
@@ -233,9 +235,12 @@ class _Reader:
             yield item
 
     def release(self, buf: bytes | bytearray | None) -> None:
-        """Give a chunk's buffer back for reuse (bytes from ``src.read`` are simply dropped)."""
+        """Hand a chunk back: its slot frees, and a read buffer is reused."""
+        if buf is None:
+            return
         if isinstance(buf, bytearray):
             self._free.put(buf)
+        self._slots.release()
 
     def close(self) -> None:
         """Stop the thread (after a failure downstream) and wait for it."""
