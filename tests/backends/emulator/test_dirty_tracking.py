@@ -12,6 +12,7 @@ byte, with the tracking and with the ``memcmp`` fallback.
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import os
 import random
@@ -253,6 +254,38 @@ class TestEveryWriterIsSeen:
         guest.snapshot("b")
         assert pack.stat().st_size - before == 3 * ramstore.CHUNK
         guest.kill()
+
+
+def ram_copies_open() -> int:
+    """Descriptors of this process that hold a copy of some guest's RAM."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += "virtkit-ram-base" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+    return count
+
+
+class TestRelease:
+    """A guest's RAM copy goes with the guest."""
+
+    def test_no_copy_outlives_its_guest(self, hv: EmulatorHypervisor, define: Define) -> None:
+        """Three guests snapshot, revert and go: no memory file of theirs stays open."""
+        gc.collect()
+        before = ram_copies_open()
+        for _ in range(3):
+            guest = define(hv, "counter", memory="32MiB")
+            guest.start()
+            guest.console.expect("count 1", timeout=TIMEOUT)
+            guest.snapshot("s")
+            guest.revert("s")
+            assert ram_copies_open() > before
+            guest.kill()
+            hv.undefine(guest)
+            del guest
+        gc.collect()
+        assert ram_copies_open() == before
 
 
 class TestTracker:

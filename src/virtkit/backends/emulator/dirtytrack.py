@@ -30,6 +30,7 @@ import functools
 import mmap
 import os
 import re
+import weakref
 
 from virtkit.errors import BackendError
 
@@ -118,6 +119,10 @@ class Tracker:
         self._base_c = (ctypes.c_char * size).from_buffer(self.base)
         self.base_ptr = ctypes.addressof(self._base_c)
         self._closed = False
+        # the descriptors go with the tracker even when nobody calls close(): the
+        # memory file lives as long as its descriptor, as big as the guest's RAM
+        self._fds = [self._fd]
+        self._release = weakref.finalize(self, _close_all, self._fds)
 
     @property
     def can_attach(self) -> bool:
@@ -139,6 +144,7 @@ class Tracker:
         if self._pagemap < 0:
             try:
                 self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+                self._fds.append(self._pagemap)
             except OSError as exc:
                 raise BackendError(f"cannot open /proc/self/pagemap: {exc.strerror}") from exc
         _map_fixed(self.ram_ptr, self.size, mmap.MAP_PRIVATE, self._fd)
@@ -192,9 +198,14 @@ class Tracker:
         self._closed = True
         del self._base_c
         self.base.close()
-        for fd in (self._pagemap, self._fd):
-            if fd >= 0:
-                os.close(fd)
+        self._release()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+    fds.clear()
 
 
 @functools.cache
