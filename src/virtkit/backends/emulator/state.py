@@ -1,9 +1,10 @@
 """Saving and restoring a whole machine: CPU context, RAM and device state.
 
 A full snapshot's folder holds one file, ``state.bin``, written atomically
-(temporary name, ``fsync``, rename, ``fsync`` of the folder) after the RAM
-chunks it names are durable (see :mod:`virtkit.backends.emulator.ramstore`,
-which owns the file's layout and its checksum). Its machine state part is:
+(temporary name, ``fsync``, rename) once the RAM chunks it names are durable
+(see :mod:`virtkit.backends.emulator.ramstore`; the file's layout and its
+checksum are :mod:`virtkit.backends.emulator.ramformat`'s). Its machine state
+part is:
 
 * unicorn's CPU context (u32 length, then the bytes: every register,
   including segment caches, control registers and MSRs). It is tied to the
@@ -11,8 +12,9 @@ which owns the file's layout and its checksum). Its machine state part is:
   it;
 * the device state: UART, chipset, clock and machine, as JSON.
 
-The RAM index follows: a second snapshot stores only the chunks that changed
-since the first. States saved before ``state.bin`` existed (``cpu.bin``,
+The RAM index follows (with the chunks the snapshot added, when they are
+few): a second snapshot stores only the chunks that changed since the first.
+States saved before ``state.bin`` existed (``cpu.bin``,
 ``devices.json`` and ``ram.bin``, holding the index or, older still, the
 whole RAM as ``VKRAM001``: the RAM size, the chunk size, then each non-zero
 chunk) still load.
