@@ -10,15 +10,18 @@ BIOS tick count) asks a :class:`Clock` for ``now_ns()``: nanoseconds of
   idle time the CPU skips while halted. Two runs of the same machine then see
   identical times at identical points of execution.
 
-Not covered: ``rdtsc`` reads unicorn's own time-stamp counter, which follows
-the host (the Python binding cannot hook RDTSC); console input arrives when
-it is typed.
+Inside a slice, virtual time includes the instructions the slice has run so
+far (the engine's counter, see :meth:`Clock.slice_started`), so a device
+read twice in one slice sees time move, as the TSC does (``rdtsc`` returns
+guest nanoseconds: see ``instructions.py``). Not covered: console input
+arrives when it is typed.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import time
+from collections.abc import Callable
 
 __all__ = ["NS_PER_INSTRUCTION", "VIRTUAL_EPOCH", "Clock"]
 
@@ -41,6 +44,7 @@ class Clock:
         self._base_ns = 0  # guest time accumulated before the current run period
         self._since: int | None = None  # monotonic_ns when the current run period began
         self.instructions = 0  # virtual mode: instructions (and idle) accounted so far
+        self._progress: Callable[[], int] | None = None  # instructions run in this slice
         self._boot_wall = _dt.datetime.now(_dt.UTC)
 
     # -- run periods (wall mode) ---------------------------------------------
@@ -60,11 +64,20 @@ class Clock:
         """Account ``instructions`` executed (or idled) instructions (virtual mode)."""
         self.instructions += instructions
 
+    def slice_started(self, progress: Callable[[], int]) -> None:
+        """A slice runs: ``progress()`` counts its instructions so far (virtual mode)."""
+        self._progress = progress
+
+    def slice_ended(self) -> None:
+        """The slice is over (its budget is then accounted with :meth:`advance`)."""
+        self._progress = None
+
     # -- reading -------------------------------------------------------------------
     def now_ns(self) -> int:
         """Guest nanoseconds since power-on."""
         if self.virtual:
-            return self.instructions * NS_PER_INSTRUCTION
+            inside = 0 if self._progress is None else self._progress()
+            return (self.instructions + inside) * NS_PER_INSTRUCTION
         running = 0 if self._since is None else time.monotonic_ns() - self._since
         return self._base_ns + running
 

@@ -172,6 +172,8 @@ class PcMachine:
         self.bios = Bios(self)
         self.disk_status: dict[int, int] = {}
         self.trace: list[tuple[int, bytes]] = []  # virtual clock: (instructions, output)
+        #: guest instructions run (whole budgets when unicorn's counter is not found)
+        self.executed = 0
         self._slice_out = bytearray()
         self.halted = False
         self._event: _Event | None = None
@@ -201,10 +203,7 @@ class PcMachine:
 
     def _tsc(self) -> int:
         """The time-stamp counter: guest nanoseconds (exact to the instruction when virtual)."""
-        clock = self.clock
-        if clock.virtual:
-            return (clock.instructions + self.cpu.slice_progress()) * NS_PER_INSTRUCTION
-        return clock.now_ns()
+        return self.clock.now_ns()
 
     def power_on(self) -> None:
         """Run the BIOS start-up (data areas) and load the boot sector; no code runs yet."""
@@ -453,10 +452,16 @@ class PcMachine:
             to_tick = -(-(self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION)
             budget = max(min(SLICE_INSTRUCTIONS, to_tick), 1)
         start = clock.instructions
+        if clock.virtual:
+            clock.slice_started(cpu.slice_progress)
         try:
             cpu.run(count=budget)
         except UcError as exc:
             self._engine_error(exc)
+        finally:
+            clock.slice_ended()
+        used = cpu.budget_used()
+        self.executed += budget if used or used is None else cpu.slice_progress()
         if clock.virtual:
             clock.advance(budget)
             if self._slice_out:
@@ -469,7 +474,6 @@ class PcMachine:
         # (taking such a byte for hlt, with interrupts off, would idle forever).
         # Without the counter, a wrong "halted" only delays the guest to the
         # next tick when interrupts are on.
-        used = cpu.budget_used()
         may_be_hlt = not used if used is not None else bool(cpu.eflags & FLAG_IF)
         if self._event is None and may_be_hlt and self._stopped_by_hlt():
             self.halted = True
