@@ -7,31 +7,19 @@ positional reads; writes keep QEMU's ordering (data, then the L2 entry, then
 the L1 entry; refcounts raised before a reference exists and lowered after it
 is gone), so a process dying mid-write may leak clusters but never corrupts.
 
-Each write request works on copies of the L2 tables it changes
-(:class:`~.requests.Request`). How it is published depends on the cache mode
-the image was opened with, named after QEMU's ``cache=`` modes:
-
-- ``"writeback"`` (the default): in memory, by the
-  :class:`~.cache.MetadataCache`, which writes the metadata on ``flush()``,
-  when its bounded dirty set is full, and on ``close()``, in dependency order.
-  A run of allocating writes costs no fdatasync per request. What ``flush()``
-  returned for survives any crash; unflushed writes may be lost; the image is
-  never corrupt (at worst clusters leak).
-- ``"writethrough"``: written at once with the barriers of
-  :func:`~.requests.commit_through`, and the file is fdatasynced before each
-  write call returns, so every completed write is durable.
-
-Structural operations (snapshots, resize, check, ``make_empty``, backing
-changes) first write the cache back, then run write-through.
-
-On the write-through path memory never runs ahead of the file: any
-:class:`~virtkit.ImageError` from a write step (ENOSPC, EIO) reloads the L1
-table and drops the L2 and refcount caches, so a retry after the space comes
-back sees exactly what is on disk. In write-back mode a request changes the
-cached tables in place, each entry only after the data it points at was
-written, so a failed request publishes what it did change (its range then
-reads old or new data); a failed write-back keeps everything dirty for the
-next attempt.
+Each write request is published according to the cache mode the image was
+opened with, named after QEMU's ``cache=`` modes: ``"writeback"`` (the
+default) keeps changed metadata in the :class:`~.cache.MetadataCache`, written
+in dependency order on ``flush()``, when its bounded dirty set is full, and
+on ``close()`` (what ``flush()`` returned for survives any crash; the image
+is never corrupt); ``"writethrough"`` writes it at once with the barriers of
+:func:`~.requests.commit_through` and fdatasyncs before each write call
+returns. Structural operations (snapshots, resize, check, ``make_empty``,
+backing changes) first write the cache back, then run write-through. After
+a failed write step (ENOSPC, EIO) a write-through image reloads its tables
+from the file, so a retry sees exactly what is on disk; a write-back request
+publishes what it did change (each entry changes only after the data it
+points at was written), and a failed write-back keeps everything dirty.
 
 Policies, where QEMU leaves a choice:
 
