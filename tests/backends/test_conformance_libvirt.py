@@ -32,9 +32,8 @@ class TestLibvirt(ConformanceSuite):
     # SeaBIOS retries booting (RUNNING), and QEMU resets on a triple fault, as on the qemu backend.
     reports_boot_failure = False
     crashes_on_triple_fault = False
-    # media changes and hot-plug on a running domain are not wired to libvirt's
-    # updateDeviceFlags/attachDeviceFlags yet; stopped guests get the new definition
-    live_media = False
-    hot_plug = False
+    # media changes and hot-plug on a running domain: updateDeviceFlags/attachDeviceFlags
+    live_media = True
+    hot_plug = True
     # libvirt 9.0: "reverting to external snapshots is not supported yet"
     reverts_live_disk_snapshots = False

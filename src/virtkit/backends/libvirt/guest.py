@@ -51,6 +51,7 @@ from virtkit.agent import AgentError, CommandAgent, GuestAgent
 from virtkit.backends.base import Guest
 from virtkit.backends.libvirt import storage
 from virtkit.backends.libvirt.console import ConsoleStream
+from virtkit.backends.libvirt.devices import DETACH_TIMEOUT, LiveDevices
 from virtkit.backends.libvirt.storage import Progress
 from virtkit.bundle.atomic import atomic_write
 from virtkit.errors import (
@@ -60,7 +61,7 @@ from virtkit.errors import (
     TimeoutError,
     UnsupportedFeatureError,
 )
-from virtkit.model import Disk, Machine, Snapshot, SnapshotKind, State
+from virtkit.model import CdRom, Disk, Machine, Nic, Snapshot, SnapshotKind, State
 
 if TYPE_CHECKING:
     from virtkit.backends.libvirt.hypervisor import LibvirtHypervisor
@@ -90,6 +91,8 @@ class LibvirtGuest(Guest):
     """
 
     hypervisor: LibvirtHypervisor
+    #: seconds :meth:`detach` waits for a running guest to release the device
+    detach_timeout: float = DETACH_TIMEOUT
 
     def __init__(
         self, hypervisor: LibvirtHypervisor, machine: Machine, folder: Path, domain: Any
@@ -383,6 +386,16 @@ class LibvirtGuest(Guest):
                     raise self._conn._translate(exc, f"kill domain {self.domain_name!r}") from exc
         finally:
             self._busy_exit()
+
+    # -- live device changes (see virtkit.backends.libvirt.devices) ----------------------------
+    def _do_change_media(self, drive: CdRom) -> None:
+        LiveDevices(self).change_media(drive)
+
+    def _do_attach(self, device: Disk | Nic) -> None:
+        LiveDevices(self).attach(device)
+
+    def _do_detach(self, device: Disk | Nic) -> None:
+        LiveDevices(self).detach(device, timeout=self.detach_timeout)
 
     # -- snapshots ----------------------------------------------------------------------------
     def _snapshot_xml(self, snap: Snapshot, *, external: bool) -> str:
