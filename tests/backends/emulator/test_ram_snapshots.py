@@ -275,11 +275,12 @@ class TestInlineChunks:
             assert ram_of(guest) == expected
             guest.kill()
 
-    def test_pending_pack_copies_are_synced_before_a_state_names_them(
+    def test_pending_pack_copies_are_carried_or_synced(
         self, hv: EmulatorHypervisor, define: Define, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """With the helper thread's sync held back, the next snapshot that reuses the
-        chunks syncs the pack itself, before its state file is renamed into place."""
+        chunks carries them inline too; when they do not fit, it syncs the pack
+        before its state file is renamed into place."""
         guest = define(hv, "counter", memory="32MiB")
         guest.start()
         guest.pause()
@@ -302,21 +303,35 @@ class TestInlineChunks:
         def held_back(work: Callable[[], None]) -> None:  # the helper's sync never happens
             events.append("deferred")
 
+        def inline(name: str, where: int) -> bool:
+            saved = ramstore.read_state(guest.snapshot_dir(name))
+            return bool(saved.index.entries[where // ramstore.CHUNK] & ramformat.INLINE)
+
         monkeypatch.setattr(os, "fdatasync", fdatasync)
         monkeypatch.setattr(os, "replace", replace)
         monkeypatch.setattr(ramformat, "_in_background", held_back)
         pc.cpu.write(9 << 20, b"first")
         guest.snapshot("b")
         assert events == ["state b", "deferred"]  # inline: no pack sync on the way
+        assert inline("b", 9 << 20)
         events.clear()
-        pc.cpu.write(17 << 20, b"second")  # b's chunk at 9 MiB is reused from the pack
+        pc.cpu.write(17 << 20, b"second")  # b's chunk at 9 MiB is still not synced
         guest.snapshot("c")
-        assert events.index("sync") < events.index("state c")
-        saved = ramstore.read_state(guest.snapshot_dir("c"))
-        chunk = (9 << 20) // ramstore.CHUNK
-        assert not saved.index.entries[chunk] & ramformat.INLINE
+        assert events == ["state c", "deferred"]
+        assert inline("c", 9 << 20) and inline("c", 17 << 20)
+        events.clear()
+        monkeypatch.setattr(ramstore, "_INLINE_LIMIT", 0)
+        pc.cpu.write(25 << 20, b"third")
+        guest.snapshot("d")
+        assert "sync" in events and events.index("sync") < events.index("state d")
+        assert not inline("d", 9 << 20) and not inline("d", 25 << 20)
         guest.kill()
-        for name, where, data in (("b", 9 << 20, b"first"), ("c", 17 << 20, b"second")):
+        for name, where, data in (
+            ("b", 9 << 20, b"first"),
+            ("c", 17 << 20, b"second"),
+            ("d", 25 << 20, b"third"),
+            ("d", 9 << 20, b"first"),
+        ):
             revert_paused(guest, name)
             assert ram_of(guest)[where : where + len(data)] == data
         guest.kill()

@@ -291,19 +291,18 @@ class Pack:
         return offset
 
     def sync(self) -> None:
-        """Make everything appended so far, in this process too, durable."""
+        """Make everything appended so far, by this process too, durable."""
         os.fdatasync(self.fd)
         self.appended = 0
         with _unsynced_lock:
             _unsynced.pop(self.path, None)
 
-    def durable(self, entries: list[int]) -> bool:
-        """Whether every pack offset among ``entries`` is known durable (this call's
-        appends are not, until :meth:`sync`)."""
+    def durable_below(self) -> int:
+        """Pack offsets below this are known durable (this call's appends are not,
+        until :meth:`sync`, nor earlier ones :meth:`sync_later` has not synced yet)."""
         low = self.first if self.appended else self.end
         with _unsynced_lock:
-            low = min(low, _unsynced.get(self.path, (low, 0))[0])
-        return all(entry & INLINE or entry < low for entry in entries)
+            return min(low, _unsynced.get(self.path, (low, 0))[0])
 
     def sync_later(self) -> None:
         """Sync this call's appends on a helper thread (until then :meth:`durable` says no)."""

@@ -262,11 +262,11 @@ def _differing(cpu: Cpu, baseline: _Baseline) -> list[int]:
 
 def _save_changes(
     cpu: Cpu, baseline: _Baseline, base_index: RamIndex, pack: Pack
-) -> tuple[list[int], list[int], Callable[[], None]]:
+) -> tuple[list[int], Callable[[], None]]:
     """Entries of a snapshot made from the baseline's plus the changed chunks.
 
-    Returns the entries, the chunks appended to the pack, and what makes
-    RAM's contents the new base (run once the snapshot is durable).
+    Returns the entries and what makes RAM's contents the new base (run once
+    the snapshot is durable).
     """
     size = cpu.memory_size
     ram = memoryview(cpu.ram)
@@ -297,8 +297,7 @@ def _save_changes(
                 length = chunk_length(size, number)
                 ctypes.memmove(baseline.ptr + start, cpu._ram_ptr + start, length)
 
-    appended = [n for n in sorted(unknown.union(changed)) if entries[n]]
-    return entries, appended, settle
+    return entries, settle
 
 
 def _save_all(cpu: Cpu, packs_dir: Path, pack: Pack) -> tuple[list[int], _Baseline]:
@@ -320,29 +319,27 @@ def _save_all(cpu: Cpu, packs_dir: Path, pack: Pack) -> tuple[list[int], _Baseli
     return entries, baseline
 
 
-def _durable_index(
-    cpu: Cpu, pack: Pack, entries: list[int], appended: list[int], pack_name: str
-) -> RamIndex:
+def _durable_index(cpu: Cpu, pack: Pack, entries: list[int], pack_name: str) -> RamIndex:
     """The index to write, once every pack chunk it names is durable.
 
-    A few new chunks go inline (copied from RAM) and their pack copies are
-    synced later; otherwise the pack is synced now.
+    The chunks whose pack copies are not known durable yet (this snapshot's
+    appends, and earlier ones the helper thread has not synced) go inline,
+    copied from RAM, when they are few; otherwise the pack is synced now.
+    RAM holds every chunk's content: the snapshot is RAM as it is.
     """
     size = cpu.memory_size
-    new = set(appended)
-    inline_bytes = sum(chunk_length(size, n) for n in appended)
-    if not pack.appended or inline_bytes > _INLINE_LIMIT:
-        if pack.appended or not pack.durable(entries):
-            pack.sync()
+    below = pack.durable_below()
+    pending = [n for n, entry in enumerate(entries) if entry >= below and not entry & INLINE]
+    if not pending:
         return RamIndex(size, pack_name, entries)
-    if not pack.durable([entry for n, entry in enumerate(entries) if n not in new]):
-        pack.sync()  # earlier chunks are not known durable yet: sync them (and these)
+    if sum(chunk_length(size, n) for n in pending) > _INLINE_LIMIT:
+        pack.sync()
         return RamIndex(size, pack_name, entries)
     ram = memoryview(cpu.ram)
     parts: list[bytes] = []
     where = 0
     file_entries = list(entries)
-    for number in appended:
+    for number in pending:
         start, length = number * CHUNK, chunk_length(size, number)
         parts.append(bytes(ram[start : start + length]))
         file_entries[number] = INLINE | where
@@ -372,12 +369,11 @@ def save_ram(cpu: Cpu, folder: Path, extra: bytes = b"") -> int:
     pack = Pack(packs_dir / pack_name)
     try:
         if baseline is not None and base_index is not None and base_index.pack == pack_name:
-            entries, appended, settle = _save_changes(cpu, baseline, base_index, pack)
+            entries, settle = _save_changes(cpu, baseline, base_index, pack)
         else:
             entries, fresh = _save_all(cpu, packs_dir, pack)
-            appended = [number for number, entry in enumerate(entries) if entry]
         written = pack.appended
-        index = _durable_index(cpu, pack, entries, appended, pack_name)
+        index = _durable_index(cpu, pack, entries, pack_name)
         state = SavedState(folder / STATE_FILE, extra, index)
         atomic_write(state.path, state.encode(), sync_dir=False)
         pack.sync_later()
