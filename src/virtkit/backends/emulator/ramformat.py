@@ -20,9 +20,9 @@ Formats (little-endian):
   the index alone in ``ram.bin``.
 
 Inline chunks are what lets a small snapshot cost one ``fsync``: the state
-file carries its new chunks itself, and their copies appended to the pack
-(which later snapshots refer to) are synced on a helper thread, or before
-the next state file that refers to them is written, whichever comes first.
+file carries the chunks whose pack copies are not known durable yet itself,
+and those copies (which later snapshots refer to) are synced by a helper
+thread (:meth:`Pack.sync_later`, :meth:`Pack.durable_below`).
 """
 
 from __future__ import annotations
@@ -305,7 +305,8 @@ class Pack:
             return min(low, _unsynced.get(self.path, (low, 0))[0])
 
     def sync_later(self) -> None:
-        """Sync this call's appends on a helper thread (until then :meth:`durable` says no)."""
+        """Sync this call's appends on the helper thread (:meth:`durable_below` counts
+        them as not durable until it has)."""
         if not self.appended:
             return
         with _unsynced_lock:

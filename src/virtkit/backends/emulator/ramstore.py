@@ -20,14 +20,14 @@ written pages, RAM is compared with the base instead (``memcmp``).
 
 Crash safety: a state file is written under a temporary name, ``fsync``-ed
 and renamed; it carries a checksum, so a torn file is refused, never loaded.
-Every pack chunk it names is durable before it is written: chunks of earlier
-snapshots were synced, and a snapshot that adds a few chunks carries them
-inline, so its one ``fsync`` covers them (their pack copies, which later
-snapshots name, are synced on a helper thread or, at the latest, before the
-next state file naming them). A snapshot that adds many chunks syncs the pack
-first. A crash leaves at most unreferenced bytes at the pack's end and a
-temporary file. The new folder and its rename become durable with the
-journal commit of the snapshot list's ``fsync``, which follows.
+Every pack chunk it names is durable before it is written. Chunks appended
+to the pack are synced by a helper thread; a state file that would name a
+chunk not synced yet (its own new ones, or a recent snapshot's) carries a
+copy of it inline instead, so its one ``fsync`` covers it. When such chunks
+pass 4 MiB, the pack is synced first and the state names them there. A
+crash leaves at most unreferenced bytes at the pack's end and a temporary
+file. The new folder and its rename become durable with the journal commit
+of the snapshot list's ``fsync``, which follows.
 
 Deleted snapshots leave garbage in the pack; when garbage outweighs live
 data the next snapshot writes a new pack generation, rewrites every index to
