@@ -9,9 +9,11 @@ when a guest never releases a device.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pycdlib
@@ -20,6 +22,7 @@ import pytest
 import virtkit
 from virtkit import CdRom, Disk, Machine, Nic, PortForward, State
 from virtkit.backends.libvirt import LibvirtGuest
+from virtkit.libvirt import import_domain
 from virtkit.model import KernelBoot
 from virtkit.testing import guests
 from virtkit.testing.linux import (
@@ -202,3 +205,94 @@ def test_detach_of_a_device_the_guest_never_releases_times_out(
         assert _stored(guest).disks[-1] == disk
         assert guest.state is State.RUNNING
         guest.kill()
+
+
+def _foreign_xml(name: str, disk: Path) -> str:
+    """A domain virtkit did not write: its CD-ROM is ``hdc`` (the writer would say ``hda``)."""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/><apic/></features>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/>
+    </disk>
+    <serial type='pty'/><console type='pty'/>
+  </devices>
+</domain>"""
+
+
+def test_imported_domain_changes_live_and_in_its_own_definition(
+    libvirtd: str, tmp_path: Path
+) -> None:
+    """An imported domain (virtkit does not rewrite its definition) gets the medium in its own
+    drive ``hdc``, live and in libvirt's persistent definition, and a hot-plugged disk both
+    places too."""
+    disk = tmp_path / "counter.qcow2"
+    guests.write_disk(disk, "counter", format="qcow2")
+    iso = _iso(tmp_path / "media.iso", b"imported\n")
+    name = f"{PREFIX}foreign"
+    with virtkit.connect("libvirt", root=tmp_path / "root", name_prefix=PREFIX) as hv:
+        conn = hv.connection.raw
+        with contextlib.suppress(hv.connection.lv.libvirtError):
+            conn.lookupByName(name).undefine()  # a leftover of an interrupted run
+        conn.defineXML(_foreign_xml(name, disk))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", virtkit.CapabilityWarning)
+            guest = import_domain(hv, name, tmp_path / "vm", machine_name="foreign")  # type: ignore[arg-type]
+        assert isinstance(guest, LibvirtGuest) and not guest.owns_definition
+        try:
+            guest.start()
+            guest.console.expect("count 0", timeout=30)
+            guest.change_media("cdrom0", iso)
+            for xml in (guest.xml(), _inactive_xml(guest)):
+                drive = re.search(r"<disk[^>]*device='cdrom'.*?</disk>", xml, re.S)
+                assert drive is not None
+                assert str(iso) in drive.group(0) and "dev='hdc'" in drive.group(0)
+            assert _stored(guest).cdroms[0].path == str(iso)
+            extra = guest.attach(Disk(path="extra.qcow2", size="1MiB"))
+            assert extra.target == "vdb"
+            assert "dev='vdb'" in guest.xml() and "dev='vdb'" in _inactive_xml(guest)
+            guest.change_media("cdrom0", None)
+            assert str(iso) not in guest.xml() and str(iso) not in _inactive_xml(guest)
+            guest.kill()
+        finally:
+            hv.undefine(guest)
+
+
+def test_host_without_shared_storage_refuses_new_files(libvirtd: str, tmp_path: Path) -> None:
+    """On a host that does not share this machine's files (a pushed folder), a new disk image
+    or medium cannot be plugged live: ConfigError, nothing recorded, the created image gone;
+    a NIC is plugged as anywhere."""
+    folder = tmp_path / "pushed"
+    (folder / "disks").mkdir(parents=True)
+    guests.write_disk(folder / "disks" / "root.qcow2", "counter", format="qcow2")
+    (folder / "disks" / "media.iso").write_bytes(_iso(tmp_path / "m.iso", b"x\n").read_bytes())
+    virtkit.save(
+        Machine(name="pushed", memory="32MiB", disks=[Disk("root.qcow2")], cdroms=[CdRom()]),
+        folder,
+    )
+    with virtkit.connect(
+        "libvirt", root=tmp_path / "root", name_prefix=PREFIX, shared_storage=False
+    ) as hv:
+        guest = hv.push(folder)  # type: ignore[attr-defined]
+        try:
+            guest.start()
+            guest.console.expect("count 0", timeout=30)
+            before = _stored(guest)
+            with pytest.raises(virtkit.ConfigError, match="does not share storage"):
+                guest.attach(Disk(path="new.qcow2", size="1MiB"))
+            assert not (folder / "disks" / "new.qcow2").exists()
+            with pytest.raises(virtkit.ConfigError, match="does not share storage"):
+                guest.change_media("cdrom0", "media.iso")
+            assert _stored(guest) == before
+            nic = guest.attach(Nic())
+            assert nic.mac in guest.xml()
+            guest.kill()
+            guest.pull(remove=True)
+        finally:
+            hv.undefine(guest)
