@@ -202,6 +202,8 @@ def test_detach_of_a_device_the_guest_never_releases_times_out(
             guest.detach("vdb")
         assert info.value.timeout == 1.0
         assert "vdb" in guest.xml()
+        with pytest.raises(virtkit.TimeoutError, match="vdb"):  # asking again waits again
+            guest.detach("vdb")
         assert _stored(guest).disks[-1] == disk
         assert guest.state is State.RUNNING
         guest.kill()

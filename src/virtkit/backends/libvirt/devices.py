@@ -5,18 +5,20 @@ libvirt calls used (libvirt 9.0, ``virDomain*DeviceFlags``):
 * media: ``updateDeviceFlags`` of the ``<disk device='cdrom'>`` element with
   the new ``<source file>`` or none (eject; ``MODIFY_FORCE``: the guest may
   have locked the tray);
-* disks and NICs: ``attachDeviceFlags`` / ``detachDeviceFlags`` of the
-  element the domain writer (:func:`virtkit.libvirt.to_xml`) produces for the
-  device, so a hot-plugged device is the one a restart defines.
+* disks and NICs: ``attachDeviceFlags`` of the element the domain writer
+  (:func:`virtkit.libvirt.to_xml`) produces for the device, so a hot-plugged
+  device is the one a restart defines; ``detachDeviceAlias`` of the live
+  device's alias (asynchronous), then ``detachDeviceFlags`` of the same
+  element from the persistent definition.
 
 Flags: ``AFFECT_LIVE``, plus ``AFFECT_CONFIG`` on a persistent domain so
 libvirt's own definition agrees with the folder (a detach changes the
 definition only after the guest released the device).
 
 Detach asks the guest to release the device (ACPI PCI hot-unplug on the
-``pc`` machine); libvirt waits a few seconds for QEMU's ``DEVICE_DELETED``
-and returns even when the guest has not answered, so the live XML is polled
-until the device is gone, bounded by :data:`DETACH_TIMEOUT`.
+``pc`` machine) and polls the live XML until the device is gone, bounded by
+:data:`DETACH_TIMEOUT`; only then does the call return (and the folder
+drop the device).
 
 What is refused (``ConfigError``, before libvirt is called): non-virtio
 disks (IDE and SATA ports are not hot-pluggable), user-mode NICs with port
@@ -231,13 +233,17 @@ class LiveDevices:
             kind = "network card"
         xml = ET.tostring(element, encoding="unicode")
         deadline = time.monotonic() + timeout
-        if self._present(tag, match):
-            guest._call(
-                f"hot-unplug {kind} {name}",
-                guest.domain.detachDeviceFlags,
-                xml,
-                self._flags(config=False),
-            )
+        live = self._live_element(tag, match)
+        if live is not None:
+            alias = live.find("alias")
+            what = f"hot-unplug {kind} {name}"
+            flags = self._flags(config=False)
+            if alias is not None and alias.get("name"):
+                # asynchronous: returns once QEMU asked the guest (detachDeviceFlags
+                # would block for libvirt's own few seconds of waiting)
+                guest._call(what, guest.domain.detachDeviceAlias, alias.get("name"), flags)
+            else:
+                guest._call(what, guest.domain.detachDeviceFlags, xml, flags)
         while self._present(tag, match):
             if time.monotonic() >= deadline:
                 raise TimeoutError(
@@ -254,11 +260,14 @@ class LiveDevices:
             with contextlib.suppress(lv.libvirtError):
                 guest.domain.detachDeviceFlags(xml, lv.VIR_DOMAIN_AFFECT_CONFIG)
 
+    def _live_element(self, tag: str, match: dict[str, str]) -> ET.Element | None:
+        for element in self._live_devices().iterfind(tag):
+            if all(_attr(element, path) == value for path, value in match.items()):
+                return element
+        return None
+
     def _present(self, tag: str, match: dict[str, str]) -> bool:
-        return any(
-            all(_attr(el, path) == value for path, value in match.items())
-            for el in self._live_devices().iterfind(tag)
-        )
+        return self._live_element(tag, match) is not None
 
 
 def _attr(element: ET.Element, path: str) -> str | None:
