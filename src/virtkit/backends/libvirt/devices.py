@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from virtkit import bundle
-from virtkit.errors import BackendError, ConfigError, TimeoutError
+from virtkit.errors import BackendError, ConfigError, ImageError, TimeoutError
 from virtkit.model import CdRom, Disk, Machine, Nic
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ class LiveDevices:
             self._refuse_remote_file(f"insert a medium into {target}", "path")
             medium = bundle.resolve_disk(guest.folder, drive.path)
             if not medium.is_file():  # the mixin checked; the file may have gone since
-                raise ConfigError(
-                    f"cannot insert {medium} into {target}: no such file", field="path"
+                raise ImageError(
+                    f"cannot insert {medium} into {target}: no such file", path=str(medium)
                 )
         targets = [str(c.target) for c in guest.machine.cdroms]
         index = targets.index(target)

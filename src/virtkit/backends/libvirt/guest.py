@@ -87,7 +87,8 @@ class LibvirtGuest(Guest):
     * :attr:`domain_name` - the libvirt domain's name;
     * :attr:`domain` - the ``virDomain`` object (for what virtkit does not wrap);
     * :meth:`xml` - the domain's live XML;
-    * :meth:`migrate` - move the running guest to another libvirt host.
+    * :meth:`migrate` - move the running guest to another libvirt host;
+    * :attr:`detach_timeout` - how long a live ``detach()`` waits for the guest.
     """
 
     hypervisor: LibvirtHypervisor
