@@ -175,7 +175,7 @@ class Qcow2Image(BitmapsMixin, Image):
         try:
             backing.open_children(self)
             if writable and self.hdr.incompatible_features & layout.INCOMPAT_DIRTY:
-                self._repair_dirty()
+                structure.repair_dirty(self)
         except BaseException:
             self._close_children()
             raise
@@ -211,13 +211,6 @@ class Qcow2Image(BitmapsMixin, Image):
                 is then open read-only again, as before the call.
         """
         return backing.reopen(self, writable=writable)
-
-    def _repair_dirty(self) -> None:
-
-        checkmod.check(self, repair=True)
-        self.hdr.incompatible_features &= ~layout.INCOMPAT_DIRTY
-        self._write_u64(layout.OFF_INCOMPAT, self.hdr.incompatible_features)
-        self.st.flush()
 
     def _close_children(self) -> None:
         if self.backing is not None:
@@ -407,26 +400,8 @@ class Qcow2Image(BitmapsMixin, Image):
             )
         if not self._autoclear_done:
             self._autoclear_done = True
-            if self.v3 and self.hdr.autoclear_features:
-                keep = 0
-                if self.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS and (
-                    self._mark_bitmaps_in_use()
-                ):
-                    keep = layout.AUTOCLEAR_BITMAPS
-                if self.hdr.autoclear_features != keep:
-                    # features we do not keep in sync lose their claim, as the spec asks
-                    self.hdr.autoclear_features = keep
-                    self._write_u64(layout.OFF_AUTOCLEAR, keep)
-                    self.st.flush()
+            structure.drop_autoclear(self)
         bitmapsmod.before_write(self)  # bitmaps: in-use on disk before guest data changes
-
-    def _mark_bitmaps_in_use(self) -> bool:
-        """Flag every persistent bitmap in-use (stale), as QEMU does while writing.
-
-        Returns False when the bitmap directory cannot be parsed (the caller
-        then clears the bitmaps autoclear bit instead).
-        """
-        return bitmapsmod.begin_write(self)
 
     def _run_write(self, fn: Callable[[], None], *, request: bool = False) -> None:
         """Run a write step; corruption found on the way sets the corrupt flag.

@@ -1,4 +1,4 @@
-"""Structural operations on qcow2 images: resize, emptying, the backing file name.
+"""Structural operations on qcow2 images: resize, emptying, the backing name, header flags.
 
 These change the image's layout rather than guest data through a request:
 they run write-through (the image writes its metadata cache back first, see
@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import attrs
 
 from virtkit.errors import ImageError
+from virtkit.images.qcow2 import bitmaps as bitmapsmod
+from virtkit.images.qcow2 import check as checkmod
 from virtkit.images.qcow2 import layout, snapshots
 from virtkit.images.qcow2.requests import coalesce
 from virtkit.images.qcow2.writes import grow_l1, zero_partial, zero_range
@@ -22,7 +24,15 @@ from virtkit.images.qcow2.writes import grow_l1, zero_partial, zero_range
 if TYPE_CHECKING:  # the image module imports this one
     from virtkit.images.qcow2.image import Qcow2Image
 
-__all__ = ["make_empty", "resize", "set_backing_file", "set_size", "trim_free_tail"]
+__all__ = [
+    "drop_autoclear",
+    "make_empty",
+    "repair_dirty",
+    "resize",
+    "set_backing_file",
+    "set_size",
+    "trim_free_tail",
+]
 
 
 def make_empty(img: Qcow2Image) -> None:
@@ -159,3 +169,29 @@ def set_backing_file(img: Qcow2Image, name: str | None, backing_format: str | No
     img.meta.extensions = exts
     img.meta.backing_file = name
     img.meta.backing_format = backing_format if name is not None else None
+
+
+def repair_dirty(img: Qcow2Image) -> None:
+    """Rebuild the refcounts of an image left dirty (lazy refcounts), then clear the flag."""
+    checkmod.check(img, repair=True)
+    img.hdr.incompatible_features &= ~layout.INCOMPAT_DIRTY
+    img._write_u64(layout.OFF_INCOMPAT, img.hdr.incompatible_features)
+    img.st.flush()
+
+
+def drop_autoclear(img: Qcow2Image) -> None:
+    """Before the first write: clear the autoclear features not kept in sync.
+
+    As the specification asks of programs that do not maintain them. The
+    bitmaps bit stays when every persistent bitmap could be flagged in-use
+    (stale), as QEMU does while writing; a bitmap directory that cannot be
+    parsed loses it.
+    """
+    if img.v3 and img.hdr.autoclear_features:
+        keep = 0
+        if img.hdr.autoclear_features & layout.AUTOCLEAR_BITMAPS and bitmapsmod.begin_write(img):
+            keep = layout.AUTOCLEAR_BITMAPS
+        if img.hdr.autoclear_features != keep:
+            img.hdr.autoclear_features = keep
+            img._write_u64(layout.OFF_AUTOCLEAR, keep)
+            img.st.flush()
