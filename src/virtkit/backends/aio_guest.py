@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from virtkit.errors import StateError, TimeoutError
 from virtkit.images.args import check_timeout
-from virtkit.model import Snapshot, State
+from virtkit.model import Disk, Nic, Snapshot, State
 
 if TYPE_CHECKING:
     from virtkit.backends.base import Guest
@@ -151,6 +152,15 @@ class GuestTwin(Protocol):
     async def delete_snapshot(self, name: str) -> None:
         """Delete a snapshot."""
 
+    async def change_media(self, cdrom: str, path: str | os.PathLike[str] | None) -> None:
+        """Insert or eject a CD-ROM's medium."""
+
+    async def attach(self, device: Disk | Nic) -> Disk | Nic:
+        """Add a disk or NIC (live where the backend can)."""
+
+    async def detach(self, target: str) -> Disk | Nic:
+        """Remove a disk or NIC."""
+
 
 class AsyncGuest:
     """The Guest API as coroutines, for any backend; errors are the same virtkit errors.
@@ -234,3 +244,15 @@ class AsyncGuest:
     async def delete_snapshot(self, name: str) -> None:
         """Coroutine twin of ``Guest.delete_snapshot``."""
         await in_thread(self.guest.delete_snapshot, name)
+
+    async def change_media(self, cdrom: str, path: str | os.PathLike[str] | None) -> None:
+        """Coroutine twin of ``Guest.change_media``."""
+        await in_thread(self.guest.change_media, cdrom, path)
+
+    async def attach(self, device: Disk | Nic) -> Disk | Nic:
+        """Coroutine twin of ``Guest.attach``."""
+        return await in_thread(self.guest.attach, device)
+
+    async def detach(self, target: str) -> Disk | Nic:
+        """Coroutine twin of ``Guest.detach`` (the guest's release is awaited in a worker)."""
+        return await in_thread(self.guest.detach, target)

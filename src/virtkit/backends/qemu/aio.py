@@ -12,11 +12,9 @@ caller's loop never blocks and dozens of guests proceed concurrently::
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-from virtkit.backends.aio_guest import AsyncGuest, in_thread
-from virtkit.model import Disk, Nic
+from virtkit.backends.aio_guest import AsyncGuest
 
 if TYPE_CHECKING:
     from virtkit.backends.qemu.guest import QemuGuest
@@ -28,7 +26,7 @@ class AsyncQemuGuest(AsyncGuest):
     """The same operations as :class:`QemuGuest`, as coroutines.
 
     Everything :class:`~virtkit.backends.aio_guest.AsyncGuest` offers, plus
-    the qemu backend's hot-plug, media and raw QMP calls. Errors are the same
+    raw QMP calls. Errors are the same
     virtkit errors the sync methods raise.
     """
 
@@ -39,18 +37,6 @@ class AsyncQemuGuest(AsyncGuest):
 
     def __repr__(self) -> str:
         return f"<AsyncQemuGuest {self.guest!r}>"
-
-    async def change_media(self, cdrom: str, path: str | os.PathLike[str] | None) -> None:
-        """Coroutine twin of ``Guest.change_media``."""
-        await in_thread(self.guest.change_media, cdrom, path)
-
-    async def attach(self, device: Disk | Nic) -> Disk | Nic:
-        """Coroutine twin of ``Guest.attach``."""
-        return await in_thread(self.guest.attach, device)
-
-    async def detach(self, target: str) -> Disk | Nic:
-        """Coroutine twin of ``Guest.detach`` (the guest's release is awaited in a worker)."""
-        return await in_thread(self.guest.detach, target)
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run a raw QMP command (on the caller's loop over the sync monitor, no thread).
