@@ -255,7 +255,13 @@ def _create_setup(d: Path) -> None:
 
 
 def _create_run(d: Path, st: dict[str, Any]) -> None:
-    with images.create(d / "disk.qcow2", SIZE, **opts()) as img:
+    path = d / "disk.qcow2"
+    if OPEN:  # create() writes in its own mode: reopen the new image in the campaign's
+        images.create(path, SIZE, **opts()).close()
+        made = images.open(path, writable=True, **OPEN)
+    else:
+        made = images.create(path, SIZE, **opts())
+    with made as img:
         m = st["model"] = Model(bytes(SIZE))
         m.write(img, 5 * CS + 100, _pattern(1, 3 * CS))
         m.flush(img)
