@@ -134,8 +134,7 @@ def _file_reader(src: Image) -> Callable[[bytearray, int, int], None] | None:
     """
     if src.format != "raw":
         return None
-    # the raw driver's FileStorage (``_st``; ``_storage`` in older versions of raw.py)
-    st = getattr(src, "_st", None) or getattr(src, "_storage", None)
+    st = getattr(src, "_st", None)  # the raw driver's storage (a test checks this path is taken)
     fd = st.fd if isinstance(st, FileStorage) else None
     if fd is None:
         return None
