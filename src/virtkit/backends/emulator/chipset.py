@@ -8,6 +8,14 @@
   guest polls or takes the SCI.
 * Reset: port 0xCF9 (bit 2, RST_CPU), the keyboard controller (``0xFE`` to
   port 0x64) and port 0x92 bit 0; port 0x92 bit 1 is the A20 gate.
+* The keyboard controller (8042) answers the commands an OS probes it with,
+  as a controller with no keyboard and no mouse port attached: self-test
+  (``0xAA`` -> 0x55), keyboard interface test (``0xAB`` -> 0), read and write
+  the command byte (``0x20``/``0x60``), the output port (``0xD0``/``0xD1``,
+  A20), and the mouse port tests fail at once (``0xA9`` -> 1, the ``0xD3``
+  echo comes back without the mouse-data bit). Linux's i8042 driver waited
+  for these answers in a ``udelay`` loop for half a second of guest time
+  (10,000 status reads, millions of TSC reads).
 * PIT (8254) at 0x40-0x43: channel counters read back from the clock; channel
   0's reload value sets the timer interrupt rate.
 * RTC/CMOS at 0x70/0x71: time registers in BCD, status registers, memory size
@@ -30,6 +38,11 @@ PIT_HZ = 1_193_182
 PM_TIMER_HZ = 3_579_545
 PM_BASE = 0x600
 PWRBTN = 0x0100
+#: the 8042's command byte at boot: keyboard interrupt, system flag, mouse port off, translation
+KBC_CTR_DEFAULT = 0x65
+#: 8042 commands answered with one fixed byte: self-test passed, keyboard interface
+#: test passed, mouse interface test failed ("clock line stuck low": no mouse port)
+_KBC_REPLIES = {0xAA: 0x55, 0xAB: 0x00, 0xA9: 0x01}
 SLP_EN = 0x2000
 
 
@@ -68,6 +81,8 @@ class Chipset:
         self.port61 = 0
         self.kbc_cmd = 0
         self.kbc_out = 0
+        self.kbc_out_full = False  # a byte waits in the output buffer (status bit 0)
+        self.kbc_ctr = KBC_CTR_DEFAULT
         self.cmos_index = 0
         self.cmos = bytearray(128)
         self._init_cmos()
@@ -124,9 +139,9 @@ class Chipset:
         if port == 0x71:
             return self._cmos_read(self.cmos_index & 0x7F)
         if port == 0x64:
-            return 0x1C | (1 if self.kbc_out else 0)  # system flag, unlocked, command
+            return 0x1C | (1 if self.kbc_out_full else 0)  # system flag, unlocked, command
         if port == 0x60:
-            value, self.kbc_out = self.kbc_out, 0
+            value, self.kbc_out, self.kbc_out_full = self.kbc_out, 0, False
             return value
         if port == 0x92:
             return 0x02 if self.a20 else 0x00
@@ -155,16 +170,16 @@ class Chipset:
             if index not in (0x0C, 0x0D):
                 self.cmos[index] = value & 0xFF
         elif port == 0x64:
-            self.kbc_cmd = value & 0xFF
-            if value & 0xFF == 0xFE:
-                self._request(Request.RESET)
-            elif value & 0xFF == 0xD0:
-                self.kbc_out = 0x03 if self.a20 else 0x01
+            self._kbc_command(value & 0xFF)
         elif port == 0x60:
             if self.kbc_cmd == 0xD1:
                 self.a20 = bool(value & 0x02)
                 if not value & 0x01:
                     self._request(Request.RESET)
+            elif self.kbc_cmd == 0x60:
+                self.kbc_ctr = value & 0xFF
+            elif self.kbc_cmd == 0xD3:  # echo "from the mouse": no mouse port, no mouse-data bit
+                self._kbc_reply(value & 0xFF)
             self.kbc_cmd = 0
         elif port == 0x92:
             self.a20 = bool(value & 0x02)
@@ -175,6 +190,23 @@ class Chipset:
                 self._request(Request.RESET)
         elif port in (0x20, 0xA0, 0x21, 0xA1):
             self._pic_write(port, value & 0xFF)
+
+    # -- keyboard controller ------------------------------------------------------------------
+    def _kbc_command(self, command: int) -> None:
+        """A command byte written to port 0x64 (those with a data byte wait for it)."""
+        self.kbc_cmd = command
+        if command == 0xFE:
+            self._request(Request.RESET)
+        elif command == 0xD0:
+            self._kbc_reply(0x03 if self.a20 else 0x01)
+        elif command == 0x20:
+            self._kbc_reply(self.kbc_ctr)
+        elif command in _KBC_REPLIES:
+            self._kbc_reply(_KBC_REPLIES[command])
+
+    def _kbc_reply(self, value: int) -> None:
+        self.kbc_out = value
+        self.kbc_out_full = True
 
     # -- ACPI PM --------------------------------------------------------------------------
     def press_power_button(self) -> None:
@@ -372,6 +404,8 @@ class Chipset:
             "a20": self.a20,
             "port61": self.port61,
             "kbc": [self.kbc_cmd, self.kbc_out],
+            "kbc_out_full": self.kbc_out_full,
+            "kbc_ctr": self.kbc_ctr,
             "cmos_index": self.cmos_index,
             "cmos": bytes(self.cmos).hex(),
             "pit_mode": self.pit_mode,
@@ -393,6 +427,8 @@ class Chipset:
         self.a20 = bool(state["a20"])
         self.port61 = int(state["port61"])
         self.kbc_cmd, self.kbc_out = (int(v) for v in state["kbc"])
+        self.kbc_out_full = bool(state.get("kbc_out_full", self.kbc_out != 0))
+        self.kbc_ctr = int(state.get("kbc_ctr", KBC_CTR_DEFAULT))
         self.cmos_index = int(state["cmos_index"])
         self.cmos = bytearray(bytes.fromhex(state["cmos"]))
         reload, access, latch, read_hi, write_hi, start = state["pit"]
