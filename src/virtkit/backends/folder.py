@@ -27,6 +27,23 @@ __all__ = ["FolderMixin"]
 _LIVE = (State.RUNNING, State.PAUSED)
 
 
+def _stamp(folder: Path) -> tuple[tuple[int, ...], ...] | None:
+    """What identifies the folder files a load reads (machine.toml, links.toml) as they are
+    now; None without a machine.toml. Atomic rewrites change the inode, edits in place
+    the size or times."""
+    out: list[tuple[int, ...]] = []
+    for name in (bundle.CONFIG_NAME, bundle.LINKS_NAME):
+        try:
+            st = os.stat(folder / name)
+        except OSError:
+            if name == bundle.CONFIG_NAME:
+                return None
+            out.append(())
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
 class FolderMixin:
     """The folder part of :class:`~virtkit.backends.base.Guest`."""
 
@@ -35,6 +52,7 @@ class FolderMixin:
         folder: Path
         allow: tuple[Path, ...]
         _lifecycle: Lifecycle
+        _folder_stamp: tuple[tuple[int, ...], ...] | None
 
         @property
         def name(self) -> str: ...
@@ -147,12 +165,16 @@ class FolderMixin:
 
         Only while the guest is stopped; a running guest's files are locked by its backend.
         """
-        if self.state in _LIVE or not (self.folder / bundle.CONFIG_NAME).is_file():
+        if self.state in _LIVE:
             return
+        seen = _stamp(self.folder)
+        if seen is None or seen == getattr(self, "_folder_stamp", None):
+            return  # no machine.toml, or the files are as this handle last read or wrote them
         allow = [*self.allow, *explicit_roots(self.machine)]
         fresh = bundle.load(self.folder, allow=allow)
         if fresh != self.machine and fresh.name == self.machine.name:
             self.machine = fresh
+        self._folder_stamp = _stamp(self.folder)  # load may have written identity back
 
     def _set_machine(self, machine: Machine) -> None:
         """Persist a changed definition to the folder (atomically), then adopt it.
@@ -162,3 +184,4 @@ class FolderMixin:
         """
         bundle.write_machine(self.folder, machine, allow=self.allow)
         self.machine = machine
+        self._folder_stamp = _stamp(self.folder)
