@@ -79,6 +79,7 @@ LINUX_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3 tsc=unstable"
 DEFAULT_MODULES: tuple[str, ...] = (
     "virtio",
     "virtio_pci",
+    "virtio_mmio",  # the emulator's disks (announced in its ACPI DSDT)
     "virtio_blk",
     "cdrom",
     "sr_mod",

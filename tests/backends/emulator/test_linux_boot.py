@@ -214,7 +214,11 @@ class TestBoot:
         try:
             guest.console.expect("Linux version 6.1", timeout=120)
             guest.console.expect(
-                "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable", timeout=60
+                "BIOS-e820: [mem 0x0000000000100000-0x000000000fffbfff] usable", timeout=60
+            )
+            # the platform's ACPI tables sit in the top 16 KiB of RAM
+            guest.console.expect(
+                "BIOS-e820: [mem 0x000000000fffc000-0x000000000fffffff] ACPI data", timeout=60
             )
             guest.console.expect("Kernel command line: " + EMULATOR_CMDLINE, timeout=600)
         finally:

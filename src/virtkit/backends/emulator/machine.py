@@ -72,9 +72,9 @@ SLICE_INSTRUCTIONS = 100_000
 TRACE_LIMIT = 100_000  # serial trace entries kept (virtual clock); later output is not traced
 BOOT_ADDRESS = 0x7C00
 _PARK_TIMEOUT = 10.0
-#: ACPI tables and virtio-mmio disks for a directly booted kernel (see platform.py); off by
-#: default until Linux boots with ACPI on the emulator. ``PcMachine(platform=...)`` overrides it.
-PLATFORM_DEVICES = False
+#: ACPI tables and virtio-mmio disks for a directly booted kernel (see platform.py); on by
+#: default. ``PcMachine(platform=False)`` gives a kernel the bare PC (no ACPI, disks by BIOS only).
+PLATFORM_DEVICES = True
 
 
 #: machines whose worker runs; stopped at interpreter exit, because a CPU thread
