@@ -283,8 +283,14 @@ class QemuProcess:
         """Whether KVM runs the guest: asked here, on the loop, so start() pays no thread hop.
 
         A guest that powered off at once (QEMU gone before the question) is
-        reported with the accelerator its command line asked for.
+        reported with the accelerator its command line asked for. A command
+        line that names no KVM accelerator cannot run on KVM: nothing is asked
+        (the monitor's reply, under QEMU's big lock, would delay the guest's
+        first steps).
         """
+        accels = [self.argv[i + 1] for i, a in enumerate(self.argv[:-1]) if a == "-accel"]
+        if accels and not any(a.startswith("kvm") for a in accels):
+            return False
         try:
             reply = await self.qmp.execute("query-kvm")
         except BackendError:
