@@ -8,6 +8,7 @@ and ``qemu-img convert -O raw`` must produce exactly the model's bytes.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import virtkit.images
 
 SIZE = 256 * 1024
 _SETTINGS = settings(
-    max_examples=40,
+    max_examples=int(os.environ.get("VIRTKIT_QCOW2_EXAMPLES", "40")),  # as test_qcow2_model
     stateful_step_count=25,
     deadline=None,
     database=None,
