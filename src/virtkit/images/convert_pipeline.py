@@ -273,25 +273,7 @@ def _nonzero_runs(buf: bytes | bytearray, n: int, granule: int) -> Iterator[tupl
 
 def copy_plain(src: Image, out: Image, granule: int, progress: Progress | None) -> None:
     """Copy every non-zero ``granule`` of ``src`` into ``out``, reading ahead on a thread."""
-    total = src.virtual_size
-    reader = _Reader(src, granule, _depth(default_workers()), whole=False)
-    done = 0
-    try:
-        _report(progress, 0, total)
-        for pos, data, n in reader:
-            if data is None:
-                done = pos
-            else:
-                with memoryview(data) as view:
-                    for a, b in _nonzero_runs(data, n, granule):
-                        out.write(pos + a, view[a:b])
-                reader.release(data)
-                done = pos + n
-            _report(progress, done, total)
-    finally:
-        reader.close()
-    if done != total:
-        _report(progress, total, total)
+    _copy_nonzero(src, granule, False, out.write, progress)
 
 
 def copy_clusters(src: Image, out: Any, progress: Progress | None) -> None:
@@ -302,9 +284,19 @@ def copy_clusters(src: Image, out: Any, progress: Progress | None) -> None:
     with any data is stored whole, as qemu-img stores it) and each run of
     non-zero clusters goes out in one write.
     """
+    _copy_nonzero(src, out.cluster_size, True, out.write_clusters, progress)
+
+
+def _copy_nonzero(
+    src: Image,
+    granule: int,
+    whole: bool,
+    write: Callable[[int, memoryview], None],
+    progress: Progress | None,
+) -> None:
+    """Read ``src`` ahead on a thread and ``write`` each run of non-zero ``granule`` s."""
     total = src.virtual_size
-    cluster = out.cluster_size
-    reader = _Reader(src, cluster, _depth(default_workers()), whole=True)
+    reader = _Reader(src, granule, _depth(default_workers()), whole=whole)
     done = 0
     try:
         _report(progress, 0, total)
@@ -313,8 +305,8 @@ def copy_clusters(src: Image, out: Any, progress: Progress | None) -> None:
                 done = pos
             else:
                 with memoryview(data) as view:
-                    for a, b in _nonzero_runs(data, n, cluster):
-                        out.write_clusters(pos + a, view[a:b])
+                    for a, b in _nonzero_runs(data, n, granule):
+                        write(pos + a, view[a:b])
                 reader.release(data)
                 done = pos + n
             _report(progress, done, total)
