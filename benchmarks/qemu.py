@@ -13,9 +13,10 @@ Measures, in one run (medians over repeats; TCG unless ``--accel`` says otherwis
   a second monitor on a blocking socket) vs a raw ``qemu.qmp.QMPClient``
   awaited directly, interleaved; plus the same command through the private
   event loop and the cost of the loop's two thread wake-ups alone;
-* guest agent: ``guest.agent.exec(["/bin/true"])`` round trip and an 8 MiB
-  ``write_file``, vs the same commands as raw JSON lines on the agent's socket
-  (qemu-ga has no QMP greeting, so ``qemu.qmp`` cannot speak to it);
+* guest agent: ``guest.agent.exec(["/bin/true"])`` round trip, and an 8 MiB
+  ``write_file`` and ``read_file``, vs the same ``guest-exec``/``guest-file-*``
+  commands through a raw ``qemu.qmp.QMPClient`` on the agent's socket
+  (greeting and negotiation off: qemu-ga sends no greeting);
 * full snapshot save (``guest.snapshot``) and load (``guest.revert``) of a
   256 MiB guest: the Linux test guest (booted, so its RAM is really used)
   when the kernel is in the test cache, else the ``counter`` boot sector.
@@ -44,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # this file is named qemu.py: keep its folder off sys.path so ``qemu.qmp`` is the package
 _HERE = Path(__file__).resolve().parent
@@ -381,18 +383,56 @@ def _bare_savevm(argv: list[str], disk: Path, work: Path, repeats: int) -> tuple
     return _median_ms(saves), _median_ms(loads)
 
 
-def _raw_agent_call(sock: socket.socket, buf: bytearray, command: dict[str, object]) -> object:
-    """One agent command as raw JSON over the socket: the floor virtkit's client is held to."""
-    sock.sendall(json.dumps(command).encode() + b"\n")
-    while b"\n" not in buf:
-        buf += sock.recv(1 << 20)
-    line, _, rest = bytes(buf).partition(b"\n")
-    buf[:] = rest
-    return json.loads(line)["return"]
+async def _qga_exec(client: QMPClient, path: str) -> None:
+    """guest-exec + guest-exec-status polling, as virtkit's client polls."""
+    started: Any = await client.execute("guest-exec", {"path": path})
+    pause = 0.005
+    while True:
+        status: Any = await client.execute("guest-exec-status", {"pid": started["pid"]})
+        if status["exited"]:
+            return
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
-def bench_agent(hv: QemuHypervisor, work: Path, calls: int) -> dict[str, float] | None:
-    """guest-exec round trip and 8 MiB file write, virtkit's GuestAgent vs raw JSON."""
+async def _qga_write(client: QMPClient, path: str, payload: bytes) -> None:
+    handle = await client.execute("guest-file-open", {"path": path, "mode": "w"})
+    for start in range(0, len(payload), _AGENT_CHUNK):
+        chunk = base64.b64encode(payload[start : start + _AGENT_CHUNK]).decode()
+        await client.execute("guest-file-write", {"handle": handle, "buf-b64": chunk})
+    await client.execute("guest-file-flush", {"handle": handle})
+    await client.execute("guest-file-close", {"handle": handle})
+
+
+async def _qga_read(client: QMPClient, path: str) -> bytes:
+    handle = await client.execute("guest-file-open", {"path": path, "mode": "r"})
+    out = bytearray()
+    while True:
+        got: Any = await client.execute(
+            "guest-file-read", {"handle": handle, "count": _AGENT_CHUNK}
+        )
+        out += base64.b64decode(got["buf-b64"])
+        if got["eof"] or not got["count"]:
+            break
+    await client.execute("guest-file-close", {"handle": handle})
+    return bytes(out)
+
+
+#: the chunk both clients move per guest-file-read/-write (virtkit.agent.FILE_CHUNK)
+_AGENT_CHUNK = 1024**2
+
+
+def bench_agent(
+    hv: QemuHypervisor, work: Path, calls: int, size: int = 8 * 1024**2
+) -> dict[str, float] | None:
+    """guest-exec round trip, file write and file read: virtkit's GuestAgent vs qemu.qmp.
+
+    qemu-ga sends no QMP greeting: the raw ``QMPClient`` connects with
+    ``await_greeting`` and ``negotiate`` off (as ``qmp-shell`` does for the
+    agent) and a read buffer large enough for a 1 MiB chunk's reply. The two
+    clients take turns on the agent's socket (QEMU's chardev takes one client
+    at a time), exec rounds interleaved in blocks of ten.
+    """
     try:
         from virtkit.testing.linux import (  # noqa: PLC0415
             LINUX_CMDLINE,
@@ -413,58 +453,55 @@ def bench_agent(hv: QemuHypervisor, work: Path, calls: int) -> dict[str, float] 
     guest.start()
     guest.wait_ready(via="console", pattern=READY_MARKER, timeout=120)
     guest.wait_ready(via="agent", timeout=60)
-    payload = os.urandom(8 * 1024**2)
-    out: dict[str, float] = {}
-
-    ours = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        guest.agent.exec(["/bin/true"])
-        ours.append(time.perf_counter() - t0)
-    out["exec_ours"] = _median_ms(ours)
-    t0 = time.perf_counter()
-    guest.agent.write_file("/tmp/bench", payload, timeout=600)
-    out["write_ours"] = len(payload) / (time.perf_counter() - t0) / 2**20
-    guest.agent.close()
-
     proc = guest._proc
     assert proc is not None
-    raw = socket.socket(socket.AF_UNIX)
-    raw.connect(str(proc.runtime_dir / "agent.sock"))
-    buf = bytearray()
-    raw.sendall(b'\xff{"execute":"guest-sync-delimited","arguments":{"id":7}}\n')
-    while b'{"return": 7}' not in buf:
-        buf += raw.recv(4096)
-    buf.clear()
-    bare = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        pid = _raw_agent_call(  # type: ignore[index]
-            raw, buf, {"execute": "guest-exec", "arguments": {"path": "/bin/true"}}
-        )["pid"]
-        pause = 0.005
-        while not _raw_agent_call(  # type: ignore[union-attr]
-            raw, buf, {"execute": "guest-exec-status", "arguments": {"pid": pid}}
-        ).get("exited"):
-            time.sleep(pause)
-            pause = min(pause * 2, 0.2)
-        bare.append(time.perf_counter() - t0)
-    out["exec_raw"] = _median_ms(bare)
+    sock = str(proc.runtime_dir / "agent.sock")
+    payload = os.urandom(size)
+    ours: list[float] = []
+    bare: list[float] = []
+    timed: dict[str, float] = {}
+
+    async def raw_block(n: int, files: bool) -> None:
+        client = QMPClient("bench-qga", readbuflen=8 * _AGENT_CHUNK)
+        client.await_greeting = False
+        client.negotiate = False
+        await client.connect(sock)
+        try:
+            await client.execute("guest-sync", {"id": 7})
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await _qga_exec(client, "/bin/true")
+                bare.append(time.perf_counter() - t0)
+            if files:
+                t0 = time.perf_counter()
+                await _qga_write(client, "/tmp/raw", payload)
+                timed["write_raw"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                back = await _qga_read(client, "/tmp/raw")
+                timed["read_raw"] = time.perf_counter() - t0
+                assert back == payload
+        finally:
+            await client.disconnect()
+
+    blocks = max(calls // 10, 1)
+    for block in range(blocks):
+        for _ in range(10):
+            t0 = time.perf_counter()
+            guest.agent.exec(["/bin/true"])
+            ours.append(time.perf_counter() - t0)
+        guest.agent.close()
+        asyncio.run(raw_block(10, files=block == blocks - 1))
     t0 = time.perf_counter()
-    handle = _raw_agent_call(
-        raw, buf, {"execute": "guest-file-open", "arguments": {"path": "/tmp/raw", "mode": "w"}}
-    )
-    for start in range(0, len(payload), 1024**2):
-        chunk = base64.b64encode(payload[start : start + 1024**2]).decode()
-        _raw_agent_call(
-            raw,
-            buf,
-            {"execute": "guest-file-write", "arguments": {"handle": handle, "buf-b64": chunk}},
-        )
-    _raw_agent_call(raw, buf, {"execute": "guest-file-close", "arguments": {"handle": handle}})
-    out["write_raw"] = len(payload) / (time.perf_counter() - t0) / 2**20
-    raw.close()
+    guest.agent.write_file("/tmp/bench", payload, timeout=600)
+    timed["write_ours"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert guest.agent.read_file("/tmp/bench", timeout=600) == payload
+    timed["read_ours"] = time.perf_counter() - t0
+    guest.agent.close()
     guest.kill()
+    mib = size / 2**20
+    out = {"exec_ours": _median_ms(ours), "exec_raw": _median_ms(bare), "mib": mib}
+    out.update({key: mib / seconds for key, seconds in timed.items()})
     return out
 
 
@@ -516,14 +553,16 @@ def main() -> None:
             if agent is not None:
                 print(
                     f"agent exec /bin/true round trip  virtkit {agent['exec_ours']:7.1f} ms   "
-                    f"raw JSON {agent['exec_raw']:7.1f} ms   "
+                    f"raw qemu.qmp {agent['exec_raw']:7.1f} ms   "
                     f"ratio {agent['exec_ours'] / agent['exec_raw']:.2f}"
                 )
-                print(
-                    f"agent file write (8 MiB)     virtkit {agent['write_ours']:6.2f} MiB/s   "
-                    f"raw JSON {agent['write_raw']:6.2f} MiB/s   "
-                    f"ratio {agent['write_raw'] / agent['write_ours']:.2f} (time)"
-                )
+                for way in ("write", "read"):
+                    ours, raw = agent[f"{way}_ours"], agent[f"{way}_raw"]
+                    print(
+                        f"agent file {way:5s} ({agent['mib']:.0f} MiB)  "
+                        f"virtkit {ours:6.2f} MiB/s   raw qemu.qmp {raw:6.2f} MiB/s   "
+                        f"time ratio {raw / ours:.2f}"
+                    )
             what, save, load, vmstate, bare_snap = bench_snapshot(
                 hv, work, max(3, args.repeats // 3)
             )
