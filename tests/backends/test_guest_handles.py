@@ -115,6 +115,32 @@ class TestHostPorts:
         assert info.value.field == "nics[1].forwards[0].host_port"
         qhv.define(Machine(name="c", memory="16MiB", nics=[self._fwd(22023)]))  # other port: fine
 
+    def test_every_other_guests_forward_counts(self, qhv: Hypervisor, tmp_path: Path) -> None:
+        """Guests on one port but different addresses coexist; a third on either address, or on
+        0.0.0.0 (all addresses), is refused at define() and never reaches QEMU."""
+        for name, addr in (("a1", "127.0.0.1"), ("a2", "127.0.0.2")):
+            fwd = PortForward(host_port=22030, guest_port=22, host_addr=addr)
+            qhv.define(Machine(name=name, memory="16MiB", nics=[Nic(forwards=[fwd])]))
+        for addr, owner in (("127.0.0.1", "a1"), ("0.0.0.0", "a1"), ("127.0.0.2", "a2")):
+            fwd = PortForward(host_port=22030, guest_port=22, host_addr=addr)
+            with pytest.raises(ConfigError, match=f"already forwarded by guest '{owner}'"):
+                qhv.define(Machine(name="b", memory="16MiB", nics=[Nic(forwards=[fwd])]))
+        assert not (tmp_path / "qguests" / "b").exists()
+
+    def test_two_nics_of_one_machine_on_one_port_never_reach_qemu(
+        self, qhv: Hypervisor, tmp_path: Path
+    ) -> None:
+        """Before, QEMU refused it at start ('Could not set up host forwarding rule'): now
+        the Machine itself is a ConfigError naming the field, so no folder is made."""
+        with pytest.raises(ConfigError, match="already forwarded by nics") as info:
+            Machine(name="two", memory="16MiB", nics=[self._fwd(22040), self._fwd(22040)])
+        assert info.value.field == "nics[1].forwards[0].host_port"
+        guest = qhv.define(Machine(name="two", memory="16MiB", nics=[self._fwd(22041)]))
+        with pytest.raises(ConfigError, match="already forwarded by nics"):
+            guest.attach(self._fwd(22041))
+        assert virtkit.load(guest.folder).nics == guest.machine.nics
+        assert len(guest.machine.nics) == 1
+
     def test_zero_picks_free_ports_at_start_and_qemu_listens_on_them(self, qhv: Hypervisor) -> None:
         """host_port=0 in two guests: each gets its own free port at start, reported by
         guest.host_port() and guest.forwards, and QEMU really listens there."""

@@ -134,6 +134,29 @@ class TestMediaPortsMemory:
         assert [f.host_port for f in nic.forwards] == [0, 0]
         with pytest.raises(ConfigError, match="twice"):
             Nic(forwards=[PortForward(8080, 22), PortForward(8080, 80)])
+        with pytest.raises(ConfigError, match="twice"):  # 0.0.0.0 covers 127.0.0.1
+            Nic(forwards=[PortForward(8080, 22, host_addr="0.0.0.0"), PortForward(8080, 80)])
+        Nic(forwards=[PortForward(8080, 22), PortForward(8080, 80, protocol="udp")])
+        Nic(forwards=[PortForward(8080, 22), PortForward(8080, 80, host_addr="127.0.0.2")])
+
+    @pytest.mark.parametrize(
+        ("first", "second"),
+        [
+            (PortForward(2222, 22), PortForward(2222, 80)),
+            (PortForward(2222, 22, host_addr="0.0.0.0"), PortForward(2222, 80)),
+            (PortForward(2222, 22), PortForward(2222, 80, host_addr="0.0.0.0")),
+        ],
+    )
+    def test_one_host_port_on_two_nics(self, first: PortForward, second: PortForward) -> None:
+        """Two NICs of one machine forwarding one host port (QEMU refused it only at start):
+        ConfigError at construction naming the second forward's field."""
+        with pytest.raises(ConfigError, match="already forwarded by nics\\[0\\]") as info:
+            Machine(name="m", nics=[Nic(forwards=[first]), Nic(forwards=[second])])
+        assert info.value.field == "nics[1].forwards[0].host_port"
+        other = attrs.evolve(second, host_addr="127.0.0.2", host_port=2223)
+        Machine(name="m", nics=[Nic(forwards=[first]), Nic(forwards=[other])])
+        zeros = [Nic(forwards=[PortForward(0, 22)]), Nic(forwards=[PortForward(0, 22)])]
+        assert len(Machine(name="m", nics=zeros).nics) == 2  # each picks its own at start
 
     @pytest.mark.parametrize("addr", ["::1", "[::1]", "localhost", "10.0.2.300", "01.2.3.4", ""])
     def test_host_addr_forms_qemu_refuses(self, addr: str) -> None:

@@ -50,6 +50,7 @@ from virtkit.model import (
     SnapshotKind,
     State,
 )
+from virtkit.model.devices import ports_clash
 
 __all__ = ["Guest", "Hypervisor"]
 
@@ -250,25 +251,22 @@ class Hypervisor(abc.ABC):
 
     def _check_ports(self, machine: Machine, *, skip: Guest | None = None) -> None:
         """Fixed host ports must not collide with another guest's (host_port=0 never does)."""
-        taken: dict[tuple[str, int], tuple[str, str]] = {}
-        for other in self._guests.values():
-            if other is skip:
-                continue
-            for _, fwd in fixed_forwards(other.machine.nics):
-                taken[(fwd.protocol, fwd.host_port)] = (other.name, fwd.host_addr)
+        taken = [
+            (other.name, theirs)
+            for other in self._guests.values()
+            if other is not skip
+            for _, theirs in fixed_forwards(other.machine.nics)
+        ]
         for field, fwd in fixed_forwards(machine.nics):
-            clash = taken.get((fwd.protocol, fwd.host_port))
-            if clash is None:
-                continue
-            owner, addr = clash
-            if addr == fwd.host_addr or "0.0.0.0" in (addr, fwd.host_addr):
-                raise ConfigError(
-                    f"'{field}' {fwd.protocol} port {fwd.host_port} on {fwd.host_addr} is "
-                    f"already forwarded by guest {owner!r} ({addr}); pick another port, or "
-                    "host_port=0 to get a free one at start",
-                    field=field,
-                    value=fwd.host_port,
-                )
+            for owner, theirs in taken:
+                if ports_clash(fwd, theirs):
+                    raise ConfigError(
+                        f"'{field}' {fwd.protocol} port {fwd.host_port} on {fwd.host_addr} is "
+                        f"already forwarded by guest {owner!r} ({theirs.host_addr}); pick "
+                        "another port, or host_port=0 to get a free one at start",
+                        field=field,
+                        value=fwd.host_port,
+                    )
 
     def _check_capabilities(self, machine: Machine, *, strict: bool) -> None:
         for field, why in self._ignored_devices(machine):

@@ -36,6 +36,7 @@ __all__ = [
     "PortForward",
     "Serial",
     "generate_mac",
+    "ports_clash",
 ]
 
 DISK_BUSES = ("virtio", "ide", "sata", "scsi")
@@ -245,6 +246,19 @@ class PortForward:
             ) from None
 
 
+def ports_clash(a: PortForward, b: PortForward) -> bool:
+    """Whether two forwards need the same host socket (port 0 never clashes: each picks its own).
+
+    ``0.0.0.0`` listens on every address, so it clashes with any address on the same port.
+    """
+    return (
+        a.host_port != 0
+        and a.host_port == b.host_port
+        and a.protocol == b.protocol
+        and (a.host_addr == b.host_addr or "0.0.0.0" in (a.host_addr, b.host_addr))
+    )
+
+
 def _normalise_mac(value: Any) -> Any:
     return value.lower().replace("-", ":") if isinstance(value, str) else value
 
@@ -312,17 +326,14 @@ class Nic:
                 field="forwards",
                 value=value,
             )
-        seen: set[tuple[str, str, int]] = set()
-        for fwd in value:
-            key = (fwd.protocol, fwd.host_addr, fwd.host_port)
-            if fwd.host_port and key in seen:  # port 0: each picks its own free port
+        for j, fwd in enumerate(value):
+            if any(ports_clash(fwd, earlier) for earlier in value[:j]):
                 raise ConfigError(
                     f"'forwards' uses host port {fwd.protocol}/{fwd.host_addr}:{fwd.host_port} "
-                    "twice",
+                    "twice (0.0.0.0 covers every address)",
                     field="forwards",
                     value=value,
                 )
-            seen.add(key)
 
 
 @call_errors_are_config_errors

@@ -24,7 +24,16 @@ from virtkit.model._validate import (
     tuple_of,
 )
 from virtkit.model.boot import KernelBoot
-from virtkit.model.devices import CdRom, CloudInit, Disk, Nic, Serial, Share
+from virtkit.model.devices import (
+    CdRom,
+    CloudInit,
+    Disk,
+    Nic,
+    PortForward,
+    Serial,
+    Share,
+    ports_clash,
+)
 from virtkit.units import parse_size
 
 __all__ = ["MAX_MEMORY", "MAX_VCPUS", "MIN_MEMORY", "CpuTopology", "Machine"]
@@ -274,6 +283,7 @@ class Machine:
                     value=nic.mac,
                 )
             macs[nic.mac] = i
+        self._check_host_ports()
         for i, dev in enumerate(self.boot):
             if not isinstance(dev, str) or dev not in names:
                 known = ", ".join(names) or "none"
@@ -293,6 +303,26 @@ class Machine:
                 field="memory",
                 value=self.memory,
             )
+
+    def _check_host_ports(self) -> None:
+        """Two NICs forwarding the same host port: QEMU would refuse to start."""
+        seen: list[tuple[str, PortForward]] = []
+        for i, nic in enumerate(self.nics):
+            for j, fwd in enumerate(nic.forwards):
+                field = f"nics[{i}].forwards[{j}].host_port"
+                for other_field, other in seen:
+                    if other_field.startswith(f"nics[{i}]."):
+                        continue  # one NIC's own forwards: Nic checked them
+                    if ports_clash(fwd, other):
+                        raise ConfigError(
+                            f"'{field}' forwards host port {fwd.protocol}/{fwd.host_addr}:"
+                            f"{fwd.host_port}, already forwarded by {other_field} "
+                            f"({other.host_addr}); a host port can be forwarded once "
+                            "(0.0.0.0 covers every address; host_port=0 picks a free one)",
+                            field=field,
+                            value=fwd.host_port,
+                        )
+                seen.append((field, fwd))
 
     def _check_files(self) -> None:
         """No image file may be named twice: two disks (or layers) on one file corrupt it."""
