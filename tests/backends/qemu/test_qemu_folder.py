@@ -147,27 +147,33 @@ class TestLinkedClones:
     def test_two_linked_clones_and_the_source_run_at_once(
         self, hv: QemuHypervisor, tmp_path: Path
     ) -> None:
-        """virtkit.clone twice (linked): the source and both clones are defined and run at the
-        same time on qemu, each counting on its own top layer; the shared base is never written."""
+        """virtkit.clone twice (linked) and once more (linked=False): the source, both linked
+        clones and the source's other (full) clone are defined and run at the same time on qemu,
+        each counting on its own top layer; the shared base is never written."""
         src = _folder_with(tmp_path, "src", "counter")
         source = hv.define(virtkit.load(src), folder=src)  # defined before the clones exist
         virtkit.clone(src, tmp_path / "c1", name="c1")
         virtkit.clone(src, tmp_path / "c2", name="c2")
+        virtkit.clone(src, tmp_path / "full", name="full", linked=False)
         c1 = hv.define(virtkit.load(tmp_path / "c1"), folder=tmp_path / "c1")
         c2 = hv.define(virtkit.load(tmp_path / "c2"), folder=tmp_path / "c2")
+        full = hv.define(virtkit.load(tmp_path / "full"), folder=tmp_path / "full")
+        assert full.machine.disks[0].layers == ()  # a copy: no chain into the source
+        with full.open_disk(0) as img:
+            assert img.backing_file is None
         shared = sorted((src / "disks").glob("*.qcow2"))
         frozen = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shared}
-        all3 = (source, c1, c2)
-        for g in all3:
+        running = (source, c1, c2, full)
+        for g in running:
             g.start()
-        for g in all3:
+        for g in running:
             g.console.expect("count 3\r\n", timeout=60)
             assert g.state is State.RUNNING
         # the source picked up the new top layer clone() gave it (the folder is the truth)
         assert source.machine.disks[0].layers == virtkit.load(src).disks[0].layers != ()
-        tops = {g.disk_path(g.machine.disks[0]) for g in all3}
-        assert len(tops) == 3
-        for g in all3:
+        tops = {g.disk_path(g.machine.disks[0]) for g in running}
+        assert len(tops) == 4
+        for g in running:
             g.kill()
         for name, digest in frozen.items():
             path = src / "disks" / name
