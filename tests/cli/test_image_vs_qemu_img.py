@@ -300,7 +300,7 @@ class TestWritingCommands:
         assert qemu_img("check", "base.qcow2").returncode == 0
 
     def test_amend_size_and_backing(self, both: Both, chain: Path) -> None:
-        """amend -o size= grows; -o backing_file= rewrites the header; compat= is refused."""
+        """amend -o size= grows; -o backing_file= rewrites the header."""
         assert both.virtkit("amend", "-o", "size=128M", "base.qcow2")[0] == 0
         info = json.loads(qemu_img("info", "--output=json", "base.qcow2").stdout)
         assert info["virtual-size"] == 128 << 20
@@ -309,8 +309,46 @@ class TestWritingCommands:
         assert status == 0
         info = json.loads(qemu_img("info", "--output=json", "top.qcow2").stdout)
         assert info["backing-filename"] == "base2.qcow2"
-        status, _, err = both.virtkit("amend", "-o", "compat=0.10", "top.qcow2")
-        assert status == 1 and "compat" in err
+
+    @pytest.mark.parametrize(
+        "option",
+        [
+            "compat=0.10",
+            "compat=v3",
+            "lazy_refcounts=on",
+            "refcount_bits=8",
+            "refcount_bits=1",
+            "compat=0.10,refcount_bits=8",
+            "compat=0.9",
+            "cluster_size=4096",
+            "data_file=x.raw",
+            "data_file_raw=on",
+            "lazy_refcounts=maybe",
+        ],
+    )
+    def test_amend_options_match_qemu_img(self, both: Both, chain: Path, option: str) -> None:
+        """amend -o compat/lazy_refcounts/refcount_bits: qemu-img's exit code on a copy,
+        a clean result showing the same bytes and the same format-specific info."""
+        shutil.copy(chain / "base.qcow2", chain / "theirs.qcow2")
+        their_rc = qemu_img("amend", "-o", option, "theirs.qcow2").returncode
+        our_rc, _, err = both.virtkit("amend", "-o", option, "base.qcow2")
+        assert our_rc == their_rc, err
+        assert qemu_img("check", "base.qcow2").returncode == 0
+        assert qemu_img("compare", "base.qcow2", "theirs.qcow2").returncode == 0
+        ours, theirs = (
+            json.loads(qemu_img("info", "--output=json", name).stdout)["format-specific"]
+            for name in ("base.qcow2", "theirs.qcow2")
+        )
+        assert ours == theirs
+        if our_rc:
+            assert err.startswith("virtkit: error: ") and "Traceback" not in err
+
+    def test_amend_usage_errors_match_qemu_img(self, both: Both, chain: Path) -> None:
+        """No -o, and a raw image: exit 1 as qemu-img."""
+        qemu_img("create", "-f", "raw", "r.raw", "1M")
+        for args in (("top.qcow2",), ("-f", "raw", "-o", "size=2M", "r.raw")):
+            (their_rc, _), (our_rc, _) = both.run("amend", *args)
+            assert our_rc == their_rc == 1, args
 
     def test_dd(self, both: Both, chain: Path) -> None:
         """dd bs/count/skip produces the bytes and size qemu-img dd produces."""

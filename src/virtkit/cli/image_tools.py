@@ -25,6 +25,7 @@ from virtkit.cli.options import (
 from virtkit.cli.output import OUTPUT, error, human_bool
 from virtkit.cli.progress import progress_bar
 from virtkit.errors import ConfigError, UnsupportedFeatureError, VirtkitError
+from virtkit.images.qcow2.amend import amend as qcow2_amend
 
 __all__ = ["COMMANDS"]
 
@@ -128,6 +129,45 @@ def _hex(value: int) -> str:
     return "0" if value == 0 else hex(value)
 
 
+#: -o options qemu-img accepts only when creating an image
+_CREATION_ONLY = (
+    "cluster_size",
+    "preallocation",
+    "extended_l2",
+    "compression_type",
+    "encryption",
+    "encrypt.format",
+    "nocow",
+)
+#: -o options amend changes through virtkit.images.qcow2.amend
+_AMEND_QCOW2 = ("compat", "lazy_refcounts", "refcount_bits")
+
+
+def _amend_refusals(opts: dict[str, Any]) -> None:
+    """Refuse, as qemu-img does, what amend cannot change on an existing image."""
+    for key in opts:
+        if key in _CREATION_ONLY:
+            raise ConfigError(
+                f"invalid parameter '{key}': this option is only supported for image creation",
+                field=key,
+            )
+        if key == "data_file":
+            raise UnsupportedFeatureError(
+                "data_file can only be set for images that use an external data file, and "
+                "virtkit does not write external data files",
+                feature="amend data_file",
+            )
+        if key == "data_file_raw":
+            raise ConfigError("data_file_raw cannot be set on existing images", field=key)
+        if key.startswith("encrypt."):
+            raise UnsupportedFeatureError(
+                f"amend cannot change {key}: virtkit does not write encrypted images",
+                feature=f"amend {key}",
+            )
+        if key not in (*_AMEND_QCOW2, "size", "backing", "backing_format"):
+            raise ConfigError(f"invalid parameter '{key}' for amend", field=key)
+
+
 @click.command()
 @fmt_option()
 @OPTIONS
@@ -143,30 +183,33 @@ def amend(
     force: bool,
     filename: str,
 ) -> int:
-    """Change options of an existing image (qemu-img amend).
+    """Change options of an existing qcow2 image (qemu-img amend).
 
-    Supported: ``size`` and ``backing_file``/``backing_fmt`` (header only, as
-    qemu-img). Other options (compat, refcount_bits, lazy_refcounts...) are
-    refused with an error: virtkit.images cannot rewrite them in place.
+    Changes ``compat`` (0.10/v2 or 1.1/v3, up or down), ``lazy_refcounts``
+    (on/off), ``refcount_bits`` (1..64), ``size`` and ``backing_file`` /
+    ``backing_fmt`` (header only, as qemu-img). Creation-only options
+    (cluster_size, preallocation...) are refused, as qemu-img refuses them.
     """
     del progress, quiet, force
     opts = parse_options(options)
     if not opts:
-        raise click.UsageError("amend needs -o KEY=VALUE options")
-    unknown = sorted(set(opts) - {"size", "backing", "backing_format"})
-    if unknown:
+        raise ConfigError("amend needs options: -o KEY=VALUE[,...]", field="-o")
+    _amend_refusals(opts)
+    with images.open(filename, format=as_format(fmt), force_share=True) as img:
+        current, fmt_name = img.backing_file, img.format
+    if fmt_name != "qcow2":
         raise UnsupportedFeatureError(
-            f"amend cannot change {', '.join(unknown)}: virtkit can change only size, "
-            "backing_file and backing_fmt of an existing image",
-            feature=f"amend {unknown[0]}",
+            f"format {fmt_name} does not support option amendment (qcow2 only)",
+            feature="amend",
         )
+    engine = {k: opts[k] for k in _AMEND_QCOW2 if k in opts}
+    if engine:
+        qcow2_amend(filename, **engine)
     if "backing" in opts or "backing_format" in opts:
-        with images.open(filename, format=as_format(fmt), force_share=True) as img:
-            current = img.backing_file
         backing = opts.get("backing", current)
         images.rebase(filename, backing or None, as_format(opts.get("backing_format")), unsafe=True)
     if "size" in opts:
-        with images.open(filename, writable=True, format=as_format(fmt)) as img:
+        with images.open(filename, writable=True, format="qcow2") as img:
             img.resize(opts["size"])
     return 0
 
