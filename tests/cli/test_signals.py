@@ -124,13 +124,18 @@ def _read_until(proc: subprocess.Popen[bytes], marker: bytes) -> bytes:
     return seen
 
 
+_BOTH_SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+
+
 class TestRunningVm:
-    @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-    def test_vm_run_on_the_emulator(self, tmp_path: Path, sig: int, status: int) -> None:
-        """vm run of a counting guest stops on the signal with the right status and one line."""
+    @pytest.mark.parametrize("command", ["run", "console"])
+    @pytest.mark.parametrize(("sig", "status"), _BOTH_SIGNALS)
+    def test_vm_on_the_emulator(self, tmp_path: Path, command: str, sig: int, status: int) -> None:
+        """vm run / vm console of a counting guest stop on the signal with the right status and
+        one line; the VM folder is as it was."""
         folder = _vm(tmp_path, "counter")
         before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-        proc = _virtkit("vm", "run", str(folder), cwd=tmp_path)
+        proc = _virtkit("vm", command, str(folder), cwd=tmp_path, stdin=subprocess.PIPE)
         _read_until(proc, b"count 1")
         rc, _, err = _stop(proc, sig)
         assert rc == status
@@ -139,10 +144,8 @@ class TestRunningVm:
         assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
 
     @pytest.mark.qemu
-    @pytest.mark.parametrize(("command", "sig", "status"), [
-        ("run", signal.SIGTERM, 143),
-        ("console", signal.SIGINT, 130),
-    ])  # fmt: skip
+    @pytest.mark.parametrize("command", ["run", "console"])
+    @pytest.mark.parametrize(("sig", "status"), _BOTH_SIGNALS)
     def test_qemu_guest_leaves_no_process_or_runtime_folder(
         self, tmp_path: Path, command: str, sig: int, status: int
     ) -> None:
@@ -158,6 +161,8 @@ class TestRunningVm:
         rc, _, err = _stop(proc, sig)
         assert rc == status
         assert b"Traceback" not in err
+        word = b"interrupted" if sig == signal.SIGINT else b"terminated"
+        assert err.strip().splitlines()[-1] == b"virtkit: " + word
         _until(lambda: not _processes_using(disk), "QEMU to exit")
         assert _runtime_dirs(proc.pid) == []
         assert virtkit.images.open(disk).check().ok
