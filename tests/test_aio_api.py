@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -189,3 +192,62 @@ class TestQemuTwin:
                 await guest.console.expect("count 0", timeout=60)
 
         run(main())
+
+
+_BACKENDS = [
+    pytest.param("emulator", {}, id="emulator"),
+    pytest.param("qemu", {"accel": "tcg"}, id="qemu", marks=pytest.mark.qemu),
+    pytest.param(
+        "libvirt", {"uri": "qemu:///system", "accel": "tcg"}, id="libvirt", marks=pytest.mark.qemu
+    ),
+]
+
+
+class TestLoopGuardOnEveryBackend:
+    @pytest.mark.parametrize(("backend", "options"), _BACKENDS)
+    def test_the_same_error_on_every_backend(
+        self, tmp_path: Path, backend: str, options: dict[str, Any]
+    ) -> None:
+        """Each blocking call raises the very same StateError on the emulator, qemu and
+        libvirt, starts nothing, and the coroutine twins still work afterwards."""
+        if backend == "libvirt":  # the test command starts libvirtd; so does this
+            script = Path(__file__).resolve().parents[1] / "scripts" / "libvirtd"
+            subprocess.run([str(script), "start"], check=True, capture_output=True, timeout=300)
+        name = f"guard-{os.getpid()}-{time.monotonic_ns() % 100000}"
+        hv = virtkit.connect(backend, root=tmp_path / "g", **options)
+        try:
+            guest = hv.define(_machine(tmp_path, "counter", name=name))
+            messages: dict[str, str] = {}
+
+            async def main() -> None:
+                calls = {
+                    "start": guest.start,
+                    "pause": guest.pause,
+                    "kill": guest.kill,
+                    "shutdown": guest.shutdown,
+                    "wait": lambda: guest.wait(1),
+                    "define": lambda: hv.define(_machine(tmp_path, "hello")),
+                    "undefine": lambda: hv.undefine(guest),
+                    "close": hv.close,
+                }
+                for action, call in calls.items():
+                    with pytest.raises(virtkit.StateError) as info:
+                        call()
+                    messages[action] = str(info.value)
+                assert guest.state is virtkit.State.SHUTOFF  # nothing was started
+                await guest.aio.start()
+                await guest.aio.console.expect("count 1", timeout=60)
+                await guest.aio.kill()
+
+            run(main())
+            for action, message in messages.items():
+                assert message == _GUARD.format(action=action), (backend, message)
+        finally:
+            hv.close()
+
+
+_GUARD = (
+    "{action}() blocks and was called inside a running asyncio event loop, which it would "
+    "freeze; await its coroutine twin instead (await guest.aio.start(), "
+    "virtkit.aio.connect(...)) or run it in a thread (await asyncio.to_thread(...))"
+)
