@@ -239,7 +239,11 @@ class TestHandEditable:
         assert "cpus = 4" in text
         assert 'layers = ["root.s1.qcow2"]' in text
         keys = [line.split("=")[0].strip() for line in text.splitlines() if "=" in line]
-        assert keys[:5] == ["format-version", "name", "memory", "cpus", "uuid"]
+        # the written-back uuid goes where virtkit's order puts it (after name), not after
+        # the comment that introduces the first [[disks]]
+        assert keys[:5] == ["format-version", "name", "uuid", "memory", "cpus"]
+        assert "# the system disk\n[[disks]]\n" in text
+        assert '"""\n\n[kernel]\n' in text  # a new table after a multi-line string: blank line
         assert '"""\n#cloud-config\nruncmd:' in text  # still a multi-line string
         assert virtkit.load(tmp_path) == changed
 
@@ -266,6 +270,10 @@ class TestHandEditable:
             assert default not in text, default
         assert '"""\n#cloud-config\npackages: [nginx]\n"""' in text
         assert "[[cdroms]]" in text
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("[") and i:
+                assert lines[i - 1] == "", f"no blank line before {line}"
         assert virtkit.load(tmp_path) == m
 
     def test_unchanged_save_does_not_rewrite(self, tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ changed machine therefore *merges* the new values into the file as it is:
 * a key whose meaning did not change is left exactly as written (its
   spelling such as ``memory = "1G"``, its comment, its place);
 * a changed key is replaced in place, keeping its comment and position;
-* a key that is no longer set is removed; a new key is added after the last
-  key of its table, in model order, and only when it differs from the default;
+* a key that is no longer set is removed; a new key is added after the key
+  that precedes it in virtkit's order (or after the table's last plain key,
+  never after comments that introduce what follows), and only when it differs
+  from the default;
 * arrays of tables (``[[disks]]``...) are matched by position.
 
 Strings holding line breaks (cloud-init user-data) are written as multi-line
@@ -43,7 +45,7 @@ def _string(value: str) -> Item:
         if value.startswith("\n"):
             return tomlkit.string(value, multiline=True)  # tomlkit already opens a line
         # TOML drops a newline right after the opening quotes: same value, easier to read
-        parsed: Item = tomlkit.parse(f'v = """\n{text[3:]}')["v"]
+        parsed: Item = tomlkit.parse(f'v = """\n{text[3:]}\n')["v"]
         return parsed
     return tomlkit.item(value)
 
@@ -110,22 +112,28 @@ def _container(table: Any) -> Container | None:
     return None
 
 
-def _last_key(table: Any) -> str | None:
-    keys = [k for k in table if not isinstance(table[k], (Table, AoT))]
-    return keys[-1] if keys else None
+def _plain_keys(container: Container) -> list[tuple[int, str]]:
+    """(body index, key) of each plain key/value (not a table, array of tables or comment)."""
+    return [
+        (i, key.key)
+        for i, (key, item) in enumerate(container.body)
+        if key is not None and not isinstance(item, (Table, AoT))
+    ]
 
 
-def _add(table: Any, key: str, value: Any, *, top: bool) -> None:
-    """Add ``key`` after the last plain key (not after trailing comments or sub-tables)."""
+def _add(table: Any, key: str, value: Any, *, top: bool, after: str | None) -> None:
+    """Add ``key`` after the plain key ``after`` (the one before it in virtkit's order), else
+    after the last plain key: never after trailing comments, which belong to what follows."""
     item = to_item(value, top=top)
     container = _container(table)
-    last = _last_key(table)
-    if container is not None and last is not None and not isinstance(item, (Table, AoT)):
-        # tomlkit has no public "insert after"; its private one went away in 0.15.3,
-        # where a plain append already lands before the sub-tables
-        insert_after = getattr(container, "_insert_after", None)
-        if insert_after is not None:
-            insert_after(last, key, item)
+    if container is not None and not isinstance(item, (Table, AoT)):
+        plain_keys = _plain_keys(container)
+        spots = [i for i, k in plain_keys if k == after] or [i for i, _ in plain_keys[-1:]]
+        # tomlkit has no public "insert at"; without its private one (or at the very end of
+        # the body) a plain append still lands before the sub-tables
+        insert_at = getattr(container, "_insert_at", None)
+        if spots and insert_at is not None and spots[0] + 1 < len(container.body):
+            insert_at(spots[0] + 1, key, item)
             return
     if isinstance(item, (Table, AoT)) and container is not None:
         container.append(None, tomlkit.nl())
@@ -161,11 +169,15 @@ def merge(table: Any, minimal: Mapping[str, Any], full: Mapping[str, Any]) -> No
     top = isinstance(table, Container)
     for key in [k for k in table if k not in full]:
         del table[key]
+    before: str | None = None  # the last plain key seen, in virtkit's order
     for key, full_v in full.items():
         if key not in table:
             if key in minimal:
-                _add(table, key, minimal[key], top=top)
+                _add(table, key, minimal[key], top=top, after=before)
+                before = key if not isinstance(minimal[key], (Mapping, list)) else before
             continue
+        if not isinstance(table[key], (Table, AoT)):
+            before = key
         old = table[key]
         if key not in minimal:
             if not _same(key, old, full_v):
