@@ -32,7 +32,7 @@ from virtkit.images.base import (
     SnapshotInfo,
 )
 from virtkit.images.convert import commit, convert, measure, rebase
-from virtkit.images.probe import PROBED_FORMATS, probe_file
+from virtkit.images.probe import PROBED_FORMATS, format_for_name, probe_file
 from virtkit.units import parse_size
 
 __all__ = [
@@ -122,7 +122,7 @@ def probe_format(path: str | os.PathLike[str]) -> str:
 def create(
     path: str | os.PathLike[str],
     size: int | str | None = None,
-    format: Format = "qcow2",  # noqa: A002 - qemu-img's own word
+    format: Format | None = None,  # noqa: A002 - qemu-img's own word
     *,
     backing: str | None = None,
     backing_format: Format | None = None,
@@ -135,9 +135,13 @@ def create(
         path: the file to create; it must not exist.
         size: virtual size (``"10GiB"``, ``"512M"``, bytes). With a backing
             file it defaults to the backing file's size.
-        format: ``"qcow2"`` or ``"raw"``.
+        format: ``"qcow2"``, ``"raw"``, ``"vhdx"`` or ``"vpc"`` (fixed).
+            When omitted it follows the file name as ``virtkit.Disk`` does
+            (:func:`~virtkit.images.probe.format_for_name`): ``.raw``,
+            ``.img``, ``.iso`` and ``.bin`` are raw, ``.vhdx`` VHDX, ``.vhd``
+            VPC, any other name qcow2.
         backing: backing file name, stored as given and resolved relative to
-            the new image's directory (qcow2 only).
+            the new image's directory (qcow2 and vhdx).
         backing_format: the backing file's format; required with ``backing``
             unless it can be read from a qcow2 backing file.
         cluster_size: qcow2 cluster size, a power of two from 512 B to 2 MiB.
@@ -150,13 +154,14 @@ def create(
         ImageError: the file exists or cannot be written.
     """
     path = check_path(path)
-    driver = _driver(format)
+    fmt: str = format_for_name(path) if format is None else format
+    driver = _driver(fmt)
     size_bytes = None if size is None else parse_size(size, field="size")
-    unknown = sorted(set(options) - _CREATE_OPTIONS[format])
+    unknown = sorted(set(options) - _CREATE_OPTIONS[fmt])
     if unknown:
         raise ConfigError(
-            f"unknown {format} option {unknown[0]!r}; known: "
-            f"{', '.join(sorted(_CREATE_OPTIONS[format]))}",
+            f"unknown {fmt} option {unknown[0]!r}; known: "
+            f"{', '.join(sorted(_CREATE_OPTIONS[fmt]))}",
             field=unknown[0],
         )
     for name in ("compat", "preallocation", "compression_type"):
@@ -168,7 +173,7 @@ def create(
         check_name(backing, "backing")
     if backing_format is not None:
         check_name(backing_format, "backing_format")
-    if format == "raw":
+    if fmt == "raw":
         if backing is not None:
             raise ConfigError("raw images cannot have a backing file", field="backing")
         if size_bytes is None:

@@ -33,6 +33,7 @@ from virtkit.errors import (
 from virtkit.images import convert_pipeline
 from virtkit.images.args import check_bool, check_callable, check_name, check_path
 from virtkit.images.base import Extent, Image
+from virtkit.images.probe import format_for_name
 from virtkit.images.qcow2.bulk import BulkWriter
 from virtkit.images.sizes import parse_size
 from virtkit.images.storage import FileStorage
@@ -129,7 +130,7 @@ def _temp_name(dst: str) -> str:
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    format: str = "qcow2",  # noqa: A002 - qemu-img's own word
+    format: str | None = None,  # noqa: A002 - qemu-img's own word
     compress: bool = False,
     progress: Progress | None = None,
     *,
@@ -147,9 +148,14 @@ def convert(
     another process holds it (its lock is checked first).
 
     Args:
-        src: the source image (qcow2 or raw; probed unless ``src_format``).
+        src: the source image in any format virtkit reads (probed as qemu-img
+            does unless ``src_format``).
         dst: the file to write.
-        format: ``"qcow2"`` or ``"raw"``.
+        format: ``"qcow2"``, ``"raw"``, ``"vmdk"`` (streamOptimized),
+            ``"vpc"`` (fixed) or ``"vhdx"``. When omitted it follows ``dst``'s
+            name as :func:`virtkit.images.create` does: ``.raw``/``.img``/
+            ``.iso``/``.bin`` raw, ``.vmdk``, ``.vhd``, ``.vhdx`` those
+            formats, any other name qcow2.
         compress: write compressed qcow2 clusters (``compression_type="zstd"``
             in ``create_options`` for zstd, else zlib).
         progress: called as ``progress(done_bytes, total_bytes)`` as the copy
@@ -171,6 +177,8 @@ def convert(
     images = _images()
     check_path(src, "src")
     dst_path = check_path(dst, "dst")
+    if format is None:
+        format = format_for_name(dst_path)  # noqa: A001 - the argument's own name
     images._driver(format)
     check_callable(progress, "progress")
     check_bool(compress, "compress")

@@ -39,10 +39,17 @@ import os
 import struct
 from collections.abc import Callable
 
-from virtkit.errors import ImageError
+from virtkit.errors import ConfigError, ImageError
 from virtkit.images.args import check_path
 
-__all__ = ["PROBE_SIZE", "PROBED_FORMATS", "probe_bytes", "probe_file"]
+__all__ = [
+    "PROBE_SIZE",
+    "PROBED_FORMATS",
+    "check_declared_format",
+    "format_for_name",
+    "probe_bytes",
+    "probe_file",
+]
 
 #: Bytes QEMU reads for probing (``BLOCK_PROBE_BUF_SIZE``).
 PROBE_SIZE = 512
@@ -51,6 +58,36 @@ _VMDK_VERSIONS = tuple(f"version={v}{eol}".encode() for v in "123" for eol in ("
 _CLOOP_V2 = (
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
 )
+
+
+#: The format a new image gets from its file name when none is given. The raw names are
+#: ``virtkit.Disk``'s (``.raw``/``.img``/``.iso``/``.bin``), so a library call, the CLI
+#: (which always creates raw, as qemu-img) and a ``Disk`` agree on such a file.
+_NAME_FORMATS = {
+    ".raw": "raw",
+    ".img": "raw",
+    ".iso": "raw",
+    ".bin": "raw",
+    ".vmdk": "vmdk",
+    ".vhd": "vpc",
+    ".vhdx": "vhdx",
+    ".vdi": "vdi",
+}
+
+
+def format_for_name(path: str | os.PathLike[str]) -> str:
+    """The format a new image at ``path`` is created in when the caller names none.
+
+    ``.raw``, ``.img``, ``.iso`` and ``.bin`` are raw (as ``virtkit.Disk``
+    infers them); ``.vmdk``, ``.vhd``, ``.vhdx`` and ``.vdi`` their formats;
+    anything else qcow2. Only for files being created: an existing file's
+    format is probed (:func:`probe_file`), never taken from its name.
+
+    >>> format_for_name("disk.img"), format_for_name("azure.vhd"), format_for_name("vm")
+    ('raw', 'vpc', 'qcow2')
+    """
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    return _NAME_FORMATS.get(suffix, "qcow2")
 
 
 def _cstr(field: bytes) -> bytes:
@@ -187,3 +224,39 @@ def probe_file(path: str | os.PathLike[str]) -> str:
     except OSError as exc:
         raise ImageError(f"cannot open: {exc.strerror}", path=path) from exc
     return probe_bytes(head, path)
+
+
+def check_declared_format(path: str | os.PathLike[str], declared: str, field: str) -> None:
+    """Refuse an existing image whose probed format is not the ``declared`` one.
+
+    A VM's disk is handed to QEMU with its declared format, which
+    ``virtkit.Disk`` infers from the file name when it is not given (a
+    ``.img`` cloud image is often qcow2): a qcow2 image declared raw would
+    show the guest qcow2's metadata as its disk, and the guest's writes
+    would destroy the image. So the file is probed as qemu-img would, and a
+    different answer is an error naming the field and the format found.
+    A raw disk whose guest wrote a LUKS header at its start (``cryptsetup
+    luksFormat`` of a whole disk) probes as ``luks``; that stays raw.
+
+    Raises:
+        ConfigError: the file probes as another format.
+        ImageError: the file cannot be read.
+    """
+    found = probe_file(path)
+    if found == declared or (declared == "raw" and found == "luks"):
+        return
+    if found in ("qcow2", "raw"):
+        fix = f"set format={found!r}"
+    else:
+        fix = (
+            f"convert it to qcow2 first (virtkit.images.convert({os.fspath(path)!r}, "
+            "'disk.qcow2')): VM disks are qcow2 or raw"
+        )
+    raise ConfigError(
+        f"'{field}' is {declared!r} but the image {os.fspath(path)} is {found} (probed as "
+        f"qemu-img does; a disk's format is inferred from its name when omitted, .raw/.img/"
+        f".iso/.bin meaning raw): {fix}; the guest would otherwise see the file's "
+        f"{found} structure as its disk and could destroy it",
+        field=field,
+        value=declared,
+    )
