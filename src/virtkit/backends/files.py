@@ -27,6 +27,7 @@ import attrs
 
 from virtkit import bundle, images
 from virtkit.errors import ConfigError, ImageError
+from virtkit.images.probe import check_declared_format
 from virtkit.model import Disk, Machine, Snapshot
 
 __all__ = [
@@ -176,6 +177,9 @@ def kernel_file(folder: str | os.PathLike[str], path: Path) -> Path:
 def fit_disk_sizes(machine: Machine, folder: Path) -> None:
     """Grow each disk whose ``size`` is larger than its image; refuse a smaller ``size``.
 
+    First each existing base image is probed as qemu-img would: a file that
+    is not in its disk's declared format is refused (``ConfigError``).
+
     The active layer is resized (an overlay may be larger than its backing
     file, as QEMU allows). Never shrinks.
 
@@ -184,6 +188,9 @@ def fit_disk_sizes(machine: Machine, folder: Path) -> None:
             disk would need growing (naming the field).
     """
     for i, disk in enumerate(machine.disks):
+        base = bundle.resolve_disk(folder, disk.path)
+        if base.is_file():  # the file must be what the disk declares (a .img may be qcow2)
+            check_declared_format(base, disk.format, f"disks[{i}].format")
         if disk.size is None:
             continue
         path = bundle.resolve_disk(folder, disk.active)
