@@ -36,6 +36,7 @@ import virtkit
 from virtkit.cli import vm_devices
 from virtkit.cli.console import interactive
 from virtkit.cli.output import human_size
+from virtkit.cli.progress import progress_bar
 from virtkit.errors import BackendError, ConfigError, StateError
 
 __all__ = ["IN_PROCESS", "vm"]
@@ -98,7 +99,20 @@ def _guest(hv: virtkit.Hypervisor, vm_arg: str) -> virtkit.Guest:
         with contextlib.suppress(BackendError):  # no such domain yet: define it below
             adopted: virtkit.Guest = adopt(domain, machine, vm_arg)
             return adopted
-    return hv.define(machine, folder=vm_arg)
+    return _define_folder(hv, machine, vm_arg, progress=True)
+
+
+def _define_folder(
+    hv: virtkit.Hypervisor, machine: virtkit.Machine, folder: str, *, progress: bool
+) -> virtkit.Guest:
+    """Define the VM folder on ``hv``; a libvirt host without shared storage gets its
+    disks uploaded first (``hv.push``), with a bar on a terminal when ``progress``."""
+    push = getattr(hv, "push", None)
+    if push is not None and not getattr(hv, "local_files", True):
+        with progress_bar("upload", enabled=progress) as bar:
+            pushed: virtkit.Guest = push(folder, progress=bar)
+        return pushed
+    return hv.define(machine, folder=folder)
 
 
 def _needs_persistent(ctx: click.Context, verb: str) -> None:
@@ -252,13 +266,26 @@ def show(folder: str, as_json: bool) -> int:
     show_default=True,
     help="Where the VM folder is created (in-process backends).",
 )
+@click.option(
+    "-p",
+    "progress",
+    is_flag=True,
+    help="Show a progress bar while disks are uploaded (on a terminal).",
+)
 @click.pass_context
-def define(ctx: click.Context, source: str, root: str) -> int:
+def define(ctx: click.Context, source: str, root: str, progress: bool) -> int:
     """Define a VM from a machine.toml file or a VM folder.
 
     On an in-process backend this creates ROOT/NAME (machine.toml, disks/ with
-    the images that have a size, snapshots/); on libvirt it defines a domain.
+    the images that have a size, snapshots/); on libvirt it defines a domain
+    for a VM folder in place, uploading its disks to a host without shared
+    storage (qemu+ssh://...).
     """
+    if not _in_process(ctx) and _is_folder(source):
+        with _hypervisor(ctx) as hv:
+            guest = _define_folder(hv, virtkit.load(source), source, progress=progress)
+            click.echo(f"Domain '{guest.name}' defined from {source}")
+        return 0
     path = Path(source)
     if path.is_file() and path.name != "machine.toml":
         import tempfile  # noqa: PLC0415
