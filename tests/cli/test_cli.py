@@ -153,3 +153,98 @@ class TestProgress:
     def test_no_bar_into_a_pipe(self, tmp_path: Path) -> None:
         """-p with stderr piped prints nothing at all."""
         assert self._convert(tmp_path, stderr_tty=False) == b""
+
+
+def _with_tty_stderr(argv: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with stderr on a pseudo-terminal: (status, stdout, what the terminal got)."""
+    import os
+    import pty
+    import subprocess
+
+    master, slave = pty.openpty()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, cwd=cwd) as proc:
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        status = proc.wait(timeout=180)
+    os.close(master)
+    return status, out, seen
+
+
+def _random_qcow2(path: Path, guest: str | None = None) -> None:
+    """A qcow2 image with 8 MiB of incompressible data (a boot sector guest when ``guest``)."""
+    import os
+
+    if guest is not None:
+        guests.write_disk(path, guest, format="qcow2")
+        with virtkit.images.open(path, writable=True) as image:
+            image.resize(16 << 20)
+            image.write(4 << 20, os.urandom(8 << 20))
+        return
+    with virtkit.images.create(path, 16 << 20, "qcow2") as image:
+        image.write(4 << 20, os.urandom(8 << 20))
+
+
+class TestProgressOnEveryLongCommand:
+    """commit, vm clone, vm export-ova and vm import-ova draw the same bar as convert."""
+
+    @staticmethod
+    def _commands(tmp_path: Path) -> list[tuple[str, list[str]]]:
+        import sys
+
+        base = tmp_path / "base.qcow2"
+        virtkit.images.create(base, 16 << 20, "qcow2").close()
+        top = tmp_path / "top.qcow2"
+        with virtkit.images.create(
+            top, None, "qcow2", backing="base.qcow2", backing_format="qcow2"
+        ) as image:
+            import os
+
+            image.write(4 << 20, os.urandom(8 << 20))
+        folder = tmp_path / "vm"
+        (folder / "disks").mkdir(parents=True)
+        _random_qcow2(folder / "disks" / "boot.qcow2", "hello")
+        virtkit.save(
+            virtkit.Machine(name="vm", memory="2MiB", disks=[virtkit.Disk("boot.qcow2")]), folder
+        )
+        cli = [sys.executable, "-m", "virtkit.cli"]
+        return [
+            ("commit", [*cli, "image", "commit", "-p", str(top)]),
+            ("clone", [*cli, "vm", "clone", "-p", "--full", str(folder), str(tmp_path / "c")]),
+            ("export", [*cli, "vm", "export-ova", "-p", str(folder), str(tmp_path / "v.ova")]),
+            (
+                "import",
+                [*cli, "vm", "import-ova", "-p", str(tmp_path / "v.ova"), str(tmp_path / "back")],
+            ),
+        ]
+
+    def test_bars_on_a_terminal_none_into_a_pipe(self, tmp_path: Path) -> None:
+        """On a terminal: label, 100 %, MiB sizes, rate; with stderr piped: nothing."""
+        import shutil
+        import subprocess
+
+        tty_dir, pipe_dir = tmp_path / "tty", tmp_path / "pipe"
+        for where in (tty_dir, pipe_dir):
+            where.mkdir()
+        for (label, argv), (_, piped) in zip(
+            self._commands(tty_dir), self._commands(pipe_dir), strict=True
+        ):
+            status, _, err = _with_tty_stderr(argv, tty_dir)
+            assert status == 0, (label, err)
+            assert label.encode() in err and b"100%" in err, (label, err)
+            assert b"MiB" in err and b"/s" in err, (label, err)  # sizes and the rate
+            assert b"Traceback" not in err
+            proc = subprocess.run(piped, capture_output=True, timeout=180, check=False)
+            assert proc.returncode == 0, (label, proc.stderr)
+            assert proc.stderr == b"", label
+        assert (tty_dir / "back" / "machine.toml").is_file()
+        shutil.rmtree(tmp_path)
