@@ -196,9 +196,14 @@ class TestDiskSize:
 
 
 class TestAllow:
-    def test_backing_outside_the_folder_needs_allow(self, hv: Hypervisor, tmp_path: Path) -> None:
-        """An overlay inside the folder whose backing file lies elsewhere: define() refuses it
-        (naming the disk and allow=), and accepts it with allow=[that folder]; it then boots."""
+    @pytest.mark.parametrize("backend", ["hv", "qhv"])
+    def test_backing_outside_the_folder_needs_allow(
+        self, backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> None:
+        """An overlay inside the folder whose backing file lies elsewhere (a hand-made linked
+        disk): define() refuses it (naming the disk and allow=), and accepts it with
+        allow=[that folder]; it then boots, on the emulator and on qemu."""
+        hv: Hypervisor = request.getfixturevalue(backend)
         base_dir = tmp_path / "elsewhere"
         base_dir.mkdir()
         guests.write_disk(base_dir / "base.qcow2", "hello", format="qcow2")
