@@ -248,3 +248,65 @@ class TestProgressOnEveryLongCommand:
             assert proc.stderr == b"", label
         assert (tty_dir / "back" / "machine.toml").is_file()
         shutil.rmtree(tmp_path)
+
+
+class TestHelpEverywhere:
+    def test_every_command_and_option_has_help(self) -> None:
+        """Walk the whole command tree: no command and no visible option without help text."""
+        import click
+
+        from virtkit.cli import cli
+
+        def walk(cmd: click.Command, path: str) -> list[tuple[str, click.Command]]:
+            found = [(path, cmd)]
+            if isinstance(cmd, click.Group):
+                for name, sub in cmd.commands.items():
+                    found += walk(sub, f"{path} {name}")
+            return found
+
+        commands = walk(cli, "virtkit")
+        assert len(commands) > 40  # image and vm with all their verbs
+        missing = [path for path, cmd in commands if not (cmd.help or "").strip()]
+        missing += [
+            f"{path} {'/'.join(p.opts)}"
+            for path, cmd in commands
+            for p in cmd.params
+            if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()
+        ]
+        assert missing == []
+
+    def test_bare_command_prints_usage_not_a_click_internal(self) -> None:
+        """`virtkit` alone lists the command groups (no "required: group")."""
+        import subprocess
+        import sys
+
+        proc = subprocess.run(
+            [sys.executable, "-m", "virtkit.cli"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        text = proc.stdout + proc.stderr
+        assert "Usage: virtkit" in text and "image" in text and "vm" in text
+        assert "required" not in text and "Traceback" not in text
+
+    def test_shell_completion_script(self) -> None:
+        """click's completion: a bash function, and the image verbs offered for `virtkit image `."""
+        import os
+        import subprocess
+        import sys
+
+        run = [sys.executable, "-m", "virtkit.cli"]
+        script = subprocess.run(
+            run, env={**os.environ, "_VIRTKIT_COMPLETE": "bash_source"},
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert "_virtkit_completion" in script
+        words = subprocess.run(
+            run,
+            env={**os.environ, "_VIRTKIT_COMPLETE": "bash_complete",
+                 "COMP_WORDS": "virtkit image am", "COMP_CWORD": "2"},
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert "amend" in words
