@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 from virtkit.errors import CapabilityWarning, ConfigError
-from virtkit.libvirt.schema import DEVICE_NIC, MAX_XML, QEMU_TAG, VK_TAG
+from virtkit.libvirt.schema import DEVICE_NIC, LIBVIRT_ARCH, MAX_XML, QEMU_TAG, VK_TAG
 from virtkit.model import (
     CdRom,
     CpuTopology,
@@ -187,7 +187,7 @@ def parse_report(xml: str | bytes) -> XmlReport:
     cpu = root.find("cpu")
     if cpu is not None:
         for sub in cpu:
-            default_model = sub.tag == "model" and (sub.text or "") in ("qemu64", "")
+            default_model = sub.tag == "model" and (sub.text or "") in ("qemu64", "qemu32", "")
             if sub.tag != "topology" and not default_model:
                 unmapped.append("cpu/" + _describe(sub))
     boot: dict[str, int] = {}
@@ -196,7 +196,8 @@ def parse_report(xml: str | bytes) -> XmlReport:
     if os_el is not None:
         type_el = os_el.find("type")
         if type_el is not None:
-            fields["arch"] = type_el.get("arch") or "x86_64"
+            arch = type_el.get("arch") or "x86_64"
+            fields["arch"] = LIBVIRT_ARCH.get(arch, arch)
             fields["machine_type"] = _machine_type(type_el.get("machine"))
         loader = os_el.find("loader")
         if os_el.get("firmware") == "efi" or (

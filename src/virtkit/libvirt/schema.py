@@ -5,8 +5,10 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 __all__ = [
+    "ARCH_LIBVIRT",
     "DEVICE_NIC",
     "DOMAIN_XML_FILE",
+    "LIBVIRT_ARCH",
     "LIBVIRT_PREFIX",
     "MAX_XML",
     "NAMESPACE",
@@ -32,6 +34,9 @@ VK_TAG = f"{{{NAMESPACE}}}"
 QEMU_TAG = f"{{{QEMU_NAMESPACE}}}"
 NIC_DEVICE = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139"}
 DEVICE_NIC = {v: k for k, v in NIC_DEVICE.items()}
+#: the model's arch -> libvirt's name for it (libvirt calls 32-bit x86 "i686")
+ARCH_LIBVIRT = {"x86_64": "x86_64", "i386": "i686"}
+LIBVIRT_ARCH = {v: k for k, v in ARCH_LIBVIRT.items()}
 LIBVIRT_PREFIX = {"ide": "hd", "sata": "sd", "scsi": "sd", "virtio": "vd"}
 
 ET.register_namespace("vk", NAMESPACE)

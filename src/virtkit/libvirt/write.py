@@ -12,6 +12,7 @@ import attrs
 
 from virtkit.errors import ConfigError
 from virtkit.libvirt.schema import (
+    ARCH_LIBVIRT,
     LIBVIRT_PREFIX,
     NIC_DEVICE,
     NVRAM_FILE,
@@ -106,7 +107,13 @@ def to_xml(
     _sub(root, "memory", str(-(-machine.memory // 1024)), unit="KiB")
     _sub(root, "vcpu", str(machine.vcpus), placement="static")
     os_el = _sub(root, "os")
-    _sub(os_el, "type", "hvm", arch=machine.arch, machine=machine.machine_type)
+    _sub(
+        os_el,
+        "type",
+        "hvm",
+        arch=ARCH_LIBVIRT.get(machine.arch, machine.arch),
+        machine=machine.machine_type,
+    )
     if machine.firmware == "uefi":
         _sub(os_el, "loader", loader or _first_file(OVMF_CODE), readonly="yes", type="pflash")
         _sub(
