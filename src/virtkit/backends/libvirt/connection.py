@@ -2,9 +2,10 @@
 
 * :func:`libvirt_module` imports ``libvirt`` (libvirt-python) lazily; a
   missing binding is ``BackendUnavailable`` with the install hint.
-* :func:`ensure_event_loop` registers libvirt's default event implementation
-  once per process and runs it on a daemon thread: domain events, console
-  streams and keep-alives are dispatched there.
+* :func:`ensure_event_loop` registers ``libvirtaio`` as libvirt's event
+  implementation once per process, on an asyncio loop of virtkit's own that
+  runs on a daemon thread (:mod:`~virtkit.backends.libvirt.events`): domain
+  events, keep-alives and close callbacks are dispatched there.
 * :class:`Connection` wraps ``virConnect``: it opens with a bounded wait (an
   unreachable ssh host cannot hang ``connect()``), turns on keep-alive for
   remote URIs so a dead peer is noticed, and :meth:`Connection.call` is the
@@ -23,6 +24,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, TypeVar
 
+from virtkit.backends.libvirt import events
+from virtkit.backends.libvirt.events import EVENT_THREAD_NAME
 from virtkit.errors import BackendError, BackendUnavailable, StateError
 
 __all__ = [
@@ -41,13 +44,8 @@ INSTALL_HINT = (
     "libvirt-dev pkg-config gcc) and run a libvirt daemon (Debian: apt-get install "
     "libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients; virtkit's scripts/libvirtd start)"
 )
-#: the thread that runs libvirt's event loop (callbacks run there).
-EVENT_THREAD_NAME = "virtkit-libvirt-events"
 #: seconds ``Connection.open`` waits for libvirt to connect.
 OPEN_TIMEOUT = 30.0
-
-_loop_lock = threading.Lock()
-_loop_state = {"started": False}
 
 
 def libvirt_module() -> ModuleType:
@@ -72,19 +70,8 @@ def default_uri() -> str:
 
 
 def ensure_event_loop() -> None:
-    """Run libvirt's default event loop on a daemon thread (once per process)."""
-    with _loop_lock:
-        if _loop_state["started"]:
-            return
-        lv = libvirt_module()
-        lv.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                lv.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name=EVENT_THREAD_NAME, daemon=True).start()
-        _loop_state["started"] = True
+    """Run libvirt's events through libvirtaio on virtkit's event thread (once per process)."""
+    events.ensure_event_loop(libvirt_module())
 
 
 def _silence_stderr_errors(lv: ModuleType) -> None:

@@ -50,6 +50,7 @@ from virtkit import bundle
 from virtkit.agent import AgentError, CommandAgent, GuestAgent
 from virtkit.backends.base import Guest
 from virtkit.backends.libvirt import storage
+from virtkit.backends.libvirt.aio import LibvirtAsyncGuest
 from virtkit.backends.libvirt.console import ConsoleStream
 from virtkit.backends.libvirt.devices import DETACH_TIMEOUT, LiveDevices
 from virtkit.backends.libvirt.storage import Progress
@@ -111,8 +112,19 @@ class LibvirtGuest(Guest):
         self._busy_lock = threading.Lock()
         self._agent: CommandAgent | None = None
         self._run_mark: int | None = None  # console offset where this handle's run began
+        self._aio: LibvirtAsyncGuest | None = None
         if machine.serial.enabled:
             self.console.set_writer(self._write_console)
+
+    @property
+    def aio(self) -> LibvirtAsyncGuest:
+        """This guest's API as coroutines, with libvirt's domain events (one twin per guest).
+
+        See :class:`~virtkit.backends.libvirt.aio.LibvirtAsyncGuest`.
+        """
+        if self._aio is None:
+            self._aio = LibvirtAsyncGuest(self)
+        return self._aio
 
     # -- the guest agent ------------------------------------------------------------------
     @property
@@ -192,6 +204,8 @@ class LibvirtGuest(Guest):
     # -- events (event thread) -------------------------------------------------------------
     def _on_lifecycle(self, event: int, detail: int) -> None:
         lv = self._conn.lv
+        if self._aio is not None:
+            self._aio.domain_event(event, detail)
         if event == lv.VIR_DOMAIN_EVENT_SUSPENDED:
             if not self._busy and self._real_state() is State.PAUSED:
                 self._notify_paused()
