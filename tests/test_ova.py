@@ -521,3 +521,71 @@ class TestHostile:
                 call()
             assert err.value.field == field
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+class TestSignature:
+    """A signed appliance's ``.cert`` is checked with openssl: a tampered manifest is refused."""
+
+    @pytest.fixture
+    def signed(self, tmp_path: Path, qemu_img: Run) -> dict[str, bytes]:
+        """Descriptor, disk, manifest and a ``.cert`` signed as ``ovftool`` signs (RSA, SHA256)."""
+        disk, _ = _vmdk(qemu_img, tmp_path, "d.vmdk", "1M", "0:x")
+        blob = disk.read_bytes()
+        ovf = (VMWARE_OVF.format(size=len(blob)).replace("Photon_OS-disk1.vmdk", "d.vmdk")
+               .replace('ovf:capacity="24"', 'ovf:capacity="1"')).encode()  # fmt: skip
+        mf = _mf({"a.ovf": ovf, "d.vmdk": blob})
+        key, pem, mf_file = tmp_path / "k.pem", tmp_path / "c.pem", tmp_path / "a.mf"
+        mf_file.write_bytes(mf)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        str(key), "-out", str(pem), "-days", "2", "-subj", "/CN=appliance-vendor"],
+                       check=True, capture_output=True, timeout=120)  # fmt: skip
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(key), str(mf_file)],
+                             check=True, capture_output=True, timeout=60).stdout  # fmt: skip
+        cert = f"SHA256(a.mf)= {sig.hex()}\n".encode() + pem.read_bytes()
+        return {"a.ovf": ovf, "a.mf": mf, "a.cert": cert, "d.vmdk": blob}
+
+    def _ova(self, path: Path, parts: dict[str, bytes]) -> Path:
+        order = ["a.ovf", "a.mf", "a.cert", "d.vmdk"]
+        return _tar(path, [(n, parts[n]) for n in order if n in parts])
+
+    def test_valid_signature_names_the_signer(
+        self, tmp_path: Path, signed: dict[str, bytes]
+    ) -> None:
+        """A good signature imports, with a warning naming the signer and the unchecked trust."""
+        with pytest.warns(ova.OvfWarning, match="signed by CN=appliance-vendor.*verifies.*trust"):
+            machine = ova.import_ova(self._ova(tmp_path / "a.ova", signed), tmp_path / "vm")
+        assert machine.disks
+
+    @pytest.mark.parametrize("damage", ["manifest", "signature", "other_key", "names_other"])
+    def test_bad_signature_refused(
+        self, tmp_path: Path, signed: dict[str, bytes], damage: str
+    ) -> None:
+        """A changed manifest, signature or certificate is refused, leaving nothing behind."""
+        parts = dict(signed)
+        if damage == "manifest":  # a digest changed after signing (its file swapped too)
+            parts["d.vmdk"] = parts["d.vmdk"][:-1] + b"\x01"
+            parts["a.mf"] = _mf({"a.ovf": parts["a.ovf"], "d.vmdk": parts["d.vmdk"]})
+        elif damage == "signature":
+            line, _, pem = parts["a.cert"].partition(b"\n")
+            parts["a.cert"] = line[:-2] + (b"00" if line[-2:] != b"00" else b"11") + b"\n" + pem
+        elif damage == "other_key":
+            key, pem = tmp_path / "k2.pem", tmp_path / "c2.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                            str(key), "-out", str(pem), "-days", "2", "-subj", "/CN=someone"],
+                           check=True, capture_output=True, timeout=120)  # fmt: skip
+            line = parts["a.cert"].partition(b"\n")[0]
+            parts["a.cert"] = line + b"\n" + pem.read_bytes()
+        else:
+            parts["a.cert"] = parts["a.cert"].replace(b"SHA256(a.mf)", b"SHA256(b.mf)", 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ova.OvfWarning)
+            with pytest.raises(virtkit.CorruptImageError, match="does not verify|not the manifest"):
+                ova.import_ova(self._ova(tmp_path / "a.ova", parts), tmp_path / "vm")
+        assert not (tmp_path / "vm").exists()
+
+    def test_malformed_cert_refused(self, tmp_path: Path, signed: dict[str, bytes]) -> None:
+        """A certificate file without a signature line or a PEM certificate is refused."""
+        for junk in (b"", b"SHA256(a.mf)= zz\n", signed["a.cert"].partition(b"\n")[0]):
+            parts = dict(signed, **{"a.cert": junk})
+            with pytest.raises(virtkit.CorruptImageError, match="must hold one"):
+                ova.import_ova(self._ova(tmp_path / "a.ova", parts), tmp_path / "vm")

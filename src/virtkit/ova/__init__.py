@@ -35,7 +35,7 @@ from virtkit.bundle import load, save
 from virtkit.errors import ConfigError, CorruptImageError, ImageError
 from virtkit.images.args import check_callable, check_path
 from virtkit.model import CdRom, CpuTopology, Disk, Machine, Nic
-from virtkit.ova import archive, envelope
+from virtkit.ova import archive, envelope, signature
 from virtkit.ova.archive import Manifest, Source
 
 __all__ = ["OvfWarning", "export_ova", "import_ova"]
@@ -156,10 +156,25 @@ def _manifest(source: Source, ovf_name: str) -> Manifest | None:
     if mf is None:
         _warn("the appliance has no manifest; its files are not verified", item="manifest")
         return None
-    if any(n.lower().endswith(".cert") for n in source.order):
-        _warn("the appliance is signed (.cert); virtkit checks the manifest digests but not "
-              "the signature", item="certificate")  # fmt: skip
-    return Manifest.parse(source.read_text(mf, "manifest"), source, mf)
+    text = source.read_text(mf, "manifest")
+    certs = [n for n in source.order if n.lower().endswith(".cert")]
+    if certs:
+        cert = f"{stem}.cert" if f"{stem}.cert" in certs else certs[0]
+        signer = signature.verify(source.read_text(cert, "certificate"), cert, text, mf,
+                                  source.path)  # fmt: skip
+        if signer is None:
+            _warn(
+                "the appliance is signed (.cert) but openssl is not installed: the signature "
+                "is not checked, only the manifest digests",
+                item="certificate",
+            )
+        else:
+            _warn(
+                f"the appliance is signed by {signer}: the signature over the manifest "
+                "verifies, but the certificate is not checked against a trust store",
+                item="certificate",
+            )
+    return Manifest.parse(text, source, mf)
 
 
 def _source_format(fmt: str) -> str | None:
