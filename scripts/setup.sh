@@ -13,6 +13,7 @@ command -v nasm >/dev/null || need_apt+=(nasm)
 command -v cpio >/dev/null || need_apt+=(cpio)
 command -v iasl >/dev/null || need_apt+=(acpica-tools)  # the emulator's ACPI table tests
 command -v tmux >/dev/null || need_apt+=(tmux)  # the interactive console test
+command -v openssl >/dev/null || need_apt+=(openssl)  # signed OVA appliances (.cert) are checked with it
 [ -d /usr/share/OVMF ] || need_apt+=(ovmf)
 # independent VMDK/VHD readers (libyal, following VMware's and Microsoft's specs) for the format tests
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import pyvmdk, pyvhdi' 2>/dev/null ||
