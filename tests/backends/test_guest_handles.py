@@ -252,6 +252,7 @@ class TestDeadHandles:
             "detach": lambda: guest.detach("vda"),
             "undefine": lambda: hv.undefine(guest),
             "host_port": lambda: guest.host_port(22),
+            "open_disk": lambda: guest.open_disk(0, writable=True),
         }
         for name, call in calls.items():
             with pytest.raises(StateError, match="undefined|dead"):

@@ -123,7 +123,10 @@ class FolderMixin:
         Raises:
             ConfigError: no such disk.
             ImageError: the image cannot be opened (locked, corrupt...).
+            StateError: the handle is dead (undefined, or its hypervisor closed): the
+                folder may belong to another guest now.
         """
+        self._lifecycle.check_alive("open a disk of")
         if isinstance(disk, int) and not isinstance(disk, bool):
             if not 0 <= disk < len(self.machine.disks):
                 raise ConfigError(
