@@ -30,7 +30,7 @@ from unicorn import x86_const as x86
 from virtkit.backends.emulator import ramstore
 from virtkit.errors import BackendError
 
-__all__ = ["Cpu", "CpuFault", "TripleFault", "UcError", "unicorn"]
+__all__ = ["Cpu", "CpuFault", "TripleFault", "UcError", "counter_offset", "unicorn"]
 
 #: the unicorn module, untyped where its own hints are incomplete
 unicorn: Any = _unicorn_module
@@ -113,7 +113,7 @@ class Cpu:
         # overwrites CR2 after a page fault and turns the next one into #DF.
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
-        offset = _counter_offset()
+        offset = counter_offset()
         self._counter: Any = (
             None if offset is None else ctypes.c_size_t.from_address(self.uc._uch.value + offset)
         )
@@ -307,7 +307,7 @@ class Cpu:
 
         False means it ended early: on ``hlt``, an error or a stop. None when
         this unicorn build's instruction counter was not found (see
-        :func:`_counter_offset`) or the slice had no count.
+        :func:`counter_offset`) or the slice had no count.
         """
         if self._counter is None or not self._last_count:
             return None
@@ -435,7 +435,7 @@ def _old_exception_offset() -> int | None:
 
 
 @functools.cache
-def _counter_offset() -> int | None:
+def counter_offset() -> int | None:
     """Where unicorn's engine handle keeps ``emu_counter`` (found by experiment).
 
     ``emu_start(count=n)`` counts instructions in ``uc_struct.emu_counter``,

@@ -1,19 +1,27 @@
 """The PC: CPU, RAM, BIOS, chipset, UART and disks, run on a worker thread.
 
-The worker runs the CPU in bounded slices of at most ``SLICE_INSTRUCTIONS``
-instructions. Between slices it delivers the timer interrupt, idles a halted
-CPU on a condition variable (no host CPU burnt), and parks when the API asks
-(pause, snapshot, reset), so every operation takes effect within one slice
-(a few milliseconds).
+The worker runs the CPU in bounded slices. Between slices it delivers the
+timer interrupt, idles a halted CPU on a condition variable (no host CPU
+burnt), and parks when the API asks (pause, snapshot, reset), so every
+operation takes effect within one slice (a few milliseconds).
 
-Nothing from another thread ends a slice: only the slice's instruction
-budget, a ``hlt``, or the CPU thread itself (a device request, a crash).
-Stopping the engine from another thread (unicorn's ``emu_stop``) at random
-points derailed Linux now and then; with budgets it is not needed. In
-wall-clock mode the host clock decides when the next timer interrupt is
-due; in virtual-clock mode guest time is the sum of budgets spent (a halted
-CPU skips to the next timer tick), so execution and the times it observes
-are a deterministic function of the machine's inputs.
+* ``clock="virtual"``: a slice is a budget of at most ``SLICE_INSTRUCTIONS``
+  instructions, counted by unicorn; guest time is the sum of budgets spent (a
+  halted CPU skips to the next timer tick), so execution and the times it
+  observes are a deterministic function of the machine's inputs. Counting
+  costs unicorn about ten times its speed.
+* ``clock="wall"``: a slice runs uncounted until the next timer tick or
+  ``WALL_SLICE_NS`` at most, and a timer thread ends it between two
+  translation blocks (``slicestop.py``). Unicorn's own ``emu_stop`` is not
+  used from another thread: a stop landing while a block ran made unicorn
+  skip the RDTSC, RDTSCP, CPUID or SYSCALL hooks of the rest of that block
+  (the guest read the host's TSC), which derailed Linux now and then. Where
+  that mechanism cannot be set up (another unicorn layout), wall-clock
+  slices are counted like virtual ones.
+
+A slice also ends at a ``hlt`` or when the CPU thread itself stops it (a
+device request, a crash). An interrupt is not delivered right after ``sti``
+(the one-instruction interrupt shadow), so ``sti; hlt`` waits as on hardware.
 """
 
 from __future__ import annotations
@@ -61,14 +69,20 @@ from virtkit.backends.emulator.interrupts import (
     syscall_length,
 )
 from virtkit.backends.emulator.platform import PlatformDevices
+from virtkit.backends.emulator.slicestop import SliceStopper, SliceTimer, stop_fields
 from virtkit.backends.emulator.uart import COM1_BASE, Uart16550
 from virtkit.errors import BackendError, ConfigError, ImageError
 
-__all__ = ["SLICE_INSTRUCTIONS", "PcMachine"]
+__all__ = ["SLICE_INSTRUCTIONS", "WALL_SLICE_NS", "PcMachine"]
 
 log = logging.getLogger("virtkit.emulator")
 
 SLICE_INSTRUCTIONS = 100_000
+#: the longest uncounted wall-clock slice (host nanoseconds); it ends sooner at the next tick
+WALL_SLICE_NS = 2_000_000
+#: count wall-clock slices too (as before the uncounted ones), e.g. to compare them
+COUNTED_WALL_SLICES = False
+_STI = 0xFB
 TRACE_LIMIT = 100_000  # serial trace entries kept (virtual clock); later output is not traced
 BOOT_ADDRESS = 0x7C00
 _PARK_TIMEOUT = 10.0
@@ -172,8 +186,14 @@ class PcMachine:
         self.bios = Bios(self)
         self.disk_status: dict[int, int] = {}
         self.trace: list[tuple[int, bytes]] = []  # virtual clock: (instructions, output)
-        #: guest instructions run (whole budgets when unicorn's counter is not found)
+        #: guest instructions run in counted slices (whole budgets when unicorn's counter
+        #: is not found); uncounted wall-clock slices (see :attr:`counted`) add nothing
         self.executed = 0
+        fields = None if self.clock.virtual or COUNTED_WALL_SLICES else stop_fields()
+        self._stopper = None if fields is None else SliceStopper(self.cpu.uc, fields)
+        #: whether slices are counted (always on the virtual clock)
+        self.counted = self._stopper is None
+        self._timer: SliceTimer | None = None
         self._slice_out = bytearray()
         self.halted = False
         self._event: _Event | None = None
@@ -218,6 +238,8 @@ class PcMachine:
     def start(self, *, parked: bool = False) -> None:
         """Start the worker thread; it waits for :meth:`release` before running."""
         self._park = parked
+        if self._stopper is not None:
+            self._timer = SliceTimer(self._stopper)
         self._thread = threading.Thread(target=self._worker, name="virtkit-emulator", daemon=True)
         _RUNNING.add(self)
         _register_exit_hook()
@@ -236,6 +258,7 @@ class PcMachine:
         with self._cv:
             self._park = True
             self._cv.notify_all()
+            self._end_slice()
             deadline = time.monotonic() + _PARK_TIMEOUT
             while not self._parked and self.finished is None and self._thread is not None:
                 if not self._gate.is_set():
@@ -251,6 +274,12 @@ class PcMachine:
             self._park = False
             self._cv.notify_all()
 
+    def _end_slice(self) -> None:
+        """End an uncounted slice now, so that a request is seen at once (any thread)."""
+        timer = self._timer
+        if timer is not None:
+            timer.stop_now()
+
     @property
     def running(self) -> bool:
         """Whether the worker is alive."""
@@ -261,12 +290,14 @@ class PcMachine:
         self.uart.receive(data)
         with self._cv:
             self._cv.notify_all()
+        self._end_slice()
 
     def press_power_button(self) -> None:
         """The ACPI power button."""
         with self._cv:
             self.chipset.press_power_button()
             self._cv.notify_all()
+        self._end_slice()
 
     def wait_finished(self, timeout: float) -> str | None:
         """Wait until the worker ends; return why (None on timeout)."""
@@ -284,6 +315,7 @@ class PcMachine:
         with self._cv:
             self._quit = True
             self._cv.notify_all()
+        self._end_slice()
         self._gate.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -324,6 +356,8 @@ class PcMachine:
             log.exception("emulator worker failed")
             why, reason = "crash", f"emulator internal error: {type(exc).__name__}: {exc}"
         self._flush_trace()
+        if self._timer is not None:
+            self._timer.close()
         if why != "closed":  # the guest stopped by itself: free disks before anyone is told
             self.last_screen = self.bios.screen_text()
             self._release_resources()
@@ -393,6 +427,8 @@ class PcMachine:
             vector = self.chipset.irq_vector(irq) if pending else None
             if vector is None:
                 continue
+            if self._byte_before_rip() == _STI:
+                return  # the shadow of sti: delivered at the next slice boundary
             if irq == 0:
                 self._irq0_pending = False
             self.chipset.acknowledge(irq)
@@ -443,10 +479,38 @@ class PcMachine:
         return False
 
     def _slice(self) -> None:
-        cpu, clock = self.cpu, self.clock
         with self._cv:
             if self._park or self._quit:
                 return
+        if self._timer is not None:
+            self._wall_slice(self._timer)
+        else:
+            self._counted_slice()
+
+    def _wall_slice(self, timer: SliceTimer) -> None:
+        """Run uncounted until the next tick (at most ``WALL_SLICE_NS``); the timer ends it."""
+        cpu = self.cpu
+        length = min(WALL_SLICE_NS, max(self._next_tick_ns - self.clock.now_ns(), 0))
+        timer.begin(time.monotonic_ns() + length)
+        ran_out = False
+        try:
+            cpu.run(count=0)
+        except UcError as exc:
+            if SliceStopper.ran_out(exc):
+                ran_out = True
+            else:
+                self._engine_error(exc)
+        finally:
+            timer.end()
+        # unicorn returns early only at a hlt, an error or a stop from the CPU thread; a
+        # timer stop that met a hlt in the same block leaves RIP after it (and 0xF4 may
+        # also be the last byte of another instruction): then only with interrupts on
+        may_be_hlt = not ran_out or bool(cpu.eflags & FLAG_IF)
+        if self._event is None and may_be_hlt and self._byte_before_rip() == 0xF4:
+            self.halted = True
+
+    def _counted_slice(self) -> None:
+        cpu, clock = self.cpu, self.clock
         budget = SLICE_INSTRUCTIONS
         if clock.virtual:
             to_tick = -(-(self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION)
@@ -475,19 +539,19 @@ class PcMachine:
         # Without the counter, a wrong "halted" only delays the guest to the
         # next tick when interrupts are on.
         may_be_hlt = not used if used is not None else bool(cpu.eflags & FLAG_IF)
-        if self._event is None and may_be_hlt and self._stopped_by_hlt():
+        if self._event is None and may_be_hlt and self._byte_before_rip() == 0xF4:
             self.halted = True
 
-    def _stopped_by_hlt(self) -> bool:
-        """Whether the byte before the instruction pointer is a ``hlt``."""
+    def _byte_before_rip(self) -> int | None:
+        """The byte before the instruction pointer (0xF4 after a ``hlt``, 0xFB after ``sti``)."""
         cpu = self.cpu
         try:
             if cpu.real_mode:
                 linear = (cpu.cs << 4) + (cpu.rip & 0xFFFF) - 1
-                return linear >= 0 and cpu.read(linear, 1) == b"\xf4"
-            return Mmu(cpu).read(self._cs_base() + cpu.rip - 1, 1) == b"\xf4"
+                return cpu.read(linear, 1)[0] if linear >= 0 else None
+            return Mmu(cpu).read(self._cs_base() + cpu.rip - 1, 1)[0]
         except (UcError, CpuFault):
-            return False
+            return None
 
     def _engine_error(self, exc: Exception) -> None:
         errno = getattr(exc, "errno", None)

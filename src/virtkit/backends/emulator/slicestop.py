@@ -1,0 +1,299 @@
+"""Ending a wall-clock slice from another thread, between translation blocks.
+
+With the wall clock, a slice runs uncounted (unicorn's instruction count is
+a code hook on every instruction: ten times slower) and a timer thread ends
+it. Unicorn's own ``emu_stop`` cannot be that timer, whatever the locking:
+it sets ``uc->stop_request`` at once, and the translation block then running
+goes on to its end with the flag set. Unicorn's instruction helpers for
+``SYSCALL``, ``CPUID``, ``RDTSC`` and ``RDTSCP`` walk the list of *all*
+instruction hooks and give up at the first one (of any kind) after which
+the flag is set, so the hook of an instruction that comes later in that list
+is skipped: ``RDTSC`` returns the host's time-stamp counter instead of guest
+time, ``SYSCALL`` does nothing, ``CPUID`` answers unicorn's own model
+(``helper_rdtsc`` and friends in unicorn's ``target/i386/misc_helper.c``;
+``tests/backends/emulator/test_slice_stop.py`` shows it: about one stop in
+200 loses a hook). In a Linux boot that is the clock jumping by hours and
+back, which is what derailed it.
+
+The stop here does what ``emu_stop`` does minus that flag, from the timer
+thread:
+
+* ``cpu->exit_request = 1`` and ``icount_decr.u16.high = -1``: the next
+  translation block exits before its first instruction, at a block
+  boundary, with every hook of the current block already run normally;
+* ``uc->invalid_error`` set to :data:`STOP_ERROR`: unicorn's loop ends a
+  run whose error is set, so ``emu_start`` returns with that code (raised
+  as ``UcError``), which :meth:`SliceStopper.ran_out` recognises.
+
+Nothing reads the error while a block runs except unicorn's path for an
+access to unmapped memory (then reported with this code; the access faults
+again on the next slice and is reported properly). The three fields are
+found once by a probe on a scratch engine (like the other engine fields in
+``cpu.py``) and the mechanism is tried there before it is trusted: without
+it, wall-clock slices stay counted as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from unicorn import x86_const as x86
+
+from virtkit.backends.emulator.cpu import UcError, counter_offset, unicorn
+
+__all__ = ["STOP_ERROR", "SliceStopper", "SliceTimer", "StopFields", "stop_fields"]
+
+#: the error code a timer stop makes ``emu_start`` return: one execution never produces
+STOP_ERROR: int = unicorn.UC_ERR_HOOK_EXIST
+#: how often an unanswered stop is posted again (one posted just before a slice began is lost)
+_REPOST_NS = 1_000_000
+
+
+@dataclass(frozen=True)
+class StopFields:
+    """Offsets of the engine fields a stop writes (bytes)."""
+
+    cpu_pointer: int  #: ``uc_struct.cpu``
+    invalid_error: int  #: ``uc_struct.invalid_error``
+    exit_request: int  #: ``CPUState.exit_request``, from the CPU state
+    icount_high: int  #: ``icount_decr.u16.high``, from the CPU state
+
+
+class SliceStopper:
+    """Ends the engine's running slice at the next translation block.
+
+    Args:
+        uc: the engine.
+        fields: where its fields are (:func:`stop_fields`).
+    """
+
+    def __init__(self, uc: Any, fields: StopFields) -> None:
+        handle = int(uc._uch.value)
+        cpu = ctypes.c_uint64.from_address(handle + fields.cpu_pointer).value
+        self._error = ctypes.c_int32.from_address(handle + fields.invalid_error)
+        self._exit = ctypes.c_uint8.from_address(cpu + fields.exit_request)
+        self._high = ctypes.c_uint16.from_address(cpu + fields.icount_high)
+
+    def post(self) -> None:
+        """Ask the running slice to end (any thread; ignored between slices)."""
+        self._error.value = STOP_ERROR  # first: read when the loop returns
+        self._exit.value = 1
+        self._high.value = 0xFFFF
+
+    def clear(self) -> None:
+        """Forget a stop posted after the slice had ended (CPU thread, between slices)."""
+        self._high.value = 0
+        self._exit.value = 0
+        self._error.value = 0
+
+    @staticmethod
+    def ran_out(exc: Exception) -> bool:
+        """Whether ``emu_start`` raised ``exc`` because of :meth:`post`."""
+        return getattr(exc, "errno", None) == STOP_ERROR
+
+
+class SliceTimer:
+    """A thread that ends each wall-clock slice at its deadline.
+
+    The CPU thread calls :meth:`begin` before a slice and :meth:`end` after
+    it; any thread may call :meth:`stop_now`. Stops are posted only while a
+    slice runs (under one lock with :meth:`end`), and a stop that a slice
+    did not answer is posted again every millisecond.
+    """
+
+    def __init__(self, stopper: SliceStopper) -> None:
+        self._stopper = stopper
+        self._cv = threading.Condition()
+        self._running = False
+        self._deadline = 0
+        self._posted_at: int | None = None
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name="virtkit-emulator-timer", daemon=True
+        )
+        self._thread.start()
+
+    def begin(self, deadline_ns: int) -> None:
+        """A slice starts; end it at ``time.monotonic_ns()`` ``deadline_ns``."""
+        with self._cv:
+            self._running = True
+            self._deadline = deadline_ns
+            self._posted_at = None
+            self._cv.notify()
+
+    def end(self) -> bool:
+        """The slice is over; return whether a stop was posted for it."""
+        with self._cv:
+            self._running = False
+            posted = self._posted_at is not None
+            if posted:
+                self._stopper.clear()
+            return posted
+
+    def stop_now(self) -> None:
+        """End the running slice as soon as possible (any thread)."""
+        with self._cv:
+            if self._running and self._posted_at is None:
+                self._stopper.post()
+                self._posted_at = time.monotonic_ns()
+
+    def close(self) -> None:
+        """Stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._closed:
+                if not self._running:
+                    self._cv.wait()
+                    continue
+                now = time.monotonic_ns()
+                due = self._deadline if self._posted_at is None else self._posted_at + _REPOST_NS
+                if now < due:
+                    self._cv.wait((due - now) / 1e9)
+                    continue
+                self._stopper.post()
+                self._posted_at = now
+
+
+@functools.cache
+def stop_fields() -> StopFields | None:
+    """Find the fields a stop writes, and check that a stop through them works.
+
+    A scratch engine runs ``in al, 0x80; hlt``; inside the IN hook, unicorn's
+    own ``emu_stop`` is called and the engine's memory compared before and
+    after: the one byte of ``uc_struct`` that changes is ``stop_request``
+    (``invalid_error`` follows it at the offset unicorn 2's layout gives,
+    checked: 0 then, with ``use_exits`` after it 1); the CPU state is the
+    block ``uc_struct`` points to whose changes are the byte ``exit_request``
+    and the 16-bit ``icount_decr.u16.high`` (0 -> 0xFFFF). Then a second
+    engine spins on ``jmp $`` and another thread posts a stop: it must end
+    with :data:`STOP_ERROR`, at the loop, within a second. None if anything
+    differs (not Linux, another unicorn layout): the caller then counts.
+    """
+    counter = counter_offset()
+    if counter is None:
+        return None
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fields = _probe_fields(fd, counter)
+    except (OSError, UcError, struct.error, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if fields is None or not _stop_works(fields):
+        return None
+    return fields
+
+
+def _probe_fields(fd: int, counter: int) -> StopFields | None:
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0, 0x2000)
+    uc.mem_write(0x1000, b"\xe4\x80\xf4")  # in al, 0x80; hlt
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    handle = int(uc._uch.value)
+    head = os.pread(fd, counter + 64, handle)
+    span = 0x10000  # CPUState (its 32 KiB jump cache) and the icount decrementer after it
+    blocks: dict[int, int] = {}
+    for offset in range(0, counter, 8):
+        (value,) = struct.unpack_from("<Q", head, offset)
+        if value >= 0x10000 and not value & 7:
+            blocks[offset] = value
+    seen: dict[str, Any] = {}
+
+    def hook(engine: Any, _port: int, _size: int, _data: Any) -> int:
+        before_uc = os.pread(fd, counter + 64, handle)
+        before = {offset: _read(fd, address, span) for offset, address in blocks.items()}
+        engine.emu_stop()
+        seen["uc"] = (before_uc, os.pread(fd, counter + 64, handle))
+        seen["blocks"] = {
+            offset: (blob, _read(fd, blocks[offset], len(blob))) for offset, blob in before.items()
+        }
+        return 0
+
+    uc.hook_add(unicorn.UC_HOOK_INSN, hook, None, 1, 0, x86.UC_X86_INS_IN)
+    uc.emu_start(0x1000, 0)
+    if "uc" not in seen:
+        return None
+    before_uc, after_uc = seen["uc"]
+    changed = [i for i in range(len(after_uc)) if before_uc[i] != after_uc[i]]
+    stop_request = counter + 21  # emu_counter, emu_count, size_recur_mem, init_tcg: then it
+    if changed != [stop_request] or after_uc[stop_request] != 1:
+        return None
+    invalid_error = counter + 56  # ... timer (pthread_t), timeout, invalid_addr: then it
+    error, use_exits = struct.unpack_from("<ii", after_uc, invalid_error)
+    if (error, use_exits) != (0, 1):
+        return None
+    found = []
+    for offset, (before, after) in seen["blocks"].items():
+        # exit_request is among CPUState's first fields; the decrementer follows its
+        # 32 KiB jump cache. Other bytes may change: the blocks hold heap around them.
+        if len(before) < 64 or len(after) != len(before):
+            continue
+        exits = [i for i in range(64) if (before[i], after[i]) == (0, 1)]
+        highs = [
+            i
+            for i in range(0x8002, min(len(before), len(after)) - 1, 4)
+            if (before[i : i + 2], after[i : i + 2]) == (b"\0\0", b"\xff\xff")
+        ]
+        if len(exits) == 1 and len(highs) == 1:
+            found.append(StopFields(offset, invalid_error, exits[0], highs[0]))
+    return found[0] if len(found) == 1 else None
+
+
+def _read(fd: int, address: int, size: int) -> bytes:
+    """Up to ``size`` bytes at ``address``: as many whole pages as are mapped."""
+    out = bytearray()
+    while len(out) < size:
+        chunk = min(0x1000 - (address + len(out)) % 0x1000, size - len(out))
+        try:
+            out += os.pread(fd, chunk, address + len(out))
+        except OSError:
+            break
+    return bytes(out)
+
+
+def _stop_works(fields: StopFields) -> bool:
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0, 0x2000)
+    uc.mem_write(0x1000, b"\x48\xff\xc0\xeb\xfb")  # inc rax; jmp back
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    stopper = SliceStopper(uc, fields)
+    ended = threading.Event()
+
+    def post() -> None:
+        while not ended.wait(0.02):
+            stopper.post()
+
+    poster = threading.Thread(target=post, daemon=True)
+    poster.start()
+    result = None
+    try:
+        uc.emu_start(0x1000, 0, timeout=2_000_000)  # the safety net: unicorn's own timer
+    except UcError as exc:
+        result = getattr(exc, "errno", None)
+    finally:
+        ended.set()
+        poster.join()
+    rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
+    return (
+        result == STOP_ERROR
+        and rip in (0x1000, 0x1003)
+        and int(uc.reg_read(x86.UC_X86_REG_RAX)) > 0
+    )
