@@ -251,7 +251,10 @@ def check_version(doc: dict[str, Any], *, file: str) -> int:
     version = doc.get("format-version")
     if version is None:
         raise ConfigError(
-            "required key 'format-version' is missing", file=file, field="format-version"
+            "required key 'format-version' is missing: a hand-written file starts with "
+            f"'format-version = {FORMAT_VERSION}' (the bundle format it follows)",
+            file=file,
+            field="format-version",
         )
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ConfigError(
