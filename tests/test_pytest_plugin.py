@@ -152,6 +152,51 @@ class TestFailureReport:
         assert "virtkit guest" not in result.stdout.str()
 
 
+class TestImageLeak:
+    def test_a_disk_image_left_open_fails_the_session(self, pytester: pytest.Pytester) -> None:
+        """A guest's disk image still open (and locked) at the end is reported; exit 1."""
+        pytester.makeconftest(_HELLO)
+        pytester.makepyfile(
+            """
+            import virtkit
+            from conftest import machine
+
+            KEEP = []
+
+            def test_holds_the_disk(virtkit_guest, tmp_path):
+                guest = virtkit_guest(machine(tmp_path, name="holder"))
+                guest.wait(timeout=30)
+                KEEP.append(virtkit.images.open(tmp_path / "hello.raw", writable=True))
+            """
+        )
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+        assert result.ret == 1
+        result.stdout.fnmatch_lines(
+            [
+                "*virtkit: left behind after the session*",
+                "disk image still open (locked): *hello.raw",
+            ]
+        )
+
+    def test_the_leak_check_can_be_turned_off(self, pytester: pytest.Pytester) -> None:
+        """--virtkit-no-leak-check lets the same session pass."""
+        pytester.makeconftest(_HELLO)
+        pytester.makepyfile(
+            """
+            import virtkit
+            from conftest import machine
+
+            KEEP = []
+
+            def test_holds_the_disk(virtkit_guest, tmp_path):
+                virtkit_guest(machine(tmp_path)).wait(timeout=30)
+                KEEP.append(virtkit.images.open(tmp_path / "hello.raw", writable=True))
+            """
+        )
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--virtkit-no-leak-check")
+        assert result.ret == 0, result.stdout.str()
+
+
 @pytest.mark.qemu
 class TestLeakCheck:
     def test_a_leaked_qemu_guest_fails_the_session(self, pytester: pytest.Pytester) -> None:
