@@ -172,6 +172,23 @@ class TestBacking:
         with pytest.raises(ImageError, match="no backing format"):
             images.open(top)
 
+    def test_unrecorded_vmdk_backing_names_its_format(
+        self, qemu_img: QemuImg, tmp_path: Path
+    ) -> None:
+        """The refusal names the probed format and the command that records it; after it, reads."""
+        base = tmp_path / "b.vmdk"
+        qemu_img("create", "-q", "-f", "vmdk", base, "1M")
+        qemu_io(base, "write -P 0x42 0 64k", fmt="vmdk")
+        top = tmp_path / "t.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", top, "1M")
+        with images.open(top, writable=True) as img:
+            img.set_backing_file("b.vmdk", None)  # type: ignore[attr-defined]
+        with pytest.raises(ImageError, match="probes as vmdk.*rebase -u -F vmdk"):
+            images.open(top)
+        qemu_img("rebase", "-u", "-F", "vmdk", "-b", "b.vmdk", top)
+        with images.open(top) as img:
+            assert img.read(0, 65536 + 1) == b"\x42" * 65536 + b"\0"
+
 
 class TestBackingPolicy:
     """Backing names that must not be followed, and chains that must not be walked."""

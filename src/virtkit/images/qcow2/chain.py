@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable
 
 from virtkit.errors import CorruptImageError, ImageError, UnsupportedFeatureError
+from virtkit.images.probe import probe_file
 
 __all__ = ["BACKING_FORMATS", "OpenStack", "backing_format", "resolve"]
 
@@ -108,8 +109,10 @@ def backing_format(recorded: str | None, real: str, image_path: str) -> str:
         raise ImageError(f"cannot open backing file: {exc.strerror}", path=real) from exc
     if magic == b"QFI\xfb":
         return "qcow2"
+    probed = probe_file(real)  # only to name it: a probed format is never used unasked
     raise ImageError(
-        "the image records no backing format and its backing file is not qcow2; virtkit "
-        "does not guess raw. Record the format (qemu-img rebase -u -F raw ...)",
+        f"the image records no backing format and its backing file {real} is not qcow2 (it "
+        f"probes as {probed}); virtkit does not guess. If it is {probed}, record that: "
+        f"qemu-img rebase -u -F {probed} -b {real} {image_path}",
         path=image_path,
     )
