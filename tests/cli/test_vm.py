@@ -139,12 +139,20 @@ def _cli(
     )
 
 
+_CONNECT = [
+    pytest.param("emulator", id="emulator"),
+    pytest.param("qemu", id="qemu", marks=pytest.mark.qemu),
+]
+
+
 class TestRunAndConsole:
-    def test_console_with_piped_input_on_the_emulator(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("connect", _CONNECT)
+    def test_console_with_piped_input(self, tmp_path: Path, connect: str) -> None:
         """Bytes on stdin reach the guest; it echoes and powers off; exit 0."""
         folder = _vm(tmp_path, "echo")
+        argv = [sys.executable, "-m", "virtkit.cli", "vm", "--connect", connect, "console"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "virtkit.cli", "vm", "console", str(folder)],
+            [*argv, str(folder)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -163,12 +171,14 @@ class TestRunAndConsole:
         assert b"Escape character is ^]" in err
         assert b"stopped: shutoff" in err
 
-    def test_console_escape_key_detaches(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("connect", _CONNECT)
+    def test_console_escape_key_detaches(self, tmp_path: Path, connect: str) -> None:
         """Ctrl-] in the input detaches (the guest is killed: it ran in this process); exit 0."""
         folder = _vm(tmp_path, "counter")
-        proc = _cli("vm", "console", str(folder), stdin=b"\x1d")
+        proc = _cli("vm", "--connect", connect, "console", str(folder), stdin=b"\x1d")
         assert proc.returncode == 0, proc.stderr
         assert b"stopped" not in proc.stderr
+        assert b"Traceback" not in proc.stderr
 
     @pytest.mark.qemu
     def test_run_on_qemu(self, tmp_path: Path) -> None:
