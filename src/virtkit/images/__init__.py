@@ -1,5 +1,8 @@
 """Disk images: a native qcow2 (v2/v3) and raw engine that interoperates with qemu-img.
 
+It also reads VMDK, VHD (vpc), VHDX and VDI and writes streamOptimized VMDK,
+fixed VHD and VHDX as ``convert`` targets; see the formats page of the docs.
+
 The public surface::
 
     img = virtkit.images.create(path, size="10GiB", format="qcow2")
