@@ -393,3 +393,43 @@ class TestBitmaps:
         assert qemu_img("check", "b.qcow2").returncode == 0
         status, _, err = both.virtkit("bitmap", "--remove", "b.qcow2", "missing")
         assert status == 1 and "missing" in err
+
+
+class TestForceShare:
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("info", "--output=json", "top.qcow2"),
+            ("check", "--output=json", "top.qcow2"),
+            ("map", "--output=json", "top.qcow2"),
+            ("compare", "top.qcow2", "base.qcow2"),
+            ("convert", "-O", "raw", "top.qcow2", "out.raw"),
+            ("snapshot", "-l", "top.qcow2"),
+            ("dd", "if=top.qcow2", "of=dd.raw", "bs=64k", "count=4"),
+        ],
+        ids=lambda a: a[0],
+    )
+    def test_an_image_in_use_needs_u(self, chain: Path, args: tuple[str, ...]) -> None:
+        """While a writer holds the image: refused (an error naming the lock) without -U,
+        read with -U; qemu-img's exit status in both cases (separate processes)."""
+        import sys
+
+        from virtkit import images
+
+        ours = [sys.executable, "-m", "virtkit.cli", "image"]
+        with images.open(chain / "top.qcow2", writable=True):
+            for shared in ((), ("-U",)):
+                argv = (args[0], *shared, *args[1:])
+                theirs = qemu_img(*argv)
+                (chain / "out.raw").unlink(missing_ok=True)
+                (chain / "dd.raw").unlink(missing_ok=True)
+                mine = subprocess.run(
+                    [*ours, *argv], capture_output=True, text=True, timeout=120, check=False
+                )
+                assert mine.returncode == theirs.returncode, (argv, mine.stderr, theirs.stderr)
+                assert "Traceback" not in mine.stderr
+                if shared:  # compare exits 1: the two images differ
+                    assert mine.returncode == (1 if args[0] == "compare" else 0), argv
+                else:  # compare's errors are 2, as qemu-img's
+                    assert mine.returncode == (2 if args[0] == "compare" else 1), argv
+                    assert "lock" in mine.stderr
