@@ -50,6 +50,7 @@ class _ThreadSafeImpl:
         self._lock = threading.Lock()
         self._live: set[int] = set()  # ours, not removed (checked before every dispatch)
         self._theirs: dict[int, int] = {}  # ours -> libvirtaio's (touched on the loop only)
+        self._pending: list[Callable[[], None]] = []  # registrations the loop has yet to apply
 
     def register(self) -> None:
         """Make this the process's libvirt event implementation."""
@@ -62,8 +63,20 @@ class _ThreadSafeImpl:
             self.remove_timeout,
         )
 
-    def _later(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._loop.call_soon_threadsafe(fn, *args)
+    def _later(self, fn: Callable[[], None]) -> None:
+        # one wake-up of the loop for a burst of changes (an RPC turns the connection's
+        # watch off and on again): the first queues the drain, the rest join it
+        with self._lock:
+            self._pending.append(fn)
+            wake = len(self._pending) == 1
+        if wake:
+            self._loop.call_soon_threadsafe(self._apply)
+
+    def _apply(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for fn in pending:
+            fn()
 
     def _dispatch(self, ours: int, fn: Callable[..., Any], *args: Any) -> None:
         with self._lock:
