@@ -14,10 +14,12 @@ snapshot list, the disk's bytes, the devices) is one state or the other.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +41,9 @@ OPERATIONS: dict[str, str] = {
     "attach": "guest.attach(Disk(path='extra.qcow2', size='1MiB'))",
     "media": "guest.change_media('cdrom0', 'media.iso')",
 }
+# the same changes on a running guest (QMP: blockdev-snapshot, blockdev-change-medium,
+# blockdev-add + device_add); the kill takes QEMU with it (PR_SET_PDEATHSIG)
+LIVE_OPERATIONS = ("snapshot", "attach", "media")
 
 # A zygote process imports virtkit once, then forks one child per run: the child defines the
 # stopped guest, counts its file-system steps and SIGKILLs itself before step ``crash_at``
@@ -46,9 +51,13 @@ OPERATIONS: dict[str, str] = {
 # 0.5-1.5 s, which is what lets the default run cut every step of every operation.
 ZYGOTE = textwrap.dedent(
     """
-    import json, os, signal, subprocess, sys, time
+    import ctypes, json, os, signal, subprocess, sys, time
     from virtkit import Disk, load
     from virtkit.backends.qemu import QemuHypervisor
+
+    # orphaned QEMUs (their Python child killed) are re-parented here, so they can be reaped
+    # before the parent looks at the folder (PR_SET_CHILD_SUBREAPER)
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
 
     STEPS = (
         "write", "pwrite", "writev", "fsync", "fdatasync", "ftruncate", "posix_fallocate",
@@ -56,9 +65,12 @@ ZYGOTE = textwrap.dedent(
         "copy_file_range", "sendfile",
     )
 
-    def child(folder, crash_at, op):
+    def child(folder, crash_at, op, live):
         hv = QemuHypervisor(accel="tcg", root=os.path.join(folder, "..", "hvroot"))
         guest = hv.define(load(folder), folder=folder)
+        if live:
+            guest.start()
+            guest.console.expect("count 1", timeout=60)
         steps = 0
         def step():
             nonlocal steps
@@ -74,24 +86,40 @@ ZYGOTE = textwrap.dedent(
         def opener(path, flags, *args, **kwargs):
             if flags & changes:  # an open that may create or truncate is a step; a read is not
                 step()
-            return real_open(path, flags, *args, **kwargs)
-        real_open, real_run = os.open, subprocess.run
+            return saved["open"](path, flags, *args, **kwargs)
+        saved = {name: getattr(os, name) for name in (*STEPS, "open") if hasattr(os, name)}
+        real_run = subprocess.run
         for name in STEPS:
-            if hasattr(os, name):
-                setattr(os, name, wrap(getattr(os, name)))
+            if name in saved:
+                setattr(os, name, wrap(saved[name]))
         os.open, subprocess.run = opener, wrap(real_run)
         exec(op, {"guest": guest, "Disk": Disk})
+        for name, real in saved.items():
+            setattr(os, name, real)
+        subprocess.run = real_run
+        if live:
+            guest.kill()
         return steps
 
+    def reap(pid, deadline):
+        while True:
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                return status
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                return os.waitpid(pid, 0)[1]
+            time.sleep(0.002)
+
     for line in sys.stdin:
-        folder, crash_at, op = json.loads(line)
+        folder, crash_at, op, live = json.loads(line)
         r, w = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child: report through the pipe before wrapping os, exit at once
+        if pid == 0:  # the child: report through the pipe, exit at once
             os.close(r)
             report = os.fdopen(w, "w")
             try:
-                report.write(f"steps {child(folder, crash_at, op)}")
+                report.write(f"steps {child(folder, crash_at, op, live)}")
                 code = 0
             except BaseException as exc:  # the parent asserts on the exit code and this text
                 report.write(f"error {exc!r}")
@@ -100,15 +128,15 @@ ZYGOTE = textwrap.dedent(
             os._exit(code)
         os.close(w)
         deadline = time.monotonic() + 120
-        while True:
-            got, status = os.waitpid(pid, os.WNOHANG)
-            if got:
+        status = reap(pid, deadline)
+        while True:  # and every QEMU the child left (killed by its PDEATHSIG)
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.002)
+            except ChildProcessError:
                 break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                got, status = os.waitpid(pid, 0)
-                break
-            time.sleep(0.002)
         with os.fdopen(r) as fh:
             said = fh.read()
         signal_ = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
@@ -123,17 +151,21 @@ class Zygote:
 
     def __init__(self, log: Path) -> None:
         self._log = log.open("w")
+        # QEMU's sockets live in the runtime dir: a short path (UNIX sockets: 107 bytes), and
+        # the dirs a killed child could not remove go away with it
+        self.run_dir = Path(tempfile.mkdtemp(prefix="vklc-"))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", ZYGOTE],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env={**os.environ, "XDG_RUNTIME_DIR": str(self.run_dir)},
         )
 
-    def run(self, folder: Path, crash_at: int, op: str) -> dict[str, Any]:
+    def run(self, folder: Path, crash_at: int, op: str, *, live: bool = False) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps([str(folder), crash_at, OPERATIONS[op]]) + "\n")
+        self.proc.stdin.write(json.dumps([str(folder), crash_at, OPERATIONS[op], live]) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         assert line, "the zygote died"
@@ -151,6 +183,7 @@ class Zygote:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._log.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -160,10 +193,10 @@ def zygote(tmp_path: Path) -> Iterator[Zygote]:
     z.close()
 
 
-def _prepare(folder: Path) -> None:
+def _prepare(folder: Path, guest: str = "hello") -> None:
     """A stopped VM folder with disk snapshot 's' and a later write on top of it."""
     (folder / "disks").mkdir(parents=True)
-    guests.write_disk(folder / "disks" / "root.qcow2", "hello", format="qcow2")
+    guests.write_disk(folder / "disks" / "root.qcow2", guest, format="qcow2")
     (folder / "disks" / "media.iso").write_bytes(b"\0" * 4096)
     virtkit.save(
         Machine(
@@ -221,13 +254,13 @@ def _state(folder: Path) -> dict[str, Any]:
     }
 
 
-def _campaign(tmp_path: Path, zygote: Zygote, op: str) -> int:
+def _campaign(tmp_path: Path, zygote: Zygote, op: str, *, live: bool = False) -> int:
     pristine = tmp_path / "pristine" / "vm"
-    _prepare(pristine)
+    _prepare(pristine, "counter" if live else "hello")  # the counter runs until killed
     old = _state(pristine)
     probe = tmp_path / "probe" / "vm"
     shutil.copytree(pristine, probe)
-    done = zygote.run(probe, 0, op)
+    done = zygote.run(probe, 0, op, live=live)
     assert done["code"] == 0, done
     total = int(done["said"].split()[-1])
     new = _state(probe)
@@ -236,7 +269,7 @@ def _campaign(tmp_path: Path, zygote: Zygote, op: str) -> int:
     for n in range(1, total + 1):
         work = tmp_path / f"run{n}" / "vm"
         shutil.copytree(pristine, work)
-        killed = zygote.run(work, n, op)
+        killed = zygote.run(work, n, op, live=live)
         assert killed["signal"] == signal.SIGKILL, killed
         seen = _state(work)
         assert seen in (old, new), f"kill before step {n}/{total} of {op}: {seen}"
@@ -250,6 +283,14 @@ class TestLayerUpdateCrashes:
         """A kill before each file-system step of the operation (every one, in the default
         run) leaves the old or the new folder."""
         assert _campaign(tmp_path, zygote, op) >= 5
+
+    @pytest.mark.parametrize("op", LIVE_OPERATIONS)
+    def test_every_crash_point_of_a_running_guest(
+        self, tmp_path: Path, zygote: Zygote, op: str
+    ) -> None:
+        """The same on a running guest: the kill (before each step) takes QEMU with it, and
+        the folder is the old or the new one."""
+        assert _campaign(tmp_path, zygote, op, live=True) >= 3
 
 
 def test_child_counts_steps_and_a_kill_stops_it(tmp_path: Path, zygote: Zygote) -> None:
