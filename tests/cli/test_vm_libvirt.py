@@ -96,3 +96,20 @@ class TestPersistentVerbs:
         out = vk("undefine", folder.name, cwd=cwd)
         assert out.returncode == 0 and "undefined" in out.stdout
         assert _state(folder) == "absent"
+
+    def test_define_list_reset_kill(self, folder: Path) -> None:
+        """define makes the domain (shut off), reset keeps it running, kill pulls the plug."""
+        cwd = folder.parent
+        out = vk("define", folder.name, cwd=cwd)
+        assert out.returncode == 0 and f"Domain '{folder.name}' defined" in out.stdout
+        assert _state(folder) == "shut off"
+        assert vk("start", folder.name, cwd=cwd).returncode == 0
+        assert _state(folder) == "running"
+        out = vk("reset", folder.name, cwd=cwd)
+        assert out.returncode == 0, out.stderr
+        assert _state(folder) == "running"
+        out = vk("kill", folder.name, cwd=cwd)
+        assert out.returncode == 0, out.stderr
+        assert _state(folder) == "shut off"
+        again = vk("kill", folder.name, cwd=cwd)  # not running: one clear error line
+        assert again.returncode == 1 and again.stderr.startswith("virtkit: error: ")
