@@ -1,9 +1,10 @@
 """kill -9 at every file-system step of a layer update leaves the old or the new folder.
 
-A child process (forked from a helper that imported virtkit once) defines a stopped
-guest on the qemu backend and runs one operation
-(disk snapshot, revert, delete of a disk snapshot, offline attach of a new disk, media
-change); it SIGKILLs itself just before its N-th file-system step (an ``open`` that may
+A child process (forked from a helper that imported virtkit once) defines a guest on the
+qemu backend and runs one operation on it while it is stopped (disk snapshot, revert,
+delete of a disk snapshot, attach of a new disk, media change) or running (disk snapshot,
+disk hot-plug, media change: the kill takes QEMU with it); it SIGKILLs itself just before
+its N-th file-system step (an ``open`` that may
 create or truncate, a write or pwrite of the image engine, fsync/fdatasync, truncate,
 rename, unlink, mkdir, or a ``qemu-img`` run), for every N. The parent then opens
 the folder as any backend would and checks it is exactly the old or the new state: it loads,
