@@ -9,7 +9,7 @@ import time
 import pytest
 
 import virtkit
-from virtkit.backends.console import Console
+from virtkit.backends.console import Console, _Searcher
 from virtkit.backends.escapes import EscapeStripper, strip_escapes
 
 
@@ -161,3 +161,45 @@ class TestEscapes:
         console.strip_escapes = True
         console.feed(b"x\x1b[6ny")
         console.expect("xy", timeout=1)
+
+
+class TestRunOnAFakeShell:
+    """run() against a scripted shell: what a tty does to the output, and the search cost."""
+
+    def test_exact_output_status_and_linear_search(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The echo (wrapped, with a cursor query), CRLF line ends and colours are removed;
+        the status is read; each output byte is searched a bounded number of times."""
+        lines = [f"line {i} \x1b[1mbold\x1b[0m\r\n".encode() for i in range(3000)]
+        console = Console()
+        scanned = 0
+        real_search = _Searcher.search
+
+        def counting(self: _Searcher, buf: bytearray, pos: int) -> object:
+            nonlocal scanned  # what this search looks at: literals resume, regexes do not
+            begin = pos if self.literal is None else max(pos, self._scanned - len(self.literal) + 1)
+            scanned += max(len(buf) - begin, 0)
+            return real_search(self, buf, pos)
+
+        monkeypatch.setattr(_Searcher, "search", counting)
+
+        def feed(pieces: list[bytes]) -> None:
+            for number, piece in enumerate(pieces):
+                console.feed(piece)
+                if number % 20 == 0:
+                    time.sleep(0.001)  # let run() wake up many times
+
+        def shell(typed: bytes) -> None:
+            nonce = re.search(rb"VKB''([0-9a-f]+)", typed)
+            assert nonce is not None
+            echo = typed[:30] + b"\r" + typed[30:].replace(b"\n", b"\r\n")  # a wrapped echo
+            pieces = [b"\x1b[6n" + echo, b"VKB" + nonce.group(1) + b"\r\n", *lines]
+            pieces += [b"\r\nVKE" + nonce.group(1) + b" 3\r\n", b"vk# "]
+            threading.Thread(target=feed, args=(pieces,)).start()
+
+        console.set_writer(shell)
+        console.open()
+        out = console.run("make-output", prompt="vk# ", timeout=30)
+        assert out == "".join(f"line {i} bold\n" for i in range(3000))
+        assert console.exit_status == 3
+        total = sum(len(p) for p in lines)
+        assert scanned <= 2 * total + 64 * len(lines)
