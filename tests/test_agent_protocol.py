@@ -188,3 +188,22 @@ class TestFaults:
         client = GuestAgent.unix(str(tmp_path / "absent.sock"), timeout=1)
         with pytest.raises(AgentError, match="agent=True"):
             client.ping()
+
+    def test_abort_ends_a_waiting_call(self, tmp_path: Path) -> None:
+        """abort() from another thread (the qemu backend's port-closed event) ends a call
+        blocked on a silent channel with an AgentError naming the reason; the next call
+        connects afresh."""
+        path = str(tmp_path / "quiet.sock")
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(path)
+        server.listen(2)
+        try:
+            client = GuestAgent.unix(path, timeout=60)
+            threading.Timer(0.3, client.abort, args=("the port closed",)).start()
+            with pytest.raises(AgentError, match="the port closed"):
+                client.ping()
+            with pytest.raises(virtkit.TimeoutError, match="did not answer"):
+                client.ping(timeout=0.2)  # a new connection, silent again: a plain timeout
+            client.close()
+        finally:
+            server.close()

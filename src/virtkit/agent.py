@@ -143,6 +143,7 @@ class GuestAgent:
         self._buf = bytearray()
         self._synced = False
         self._lock = threading.Lock()
+        self._lost: str | None = None  # why the channel was cut under a call (see abort())
 
     @classmethod
     def unix(cls, path: str, **options: Any) -> GuestAgent:
@@ -165,6 +166,20 @@ class GuestAgent:
         with self._lock:
             self._drop()
 
+    def abort(self, reason: str) -> None:
+        """End the call in progress, if any, with an AgentError naming ``reason``.
+
+        For the owner of the channel, from any thread: the qemu backend calls
+        it when the guest closes the agent's port (``qemu-ga`` exited or was
+        killed), so a call fails then instead of at its deadline. The next
+        call reconnects.
+        """
+        self._lost = reason
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in another thread
+
     def _drop(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
@@ -175,6 +190,7 @@ class GuestAgent:
 
     def _channel(self, command: str) -> socket.socket:
         if self._sock is None:
+            self._lost = None
             try:
                 self._sock = self._connect()
             except OSError as exc:
@@ -197,9 +213,11 @@ class GuestAgent:
                 timeout=self.timeout,
             ) from exc
         except OSError as exc:
+            lost, self._lost = self._lost, None
             self._drop()
             raise AgentError(
-                f"the guest agent channel of {self.name!r} broke sending {command!r}: {exc}",
+                f"the guest agent channel of {self.name!r} broke sending {command!r}: "
+                f"{lost or exc}",
                 command=command,
             ) from exc
 
@@ -223,15 +241,18 @@ class GuestAgent:
                 timeout=self.timeout,
             ) from exc
         except OSError as exc:
+            lost, self._lost = self._lost, None
             self._drop()
             raise AgentError(
-                f"the guest agent channel of {self.name!r} broke during {command!r}: {exc}",
+                f"the guest agent channel of {self.name!r} broke during {command!r}: {lost or exc}",
                 command=command,
             ) from exc
         if not data:
+            lost, self._lost = self._lost, None
             self._drop()
             raise AgentError(
-                f"the guest agent of {self.name!r} closed its channel during {command!r}",
+                f"the guest agent of {self.name!r} closed its channel during {command!r}"
+                + (f": {lost}" if lost else ""),
                 command=command,
             )
         self._buf += data
@@ -253,22 +274,39 @@ class GuestAgent:
             self._fill(command, deadline)
 
     def _resync(self, deadline: float) -> None:
-        """guest-sync-delimited: drop whatever stale bytes precede a fresh, known answer."""
+        """guest-sync-delimited: drop whatever stale bytes precede a fresh, known answer.
+
+        A channel that babbles without ever answering the sync ends in a
+        TimeoutError that quotes what it sent instead.
+        """
         token = secrets.randbelow(2**31)
         request = {"execute": "guest-sync-delimited", "arguments": {"id": token}}
         self._send(_SYNC_BYTE + json.dumps(request).encode() + b"\n", "guest-sync", deadline)
-        while True:
-            mark = self._buf.find(_SYNC_BYTE)
-            if mark < 0:
-                self._buf.clear()
-                self._fill("guest-sync", deadline)
-                continue
-            del self._buf[: mark + 1]
-            line = self._line("guest-sync", deadline)
-            with contextlib.suppress(ValueError):
-                if json.loads(line) == {"return": token}:
-                    self._synced = True
-                    return
+        junk = bytearray()  # the last bytes dropped, for the error message
+        try:
+            while True:
+                mark = self._buf.find(_SYNC_BYTE)
+                if mark < 0:
+                    junk = (junk + self._buf)[-120:]
+                    self._buf.clear()
+                    self._fill("guest-sync", deadline)
+                    continue
+                junk = (junk + self._buf[:mark])[-120:]
+                del self._buf[: mark + 1]
+                line = self._line("guest-sync", deadline)
+                with contextlib.suppress(ValueError):
+                    if json.loads(line) == {"return": token}:
+                        self._synced = True
+                        return
+                junk = (junk + line)[-120:]
+        except TimeoutError as exc:
+            if not junk:
+                raise
+            raise TimeoutError(
+                f"the guest agent of {self.name!r} did not answer 'guest-sync' in time; the "
+                f"channel carried only garbage, last {bytes(junk)!r}",
+                timeout=self.timeout,
+            ) from exc
 
     def call(
         self,
@@ -298,10 +336,16 @@ class GuestAgent:
             request["arguments"] = dict(arguments)
         data = json.dumps(request).encode() + b"\n"
         with self._lock:
+            self._drop_if_lost()
             if not self._synced:
                 self._resync(deadline)
             self._send(data, command, deadline)
             return self._answer(command, deadline)
+
+    def _drop_if_lost(self) -> None:
+        """A channel cut by abort() between calls: start the next call on a fresh one."""
+        if self._lost is not None:
+            self._drop()
 
     def _answer(self, command: str, deadline: float) -> Any:
         line = self._line(command, deadline)
@@ -406,7 +450,7 @@ class GuestAgent:
                 if got.get("eof") or not got.get("count"):
                     return bytes(out)
         finally:
-            self._close_file(handle)
+            self._close_file(handle, deadline)
 
     def write_file(self, path: str, data: bytes, *, timeout: float | None = None) -> None:
         """Create or replace the guest file ``path`` with ``data`` (1 MiB chunks)."""
@@ -430,7 +474,7 @@ class GuestAgent:
                     )
             self.call("guest-file-flush", {"handle": handle}, timeout=_left(deadline))
         finally:
-            self._close_file(handle)
+            self._close_file(handle, deadline)
 
     def _open(self, path: str, mode: str, deadline: float) -> int:
         if not isinstance(path, str) or not path or "\0" in path:
@@ -440,11 +484,13 @@ class GuestAgent:
             raise AgentError(f"guest-file-open returned {handle!r}", command="guest-file-open")
         return handle
 
-    def _close_file(self, handle: int) -> None:
-        # best effort: after a broken channel the agent closes nothing, but a
-        # handle left open costs the guest only a file descriptor
-        with contextlib.suppress(AgentError, TimeoutError):
-            self.call("guest-file-close", {"handle": handle}, timeout=5)
+    def _close_file(self, handle: int, deadline: float) -> None:
+        # best effort, within the caller's deadline: after a broken channel or a
+        # timeout the handle may stay open, which costs the guest a file descriptor
+        left = _left(deadline)
+        if left > 0:
+            with contextlib.suppress(AgentError, TimeoutError):
+                self.call("guest-file-close", {"handle": handle}, timeout=min(left, 5.0))
 
     def interfaces(self, *, timeout: float | None = None) -> list[Interface]:
         """The guest's network interfaces and their addresses."""
@@ -458,14 +504,16 @@ class GuestAgent:
         for item in found:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 continue
+            listed = item.get("ip-addresses")
             addresses = tuple(
-                IPAddress(
-                    address=str(a.get("ip-address")),
-                    prefix=int(a.get("prefix", 0)),
-                    family=str(a.get("ip-address-type")),
-                )
-                for a in item.get("ip-addresses", ())
-                if isinstance(a, dict) and a.get("ip-address")
+                IPAddress(address=a["ip-address"], prefix=a["prefix"], family=a["ip-address-type"])
+                for a in (listed if isinstance(listed, list) else ())
+                if isinstance(a, dict)
+                and isinstance(a.get("ip-address"), str)
+                and a["ip-address"]
+                and isinstance(a.get("prefix"), int)
+                and not isinstance(a.get("prefix"), bool)
+                and a.get("ip-address-type") in ("ipv4", "ipv6")
             )
             mac = item.get("hardware-address")
             out.append(Interface(item["name"], mac if isinstance(mac, str) else None, addresses))
@@ -484,6 +532,7 @@ class GuestAgent:
         deadline = _deadline(self.timeout if timeout is None else timeout)
         data = json.dumps({"execute": "guest-shutdown", "arguments": {"mode": mode}}).encode()
         with self._lock:
+            self._drop_if_lost()
             if not self._synced:
                 self._resync(deadline)
             self._send(data + b"\n", "guest-shutdown", deadline)
