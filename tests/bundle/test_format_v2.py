@@ -97,6 +97,22 @@ class TestUpgradeFromV1:
         assert snaps["f1"].layers == {"vda": "root.s1.qcow2"}
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
+    def test_identity_write_back_is_a_whole_upgrade(self, tmp_path: Path) -> None:
+        """A v1 folder without a uuid: the load that writes the uuid back writes the folder
+        as version 2 (index, machine.toml, then the JSON removed); the next load agrees."""
+        folder = tmp_path / "vm"
+        _v1_folder(folder, folder)
+        config = folder / "machine.toml"
+        config.write_text(config.read_text().replace(f'uuid = "{V1_UUID}"\n', ""))
+        first = virtkit.load(folder)
+        assert not (folder / LEGACY_LAYERS).exists()
+        assert tomllib.loads(config.read_text())["format-version"] == 2
+        assert tomllib.loads(config.read_text())["uuid"] == str(first.uuid)
+        assert virtkit.load(folder) == first
+        assert first.disks[0].layers == ("root.s1.qcow2", "root.s2.qcow2")
+        snaps = {s.name: s.layers for s in bundle.load_snapshots(folder)}
+        assert snaps == {"d1": {"vda": "root.qcow2"}, "f1": {"vda": "root.s1.qcow2"}}
+
     def test_save_writes_v2_and_drops_the_json(self, tmp_path: Path) -> None:
         """save() writes machine.toml and the index as version 2, keeps the comment, removes the JSON."""
         folder = tmp_path / "vm"
