@@ -83,6 +83,7 @@ def format_for_name(path: str | os.PathLike[str]) -> str:
     anything else qcow2. Only for files being created: an existing file's
     format is probed (:func:`probe_file`), never taken from its name.
 
+    >>> from virtkit.images.probe import format_for_name
     >>> format_for_name("disk.img"), format_for_name("azure.vhd"), format_for_name("vm")
     ('raw', 'vpc', 'qcow2')
     """
