@@ -174,21 +174,32 @@ class ReadinessMixin:
         """Freeze the guest's file systems through its agent for the ``with`` block.
 
         Yields how many file systems were frozen: 0 when the guest has no
-        agent channel, is not running, or its agent does not answer within
-        ``timeout`` (the block then runs unfrozen, as libvirt's quiesce does
-        when asked to try). File systems are thawed however the block ends.
-        Disk-only snapshots on the qemu backend take themselves inside it.
+        agent channel, is not running, or its agent does not answer a ping
+        within 2 s or the freeze within ``timeout`` (the block then runs
+        unfrozen, as libvirt's quiesce does when asked to try). File systems
+        are thawed however the block ends, also after a freeze that timed out
+        (the agent may have frozen them late). Disk-only and full snapshots on
+        the qemu backend take themselves inside it.
+
+        Raises:
+            ConfigError: a bad ``timeout``.
         """
-        frozen = 0
+        limit = check_timeout(timeout)
+        timeout = 10.0**9 if limit is None else limit
+        frozen, asked = 0, False
         if getattr(self.machine, "agent", False) and self.state is State.RUNNING:
             try:
+                self.agent.ping(timeout=min(timeout, 2.0))  # no agent: do not wait the freeze out
+                asked = True
                 frozen = self.agent.fsfreeze(timeout=timeout)
-            except (AgentError, TimeoutError):
-                frozen = 0
+            except TimeoutError:
+                pass  # silent: nothing frozen, unless the freeze was sent (asked): thaw then
+            except AgentError:
+                asked = False  # no channel, no agent, or it refused: nothing frozen
         try:
             yield frozen
         finally:
-            if frozen:
+            if asked:
                 with contextlib.suppress(AgentError, TimeoutError):
                     self.agent.fsthaw(timeout=timeout)
 

@@ -329,7 +329,8 @@ _AGENT_INIT = """for port in /sys/class/virtio-ports/*; do
   if [ "$(cat $port/name 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
     mkdir -p /dev/virtio-ports
     ln -sf /dev/${port##*/} /dev/virtio-ports/org.qemu.guest_agent.0
-    qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /tmp -f /tmp/qga.pid &
+    qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /tmp &
+    echo $! > /tmp/qga.pid
   fi
 done
 """
@@ -477,6 +478,8 @@ def build_initramfs(
             ]
         entries += [(name, x, data, 0) for name, data in files]
         entries += [("sbin", d, b"", 0), ("sbin/shutdown", x, _SHUTDOWN_SCRIPT.encode(), 0)]
+        # guest-set-time runs /sbin/hwclock (-w after setting the clock, -s to read the RTC)
+        entries.append(("sbin/hwclock", stat.S_IFLNK | 0o777, b"../bin/busybox", 0))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(gzip.compress(cpio_newc(entries), compresslevel=1, mtime=0))

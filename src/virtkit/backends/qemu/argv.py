@@ -228,6 +228,11 @@ HD_DRIVER = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "sata": "ide-hd", "scs
 CD_DRIVER = {"ide": "ide-cd", "sata": "ide-cd", "scsi": "scsi-cd"}
 
 
+#: the agent port's device id (QMP ``VSERPORT_CHANGE`` names it when the guest opens or
+#: closes the port)
+AGENT_PORT_ID = "vk-agent-port"
+
+
 def agent_channel_argv(socket: Path) -> list[str]:
     """The guest agent's channel: a virtio-serial port ``org.qemu.guest_agent.0``
     whose host side is a UNIX socket QEMU listens on (virtkit connects when it
@@ -240,7 +245,11 @@ def agent_channel_argv(socket: Path) -> list[str]:
         device_json("virtio-serial-pci", id="vk-vserial"),
         "-device",
         device_json(
-            "virtserialport", bus="vk-vserial.0", chardev="vk-agent", name="org.qemu.guest_agent.0"
+            "virtserialport",
+            id=AGENT_PORT_ID,
+            bus="vk-vserial.0",
+            chardev="vk-agent",
+            name="org.qemu.guest_agent.0",
         ),
     ]
 

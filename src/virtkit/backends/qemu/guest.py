@@ -41,16 +41,18 @@ import errno
 import os
 import shutil
 import socket
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from virtkit.agent import GuestAgent
+from virtkit.agent import AgentError, GuestAgent
 from virtkit.backends.base import Guest
 from virtkit.backends.files import NVRAM_FILE, SEED_FILE, kernel_file
 from virtkit.backends.qemu.argv import (
+    AGENT_PORT_ID,
     AttachedDisk,
     KernelBoot,
     LaunchSpec,
@@ -78,6 +80,10 @@ if TYPE_CHECKING:
 
 #: the guest agent channel's socket in the runtime folder
 AGENT_SOCKET = "agent.sock"
+#: in a full snapshot's folder: the guest's file systems were frozen when it was taken
+QUIESCED_FILE = "quiesced"
+#: seconds a revert to a quiesced full snapshot waits for the agent to thaw
+_THAW_TIMEOUT = 30.0
 
 __all__ = ["QemuGuest"]
 
@@ -425,6 +431,12 @@ class QemuGuest(Guest):
             self.resets += 1
         elif name == "DEVICE_DELETED":
             self._hotplug.on_device_deleted(data)
+        elif name == "VSERPORT_CHANGE":
+            agent = self._agent
+            if data.get("id") == AGENT_PORT_ID and data.get("open") is False and agent is not None:
+                agent.abort(
+                    "the guest closed the agent's port (qemu-ga exited, or the guest stops)"
+                )
         elif name == "GUEST_PANICKED":
             action = data.get("action", "?")
             self._notify_crash(f"the guest kernel panicked (QMP GUEST_PANICKED, action {action})")
@@ -543,6 +555,19 @@ class QemuGuest(Guest):
             with self.quiesce():
                 return self._layers.snapshot(snap)
         nodes = self._full_nodes("take")
+        marker = self.snapshot_dir(snap.name) / QUIESCED_FILE
+        # frozen, the snapshot's disks hold all the guest wrote, usable without its RAM;
+        # a revert to it thaws the restored guest (see _thaw_restored)
+        with self.quiesce() as frozen:
+            if frozen:
+                atomic_write(marker, b"%d\n" % frozen)  # before the state that needs a thaw
+            else:
+                marker.unlink(missing_ok=True)
+            self._save_full(snap, nodes)
+        held = {str(d.target): self._layers.name(self.disk_path(d)) for d in self._writable_disks()}
+        return attrs.evolve(snap, layers=held)
+
+    def _save_full(self, snap: Snapshot, nodes: list[str]) -> None:
         proc = self._proc
         assert proc is not None
         uefi = self.machine.firmware == "uefi"
@@ -563,8 +588,6 @@ class QemuGuest(Guest):
             finally:
                 if running:
                     self._qmp_sync("cont")
-        held = {str(d.target): self._layers.name(self.disk_path(d)) for d in self._writable_disks()}
-        return attrs.evolve(snap, layers=held)
 
     def _save_nvram(self, snap: Snapshot) -> None:
         """Copy the UEFI variables into the snapshot's folder (vCPUs are stopped by the job)."""
@@ -635,6 +658,32 @@ class QemuGuest(Guest):
                 with contextlib.suppress(Exception):
                     self._terminate()
             raise
+        if snap.state is State.RUNNING and (self.snapshot_dir(snap.name) / QUIESCED_FILE).is_file():
+            self._thaw_restored()
+
+    def _thaw_restored(self) -> None:
+        """Thaw a guest restored from a full snapshot taken with its file systems frozen.
+
+        Raises:
+            BackendError: its agent did not thaw them in time (the revert
+                itself is done; ``guest.agent.fsthaw()`` may still succeed).
+        """
+        agent = self.agent
+        agent.close()  # the agent is back at the snapshot's instant: resync first
+        deadline = time.monotonic() + _THAW_TIMEOUT
+        while True:
+            try:
+                agent.fsthaw(timeout=max(min(deadline - time.monotonic(), 5.0), 0.1))
+                return
+            except (AgentError, TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise AgentError(
+                        f"guest {self.name!r} was reverted to a snapshot taken with its file "
+                        f"systems frozen, and its agent did not thaw them within "
+                        f"{_THAW_TIMEOUT:.0f} s: {exc} (call guest.agent.fsthaw())",
+                        command="guest-fsfreeze-thaw",
+                    ) from exc
+                time.sleep(0.2)
 
     def _load_full(self, snap: Snapshot) -> None:
         nodes = self._full_nodes("revert to")
