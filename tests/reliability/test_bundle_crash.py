@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fs_crash import Crash, FsCrash
+from kill_steps import KillAtStep
 
 import virtkit
 from virtkit import Disk, Machine
@@ -64,6 +65,28 @@ class TestSaveCrashes:
 
 
 class TestKill9:
+    def test_every_step(self, tmp_path: Path) -> None:
+        """A real SIGKILL of the saving process before each file-system step of a re-save
+        leaves a folder that loads as OLD or NEW."""
+        model = tmp_path / "model"
+        virtkit.save(NEW, model)
+        code = "virtkit.save(virtkit.load(model), folder)"
+        outcomes = {"old": 0, "new": 0}
+        with KillAtStep(tmp_path / "zygote.log") as kill:
+            probe = tmp_path / "probe"
+            virtkit.save(OLD, probe)
+            done = kill.run(code, 0, model=str(model), folder=str(probe))
+            assert done.error is None and done.steps is not None, done
+            assert virtkit.load(probe) == NEW
+            for n in range(1, done.steps + 1):
+                folder = tmp_path / f"run{n}"
+                virtkit.save(OLD, folder)
+                assert kill.run(code, n, model=str(model), folder=str(folder)).killed
+                loaded = virtkit.load(folder)
+                assert loaded in (OLD, NEW), f"kill before step {n} left a mixed folder"
+                outcomes["old" if loaded == OLD else "new"] += 1
+        assert outcomes["old"] > 0
+
     def test_killed_savers(self, tmp_path: Path) -> None:
         """A child re-saving in a loop, SIGKILLed at random moments, always leaves a loadable folder."""
         folder = tmp_path / "vm"

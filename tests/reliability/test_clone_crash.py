@@ -6,7 +6,8 @@ are checked: each one loads as its old or its new self, shared files are
 unchanged, a clone folder exists only complete and only once its source has
 stopped writing the shared file, and the operation can be run again. The
 default run cuts every step of a linked clone, a full clone, write_machine and
-the version-1 upgrade; a real SIGKILL of cloning processes is tried too.
+the version-1 upgrade; clones are also cut by a real SIGKILL of a cloning process
+before each step (:mod:`kill_steps`) and at random moments.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import textwrap
 from pathlib import Path
 
 import attrs
+import pytest
 from fs_crash import Crash, FsCrash
+from kill_steps import KillAtStep
 
 import virtkit
 from virtkit import Disk, Machine, Nic, PortForward, bundle, images
@@ -133,6 +136,39 @@ class TestCloneCrashes:
     def test_full_clone_every_step(self, tmp_path: Path) -> None:
         """Cut at every file-system call of a full clone (a few seconds: in the default run)."""
         self._campaign(tmp_path, linked=False, sample=None)
+
+
+class TestCloneKill9:
+    """The same cuts by a real SIGKILL of a cloning process before each step (kill_steps)."""
+
+    @pytest.mark.parametrize("linked", [True, False], ids=["linked", "full"])
+    def test_every_step(self, tmp_path: Path, linked: bool) -> None:
+        """kill -9 before every file-system step of clone(): source and clone are each old or
+        new, the shared file never changes, and cloning again succeeds."""
+        template = tmp_path / "template"
+        old = _make_source(template)
+        files = _files(template)
+        code = "virtkit.clone(src, dst, linked=linked)"
+        outcomes = {"none": 0, "source-only": 0, "both": 0}
+        with KillAtStep(tmp_path / "zygote.log") as kill:
+            probe = tmp_path / "probe"
+            shutil.copytree(template, probe / "gold")
+            done = kill.run(code, 0, src=str(probe / "gold"), dst=str(probe / "web"), linked=linked)
+            assert done.error is None and done.steps is not None, done
+            assert done.steps > 10
+            for n in range(1, done.steps + 1):
+                run = tmp_path / f"run{n}"
+                shutil.copytree(template, run / "gold")
+                src, dst = run / "gold", run / "web"
+                outcome = kill.run(code, n, src=str(src), dst=str(dst), linked=linked)
+                assert outcome.killed, outcome
+                seen = _check_after_clone_crash(src, dst, old, files, linked=linked)
+                outcomes[seen] += 1
+                if seen != "both":
+                    c = virtkit.clone(src, dst, linked=linked)
+                    assert _read(dst, c.disks[0]) == b"gold-root"
+                shutil.rmtree(run)
+        assert outcomes["none"] > 0 and outcomes["both"] > 0
 
 
 HAND = """\
