@@ -44,7 +44,8 @@ class MapEntry:
     present: bool
     zero: bool
     data: bool
-    #: host offset, known for raw layers only (None: omitted from the JSON)
+    #: host offset in the image file (None for compressed clusters, zero clusters without
+    #: a cluster, and external data files: omitted from the JSON)
     offset: int | None = None
 
 
@@ -116,6 +117,32 @@ def _merge(entries: list[MapEntry]) -> list[MapEntry]:
     return out
 
 
+def _qcow2_host_offsets(img: images.Image, entry: MapEntry) -> list[MapEntry]:
+    """``entry`` cut where its clusters' host offsets stop being contiguous, each piece with
+    its offset in the image file, as qemu-img map reports them: data and allocated zero
+    clusters have one; compressed clusters, zero clusters without a cluster and images
+    whose data lives elsewhere (an external data file, extended L2 entries) have none."""
+    from virtkit.images.qcow2 import layout  # noqa: PLC0415 - only qcow2 layers need it
+    from virtkit.images.qcow2.image import Qcow2Image  # noqa: PLC0415
+
+    if not isinstance(img, Qcow2Image) or img.extended or img.data_st is not img.st:
+        return [entry]
+    cs, per_table = img.cluster_size, img.l2_entries
+    pieces: list[MapEntry] = []
+    pos, end = entry.start, entry.start + entry.length
+    while pos < end:
+        cluster, within = divmod(pos, cs)
+        stop = min(end, (cluster + 1) * cs)
+        table_index, index = divmod(cluster, per_table)
+        _, table = img.mapper.l2_for(table_index)
+        raw_entry = table[index] if table is not None else 0
+        host = 0 if raw_entry & layout.OFLAG_COMPRESSED else raw_entry & layout.L2E_OFFSET_MASK
+        offset = host + within if host else None
+        pieces.append(attrs.evolve(entry, start=pos, length=stop - pos, offset=offset))
+        pos = stop
+    return _merge(pieces)
+
+
 def map_chain(layers: list[Layer], start: int = 0, limit: int | None = None) -> list[MapEntry]:
     """Where each range of ``[start, start+limit)`` of the top image lives, as qemu-img map.
 
@@ -139,14 +166,10 @@ def map_chain(layers: list[Layer], start: int = 0, limit: int | None = None) -> 
         if lo < stop:
             for ext in img.block_status(lo, stop - lo, include_backing=False):
                 offset = ext.start if raw else None
-                if ext.kind == "data":
-                    entries.append(
-                        MapEntry(ext.start, ext.length, depth, True, False, True, offset)
-                    )
-                elif ext.kind == "zero":
-                    entries.append(
-                        MapEntry(ext.start, ext.length, depth, True, True, False, offset)
-                    )
+                if ext.kind in ("data", "zero"):
+                    data = ext.kind == "data"
+                    entry = MapEntry(ext.start, ext.length, depth, True, not data, data, offset)
+                    entries.extend(_qcow2_host_offsets(img, entry) if not raw else [entry])
                 elif depth < last:
                     walk(depth + 1, ext.start, ext.start + ext.length)
                 else:
