@@ -210,6 +210,33 @@ class TestWriteMachineCrashes:
             assert virtkit.load(folder) in (old, new)
         assert seen == {False, True}
 
+    def test_every_step_by_a_real_kill(self, tmp_path: Path) -> None:
+        """The same rewrite in a process SIGKILLed before each file-system step (kill_steps)."""
+        code = (
+            "import attrs\n"
+            "old = virtkit.load(folder)\n"
+            "disk = attrs.evolve(old.disks[0], layers=['root.s1.qcow2'])\n"
+            "virtkit.bundle.write_machine(folder, attrs.evolve(old, cpus=2, disks=[disk]))\n"
+        )
+        with KillAtStep(tmp_path / "zygote.log") as kill:
+            probe = tmp_path / "probe"
+            probe.mkdir()
+            (probe / "machine.toml").write_text(HAND)
+            done = kill.run(code, 0, folder=str(probe))
+            assert done.error is None and done.steps is not None, done
+            new_text = (probe / "machine.toml").read_text()
+            assert "# the root disk" in new_text and new_text != HAND
+            seen = set()
+            for n in range(1, done.steps + 1):
+                folder = tmp_path / f"run{n}"
+                folder.mkdir()
+                (folder / "machine.toml").write_text(HAND)
+                assert kill.run(code, n, folder=str(folder)).killed
+                text = (folder / "machine.toml").read_text()
+                assert text in (HAND, new_text), f"kill before step {n} left a mixed file"
+                seen.add(text == new_text)
+        assert seen == {False, True}
+
 
 def _v1_folder(folder: Path) -> None:
     """A version-1 qemu backend folder: root.qcow2 <- root.s1.qcow2 (active), snapshot 'f1'."""
@@ -255,6 +282,28 @@ class TestUpgradeCrashes:
             assert bundle.load_snapshots(folder) == snaps
             assert bundle.current_snapshot(folder) == "f1"
             shutil.rmtree(folder)
+
+    def test_v1_save_every_step_by_a_real_kill(self, tmp_path: Path) -> None:
+        """The same upgrade in a process SIGKILLed before each file-system step (kill_steps)."""
+        template = tmp_path / "template"
+        _v1_folder(template)
+        machine = virtkit.load(template)
+        snaps = bundle.load_snapshots(template)
+        code = "virtkit.save(virtkit.load(folder), folder)"
+        with KillAtStep(tmp_path / "zygote.log") as kill:
+            probe = tmp_path / "probe"
+            shutil.copytree(template, probe)
+            done = kill.run(code, 0, folder=str(probe))
+            assert done.error is None and done.steps is not None, done
+            assert not (probe / LEGACY_LAYERS).exists()
+            for n in range(1, done.steps + 1):
+                folder = tmp_path / f"run{n}"
+                shutil.copytree(template, folder)
+                assert kill.run(code, n, folder=str(folder)).killed
+                assert virtkit.load(folder) == machine, f"kill before step {n}"
+                assert bundle.load_snapshots(folder) == snaps
+                assert bundle.current_snapshot(folder) == "f1"
+                shutil.rmtree(folder)
 
 
 class TestKilledCloner:
