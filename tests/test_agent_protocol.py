@@ -43,8 +43,15 @@ def agent_process(qemu_ga: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Po
          "-f", str(tmp_path / "qga.pid"), "-b", BLOCKED],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while not sock.exists() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while True:  # the socket file appears at bind(), before qemu-ga listens on it
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
         time.sleep(0.01)
     yield proc, sock
     proc.kill()

@@ -144,6 +144,7 @@ class GuestAgent:
         self._synced = False
         self._lock = threading.Lock()
         self._lost: str | None = None  # why the channel was cut under a call (see abort())
+        self._chunk = memoryview(bytearray(256 * 1024))  # what one read fills
 
     @classmethod
     def unix(cls, path: str, **options: Any) -> GuestAgent:
@@ -233,7 +234,7 @@ class GuestAgent:
             )
         try:
             sock.settimeout(remaining)
-            data = sock.recv(1024 * 1024)
+            got = sock.recv_into(self._chunk)  # no 1 MiB allocation per (often 4 KiB) read
         except _SocketTimeout as exc:
             self._synced = False  # a late answer may still come: resync before the next call
             raise TimeoutError(
@@ -247,7 +248,7 @@ class GuestAgent:
                 f"the guest agent channel of {self.name!r} broke during {command!r}: {lost or exc}",
                 command=command,
             ) from exc
-        if not data:
+        if not got:
             lost, self._lost = self._lost, None
             self._drop()
             raise AgentError(
@@ -255,15 +256,17 @@ class GuestAgent:
                 + (f": {lost}" if lost else ""),
                 command=command,
             )
-        self._buf += data
+        self._buf += self._chunk[:got]
 
     def _line(self, command: str, deadline: float) -> bytes:
+        scanned = 0  # a long answer arrives in many reads: search each byte once
         while True:
-            end = self._buf.find(b"\n")
+            end = self._buf.find(b"\n", scanned)
             if end >= 0:
                 line = bytes(self._buf[:end])
                 del self._buf[: end + 1]
                 return line
+            scanned = len(self._buf)
             if len(self._buf) > MAX_LINE:
                 self._drop()
                 raise AgentError(
