@@ -436,3 +436,34 @@ class TestForceShare:
                 else:  # compare's errors are 2, as qemu-img's
                     assert mine.returncode == (2 if args[0] == "compare" else 1), argv
                     assert "lock" in mine.stderr
+
+
+class TestOtherFormats:
+    @pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vhdx", "vdi"])
+    def test_info_and_check(self, both: Both, chain: Path, fmt: str) -> None:
+        """info JSON (actual size aside) and check (exit code, JSON) as qemu-img: vpc has
+        nothing to check (63); the others report no cluster counts."""
+        name = f"x.{fmt}"
+        assert qemu_img("create", "-f", fmt, name, "64M").returncode == 0
+        qemu_io(chain / name, "write -P 7 1M 64k", fmt=fmt)
+        theirs, ours = both.json("info", "--output=json", name)
+        theirs.pop("actual-size")
+        ours.pop("actual-size")
+        assert ours == theirs
+        (their_rc, their_out), (our_rc, our_out) = both.run("check", "--output=json", name)
+        assert our_rc == their_rc == (63 if fmt == "vpc" else 0)
+        assert our_out == their_out
+        (their_rc, their_out), (our_rc, our_out) = both.run("check", name)
+        assert (our_rc, our_out) == (their_rc, their_out)
+
+    @pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vdi"])
+    def test_map_json_but_host_offsets(self, both: Both, chain: Path, fmt: str) -> None:
+        """map JSON as qemu-img's (unallocated ranges of formats without backing files are
+        present zeroes), but for the host offsets, given for raw and qcow2 only."""
+        name = f"x.{fmt}"
+        qemu_img("create", "-f", fmt, name, "64M")
+        qemu_io(chain / name, "write -P 7 1M 64k", "write -P 8 8M 64k", fmt=fmt)
+        theirs, ours = both.json("map", "--output=json", name)
+        for entry in theirs:
+            entry.pop("offset", None)
+        assert ours == theirs

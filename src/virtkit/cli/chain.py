@@ -45,8 +45,11 @@ class MapEntry:
     zero: bool
     data: bool
     #: host offset in the image file (None for compressed clusters, zero clusters without
-    #: a cluster, and external data files: omitted from the JSON)
+    #: a cluster, external data files and formats other than raw and qcow2: omitted from
+    #: the JSON)
     offset: int | None = None
+    #: data the human table cannot place (compressed, or in an external data file)
+    unplaceable: bool = False
 
 
 @attrs.frozen
@@ -94,16 +97,22 @@ def open_chain(
         yield layers
 
 
+#: formats that cannot have a backing file: qemu-img map shows their unallocated ranges as
+#: present zeroes
+_NO_BACKING = ("vpc", "vdi", "vhdx")
+
+
 def _merge(entries: list[MapEntry]) -> list[MapEntry]:
     out: list[MapEntry] = []
     for entry in entries:
         if out:
             last = out[-1]
-            same = (last.depth, last.present, last.zero, last.data) == (
+            same = (last.depth, last.present, last.zero, last.data, last.unplaceable) == (
                 entry.depth,
                 entry.present,
                 entry.zero,
                 entry.data,
+                entry.unplaceable,
             )
             offsets_follow = (last.offset is None and entry.offset is None) or (
                 last.offset is not None
@@ -125,8 +134,10 @@ def _qcow2_host_offsets(img: images.Image, entry: MapEntry) -> list[MapEntry]:
     from virtkit.images.qcow2 import layout  # noqa: PLC0415 - only qcow2 layers need it
     from virtkit.images.qcow2.image import Qcow2Image  # noqa: PLC0415
 
-    if not isinstance(img, Qcow2Image) or img.extended or img.data_st is not img.st:
+    if not isinstance(img, Qcow2Image):
         return [entry]
+    if img.extended or img.data_st is not img.st:
+        return [attrs.evolve(entry, unplaceable=entry.data)]
     cs, per_table = img.cluster_size, img.l2_entries
     pieces: list[MapEntry] = []
     pos, end = entry.start, entry.start + entry.length
@@ -138,7 +149,10 @@ def _qcow2_host_offsets(img: images.Image, entry: MapEntry) -> list[MapEntry]:
         raw_entry = table[index] if table is not None else 0
         host = 0 if raw_entry & layout.OFLAG_COMPRESSED else raw_entry & layout.L2E_OFFSET_MASK
         offset = host + within if host else None
-        pieces.append(attrs.evolve(entry, start=pos, length=stop - pos, offset=offset))
+        compressed = bool(raw_entry & layout.OFLAG_COMPRESSED)
+        pieces.append(
+            attrs.evolve(entry, start=pos, length=stop - pos, offset=offset, unplaceable=compressed)
+        )
         pos = stop
     return _merge(pieces)
 
@@ -172,8 +186,9 @@ def map_chain(layers: list[Layer], start: int = 0, limit: int | None = None) -> 
                     entries.extend(_qcow2_host_offsets(img, entry) if not raw else [entry])
                 elif depth < last:
                     walk(depth + 1, ext.start, ext.start + ext.length)
-                else:
-                    entries.append(MapEntry(ext.start, ext.length, depth, False, True, False))
+                else:  # formats without backing files read it as zeroes they hold, as qemu
+                    held = img.format in _NO_BACKING
+                    entries.append(MapEntry(ext.start, ext.length, depth, held, True, False))
         if max(lo, stop) < hi:  # past a shorter backing file's end: reads as zeroes
             begin = max(lo, stop)
             entries.append(MapEntry(begin, hi - begin, last, False, True, False))

@@ -231,6 +231,10 @@ def create(
     return 0
 
 
+#: formats qemu-img check refuses (exit 63): nothing in them to check
+_UNCHECKABLE = ("raw", "vpc")
+
+
 def _check_json(result: images.CheckResult, filename: str, fmt: str) -> dict[str, Any]:
     """The dict ``qemu-img check --output=json`` prints, keys in its order; zeros left out."""
     fields: list[tuple[str, int | str]] = [
@@ -245,7 +249,13 @@ def _check_json(result: images.CheckResult, filename: str, fmt: str) -> dict[str
         ("filename", filename),
         ("format", fmt),
     ]
-    return {k: v for k, v in fields if v or k in ("check-errors", "filename", "format")}
+    qcow2_only = ("image-end-offset", "total-clusters", "allocated-clusters")
+    return {
+        k: v
+        for k, v in fields
+        if (v or k in ("check-errors", "filename", "format"))
+        and (fmt == "qcow2" or k not in qcow2_only)  # qemu-img counts clusters of qcow2 only
+    }
 
 
 @image.command()
@@ -274,14 +284,14 @@ def check(
     """Check an image's metadata, -r repairs (qemu-img check).
 
     Exit status: 0 no problem, 1 the check could not run, 2 corruptions,
-    3 only leaked clusters, 63 the format has nothing to check (raw).
+    3 only leaked clusters, 63 the format has nothing to check (raw, vpc).
     """
     fix = repair is not None or repair_all
     if fix and force_share:
         raise ConfigError("-r cannot be used with -U (repairing needs the image to itself)")
     with images.open(filename, writable=fix, format=as_format(fmt), force_share=force_share) as img:
-        if img.format == "raw":
-            error("this image format (raw) does not support checks")
+        if img.format in _UNCHECKABLE:
+            error(f"this image format ({img.format}) does not support checks")
             return 63
         result = img.check(repair=fix)
         fmt_name = img.format
@@ -290,7 +300,7 @@ def check(
     if output == "json":
         emit_json(_check_json(result, filename, fmt_name))
     elif not quiet:
-        _print_check(result, remaining_corrupt, remaining_leaks)
+        _print_check(result, remaining_corrupt, remaining_leaks, qcow2=fmt_name == "qcow2")
     if result.errors:
         return 1
     if remaining_corrupt:
@@ -300,7 +310,7 @@ def check(
     return 0
 
 
-def _print_check(result: images.CheckResult, corrupt: int, leaks: int) -> None:
+def _print_check(result: images.CheckResult, corrupt: int, leaks: int, *, qcow2: bool) -> None:
     for problem in result.problems:
         where = f" at offset {problem.offset:#x}" if problem.offset is not None else ""
         click.echo(f"{problem.kind.upper()}: {problem.message}{where}")
@@ -324,13 +334,13 @@ def _print_check(result: images.CheckResult, corrupt: int, leaks: int) -> None:
         )
     if result.errors:
         click.echo(f"\n{result.errors} internal errors have occurred during the check.")
-    if result.total_clusters:
+    if result.total_clusters and qcow2:
         share = 100.0 * result.allocated_clusters / result.total_clusters
         click.echo(
             f"{result.allocated_clusters}/{result.total_clusters} = {share:.2f}% allocated, "
             "0.00% fragmented, 0.00% compressed clusters"
         )
-    if result.image_end_offset:
+    if result.image_end_offset and qcow2:
         click.echo(f"Image end offset: {result.image_end_offset}")
 
 

@@ -105,8 +105,9 @@ def map_(
     """Show where each range of the disk lives (qemu-img map).
 
     JSON entries carry start, length, depth, present, zero, data and the host
-    ``offset`` as qemu-img prints them (no offset for compressed clusters,
-    which the human table refuses, as qemu-img does).
+    ``offset`` as qemu-img prints them for raw and qcow2 (no offset for
+    compressed clusters, which the human table refuses, as qemu-img does);
+    other formats' entries have no offset (``-`` in the table).
     """
     from virtkit.units import parse_size  # noqa: PLC0415
 
@@ -121,11 +122,11 @@ def map_(
     click.echo(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
     for e in entries:
         if e.data:
-            if e.offset is None:  # as qemu-img: the human table has no way to say where
+            if e.unplaceable:  # as qemu-img: the human table has no way to say where
                 error("File contains external, encrypted or compressed clusters.")
                 return 1
-            line = f"{_hex(e.start):<16}{_hex(e.length):<16}{hex(e.offset):<16}{names[e.depth]}"
-            click.echo(line)
+            mapped = "-" if e.offset is None else hex(e.offset)
+            click.echo(f"{_hex(e.start):<16}{_hex(e.length):<16}{mapped:<16}{names[e.depth]}")
     return 0
 
 
