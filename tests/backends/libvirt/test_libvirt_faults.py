@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -199,5 +200,45 @@ class TestDaemonDies:
             assert second_host.uri in str(info.value)
             with pytest.raises(BackendError):
                 guest.pause()
+        finally:
+            hv.close()
+
+    def test_frozen_daemon_is_noticed(self, second_host: SecondHost, tmp_path: Path) -> None:
+        """A daemon that stops answering (SIGSTOP) while a call waits on it: libvirt's
+        keep-alive drops the connection and the call fails with a BackendError naming the
+        URI instead of hanging, and the process survives (libvirt 9.0's client crashed it when
+        the console stream shared the connection)."""
+        hv = connect(second_host.uri, tmp_path, shared_storage=True)
+        try:
+            guest = counter_guest(hv, tmp_path, "frozen")
+            guest.start()
+            guest.console.expect("count 0", timeout=TIMEOUT)
+            pids = second_host._pids("run/libvirtd.pid")
+            assert pids
+            outcome: list[BaseException | None] = []
+
+            def call() -> None:
+                try:
+                    guest.pause()
+                except BaseException as exc:  # handed to the test's thread
+                    outcome.append(exc)
+                else:
+                    outcome.append(None)
+
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                caller = threading.Thread(target=call, daemon=True)
+                caller.start()
+                caller.join(TIMEOUT)  # keep-alive: 2 s x 3 probes, so far below this
+                assert not caller.is_alive(), "pause() hung on a frozen daemon"
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            assert len(outcome) == 1
+            assert isinstance(outcome[0], BackendError)
+            assert second_host.uri in str(outcome[0])
+            with pytest.raises(BackendError):
+                guest.pause()  # the connection is gone: every call says so at once
         finally:
             hv.close()

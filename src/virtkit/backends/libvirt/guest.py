@@ -291,7 +291,14 @@ class LibvirtGuest(Guest):
     def _attach_console(self) -> None:
         self._detach_console()
         if self.machine.serial.enabled:
-            self._stream = ConsoleStream(self._conn, self.domain, self.console.feed)
+            # on a connection of its own (see LibvirtHypervisor.console_connection)
+            conn = self.hypervisor.console_connection()
+            domain = conn.call(
+                f"look up domain {self.domain_name!r} for its console",
+                conn.raw.lookupByUUIDString,
+                self.domain.UUIDString(),
+            )
+            self._stream = ConsoleStream(conn, domain, self.console.feed)
 
     def _detach_console(self, *, drain: bool = False) -> None:
         """Stop reading the console; ``drain``: first read what QEMU wrote before it exited."""

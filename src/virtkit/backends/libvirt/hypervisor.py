@@ -141,6 +141,9 @@ class LibvirtHypervisor(Hypervisor):
         self.migration_uri = migration_uri
         self.remote_root = remote_root.rstrip("/") or "/"
         self.connection = Connection(self.uri, timeout=float(timeout))
+        self._open_timeout = float(timeout)
+        self._console_conn: Connection | None = None
+        self._console_lock = threading.Lock()
         self._accel: AccelChoice | None = None
         self._callback_id: int | None = None
         try:
@@ -487,13 +490,38 @@ class LibvirtHypervisor(Hypervisor):
         if retire is not None:
             retire(why)
 
+    def console_connection(self) -> Connection:
+        """The connection the guests' console streams use (opened on first use, reopened
+        when it broke).
+
+        A connection of its own: libvirt 9.0's client crashes the process when a
+        connection is closed under it (a keep-alive timeout, a daemon gone) while one
+        thread waits for a call's reply and another waits on a stream of that same
+        connection. With the streams apart, each connection has one kind of waiter.
+
+        Raises:
+            BackendError: the host does not answer (the message names the URI).
+        """
+        with self._console_lock:
+            conn = self._console_conn
+            if conn is None or not conn.alive:
+                if conn is not None:
+                    conn.close()
+                self._console_conn = None
+                conn = self._console_conn = Connection(self.uri, timeout=self._open_timeout)
+            return conn
+
     def close(self) -> None:
-        """Kill and undefine every guest defined here, then close the connection."""
+        """Kill and undefine every guest defined here, then close the connections."""
         super().close()
         if self._callback_id is not None:
             with contextlib.suppress(self.connection.lv.libvirtError):
                 self.connection.raw.domainEventDeregisterAny(self._callback_id)
             self._callback_id = None
+        with self._console_lock:
+            conn, self._console_conn = self._console_conn, None
+        if conn is not None:
+            conn.close()
         self.connection.close()
 
 
