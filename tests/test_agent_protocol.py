@@ -128,6 +128,16 @@ class TestCommands:
         """Bad arguments are ConfigErrors naming them, before anything is sent."""
         with pytest.raises(virtkit.ConfigError, match="argv"):
             agent.exec("ls")  # type: ignore[arg-type]
+        with pytest.raises(virtkit.ConfigError, match="env"):
+            agent.exec(["/bin/true"], env={"A=B": "x"})
+        with pytest.raises(virtkit.ConfigError, match="env"):
+            agent.exec(["/bin/true"], env={"A": 1})  # type: ignore[dict-item]
+        with pytest.raises(virtkit.ConfigError, match="input"):
+            agent.exec(["/bin/cat"], input="text")  # type: ignore[arg-type]
+        with pytest.raises(virtkit.ConfigError, match="path"):
+            agent.read_file("")
+        with pytest.raises(virtkit.ConfigError, match="data"):
+            agent.write_file("/tmp/x", "text")  # type: ignore[arg-type]
         with pytest.raises(virtkit.ConfigError, match="timeout"):
             agent.ping(timeout=-1)
         with pytest.raises(virtkit.ConfigError, match="mode"):

@@ -398,6 +398,15 @@ class GuestAgent:
             )
         if input is not None and not isinstance(input, (bytes, bytearray)):
             raise ConfigError(f"'input' must be bytes or None (got {input!r})", field="input")
+        if env is not None and (
+            not isinstance(env, Mapping)
+            or not all(isinstance(k, str) and k and "=" not in k for k in env)
+            or not all(isinstance(v, str) for v in env.values())
+        ):
+            raise ConfigError(
+                f"'env' must map variable names (without '=') to str values (got {env!r})",
+                field="env",
+            )
         deadline = _deadline(self.timeout if timeout is None else timeout)
         arguments: dict[str, Any] = {
             "path": argv[0],

@@ -139,6 +139,15 @@ class ReadinessMixin:
         elif via == "tcp":
             if not isinstance(port, int) or isinstance(port, bool):
                 raise ConfigError("wait_ready(via='tcp') needs the guest 'port'", field="port")
+            for field, value in (("send", send), ("expect", expect)):
+                if value is not None and not isinstance(value, (bytes, bytearray)):
+                    raise ConfigError(
+                        f"wait_ready {field!r} must be bytes or None (got {value!r})",
+                        field=field,
+                        value=value,
+                    )
+            if expect is not None and not expect:
+                raise ConfigError("wait_ready 'expect' must not be empty", field="expect")
             host_port = self.host_port(port)
             address = next(
                 (f.host_addr for _, f in self.forwards if f.host_port == host_port), "127.0.0.1"

@@ -48,6 +48,12 @@ class TestTcpReadiness:
             guest.wait_ready(via="tcp")
         with pytest.raises(virtkit.ConfigError, match="via"):
             guest.wait_ready(via="carrier-pigeon")  # type: ignore[arg-type]
+        with pytest.raises(virtkit.ConfigError, match="'send'"):
+            guest.wait_ready(via="tcp", port=22, send="GET /")  # type: ignore[arg-type]
+        with pytest.raises(virtkit.ConfigError, match="'expect'"):
+            guest.wait_ready(via="tcp", port=22, expect=b"")
+        with pytest.raises(virtkit.ConfigError, match="timeout"):
+            guest.wait_ready(via="agent", timeout="soon")  # type: ignore[arg-type]
         with pytest.raises(virtkit.StateError, match="not running"):
             guest.wait_ready(via="console", pattern="x", timeout=1)
         guest.start()
