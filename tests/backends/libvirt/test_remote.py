@@ -7,13 +7,14 @@ VM folder is pushed through storage volumes and pulled back.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from libvirt_hosts import PREFIX, run
 
 import virtkit
-from virtkit import ConfigError, StateError
+from virtkit import BackendError, ConfigError, StateError
 from virtkit.backends.libvirt import LibvirtGuest, LibvirtHypervisor
 from virtkit.images import open as open_image
 from virtkit.model import Disk, Machine, State
@@ -63,6 +64,16 @@ class TestSsh:
             assert hv.free_memory > 0
         finally:
             hv.close()
+
+    def test_ssh_refuses_a_key_it_does_not_know(self, ssh_uri: str, tmp_path: Path) -> None:
+        """sshd refuses the client's key: a BackendError naming the URI, no password prompt
+        waited on."""
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger"))
+        uri = re.sub(r"keyfile=[^&]*", f"keyfile={tmp_path / 'stranger'}", ssh_uri)
+        assert uri != ssh_uri
+        with pytest.raises(BackendError) as info:
+            connect(uri, tmp_path / "guests", timeout=TIMEOUT)
+        assert uri in str(info.value)
 
 
 class TestPushPull:
