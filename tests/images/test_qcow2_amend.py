@@ -132,9 +132,8 @@ def test_downgrade_writes_out_zero_clusters(images_dir: Path) -> None:
     assert zero_over_backing.returncode == 0
 
 
-def test_upgrade_adds_snapshot_extra_data(images_dir: Path) -> None:
-    """A v2 snapshot entry without extra data gets the disk size v3 requires."""
-    path = images_dir / "top-0.10.qcow2"
+def _strip_snapshot_extra(path: Path) -> None:
+    """Rewrite the (single) snapshot entry of a v2 image without extra data (old QEMU)."""
     data = bytearray(path.read_bytes())
     table = struct.unpack_from(">Q", data, 64)[0]
     fixed = struct.Struct(">QIHHIIQII")
@@ -150,6 +149,12 @@ def test_upgrade_adds_snapshot_extra_data(images_dir: Path) -> None:
         old_len + (-old_len % 8) - len(entry)
     )
     path.write_bytes(bytes(data))
+
+
+def test_upgrade_adds_snapshot_extra_data(images_dir: Path) -> None:
+    """A v2 snapshot entry without extra data gets the disk size v3 requires."""
+    path = images_dir / "top-0.10.qcow2"
+    _strip_snapshot_extra(path)
     assert qemu_img("check", path).returncode == 0
     amend(path, compat="1.1")
     assert qemu_img("check", path).returncode == 0
@@ -328,14 +333,18 @@ def _amend_losing_power(
         ("top-1.1", {"compat": "0.10"}),
         ("top-1.1", {"refcount_bits": 8}),
         ("top-0.10", {"compat": "1.1", "refcount_bits": 4}),
+        ("old-v2", {"compat": "1.1"}),
     ],
-    ids=["downgrade", "refcount-width", "upgrade+width"],
+    ids=["downgrade", "refcount-width", "upgrade+width", "upgrade-snapshot-table"],
 )
 def test_a_power_loss_after_any_write_leaves_a_consistent_image(
     images_dir: Path, name: str, options: dict[str, Any], keep: float
 ) -> None:
     """The unflushed writes lost (all, or a random half kept) at every write and every
     flush: qemu-img check finds no corruption and the guest sees the same bytes."""
+    if name == "old-v2":  # a snapshot entry without extra data: the table is rewritten
+        shutil.copy(images_dir / "top-0.10.qcow2", images_dir / "old-v2.qcow2")
+        _strip_snapshot_extra(images_dir / "old-v2.qcow2")
     src = images_dir / f"{name}.qcow2"
     work = images_dir / "power.qcow2"
     shutil.copy(src, work)
