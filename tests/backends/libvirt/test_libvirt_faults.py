@@ -203,12 +203,18 @@ class TestDaemonDies:
         finally:
             hv.close()
 
-    def test_frozen_daemon_is_noticed(self, second_host: SecondHost, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("transport", ["tcp", "unix"])
+    def test_frozen_daemon_is_noticed(
+        self, second_host: SecondHost, tmp_path: Path, transport: str
+    ) -> None:
         """A daemon that stops answering (SIGSTOP) while a call waits on it: libvirt's
         keep-alive drops the connection and the call fails with a BackendError naming the
         URI instead of hanging, and the process survives (libvirt 9.0's client crashed it when
         the console stream shared the connection)."""
-        hv = connect(second_host.uri, tmp_path, shared_storage=True)
+        uri = second_host.uri
+        if transport == "unix":  # a local URI: its socket, as qemu:///system's
+            uri = f"qemu:///system?socket={second_host.work}/run/libvirt-sock"
+        hv = connect(uri, tmp_path, shared_storage=True)
         try:
             guest = counter_guest(hv, tmp_path, "frozen")
             guest.start()
@@ -237,7 +243,7 @@ class TestDaemonDies:
                     os.kill(pid, signal.SIGCONT)
             assert len(outcome) == 1
             assert isinstance(outcome[0], BackendError)
-            assert second_host.uri in str(outcome[0])
+            assert uri in str(outcome[0])
             with pytest.raises(BackendError):
                 guest.pause()  # the connection is gone: every call says so at once
         finally:

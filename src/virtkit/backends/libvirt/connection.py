@@ -7,8 +7,8 @@
   runs on a daemon thread (:mod:`~virtkit.backends.libvirt.events`): domain
   events, keep-alives and close callbacks are dispatched there.
 * :class:`Connection` wraps ``virConnect``: it opens with a bounded wait (an
-  unreachable ssh host cannot hang ``connect()``), turns on keep-alive for
-  remote URIs so a dead peer is noticed, and :meth:`Connection.call` is the
+  unreachable ssh host cannot hang ``connect()``), turns on keep-alive so a
+  dead or frozen daemon is noticed, and :meth:`Connection.call` is the
   one place where ``libvirtError`` becomes a virtkit ``BackendError`` that
   names the URI (``StateError`` for "domain is not running"-style refusals,
   ``BackendError`` saying the domain is gone when it was removed behind
@@ -107,9 +107,14 @@ class Connection:
         self._conn = self._open(uri, timeout)
         try:
             self._conn.registerCloseCallback(self._on_close, None)
-            if is_remote(uri):
-                # a peer that stops answering is dropped after ~interval*(count+1) s
+            # a daemon that stops answering (a host gone, a frozen libvirtd, local too) is
+            # dropped after ~interval*(count+1) s, failing the calls that wait on it
+            try:
                 self._conn.setKeepAlive(2, 3)
+            except self.lv.libvirtError:
+                if is_remote(uri):
+                    raise
+                # an in-process driver (test:///...) has no keep-alive and no daemon to lose
         except self.lv.libvirtError as exc:
             self._conn.close()
             raise self._translate(exc, "set up the connection") from exc
