@@ -189,13 +189,15 @@ def _domains(hv: virtkit.Hypervisor) -> list[dict[str, Any]]:
         return [
             {"name": g.name, "state": g.state.value, "folder": str(g.folder)} for g in hv.guests
         ]
+    gone = connection.lv.libvirtError  # type: ignore[union-attr]
     rows = []
-    for domain in sorted(raw.listAllDomains(), key=lambda d: d.name()):
-        code = int(domain.state()[0])
-        rows.append(
-            {"name": domain.name(), "state": _DOMAIN_STATES.get(code, str(code)), "folder": None}
-        )
-    return rows
+    for domain in raw.listAllDomains():
+        try:
+            name, code = domain.name(), int(domain.state()[0])
+        except gone:  # undefined by someone else since the listing: not there any more
+            continue
+        rows.append({"name": name, "state": _DOMAIN_STATES.get(code, str(code)), "folder": None})
+    return sorted(rows, key=lambda row: str(row["name"]))
 
 
 @vm.command(name="list")
