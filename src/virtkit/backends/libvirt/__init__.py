@@ -7,7 +7,15 @@ reachable libvirt daemon; see :doc:`/many-hosts`.
 
 from __future__ import annotations
 
+from virtkit.backends.libvirt.aio import DomainEvent, LibvirtAsyncGuest
 from virtkit.backends.libvirt.guest import LOCATION_FILE, LibvirtGuest
 from virtkit.backends.libvirt.hypervisor import AccelChoice, LibvirtHypervisor
 
-__all__ = ["LOCATION_FILE", "AccelChoice", "LibvirtGuest", "LibvirtHypervisor"]
+__all__ = [
+    "LOCATION_FILE",
+    "AccelChoice",
+    "DomainEvent",
+    "LibvirtAsyncGuest",
+    "LibvirtGuest",
+    "LibvirtHypervisor",
+]
