@@ -11,6 +11,7 @@ import re
 import signal
 import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,46 @@ class TestBehindOurBack:
         finally:
             hv.close()
             run("virsh", "-c", LOCAL, "undefine", PREFIX + "taken")
+
+
+class TestHostileValues:
+    """Quotes, ``]]>`` and markup in domain names and paths stay data all the way to QEMU."""
+
+    def test_hostile_domain_name_and_folder_path(self, libvirtd: str, tmp_path: Path) -> None:
+        """A guest whose domain name (through name_prefix) and VM folder path hold quotes,
+        ``]]>``, ``&``, ``<`` and a space boots, snapshots and is undefined."""
+        hostile = tmp_path / "h'q\"]]>&<x y"
+        hostile.mkdir()
+        prefix = PREFIX + "q'\"]]>&< "
+        hv = virtkit.connect(
+            "libvirt", uri=LOCAL, accel="tcg", root=hostile / "guests", name_prefix=prefix
+        )
+        try:
+            disk = hostile / "disk ]]>.qcow2"
+            guests.write_disk(disk, "hello", format="qcow2")
+            guest = hv.define(
+                Machine(
+                    name="hostile",
+                    memory="32MiB",
+                    disks=(Disk(str(disk)),),
+                    labels={"x": "]]><!--"},
+                )
+            )
+            assert isinstance(guest, LibvirtGuest)
+            assert guest.domain_name == prefix + "hostile"
+            sources = [e.get("file") for e in ET.fromstring(guest.xml()).iter("source")]
+            assert str(disk) in sources
+            guest.start()
+            assert guest.wait(timeout=TIMEOUT) is State.SHUTOFF
+            assert guest.console.output == guests.OUTPUT["hello"]
+            guest.snapshot("s1", memory=False)
+            assert [s.name for s in guest.snapshots] == ["s1"]
+            listed = run("virsh", "-c", LOCAL, "list", "--all", "--name").stdout.splitlines()
+            assert prefix + "hostile" in listed
+        finally:
+            hv.close()
+        listed = run("virsh", "-c", LOCAL, "list", "--all", "--name").stdout.splitlines()
+        assert prefix + "hostile" not in listed
 
 
 class TestDaemonDies:
