@@ -1,0 +1,85 @@
+"""console.run(), wait_ready and addresses() of a libvirt domain running the real Linux guest."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+import virtkit
+from virtkit.backends.ports import free_port
+from virtkit.model import KernelBoot, Machine, Nic, PortForward
+from virtkit.testing.linux import (
+    LINUX_CMDLINE,
+    PROMPT,
+    READY_MARKER,
+    build_initramfs,
+    fetch_kernel,
+)
+
+PREFIX = f"vkt-{os.getpid()}-io-"
+
+
+@pytest.fixture(scope="module")
+def net_boot(tmp_path_factory: pytest.TempPathFactory) -> KernelBoot:
+    """The Linux test guest with DHCP on eth0 (no agent: the NIC's forwards are the address)."""
+    kernel = fetch_kernel()
+    folder = tmp_path_factory.mktemp("lv-io")
+    initrd = build_initramfs(kernel, folder / "initrd-net.gz", network=True)
+    return KernelBoot(str(kernel.vmlinuz), str(initrd), LINUX_CMDLINE)
+
+
+@pytest.mark.slow
+def test_run_readiness_and_addresses(libvirtd: str, net_boot: KernelBoot, tmp_path: Path) -> None:
+    """run() returns exact output through libvirt's console stream; a forwarded port with
+    nothing listening is not ready over TCP though the host side accepts; httpd's reply is;
+    addresses() lists the forward.
+
+    Opt-in (slow) for now: in 1 run of 7 under load the console stream stopped delivering
+    mid-line (``...VKEfc452`` then nothing for 30 s), so run() timed out; the domain's
+    serial port is a pty chardev, which QEMU stops writing to while it believes nobody
+    reads the pty.
+    """
+    fixed = free_port("tcp", "127.0.0.1", set())
+    with virtkit.connect("libvirt", root=tmp_path / "root", name_prefix=PREFIX) as hv:
+        machine = Machine(
+            name="io",
+            memory="256MiB",
+            kernel=net_boot,
+            # a fixed port: with host_port=0 this backend reports a port it picked while
+            # QEMU's hostfwd picks another (the domain XML keeps 0)
+            nics=[Nic(forwards=[PortForward(host_port=fixed, guest_port=8080)])],
+        )
+        guest = hv.define(machine)
+        guest.start()
+        try:
+            guest.wait_ready(via="console", pattern=READY_MARKER, timeout=120)
+            guest.console.expect(PROMPT, timeout=60)
+            run = guest.console.run
+            assert run("seq 1 500", prompt=PROMPT, timeout=60) == "".join(
+                f"{i}\n" for i in range(1, 501)
+            )
+            long_arg = "-".join(f"w{i}" for i in range(120))  # wrapped by the line editor
+            assert run(f"echo {long_arg}", prompt=PROMPT) == long_arg + "\n"
+            raw = run(r"printf 'x\001\377y'; exit_code() { return 4; }; exit_code", prompt=PROMPT)
+            assert raw.encode("utf-8", "surrogateescape") == b"x\x01\xffy"
+            assert guest.console.exit_status == 4
+
+            port = guest.host_port(8080)
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # user-mode networking accepts on the host side
+            request = b"GET / HTTP/1.0\r\n\r\n"
+            with pytest.raises(virtkit.TimeoutError, match="not ready via tcp"):
+                guest.wait_ready(via="tcp", port=8080, send=request, timeout=3)
+            run("mkdir -p /www && echo lv-page > /www/index.html", prompt=PROMPT)
+            run("httpd -p 8080 -h /www", prompt=PROMPT)
+            reply = guest.wait_ready(
+                via="tcp", port=8080, send=request, expect=b"lv-page", timeout=60
+            )
+            assert reply is not None and reply.startswith(b"HTTP/1.")
+            found = [(a.address, a.host_port, a.guest_port) for a in guest.addresses()]
+            assert found == [("127.0.0.1", port, 8080)]
+        finally:
+            guest.kill()
