@@ -467,3 +467,29 @@ class TestOtherFormats:
         for entry in theirs:
             entry.pop("offset", None)
         assert ours == theirs
+
+
+class TestCreateOutput:
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("-f", "qcow2", "new.img", "64M"),
+            ("-f", "qcow2", "-o", "compat=0.10", "new.img", "64M"),
+            ("-f", "qcow2", "-o", "cluster_size=4k,lazy_refcounts=on", "new.img", "64M"),
+            ("-f", "qcow2", "-o", "refcount_bits=8,extended_l2=on", "new.img", "64M"),
+            ("-f", "qcow2", "-o", "compression_type=zstd", "new.img", "64M"),
+            ("-f", "qcow2", "-o", "preallocation=metadata", "new.img", "64M"),
+            ("-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "new.img"),
+            ("-f", "raw", "new.img", "1G"),
+            ("-f", "raw", "-o", "preallocation=falloc", "new.img", "1M"),
+            ("-f", "vpc", "new.img", "1M"),
+            ("-f", "vhdx", "new.img", "1M"),
+        ],
+        ids=lambda a: " ".join(a[1:-2]),
+    )
+    def test_formatting_line(self, both: Both, chain: Path, args: tuple[str, ...]) -> None:
+        """create prints qemu-img's "Formatting ..." line, options in its order and defaults."""
+        theirs = qemu_img("create", *args)
+        (chain / "new.img").unlink()
+        status, ours, err = both.virtkit("create", *args)
+        assert (status, ours) == (theirs.returncode, theirs.stdout), err

@@ -29,6 +29,7 @@ from virtkit.cli.options import (
 from virtkit.cli.output import OUTPUT, emit_json, error, human_bool, human_size
 from virtkit.cli.progress import progress_bar
 from virtkit.errors import ConfigError, UnsupportedFeatureError
+from virtkit.units import parse_size
 
 __all__ = ["image", "parse_options"]
 
@@ -222,13 +223,61 @@ def create(
         **opts,
     )
     try:
-        virtual = created.virtual_size
+        asked = None if size is None else parse_size(size, field="size")
+        line = _formatting_line(filename, created, asked, opts, backing, backing_fmt)
     finally:
         created.close()
     if not quiet:
-        extra = f" backing_file={backing} backing_fmt={backing_fmt}" if backing else ""
-        click.echo(f"Formatting '{filename}', fmt={fmt}{extra} size={virtual}")
+        click.echo(line)
     return 0
+
+
+def _on_off(value: Any) -> str:
+    return "on" if value else "off"
+
+
+def _formatting_line(
+    filename: str,
+    created: images.Image,
+    asked: int | None,
+    opts: dict[str, Any],
+    backing: str | None,
+    backing_fmt: str | None,
+) -> str:
+    """qemu-img create's "Formatting ..." line: the options in the order qemu-img 7.2 prints
+    them, with its defaults (qcow2, raw, VPC exactly; other formats' defaults when no -o).
+    The size is the one asked for (a VHD's geometry may round the disk up), else the
+    backing file's."""
+    fmt = created.format
+    size = created.virtual_size if asked is None else asked
+    given = {k: v for k, v in opts.items() if v is not None}
+    words: list[str] = []
+    if fmt == "qcow2":
+        spec = created.info().format_specific or {}
+        words += [f"cluster_size={created.cluster_size}"]
+        words += [f"extended_l2={_on_off(spec.get('extended-l2'))}"]
+        if "preallocation" in given:
+            words += [f"preallocation={given['preallocation']}"]
+        words += [f"compression_type={spec.get('compression-type', 'zlib')}", f"size={size}"]
+        if "compat" in given:
+            words += [f"compat={given['compat']}"]
+        if backing:
+            words += [f"backing_file={backing}", f"backing_fmt={backing_fmt}"]
+        words += [f"lazy_refcounts={_on_off(spec.get('lazy-refcounts'))}"]
+        words += [f"refcount_bits={spec.get('refcount-bits', 16)}"]
+    else:
+        words += [f"size={size}"]
+        if backing:
+            words += [f"backing_file={backing}", f"backing_fmt={backing_fmt}"]
+        defaults = {
+            "vmdk": ["compat6=off", "hwversion=undefined"],
+            "vdi": ["static=off"],
+            "vhdx": ["log_size=1048576", "block_size=0"],
+        }
+        if not given:
+            words += defaults.get(fmt, [])
+        words += [f"{k}={_on_off(v) if isinstance(v, bool) else v}" for k, v in given.items()]
+    return f"Formatting '{filename}', fmt={fmt} " + " ".join(words)
 
 
 #: formats qemu-img check refuses (exit 63): nothing in them to check
@@ -464,8 +513,6 @@ def resize(fmt: str | None, shrink: bool, quiet: bool, filename: str, size: str)
 
     SIZE is the new size, or +SIZE / -SIZE to grow or shrink by that much.
     """
-    from virtkit.units import parse_size  # noqa: PLC0415 - only this command needs it
-
     with images.open(filename, writable=True, format=as_format(fmt)) as img:
         if size[:1] in "+-" and size[:1]:
             delta = parse_size(size[1:], field="size")
