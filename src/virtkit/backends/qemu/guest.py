@@ -658,7 +658,8 @@ class QemuGuest(Guest):
                 with contextlib.suppress(Exception):
                     self._terminate()
             raise
-        if snap.state is State.RUNNING and (self.snapshot_dir(snap.name) / QUIESCED_FILE).is_file():
+        frozen = (self.snapshot_dir(snap.name) / QUIESCED_FILE).is_file()
+        if frozen and self.machine.agent and snap.state is State.RUNNING:
             self._thaw_restored()
 
     def _thaw_restored(self) -> None:
