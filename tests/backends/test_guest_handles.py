@@ -253,6 +253,9 @@ class TestDeadHandles:
             "undefine": lambda: hv.undefine(guest),
             "host_port": lambda: guest.host_port(22),
             "open_disk": lambda: guest.open_disk(0, writable=True),
+            "wait_ready": lambda: guest.wait_ready(via="console", pattern=b"x", timeout=1),
+            "addresses": lambda: guest.addresses(timeout=1),
+            "quiesce": lambda: guest.quiesce(timeout=1).__enter__(),
         }
         for name, call in calls.items():
             with pytest.raises(StateError, match="undefined|dead"):

@@ -74,6 +74,7 @@ class ReadinessMixin:
     if TYPE_CHECKING:
         machine: Any
         console: Console
+        _lifecycle: Any
 
         @property
         def name(self) -> str: ...
@@ -124,6 +125,7 @@ class ReadinessMixin:
             StateError: the guest is not running, or stopped while waiting.
             ConfigError: a bad combination of arguments.
         """
+        self._lifecycle.check_alive("wait_ready")
         limit = check_timeout(timeout)
         deadline = time.monotonic() + (10.0**9 if limit is None else limit)
         if via == "console":
@@ -192,7 +194,9 @@ class ReadinessMixin:
 
         Raises:
             ConfigError: a bad ``timeout``.
+            StateError: the handle is dead (undefined, or its hypervisor closed).
         """
+        self._lifecycle.check_alive("quiesce")
         limit = check_timeout(timeout)
         timeout = 10.0**9 if limit is None else limit
         frozen, asked = 0, False
@@ -219,7 +223,11 @@ class ReadinessMixin:
         machine has an agent channel and the agent answers, then the host
         ends of user-mode port forwards (their host port picked at start for
         ``host_port=0``).
+
+        Raises:
+            StateError: the handle is dead (undefined, or its hypervisor closed).
         """
+        self._lifecycle.check_alive("list the addresses of")
         out: list[GuestAddress] = []
         if getattr(self.machine, "agent", False) and self.state in _LIVE:
             try:
