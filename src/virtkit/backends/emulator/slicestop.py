@@ -15,8 +15,20 @@ time, ``SYSCALL`` does nothing, ``CPUID`` answers unicorn's own model
 200 loses a hook). In a Linux boot that is the clock jumping by hours and
 back, which is what derailed it.
 
-The stop here does what ``emu_stop`` does minus that flag, from the timer
-thread:
+There is a second trap: unicorn's translator checks for an exit request
+after every guest memory access too (``check_exit_request`` in unicorn's
+``tcg/tcg-op.c``), and leaves with the CPU state rolled back to the start of
+the instruction, whose stores have already been done: an ``incl`` of the
+preempt count or the ``cmpxchg`` taking a spinlock then runs twice when the
+slice resumes (the leaked preempt counts and stuck spinlocks seen before).
+A stop requested from the CPU thread itself (an instruction budget's code
+hook, a device hook) arrives before the instruction's first access, so
+counted slices never hit it. For uncounted slices the engine's
+``uc->no_exit_request`` is set, which unicorn otherwise uses for ARM's IT
+blocks: translated code then checks only at the start of each block.
+
+The stop here does what ``emu_stop`` does minus the ``stop_request`` flag,
+from the timer thread:
 
 * ``cpu->exit_request = 1`` and ``icount_decr.u16.high = -1``: the next
   translation block exits before its first instruction, at a block
@@ -62,12 +74,16 @@ class StopFields:
 
     cpu_pointer: int  #: ``uc_struct.cpu``
     invalid_error: int  #: ``uc_struct.invalid_error``
+    no_exit_request: int  #: ``uc_struct.no_exit_request``
     exit_request: int  #: ``CPUState.exit_request``, from the CPU state
     icount_high: int  #: ``icount_decr.u16.high``, from the CPU state
 
 
 class SliceStopper:
     """Ends the engine's running slice at the next translation block.
+
+    Making one sets the engine's ``no_exit_request`` (see above) and drops
+    the code it had translated: make it before the engine runs anything.
 
     Args:
         uc: the engine.
@@ -76,6 +92,8 @@ class SliceStopper:
 
     def __init__(self, uc: Any, fields: StopFields) -> None:
         handle = int(uc._uch.value)
+        ctypes.c_uint8.from_address(handle + fields.no_exit_request).value = 1
+        uc.ctl_flush_tb()
         cpu = ctypes.c_uint64.from_address(handle + fields.cpu_pointer).value
         self._error = ctypes.c_int32.from_address(handle + fields.invalid_error)
         self._exit = ctypes.c_uint8.from_address(cpu + fields.exit_request)
@@ -177,9 +195,12 @@ def stop_fields() -> StopFields | None:
     (``invalid_error`` follows it at the offset unicorn 2's layout gives,
     checked: 0 then, with ``use_exits`` after it 1); the CPU state is the
     block ``uc_struct`` points to whose changes are the byte ``exit_request``
-    and the 16-bit ``icount_decr.u16.high`` (0 -> 0xFFFF). Then a second
-    engine spins on ``jmp $`` and another thread posts a stop: it must end
-    with :data:`STOP_ERROR`, at the loop, within a second. None if anything
+    and the 16-bit ``icount_decr.u16.high`` (0 -> 0xFFFF). ``no_exit_request``
+    sits where unicorn 2's layout puts it, checked by what it does: a stop
+    asked for by an IN hook right before a store must end the slice at the
+    next block, not roll the store back for a second run. Then an engine
+    spins on ``jmp $`` and another thread posts a stop: it must end with
+    :data:`STOP_ERROR`, at the loop, within a second. None if anything
     differs (not Linux, another unicorn layout): the caller then counts.
     """
     counter = counter_offset()
@@ -233,6 +254,9 @@ def _probe_fields(fd: int, counter: int) -> StopFields | None:
     before_uc, after_uc = seen["uc"]
     changed = [i for i in range(len(after_uc)) if before_uc[i] != after_uc[i]]
     stop_request = counter + 21  # emu_counter, emu_count, size_recur_mem, init_tcg: then it
+    # ... exits[64], ctl_exits, thumb, mapped blocks, page sizes, the context's kind and
+    # size, next_pc, hook_insert, first_tb: then it
+    no_exit = counter + 666
     if changed != [stop_request] or after_uc[stop_request] != 1:
         return None
     invalid_error = counter + 56  # ... timer (pthread_t), timeout, invalid_addr: then it
@@ -242,18 +266,63 @@ def _probe_fields(fd: int, counter: int) -> StopFields | None:
     found = []
     for offset, (before, after) in seen["blocks"].items():
         # exit_request is among CPUState's first fields; the decrementer follows its
-        # 32 KiB jump cache. Other bytes may change: the blocks hold heap around them.
+        # 32 KiB jump cache. Other bytes may change: the blocks take in heap around them.
         if len(before) < 64 or len(after) != len(before):
             continue
         exits = [i for i in range(64) if (before[i], after[i]) == (0, 1)]
+        # CPUState ends with its back pointer to the engine, the decrementer soon after
+        backs = [
+            i
+            for i in range(0x8000, len(before) - 7, 8)
+            if struct.unpack_from("<Q", before, i)[0] == handle
+        ]
+        if not backs:
+            continue
         highs = [
             i
-            for i in range(0x8002, min(len(before), len(after)) - 1, 4)
+            for i in range(backs[0] + 2, min(backs[0] + 0x1000, len(before) - 1), 4)
             if (before[i : i + 2], after[i : i + 2]) == (b"\0\0", b"\xff\xff")
         ]
         if len(exits) == 1 and len(highs) == 1:
-            found.append(StopFields(offset, invalid_error, exits[0], highs[0]))
-    return found[0] if len(found) == 1 else None
+            found.append(StopFields(offset, invalid_error, no_exit, exits[0], highs[0]))
+    if len(found) != 1 or not _no_exit_works(counter, None) or _no_exit_works(counter, no_exit):
+        return None
+    return found[0]
+
+
+#: ``in al, 0x80; mov byte [rbx], 1; inc ecx; jmp +0; hlt``
+_STORE_AFTER_STOP = b"\xe4\x80\xc6\x03\x01\xff\xc1\xeb\x00\xf4"
+
+
+def _no_exit_works(counter: int, no_exit: int | None) -> bool:
+    """Whether a stop from the IN hook rolls the next store back (False: it ends at the hlt).
+
+    ``no_exit`` is the offset to set first (None: leave the engine as it is).
+    """
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0, 0x4000)
+    uc.mem_write(0x1000, _STORE_AFTER_STOP)
+    uc.reg_write(x86.UC_X86_REG_RBX, 0x3000)
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    if no_exit is not None:
+        head = ctypes.string_at(int(uc._uch.value), counter + 1024)
+        # hook_insert 0, first_tb (either), it 0, init_done 1
+        if (head[no_exit - 2], head[no_exit], head[no_exit + 1]) != (0, 0, 1):
+            return True
+        ctypes.c_uint8.from_address(int(uc._uch.value) + no_exit).value = 1
+
+    def stop(engine: Any, _port: int, _size: int, _data: Any) -> int:
+        engine.emu_stop()
+        return 0
+
+    uc.hook_add(unicorn.UC_HOOK_INSN, stop, None, 1, 0, x86.UC_X86_INS_IN)
+    uc.emu_start(0x1000, 0)
+    rip = int(uc.reg_read(x86.UC_X86_REG_RIP))
+    ecx = int(uc.reg_read(x86.UC_X86_REG_RCX))
+    if (rip, ecx) == (0x1002, 0):
+        return True  # rolled back to the store, which had been done
+    return not ((rip, ecx) == (0x1009, 1) and uc.mem_read(0x3000, 1) == b"\x01")
 
 
 def _read(fd: int, address: int, size: int) -> bytes:
