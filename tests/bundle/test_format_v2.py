@@ -419,3 +419,21 @@ class TestMergeProperties:
         text = (tmp_path / "machine.toml").read_text()
         assert "# compact" in text and "[[disks]]" not in text
         assert virtkit.load(tmp_path) == changed
+
+
+def test_a_snapshots_creation_time_survives_reloads(tmp_path: Path) -> None:
+    """A snapshot saved within the second it was taken keeps its time (it was left out as
+    equal to the default, so every read of the folder gave it a new one)."""
+    folder = tmp_path / "vm"
+    virtkit.save(
+        Machine(name="t", memory="32MiB", disks=[Disk(path="d.qcow2", size="1MiB")]), folder
+    )
+    with virtkit.connect("emulator") as hv:
+        hv.define(virtkit.load(folder), folder=folder).snapshot("s1", memory=False)
+    seen = []
+    for _ in range(2):
+        with virtkit.connect("emulator") as hv:
+            guest = hv.define(virtkit.load(folder), folder=folder)
+            seen.append([(s.name, s.created_at) for s in guest.snapshots])
+    assert seen[0] == seen[1] and [name for name, _ in seen[0]] == ["s1"]
+    assert "created-at" in (folder / "snapshots" / "_index.toml").read_text()

@@ -62,7 +62,7 @@ __all__ = [
 FORMAT_VERSION = 2
 _SIZE_FIELDS = {"memory", "size"}
 #: Fields whose default is generated (a fresh value each time): never left out.
-_GENERATED = {(Machine, "uuid"), (Nic, "mac")}
+_GENERATED = {(Machine, "uuid"), (Nic, "mac"), (Snapshot, "created_at")}
 _MIB = 1024**2
 
 
