@@ -409,6 +409,7 @@ class TestForceShare:
             ("convert", "-O", "raw", "top.qcow2", "out.raw"),
             ("snapshot", "-l", "top.qcow2"),
             ("dd", "if=top.qcow2", "of=dd.raw", "bs=64k", "count=4"),
+            ("measure", "--output=json", "-O", "qcow2", "top.qcow2"),
         ],
         ids=lambda a: a[0],
     )

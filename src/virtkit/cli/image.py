@@ -593,6 +593,7 @@ def commit(fmt: str | None, drop: bool, progress: bool, quiet: bool, filename: s
 )
 @OPTIONS
 @click.option("--size", metavar="SIZE", help="Measure a new empty image of SIZE instead of a file.")
+@SHARE
 @OUTPUT
 @click.argument("filename", required=False)
 def measure(
@@ -600,6 +601,7 @@ def measure(
     out_fmt: str,
     options: tuple[str, ...],
     size: str | None,
+    force_share: bool,
     output: str,
     filename: str | None,
 ) -> int:
@@ -610,7 +612,14 @@ def measure(
     if (filename is None) == (size is None):
         raise click.UsageError("give either an image file or --size, not both")
     opts = parse_options(options)
-    result = images.measure(filename, out_fmt, size=size, src_format=as_format(fmt), **opts)
+    result = images.measure(
+        filename,
+        out_fmt,
+        size=size,
+        src_format=as_format(fmt),
+        force_share=force_share,
+        **opts,
+    )
     if output == "json":
         emit_json(result)
         return 0

@@ -390,6 +390,7 @@ def measure(
     size: int | str | None = None,
     src_format: str | None = None,
     allow_backing: tuple[str | os.PathLike[str], ...] = (),
+    force_share: bool = False,
     **options: Any,
 ) -> dict[str, int]:
     """How big converting ``src`` (or a new empty image of ``size``) to ``format`` would be.
@@ -403,6 +404,9 @@ def measure(
         src: the source image, or None to measure a new image of ``size``.
         format: target format.
         size: virtual size when there is no source.
+        src_format: the source's format; probed when omitted.
+        allow_backing: extra places the source's backing files may come from.
+        force_share: read a source another process holds (``qemu-img -U``).
         options: target qcow2 options: ``cluster_size``, ``refcount_bits``,
             ``extended_l2``, ``compat``, ``preallocation``, ``backing``.
 
@@ -413,9 +417,10 @@ def measure(
         raise ConfigError("measure needs exactly one of a source image or a size", field="size")
     img: Image | None = None
     _images()._driver(format)
+    check_bool(force_share, "force_share")
     if src is not None:
         check_path(src, "src")
-        img = _open(src, format=src_format, allow_backing=allow_backing)
+        img = _open(src, format=src_format, allow_backing=allow_backing, force_share=force_share)
     try:
         return _measure(img, format, size, options)
     finally:
