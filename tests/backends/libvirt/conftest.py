@@ -76,10 +76,21 @@ def ssh_uri(libvirtd: str) -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _claim_netns() -> str:
+    """A free host tag, its network namespace made: ``ip netns add`` is the atomic claim,
+    so parallel test workers never take (or tear down) each other's second host."""
+    start = os.getpid() % 200
+    for i in range(200):
+        tag = (start + i) % 200 + 20
+        if run("ip", "netns", "add", f"vkt-host{tag}", check=False).returncode == 0:
+            return str(tag)
+    raise AssertionError("no free vkt-host<N> network namespace (ip netns list)")
+
+
 @pytest.fixture
 def second_host(libvirtd: str) -> Iterator[SecondHost]:
     """A second libvirt host (own netns + mountns), torn down after the test."""
-    tag = f"{os.getpid() % 200 + 20}"
+    tag = _claim_netns()
     netns, veth = f"vkt-host{tag}", f"vkt{tag}a"
     work = Path(tempfile.mkdtemp(prefix="vkt-host-"))
     for sub in ("etc", "run", "lib", "cache", "log"):
@@ -96,9 +107,7 @@ def second_host(libvirtd: str) -> Iterator[SecondHost]:
     caps = Path("/var/cache/libvirt/qemu/capabilities")
     if caps.is_dir():  # the local daemon's QEMU probe, so this one does not redo it (~8 s)
         shutil.copytree(caps, work / "cache" / "qemu" / "capabilities")
-    run("ip", "netns", "del", netns, check=False)
-    run("ip", "link", "del", veth, check=False)
-    run("ip", "netns", "add", netns)
+    run("ip", "link", "del", veth, check=False)  # left by a run that crashed with this tag
     host = SecondHost(
         uri=f"qemu+tcp://{addr_b}/system",
         migration_uri=f"tcp://{addr_b}",
