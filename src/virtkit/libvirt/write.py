@@ -183,6 +183,7 @@ def to_xml(
             order=boot_order.get(str(nic.name)),
             commandline=commandline,
             index=index,
+            machine_type=machine.machine_type,
         )
     if machine.serial.enabled:
         serial = _sub(devices, "serial", type="pty")
@@ -297,6 +298,11 @@ def _cdrom_xml(
     _sub(meta, f"{VK_TAG}cdrom", **record)
 
 
+#: where NICs passed as QEMU arguments go: the root bus, slots from the top down (below
+#: q35's ICH9 functions at 0x1f and the 0x1e libvirt takes for a DMI-to-PCI bridge)
+_COMMANDLINE_NIC_SLOT = {"pc": ("pci.0", 0x1E), "q35": ("pcie.0", 0x1D)}
+
+
 def _nic_xml(
     devices: ET.Element,
     meta: ET.Element,
@@ -305,6 +311,7 @@ def _nic_xml(
     order: str | None,
     commandline: list[str],
     index: int,
+    machine_type: str,
 ) -> None:
     name = str(nic.name)
     where = str(index)
@@ -326,6 +333,13 @@ def _nic_xml(
             for f in nic.forwards
         )
         device = f"{NIC_DEVICE[nic.model]},netdev={netdev},mac={nic.mac}"
+        slot = _COMMANDLINE_NIC_SLOT.get(machine_type)
+        if slot is not None:
+            # libvirt gives its own devices PCI slots from the bottom up and cannot see this
+            # one: without an address QEMU would put it in the first free slot, the one
+            # libvirt gave e.g. the first virtio disk ("slot 2 function 0 not available")
+            bus, top = slot
+            device += f",bus={bus},addr={top - commandline.count('-device'):#x}"
         if order is not None:
             device += f",bootindex={order}"
         commandline += ["-netdev", f"user,id={netdev},{fwds}", "-device", device]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -10,8 +11,18 @@ from libvirt_hosts import LOCAL, PREFIX, run
 
 import virtkit
 from virtkit import BackendUnavailable, ResourceError
-from virtkit.backends.libvirt import LibvirtHypervisor
-from virtkit.model import AllocationPolicy, HostResources, HypervisorType, Machine, State
+from virtkit.backends.libvirt import LibvirtGuest, LibvirtHypervisor
+from virtkit.model import (
+    AllocationPolicy,
+    Disk,
+    HostResources,
+    HypervisorType,
+    Machine,
+    Nic,
+    PortForward,
+    State,
+)
+from virtkit.testing import guests
 
 
 def connect(root: Path, **options: object) -> LibvirtHypervisor:
@@ -120,3 +131,46 @@ class TestHonesty:
         finally:
             hv.close()
             run("virsh", "-c", LOCAL, "destroy", PREFIX + "other", check=False)
+
+
+class TestPortForwards:
+    """A forward with host_port=0 listens where the guest says it does."""
+
+    @pytest.mark.parametrize("machine_type", ["pc", "q35"])
+    def test_picked_host_port_is_the_one_qemu_listens_on(
+        self, libvirtd: str, tmp_path: Path, machine_type: str
+    ) -> None:
+        """start() picks the port, the domain QEMU runs forwards exactly that one: the host
+        side accepts there (slirp accepts before the guest is asked), and the live XML says so.
+        The forwarding NIC (QEMU arguments) shares the PCI bus with libvirt's own devices (a
+        virtio disk, an e1000 NIC) on both machine types."""
+        disk = tmp_path / "counter.qcow2"
+        guests.write_disk(disk, "counter", format="qcow2")
+        hv = connect(tmp_path / "guests", accel="tcg")
+        try:
+            guest = hv.define(
+                Machine(
+                    name="fwd",
+                    memory="32MiB",
+                    machine_type=machine_type,
+                    disks=(Disk(str(disk)),),
+                    nics=(
+                        Nic(forwards=(PortForward(host_port=0, guest_port=8080),)),
+                        Nic(model="e1000"),
+                        Nic(model="e1000", forwards=(PortForward(0, 8081),)),
+                    ),
+                )
+            )
+            assert isinstance(guest, LibvirtGuest)
+            guest.start()
+            port = guest.host_port(8080)
+            assert port > 0
+            assert f"hostfwd=tcp:127.0.0.1:{port}-:8080" in guest.xml()
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                pass
+            guest.console.expect("count 1", timeout=60)  # the guest runs, from its disk
+            guest.kill()
+            stored = virtkit.load(guest.folder, allow=[tmp_path])
+            assert stored.nics[0].forwards[0].host_port == 0  # the folder still says "any"
+        finally:
+            hv.close()

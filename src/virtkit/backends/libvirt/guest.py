@@ -483,7 +483,8 @@ class LibvirtGuest(Guest):
     def _redefine(self) -> None:
         if not self.owns_definition:
             return
-        xml = self.hypervisor.domain_xml(self.machine, self.folder)
+        # host_port=0 forwards as picked at start (QEMU would pick another port itself)
+        xml = self.hypervisor.domain_xml(self.launch_machine(), self.folder)
         self.domain = self._call("update the domain definition", self._conn.raw.defineXML, xml)
 
     def _save_snapshot_xml(self, name: str, snapshot: Any) -> None:
