@@ -81,7 +81,7 @@ SLICE_INSTRUCTIONS = 100_000
 #: the longest uncounted wall-clock slice (host nanoseconds); it ends sooner at the next tick
 WALL_SLICE_NS = 2_000_000
 #: count wall-clock slices too (as before the uncounted ones), e.g. to compare them
-COUNTED_WALL_SLICES = True
+COUNTED_WALL_SLICES = False
 _STI = 0xFB
 TRACE_LIMIT = 100_000  # serial trace entries kept (virtual clock); later output is not traced
 BOOT_ADDRESS = 0x7C00

@@ -27,9 +27,22 @@ counted slices never hit it. For uncounted slices the engine's
 ``uc->no_exit_request`` is set, which unicorn otherwise uses for ARM's IT
 blocks: translated code then checks only at the start of each block.
 
+And a third: a hook that writes RIP (the emulator's exception delivery and
+``SYSCALL`` entry do) sets ``uc->skip_sync_pc_on_exit``, which tells the next
+exit not to take the guest's address from the translation block it leaves;
+unicorn clears it only at that exit, and the exit after an exception
+delivery happens without it, so the flag stays set. The next stop from
+outside then left RIP where it was last written, not where the guest was:
+the CPU went back in time (re-running code with newer registers: the page
+allocator's corruption and user-space segfaults seen in uncounted boots).
+Counted slices never see it, as unicorn writes RIP before every instruction
+when a code hook exists. A stop here clears the flag first: with exits only
+at block starts, the block's own address is always the right one.
+
 The stop here does what ``emu_stop`` does minus the ``stop_request`` flag,
 from the timer thread:
 
+* ``uc->skip_sync_pc_on_exit = 0`` (above);
 * ``cpu->exit_request = 1`` and ``icount_decr.u16.high = -1``: the next
   translation block exits before its first instruction, at a block
   boundary, with every hook of the current block already run normally;
@@ -49,6 +62,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import struct
 import threading
@@ -61,6 +75,8 @@ from unicorn import x86_const as x86
 from virtkit.backends.emulator.cpu import UcError, counter_offset, unicorn
 
 __all__ = ["STOP_ERROR", "SliceStopper", "SliceTimer", "StopFields", "stop_fields"]
+
+log = logging.getLogger("virtkit.emulator")
 
 #: the error code a timer stop makes ``emu_start`` return: one execution never produces
 STOP_ERROR: int = unicorn.UC_ERR_HOOK_EXIST
@@ -75,6 +91,7 @@ class StopFields:
     cpu_pointer: int  #: ``uc_struct.cpu``
     invalid_error: int  #: ``uc_struct.invalid_error``
     no_exit_request: int  #: ``uc_struct.no_exit_request``
+    skip_sync: int  #: ``uc_struct.skip_sync_pc_on_exit``
     exit_request: int  #: ``CPUState.exit_request``, from the CPU state
     icount_high: int  #: ``icount_decr.u16.high``, from the CPU state
 
@@ -96,12 +113,14 @@ class SliceStopper:
         uc.ctl_flush_tb()
         cpu = ctypes.c_uint64.from_address(handle + fields.cpu_pointer).value
         self._error = ctypes.c_int32.from_address(handle + fields.invalid_error)
+        self._skip_sync = ctypes.c_uint8.from_address(handle + fields.skip_sync)
         self._exit = ctypes.c_uint8.from_address(cpu + fields.exit_request)
         self._high = ctypes.c_uint16.from_address(cpu + fields.icount_high)
 
     def post(self) -> None:
         """Ask the running slice to end (any thread; ignored between slices)."""
         self._error.value = STOP_ERROR  # first: read when the loop returns
+        self._skip_sync.value = 0  # leave with the block's own address (see the module)
         self._exit.value = 1
         self._high.value = 0xFFFF
 
@@ -211,14 +230,18 @@ def stop_fields() -> StopFields | None:
     except OSError:
         return None
     try:
-        fields = _probe_fields(fd, counter)
-    except (OSError, UcError, struct.error, ValueError):
-        return None
+        for attempt in range(3):  # a busy host can make one try time out: a few more
+            try:
+                fields = _probe_fields(fd, counter)
+            except (OSError, UcError, struct.error, ValueError) as exc:
+                log.debug("slicestop probe %d failed: %s", attempt, exc)
+                continue
+            if fields is not None and _stop_works(fields):
+                return fields
+            log.debug("slicestop probe %d: fields %s did not work", attempt, fields)
     finally:
         os.close(fd)
-    if fields is None or not _stop_works(fields):
-        return None
-    return fields
+    return None
 
 
 def _probe_fields(fd: int, counter: int) -> StopFields | None:
@@ -257,6 +280,9 @@ def _probe_fields(fd: int, counter: int) -> StopFields | None:
     # ... exits[64], ctl_exits, thumb, mapped blocks, page sizes, the context's kind and
     # size, next_pc, hook_insert, first_tb: then it
     no_exit = counter + 666
+    skip = _skip_sync_offset(fd, counter)
+    if skip is None:
+        return None
     if changed != [stop_request] or after_uc[stop_request] != 1:
         return None
     invalid_error = counter + 56  # ... timer (pthread_t), timeout, invalid_addr: then it
@@ -284,10 +310,28 @@ def _probe_fields(fd: int, counter: int) -> StopFields | None:
             if (before[i : i + 2], after[i : i + 2]) == (b"\0\0", b"\xff\xff")
         ]
         if len(exits) == 1 and len(highs) == 1:
-            found.append(StopFields(offset, invalid_error, no_exit, exits[0], highs[0]))
+            found.append(StopFields(offset, invalid_error, no_exit, skip, exits[0], highs[0]))
     if len(found) != 1 or not _no_exit_works(counter, None) or _no_exit_works(counter, no_exit):
         return None
     return found[0]
+
+
+def _skip_sync_offset(fd: int, counter: int) -> int | None:
+    """``skip_sync_pc_on_exit``: besides ``quit_request``, the one byte a RIP write sets."""
+    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc.mem_map(0, 0x2000)
+    uc.mem_write(0x1000, b"\xf4")
+    uc.emu_start(0x1000, 0)
+    handle = int(uc._uch.value)
+    span = counter + 0x8000  # the handle holds 64 jump buffers: the flag is its last field
+    before = _read(fd, handle, span)
+    uc.reg_write(x86.UC_X86_REG_RIP, 0x1000)
+    after = _read(fd, handle, len(before))
+    changed = [i for i in range(len(after)) if before[i] != after[i]]
+    quit_request = counter + 22
+    if len(changed) != 2 or changed[0] != quit_request or after[changed[1]] != 1:
+        return None
+    return changed[1]
 
 
 #: ``in al, 0x80; mov byte [rbx], 1; inc ecx; jmp +0; hlt``
