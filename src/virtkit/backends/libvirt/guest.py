@@ -49,11 +49,13 @@ import attrs
 from virtkit import bundle
 from virtkit.agent import AgentError, CommandAgent, GuestAgent
 from virtkit.backends.base import Guest
-from virtkit.backends.libvirt import storage
+from virtkit.backends.libvirt import agentops, storage
+from virtkit.backends.libvirt.agentops import AddressSource
 from virtkit.backends.libvirt.aio import LibvirtAsyncGuest
 from virtkit.backends.libvirt.console import ConsoleStream
 from virtkit.backends.libvirt.devices import DETACH_TIMEOUT, LiveDevices
 from virtkit.backends.libvirt.storage import Progress
+from virtkit.backends.readiness import GuestAddress
 from virtkit.bundle.atomic import atomic_write
 from virtkit.errors import (
     ConfigError,
@@ -62,6 +64,7 @@ from virtkit.errors import (
     TimeoutError,
     UnsupportedFeatureError,
 )
+from virtkit.images.args import check_timeout
 from virtkit.model import CdRom, Disk, Machine, Nic, Snapshot, SnapshotKind, State
 
 if TYPE_CHECKING:
@@ -72,6 +75,8 @@ __all__ = ["LOCATION_FILE", "LibvirtGuest"]
 #: a small TOML file in the VM folder saying which host runs the guest now.
 LOCATION_FILE = "location.toml"
 _SNAPSHOT_XML = "libvirt-snapshot.xml"
+#: in a full snapshot's folder: it was taken with the guest's file systems frozen
+QUIESCED_FILE = "quiesced"
 #: QEMU's own copy of the serial output of the current run (local hosts): a pty drops
 #: what the console stream had not read yet when QEMU exits, so the tail is taken here
 SERIAL_RUN_LOG = ".serial-run.log"
@@ -166,6 +171,45 @@ class LibvirtGuest(Guest):
                 raise TimeoutError(text, timeout=timeout) from exc
             raise AgentError(text, command=command) from exc
         return str(reply)
+
+    def addresses(
+        self, *, timeout: float = 10.0, source: AddressSource = "auto"
+    ) -> list[GuestAddress]:
+        """Where the guest can be reached: its addresses from libvirt, then port forwards.
+
+        Args:
+            timeout: seconds the agent may take (``"agent"`` / ``"auto"``).
+            source: libvirt's source of the guest's own addresses
+                (``virDomainInterfaceAddresses``): ``"agent"`` (the guest
+                agent), ``"lease"`` (a libvirt network's DHCP leases: virtkit
+                defines no libvirt networks, so only for domains changed
+                outside it), ``"arp"`` (the host's ARP table: a ``tap`` NIC
+                whose guest has talked to the host), or ``"auto"``: the agent
+                when the machine has one and it answers, else the leases, then ARP.
+
+        The host ends of user-mode port forwards follow, as on every backend.
+
+        Raises:
+            ConfigError: a bad ``source``; ``"agent"`` without ``Machine(agent=True)``.
+            BackendError: libvirt failed (the message names the URI).
+            TimeoutError: ``source="agent"`` and the agent did not answer.
+            StateError: the handle is dead, or the guest is not running.
+        """
+        self._lifecycle.check_alive("list the addresses of")
+        limit = check_timeout(timeout)
+        wait = 10.0**6 if limit is None else limit
+        if source not in agentops.SOURCES:
+            agentops.interface_addresses(self, source, wait)  # raises the ConfigError
+        if self.state not in (State.RUNNING, State.PAUSED):
+            if source != "auto":
+                raise StateError(
+                    f"guest {self.name!r} is not running: no {source} addresses",
+                    action="list the addresses of",
+                )
+            own: list[GuestAddress] = []
+        else:
+            own = agentops.interface_addresses(self, source, wait)
+        return own + agentops.forward_addresses(self.forwards)
 
     # -- plumbing -----------------------------------------------------------------------
     @property
@@ -453,14 +497,22 @@ class LibvirtGuest(Guest):
                 f"{self.name!r} has a raw disk",
                 feature="full snapshot of a raw disk",
             )
+        marker = self.snapshot_dir(snap.name) / QUIESCED_FILE
         self._busy_enter()
         try:
-            made = self._call(
-                f"create snapshot {snap.name!r}",
-                self.domain.snapshotCreateXML,
-                self._snapshot_xml(snap, external=external),
-                flags,
-            )
+            # frozen through the agent (when it answers), the snapshot's disks hold all the
+            # guest wrote; a revert to a frozen full snapshot thaws the guest (marker file)
+            with self.quiesce() as count:
+                if count and snap.kind is SnapshotKind.FULL:
+                    atomic_write(marker, b"%d\n" % count)
+                else:
+                    marker.unlink(missing_ok=True)
+                made = self._call(
+                    f"create snapshot {snap.name!r}",
+                    self.domain.snapshotCreateXML,
+                    self._snapshot_xml(snap, external=external),
+                    flags,
+                )
         finally:
             self._busy_exit()
         self._save_snapshot_xml(snap.name, made)
@@ -552,6 +604,9 @@ class LibvirtGuest(Guest):
                 self._call("resume after revert", self.domain.resume)
         finally:
             self._busy_exit()
+        quiesced = (self.snapshot_dir(snap.name) / QUIESCED_FILE).is_file()
+        if quiesced and snap.state is State.RUNNING and self.machine.agent:
+            agentops.thaw_restored(self)
 
     def _do_delete_snapshot(self, snap: Snapshot) -> None:
         lv = self._conn.lv

@@ -1,0 +1,240 @@
+"""Addresses from libvirt's sources, and the thaw after a revert, for :class:`LibvirtGuest`.
+
+``virDomainInterfaceAddresses`` knows three sources:
+
+* ``"agent"``: the guest agent's ``guest-network-get-interfaces`` (any network);
+* ``"lease"``: the DHCP leases of a libvirt *network*'s dnsmasq. virtkit's
+  model has no libvirt networks (a NIC is ``user``, ``tap`` or ``none``), so
+  this source finds nothing for a machine virtkit defined; it is asked for a
+  domain whose interfaces were changed outside virtkit;
+* ``"arp"``: the host's ARP table (``/proc/net/arp``) matched against the
+  domain's MAC addresses: a guest on a ``tap`` NIC is found once it has
+  exchanged packets with the host. User-mode NICs never reach the host's ARP
+  table.
+
+:func:`interface_addresses` asks one of them, or for ``"auto"`` the agent
+when the machine has one and it answers, else the leases, then ARP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from virtkit.agent import AgentError
+from virtkit.backends.libvirt.connection import is_remote
+from virtkit.backends.readiness import GuestAddress
+from virtkit.errors import BackendError, ConfigError, TimeoutError, VirtkitError
+from virtkit.model import PortForward
+
+if TYPE_CHECKING:
+    from virtkit.backends.libvirt.guest import LibvirtGuest
+
+__all__ = [
+    "SOURCES",
+    "AddressSource",
+    "arp_addresses",
+    "forward_addresses",
+    "interface_addresses",
+    "thaw_restored",
+]
+
+#: what :meth:`LibvirtGuest.addresses` accepts as ``source``
+AddressSource = Literal["auto", "agent", "lease", "arp"]
+SOURCES: tuple[str, ...] = ("auto", "agent", "lease", "arp")
+#: seconds a revert to a quiesced full snapshot waits for the agent to thaw
+THAW_TIMEOUT = 30.0
+#: the host's IPv4 neighbour table, as libvirt's ARP source reads it
+ARP_TABLE = Path("/proc/net/arp")
+_ATF_COM = 0x2  # a complete entry
+_FAMILY = {0: "ipv4", 1: "ipv6"}  # VIR_IP_ADDR_TYPE_IPV4 / _IPV6
+
+
+def interface_addresses(guest: LibvirtGuest, source: str, timeout: float) -> list[GuestAddress]:
+    """The guest's own addresses (loopback left out) from libvirt's ``source``.
+
+    Raises:
+        ConfigError: an unknown ``source``, or ``"agent"`` for a machine without one.
+        BackendError: libvirt failed (the message names the URI and source).
+        TimeoutError: ``source="agent"`` and the agent did not answer in time.
+    """
+    if source not in SOURCES:
+        raise ConfigError(
+            f"'source' must be one of {', '.join(SOURCES)} (got {source!r})",
+            field="source",
+            value=source,
+        )
+    if source == "agent":
+        return _agent(guest, timeout)
+    if source in ("lease", "arp"):
+        return _ask(guest, source)
+    if guest.machine.agent:
+        try:
+            return _agent(guest, timeout)
+        except (AgentError, TimeoutError, BackendError):
+            pass  # no answer from the agent: what the host knows
+    for fallback in ("lease", "arp"):
+        try:
+            found = _ask(guest, fallback)
+        except BackendError:
+            continue  # "auto" reports what it can find (a remote daemon's ARP may fail)
+        if found:
+            return found
+    return []
+
+
+def _agent(guest: LibvirtGuest, timeout: float) -> list[GuestAddress]:
+    """``SRC_AGENT``, bounded: a ping through virtkit's own timeout first, and the
+    domain's agent response timeout set (libvirt's default is to block)."""
+    agent = guest.agent  # ConfigError without Machine(agent=True)
+    agent.ping(timeout=min(timeout, 2.0))
+    conn = guest.hypervisor.connection
+    seconds = max(1, math.ceil(timeout))
+    conn.call(
+        f"set the agent timeout of {guest.domain_name!r}",
+        guest.domain.agentSetResponseTimeout,
+        seconds,
+        0,
+    )
+    return _ask(guest, "agent", timeout)
+
+
+def _ask(guest: LibvirtGuest, source: str, timeout: float | None = None) -> list[GuestAddress]:
+    conn = guest.hypervisor.connection
+    lv = conn.lv
+    flag = {
+        "agent": lv.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+        "lease": lv.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+        "arp": lv.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
+    }[source]
+    try:
+        found: Any = guest.domain.interfaceAddresses(flag, 0)
+    except lv.libvirtError as exc:
+        if source == "arp" and not is_remote(guest.hypervisor.uri):
+            # libvirt 9.0 checks each netlink message's length before it looks for the
+            # dump's end (NLMSG_DONE, 20 bytes), which newer kernels (6.18 seen) put in the
+            # same read as the entries: every call fails "wrong nlmsg len". The daemon runs
+            # on this host, so its ARP table is this one
+            return arp_addresses(_domain_macs(guest), ARP_TABLE.read_text())
+        text = (
+            f"guest {guest.name!r} on {guest.hypervisor.uri}: libvirt could not list its "
+            f"addresses from the {source} source: {exc.get_error_message()}"
+        )
+        if source == "agent" and exc.get_error_code() == getattr(
+            lv, "VIR_ERR_AGENT_UNRESPONSIVE", 86
+        ):
+            raise TimeoutError(text, timeout=timeout) from exc
+        raise BackendError(text) from exc
+    return parse_interfaces(found)
+
+
+def parse_interfaces(found: Any) -> list[GuestAddress]:
+    """``virDomainInterfaceAddresses``' Python answer as :class:`GuestAddress` es.
+
+    Entries that are not what libvirt documents (a dict of interface name to
+    ``{"hwaddr", "addrs": [{"type", "addr", "prefix"}]}``) are skipped, and so
+    are loopback addresses.
+    """
+    out: list[GuestAddress] = []
+    if not isinstance(found, dict):
+        return out
+    for name, info in sorted(found.items()):
+        if name == "lo" or not isinstance(info, dict):
+            continue
+        for entry in info.get("addrs") or ():
+            if not isinstance(entry, dict):
+                continue
+            address, family = entry.get("addr"), _FAMILY.get(entry.get("type", -1))
+            if not isinstance(address, str) or family is None:
+                continue
+            if address.startswith("127.") or address == "::1":
+                continue
+            prefix = entry.get("prefix")
+            out.append(
+                GuestAddress(
+                    address,
+                    family,
+                    interface=str(name),
+                    prefix=prefix if isinstance(prefix, int) and 0 <= prefix <= 128 else None,
+                )
+            )
+    return out
+
+
+def arp_addresses(macs: Iterable[str], table: str) -> list[GuestAddress]:
+    """The IPv4 addresses ``/proc/net/arp``'s text ``table`` holds for the MACs ``macs``.
+
+    Only complete entries (flag ``ATF_COM``) count; lines that do not parse are skipped.
+    The interface is the host interface the entry was learnt on (as libvirt reports it).
+    """
+    wanted = {m.lower() for m in macs}
+    out: list[GuestAddress] = []
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) != 6:
+            continue
+        address, _, flags, mac, _, device = fields
+        try:
+            complete = int(flags, 16) & _ATF_COM
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            continue
+        if complete and mac.lower() in wanted:
+            out.append(GuestAddress(address, "ipv4", interface=device))
+    return out
+
+
+def _domain_macs(guest: LibvirtGuest) -> list[str]:
+    """The MAC addresses of the domain's interfaces (its live XML)."""
+    try:
+        root = ET.fromstring(guest.xml())
+    except ET.ParseError:
+        return []
+    return [
+        str(mac.get("address"))
+        for mac in root.findall("./devices/interface/mac")
+        if mac.get("address")
+    ]
+
+
+def forward_addresses(forwards: Iterable[tuple[str, PortForward]]) -> list[GuestAddress]:
+    """The host ends of user-mode port forwards (those with a host port)."""
+    return [
+        GuestAddress(
+            fwd.host_addr,
+            "ipv6" if ":" in fwd.host_addr else "ipv4",
+            host_port=fwd.host_port,
+            guest_port=fwd.guest_port,
+            protocol=fwd.protocol,
+        )
+        for _, fwd in forwards
+        if fwd.host_port
+    ]
+
+
+def thaw_restored(guest: LibvirtGuest) -> None:
+    """Thaw a guest restored from a full snapshot taken with its file systems frozen.
+
+    Raises:
+        BackendError: its agent did not thaw them in time (the revert itself
+            is done; ``guest.agent.fsthaw()`` may still succeed).
+    """
+    agent = guest.agent
+    deadline = time.monotonic() + THAW_TIMEOUT
+    while True:
+        try:
+            agent.fsthaw(timeout=max(min(deadline - time.monotonic(), 5.0), 1.0))
+            return
+        except VirtkitError as exc:
+            if time.monotonic() >= deadline:
+                raise BackendError(
+                    f"guest {guest.name!r} on {guest.hypervisor.uri} was restored with its "
+                    f"file systems frozen and its agent did not thaw them within "
+                    f"{THAW_TIMEOUT:g} s: {exc}"
+                ) from exc
+            time.sleep(0.5)
