@@ -31,6 +31,7 @@ The pieces, one module each:
 * :mod:`.disks`: BIOS drives on :mod:`virtkit.images` images,
 * :mod:`.uart`, :mod:`.chipset`: COM1, ACPI PM, reset, PIT, RTC/CMOS, PIC,
 * :mod:`.clock`: wall or virtual guest time,
+* :mod:`.slicestop`: ending a wall-clock slice from another thread, between blocks,
 * :mod:`.state`: full-snapshot files,
 * :mod:`.hypervisor`: ``EmulatorHypervisor`` and ``EmulatorGuest``.
 """
