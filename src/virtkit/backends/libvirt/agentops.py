@@ -19,10 +19,11 @@ when the machine has one and it answers, else the leases, then ARP.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,6 +42,7 @@ __all__ = [
     "arp_addresses",
     "forward_addresses",
     "interface_addresses",
+    "split_file_write",
     "thaw_restored",
 ]
 
@@ -49,6 +51,10 @@ AddressSource = Literal["auto", "agent", "lease", "arp"]
 SOURCES: tuple[str, ...] = ("auto", "agent", "lease", "arp")
 #: seconds a revert to a quiesced full snapshot waits for the agent to thaw
 THAW_TIMEOUT = 30.0
+#: the longest agent request sent as one (below a unix socket's 208 KiB send buffer)
+MAX_REQUEST = 160 * 1024
+#: base64 characters per part of a split file write (96 KiB of data)
+_B64_PART = 96 * 1024 * 4 // 3
 #: the host's IPv4 neighbour table, as libvirt's ARP source reads it
 ARP_TABLE = Path("/proc/net/arp")
 _ATF_COM = 0x2  # a complete entry
@@ -215,6 +221,47 @@ def forward_addresses(forwards: Iterable[tuple[str, PortForward]]) -> list[Guest
         for _, fwd in forwards
         if fwd.host_port
     ]
+
+
+def split_file_write(send: Callable[[str, float], str], request: str, timeout: float) -> str:
+    """Send ``request`` through ``send``; a ``guest-file-write`` larger than
+    :data:`MAX_REQUEST` goes as several writes of the same handle.
+
+    libvirt 9.0 writes an agent command to the channel's socket with ``safewrite``,
+    which forgets what it wrote when the socket fills (``EAGAIN``) part way: the rest
+    is sent again from the old offset, the guest agent gets a corrupted line and never
+    answers (a 192 KiB chunk hung, 128 KiB ones did not). Each request is kept below a
+    unix socket's default send buffer; the answer sums the counts written.
+
+    Raises:
+        TimeoutError, AgentError: as ``send`` does; a part that was not written
+            whole ends the write there (its count is in the answer).
+    """
+    if len(request) <= MAX_REQUEST:
+        return send(request, timeout)
+    parsed = json.loads(request)
+    args = parsed.get("arguments") if isinstance(parsed, dict) else None
+    if parsed.get("execute") != "guest-file-write" or not isinstance(args, dict):
+        return send(request, timeout)
+    data = args.get("buf-b64")
+    if not isinstance(data, str) or args.get("count") is not None:
+        return send(request, timeout)
+    deadline = time.monotonic() + timeout
+    step = _B64_PART
+    total, eof = 0, False
+    for start in range(0, len(data), step):
+        part = data[start : start + step]
+        one = json.dumps({"execute": "guest-file-write", "arguments": {**args, "buf-b64": part}})
+        left = max(deadline - time.monotonic(), 0.001)
+        reply = json.loads(send(one, left))
+        done = reply.get("return") if isinstance(reply, dict) else None
+        if not isinstance(done, dict) or not isinstance(done.get("count"), int):
+            return json.dumps(reply)  # an error, or not what the agent documents: as is
+        total += done["count"]
+        eof = bool(done.get("eof"))
+        if done["count"] != len(part) // 4 * 3 - part.count("=", -2):
+            break  # a short write: the caller sees the total and reports it
+    return json.dumps({"return": {"count": total, "eof": eof}})
 
 
 def thaw_restored(guest: LibvirtGuest) -> None:

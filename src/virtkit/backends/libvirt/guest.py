@@ -153,6 +153,11 @@ class LibvirtGuest(Guest):
         return self._agent
 
     def _agent_command(self, request: str, timeout: float) -> str:
+        """One agent command through libvirt; a large file write as several (see
+        :func:`~virtkit.backends.libvirt.agentops.split_file_write`)."""
+        return agentops.split_file_write(self._agent_command_once, request, timeout)
+
+    def _agent_command_once(self, request: str, timeout: float) -> str:
         """One agent command through libvirt (its timeout counts whole seconds)."""
         import libvirt_qemu  # noqa: PLC0415 - part of libvirt-python, loaded with the backend
 
