@@ -79,7 +79,7 @@ log = logging.getLogger("virtkit.emulator")
 
 SLICE_INSTRUCTIONS = 100_000
 #: the longest uncounted wall-clock slice (host nanoseconds); it ends sooner at the next tick
-WALL_SLICE_NS = 2_000_000
+WALL_SLICE_NS = 10_000_000
 #: count wall-clock slices too (as before the uncounted ones), e.g. to compare them
 COUNTED_WALL_SLICES = False
 _STI = 0xFB
@@ -588,6 +588,8 @@ class PcMachine:
     def _hook_out(self, uc: Any, port: int, size: int, value: int, user_data: Any) -> None:
         if COM1_BASE <= port < COM1_BASE + 8 and self.serial_present:
             self.uart.write(port - COM1_BASE, value)
+            if self._timer is not None and self.uart.irq_pending():
+                self._timer.stop_now()  # deliver it at the next block, not at the slice's end
         elif self.chipset.handles(port):
             self.chipset.write(port, size, value)
 
