@@ -3,9 +3,11 @@ sources, quiesced snapshots, 9p shares and an agent file transfer.
 
 One guest for the module (Debian's generic kernel, for 9p): the guest agent, a user-mode
 NIC (eth0, DHCP: 10.0.2.15), a NIC on a host tap made here (eth1, a static address set
-through the console), a qcow2 data disk, a read-only and a writable share. The tests run
-in file order on it: snapshots first (QEMU refuses to save the state of a guest that has
-a 9p share mounted), the agent fault last.
+in the guest), a qcow2 data disk, a read-only and a writable share. The tests run in file
+order on it: snapshots first (QEMU refuses to save the state of a guest that has a 9p
+share mounted), the agent fault last. Commands run through the agent, not the serial
+console: libvirt's pty console loses bytes now and then under load (see
+test_libvirt_console_readiness.py), which is not what these tests are about.
 """
 
 from __future__ import annotations
@@ -13,20 +15,20 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import virtkit
+from virtkit.agent import AgentError, ExecResult
 from virtkit.backends.libvirt.guest import LibvirtGuest
 from virtkit.model import Disk, KernelBoot, Machine, Nic, Share
 from virtkit.testing.linux import (
     DEFAULT_MODULES,
     GENERIC_KERNEL_PACKAGE,
     LINUX_CMDLINE,
-    PROMPT,
-    READY_MARKER,
     build_initramfs,
     fetch_guest_agent,
     fetch_kernel,
@@ -76,7 +78,7 @@ def guest(
     shared: tuple[Path, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LibvirtGuest]:
-    """The running guest: console prompt seen, agent answering, eth1 on the tap."""
+    """The running guest, its agent answering."""
     kernel = fetch_kernel(package=GENERIC_KERNEL_PACKAGE)
     work = tmp_path_factory.mktemp("lv-talk")
     initrd = build_initramfs(
@@ -103,19 +105,22 @@ def guest(
         assert isinstance(handle, LibvirtGuest)
         handle.start()
         try:
-            handle.wait_ready(via="console", pattern=READY_MARKER, timeout=180)
-            handle.console.expect(PROMPT, timeout=60)
-            handle.wait_ready(via="agent", timeout=60)
+            handle.wait_ready(via="agent", timeout=240)
             yield handle
         finally:
             handle.kill()
 
 
+def sh(guest: LibvirtGuest, command: str, timeout: float = 60) -> ExecResult:
+    """A shell command in the guest, through the agent."""
+    return guest.agent.exec(["/bin/sh", "-c", command], timeout=timeout)
+
+
 def run(guest: LibvirtGuest, command: str, timeout: float = 60) -> str:
-    """A shell command on the console; its output, its exit status checked."""
-    out = guest.console.run(command, prompt=PROMPT, timeout=timeout)
-    assert guest.console.exit_status == 0, (command, out)
-    return out
+    """A shell command in the guest; its standard output, its exit status checked."""
+    result = sh(guest, command, timeout)
+    assert result.exit_code == 0, (command, result)
+    return result.stdout.decode()
 
 
 def test_addresses_from_the_agent_and_from_arp(guest: LibvirtGuest) -> None:
@@ -171,8 +176,8 @@ def test_full_snapshot_is_quiesced_and_revert_thaws(guest: LibvirtGuest) -> None
     run(guest, "echo later > /mnt/d/later")
     guest.revert(full.name)
     assert guest.agent.fsfreeze_status(timeout=30) == "thawed"
-    assert guest.console.run("cat /mnt/d/full; ls -1 /mnt/d", prompt=PROMPT, timeout=60) == (
-        "in-full\nfull\nlost+found\nnote\n"
+    assert sh(guest, "cat /mnt/d/full; ls -1 /mnt/d").stdout == (
+        b"in-full\nfull\nlost+found\nnote\n"
     )
     run(guest, "echo writable > /mnt/d/again && sync")
 
@@ -184,8 +189,8 @@ def test_shares(guest: LibvirtGuest, shared: tuple[Path, Path]) -> None:
     run(guest, f"mkdir -p /mnt/ro /mnt/rw && mount {MOUNT} hostro /mnt/ro")
     run(guest, f"mount {MOUNT} hostrw /mnt/rw")
     assert run(guest, "cat /mnt/ro/hello.txt") == "from the host\n"
-    out = guest.console.run("echo no > /mnt/ro/new", prompt=PROMPT)
-    assert guest.console.exit_status != 0 and "Read-only" in out, out
+    refused = sh(guest, "echo no > /mnt/ro/new")
+    assert refused.exit_code != 0 and b"Read-only" in refused.stderr, refused
     assert not (ro / "new").exists()
     run(guest, "echo from the guest > /mnt/rw/out.txt && sync")
     assert (rw / "out.txt").read_text() == "from the guest\n"
@@ -206,7 +211,15 @@ def test_agent_file_transfer(guest: LibvirtGuest) -> None:
 def test_addresses_fall_back_to_arp_when_the_agent_is_gone(guest: LibvirtGuest) -> None:
     """With qemu-ga killed, addresses() (source "auto") answers from the host's ARP
     table; source "agent" is a TimeoutError naming the guest, not a hang."""
-    run(guest, f"kill $(cat /tmp/qga.pid) && ping -c 1 -W 5 {HOST_IP}")
+    run(guest, f"(ping -c 1 -W 5 {HOST_IP}; sleep 1; kill $(cat /tmp/qga.pid)) >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 60
+    while True:  # until the agent is gone
+        try:
+            guest.agent.ping(timeout=2)
+        except (AgentError, virtkit.TimeoutError):
+            break
+        assert time.monotonic() < deadline, "qemu-ga was not killed"
+        time.sleep(0.5)
     found = guest.addresses(timeout=3)
     assert GUEST_IP in {a.address for a in found}, found
     assert "10.0.2.15" not in {a.address for a in found}
