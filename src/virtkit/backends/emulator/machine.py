@@ -12,12 +12,9 @@ operation takes effect within one slice (a few milliseconds).
   costs unicorn about ten times its speed.
 * ``clock="wall"``: a slice runs uncounted until the next timer tick or
   ``WALL_SLICE_NS`` at most, and a timer thread ends it between two
-  translation blocks (``slicestop.py``). Unicorn's own ``emu_stop`` is not
-  used from another thread: a stop landing while a block ran made unicorn
-  skip the RDTSC, RDTSCP, CPUID or SYSCALL hooks of the rest of that block
-  (the guest read the host's TSC), which derailed Linux now and then. Where
-  that mechanism cannot be set up (another unicorn layout), wall-clock
-  slices are counted like virtual ones.
+  translation blocks (``slicestop.py`` says why not with unicorn's
+  ``emu_stop``). Where that cannot be set up (another unicorn layout),
+  wall-clock slices are counted like virtual ones.
 
 A slice also ends at a ``hlt`` or when the CPU thread itself stops it (a
 device request, a crash). An interrupt is not delivered right after ``sti``
@@ -502,9 +499,8 @@ class PcMachine:
                 self._engine_error(exc)
         finally:
             timer.end()
-        # unicorn returns early only at a hlt, an error or a stop from the CPU thread; a
-        # timer stop that met a hlt in the same block leaves RIP after it (and 0xF4 may
-        # also be the last byte of another instruction): then only with interrupts on
+        # unicorn returns early only at a hlt, an error or a CPU-thread stop; after a timer
+        # stop 0xF4 before RIP may be another instruction's: then only with interrupts on
         may_be_hlt = not ran_out or bool(cpu.eflags & FLAG_IF)
         if self._event is None and may_be_hlt and self._byte_before_rip() == 0xF4:
             self.halted = True
@@ -516,7 +512,7 @@ class PcMachine:
             to_tick = -(-(self._next_tick_ns - clock.now_ns()) // NS_PER_INSTRUCTION)
             budget = max(min(SLICE_INSTRUCTIONS, to_tick), 1)
         start = clock.instructions
-        if clock.virtual:
+        if clock.virtual:  # time inside the slice follows unicorn's counter
             clock.slice_started(cpu.slice_progress)
         try:
             cpu.run(count=budget)
@@ -532,12 +528,9 @@ class PcMachine:
                 if len(self.trace) < TRACE_LIMIT:
                     self.trace.append((start, bytes(self._slice_out)))
                 self._slice_out.clear()
-        # unicorn returns right after a hlt; a slice can also end with 0xF4 before
-        # RIP as part of another instruction. The engine's instruction counter
-        # tells them apart: a hlt ends the slice before its budget is used up
-        # (taking such a byte for hlt, with interrupts off, would idle forever).
-        # Without the counter, a wrong "halted" only delays the guest to the
-        # next tick when interrupts are on.
+        # 0xF4 before RIP may be a hlt or part of another instruction: a hlt ends the
+        # slice before its budget is used up (a wrong "halted" with interrupts off would
+        # idle forever). Without the counter, only with interrupts on (a short delay).
         may_be_hlt = not used if used is not None else bool(cpu.eflags & FLAG_IF)
         if self._event is None and may_be_hlt and self._byte_before_rip() == 0xF4:
             self.halted = True
