@@ -11,9 +11,17 @@ GDT (``__BOOT_CS`` 0x10, ``__BOOT_DS`` 0x18), paging off, interrupts off and
 ``ESI`` pointing at ``boot_params`` — the 32-bit boot protocol of
 ``Documentation/x86/boot.rst``.
 
+With an unpacked kernel (:mod:`virtkit.backends.emulator.vmlinux`: the
+decompressor's job done on the host) the loader instead puts the kernel
+proper's ELF segments at their physical addresses and enters ``startup_64``
+in long mode — the 64-bit boot protocol: a GDT with ``__KERNEL_CS`` 0x10
+(64-bit code) and ``__KERNEL_DS`` 0x18, paging on through identity-mapped
+2 MiB pages covering the low 4 GiB, ``RSI`` pointing at ``boot_params``.
+
 Memory layout used (guest-physical):
 
-* ``0x07000`` boot_params (one page), ``0x08000`` GDT,
+* ``0x07000`` boot_params (one page), ``0x08000`` GDT, ``0x09000`` the
+  64-bit entry's page tables (PML4, PDPT, four page directories),
   ``0x20000`` the command line (up to ``cmdline_size`` bytes),
 * ``0x100000`` the protected-mode kernel (the decompressor moves itself
   where it wants inside RAM, up to ``init_size``),
@@ -29,7 +37,8 @@ from pathlib import Path
 import attrs
 from unicorn import x86_const as x86
 
-from virtkit.backends.emulator.cpu import Cpu
+from virtkit.backends.emulator.cpu import CR0_PE, CR0_PG, EFER, Cpu
+from virtkit.backends.emulator.vmlinux import Vmlinux, unpack
 from virtkit.errors import ConfigError
 
 __all__ = [
@@ -46,6 +55,7 @@ __all__ = [
 
 BOOT_PARAMS = 0x7000
 GDT = 0x8000
+PAGE_TABLES = 0x9000
 CMDLINE = 0x20000
 KERNEL_LOAD = 0x100000
 E820_RAM = 1
@@ -58,6 +68,11 @@ _LOW_RAM_END = 0x9FC00  # conventional memory: the EBDA follows
 _HOLE_START = 0xE000_0000  # RAM above this is mapped from 4 GiB (see Cpu)
 _LOADED_HIGH = 0x01
 _CAN_USE_HEAP = 0x80
+_KASLR_FLAG = 0x02
+_MIN_PAYLOAD_PROTOCOL = 0x0208  # payload_offset / payload_length
+_CR0_ET_NE = 0x30
+_CR4_PAE = 0x20
+_EFER_LME_LMA = 0x500
 
 
 @attrs.frozen
@@ -76,6 +91,8 @@ class BzImage:
     init_size: int
     relocatable: bool
     payload: bytes = attrs.field(repr=False)  # the protected-mode kernel
+    #: the compressed kernel proper inside :attr:`payload` (offset, length); (0, 0) before 2.08
+    compressed: tuple[int, int] = (0, 0)
 
     @classmethod
     def parse(cls, data: bytes, *, source: str = "kernel") -> BzImage:
@@ -114,6 +131,9 @@ class BzImage:
         (init_size,) = struct.unpack_from("<I", data, 0x260)
         payload = data[setup_size:]
         init_size = max(init_size, len(payload))
+        compressed = (0, 0)
+        if protocol >= _MIN_PAYLOAD_PROTOCOL:
+            compressed = struct.unpack_from("<II", data, 0x248)
         return cls(
             setup_size=setup_size,
             protocol=protocol,
@@ -124,7 +144,30 @@ class BzImage:
             init_size=init_size,
             relocatable=relocatable,
             payload=bytes(payload),
+            compressed=compressed,
         )
+
+    def unpacked(self, *, source: str = "kernel") -> Vmlinux | None:
+        """The kernel proper, decompressed on the host; None if that is not possible here.
+
+        None for a protocol before 2.08 or a compression
+        :mod:`~virtkit.backends.emulator.vmlinux` does not handle (the
+        kernel's own decompressor then runs).
+
+        Raises:
+            ConfigError: ``payload_offset``/``payload_length`` outside the
+                kernel, or a corrupt payload.
+        """
+        offset, length = self.compressed
+        if self.protocol < _MIN_PAYLOAD_PROTOCOL or length == 0:
+            return None
+        if offset + length > len(self.payload):
+            raise ConfigError(
+                f"{source}: payload_offset {offset:#x} + payload_length {length:#x} pass the "
+                f"end of the {len(self.payload)}-byte protected-mode kernel",
+                field="kernel",
+            )
+        return unpack(self.payload[offset : offset + length], source=source)
 
 
 @attrs.frozen
@@ -137,6 +180,7 @@ class LinuxBoot:
     image: BzImage
     initrd: bytes | None
     cmdline: str
+    source: str = "kernel"
 
     @classmethod
     def from_files(cls, kernel: Path, initrd: Path | None, cmdline: str) -> LinuxBoot:
@@ -152,7 +196,15 @@ class LinuxBoot:
             raise ConfigError(
                 f"cannot read {exc.filename}: {exc.strerror}", field="kernel"
             ) from exc
-        return cls(BzImage.parse(data, source=str(kernel)), ramdisk, cmdline)
+        return cls(BzImage.parse(data, source=str(kernel)), ramdisk, cmdline, str(kernel))
+
+    def unpacked(self) -> Vmlinux | None:
+        """:meth:`BzImage.unpacked` for this kernel (cached: a second call is free).
+
+        Raises:
+            ConfigError: the kernel's compressed payload is corrupt.
+        """
+        return self.image.unpacked(source=self.source)
 
     def load(
         self,
@@ -160,11 +212,13 @@ class LinuxBoot:
         *,
         acpi_rsdp: int = 0,
         reserved: tuple[tuple[int, int, int], ...] = (),
+        vmlinux: Vmlinux | None = None,
     ) -> None:
         """Place everything in RAM and leave the CPU at the kernel's entry.
 
-        ``acpi_rsdp`` and ``reserved`` are passed to :func:`load_linux` (the
-        ACPI tables' RSDP and their e820 range).
+        ``acpi_rsdp``, ``reserved`` and ``vmlinux`` are passed to
+        :func:`load_linux` (the ACPI tables' RSDP and their e820 range; the
+        unpacked kernel to enter at its 64-bit entry).
 
         Raises:
             ConfigError: it does not fit the machine's memory.
@@ -176,6 +230,7 @@ class LinuxBoot:
             cmdline=self.cmdline,
             acpi_rsdp=acpi_rsdp,
             reserved=reserved,
+            vmlinux=vmlinux,
         )
 
 
@@ -223,8 +278,14 @@ def load_linux(
     cmdline: str,
     acpi_rsdp: int = 0,
     reserved: tuple[tuple[int, int, int], ...] = (),
+    vmlinux: Vmlinux | None = None,
 ) -> None:
     """Put the kernel, boot_params, command line and initrd in RAM and enter the kernel.
+
+    Without ``vmlinux`` the bzImage's protected-mode part goes to 1 MiB and
+    the CPU starts its decompressor (32-bit entry); with it (the kernel
+    proper, unpacked on the host) its segments go to their physical
+    addresses and the CPU starts ``startup_64`` in long mode.
 
     Raises:
         ConfigError: the kernel, the initrd or the command line does not fit
@@ -233,6 +294,9 @@ def load_linux(
     memory = cpu.memory_size
     low_end = min(memory, _HOLE_START)
     kernel_end = KERNEL_LOAD + max(image.init_size, len(image.payload))
+    if vmlinux is not None:
+        # init_size counts from where the kernel runs; the kernel proper uses RAM past _end
+        kernel_end = max(vmlinux.end, vmlinux.start + image.init_size)
     if kernel_end > low_end:
         raise ConfigError(
             f"the kernel needs {kernel_end - KERNEL_LOAD} bytes from 1 MiB "
@@ -278,10 +342,18 @@ def load_linux(
     params[0x0F] = 1  # orig_video_isVGA
     struct.pack_into("<H", params, 0x10, 16)  # orig_video_points
     cpu.write(CMDLINE, line + b"\0")
-    cpu.write(KERNEL_LOAD, image.payload)
-    struct.pack_into("<I", params, 0x214, KERNEL_LOAD)  # code32_start: where it was put
+    if vmlinux is None:
+        cpu.write(KERNEL_LOAD, image.payload)
+        struct.pack_into("<I", params, 0x214, KERNEL_LOAD)  # code32_start: where it was put
+        cpu.write(BOOT_PARAMS, bytes(params))
+        _enter_protected(cpu, KERNEL_LOAD)
+        return
+    for segment in vmlinux.segments:
+        cpu.write(segment.address, segment.data)
+        cpu.write(segment.address + len(segment.data), bytes(segment.memsz - len(segment.data)))
+    params[0x211] &= ~_KASLR_FLAG & 0xFF  # loaded at its link address: no randomisation
     cpu.write(BOOT_PARAMS, bytes(params))
-    _enter_protected(cpu, KERNEL_LOAD)
+    _enter_long(cpu, vmlinux.entry)
 
 
 def _enter_protected(cpu: Cpu, entry: int) -> None:
@@ -305,5 +377,46 @@ def _enter_protected(cpu: Cpu, entry: int) -> None:
         uc.reg_write(reg, 0)
     uc.reg_write(x86.UC_X86_REG_ESI, BOOT_PARAMS)
     uc.reg_write(x86.UC_X86_REG_ESP, BOOT_PARAMS)  # the decompressor sets its own stack
+    uc.reg_write(x86.UC_X86_REG_EFLAGS, 0x2)
+    cpu.set_rip(entry)
+
+
+def _enter_long(cpu: Cpu, entry: int) -> None:
+    """Long mode at ``entry`` as the 64-bit boot protocol requires (``startup_64``).
+
+    Identity-mapped 2 MiB pages over the low 4 GiB, a GDT with 64-bit
+    ``__KERNEL_CS`` (0x10) and ``__KERNEL_DS`` (0x18), interrupts off,
+    ``RSI`` = boot_params. The kernel loads its own GDT, page tables and stack.
+    """
+    pml4, pdpt, directories = PAGE_TABLES, PAGE_TABLES + 0x1000, PAGE_TABLES + 0x2000
+    tables = bytearray(0x6000)
+    struct.pack_into("<Q", tables, 0, pdpt | 0x3)  # present, writable
+    for gib in range(4):
+        struct.pack_into("<Q", tables, 0x1000 + 8 * gib, (directories + gib * 0x1000) | 0x3)
+    for index in range(4 * 512):
+        struct.pack_into("<Q", tables, 0x2000 + 8 * index, (index << 21) | 0x83)  # 2 MiB page
+    cpu.write(pml4, bytes(tables))
+    gdt = bytes(16) + struct.pack(
+        "<QQ",
+        0x00AF_9A00_0000_FFFF,  # 0x10 __KERNEL_CS: 64-bit code (L set, D clear)
+        0x00CF_9200_0000_FFFF,  # 0x18 __KERNEL_DS
+    )
+    cpu.write(GDT, gdt)
+    uc = cpu.uc
+    uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT, len(gdt) - 1, 0))
+    uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))
+    uc.reg_write(x86.UC_X86_REG_CR4, _CR4_PAE)
+    uc.reg_write(x86.UC_X86_REG_CR3, pml4)
+    uc.msr_write(EFER, _EFER_LME_LMA)
+    uc.reg_write(x86.UC_X86_REG_CR0, CR0_PE | CR0_PG | _CR0_ET_NE)
+    for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
+        cpu.set_reg(reg, 0x18)
+    cpu.set_reg(x86.UC_X86_REG_FS, 0x18)
+    cpu.set_reg(x86.UC_X86_REG_GS, 0x18)
+    cpu.set_reg(x86.UC_X86_REG_CS, 0x10)
+    for reg in (x86.UC_X86_REG_RBP, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RAX):
+        uc.reg_write(reg, 0)
+    uc.reg_write(x86.UC_X86_REG_RSI, BOOT_PARAMS)
+    uc.reg_write(x86.UC_X86_REG_RSP, BOOT_PARAMS)  # startup_64 sets its own stack
     uc.reg_write(x86.UC_X86_REG_EFLAGS, 0x2)
     cpu.set_rip(entry)

@@ -86,6 +86,9 @@ _PARK_TIMEOUT = 10.0
 #: ACPI tables and virtio-mmio disks for a directly booted kernel (see platform.py); on by
 #: default. ``PcMachine(platform=False)`` gives a kernel the bare PC (no ACPI, disks by BIOS only).
 PLATFORM_DEVICES = True
+#: decompress a directly booted kernel on the host and enter it at its 64-bit entry (see
+#: vmlinux.py) instead of running its decompressor; ``PcMachine(unpack_kernel=...)`` overrides
+UNPACK_KERNEL = True
 
 
 #: machines whose worker runs; stopped at interpreter exit, because a CPU thread
@@ -134,10 +137,15 @@ class PcMachine:
         kernel: boot this Linux kernel directly (boot protocol) instead of a disk.
         platform: give a directly booted kernel ACPI tables and its disks as
             virtio-mmio block devices (default: ``PLATFORM_DEVICES``).
+        unpack_kernel: decompress a directly booted kernel on the host and
+            start it at its 64-bit entry, skipping its decompressor (default:
+            ``UNPACK_KERNEL``); kernels whose compression is not handled
+            still boot through their decompressor.
 
     Raises:
         ImageError: a disk cannot be opened.
         BackendError: the CPU cannot be created.
+        ConfigError: the kernel's compressed payload is corrupt.
     """
 
     def __init__(
@@ -153,9 +161,13 @@ class PcMachine:
         on_crash: Callable[[str], None],
         kernel: LinuxBoot | None = None,
         platform: bool | None = None,
+        unpack_kernel: bool | None = None,
     ) -> None:
         self.clock = Clock(clock)
         self.kernel = kernel
+        unpack = UNPACK_KERNEL if unpack_kernel is None else unpack_kernel
+        #: the kernel proper unpacked on the host (None: the decompressor runs)
+        self.vmlinux = kernel.unpacked() if kernel is not None and unpack else None
         self._output = output
         self._on_poweroff = on_poweroff
         self._on_crash = on_crash
@@ -720,11 +732,14 @@ class PcMachine:
         """
         if self.kernel is not None:
             if self.platform is None:
-                self.kernel.load(self.cpu)
+                self.kernel.load(self.cpu, vmlinux=self.vmlinux)
                 return
             self.platform.install()
             self.kernel.load(
-                self.cpu, acpi_rsdp=self.platform.rsdp_address, reserved=self.platform.e820
+                self.cpu,
+                acpi_rsdp=self.platform.rsdp_address,
+                reserved=self.platform.e820,
+                vmlinux=self.vmlinux,
             )
             return
         problems = list(self._boot_problems)
