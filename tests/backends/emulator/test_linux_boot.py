@@ -4,9 +4,10 @@ The bzImage header parser and the boot_params builder are checked on the
 real kernel and on damaged copies of its header; the kernel itself is then
 started through ``Machine.kernel`` on the emulator. How far the kernel gets
 is limited by the emulated platform (see docs/emulator.rst): these tests
-check that the decompressor reads boot_params and the command line and
-talks to ttyS0, and that the kernel proper prints its banner and its view of
-the e820 map; test_linux_shell.py (slow) boots to the shell.
+check that the decompressor (``UNPACK_KERNEL`` off) reads boot_params and the
+command line and talks to ttyS0, and that the kernel proper (unpacked on the
+host by default, see test_vmlinux.py) prints its banner and its view of the
+e820 map; test_linux_shell.py (slow) boots to the shell.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 from virtkit import ConfigError, KernelBoot, Machine
 from virtkit.backends.emulator import EmulatorHypervisor
+from virtkit.backends.emulator import machine as machine_module
 from virtkit.backends.emulator.bootparams import (
     BOOT_PARAMS,
     CMDLINE,
@@ -184,10 +186,16 @@ def _linux_machine(kernel: LinuxKernel, initrd: Path, append: str) -> Machine:
 
 class TestBoot:
     def test_the_decompressor_reads_the_command_line(
-        self, hv: EmulatorHypervisor, kernel: LinuxKernel, initrd: Path
+        self,
+        hv: EmulatorHypervisor,
+        kernel: LinuxKernel,
+        initrd: Path,
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        """Machine.kernel on the emulator: the decompressor runs, reads boot_params and
-        the command line (it reports 'nokaslr' from it) and writes to ttyS0."""
+        """Machine.kernel on the emulator with UNPACK_KERNEL off: the decompressor runs,
+        reads boot_params and the command line (it reports 'nokaslr' from it) and writes
+        to ttyS0."""
+        monkeypatch.setattr(machine_module, "UNPACK_KERNEL", False)
         guest = hv.define(_linux_machine(kernel, initrd, EMULATOR_CMDLINE))
         guest.start()
         try:
@@ -207,8 +215,9 @@ class TestBoot:
     def test_the_kernel_proper_starts(
         self, vhv: EmulatorHypervisor, kernel: LinuxKernel, initrd: Path
     ) -> None:
-        """The decompressed kernel prints its banner and the e820 map it was given
-        (virtual clock: the run does not depend on the host's load; ~10 s here)."""
+        """The kernel unpacked on the host (the default) prints its banner and the e820
+        map it was given (virtual clock: the run does not depend on the host's load); its
+        decompressor never ran."""
         guest = vhv.define(_linux_machine(kernel, initrd, EMULATOR_CMDLINE + " loglevel=8"))
         guest.start()
         try:
@@ -221,5 +230,6 @@ class TestBoot:
                 "BIOS-e820: [mem 0x000000000fffc000-0x000000000fffffff] ACPI data", timeout=60
             )
             guest.console.expect("Kernel command line: " + EMULATOR_CMDLINE, timeout=600)
+            assert b"KASLR disabled" not in guest.console.output  # the decompressor's line
         finally:
             guest.kill()

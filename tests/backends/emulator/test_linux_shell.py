@@ -18,6 +18,7 @@ import pytest
 
 from virtkit import KernelBoot, Machine
 from virtkit.backends.emulator import EmulatorHypervisor
+from virtkit.backends.emulator import machine as machine_module
 from virtkit.testing.linux import (
     LINUX_CMDLINE,
     PROMPT,
@@ -94,6 +95,23 @@ def test_boot_to_the_shell_run_commands_snapshot_and_reboot(
 def test_boot_on_the_wall_clock(hv: EmulatorHypervisor, kernel: LinuxKernel, initrd: Path) -> None:
     """The default clock: guest time follows the host; the same kernel reaches the shell."""
     guest = hv.define(_machine("linux-wall", kernel, initrd, LINUX_CMDLINE))
+    guest.start()
+    try:
+        guest.console.expect(READY_MARKER, timeout=BOOT_TIMEOUT)
+        guest.console.expect(PROMPT, timeout=60)
+        assert guest.console.run("echo hi", prompt=PROMPT, timeout=60) == "hi\n"
+    finally:
+        guest.kill()
+
+
+@pytest.mark.slow
+def test_boot_through_the_decompressor(
+    hv: EmulatorHypervisor, kernel: LinuxKernel, initrd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UNPACK_KERNEL off: the bzImage's own decompressor runs in the emulator (the path
+    for compressions the host does not unpack) and the kernel still reaches the shell."""
+    monkeypatch.setattr(machine_module, "UNPACK_KERNEL", False)
+    guest = hv.define(_machine("linux-decompressor", kernel, initrd, LINUX_CMDLINE))
     guest.start()
     try:
         guest.console.expect(READY_MARKER, timeout=BOOT_TIMEOUT)
