@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from virtkit.agent import AgentError
 from virtkit.backends.libvirt.connection import is_remote
 from virtkit.backends.readiness import GuestAddress
-from virtkit.errors import BackendError, ConfigError, TimeoutError, VirtkitError
-from virtkit.model import PortForward
+from virtkit.errors import BackendError, ConfigError, StateError, TimeoutError, VirtkitError
+from virtkit.model import PortForward, State
 
 if TYPE_CHECKING:
     from virtkit.backends.libvirt.guest import LibvirtGuest
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SOURCES",
     "AddressSource",
+    "addresses",
     "arp_addresses",
     "forward_addresses",
     "interface_addresses",
@@ -59,6 +60,26 @@ _B64_PART = 96 * 1024 * 4 // 3
 ARP_TABLE = Path("/proc/net/arp")
 _ATF_COM = 0x2  # a complete entry
 _FAMILY = {0: "ipv4", 1: "ipv6"}  # VIR_IP_ADDR_TYPE_IPV4 / _IPV6
+
+
+def addresses(guest: LibvirtGuest, source: str, timeout: float | None) -> list[GuestAddress]:
+    """:meth:`LibvirtGuest.addresses`: the guest's own addresses, then its forwards.
+
+    A guest that is not running has no addresses of its own (``"auto"``), or
+    raises StateError (a named source).
+    """
+    wait = 10.0**6 if timeout is None else timeout
+    if source not in SOURCES:
+        interface_addresses(guest, source, wait)  # raises the ConfigError
+    own: list[GuestAddress] = []
+    if guest.state in (State.RUNNING, State.PAUSED):
+        own = interface_addresses(guest, source, wait)
+    elif source != "auto":
+        raise StateError(
+            f"guest {guest.name!r} is not running: no {source} addresses",
+            action="list the addresses of",
+        )
+    return own + forward_addresses(guest.forwards)
 
 
 def interface_addresses(guest: LibvirtGuest, source: str, timeout: float) -> list[GuestAddress]:

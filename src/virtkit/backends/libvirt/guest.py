@@ -180,41 +180,19 @@ class LibvirtGuest(Guest):
     def addresses(
         self, *, timeout: float = 10.0, source: AddressSource = "auto"
     ) -> list[GuestAddress]:
-        """Where the guest can be reached: its addresses from libvirt, then port forwards.
-
-        Args:
-            timeout: seconds the agent may take (``"agent"`` / ``"auto"``).
-            source: libvirt's source of the guest's own addresses
-                (``virDomainInterfaceAddresses``): ``"agent"`` (the guest
-                agent), ``"lease"`` (a libvirt network's DHCP leases: virtkit
-                defines no libvirt networks, so only for domains changed
-                outside it), ``"arp"`` (the host's ARP table: a ``tap`` NIC
-                whose guest has talked to the host), or ``"auto"``: the agent
-                when the machine has one and it answers, else the leases, then ARP.
-
-        The host ends of user-mode port forwards follow, as on every backend.
+        """Where the guest can be reached: its addresses from libvirt's ``source``
+        (``"agent"``, ``"lease"``, ``"arp"``, or ``"auto"``: the agent when it answers,
+        else the leases, then ARP; see :mod:`~virtkit.backends.libvirt.agentops`), then
+        the host ends of user-mode port forwards.
 
         Raises:
             ConfigError: a bad ``source``; ``"agent"`` without ``Machine(agent=True)``.
             BackendError: libvirt failed (the message names the URI).
-            TimeoutError: ``source="agent"`` and the agent did not answer.
-            StateError: the handle is dead, or the guest is not running.
+            TimeoutError: ``source="agent"`` and the agent did not answer in ``timeout``.
+            StateError: the handle is dead; a named source of a guest not running.
         """
         self._lifecycle.check_alive("list the addresses of")
-        limit = check_timeout(timeout)
-        wait = 10.0**6 if limit is None else limit
-        if source not in agentops.SOURCES:
-            agentops.interface_addresses(self, source, wait)  # raises the ConfigError
-        if self.state not in (State.RUNNING, State.PAUSED):
-            if source != "auto":
-                raise StateError(
-                    f"guest {self.name!r} is not running: no {source} addresses",
-                    action="list the addresses of",
-                )
-            own: list[GuestAddress] = []
-        else:
-            own = agentops.interface_addresses(self, source, wait)
-        return own + agentops.forward_addresses(self.forwards)
+        return agentops.addresses(self, source, check_timeout(timeout))
 
     # -- plumbing -----------------------------------------------------------------------
     @property
