@@ -46,7 +46,7 @@ _XZ_MAGIC = b"\xfd7zXZ\x00"
 MAX_KERNEL = 512 << 20
 _PT_LOAD = 1
 _EM_X86_64 = 62
-_CACHE_ENTRIES = 4
+_CACHE_ENTRIES = 2  # each holds a kernel image (tens of MiB)
 _cache: OrderedDict[bytes, Vmlinux | None] = OrderedDict()
 _cache_lock = threading.Lock()
 
