@@ -21,7 +21,7 @@ import builtins
 import contextlib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from virtkit.agent import GuestAgent
     from virtkit.backends.console import Console, Pattern
 
-__all__ = ["GuestAddress", "ReadinessMixin"]
+__all__ = ["GuestAddress", "ReadinessMixin", "forward_addresses"]
 
 _FIRST_PAUSE = 0.05
 _MAX_PAUSE = 1.0
@@ -240,18 +240,22 @@ class ReadinessMixin:
                     for a in iface.addresses
                     if iface.name != "lo" and not a.address.startswith(("127.", "::1"))
                 ]
-        for _, fwd in self.forwards:
-            if fwd.host_port:
-                out.append(
-                    GuestAddress(
-                        fwd.host_addr,
-                        "ipv6" if ":" in fwd.host_addr else "ipv4",
-                        host_port=fwd.host_port,
-                        guest_port=fwd.guest_port,
-                        protocol=fwd.protocol,
-                    )
-                )
-        return out
+        return out + forward_addresses(self.forwards)
+
+
+def forward_addresses(forwards: Iterable[tuple[str, PortForward]]) -> list[GuestAddress]:
+    """The host ends of user-mode port forwards (those with a host port)."""
+    return [
+        GuestAddress(
+            fwd.host_addr,
+            "ipv6" if ":" in fwd.host_addr else "ipv4",
+            host_port=fwd.host_port,
+            guest_port=fwd.guest_port,
+            protocol=fwd.protocol,
+        )
+        for _, fwd in forwards
+        if fwd.host_port
+    ]
 
 
 class _NotReady(Exception):

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from virtkit.agent import AgentError
 from virtkit.backends.libvirt.connection import is_remote
-from virtkit.backends.readiness import GuestAddress
+from virtkit.backends.readiness import GuestAddress, forward_addresses
 from virtkit.errors import BackendError, ConfigError, StateError, TimeoutError, VirtkitError
-from virtkit.model import PortForward, State
+from virtkit.model import State
 
 if TYPE_CHECKING:
     from virtkit.backends.libvirt.guest import LibvirtGuest
@@ -41,7 +41,6 @@ __all__ = [
     "AddressSource",
     "addresses",
     "arp_addresses",
-    "forward_addresses",
     "interface_addresses",
     "split_file_write",
     "thaw_restored",
@@ -226,21 +225,6 @@ def _domain_macs(guest: LibvirtGuest) -> list[str]:
         str(mac.get("address"))
         for mac in root.findall("./devices/interface/mac")
         if mac.get("address")
-    ]
-
-
-def forward_addresses(forwards: Iterable[tuple[str, PortForward]]) -> list[GuestAddress]:
-    """The host ends of user-mode port forwards (those with a host port)."""
-    return [
-        GuestAddress(
-            fwd.host_addr,
-            "ipv6" if ":" in fwd.host_addr else "ipv4",
-            host_port=fwd.host_port,
-            guest_port=fwd.guest_port,
-            protocol=fwd.protocol,
-        )
-        for _, fwd in forwards
-        if fwd.host_port
     ]
 
 
