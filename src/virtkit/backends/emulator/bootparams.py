@@ -358,27 +358,10 @@ def load_linux(
 
 def _enter_protected(cpu: Cpu, entry: int) -> None:
     """Flat 32-bit protected mode, paging off, as the boot protocol requires."""
-    gdt = bytes(16) + struct.pack(
-        "<QQ",
-        0x00CF_9A00_0000_FFFF,  # 0x10 __BOOT_CS: 4 GiB execute/read, 32-bit
-        0x00CF_9200_0000_FFFF,  # 0x18 __BOOT_DS: 4 GiB read/write
-    )
-    cpu.write(GDT, gdt)
-    uc = cpu.uc
-    uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT, len(gdt) - 1, 0))
-    uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))
-    uc.reg_write(x86.UC_X86_REG_CR0, 0x11)
-    for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
-        cpu.set_reg(reg, 0x18)
-    cpu.set_reg(x86.UC_X86_REG_FS, 0x18)
-    cpu.set_reg(x86.UC_X86_REG_GS, 0x18)
-    cpu.set_reg(x86.UC_X86_REG_CS, 0x10)
-    for reg in (x86.UC_X86_REG_EBP, x86.UC_X86_REG_EDI, x86.UC_X86_REG_EBX, x86.UC_X86_REG_EAX):
-        uc.reg_write(reg, 0)
-    uc.reg_write(x86.UC_X86_REG_ESI, BOOT_PARAMS)
-    uc.reg_write(x86.UC_X86_REG_ESP, BOOT_PARAMS)  # the decompressor sets its own stack
-    uc.reg_write(x86.UC_X86_REG_EFLAGS, 0x2)
-    cpu.set_rip(entry)
+    _load_gdt(cpu, 0x00CF_9A00_0000_FFFF)  # 0x10 __BOOT_CS: 4 GiB execute/read, 32-bit
+    cpu.uc.reg_write(x86.UC_X86_REG_CR0, 0x11)
+    # the decompressor sets its own stack
+    _start(cpu, entry, zeroed=_ZEROED_32, si=x86.UC_X86_REG_ESI, sp=x86.UC_X86_REG_ESP)
 
 
 def _enter_long(cpu: Cpu, entry: int) -> None:
@@ -396,27 +379,40 @@ def _enter_long(cpu: Cpu, entry: int) -> None:
     for index in range(4 * 512):
         struct.pack_into("<Q", tables, 0x2000 + 8 * index, (index << 21) | 0x83)  # 2 MiB page
     cpu.write(pml4, bytes(tables))
-    gdt = bytes(16) + struct.pack(
-        "<QQ",
-        0x00AF_9A00_0000_FFFF,  # 0x10 __KERNEL_CS: 64-bit code (L set, D clear)
-        0x00CF_9200_0000_FFFF,  # 0x18 __KERNEL_DS
-    )
-    cpu.write(GDT, gdt)
+    _load_gdt(cpu, 0x00AF_9A00_0000_FFFF)  # 0x10 __KERNEL_CS: 64-bit code (L set, D clear)
     uc = cpu.uc
-    uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT, len(gdt) - 1, 0))
-    uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))
     uc.reg_write(x86.UC_X86_REG_CR4, _CR4_PAE)
     uc.reg_write(x86.UC_X86_REG_CR3, pml4)
     uc.msr_write(EFER, _EFER_LME_LMA)
     uc.reg_write(x86.UC_X86_REG_CR0, CR0_PE | CR0_PG | _CR0_ET_NE)
+    # startup_64 sets its own stack
+    _start(cpu, entry, zeroed=_ZEROED_64, si=x86.UC_X86_REG_RSI, sp=x86.UC_X86_REG_RSP)
+
+
+_ZEROED_32 = (x86.UC_X86_REG_EBP, x86.UC_X86_REG_EDI, x86.UC_X86_REG_EBX, x86.UC_X86_REG_EAX)
+_ZEROED_64 = (x86.UC_X86_REG_RBP, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RAX)
+
+
+def _load_gdt(cpu: Cpu, code: int) -> None:
+    """A GDT of two null entries, ``code`` at 0x10 and flat 4 GiB data at 0x18; no IDT."""
+    gdt = bytes(16) + struct.pack("<QQ", code, 0x00CF_9200_0000_FFFF)  # 0x18: read/write
+    cpu.write(GDT, gdt)
+    cpu.uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT, len(gdt) - 1, 0))
+    cpu.uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0, 0))
+
+
+def _start(cpu: Cpu, entry: int, *, zeroed: tuple[int, ...], si: int, sp: int) -> None:
+    """Run from ``entry`` with CS 0x10, data 0x18, ``zeroed`` cleared, the source index and
+    stack at boot_params, interrupts off (the control registers are already set)."""
+    uc = cpu.uc
     for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
         cpu.set_reg(reg, 0x18)
     cpu.set_reg(x86.UC_X86_REG_FS, 0x18)
     cpu.set_reg(x86.UC_X86_REG_GS, 0x18)
     cpu.set_reg(x86.UC_X86_REG_CS, 0x10)
-    for reg in (x86.UC_X86_REG_RBP, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RAX):
+    for reg in zeroed:
         uc.reg_write(reg, 0)
-    uc.reg_write(x86.UC_X86_REG_RSI, BOOT_PARAMS)
-    uc.reg_write(x86.UC_X86_REG_RSP, BOOT_PARAMS)  # startup_64 sets its own stack
+    uc.reg_write(si, BOOT_PARAMS)
+    uc.reg_write(sp, BOOT_PARAMS)
     uc.reg_write(x86.UC_X86_REG_EFLAGS, 0x2)
     cpu.set_rip(entry)
