@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from virtkit import KernelBoot, Machine
+from virtkit import Guest, KernelBoot, Machine
 from virtkit.backends.emulator import EmulatorHypervisor
 from virtkit.backends.emulator import machine as machine_module
 from virtkit.testing.linux import (
@@ -94,14 +94,7 @@ def test_boot_to_the_shell_run_commands_snapshot_and_reboot(
 @pytest.mark.slow
 def test_boot_on_the_wall_clock(hv: EmulatorHypervisor, kernel: LinuxKernel, initrd: Path) -> None:
     """The default clock: guest time follows the host; the same kernel reaches the shell."""
-    guest = hv.define(_machine("linux-wall", kernel, initrd, LINUX_CMDLINE))
-    guest.start()
-    try:
-        guest.console.expect(READY_MARKER, timeout=BOOT_TIMEOUT)
-        guest.console.expect(PROMPT, timeout=60)
-        assert guest.console.run("echo hi", prompt=PROMPT, timeout=60) == "hi\n"
-    finally:
-        guest.kill()
+    _boot_and_echo(hv.define(_machine("linux-wall", kernel, initrd, LINUX_CMDLINE)))
 
 
 @pytest.mark.slow
@@ -111,7 +104,11 @@ def test_boot_through_the_decompressor(
     """UNPACK_KERNEL off: the bzImage's own decompressor runs in the emulator (the path
     for compressions the host does not unpack) and the kernel still reaches the shell."""
     monkeypatch.setattr(machine_module, "UNPACK_KERNEL", False)
-    guest = hv.define(_machine("linux-decompressor", kernel, initrd, LINUX_CMDLINE))
+    _boot_and_echo(hv.define(_machine("linux-decompressor", kernel, initrd, LINUX_CMDLINE)))
+
+
+def _boot_and_echo(guest: Guest) -> None:
+    """Start ``guest``, wait for its shell, check a command's output, kill it."""
     guest.start()
     try:
         guest.console.expect(READY_MARKER, timeout=BOOT_TIMEOUT)
