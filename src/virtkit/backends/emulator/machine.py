@@ -36,9 +36,8 @@ from typing import Any
 
 from unicorn import x86_const as x86
 
-from virtkit.backends.emulator import instructions
+from virtkit.backends.emulator import bootstrap, instructions
 from virtkit.backends.emulator.bios import (
-    BDA,
     BIOS_SEGMENT,
     STUB_BASE,
     STUB_SIZE,
@@ -57,7 +56,7 @@ from virtkit.backends.emulator.cpu import (
     UcError,
     unicorn,
 )
-from virtkit.backends.emulator.disks import SECTOR, Drive, DriveSpec, open_drives
+from virtkit.backends.emulator.disks import Drive, DriveSpec, open_drives
 from virtkit.backends.emulator.interrupts import (
     Mmu,
     deliver,
@@ -81,7 +80,6 @@ WALL_SLICE_NS = 10_000_000
 COUNTED_WALL_SLICES = False
 _STI = 0xFB
 TRACE_LIMIT = 100_000  # serial trace entries kept (virtual clock); later output is not traced
-BOOT_ADDRESS = 0x7C00
 _PARK_TIMEOUT = 10.0
 #: ACPI tables and virtio-mmio disks for a directly booted kernel (see platform.py); on by
 #: default. ``PcMachine(platform=False)`` gives a kernel the bare PC (no ACPI, disks by BIOS only).
@@ -171,7 +169,8 @@ class PcMachine:
         self._output = output
         self._on_poweroff = on_poweroff
         self._on_crash = on_crash
-        self._boot_problems = list(boot_problems)
+        #: why devices in the boot order cannot boot (reported if nothing boots)
+        self.boot_problems = list(boot_problems)
         self.serial_present = serial
         self.drives: list[Drive] = open_drives(drives)
         try:
@@ -725,51 +724,8 @@ class PcMachine:
 
     # -- int 19h -----------------------------------------------------------------------------------
     def bootstrap(self) -> None:
-        """Load the first bootable device's boot sector at 0000:7C00 and jump there.
-
-        No bootable device crashes the guest with the reason, as SeaBIOS
-        prints ``No bootable device``.
-        """
-        if self.kernel is not None:
-            if self.platform is None:
-                self.kernel.load(self.cpu, vmlinux=self.vmlinux)
-                return
-            self.platform.install()
-            self.kernel.load(
-                self.cpu,
-                acpi_rsdp=self.platform.rsdp_address,
-                reserved=self.platform.e820,
-                vmlinux=self.vmlinux,
-            )
-            return
-        problems = list(self._boot_problems)
-        for drive in self.drives:
-            try:
-                sector = drive.read(0, 1) if drive.sectors else b""
-            except ImageError as exc:
-                problems.append(f"{drive.spec.name} ({drive.spec.path}): {exc}")
-                continue
-            if len(sector) == SECTOR and sector[510:512] == b"\x55\xaa":
-                self._boot_from(drive, sector)
-                return
-            found = sector[510:512].hex() if len(sector) == SECTOR else "nothing"
-            problems.append(
-                f"{drive.spec.name} ({drive.spec.path}) has no boot signature 55aa at offset "
-                f"510 (found {found})"
-            )
-        if not self.drives and not problems:
-            problems.append("the machine has no disks")
-        self.fail("no bootable device: " + "; ".join(problems))
-
-    def _boot_from(self, drive: Drive, sector: bytes) -> None:
-        cpu = self.cpu
-        cpu.write(BOOT_ADDRESS, sector)
-        cpu.reset_real_mode()
-        cpu.set_reg(x86.UC_X86_REG_EDX, drive.number)
-        cpu.set_reg(x86.UC_X86_REG_ESP, BOOT_ADDRESS)
-        cpu.set_reg(x86.UC_X86_REG_EFLAGS, 0x2 | FLAG_IF)
-        cpu.set_reg(x86.UC_X86_REG_EIP, BOOT_ADDRESS)
-        cpu.write(BDA + 0x75, bytes([len(self.drives)]))
+        """Start the kernel, or the first bootable device's boot sector (int 19h)."""
+        bootstrap.boot(self)
 
     # -- snapshots -----------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:
