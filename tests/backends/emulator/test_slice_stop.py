@@ -186,14 +186,20 @@ def test_the_guest_is_exact_without_stops() -> None:
 
 
 def test_slicestop_stops_lose_no_hook_and_repeat_no_instruction(fields: StopFields) -> None:
-    bench = _Bench()
-    stopper = SliceStopper(bench.uc, fields)
-    stops = bench.run(stopper.post)
-    assert stops >= 100, f"only {stops} stops landed: the run was too short to show anything"
-    assert bench.lost() == {}
-    assert int(bench.uc.reg_read(x86.UC_X86_REG_R14)) == 0
-    assert bench.memory_counter() == TURNS
-    assert bench.written == [turn & 0xFF for turn in range(TURNS)]
+    # How many stops land in one run depends on how often the stopping thread gets a
+    # core (a loaded 2-core machine gave it 2 in a whole run): rounds go on, each one
+    # checked exactly, until enough stops have been tried.
+    stops = rounds = 0
+    while stops < 100 and rounds < 200:
+        bench = _Bench()
+        stopper = SliceStopper(bench.uc, fields)
+        stops += bench.run(stopper.post)
+        rounds += 1
+        assert bench.lost() == {}, f"round {rounds}"
+        assert int(bench.uc.reg_read(x86.UC_X86_REG_R14)) == 0, f"round {rounds}"
+        assert bench.memory_counter() == TURNS, f"round {rounds}"
+        assert bench.written == [turn & 0xFF for turn in range(TURNS)], f"round {rounds}"
+    assert stops >= 100, f"only {stops} stops landed in {rounds} rounds: nothing was shown"
 
 
 @pytest.mark.slow
