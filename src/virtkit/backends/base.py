@@ -520,15 +520,19 @@ class Guest(FolderMixin, PortsMixin, DevicesMixin, ReadinessMixin, abc.ABC):
             fit_disk_sizes(self.machine, self.folder)
             self._assign_ports()
             self.console.open(hold_input=True)
+            self._lifecycle.begin_start()  # what the new run reports until it is RUNNING
             try:
                 self._do_start()
             except BaseException:
+                self._lifecycle.abort_start()
                 self.console.close("the guest failed to start")
                 raise
-            # a guest may power off before _do_start returns; only then keep SHUTOFF
-            self._lifecycle.notify(
-                State.RUNNING, only_from=frozenset({State.SHUTOFF, State.CRASHED})
-            )
+            # a quick guest may have powered off or crashed already (on a loaded host too)
+            reached = self._lifecycle.finish_start()
+            if reached is State.SHUTOFF:
+                self.console.close("the guest powered off")
+            elif reached is State.CRASHED:
+                self.console.close(f"the guest crashed: {self.crash_reason}")
 
     def pause(self) -> None:
         """Freeze the guest's CPUs."""

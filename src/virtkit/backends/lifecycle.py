@@ -12,6 +12,13 @@
 under an operation lock (one at a time per guest); backends report what the
 guest does by itself (power-off, crash, pause) through ``notify_*`` from any
 thread, which never waits for that operation lock.
+
+A guest runs before ``start()`` returns, and a quick one may power off or
+crash in that window (a loaded host may not run the caller's thread for
+seconds). Between :meth:`Lifecycle.begin_start` and
+:meth:`Lifecycle.finish_start` what the guest reports is applied to the run
+being started, not to the SHUTOFF state it starts from: ``finish_start``
+records RUNNING and then what the guest did meanwhile.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class Lifecycle:
         self._listeners: list[Callable[[State, State], None]] = []
         #: why the guest handle is dead (undefined, its hypervisor closed), or None.
         self.retired: str | None = None
+        #: while a start runs: the state the new run has reached (and its crash reason)
+        self._starting: tuple[State, str | None] | None = None
 
     @property
     def state(self) -> State:
@@ -130,13 +139,21 @@ class Lifecycle:
     def set(self, state: State, *, reason: str | None = None) -> None:
         """Record a new state (``reason`` is kept for CRASHED)."""
         with self._cond:
-            old = self._state
-            self._state = state
-            self.crash_reason = reason if state is State.CRASHED else None
-            self._cond.notify_all()
-        if old is not state:
+            changes = self._record(state, reason)
+        self._tell(changes)
+
+    def _record(self, state: State, reason: str | None) -> list[tuple[State, State]]:
+        """Change the state (the condition's lock held); the change for the listeners."""
+        old = self._state
+        self._state = state
+        self.crash_reason = reason if state is State.CRASHED else None
+        self._cond.notify_all()
+        return [] if old is state else [(old, state)]
+
+    def _tell(self, changes: list[tuple[State, State]]) -> None:
+        for old, new in changes:
             for callback in list(self._listeners):
-                callback(old, state)
+                callback(old, new)
 
     def notify(
         self, state: State, *, reason: str | None = None, only_from: frozenset[State] = _ALL
@@ -144,13 +161,47 @@ class Lifecycle:
         """Record a change the guest made by itself, if the current state allows it.
 
         Returns whether the state changed. A power-off reported after a kill
-        (already SHUTOFF) is ignored rather than an error.
+        (already SHUTOFF) is ignored rather than an error. While a start runs
+        the change applies to the run being started and is recorded by
+        :meth:`finish_start` (``False`` is returned).
         """
         with self._cond:
+            if self._starting is not None:
+                current = self._starting[0]
+                if current in only_from and current is not state:
+                    self._starting = (state, reason)
+                return False
             if self._state not in only_from or self._state is state:
                 return False
-        self.set(state, reason=reason)
+            changes = self._record(state, reason)
+        self._tell(changes)
         return True
+
+    def begin_start(self) -> None:
+        """A start is under way (operation lock held): the new run counts as RUNNING
+        for :meth:`notify` until :meth:`finish_start` or :meth:`abort_start`."""
+        with self._cond:
+            self._starting = (State.RUNNING, None)
+
+    def abort_start(self) -> None:
+        """The start failed: forget what the run that did not start reported."""
+        with self._cond:
+            self._starting = None
+
+    def finish_start(self) -> State:
+        """The start succeeded: record RUNNING, then the state the guest reached
+        meanwhile (SHUTOFF if it already powered off, CRASHED, PAUSED), and return it.
+
+        Both changes reach the listeners, in order.
+        """
+        with self._cond:
+            reached, reason = self._starting or (State.RUNNING, None)
+            self._starting = None
+            changes = self._record(State.RUNNING, None)
+            if reached is not State.RUNNING:
+                changes += self._record(reached, reason)
+        self._tell(changes)
+        return reached
 
     def wait_for(
         self, predicate: Callable[[State], bool], timeout: float | None, what: str
