@@ -18,7 +18,7 @@ libvirt lifecycle event                   guest state
 Events arrive on the event thread after the call that caused them returns,
 so each handler re-reads the domain's real state before acting.
 
-Start: the domain is started paused, its console stream attached (a pty
+Start: the domain is started paused, its console attached (a pty
 serial drops what is printed before anyone listens), then resumed.
 
 Snapshots: a full snapshot is a libvirt internal snapshot (RAM and device
@@ -52,7 +52,8 @@ from virtkit.backends.base import Guest
 from virtkit.backends.libvirt import agentops, storage
 from virtkit.backends.libvirt.agentops import AddressSource
 from virtkit.backends.libvirt.aio import LibvirtAsyncGuest
-from virtkit.backends.libvirt.console import ConsoleStream
+from virtkit.backends.libvirt.connection import is_remote
+from virtkit.backends.libvirt.console import ConsoleSource, ConsoleStream, PtyConsole, serial_pty
 from virtkit.backends.libvirt.devices import DETACH_TIMEOUT, LiveDevices
 from virtkit.backends.libvirt.storage import Progress
 from virtkit.backends.readiness import GuestAddress
@@ -107,7 +108,7 @@ class LibvirtGuest(Guest):
         super().__init__(hypervisor, machine, folder)
         self.domain = domain
         self.domain_name: str = domain.name()
-        self._stream: ConsoleStream | None = None
+        self._stream: ConsoleSource | None = None
         self._busy = 0  # > 0 while a virtkit call changes the run state itself
         self._expect_stop = False
         self._gone = False  # migrated away: the domain is no longer ours to undefine
@@ -317,15 +318,27 @@ class LibvirtGuest(Guest):
 
     def _attach_console(self) -> None:
         self._detach_console()
-        if self.machine.serial.enabled:
-            # on a connection of its own (see LibvirtHypervisor.console_connection)
-            conn = self.hypervisor.console_connection()
-            domain = conn.call(
-                f"look up domain {self.domain_name!r} for its console",
-                conn.raw.lookupByUUIDString,
-                self.domain.UUIDString(),
-            )
-            self._stream = ConsoleStream(conn, domain, self.console.feed)
+        if not self.machine.serial.enabled:
+            return
+        if not is_remote(self.hypervisor.uri):
+            # QEMU runs on this machine: read its pty (see backends/libvirt/console.py)
+            self._stream = PtyConsole(self._serial_pty(), self.console.feed)
+            return
+        # on a connection of its own (see LibvirtHypervisor.console_connection)
+        conn = self.hypervisor.console_connection()
+        domain = conn.call(
+            f"look up domain {self.domain_name!r} for its console",
+            conn.raw.lookupByUUIDString,
+            self.domain.UUIDString(),
+        )
+        self._stream = ConsoleStream(conn, domain, self.console.feed)
+
+    def _serial_pty(self) -> str:
+        """The pty QEMU made for the first serial port (from the live domain XML)."""
+        xml = self._conn.call(
+            f"read the XML of domain {self.domain_name!r}", self.domain.XMLDesc, 0
+        )
+        return serial_pty(xml, self.domain_name)
 
     def _detach_console(self, *, drain: bool = False) -> None:
         """Stop reading the console; ``drain``: first read what QEMU wrote before it exited."""

@@ -561,7 +561,12 @@ def _version(number: int) -> str:
 
 def _run_probe(conn: Connection) -> AccelChoice:
     """Boot the probe boot sector as a transient ``kvm`` domain; KVM works if it finishes."""
-    from virtkit.backends.libvirt.console import ConsoleStream  # noqa: PLC0415
+    from virtkit.backends.libvirt.console import (  # noqa: PLC0415
+        ConsoleSource,
+        ConsoleStream,
+        PtyConsole,
+        serial_pty,
+    )
 
     lv = conn.lv
     with tempfile.TemporaryDirectory(prefix="virtkit-libvirt-kvm-probe-") as tmp:
@@ -584,9 +589,12 @@ def _run_probe(conn: Connection) -> AccelChoice:
             dom = conn.raw.createXML(xml, lv.VIR_DOMAIN_START_PAUSED)
         except lv.libvirtError as exc:
             return AccelChoice("tcg", f"KVM probe domain did not start: {exc.get_error_message()}")
-        stream = None
+        stream: ConsoleSource | None = None
         try:
-            stream = ConsoleStream(conn, dom, seen.extend)
+            if is_remote(conn.uri):
+                stream = ConsoleStream(conn, dom, seen.extend)
+            else:
+                stream = PtyConsole(serial_pty(dom.XMLDesc(0), name), seen.extend)
             dom.resume()
             deadline = time.monotonic() + PROBE_TIMEOUT
             while PROBE_MARKER not in seen and time.monotonic() < deadline:
