@@ -80,7 +80,23 @@ def serial_pty(xml: str, domain: str) -> str:
     raise BackendError(f"domain {domain!r} runs without a pty serial port to read")
 
 
-class PtyConsole:
+class _Reader:
+    """What both sources share: a reader thread that ends at the run's end of file."""
+
+    _reader: threading.Thread
+
+    def close(self) -> None:
+        """Detach (idempotent)."""
+        raise NotImplementedError
+
+    def drain(self, timeout: float = _JOIN) -> None:
+        """Wait until the guest's last bytes are read (the run's end of file), then close."""
+        if threading.current_thread() is not self._reader:
+            self._reader.join(timeout)
+        self.close()
+
+
+class PtyConsole(_Reader):
     """The serial console of a domain running on this machine, read from its pty.
 
     QEMU owns the pty's master side; this opens the slave (``/dev/pts/N`` from
@@ -186,12 +202,6 @@ class PtyConsole:
         with self._lock:
             return self._fd is not None
 
-    def drain(self, timeout: float = _JOIN) -> None:
-        """Wait until the guest's last bytes are read (QEMU closed the pty), then close."""
-        if threading.current_thread() is not self._reader:
-            self._reader.join(timeout)
-        self.close()
-
     def close(self) -> None:
         """Stop reading and wait for the reader to end (idempotent)."""
         with contextlib.suppress(OSError):
@@ -204,7 +214,7 @@ class PtyConsole:
             self._wake_read = self._wake_write = -1
 
 
-class ConsoleStream:
+class ConsoleStream(_Reader):
     """The serial console of one running domain, as a libvirt stream.
 
     Args:
@@ -284,12 +294,6 @@ class ConsoleStream:
         """Whether the stream still delivers output."""
         with self._lock:
             return self._stream is not None
-
-    def drain(self, timeout: float = _JOIN) -> None:
-        """Wait until the guest's last bytes are read (the stream hits end of file), then close."""
-        if threading.current_thread() is not self._reader:
-            self._reader.join(timeout)
-        self.close()
 
     def close(self) -> None:
         """Detach from the console and wait for the reader to end (idempotent)."""
