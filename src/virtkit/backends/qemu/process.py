@@ -159,6 +159,7 @@ class QemuProcess:
         self._console_server: asyncio.base_events.Server | None = None
         self._console_writer: asyncio.StreamWriter | None = None
         self._console_ready: asyncio.Event | None = None
+        self._console_done: asyncio.Event | None = None  # the reader saw EOF (or failed)
         self._tasks: list[asyncio.Task[Any]] = []
         self.expected_exit = False
         self.exited: asyncio.Event | None = None
@@ -312,6 +313,7 @@ class QemuProcess:
         self._console_writer = writer
         assert self._console_ready is not None
         self._console_ready.set()
+        self._console_done = asyncio.Event()
         try:
             while True:
                 data = await reader.read(65536)
@@ -320,6 +322,14 @@ class QemuProcess:
                 self._on_console(data)
         except (OSError, asyncio.CancelledError):
             pass
+        finally:
+            self._console_done.set()
+
+    async def _drain_console(self) -> None:
+        """After QEMU exited: let the reader take what QEMU wrote last, up to the EOF."""
+        if self._console_done is not None:
+            with contextlib.suppress(builtins.TimeoutError):
+                await asyncio.wait_for(self._console_done.wait(), 2)
 
     def _watch_fds(self, loop: asyncio.AbstractEventLoop) -> None:
         """Watch the child's exit (a pidfd) and its stderr pipe from the event loop.
@@ -411,6 +421,7 @@ class QemuProcess:
     async def _watch_exit(self, exit_task: asyncio.Future[int]) -> None:
         code = await exit_task
         await self._drain_stderr()
+        await self._drain_console()  # the guest's last output before its power-off is reported
         await self._teardown()
         self.exit_info = ExitInfo(code, self.stderr_tail(), self.expected_exit)
         assert self.exited is not None
