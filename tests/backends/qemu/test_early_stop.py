@@ -14,7 +14,9 @@ guest's power-off (or crash) has been reported, on the backend's own thread.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -25,6 +27,7 @@ import pytest
 
 import virtkit
 from virtkit.backends.qemu import QemuHypervisor
+from virtkit.backends.qemu.process import QemuProcess
 from virtkit.model import Disk, Machine, State
 from virtkit.testing import guests
 
@@ -96,3 +99,58 @@ def test_crash_before_start_returns_leaves_the_guest_crashed(
         guest.console.expect("never printed", timeout=5)
     guest.kill()
     assert guest.wait(timeout=0) is State.SHUTOFF
+
+
+def _zombie(pid: int | None) -> bool:
+    with open(f"/proc/{pid}/stat") as fh:
+        stat = fh.read()
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+@pytest.mark.parametrize("handshake", ["pending", "failed"])
+def test_power_off_during_the_qmp_handshake_is_a_run_not_a_start_failure(
+    hv: QemuHypervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handshake: str
+) -> None:
+    """QEMU exits 0 (the guest powered off) before virtkit finished the QMP handshake:
+    start() succeeds, the guest ends SHUTOFF with its output, no BackendError.
+
+    The handshake is held until QEMU has exited (as a loaded host holds
+    virtkit's loop). "pending": launch() sees the exit while the handshake
+    still waits; "failed": the handshake fails on the closed connection as
+    QEMU's exit is seen.
+    """
+
+    async def held(self: QemuProcess) -> None:
+        if handshake == "pending":
+            assert self._exit is not None
+            await self._exit
+            await asyncio.sleep(3600)  # cancelled by launch()
+        while not _zombie(self.pid):  # every loop turn: fails with (not after) the exit
+            await asyncio.sleep(0)
+        raise EOFError("QEMU hung up during the QMP handshake")
+
+    monkeypatch.setattr(QemuProcess, "_wait_connected", held)
+    disk = guests.write_disk(tmp_path / "g.raw", "hello")
+    guest = hv.define(Machine(name="shake", memory="16MiB", disks=[Disk(str(disk))]))
+    guest.start()
+    assert guest.wait(timeout=30) is State.SHUTOFF
+    assert guest.last_exit is not None and guest.last_exit.returncode == 0
+    assert guest.accelerator == "tcg"
+    guest.console.expect(HELLO, timeout=5)
+
+
+def test_a_start_up_failure_is_still_a_backend_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU exiting 0 before it connected anything is not taken for a run: BackendError."""
+    wrapper = tmp_path / "qemu-gone"
+    real = shutil.which("qemu-system-x86_64")
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = -version ] && exec {real} "$@"\nexit 0\n')
+    wrapper.chmod(0o755)
+    disk = guests.write_disk(tmp_path / "g.raw", "hello")
+    with QemuHypervisor(accel="tcg", binary=str(wrapper), root=tmp_path / "root") as hyp:
+        guest = hyp.define(Machine(name="gone", memory="16MiB", disks=[Disk(str(disk))]))
+        with pytest.raises(virtkit.BackendError, match="exited during start-up") as info:
+            guest.start()
+        assert info.value.exit_code == 0
+        assert guest.state is State.SHUTOFF

@@ -251,6 +251,8 @@ class QemuProcess:
                     )
                 await self._drain_stderr()
                 code = exit_task.result()
+                if self._ran(code):
+                    return await self._ended_during_launch(exit_task)
                 raise BackendError(
                     f"QEMU for guest {name!r} exited during start-up",
                     exit_code=code,
@@ -262,6 +264,8 @@ class QemuProcess:
                 with contextlib.suppress(builtins.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(exit_task), 5)
                 await self._drain_stderr()
+                if exit_task.done() and self._ran(exit_task.result()):
+                    return await self._ended_during_launch(exit_task)
                 raise BackendError(
                     f"QEMU for guest {name!r} closed its QMP connection during start-up "
                     f"({ready.exception()!r})",
@@ -279,6 +283,22 @@ class QemuProcess:
         except BaseException:
             await self._teardown()
             raise
+
+    def _ran(self, code: int) -> bool:
+        """QEMU, gone during the start-up handshake, had run the guest: it exited 0 after
+        connecting to virtkit (console stream or QMP greeting).
+
+        A quick guest powers off while virtkit still negotiates QMP (a loaded
+        host may not run virtkit's loop for a while); QEMU exits 0 then, as
+        for a host-side ``SIGTERM``. A failed start exits 1.
+        """
+        return code == 0 and (self._console_writer is not None or self.qmp.greeted)
+
+    async def _ended_during_launch(self, exit_task: asyncio.Future[int]) -> QemuProcess:
+        """A run that ended during launch(): reported to ``on_exit`` like any later exit."""
+        self.kvm_enabled = await self._query_kvm()  # from the command line: QMP is gone
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_exit(exit_task)))
+        return self
 
     async def _query_kvm(self) -> bool:
         """Whether KVM runs the guest: asked here, on the loop, so start() pays no thread hop.

@@ -486,6 +486,11 @@ class QmpSession:
         await self._client.start_server(os.fspath(self.socket_path))
         os.chmod(self.socket_path, 0o600)
 
+    @property
+    def greeted(self) -> bool:
+        """QEMU connected and sent its QMP greeting (even if the session then failed)."""
+        return self._client.greeting is not None
+
     async def accept(self) -> None:
         """Wait for QEMU to connect and negotiate capabilities."""
         await self._client.accept()
