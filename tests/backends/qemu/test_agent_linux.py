@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -61,12 +60,10 @@ class TestAgentInLinux:
         guest.console.sendline(
             f"while [ {size} -lt 4194304 ]; do sleep 0.1; done; kill -9 $(cat /tmp/qga.pid)"
         )
-        began = time.monotonic()
         # the guest closes the agent's port: the call ends then (QMP VSERPORT_CHANGE), not
         # at its deadline
         with pytest.raises(AgentError, match="closed the agent's port"):
             guest.agent.write_file("/tmp/cut", os.urandom(64 * 1024**2), timeout=120)
-        assert time.monotonic() - began < 120
         guest.console.expect(PROMPT, timeout=30)  # the loop ended
         # the write was cut by the kill: the agent is gone and the file is short
         pid = "/proc/$(cat /tmp/qga.pid)"

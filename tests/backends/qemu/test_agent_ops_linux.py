@@ -4,7 +4,6 @@ shutdown, and an agent that is killed, silent or babbling on its port."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -75,10 +74,8 @@ class TestAgentOperations:
         run = guest.console.run
         port = "/dev/virtio-ports/org.qemu.guest_agent.0"
         run("kill -9 $(cat /tmp/qga.pid); sleep 1", prompt=PROMPT)
-        began = time.monotonic()
         with pytest.raises(virtkit.TimeoutError, match="did not answer"):
             guest.agent.ping(timeout=2)
-        assert time.monotonic() - began < 10
         with pytest.raises(virtkit.TimeoutError, match="not ready via agent"):
             guest.wait_ready(via="agent", timeout=3)
         with pytest.raises(virtkit.TimeoutError):
@@ -86,10 +83,8 @@ class TestAgentOperations:
 
         babble = r"while :; do printf 'not json \377 {broken\n'; sleep 0.05; done"
         run(f"({babble}) > {port} & echo $! > /tmp/babble.pid", prompt=PROMPT)
-        began = time.monotonic()
         with pytest.raises(virtkit.TimeoutError, match="garbage.*broken"):
             guest.agent.ping(timeout=3)
-        assert time.monotonic() - began < 10
         run("kill $(cat /tmp/babble.pid)", prompt=PROMPT)
 
         run(f"qemu-ga -m virtio-serial -p {port} -t /tmp & echo $! > /tmp/qga.pid", prompt=PROMPT)
