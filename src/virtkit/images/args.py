@@ -20,6 +20,7 @@ __all__ = [
     "check_bool",
     "check_bytes",
     "check_callable",
+    "check_choice",
     "check_int",
     "check_name",
     "check_path",
@@ -66,6 +67,21 @@ def check_bool(value: object, field: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(
             f"'{field}' must be True or False (got {_kind(value)})", field=field, value=value
+        )
+    return value
+
+
+def check_choice(value: object, allowed: tuple[str, ...], field: str) -> str:
+    """Return ``value`` if it is one of the strings in ``allowed``.
+
+    Raises:
+        ConfigError: anything else, naming the choices.
+    """
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(
+            f"'{field}' must be one of {', '.join(allowed)} (got {value!r})",
+            field=field,
+            value=value,
         )
     return value
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from virtkit.errors import ConfigError, ImageError
-from virtkit.images.args import check_bool, check_bytes, check_int
+from virtkit.images.args import check_bool, check_bytes, check_choice, check_int
 from virtkit.images.base import CheckResult, Extent, ImageInfo
 from virtkit.images.plain import SingleFileImage
 from virtkit.images.publish import publish, temp_name
@@ -225,11 +225,7 @@ def create(path: str | os.PathLike[str], size: int | None, **options: Any) -> Ra
         raise ConfigError("a raw image needs a size", field="size")
     _check_size(size)
     prealloc = options.pop("preallocation", None) or "off"
-    if prealloc not in _PREALLOC:
-        raise ConfigError(
-            f"'preallocation' must be one of {', '.join(_PREALLOC)} (got {prealloc!r})",
-            field="preallocation",
-        )
+    check_choice(prealloc, _PREALLOC, "preallocation")
     for name, value in options.items():
         if value is not None:
             raise ConfigError(f"raw images have no option {name!r}", field=name)

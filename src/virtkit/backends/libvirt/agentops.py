@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from virtkit.agent import AgentError
 from virtkit.backends.libvirt.connection import is_remote
 from virtkit.backends.readiness import GuestAddress, forward_addresses
-from virtkit.errors import BackendError, ConfigError, StateError, TimeoutError, VirtkitError
+from virtkit.errors import BackendError, StateError, TimeoutError, VirtkitError
+from virtkit.images.args import check_choice
 from virtkit.model import State
 
 if TYPE_CHECKING:
@@ -89,12 +90,7 @@ def interface_addresses(guest: LibvirtGuest, source: str, timeout: float) -> lis
         BackendError: libvirt failed (the message names the URI and source).
         TimeoutError: ``source="agent"`` and the agent did not answer in time.
     """
-    if source not in SOURCES:
-        raise ConfigError(
-            f"'source' must be one of {', '.join(SOURCES)} (got {source!r})",
-            field="source",
-            value=source,
-        )
+    check_choice(source, SOURCES, "source")
     if source == "agent":
         return _agent(guest, timeout)
     if source in ("lease", "arp"):

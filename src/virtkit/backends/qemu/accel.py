@@ -38,7 +38,7 @@ from pathlib import Path
 import attrs
 
 from virtkit.backends.kvmprobe import PROBE_MARKER, PROBE_TIMEOUT, probe_image
-from virtkit.errors import ConfigError
+from virtkit.images.args import check_choice
 
 __all__ = ["ACCELERATORS", "AccelChoice", "choose_accel", "probe_image", "probe_kvm"]
 
@@ -179,12 +179,7 @@ def choose_accel(binary: str, requested: str = "auto") -> AccelChoice:
     Raises:
         ConfigError: ``requested`` is not one of :data:`ACCELERATORS`.
     """
-    if requested not in ACCELERATORS:
-        raise ConfigError(
-            f"'accel' must be one of {', '.join(ACCELERATORS)} (got {requested!r})",
-            field="accel",
-            value=requested,
-        )
+    check_choice(requested, ACCELERATORS, "accel")
     if requested == "auto":
         env = os.environ.get("VIRTKIT_QEMU_ACCEL", "auto")
         if env in ("kvm", "tcg"):

@@ -27,6 +27,7 @@ from virtkit.backends.qemu.accel import ACCELERATORS, AccelChoice, choose_accel
 from virtkit.backends.qemu.argv import KernelBoot
 from virtkit.backends.qemu.guest import QemuGuest
 from virtkit.errors import BackendUnavailable, ConfigError
+from virtkit.images.args import check_choice
 from virtkit.model import HypervisorType, Machine
 
 __all__ = ["QemuHypervisor"]
@@ -76,10 +77,7 @@ class QemuHypervisor(Hypervisor):
         cpu_model: str | None = None,
         **options: Any,
     ) -> None:
-        if accel not in ACCELERATORS:
-            raise ConfigError(
-                f"'accel' must be one of {', '.join(ACCELERATORS)} (got {accel!r})", field="accel"
-            )
+        check_choice(accel, ACCELERATORS, "accel")
         self.binary = _find(binary, "qemu-system-x86_64", "binary")
         self.qemu_img = _find(qemu_img, "qemu-img", "qemu_img")
         self.requested_accel = accel

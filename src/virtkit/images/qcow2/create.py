@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from virtkit.errors import ConfigError, ImageError
+from virtkit.images.args import check_choice
 from virtkit.images.publish import publish, temp_name
 from virtkit.images.qcow2 import chain, layout, metadata
 from virtkit.images.qcow2.image import Qcow2Image, _Request
@@ -121,12 +122,7 @@ def create(
         if backing_format is None:
             real = chain.resolve(path, backing, allow_backing, what="backing file")
             backing_format = chain.backing_format(None, real, path)
-        if backing_format not in chain.BACKING_FORMATS:
-            raise ConfigError(
-                f"'backing_format' must be one of {', '.join(chain.BACKING_FORMATS)} "
-                f"(got {backing_format!r})",
-                field="backing_format",
-            )
+        check_choice(backing_format, chain.BACKING_FORMATS, "backing_format")
         if size is None:
             size = _backing_size(path, backing, backing_format, tuple(allow_backing))
     if size is None:

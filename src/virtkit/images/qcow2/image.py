@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import ParamSpec, TypeVar
 
 from virtkit.errors import ConfigError, CorruptImageError, ImageError, VirtkitError
-from virtkit.images.args import check_bool, check_bytes, check_int, check_name
+from virtkit.images.args import check_bool, check_bytes, check_choice, check_int, check_name
 from virtkit.images.base import CheckResult, Extent, Image, ImageInfo, SnapshotInfo
 from virtkit.images.qcow2 import backing, layout, metadata, reads, snapshots, structure, writes
 from virtkit.images.qcow2 import bitmaps as bitmapsmod
@@ -114,12 +114,7 @@ class Qcow2Image(BitmapsMixin, Image):
         force_share: bool = False,
         cache: str = "writeback",
     ) -> None:
-        if cache not in CACHE_MODES:
-            raise ConfigError(
-                f"'cache' must be one of {', '.join(CACHE_MODES)} (got {cache!r})",
-                field="cache",
-                value=cache,
-            )
+        check_choice(cache, CACHE_MODES, "cache")
         self.cache_mode = cache
         self.st = storage
         self.path = storage.path

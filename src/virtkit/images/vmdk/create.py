@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 
 from virtkit.errors import ConfigError, ImageError, UnsupportedFeatureError
+from virtkit.images.args import check_choice
 from virtkit.images.base import Image
 from virtkit.images.storage import FileStorage
 from virtkit.images.vmdk import descriptor, layout
@@ -64,12 +65,7 @@ def check_options(options: dict[str, Any]) -> dict[str, str]:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"'{name}' must be a str (got {value!r})", field=name, value=value)
     sub = options.get("subformat") or "streamOptimized"
-    if sub not in SUBFORMATS:
-        raise ConfigError(
-            f"'subformat' must be one of {', '.join(SUBFORMATS)} (got {sub!r})",
-            field="subformat",
-            value=sub,
-        )
+    check_choice(sub, SUBFORMATS, "subformat")
     if sub != "streamOptimized":
         raise UnsupportedFeatureError(
             f"virtkit writes VMDK only as streamOptimized (got subformat {sub!r}); "
@@ -77,12 +73,7 @@ def check_options(options: dict[str, Any]) -> dict[str, str]:
             feature=f"vmdk subformat {sub}",
         )
     adapter = options.get("adapter_type") or "ide"
-    if adapter not in ADAPTERS:
-        raise ConfigError(
-            f"'adapter_type' must be one of {', '.join(ADAPTERS)} (got {adapter!r})",
-            field="adapter_type",
-            value=adapter,
-        )
+    check_choice(adapter, ADAPTERS, "adapter_type")
     hw = options.get("hwversion") or "4"
     tools = options.get("toolsversion") or "2147483647"
     for name, value in (("hwversion", hw), ("toolsversion", tools)):
