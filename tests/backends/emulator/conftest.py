@@ -13,6 +13,7 @@ import pytest
 import virtkit
 from virtkit.backends.emulator import EmulatorGuest, EmulatorHypervisor
 from virtkit.testing import guests
+from virtkit.testing.linux import LinuxKernel, fetch_kernel
 
 
 def _cpu_threads() -> list[threading.Thread]:
@@ -95,3 +96,15 @@ def qemu_system() -> str:
     if path is None:
         pytest.fail("qemu-system-x86_64 is not installed: run the README test command")
     return path
+
+
+@pytest.fixture(scope="module")
+def kernel() -> LinuxKernel:
+    """The real Debian cloud kernel the Linux boot tests use (fetched once, cached)."""
+    return fetch_kernel()
+
+
+@pytest.fixture(scope="module")
+def vmlinuz(kernel: LinuxKernel) -> bytes:
+    """That kernel's bzImage bytes."""
+    return kernel.vmlinuz.read_bytes()

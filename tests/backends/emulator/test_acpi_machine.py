@@ -30,15 +30,10 @@ from virtkit.backends.emulator.disks import DriveSpec
 from virtkit.backends.emulator.machine import PcMachine
 from virtkit.backends.emulator.platform import VIRTIO_BASE, VIRTIO_IRQS
 from virtkit.backends.emulator.virtio_blk import S_OK, T_OUT
-from virtkit.testing.linux import LinuxKernel, build_initramfs, fetch_kernel
+from virtkit.testing.linux import LinuxKernel, build_initramfs
 
 MiB = 1 << 20
 MEMORY = 256 * MiB
-
-
-@pytest.fixture(scope="module")
-def kernel() -> LinuxKernel:
-    return fetch_kernel()
 
 
 @pytest.fixture(scope="module")

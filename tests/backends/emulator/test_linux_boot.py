@@ -31,21 +31,11 @@ from virtkit.backends.emulator.bootparams import (
     load_linux,
 )
 from virtkit.backends.emulator.cpu import Cpu
-from virtkit.testing.linux import LinuxKernel, build_initramfs, fetch_kernel
+from virtkit.testing.linux import LinuxKernel, build_initramfs
 
 MiB = 1 << 20
 #: the kernel command line the emulator needs today (no APIC, no ACPI tables yet)
 EMULATOR_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 nolapic noapic acpi=off nokaslr"
-
-
-@pytest.fixture(scope="module")
-def kernel() -> LinuxKernel:
-    return fetch_kernel()
-
-
-@pytest.fixture(scope="module")
-def vmlinuz(kernel: LinuxKernel) -> bytes:
-    return kernel.vmlinuz.read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -25,17 +25,11 @@ from virtkit.testing.linux import (
     READY_MARKER,
     LinuxKernel,
     build_initramfs,
-    fetch_kernel,
 )
 
 #: a verbose command line (the kernel's log on ttyS0) that needs nothing the PC lacks
 VERBOSE_CMDLINE = "console=ttyS0 acpi=off"
 BOOT_TIMEOUT = 900
-
-
-@pytest.fixture(scope="module")
-def kernel() -> LinuxKernel:
-    return fetch_kernel()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from virtkit.testing.linux import (
     READY_MARKER,
     LinuxKernel,
     build_initramfs,
-    fetch_kernel,
 )
 
 pytestmark = pytest.mark.slow
@@ -32,11 +31,6 @@ pytestmark = pytest.mark.slow
 MiB = 1 << 20
 CMDLINE = "console=ttyS0 nolapic noapic nokaslr tsc=unstable panic=-1"
 MESSAGE = b"written by Linux through virtio-mmio"
-
-
-@pytest.fixture(scope="module")
-def kernel() -> LinuxKernel:
-    return fetch_kernel()
 
 
 @pytest.fixture(scope="module")

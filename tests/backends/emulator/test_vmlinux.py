@@ -23,20 +23,9 @@ from virtkit.backends.emulator import EmulatorHypervisor
 from virtkit.backends.emulator.bootparams import BOOT_PARAMS, PAGE_TABLES, BzImage, load_linux
 from virtkit.backends.emulator.cpu import EFER, Cpu
 from virtkit.backends.emulator.vmlinux import Vmlinux, decompress_payload, unpack
-from virtkit.testing.linux import LinuxKernel, fetch_kernel
 
 MiB = 1 << 20
 LOAD_PHYSICAL_ADDR = 0x1000000
-
-
-@pytest.fixture(scope="module")
-def kernel() -> LinuxKernel:
-    return fetch_kernel()
-
-
-@pytest.fixture(scope="module")
-def vmlinuz(kernel: LinuxKernel) -> bytes:
-    return kernel.vmlinuz.read_bytes()
 
 
 def _payload(vmlinuz: bytes) -> tuple[int, int]:
