@@ -33,10 +33,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from virtkit.backends.libvirt.connection import Connection
+from virtkit.backends.libvirt.connection import Connection, is_remote
 from virtkit.errors import BackendError, StateError, TimeoutError
 
-__all__ = ["ConsoleSource", "ConsoleStream", "PtyConsole", "serial_pty"]
+__all__ = ["ConsoleSource", "ConsoleStream", "PtyConsole", "open_console", "serial_pty"]
 
 _CHUNK = 65536
 _JOIN = 10.0
@@ -60,6 +60,20 @@ class ConsoleSource(Protocol):
 
     def close(self) -> None:
         """Detach (idempotent)."""
+
+
+def open_console(conn: Connection, domain: Any, on_data: Callable[[bytes], None]) -> ConsoleSource:
+    """The console of running ``domain`` on ``conn``: its pty when QEMU runs on this
+    machine (a local URI), else a libvirt console stream.
+
+    Raises:
+        BackendError: libvirt failed or the pty cannot be opened.
+    """
+    if is_remote(conn.uri):
+        return ConsoleStream(conn, domain, on_data)
+    name = domain.name()
+    xml = conn.call(f"read the XML of domain {name!r}", domain.XMLDesc, 0)
+    return PtyConsole(serial_pty(xml, name), on_data)
 
 
 def serial_pty(xml: str, domain: str) -> str:

@@ -53,7 +53,7 @@ from virtkit.backends.libvirt import agentops, storage
 from virtkit.backends.libvirt.agentops import AddressSource
 from virtkit.backends.libvirt.aio import LibvirtAsyncGuest
 from virtkit.backends.libvirt.connection import is_remote
-from virtkit.backends.libvirt.console import ConsoleSource, ConsoleStream, PtyConsole, serial_pty
+from virtkit.backends.libvirt.console import ConsoleSource, open_console
 from virtkit.backends.libvirt.devices import DETACH_TIMEOUT, LiveDevices
 from virtkit.backends.libvirt.storage import Progress
 from virtkit.backends.readiness import GuestAddress
@@ -320,25 +320,16 @@ class LibvirtGuest(Guest):
         self._detach_console()
         if not self.machine.serial.enabled:
             return
-        if not is_remote(self.hypervisor.uri):
-            # QEMU runs on this machine: read its pty (see backends/libvirt/console.py)
-            self._stream = PtyConsole(self._serial_pty(), self.console.feed)
-            return
-        # on a connection of its own (see LibvirtHypervisor.console_connection)
-        conn = self.hypervisor.console_connection()
-        domain = conn.call(
-            f"look up domain {self.domain_name!r} for its console",
-            conn.raw.lookupByUUIDString,
-            self.domain.UUIDString(),
-        )
-        self._stream = ConsoleStream(conn, domain, self.console.feed)
-
-    def _serial_pty(self) -> str:
-        """The pty QEMU made for the first serial port (from the live domain XML)."""
-        xml = self._conn.call(
-            f"read the XML of domain {self.domain_name!r}", self.domain.XMLDesc, 0
-        )
-        return serial_pty(xml, self.domain_name)
+        conn, domain = self._conn, self.domain
+        if is_remote(self.hypervisor.uri):
+            # a stream, on a connection of its own (see LibvirtHypervisor.console_connection)
+            conn = self.hypervisor.console_connection()
+            domain = conn.call(
+                f"look up domain {self.domain_name!r} for its console",
+                conn.raw.lookupByUUIDString,
+                self.domain.UUIDString(),
+            )
+        self._stream = open_console(conn, domain, self.console.feed)
 
     def _detach_console(self, *, drain: bool = False) -> None:
         """Stop reading the console; ``drain``: first read what QEMU wrote before it exited."""

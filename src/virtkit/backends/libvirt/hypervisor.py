@@ -561,12 +561,7 @@ def _version(number: int) -> str:
 
 def _run_probe(conn: Connection) -> AccelChoice:
     """Boot the probe boot sector as a transient ``kvm`` domain; KVM works if it finishes."""
-    from virtkit.backends.libvirt.console import (  # noqa: PLC0415
-        ConsoleSource,
-        ConsoleStream,
-        PtyConsole,
-        serial_pty,
-    )
+    from virtkit.backends.libvirt.console import ConsoleSource, open_console  # noqa: PLC0415
 
     lv = conn.lv
     with tempfile.TemporaryDirectory(prefix="virtkit-libvirt-kvm-probe-") as tmp:
@@ -591,10 +586,7 @@ def _run_probe(conn: Connection) -> AccelChoice:
             return AccelChoice("tcg", f"KVM probe domain did not start: {exc.get_error_message()}")
         stream: ConsoleSource | None = None
         try:
-            if is_remote(conn.uri):
-                stream = ConsoleStream(conn, dom, seen.extend)
-            else:
-                stream = PtyConsole(serial_pty(dom.XMLDesc(0), name), seen.extend)
+            stream = open_console(conn, dom, seen.extend)
             dom.resume()
             deadline = time.monotonic() + PROBE_TIMEOUT
             while PROBE_MARKER not in seen and time.monotonic() < deadline:
